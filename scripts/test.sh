@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# Creates .venv if missing, installs torch (only if not importable) and arrcoc_sam[dev], runs the test suite.
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not multiprocess" -x`.
+source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
+exec "$PY" -m pytest -q "$@"

@@ -1,0 +1,54 @@
+"""Shared test fixtures: offline HF, deterministic seeds, and a real 2-process torchrun launcher."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def run_torchrun(tmp_path):
+    """Run ``torchrun --nproc_per_node N SCRIPT ARGS`` on CPU/gloo; returns the CompletedProcess (check=True).
+
+    The script runs with the repository root on PYTHONPATH and its working directory at ``tmp_path``.
+    """
+
+    def run(script: str | Path, *args: str, nproc: int = 2, timeout: float = 300, module: bool = False):
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
+        env.setdefault("OMP_NUM_THREADS", "1")
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run",
+            f"--nproc_per_node={nproc}", "--nnodes=1",
+            "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{_free_port()}",
+        ]
+        cmd += ["-m", str(script)] if module else [str(script)]
+        cmd += list(args)
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise AssertionError(
+                f"torchrun failed ({proc.returncode}): {' '.join(cmd)}\n--- stdout ---\n{proc.stdout[-6000:]}"
+                f"\n--- stderr ---\n{proc.stderr[-6000:]}"
+            )
+        return proc
+
+    return run
