@@ -1,0 +1,74 @@
+"""Output-space curvature of the likelihoods the GGN supports.
+
+For outputs f (rows of logits or predictions) and a mean-reduced loss ℓ(f), the GGN is G = Jᵀ Λ J with
+J = ∂f/∂θ and Λ = ∂²ℓ/∂f². Each likelihood provides Λ·v and a random vector s with E[s sᵀ] = Λ
+(``sample``), so that u = Jᵀ s is an unbiased rank-one sample of G (E[u uᵀ] = G) and u ⊙ u an unbiased,
+non-negative sample of diag(G). For these canonical-link likelihoods the GGN equals the Fisher information
+of the model's predictive distribution, so ``sample`` with sampled labels is the "sampled Fisher".
+
+* ``"cross_entropy"``: softmax over the last dim, mean over M rows; Λ_row = (diag p − p pᵀ)/M;
+  s = (p − onehot(y))/√M with y ~ Categorical(p).
+* ``"bce"``: sigmoid per element, mean over N elements; Λ = diag(σ(1−σ))/N; s = (σ − y)/√N, y ~ Bernoulli(σ).
+* ``"mse"``: mean of squared errors over N elements; Λ = (2/N)·I; s = √(2/N)·z with Rademacher z.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from arrcoc_sam.curvature._data import IGNORE_INDEX
+
+__all__ = ["LIKELIHOODS", "select_rows", "output_hessian_product", "sample_output_factor"]
+
+LIKELIHOODS = ("cross_entropy", "bce", "mse")
+
+
+def _check(likelihood: str) -> None:
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+
+
+def select_rows(likelihood: str, outputs: Tensor, targets: Tensor | None) -> Tensor:
+    """The outputs the loss averages over: cross-entropy logits ``[..., C]`` -> ``[M, C]`` rows whose target is
+    not -100 (all rows when ``targets`` is None); other likelihoods keep every element, flattened to ``[N]``."""
+    _check(likelihood)
+    if likelihood != "cross_entropy":
+        return outputs.reshape(-1)
+    rows = outputs.reshape(-1, outputs.shape[-1])
+    if targets is None:
+        return rows
+    if targets.numel() != rows.shape[0]:
+        raise ValueError(f"targets hold {targets.numel()} labels for {rows.shape[0]} rows of logits {tuple(outputs.shape)}")
+    return rows[targets.reshape(-1) != IGNORE_INDEX]
+
+
+def output_hessian_product(likelihood: str, outputs: Tensor, vector: Tensor) -> Tensor:
+    """Λ·v for the selected (detached) ``outputs`` and a ``vector`` of the same shape."""
+    _check(likelihood)
+    count = outputs.shape[0] if likelihood == "cross_entropy" else outputs.numel()
+    if likelihood == "cross_entropy":
+        probs = outputs.softmax(dim=-1)
+        return (probs * vector - probs * (probs * vector).sum(-1, keepdim=True)) / count
+    if likelihood == "bce":
+        prob = outputs.sigmoid()
+        return prob * (1 - prob) * vector / count
+    return vector * (2.0 / count)
+
+
+def sample_output_factor(likelihood: str, outputs: Tensor, generator: torch.Generator) -> Tensor:
+    """A random s shaped like ``outputs`` (detached) with E[s sᵀ] = Λ; see the module docstring."""
+    _check(likelihood)
+    if likelihood == "cross_entropy":
+        probs = outputs.softmax(dim=-1)
+        labels = torch.multinomial(probs, 1, generator=generator)
+        onehot = torch.zeros_like(probs).scatter_(-1, labels, 1.0)
+        return (probs - onehot) / math.sqrt(outputs.shape[0])
+    if likelihood == "bce":
+        prob = outputs.sigmoid()
+        labels = (torch.rand(prob.shape, generator=generator, device=prob.device, dtype=prob.dtype) < prob).to(prob.dtype)
+        return (prob - labels) / math.sqrt(outputs.numel())
+    signs = torch.randint(0, 2, outputs.shape, generator=generator, device=outputs.device).to(outputs.dtype)
+    return (2 * signs - 1) * math.sqrt(2.0 / outputs.numel())

@@ -1,0 +1,215 @@
+"""Curvature matrices as linear operators over a list of tensors (weights, or inputs/token features).
+
+A ``CurvatureOperator`` is the symmetric P×P matrix (P = total elements of ``params``) of the data-averaged
+objective L(θ) = Σ_b w_b L_b(θ) (weights from :mod:`arrcoc_sam.curvature._data`), applied to flat vectors:
+
+* :class:`HessianOperator`: H = ∇²L, by double backward (one forward, one backward, one
+  backward-of-backward per batch: ~2-3 gradients' cost).
+* :class:`GGNOperator`: G = Σ_b w_b J_bᵀ Λ_b J_b for a likelihood on the outputs (``cross_entropy``,
+  ``bce``, ``mse``); equal to the Fisher for these canonical-link likelihoods. J v comes from the
+  double-backward trick, so it works for any module and any leaf tensor. ``sample_factor`` draws u with
+  E[u uᵀ] = G (sampled labels), for non-negative diagonal estimates.
+
+``params`` may be model parameters or any leaf tensors the loss depends on, e.g. token features
+``[B, N, C]`` that the batch holds: the same estimators then give curvature w.r.t. inputs. Operators do
+not change the model state themselves; the public functions run them inside :func:`probe_context`.
+Vectors are flat tensors ``[P]`` in ``self.dtype`` (the widest dtype of ``params``) on ``self.device``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from arrcoc_sam.curvature._data import (
+    LossFn,
+    OutputFn,
+    as_batches,
+    batch_weights,
+    default_loss,
+    default_outputs,
+    iter_weighted,
+)
+from arrcoc_sam.curvature.likelihoods import output_hessian_product, sample_output_factor, select_rows
+
+__all__ = ["LinearOperator", "MatrixOperator", "CurvatureOperator", "HessianOperator", "GGNOperator"]
+
+
+def _grad(outputs, inputs: list[Tensor], grad_outputs=None, **kwargs) -> list[Tensor]:
+    """``torch.autograd.grad`` returning zeros (not None) for inputs the outputs do not depend on."""
+    return list(torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True, materialize_grads=True, **kwargs))
+
+
+class LinearOperator(Protocol):
+    """What every estimator needs: a symmetric operator on flat vectors ``[numel]``."""
+
+    numel: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def matvec(self, vector: Tensor) -> Tensor: ...
+
+
+class MatrixOperator:
+    """An explicit symmetric ``[P, P]`` matrix as a :class:`LinearOperator` (references, benchmarks)."""
+
+    def __init__(self, matrix: Tensor) -> None:
+        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ValueError(f"matrix must be square [P, P], got {tuple(matrix.shape)}")
+        self.matrix = matrix
+        self.numel = matrix.shape[0]
+        self.dtype = matrix.dtype
+        self.device = matrix.device
+
+    def matvec(self, vector: Tensor) -> Tensor:
+        return self.matrix @ vector
+
+
+class CurvatureOperator:
+    """Base class: data, weights, and flat <-> list conversion for a symmetric curvature matrix."""
+
+    def __init__(self, model: nn.Module, params: Sequence[Tensor], data: Any, weighting: str = "auto") -> None:
+        self.model = model
+        self.params = list(params)
+        if not self.params:
+            raise ValueError("params is empty: pass at least one tensor")
+        self.batches = as_batches(data)
+        self.weights = batch_weights(self.batches, weighting)
+        self.shapes = [p.shape for p in self.params]
+        self.sizes = [p.numel() for p in self.params]
+        self.numel = sum(self.sizes)
+        dtype = self.params[0].dtype
+        for p in self.params[1:]:
+            dtype = torch.promote_types(dtype, p.dtype)
+        self.dtype = dtype
+        self.device = self.params[0].device
+
+    def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
+        """List shaped like ``params`` -> flat ``[P]`` vector in ``self.dtype``."""
+        return torch.cat([t.reshape(-1).to(self.dtype) for t in tensors])
+
+    def unflatten(self, vector: Tensor) -> list[Tensor]:
+        """Flat ``[P]`` vector -> list of views shaped (and typed) like ``params``."""
+        if vector.shape != (self.numel,):
+            raise ValueError(f"vector must have shape ({self.numel},), got {tuple(vector.shape)}")
+        return [
+            chunk.view(shape).to(p.dtype)
+            for chunk, shape, p in zip(vector.split(self.sizes), self.shapes, self.params, strict=True)
+        ]
+
+    def matvec(self, vector: Tensor) -> Tensor:
+        """A·v for a flat ``[P]`` vector."""
+        raise NotImplementedError
+
+    def to_dense(self, max_params: int = 4096) -> Tensor:
+        """The full ``[P, P]`` matrix, column by column (P products); refused above ``max_params``."""
+        if self.numel > max_params:
+            raise ValueError(
+                f"dense curvature needs {self.numel} products and a {self.numel}x{self.numel} matrix, more than "
+                f"max_params={max_params}; raise max_params or use the iterative estimators"
+            )
+        eye = torch.eye(self.numel, dtype=self.dtype, device=self.device)
+        return torch.stack([self.matvec(column) for column in eye], dim=1)
+
+
+class HessianOperator(CurvatureOperator):
+    """Hessian of L(θ) = Σ_b w_b loss_fn(model, batch_b) w.r.t. ``params``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Sequence[Tensor],
+        data: Any,
+        loss_fn: LossFn | None = None,
+        weighting: str = "auto",
+    ) -> None:
+        super().__init__(model, params, data, weighting)
+        self.loss_fn = loss_fn or default_loss
+
+    def _loss(self, batch: Any) -> Tensor:
+        loss = self.loss_fn(self.model, batch)
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise ValueError(f"loss_fn must return a scalar tensor, got {getattr(loss, 'shape', type(loss))}")
+        return loss.reshape(())
+
+    def loss(self) -> float:
+        """L(θ) at the current values of ``params`` (no graph kept)."""
+        with torch.no_grad():
+            total = sum(weight * self._loss(batch).double() for batch, weight in iter_weighted(self.batches, self.weights))
+        return float(total)
+
+    def loss_and_gradient(self) -> tuple[float, Tensor]:
+        """(L(θ), ∇L(θ) as a flat ``[P]`` vector)."""
+        total = torch.zeros((), dtype=torch.float64)
+        gradient = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+        for batch, weight in iter_weighted(self.batches, self.weights):
+            loss = self._loss(batch)
+            gradient.add_(self.flatten(_grad(loss, self.params)), alpha=weight)
+            total += weight * loss.detach().double().cpu()
+        return float(total), gradient
+
+    def matvec(self, vector: Tensor) -> Tensor:
+        vectors = self.unflatten(vector)
+        out = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+        for batch, weight in iter_weighted(self.batches, self.weights):
+            grads = _grad(self._loss(batch), self.params, create_graph=True)
+            live = [i for i, g in enumerate(grads) if g.requires_grad]
+            if not live:
+                continue
+            products = _grad([grads[i] for i in live], self.params, [vectors[i] for i in live])
+            out.add_(self.flatten(products), alpha=weight)
+        return out
+
+
+class GGNOperator(CurvatureOperator):
+    """Generalised Gauss-Newton (= Fisher) of a likelihood on ``output_fn``'s outputs w.r.t. ``params``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Sequence[Tensor],
+        data: Any,
+        output_fn: OutputFn | None = None,
+        likelihood: str = "cross_entropy",
+        weighting: str = "auto",
+    ) -> None:
+        super().__init__(model, params, data, weighting)
+        self.output_fn = output_fn or default_outputs
+        self.likelihood = likelihood
+        select_rows(likelihood, torch.zeros(1, 1), None)  # validates the likelihood name early
+
+    def _outputs(self, batch: Any) -> Tensor:
+        outputs, targets = self.output_fn(self.model, batch)
+        return select_rows(self.likelihood, outputs, targets)
+
+    def matvec(self, vector: Tensor) -> Tensor:
+        vectors = self.unflatten(vector)
+        out = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+        for batch, weight in iter_weighted(self.batches, self.weights):
+            outputs = self._outputs(batch)
+            if outputs.numel() == 0:
+                continue
+            dummy = torch.zeros_like(outputs, requires_grad=True)
+            transposed = _grad(outputs, self.params, dummy, create_graph=True)  # Jᵀ·dummy, linear in dummy
+            live = [i for i, g in enumerate(transposed) if g.requires_grad]
+            if not live:
+                continue
+            jvp = _grad([transposed[i] for i in live], [dummy], [vectors[i] for i in live], retain_graph=True)[0]
+            weighted = output_hessian_product(self.likelihood, outputs.detach(), jvp)
+            out.add_(self.flatten(_grad(outputs, self.params, weighted)), alpha=weight)
+        return out
+
+    def sample_factor(self, generator: torch.Generator) -> Tensor:
+        """A flat u = Σ_b √w_b J_bᵀ s_b with E[u uᵀ] = G (one forward and one backward per batch)."""
+        out = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+        for batch, weight in iter_weighted(self.batches, self.weights):
+            outputs = self._outputs(batch)
+            if outputs.numel() == 0:
+                continue
+            factor = sample_output_factor(self.likelihood, outputs.detach(), generator)
+            out.add_(self.flatten(_grad(outputs, self.params, factor)), alpha=math.sqrt(weight))
+        return out

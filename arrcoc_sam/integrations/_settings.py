@@ -1,0 +1,148 @@
+"""The sharpness-aware settings shared by SAMTrainingArguments, the launcher and the Accelerate helper.
+
+A run's SAM configuration is a method name from :func:`arrcoc_sam.sam.registry.available_methods` plus
+knobs for that method's builder. ``rho``, ``eta`` and ``interval`` are forwarded only when set (``None``
+keeps the method's own default: ρ = 0.05 for SAM, 0.5 for ASAM); any other knob travels in ``extra``,
+parsed from ``--sam_args "name=value,name=value"``.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch.optim import Optimizer
+
+from arrcoc_sam.sam.registry import available_methods, build_sam_optimizer
+
+__all__ = ["SCOPES", "SAMSettings", "check_run_compatible", "parse_sam_args"]
+
+SCOPES = ("global", "per_device", "microbatch")
+# HF `--optim` values whose update happens inside backward (no p.grad survives for an ascent).
+_FUSED_BACKWARD_OPTIMS = ("lomo", "adalomo")
+
+
+def parse_sam_args(text: str | None) -> dict[str, Any]:
+    """``"alpha=0.7,k=5,name=x"`` -> ``{"alpha": 0.7, "k": 5, "name": "x"}`` (values are Python literals or strings)."""
+    if not text:
+        return {}
+    knobs: dict[str, Any] = {}
+    for item in text.split(","):
+        key, sep, raw = item.partition("=")
+        key, raw = key.strip(), raw.strip()
+        if not sep or not key.isidentifier():
+            raise ValueError(f"sam_args must look like 'name=value,name=value', got the item {item!r} in {text!r}")
+        try:
+            knobs[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            knobs[key] = raw
+    return knobs
+
+
+@dataclass(frozen=True)
+class SAMSettings:
+    """Which sharpness-aware method to run, with which knobs, over which gradient.
+
+    Attributes:
+        method: a registered method name, or ``"none"`` (stock training).
+        rho: neighbourhood radius ρ ≥ 0; ``None`` keeps the method's default.
+        eta: ASAM's η ≥ 0; ``None`` keeps the method's default.
+        scope: ``global`` (ε from the all-reduced gradient), ``per_device`` (ε from each rank's own
+            gradient; the first pass runs under ``no_sync``) or ``microbatch`` (ε per micro-batch, mSAM).
+        interval: ascent every ``interval`` optimizer steps, for methods that take it; ``None``: default.
+        extra: further knobs for the method's builder.
+    """
+
+    method: str = "sam"
+    rho: float | None = None
+    eta: float | None = None
+    scope: str = "global"
+    interval: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        methods = available_methods()
+        if self.method not in methods:
+            raise ValueError(f"optimizer must be one of {', '.join(methods)}; got {self.method!r}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"sam_scope must be one of {', '.join(SCOPES)}; got {self.scope!r}")
+        for name, value in (("rho", self.rho), ("sam_eta", self.eta)):
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.interval is not None and self.interval < 1:
+            raise ValueError(f"sam_interval must be >= 1, got {self.interval!r}")
+
+    @property
+    def enabled(self) -> bool:
+        """False for ``method="none"``: the run is stock training."""
+        return self.method != "none"
+
+    def knobs(self) -> dict[str, Any]:
+        """The keyword arguments for the method's builder: the set ones among rho/eta/interval, then ``extra``."""
+        named = {"rho": self.rho, "eta": self.eta, "interval": self.interval}
+        return {**{k: v for k, v in named.items() if v is not None}, **self.extra}
+
+    def build(self, base_optimizer: Optimizer) -> Optimizer:
+        """Wrap an existing optimizer instance in the configured sharpness-aware method."""
+        params = [p for group in base_optimizer.param_groups for p in group["params"]]
+        knobs = self.knobs()
+        try:
+            return build_sam_optimizer(self.method, params, base_optimizer, **knobs)
+        except TypeError as error:
+            raise ValueError(
+                f"--optimizer {self.method} does not accept the knobs {sorted(knobs)} ({error}); "
+                "drop the ones it does not take (sam_interval / sam_args)"
+            ) from error
+
+
+def deepspeed_zero_stage(config: dict | str | None) -> int | None:
+    """The ZeRO stage of a DeepSpeed config (dict or JSON file path), or None without DeepSpeed."""
+    if not config:
+        return None
+    if isinstance(config, str):
+        with open(config, encoding="utf-8") as handle:
+            config = json.load(handle)
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    return stage if isinstance(stage, int) else None
+
+
+def check_run_compatible(
+    settings: SAMSettings,
+    *,
+    gradient_accumulation_steps: int,
+    optim: Any,
+    zero_stage: int | None,
+    fsdp: bool,
+) -> None:
+    """Refuse runs where the ascent cannot be computed correctly, naming the argument to change.
+
+    Raises:
+        ValueError: LOMO/AdaLomo or a layer-wise ``--optim`` (the update happens inside backward),
+            DeepSpeed ZeRO >= 2 (gradients live outside ``p.grad``), FSDP (``p.grad`` is a shard, so the
+            global norm would be wrong), or ``sam_scope=microbatch`` with ``gradient_accumulation_steps=1``.
+    """
+    if not settings.enabled:
+        return
+    optim_name = str(getattr(optim, "value", optim))
+    if optim_name in _FUSED_BACKWARD_OPTIMS or optim_name.endswith("_layerwise"):
+        raise ValueError(
+            f"--optim {optim_name} updates the weights inside backward, so no gradient is left for the "
+            f"sharpness-aware ascent; choose another --optim (e.g. adamw_torch) or --optimizer none"
+        )
+    if zero_stage is not None and zero_stage >= 2:
+        raise ValueError(
+            f"DeepSpeed ZeRO stage {zero_stage} keeps gradients outside p.grad, which SAM's ascent needs; "
+            "use ZeRO stage 0/1, plain DDP, or --optimizer none"
+        )
+    if fsdp:
+        raise ValueError(
+            "FSDP shards p.grad across ranks, so SAM's global gradient norm would be wrong; use DDP or --optimizer none"
+        )
+    if settings.scope == "microbatch" and gradient_accumulation_steps == 1:
+        raise ValueError(
+            "sam_scope=microbatch takes one ascent per micro-batch of an accumulation window, but "
+            "gradient_accumulation_steps=1 (then it is plain SAM): raise gradient_accumulation_steps or use sam_scope=global"
+        )

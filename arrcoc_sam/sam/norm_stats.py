@@ -1,0 +1,44 @@
+"""Keep BatchNorm-style running statistics to one update per optimizer step.
+
+SAM runs the forward pass twice. Without care, running means/variances (and ``num_batches_tracked``) move
+twice per step, the second time with statistics of the perturbed network. We snapshot every floating or
+integer buffer of normalisation layers before the second pass and copy it back afterwards. Snapshot/restore
+is exact and independent of the layer's momentum rule (including cumulative averaging with
+``momentum=None``), which a momentum-toggle trick is not; its cost is one copy of the (small) buffers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+
+__all__ = ["preserve_running_stats", "running_stat_buffers"]
+
+
+def running_stat_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """The running-statistics buffers of every BatchNorm/InstanceNorm-style layer (``_NormBase``) in ``model``."""
+    buffers: list[torch.Tensor] = []
+    for module in model.modules():
+        if isinstance(module, _NormBase) and module.track_running_stats:
+            buffers.extend(b for b in module.buffers(recurse=False) if b is not None)
+    return buffers
+
+
+@contextlib.contextmanager
+def preserve_running_stats(model: nn.Module) -> Iterator[None]:
+    """Run the block (normally SAM's second pass) without changing running statistics, even if it raises."""
+    buffers = running_stat_buffers(model)
+    if not buffers:
+        yield
+        return
+    snapshot = [b.detach().clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, saved in zip(buffers, snapshot, strict=True):
+                buffer.copy_(saved)

@@ -1,0 +1,372 @@
+"""The SAM / ASAM optimizer wrapper: a thin, torch.optim-compatible shell around any base optimizer.
+
+One SAM step (Foret et al. 2021), with ε from :mod:`arrcoc_sam.sam.perturbation`::
+
+    g     = ∇L(w)                      # pass 1, at the clean weights
+    ε     = ρ g/‖g‖   or   ρ T²g/‖Tg‖  # SAM / ASAM (Kwon et al. 2021), T = |w| + η
+    g_SAM = ∇L(w + ε)                  # pass 2, at the perturbed weights
+    w     = base_step(w, g_SAM)        # after restoring w by copy
+
+The wrapper owns no optimizer state: ``param_groups`` and ``state`` are the base optimizer's own objects,
+so schedulers, checkpoints and ``GradScaler`` all see the base optimizer. Only the backup of the perturbed
+weights is transient; it lives between :meth:`SAM.perturb` and :meth:`SAM.restore` and is never saved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from arrcoc_sam.sam import perturbation
+
+__all__ = ["SAM", "ASAM"]
+
+logger = logging.getLogger(__name__)
+
+_SAM_GROUP_KEYS = ("rho", "adaptive", "eta")
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _check_rho(rho: Any, where: str) -> None:
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho < 0:
+        raise ValueError(f"{where}rho must be a finite number >= 0, got {rho!r}")
+
+
+def _check_eta(eta: Any, where: str) -> None:
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"{where}eta must be a finite number >= 0, got {eta!r}")
+
+
+class SAM(Optimizer):
+    """Sharpness-Aware Minimization around a base optimizer.
+
+    Args:
+        params: parameters or param-group dicts, as for any ``torch.optim`` optimizer. A group may set its
+            own ``rho``, ``adaptive`` and ``eta``; a group with ``rho=0`` is never perturbed (e.g. norm-only
+            or LoRA-only SAM).
+        base_optimizer: an optimizer class, built as ``base_optimizer(groups, **base_kwargs)``
+            (``SAM(model.parameters(), torch.optim.SGD, lr=0.1)``), or an optimizer instance over exactly
+            the tensors in ``params``.
+        rho: neighbourhood radius ρ (≥ 0). Typical: 0.05 (SAM), 0.5–2.0 (ASAM).
+        adaptive: ASAM's scale-invariant ascent, ε = ρ T²g/‖Tg‖ with T = |w| + η, applied element-wise to
+            every tensor of the group, biases and normalisation weights included (Kwon et al. apply T to
+            weight matrices only and leave biases with T = 1; to reproduce that, put biases in a group with
+            ``adaptive=False``).
+        eta: η ≥ 0 of ASAM's operator T. The default 0.01 keeps zero-initialised weights perturbable.
+        base_kwargs: forwarded to ``base_optimizer`` when it is a class.
+
+    The hot path costs two foreach passes over the perturbed tensors (norm, apply) plus one copy each way,
+    and one host synchronisation per step (to decide whether the ascent is finite).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        base_optimizer: type[Optimizer] | Optimizer,
+        rho: float = 0.05,
+        adaptive: bool = False,
+        eta: float = 0.01,
+        **base_kwargs: Any,
+    ) -> None:
+        _check_rho(rho, "")
+        _check_eta(eta, "")
+        param_list = list(params)
+        if not param_list:
+            raise ValueError("SAM got an empty parameter list: pass the model's (trainable) parameters")
+
+        if isinstance(base_optimizer, Optimizer):
+            if base_kwargs:
+                raise TypeError(
+                    f"base_kwargs {sorted(base_kwargs)} were given with an optimizer instance; "
+                    "set them on the instance instead"
+                )
+            self._check_instance_params(param_list, base_optimizer)
+            self.base_optimizer = base_optimizer
+        elif isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer):
+            groups = param_list if isinstance(param_list[0], dict) else [{"params": param_list}]
+            self.base_optimizer = base_optimizer(groups, **base_kwargs)
+        else:
+            raise TypeError(
+                f"base_optimizer must be a torch.optim.Optimizer subclass or instance, got {base_optimizer!r}"
+            )
+
+        sam_defaults = {"rho": rho, "adaptive": bool(adaptive), "eta": eta}
+        for index, group in enumerate(self.base_optimizer.param_groups):
+            for key, value in sam_defaults.items():
+                group.setdefault(key, value)
+            _check_rho(group["rho"], f"param group {index}: ")
+            _check_eta(group["eta"], f"param group {index}: ")
+        self.defaults = {**self.base_optimizer.defaults, **sam_defaults}
+        # Deliberately not calling Optimizer.__init__: it would build a second set of groups and state.
+        self._optimizer_step_pre_hooks = {}
+        self._optimizer_step_post_hooks = {}
+        self._optimizer_state_dict_pre_hooks = {}
+        self._optimizer_state_dict_post_hooks = {}
+        self._optimizer_load_state_dict_pre_hooks = {}
+        self._optimizer_load_state_dict_post_hooks = {}
+        self._zero_grad_profile_name = f"Optimizer.zero_grad#{type(self).__name__}.zero_grad"
+
+        self.skipped_steps = 0
+        self.stats: dict[str, Tensor] = {}
+        self.track_stats = True
+        self._perturbed: list[Tensor] = []
+        self._backup: list[Tensor] = []
+        self._skip_next_step = False
+        self._warned_low_precision = False
+
+    @staticmethod
+    def _check_instance_params(params: list[Any], base: Optimizer) -> None:
+        given = []
+        for item in params:
+            given.extend(item["params"] if isinstance(item, dict) else [item])
+        wrapped = [p for group in base.param_groups for p in group["params"]]
+        if {id(p) for p in given} != {id(p) for p in wrapped} or len(given) != len(wrapped):
+            raise ValueError(
+                f"the base_optimizer instance holds {len(wrapped)} tensors that differ from the {len(given)} "
+                "tensors passed as params: build it over the same parameters"
+            )
+
+    # -- the shared, live views of the base optimizer ------------------------------------------------
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.base_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.base_optimizer.param_groups = value
+
+    @property
+    def state(self):  # type: ignore[override]
+        return self.base_optimizer.state
+
+    @state.setter
+    def state(self, value) -> None:
+        self.base_optimizer.state = value
+
+    @property
+    def is_perturbed(self) -> bool:
+        """True between a successful :meth:`perturb` and its :meth:`restore`."""
+        return bool(self._perturbed)
+
+    @property
+    def passes_per_step(self) -> float:
+        """Forward+backward passes per optimizer step: two for SAM and ASAM."""
+        return 2.0
+
+    # -- hooks the Trainer and the Accelerate helper call (variants override them) -------------------
+    def ascent_this_step(self) -> bool:
+        """Whether the coming optimizer step runs a perturbed second pass."""
+        return True
+
+    def before_first_pass(self) -> None:
+        """Called before the first micro-batch forward of an accumulation window.
+
+        Clears a pending skip left by a non-finite ascent whose step a GradScaler already skipped.
+        Overrides must call ``super().before_first_pass()``.
+        """
+        self._skip_next_step = False
+
+    def after_first_pass(self) -> None:
+        """Called after the last micro-batch backward of a window, before :meth:`perturb`."""
+
+    # -- the ascent ----------------------------------------------------------------------------------
+    def _ascent_candidates(self) -> tuple[list[Tensor], list[Tensor], list[dict[str, Any]]]:
+        params, grads, groups = [], [], []
+        for group in self.param_groups:
+            if group["rho"] == 0:
+                continue
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("SAM does not support sparse gradients")
+                params.append(p)
+                grads.append(p.grad)
+                groups.append(group)
+        return params, grads, groups
+
+    def _warn_low_precision(self, params: list[Tensor]) -> None:
+        if self._warned_low_precision or not any(p.dtype in _LOW_PRECISION for p in params):
+            return
+        self._warned_low_precision = True
+        warnings.warn(
+            "SAM is perturbing float16/bfloat16 parameters: most of ε rounds away at that precision. "
+            "Keep fp32 master weights (e.g. torch.autocast or mixed precision) and perturb those.",
+            stacklevel=3,
+        )
+
+    @torch.no_grad()
+    def perturb(self) -> bool:
+        """w ← w + ε from the current ``.grad`` fields; returns False (and perturbs nothing) if skipped.
+
+        The ascent is skipped when the gradient norm is zero or non-finite; a non-finite norm also makes
+        the next :meth:`step` skip the base update. Gradients may be scaled (GradScaler): ε is scale-free.
+        """
+        if self._perturbed:
+            raise RuntimeError("perturb() called twice without restore(): the weights are already at w + ε")
+        self._skip_next_step = False
+        params, grads, groups = self._ascent_candidates()
+        if not params:
+            return False
+        adaptive = [g["adaptive"] for g in groups]
+        eta = [g["eta"] for g in groups]
+        norm = perturbation.ascent_norm(params, grads, adaptive, eta)
+        self.stats["grad_norm"] = norm.detach().float()
+        self.stats["rho"] = torch.tensor(max(g["rho"] for g in self.param_groups), dtype=torch.float32)
+        norm_value = float(norm)  # the one host sync of the step
+        if not math.isfinite(norm_value) or norm_value == 0.0:
+            self.skipped_steps += 1
+            if not math.isfinite(norm_value):
+                self._skip_next_step = True
+                logger.warning(
+                    "SAM: non-finite gradient norm (%s); skipping the ascent and the optimizer step "
+                    "(%d skipped so far)",
+                    norm_value,
+                    self.skipped_steps,
+                )
+            else:
+                logger.info("SAM: zero gradient norm; no ascent this step")
+            return False
+        self._warn_low_precision(params)
+        self._backup = [p.detach().clone() for p in params]
+        self._perturbed = params
+        step_sizes = [g["rho"] / norm_value for g in groups]
+        perturbation.apply_ascent_(params, grads, step_sizes, adaptive, eta)
+        return True
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Copy the clean weights back into exactly the perturbed tensors, bitwise; free the backup.
+
+        Before restoring, records ``stats["grad_norm_perturbed"]`` = ‖g_SAM‖ and ``stats["grad_cosine"]`` =
+        cos(ε, g_SAM) from the current gradients (pass 2), when every perturbed tensor has one and
+        ``track_stats`` is True (the default; three reductions over the perturbed tensors).
+        """
+        if not self._perturbed:
+            return
+        params, backup = self._perturbed, self._backup
+        try:
+            grads = [p.grad for p in params]
+            if self.track_stats and all(g is not None for g in grads):
+                self._record_second_pass_stats(params, backup, grads)
+        finally:
+            perturbation.copy_(params, backup)
+            self._perturbed, self._backup = [], []
+
+    def _record_second_pass_stats(
+        self, params: list[Tensor], backup: list[Tensor], grads: list[Tensor]
+    ) -> None:
+        torch._foreach_sub_(params, backup)  # params now hold ε exactly as applied; restored right after
+        eps_dot_grad = perturbation.dot(params, grads)
+        eps_norm = perturbation.dot(params, params).sqrt()
+        grad_norm = perturbation.dot(grads, grads).sqrt()
+        self.stats["grad_norm_perturbed"] = grad_norm.float()
+        self.stats["grad_cosine"] = (eps_dot_grad / (eps_norm * grad_norm).clamp_min(1e-30)).float()
+
+    @contextlib.contextmanager
+    def perturbed(self) -> Iterator[bool]:
+        """``with opt.perturbed() as ok:`` — perturb, run the second pass inside, restore even on error."""
+        ok = self.perturb()
+        try:
+            yield ok
+        finally:
+            self.restore()
+
+    # -- the torch.optim surface ---------------------------------------------------------------------
+    def first_step(self, zero_grad: bool = False) -> bool:
+        """Ascent from the current gradients (davda54-style API). Returns whether it perturbed."""
+        ok = self.perturb()
+        if zero_grad:
+            self.zero_grad()
+        return ok
+
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restore the clean weights and take the base step with the current (perturbed-point) gradients."""
+        self.restore()
+        self.step()
+        if zero_grad:
+            self.zero_grad()
+
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
+        """Without a closure: the base optimizer's step (skipped after a non-finite ascent).
+
+        With a closure (zero_grad + forward + backward, returning the loss): a full SAM step — the closure
+        at w, the ascent, the closure at w + ε, restore, base step. Returns the loss at the clean weights.
+        Never route a closure through ``GradScaler.step``: it would skip unscaling; use the
+        :meth:`perturbed` loop shown in the README instead.
+        """
+        if closure is None:
+            if self._skip_next_step:
+                self._skip_next_step = False
+                return None
+            self.base_optimizer.step()
+            return None
+        with torch.enable_grad():
+            loss = closure()
+        if not self.ascent_this_step():
+            self.step()
+            return loss
+        with self.perturbed() as ok:
+            if ok:
+                with torch.enable_grad():
+                    closure()
+        self.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict (SAM's ρ/η/adaptive ride along in its param groups)."""
+        if self._perturbed:
+            raise RuntimeError("state_dict() while the weights are perturbed: call restore() first")
+        return self.base_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.base_optimizer.load_state_dict(state_dict)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        for key in _SAM_GROUP_KEYS:
+            param_group.setdefault(key, self.defaults[key])
+        _check_rho(param_group["rho"], "new param group: ")
+        _check_eta(param_group["eta"], "new param group: ")
+        self.base_optimizer.add_param_group(param_group)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(rho={self.defaults['rho']}, adaptive={self.defaults['adaptive']}, base={self.base_optimizer!r})"
+
+
+class ASAM(SAM):
+    """Adaptive SAM (Kwon et al. 2021): ``SAM(..., adaptive=True)`` with the ASAM default ρ = 0.5.
+
+    ρ is larger than SAM's because the ascent is measured in the scale-invariant metric T⁻¹; the useful
+    range reported for ASAM is 0.5–2.0.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        base_optimizer: type[Optimizer] | Optimizer,
+        rho: float = 0.5,
+        eta: float = 0.01,
+        **base_kwargs: Any,
+    ) -> None:
+        super().__init__(params, base_optimizer, rho=rho, adaptive=True, eta=eta, **base_kwargs)
+
+
+def _register() -> None:
+    from arrcoc_sam.sam.registry import register_method
+
+    register_method("sam", SAM)
+    register_method("asam", ASAM)
+
+
+_register()

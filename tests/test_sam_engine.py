@@ -1,0 +1,385 @@
+"""The SAM/ASAM engine against references written from the formulas (float64), plus its guarantees."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from arrcoc_sam.sam.norm_stats import preserve_running_stats
+from arrcoc_sam.sam.optimizer import ASAM, SAM
+
+
+def make_mlp(seed: int = 0, dtype=torch.float64) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(dtype)
+
+
+def make_batches(n_steps: int, seed: int = 1, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(8, 5, generator=gen, dtype=dtype), torch.randn(8, 3, generator=gen, dtype=dtype))
+        for _ in range(n_steps)
+    ]
+
+
+def mse(model: nn.Module, batch) -> torch.Tensor:
+    x, y = batch
+    return ((model(x) - y) ** 2).mean()
+
+
+def reference_epsilon(params, grads, rho, adaptive, eta):
+    """ε from the paper formulas on flattened vectors: ρ g/‖g‖ or ρ T²g/‖Tg‖ with T = |w| + η."""
+    w = torch.cat([p.detach().reshape(-1) for p in params])
+    g = torch.cat([gr.reshape(-1) for gr in grads])
+    t = w.abs() + eta if adaptive else torch.ones_like(w)
+    eps = rho * t * t * g / torch.linalg.vector_norm(t * g)
+    return list(torch.split(eps, [p.numel() for p in params]))
+
+
+def reference_sam_step(model, base_opt, batch, rho, adaptive=False, eta=0.01):
+    params = list(model.parameters())
+    grads = torch.autograd.grad(mse(model, batch), params)
+    eps = reference_epsilon(params, grads, rho, adaptive, eta)
+    with torch.no_grad():
+        clean = [p.detach().clone() for p in params]
+        for p, e in zip(params, eps):
+            p.add_(e.view_as(p))
+    sam_grads = torch.autograd.grad(mse(model, batch), params)
+    with torch.no_grad():
+        for p, c, g in zip(params, clean, sam_grads):
+            p.copy_(c)
+            p.grad = g.clone()
+    base_opt.step()
+    base_opt.zero_grad()
+
+
+def sam_closure_step(model, opt, batch):
+    def closure():
+        opt.zero_grad()
+        loss = mse(model, batch)
+        loss.backward()
+        return loss
+
+    return opt.step(closure)
+
+
+def max_abs_diff(a: nn.Module, b: nn.Module) -> float:
+    return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+
+
+def bitwise_equal(a: nn.Module, b: nn.Module) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+def test_single_step_matches_formula_reference_float64(adaptive):
+    model, ref = make_mlp(), make_mlp()
+    batch = make_batches(1)[0]
+    rho = 0.5 if adaptive else 0.05
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, rho=rho, adaptive=adaptive, eta=0.01)
+    sam_closure_step(model, opt, batch)
+    reference_sam_step(ref, torch.optim.SGD(ref.parameters(), lr=0.1), batch, rho, adaptive, 0.01)
+    assert max_abs_diff(model, ref) <= 1e-12
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+@pytest.mark.parametrize(
+    "base_cls, base_kwargs",
+    [
+        (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9}),
+        (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1}),
+    ],
+    ids=["sgd_momentum", "adamw"],
+)
+def test_twenty_step_trajectory_matches_reference(adaptive, base_cls, base_kwargs):
+    model, ref = make_mlp(), make_mlp()
+    rho = 0.5 if adaptive else 0.05
+    opt = SAM(model.parameters(), base_cls, rho=rho, adaptive=adaptive, **base_kwargs)
+    ref_opt = base_cls(ref.parameters(), **base_kwargs)
+    for batch in make_batches(20):
+        sam_closure_step(model, opt, batch)
+        reference_sam_step(ref, ref_opt, batch, rho, adaptive, 0.01)
+    assert max_abs_diff(model, ref) <= 1e-10
+
+
+def test_first_and_second_step_api_equals_closure_step():
+    model, twin = make_mlp(), make_mlp()
+    batch = make_batches(1)[0]
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    twin_opt = SAM(twin.parameters(), torch.optim.SGD, lr=0.1)
+    mse(model, batch).backward()
+    opt.first_step(zero_grad=True)
+    mse(model, batch).backward()
+    opt.second_step(zero_grad=True)
+    sam_closure_step(twin, twin_opt, batch)
+    assert bitwise_equal(model, twin)
+
+
+@pytest.mark.parametrize("base_cls", [torch.optim.SGD, torch.optim.AdamW])
+def test_rho_zero_matches_base_optimizer_bitwise(base_cls):
+    model, ref = make_mlp(), make_mlp()
+    opt = SAM(model.parameters(), base_cls, rho=0.0, lr=0.01)
+    ref_opt = base_cls(ref.parameters(), lr=0.01)
+    for batch in make_batches(10):
+        sam_closure_step(model, opt, batch)
+        ref_opt.zero_grad()
+        mse(ref, batch).backward()
+        ref_opt.step()
+    assert bitwise_equal(model, ref)
+
+
+class SwitchingModel(nn.Module):
+    """A model whose ``extra`` branch is used only on odd calls: it gets no gradient in SAM's second pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(5, 3)
+        self.extra = nn.Linear(5, 3)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.body(x)
+        return out + self.extra(x) if self.calls % 2 == 1 else out
+
+
+def test_lr_zero_leaves_weights_bitwise_unchanged_including_params_without_second_pass_grad():
+    torch.manual_seed(0)
+    model = SwitchingModel()
+    before = copy.deepcopy(model.state_dict())
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.0, rho=0.3, momentum=0.9)
+    for x, y in make_batches(10, dtype=torch.float32):
+
+        def closure(x=x, y=y):
+            opt.zero_grad()
+            loss = ((model(x) - y) ** 2).mean()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        assert model.extra.weight.grad is None  # second pass used no `extra`: it was restored without a grad
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_state_dict_round_trip_continues_bitwise_and_holds_base_moments():
+    batches = make_batches(10, seed=3)
+    model = make_mlp()
+    opt = SAM(model.parameters(), torch.optim.AdamW, lr=1e-2, rho=0.1)
+    for batch in batches[:5]:
+        sam_closure_step(model, opt, batch)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    assert {"exp_avg", "exp_avg_sq", "step"} <= set(saved_opt["state"][0])
+    assert saved_opt["param_groups"][0]["rho"] == 0.1
+
+    for batch in batches[5:]:
+        sam_closure_step(model, opt, batch)
+
+    resumed = make_mlp(seed=99)
+    resumed.load_state_dict(saved_model)
+    resumed_opt = SAM(resumed.parameters(), torch.optim.AdamW, lr=1e-2, rho=0.7)
+    resumed_opt.load_state_dict(saved_opt)
+    assert resumed_opt.param_groups[0]["rho"] == 0.1
+    for batch in batches[5:]:
+        sam_closure_step(resumed, resumed_opt, batch)
+    assert bitwise_equal(model, resumed)
+
+
+def test_state_dict_never_contains_the_transient_backup():
+    model = make_mlp()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    batch = make_batches(1)[0]
+    mse(model, batch).backward()
+    assert opt.perturb()
+    with pytest.raises(RuntimeError, match="restore"):
+        opt.state_dict()
+    opt.restore()
+    assert opt.state_dict()["state"] == {}  # SGD momentum buffers appear only after a base step
+
+
+def test_asam_perturbs_zero_initialised_tensor_when_eta_positive():
+    torch.manual_seed(0)
+    lora_a = nn.Parameter(torch.randn(4, 6, dtype=torch.float64))
+    lora_b = nn.Parameter(torch.zeros(3, 4, dtype=torch.float64))
+    x = torch.randn(10, 6, dtype=torch.float64)
+
+    def perturbation_of_b(eta: float) -> torch.Tensor:
+        opt = ASAM([lora_a, lora_b], torch.optim.SGD, lr=0.1, eta=eta)
+        opt.zero_grad()
+        (x @ lora_a.T @ lora_b.T).square().sum().add((x @ lora_a.T).sum()).backward()
+        lora_b.grad.add_(1.0)
+        with opt.perturbed() as ok:
+            assert ok
+            return lora_b.detach().clone()
+
+    assert perturbation_of_b(0.01).abs().sum() > 0
+    assert perturbation_of_b(0.0).abs().sum() == 0  # the trap η > 0 avoids
+    assert torch.count_nonzero(lora_b) == 0  # restored
+
+
+def test_groups_with_rho_zero_are_not_perturbed():
+    model = make_mlp()
+    first, second = model[0], model[2]
+    opt = SAM(
+        [{"params": first.parameters(), "rho": 0.0}, {"params": second.parameters()}],
+        torch.optim.SGD,
+        lr=0.1,
+        rho=0.2,
+    )
+    clean = copy.deepcopy(model.state_dict())
+    mse(model, make_batches(1)[0]).backward()
+    with opt.perturbed():
+        assert torch.equal(first.weight, clean["0.weight"])
+        assert not torch.equal(second.weight, clean["2.weight"])
+
+
+def test_batchnorm_running_stats_updated_once_per_step():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 1))
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    ((model(x) - y) ** 2).mean().backward()
+    with opt.perturbed() as ok, preserve_running_stats(model):
+        assert ok
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+    opt.step()
+    twin(x)  # one plain training-mode forward on the same batch
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(model[1], name), getattr(twin[1], name)), name
+
+
+def test_nonfinite_first_pass_gradient_skips_step_and_keeps_weights(caplog):
+    model = make_mlp()
+    before = copy.deepcopy(model.state_dict())
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        opt.zero_grad()
+        loss = mse(model, make_batches(1)[0])
+        loss.backward()
+        model[0].weight.grad[0, 0] = float("inf")
+        return loss
+
+    with caplog.at_level("WARNING"):
+        opt.step(closure)
+    assert len(calls) == 1
+    assert opt.skipped_steps == 1
+    assert "non-finite" in caplog.text
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert opt.state_dict()["state"] == {}
+
+
+def test_exception_in_second_pass_leaves_weights_restored():
+    model = make_mlp()
+    before = copy.deepcopy(model.state_dict())
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    mse(model, make_batches(1)[0]).backward()
+    with pytest.raises(RuntimeError, match="boom"), opt.perturbed() as ok:
+        assert ok
+        raise RuntimeError("boom")
+    assert not opt.is_perturbed
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_grad_scaler_loop_matches_fp32_reference():
+    batches = make_batches(6, dtype=torch.float32)
+    model, ref = make_mlp(dtype=torch.float32), make_mlp(dtype=torch.float32)
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9, rho=0.1)
+    ref_opt = SAM(ref.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9, rho=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    for batch in batches:
+        scaler.scale(mse(model, batch)).backward()
+        with opt.perturbed() as ok:
+            assert ok
+            opt.zero_grad()
+            scaler.scale(mse(model, batch)).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        sam_closure_step(ref, ref_opt, batch)
+    assert max_abs_diff(model, ref) <= 1e-6
+
+
+def test_grad_scaler_overflow_skips_step_and_lowers_scale():
+    model = make_mlp(dtype=torch.float32)
+    before = copy.deepcopy(model.state_dict())
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    scaler.scale(mse(model, make_batches(1, dtype=torch.float32)[0])).backward()
+    model[2].bias.grad[0] = float("nan")
+    with opt.perturbed() as ok:
+        assert not ok
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() < 2.0**12
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_stats_report_norms_and_cosine():
+    model = make_mlp()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, rho=1e-6)
+    batch = make_batches(1)[0]
+    sam_closure_step(model, opt, batch)
+    # With a tiny ρ the perturbed gradient is the clean one: cosine 1, equal norms.
+    assert opt.stats["grad_cosine"].item() == pytest.approx(1.0, abs=1e-5)
+    assert opt.stats["grad_norm_perturbed"].item() == pytest.approx(opt.stats["grad_norm"].item(), rel=1e-4)
+
+
+def test_low_precision_parameters_warn_once():
+    model = nn.Linear(4, 2).to(torch.bfloat16)
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    with pytest.warns(UserWarning, match="float16/bfloat16"):
+        for _ in range(2):
+            model(torch.randn(3, 4, dtype=torch.bfloat16)).sum().backward()
+            with opt.perturbed():
+                pass
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"rho": -0.1}, ValueError, "rho must be a finite number >= 0, got -0.1"),
+        ({"rho": math.nan}, ValueError, "rho must be"),
+        ({"rho": math.inf}, ValueError, "rho must be"),
+        ({"eta": -1.0}, ValueError, "eta must be a finite number >= 0, got -1.0"),
+    ],
+)
+def test_bad_hyperparameters_fail_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        SAM(make_mlp().parameters(), torch.optim.SGD, lr=0.1, **kwargs)
+
+
+def test_bad_constructor_inputs_fail_clearly():
+    model = make_mlp()
+    with pytest.raises(ValueError, match="empty parameter list"):
+        SAM([], torch.optim.SGD, lr=0.1)
+    with pytest.raises(TypeError, match="base_optimizer must be"):
+        SAM(model.parameters(), "adamw")
+    with pytest.raises(ValueError, match="differ"):
+        SAM(model.parameters(), torch.optim.SGD(model[0].parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="param group 0: rho"):
+        SAM([{"params": model.parameters(), "rho": -1}], torch.optim.SGD, lr=0.1)
+
+
+def test_instance_base_optimizer_is_shared_live_with_schedulers():
+    model = make_mlp()
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = SAM(model.parameters(), base)
+    assert opt.param_groups is base.param_groups and opt.state is base.state
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    sam_closure_step(model, opt, make_batches(1)[0])
+    scheduler.step()
+    assert base.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_asam_defaults_to_adaptive_with_rho_half():
+    opt = ASAM(make_mlp().parameters(), torch.optim.SGD, lr=0.1)
+    assert opt.param_groups[0]["adaptive"] is True and opt.param_groups[0]["rho"] == 0.5
