@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from arrcoc_sam.sam import perturbation
+from arrcoc_sam.sam.sharding import ShardLayout
 
 __all__ = ["SAM", "ASAM"]
 
@@ -65,6 +66,10 @@ class SAM(Optimizer):
 
     The hot path costs two foreach passes over the perturbed tensors (norm, apply) plus one copy each way,
     and one host synchronisation per step (to decide whether the ascent is finite).
+
+    Sharded parameters (DTensors, e.g. FSDP2 ``fully_shard``) are perturbed and restored shard-locally; the
+    norm is that of the full gradient, from one fp32 all-reduce per step (:mod:`arrcoc_sam.sam.sharding`).
+    FSDP1 parameters are refused.
     """
 
     def __init__(
@@ -118,7 +123,9 @@ class SAM(Optimizer):
         self.stats: dict[str, Tensor] = {}
         self.track_stats = True
         self._perturbed: list[Tensor] = []
+        self._targets: list[Tensor] = []  # what perturb() changed in place: the params, or their local shards
         self._backup: list[Tensor] = []
+        self._layout: ShardLayout | None = None
         self._skip_next_step = False
         self._warned_low_precision = False
 
@@ -218,7 +225,13 @@ class SAM(Optimizer):
             return False
         adaptive = [g["adaptive"] for g in groups]
         eta = [g["eta"] for g in groups]
-        norm = perturbation.ascent_norm(params, grads, adaptive, eta)
+        layout = ShardLayout.of(params, grads)
+        if layout is None:
+            targets = params
+            norm = perturbation.ascent_norm(params, grads, adaptive, eta)
+        else:  # DTensor shards (FSDP2): local pieces, one all-reduce for the full-gradient norm
+            targets, grads = layout.local(params), layout.local(grads)
+            norm = layout.ascent_norm(targets, grads, adaptive, eta)
         self.stats["grad_norm"] = norm.detach().float()
         self.stats["rho"] = torch.tensor(max(g["rho"] for g in self.param_groups), dtype=torch.float32)
         norm_value = float(norm)  # the one host sync of the step
@@ -236,10 +249,10 @@ class SAM(Optimizer):
                 logger.info("SAM: zero gradient norm; no ascent this step")
             return False
         self._warn_low_precision(params)
-        self._backup = [p.detach().clone() for p in params]
-        self._perturbed = params
+        self._backup = [t.detach().clone() for t in targets]
+        self._perturbed, self._targets, self._layout = params, targets, layout
         step_sizes = [g["rho"] / norm_value for g in groups]
-        perturbation.apply_ascent_(params, grads, step_sizes, adaptive, eta)
+        perturbation.apply_ascent_(targets, grads, step_sizes, adaptive, eta)
         return True
 
     @torch.no_grad()
@@ -248,26 +261,29 @@ class SAM(Optimizer):
 
         Before restoring, records ``stats["grad_norm_perturbed"]`` = ‖g_SAM‖ and ``stats["grad_cosine"]`` =
         cos(ε, g_SAM) from the current gradients (pass 2), when every perturbed tensor has one and
-        ``track_stats`` is True (the default; three reductions over the perturbed tensors).
+        ``track_stats`` is True (the default; three reductions over the perturbed tensors, and on sharded
+        parameters one all-reduce). Sharded (DTensor) parameters are restored shard by shard, locally.
         """
         if not self._perturbed:
             return
-        params, backup = self._perturbed, self._backup
+        targets, backup, layout = self._targets, self._backup, self._layout
         try:
-            grads = [p.grad for p in params]
+            grads = [p.grad for p in self._perturbed]
             if self.track_stats and all(g is not None for g in grads):
-                self._record_second_pass_stats(params, backup, grads)
+                self._record_second_pass_stats(targets, backup, grads if layout is None else layout.local(grads))
         finally:
-            perturbation.copy_(params, backup)
-            self._perturbed, self._backup = [], []
+            perturbation.copy_(targets, backup)
+            self._perturbed, self._targets, self._backup, self._layout = [], [], [], None
 
-    def _record_second_pass_stats(
-        self, params: list[Tensor], backup: list[Tensor], grads: list[Tensor]
-    ) -> None:
+    def _record_second_pass_stats(self, params: list[Tensor], backup: list[Tensor], grads: list[Tensor]) -> None:
         torch._foreach_sub_(params, backup)  # params now hold ε exactly as applied; restored right after
-        eps_dot_grad = perturbation.dot(params, grads)
-        eps_norm = perturbation.dot(params, params).sqrt()
-        grad_norm = perturbation.dot(grads, grads).sqrt()
+        if self._layout is None:
+            eps_dot_grad = perturbation.dot(params, grads)
+            eps_norm = perturbation.dot(params, params).sqrt()
+            grad_norm = perturbation.dot(grads, grads).sqrt()
+        else:
+            eps_dot_grad, eps_sq, grad_sq = self._layout.dots(params, grads)
+            eps_norm, grad_norm = eps_sq.sqrt(), grad_sq.sqrt()
         self.stats["grad_norm_perturbed"] = grad_norm.float()
         self.stats["grad_cosine"] = (eps_dot_grad / (eps_norm * grad_norm).clamp_min(1e-30)).float()
 

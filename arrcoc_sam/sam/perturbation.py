@@ -21,16 +21,26 @@ from torch import Tensor
 __all__ = [
     "accumulation_dtype",
     "ascent_norm",
+    "ascent_sum_of_squares",
     "apply_ascent_",
     "copy_",
     "dot",
     "group_by_device_and_dtype",
+    "sum_dtype",
 ]
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype norms are accumulated in: float32, or wider when ``dtype`` is wider."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def sum_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    """The dtype of a sum over all ``tensors``: float32, or float64 when any of them is float64."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, accumulation_dtype(t.dtype))
+    return dtype
 
 
 def group_by_device_and_dtype(*tensor_lists: Sequence[Tensor]) -> list[tuple[list[Tensor], ...]]:
@@ -95,11 +105,19 @@ def ascent_norm(
     Returns:
         A 0-dim tensor on ``grads[0].device`` in float32 (float64 if any gradient is float64).
     """
+    return ascent_sum_of_squares(params, grads, adaptive, eta).sqrt()
+
+
+def ascent_sum_of_squares(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    adaptive: Sequence[bool],
+    eta: Sequence[float],
+) -> Tensor:
+    """‖T g‖², the square of :func:`ascent_norm` before its square root: the additive partial a shard contributes."""
     if not grads:
         raise ValueError("ascent_norm needs at least one gradient")
-    out_dtype = torch.float32
-    for grad in grads:
-        out_dtype = torch.promote_types(out_dtype, accumulation_dtype(grad.dtype))
+    out_dtype = sum_dtype(grads)
     device = grads[0].device
     squares: list[Tensor] = []
     for (is_adaptive, eta_value), group_params, group_grads in _bucket(params, grads, adaptive, eta):
@@ -110,7 +128,7 @@ def ascent_norm(
             scaled = _scaling_operator(chunk_params, eta_value)
             torch._foreach_mul_(scaled, chunk_grads)
             squares.append(_sum_of_squares(scaled, out_dtype, device))
-    return torch.stack(squares).sum().sqrt()
+    return torch.stack(squares).sum()
 
 
 def _sum_of_squares(tensors: list[Tensor], out_dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -159,9 +177,7 @@ def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     if not a:
         raise ValueError("dot needs at least one tensor")
     device = a[0].device
-    out_dtype = torch.float32
-    for t in a:
-        out_dtype = torch.promote_types(out_dtype, accumulation_dtype(t.dtype))
+    out_dtype = sum_dtype(a)
     partial: list[Tensor] = []
     for group_a, group_b in group_by_device_and_dtype(a, b):
         for chunk_a, chunk_b in _chunks(group_a, group_b):

@@ -1,0 +1,216 @@
+"""SAM on sharded parameters: DTensor local shards (FSDP2 ``fully_shard``) and one all-reduce per global sum.
+
+Under FSDP2 every parameter ``w`` and its gradient ``g`` are DTensors whose local tensors hold one rank's
+shard. SAM's ascent needs sums over the *full* tensors, ``‖T g‖² = Σ_ranks Σ_local (T g)²`` (and, for the
+statistics, ⟨ε, g_SAM⟩, ‖ε‖², ‖g_SAM‖²), while ε itself is element-wise, so it is applied to the local
+shards as they are and restore copies the local shards back. A :class:`ShardLayout` maps parameters to their
+local tensors and sums per-rank partials with ONE ``all_reduce`` over the device mesh, however many
+tensors there are.
+
+Counting rule: a rank's local piece is added to a global sum iff it is a distinct part of the full tensor,
+i.e. the rank's mesh coordinate is 0 on every mesh dimension the tensor is *not* sharded on (``Replicate``
+placements, HSDP's replica dimension). Plain (non-DTensor) tensors next to DTensors are treated as
+replicated over the mesh: counted once, on the rank at mesh coordinate 0.
+
+FSDP1 (``FullyShardedDataParallel``) is refused, with ``use_orig_params`` True or False: its parameters
+are slices of each rank's flat shard that do not record the process group they are sharded over. Use FSDP2
+(``fully_shard``, or ``fsdp_version: 2`` in an Accelerate config).
+
+Nothing here imports ``torch.distributed.tensor`` or ``fsdp``: a DTensor (or an FSDP1 parameter) cannot exist unless its module
+was imported already. An unsharded model pays one set of its parameters' types per step (measured: ~13 µs
+for 200 tensors; ~45 µs once ``torch.distributed.fsdp`` is imported, for the FSDP1 check), and no collective.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from arrcoc_sam.sam import perturbation
+
+__all__ = ["ShardLayout", "check_fsdp_run", "check_model_supported", "is_sharded"]
+
+_FSDP1_HINT = (
+    "FSDP1 (FullyShardedDataParallel) is not supported by SAM: its parameters are flat shards that do not "
+    "record the process group they are sharded over, so SAM cannot form the full gradient norm. Use FSDP2: "
+    "torch.distributed.fsdp.fully_shard, or `fsdp_version: 2` in the Accelerate config "
+    "(fsdp_config={'fsdp_version': 2} for the Trainer)"
+)
+
+
+def _dtensor_type() -> type | None:
+    """``DTensor`` if ``torch.distributed.tensor`` was imported (else no DTensor can exist), otherwise None."""
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+
+
+def _has_dtensor(types: set[type]) -> bool:
+    dtensor = _dtensor_type()
+    return dtensor is not None and any(issubclass(t, dtensor) for t in types)
+
+
+def _has_fsdp1(params: Sequence[Tensor], types: set[type]) -> bool:
+    """Any FSDP1 ``FlatParameter``, or original parameter FSDP1 flattened (``use_orig_params=True``)."""
+    flat = getattr(sys.modules.get("torch.distributed.fsdp._flat_param"), "FlatParameter", None)
+    if flat is None:
+        return False
+    return any(issubclass(t, flat) for t in types) or any("_fsdp_flattened" in p.__dict__ for p in params)
+
+
+def is_sharded(params: Iterable[Tensor]) -> bool:
+    """True if any tensor is a DTensor (FSDP2, tensor parallel) or an FSDP1 parameter (flat or flattened)."""
+    params = list(params)
+    types = {type(p) for p in params}
+    return _has_dtensor(types) or _has_fsdp1(params, types)
+
+
+def check_model_supported(model: nn.Module) -> None:
+    """Raise if ``model`` holds FSDP1 parameters (any ``FullyShardedDataParallel`` wrap); FSDP2 and plain pass.
+
+    Raises:
+        ValueError: naming FSDP2 as the supported alternative.
+    """
+    params = list(model.parameters())
+    if _has_fsdp1(params, {type(p) for p in params}):
+        raise ValueError(_FSDP1_HINT)
+
+
+def check_fsdp_run(scope: str, fsdp_version: int | None) -> None:
+    """Refuse sharpness-aware settings that have no meaning under FSDP (for SAMTrainer / the Accelerate helper).
+
+    Args:
+        scope: the ``sam_scope`` (``global`` | ``per_device`` | ``microbatch``).
+        fsdp_version: 1 or 2 when the run uses FSDP, None without FSDP.
+    Raises:
+        ValueError: FSDP1, or a scope other than ``global`` under FSDP.
+    """
+    if fsdp_version is None:
+        return
+    if fsdp_version != 2:
+        raise ValueError(f"fsdp_version={fsdp_version!r}: " + _FSDP1_HINT)
+    if scope != "global":
+        raise ValueError(
+            f"sam_scope={scope!r} has no meaning under FSDP: gradients are reduce-scattered, so no rank holds "
+            "its own full (per-device or per-micro-batch) gradient. Use sam_scope=global, which takes the "
+            "ascent from the full, synchronised gradient"
+        )
+
+
+class ShardLayout:
+    """Where the local pieces of a list of (DTensor) parameters sit, and how to sum over them globally.
+
+    Build it with :meth:`of`; it is None for unsharded tensors. ``counted[i]`` says whether this rank's
+    local piece of tensor ``i`` enters global sums (see the module docstring).
+    """
+
+    def __init__(self, counted: list[bool], device: torch.device, group: object, group_size: int) -> None:
+        self.counted = counted
+        self._device = device
+        self.group = group
+        self.group_size = group_size
+
+    @classmethod
+    def of(cls, params: Sequence[Tensor], grads: Sequence[Tensor]) -> ShardLayout | None:
+        """The layout of ``params`` (with their ``grads``), or None when none of them is a DTensor.
+
+        Raises:
+            ValueError: an FSDP1 parameter; DTensors on different device meshes; a gradient whose
+                placements differ from its parameter's, or that is ``Partial`` (not yet reduced).
+            NotImplementedError: a multi-dimensional mesh that spans only part of the world.
+        """
+        types = {type(p) for p in params}
+        if _has_fsdp1(params, types):
+            raise ValueError(_FSDP1_HINT)
+        if not _has_dtensor(types):
+            return None
+        dtensor = _dtensor_type()
+        mesh = next(p.device_mesh for p in params if isinstance(p, dtensor))
+        coordinate = mesh.get_coordinate()
+        at_origin = all(c == 0 for c in coordinate)
+        counted = []
+        for index, (p, g) in enumerate(zip(params, grads, strict=True)):
+            if not isinstance(p, dtensor):
+                counted.append(at_origin)
+                continue
+            if p.device_mesh != mesh:
+                raise ValueError(
+                    f"SAM needs every sharded parameter on one device mesh; tensor {index} is on "
+                    f"{p.device_mesh}, the first on {mesh}"
+                )
+            if not isinstance(g, dtensor) or g.placements != p.placements:
+                placements = g.placements if isinstance(g, dtensor) else "a plain tensor"
+                raise ValueError(
+                    f"the gradient of sharded tensor {index} has placements {placements}, its parameter "
+                    f"{p.placements}: SAM needs gradients sharded like their parameters (synchronise them first)"
+                )
+            if any(pl.is_partial() for pl in p.placements):
+                raise ValueError(
+                    f"sharded tensor {index} has Partial placements {p.placements}: reduce it first"
+                )
+            counted.append(
+                all(pl.is_shard() or c == 0 for pl, c in zip(p.placements, coordinate, strict=True))
+            )
+        device = grads[0]._local_tensor.device if isinstance(grads[0], dtensor) else grads[0].device
+        return cls(counted, device, *_mesh_group(mesh))
+
+    def local(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """This rank's local tensors: a DTensor's local shard (the live storage, not a copy), others as they are."""
+        dtensor = _dtensor_type()
+        return [t._local_tensor if isinstance(t, dtensor) else t for t in tensors]
+
+    def counted_only(self, *tensor_lists: Sequence[Tensor]) -> tuple[list[Tensor], ...]:
+        """The entries of parallel lists whose local piece this rank counts in global sums."""
+        return tuple([t for t, keep in zip(lst, self.counted, strict=True) if keep] for lst in tensor_lists)
+
+    def sum_over_ranks(self, partials: Tensor) -> Tensor:
+        """Σ over the mesh's ranks of a 1-D tensor of per-rank partial sums: one ``all_reduce`` (none for 1 rank)."""
+        if self.group_size > 1:
+            torch.distributed.all_reduce(partials, group=self.group)
+        return partials
+
+    def ascent_norm(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        adaptive: Sequence[bool],
+        eta: Sequence[float],
+    ) -> Tensor:
+        """‖T g‖ of the full tensors from the local ``params``/``grads``: a 0-dim tensor, one ``all_reduce``.
+
+        Same dtype and device as :func:`perturbation.ascent_norm` on the local tensors; a rank that counts
+        none of its pieces contributes zeros.
+        """
+        dtype = perturbation.sum_dtype(grads)
+        params, grads, adaptive, eta = self.counted_only(params, grads, adaptive, eta)
+        if grads:
+            partial = perturbation.ascent_sum_of_squares(params, grads, adaptive, eta).to(dtype).reshape(1)
+        else:
+            partial = torch.zeros(1, dtype=dtype, device=self._device)
+        return self.sum_over_ranks(partial)[0].sqrt()
+
+    def dots(self, eps: Sequence[Tensor], grads: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """(⟨ε, g⟩, ‖ε‖², ‖g‖²) of the full tensors from the local pieces, with one ``all_reduce``."""
+        dtype = perturbation.sum_dtype(eps)
+        eps, grads = self.counted_only(eps, grads)
+        if eps:
+            dot = perturbation.dot
+            partials = torch.stack([dot(eps, grads), dot(eps, eps), dot(grads, grads)]).to(dtype)
+        else:
+            partials = torch.zeros(3, dtype=dtype, device=self._device)
+        total = self.sum_over_ranks(partials)
+        return total[0], total[1], total[2]
+
+
+def _mesh_group(mesh) -> tuple[object, int]:
+    """The process group spanning every rank of ``mesh`` and its size."""
+    if mesh.ndim == 1:
+        return mesh.get_group(), mesh.size()
+    world = torch.distributed.get_world_size()
+    if mesh.size() == world:
+        return None, world
+    raise NotImplementedError(
+        f"SAM on a {mesh.ndim}-D device mesh spanning {mesh.size()} of {world} ranks is not supported: "
+        "use a 1-D mesh or a mesh over all ranks"
+    )

@@ -1,0 +1,112 @@
+"""CUDA paths of the engine: skipped without a GPU (CI has none); run by scripts/gpu_check.sh on a GPU machine."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from arrcoc_sam.sam.optimizer import SAM
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.LayerNorm(64), nn.Linear(64, 8))
+
+
+def batches(n: int, device: str):
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(16, 32, generator=gen).to(device), torch.randn(16, 8, generator=gen).to(device)) for _ in range(n)]
+
+
+def loss_fn(model, batch):
+    x, y = batch
+    return nn.functional.mse_loss(model(x).float(), y)
+
+
+def closure_step(model, opt, batch):
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(model, batch)
+        loss.backward()
+        return loss
+
+    return opt.step(closure)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_cuda_float64_step_matches_cpu_float64(adaptive):
+    cpu = make_model().double()
+    gpu = copy.deepcopy(cpu).cuda()
+    opt_cpu = SAM(cpu.parameters(), torch.optim.AdamW, lr=1e-3, rho=0.1, adaptive=adaptive)
+    opt_gpu = SAM(gpu.parameters(), torch.optim.AdamW, lr=1e-3, rho=0.1, adaptive=adaptive)
+    for x, y in batches(5, "cpu"):
+        closure_step(cpu, opt_cpu, (x.double(), y.double()))
+        closure_step(gpu, opt_gpu, (x.double().cuda(), y.double().cuda()))
+    for p, q in zip(cpu.parameters(), gpu.parameters()):
+        torch.testing.assert_close(p, q.cpu(), rtol=0, atol=1e-10)
+
+
+def test_cuda_fp16_grad_scaler_loop_matches_fp32_reference():
+    model = make_model().cuda()
+    ref = copy.deepcopy(model)
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9, rho=0.05)
+    ref_opt = SAM(ref.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9, rho=0.05)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10)
+    for batch in batches(10, "cuda"):
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = loss_fn(model, batch)
+        scaler.scale(loss).backward()
+        with opt.perturbed() as ok:
+            if ok:
+                opt.zero_grad()
+                with torch.autocast("cuda", dtype=torch.float16):
+                    scaler.scale(loss_fn(model, batch)).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        closure_step(ref, ref_opt, batch)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert p.dtype == torch.float32  # master weights stay fp32 and are what gets perturbed
+        torch.testing.assert_close(p, q, rtol=2e-2, atol=2e-3)
+
+
+def test_cuda_bf16_autocast_perturbs_fp32_master_weights_and_restores_bitwise():
+    model = make_model().cuda()
+    before = copy.deepcopy(model.state_dict())
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.0, rho=0.05)
+    for batch in batches(5, "cuda"):
+        opt.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss_fn(model, batch).backward()
+        with opt.perturbed() as ok:
+            assert ok
+            assert not torch.equal(model[0].weight, before["0.weight"])
+            opt.zero_grad()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss_fn(model, batch).backward()
+        opt.step()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_cuda_step_makes_no_host_sync_beyond_the_one_per_step():
+    model = make_model().cuda()
+    opt = SAM(model.parameters(), torch.optim.AdamW, lr=1e-3, foreach=True)
+    batch = batches(1, "cuda")[0]
+    closure_step(model, opt, batch)
+    loss_fn(model, batch).backward()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with pytest.warns(UserWarning) as record:
+            opt.perturb()
+            opt.restore()
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in record if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
