@@ -52,7 +52,9 @@ class TextRelevanceConfig(PretrainedConfig):
         head_hidden_size: width H of the query-coupling head.
         head_dropout: dropout on the head's hidden layer.
         loss_type: ``"bce"`` (class-weighted binary cross-entropy) or ``"focal"`` (focal loss, same weighting).
-        pos_weight: weight of relevant tokens in the loss (WNUT-16 entities are ~5 % of tokens).
+        pos_weight: weight of relevant tokens in the loss. WNUT-16 relevant tokens are ~3.4 % of the
+            query-conditioned targets; 2.5 balanced precision and recall there (5 over-predicts, 1 can
+            collapse to all-negative).
         focal_gamma: focusing exponent of the focal loss (0 gives weighted BCE).
         ranking_weight: weight of the pairwise ranking term (0 disables it).
     """
@@ -65,7 +67,7 @@ class TextRelevanceConfig(PretrainedConfig):
         head_hidden_size: int = 128,
         head_dropout: float = 0.1,
         loss_type: str = "bce",
-        pos_weight: float = 5.0,
+        pos_weight: float = 2.5,
         focal_gamma: float = 2.0,
         ranking_weight: float = 0.0,
         **kwargs,

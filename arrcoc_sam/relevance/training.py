@@ -1,0 +1,371 @@
+"""The HF-style training entry for relevance models: ``python scripts/train_relevance.py --optimizer sam ...``.
+
+Three argument dataclasses, parsed by ``HfArgumentParser``: :class:`ModelArguments` (which model, LoRA,
+sharpness probes), :class:`DataArguments` (which data) and
+:class:`~arrcoc_sam.integrations.trainer.SAMTrainingArguments` (every ``TrainingArguments`` flag plus
+``--optimizer``, ``--rho``, ``--sam_eta``, ``--sam_scope``, ...). A single YAML/JSON path as the first
+argument is read as a recipe of those flags; later command-line flags override it.
+
+Model kinds ``vision`` | ``multiscale`` | ``text``; data sources ``scenes`` (vision), ``wnut`` (text) and
+``files`` (both; see :mod:`arrcoc_sam.relevance.data_files`). Each evaluation reports MSE, Spearman,
+top-K recall and NDCG (vision) or token F1, precision, recall and average precision (text); after training
+the model is evaluated on the held-out split (``heldout_*`` metrics) and saved to ``output_dir`` (LoRA
+adapters merged into the backbone, so the saved model loads without peft).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODEL_KINDS = ("vision", "multiscale", "text")
+DATA_SOURCES = ("scenes", "wnut", "files")
+_TINY_BERT = {"vocab_size": 30522, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "intermediate_size": 64}
+
+
+@dataclass
+class ModelArguments:
+    """Which relevance model to train."""
+
+    model_kind: str = field(default="text", metadata={"help": "vision | multiscale | text"})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "a saved relevance model directory to start from (else a fresh model)"}
+    )
+    backbone: str = field(
+        default="minilm",
+        metadata={"help": "text backbone: 'minilm' (pretrained all-MiniLM-L6-v2), 'tiny' (2-layer BERT, random "
+                  "weights, for smoke tests) or a local HF model directory"},
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "text tokenizer directory (default: the backbone's, else MiniLM's)"}
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "relevance-config fields as 'name=value,name=value', e.g. 'pos_weight=5,ranking_weight=0.1'"},
+    )
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank on the text backbone (0: full fine-tuning)"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    lora_target_modules: str = field(
+        default="query,value", metadata={"help": "comma-separated backbone module names that get LoRA adapters"}
+    )
+    sharpness_every: int = field(
+        default=0,
+        metadata={"help": "every N optimizer steps, log curvature probes on one validation batch (0: off)"},
+    )
+    sharpness_probes: str = field(
+        default="top_eigenvalue,trace,sam_sharpness",
+        metadata={"help": "comma-separated SharpnessCallback probes: top_eigenvalue, trace, sam_sharpness, "
+                  "adaptive_sharpness"},
+    )
+
+    def __post_init__(self) -> None:
+        if self.model_kind not in MODEL_KINDS:
+            raise ValueError(f"model_kind must be one of {MODEL_KINDS}, got {self.model_kind!r}")
+        if self.lora_r < 0:
+            raise ValueError(f"lora_r must be >= 0, got {self.lora_r}")
+        if self.lora_r and self.model_kind != "text":
+            raise ValueError(f"lora_r applies to the text backbone only, got model_kind={self.model_kind!r}")
+        if self.sharpness_every < 0:
+            raise ValueError(f"sharpness_every must be >= 0, got {self.sharpness_every}")
+
+
+@dataclass
+class DataArguments:
+    """Which data to train and evaluate on."""
+
+    data_source: str | None = field(
+        default=None, metadata={"help": "scenes | wnut | files (default: scenes for vision, wnut for text)"}
+    )
+    train_file: str | None = field(default=None, metadata={"help": "JSONL/CSV/Parquet training file (files)"})
+    validation_file: str | None = field(default=None, metadata={"help": "evaluated during training (files)"})
+    heldout_file: str | None = field(default=None, metadata={"help": "evaluated once after training (files)"})
+    split_seed: int = field(default=0, metadata={"help": "seed of the data splits and generated scenes"})
+    max_length: int = field(default=128, metadata={"help": "text: maximum word pieces per query/text pair"})
+    wnut_validation_tweets: int = field(default=200, metadata={"help": "WNUT-16 tweets in validation"})
+    wnut_heldout_tweets: int = field(default=300, metadata={"help": "WNUT-16 tweets held out"})
+    wnut_negatives_per_tweet: int = field(default=1, metadata={"help": "absent entity types queried per tweet"})
+    num_train_scenes: int = field(default=1024, metadata={"help": "scenes: training scenes"})
+    num_validation_scenes: int = field(default=128, metadata={"help": "scenes: validation scenes"})
+    num_heldout_scenes: int = field(default=256, metadata={"help": "scenes: held-out scenes (unseen combinations)"})
+    scene_image_size: int = field(default=64, metadata={"help": "scenes: image side in pixels"})
+    query_embedder: str = field(
+        default="minilm", metadata={"help": "vision query embeddings: 'minilm' (D=384) or 'hash' (D=32, tests)"}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "truncate the training split"})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "truncate the validation/held-out splits"})
+    top_k: int = field(default=200, metadata={"help": "vision metrics: K of top-K recall and NDCG"})
+
+    def __post_init__(self) -> None:
+        if self.data_source is not None and self.data_source not in DATA_SOURCES:
+            raise ValueError(f"data_source must be one of {DATA_SOURCES}, got {self.data_source!r}")
+
+
+def parse_overrides(text: str | None) -> dict[str, Any]:
+    """``"a=1,b=0.5,c=focal"`` -> ``{"a": 1, "b": 0.5, "c": "focal"}`` (Python literals, else strings)."""
+    if not text:
+        return {}
+    out: dict[str, Any] = {}
+    for item in text.split(","):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise ValueError(f"config_overrides must look like 'name=value,name=value', got the item {item!r}")
+        try:
+            out[key.strip()] = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = raw.strip()
+    return out
+
+
+def _text_model_and_tokenizer(model_args: ModelArguments):
+    from transformers import AutoTokenizer, BertConfig
+
+    from arrcoc_sam.relevance.text import TextRelevanceModel, minilm_path
+
+    overrides = parse_overrides(model_args.config_overrides)
+    if model_args.model_name_or_path:
+        source = model_args.model_name_or_path
+        model = TextRelevanceModel.from_pretrained(source, **overrides)
+    elif model_args.backbone == "tiny":
+        source = None
+        model = TextRelevanceModel.from_backbone(BertConfig(**_TINY_BERT), **overrides)
+    else:
+        source = None if model_args.backbone == "minilm" else model_args.backbone
+        model = TextRelevanceModel.from_backbone(source, **overrides)
+    has_tokenizer = source is not None and (Path(source) / "tokenizer_config.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path or (source if has_tokenizer else minilm_path()))
+    if model_args.lora_r:
+        model = apply_lora(model, model_args)
+    return model, tokenizer
+
+
+def apply_lora(model, model_args: ModelArguments):
+    """Wrap a text relevance model with LoRA adapters on its backbone; the head stays fully trainable.
+
+    Only the adapters and the head require grad, so SAM (which perturbs trainable parameters) perturbs
+    and updates only those.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    targets = [name.strip() for name in model_args.lora_target_modules.split(",") if name.strip()]
+    config = LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=targets,
+        modules_to_save=["head"],
+    )
+    return get_peft_model(model, config)
+
+
+def _vision_model(model_args: ModelArguments, query_dim: int):
+    overrides = parse_overrides(model_args.config_overrides)
+    if model_args.model_kind == "vision":
+        from arrcoc_sam.relevance.vision import ArrCocRelevanceConfig as Config
+        from arrcoc_sam.relevance.vision import ArrCocRelevanceModel as Model
+    else:
+        from arrcoc_sam.relevance.multiscale import MultiScaleRelevanceConfig as Config
+        from arrcoc_sam.relevance.multiscale import MultiScaleRelevanceModel as Model
+    if model_args.model_name_or_path:
+        return Model.from_pretrained(model_args.model_name_or_path, **overrides)
+    return Model(Config(query_dim=query_dim, **overrides))
+
+
+def _truncate(dataset, limit: int | None):
+    return dataset if limit is None or len(dataset) <= limit else dataset.select(range(limit))
+
+
+def _file_splits(data_args: DataArguments) -> dict[str, str]:
+    files = {"train": data_args.train_file, "validation": data_args.validation_file,
+             "heldout": data_args.heldout_file}
+    if files["train"] is None:
+        raise ValueError("data_source='files' needs --train_file (and optionally --validation_file, --heldout_file)")
+    return {split: path for split, path in files.items() if path is not None}
+
+
+def build_text_data(data_args: DataArguments, tokenizer) -> dict[str, Any]:
+    """Tokenised text splits (``train`` and, when available, ``validation`` / ``heldout``)."""
+    from arrcoc_sam.relevance.collators import encode_token_relevance_batch
+
+    source = data_args.data_source or "wnut"
+    if source == "wnut":
+        from arrcoc_sam.relevance.wnut import load_wnut16_relevance
+
+        raw = load_wnut16_relevance(
+            seed=data_args.split_seed,
+            validation_tweets=data_args.wnut_validation_tweets,
+            heldout_tweets=data_args.wnut_heldout_tweets,
+            negatives_per_tweet=data_args.wnut_negatives_per_tweet,
+        )
+    elif source == "files":
+        from arrcoc_sam.relevance.data_files import load_relevance_files
+
+        raw = load_relevance_files(_file_splits(data_args), kind="text")
+    else:
+        raise ValueError(f"the text model takes data_source 'wnut' or 'files', got {source!r}")
+    splits = {}
+    for split, dataset in raw.items():
+        if len(dataset) == 0:
+            continue
+        limit = data_args.max_train_samples if split == "train" else data_args.max_eval_samples
+        dataset = _truncate(dataset, limit)
+        splits[split] = dataset.map(
+            encode_token_relevance_batch,
+            batched=True,
+            fn_kwargs={"tokenizer": tokenizer, "max_length": data_args.max_length},
+            remove_columns=dataset.column_names,
+        )
+    return splits
+
+
+def build_vision_data(data_args: DataArguments) -> dict[str, Any]:
+    """Vision splits: generated query scenes or the user's files."""
+    source = data_args.data_source or "scenes"
+    if source == "scenes":
+        from arrcoc_sam.relevance.scenes import make_scene_dataset
+
+        raw = make_scene_dataset(
+            num_train=data_args.num_train_scenes,
+            num_validation=data_args.num_validation_scenes,
+            num_heldout=data_args.num_heldout_scenes,
+            image_size=data_args.scene_image_size,
+            seed=data_args.split_seed,
+            embedder=data_args.query_embedder,
+        )
+    elif source == "files":
+        from arrcoc_sam.relevance.data_files import load_relevance_files
+
+        raw = load_relevance_files(_file_splits(data_args), kind="vision", query_embedder=data_args.query_embedder)
+    else:
+        raise ValueError(f"vision models take data_source 'scenes' or 'files', got {source!r}")
+    return {
+        split: _truncate(dataset, data_args.max_train_samples if split == "train" else data_args.max_eval_samples)
+        for split, dataset in raw.items()
+    }
+
+
+def _add_sharpness_callback(trainer, model_args: ModelArguments, splits: dict[str, Any], collator) -> None:
+    """Wire ``SharpnessCallback`` (probes on one fixed validation batch, else a training batch) when asked."""
+    if not model_args.sharpness_every:
+        return
+    from arrcoc_sam.integrations.callbacks import SharpnessCallback
+
+    dataset = splits.get("validation", splits["train"])
+    size = min(len(dataset), trainer.args.per_device_eval_batch_size)
+    batch = collator([dataset[i] for i in range(size)])
+    probes = [probe.strip() for probe in model_args.sharpness_probes.split(",") if probe.strip()]
+    callback = SharpnessCallback(every_n_steps=model_args.sharpness_every, probes=probes, eval_batches=[batch])
+    trainer.add_callback(callback.bind(trainer))
+
+
+def _save(trainer, model_args: ModelArguments, tokenizer) -> None:
+    """Save the final model (LoRA merged into the backbone) and the tokenizer to ``output_dir``."""
+    if not trainer.is_world_process_zero():
+        return
+    output_dir = trainer.args.output_dir
+    model = trainer.model
+    if model_args.lora_r:
+        model = model.merge_and_unload()
+    model.save_pretrained(output_dir, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(output_dir)
+
+
+def run_training(model_args: ModelArguments, data_args: DataArguments, training_args) -> dict[str, float]:
+    """Train, evaluate on validation (each evaluation) and held-out (once), save; returns the final metrics.
+
+    Returns the last ``eval_*`` metrics on the validation split and ``heldout_*`` on the held-out split
+    (when those splits exist).
+    """
+    from transformers import set_seed
+
+    from arrcoc_sam.integrations.trainer import SAMTrainer
+
+    set_seed(training_args.seed)
+    tokenizer = None
+    if model_args.model_kind == "text":
+        from arrcoc_sam.relevance.collators import TextRelevanceCollator
+        from arrcoc_sam.relevance.text_metrics import TextRelevanceMetrics
+
+        model, tokenizer = _text_model_and_tokenizer(model_args)
+        splits = build_text_data(data_args, tokenizer)
+        collator = TextRelevanceCollator(tokenizer)
+        metrics = TextRelevanceMetrics()
+        compute_metrics, preprocess = metrics, metrics.preprocess_logits_for_metrics
+    else:
+        from arrcoc_sam.relevance.collators import TokenFeatureCollator
+        from arrcoc_sam.relevance.scenes import SceneCollator
+        from arrcoc_sam.relevance.vision_metrics import make_compute_metrics
+
+        splits = build_vision_data(data_args)
+        first = splits["train"][0]
+        model = _vision_model(model_args, query_dim=len(first["query_embedding"]))
+        collator = TokenFeatureCollator() if "token_features" in first else SceneCollator()
+        compute_metrics, preprocess = make_compute_metrics(k=data_args.top_k), None
+    trainer = SAMTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=splits["train"],
+        eval_dataset=splits.get("validation"),
+        data_collator=collator,
+        compute_metrics=compute_metrics,
+        preprocess_logits_for_metrics=preprocess,
+    )
+    _add_sharpness_callback(trainer, model_args, splits, collator)
+    trainer.train()
+    results: dict[str, float] = {}
+    for split, prefix in (("validation", "eval"), ("heldout", "heldout")):
+        if split in splits:
+            split_metrics = trainer.evaluate(eval_dataset=splits[split], metric_key_prefix=prefix)
+            trainer.log_metrics(prefix, split_metrics)
+            trainer.save_metrics(prefix, split_metrics)
+            results.update(split_metrics)
+    _save(trainer, model_args, tokenizer)
+    return results
+
+
+def recipe_to_argv(path: str | Path) -> list[str]:
+    """Flags of a YAML/JSON recipe (a mapping flag -> value) as command-line arguments."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        recipe = json.loads(text)
+    else:
+        import yaml
+
+        recipe = yaml.safe_load(text)
+    if not isinstance(recipe, dict):
+        raise ValueError(f"{path}: a recipe must be a mapping of flag names to values, got {type(recipe).__name__}")
+    argv: list[str] = []
+    for key, value in recipe.items():
+        values = value if isinstance(value, list) else [value]
+        argv += [f"--{key}", *(json.dumps(v) if isinstance(v, (dict, bool)) else str(v) for v in values)]
+    return argv
+
+
+def parse_args(argv: Sequence[str] | None = None):
+    """``(ModelArguments, DataArguments, SAMTrainingArguments)`` from the command line (and a recipe file)."""
+    from transformers import HfArgumentParser
+
+    from arrcoc_sam.integrations.trainer import SAMTrainingArguments
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and Path(argv[0]).suffix.lower() in (".yaml", ".yml", ".json") and not argv[0].startswith("-"):
+        argv = recipe_to_argv(argv[0]) + argv[1:]
+    parser = HfArgumentParser((ModelArguments, DataArguments, SAMTrainingArguments))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry: parse, train, print the final metrics as JSON (rank 0); returns 0 on success."""
+    model_args, data_args, training_args = parse_args(argv)
+    results = run_training(model_args, data_args, training_args)
+    if training_args.process_index == 0:
+        print(json.dumps(results, indent=2, sort_keys=True))
+    return 0

@@ -1,0 +1,147 @@
+"""Users' data files: the documented schema loads from JSONL/CSV/Parquet; bad rows fail with file, row, field."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from arrcoc_sam.relevance.data_files import DataFileError, load_relevance_files, read_relevance_file
+
+TEXT_ROWS = [
+    {"query": "person", "tokens": ["Barack", "Obama", "spoke"], "labels": [1, 1, 0]},
+    {"query": "location", "tokens": ["in", "Paris"], "labels": [0, 1]},
+]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def write_csv(path, rows):
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: json.dumps(v) if isinstance(v, list) else v for k, v in row.items()})
+    return path
+
+
+def write_parquet(path, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+@pytest.mark.parametrize("writer,suffix", [(write_jsonl, "jsonl"), (write_csv, "csv"), (write_parquet, "parquet")])
+def test_text_rows_load_identically_from_every_format(tmp_path, writer, suffix):
+    examples = read_relevance_file(writer(tmp_path / f"data.{suffix}", TEXT_ROWS), kind="text")
+    assert examples == [{**row, "labels": [float(y) for y in row["labels"]]} for row in TEXT_ROWS]
+
+
+def test_csv_accepts_whitespace_separated_tokens_and_labels(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text('query,tokens,labels\nperson,"Barack Obama spoke","1 1 0"\n', encoding="utf-8")
+    assert read_relevance_file(path, "text") == [
+        {"query": "person", "tokens": ["Barack", "Obama", "spoke"], "labels": [1.0, 1.0, 0.0]}
+    ]
+
+
+@pytest.mark.parametrize(
+    "bad_row,field,message",
+    [
+        ({"tokens": ["a"], "labels": [0]}, "query", "missing"),
+        ({"query": "x", "tokens": ["a", "b"], "labels": [0]}, "labels", "one label per token"),
+        ({"query": "x", "tokens": ["a"], "labels": [2]}, "labels", r"in \[0, 1\]"),
+        ({"query": "x", "tokens": ["a", 3], "labels": [0, 1]}, "tokens", "item 1"),
+        ({"query": "x", "tokens": [], "labels": []}, "tokens", "non-empty list"),
+        ({"query": "x", "tokens": ["a"], "labels": ["yes"]}, "labels", "expected numbers"),
+    ],
+)
+def test_a_malformed_text_row_names_file_row_and_field(tmp_path, bad_row, field, message):
+    path = write_jsonl(tmp_path / "bad.jsonl", [TEXT_ROWS[0], TEXT_ROWS[1], bad_row])
+    with pytest.raises(DataFileError, match=rf"bad\.jsonl: row 3: field '{field}': .*{message}") as info:
+        read_relevance_file(path, "text")
+    assert (info.value.row, info.value.field) == (3, field)
+
+
+def test_csv_row_numbers_count_data_rows_after_the_header(tmp_path):
+    path = write_csv(tmp_path / "bad.csv", [TEXT_ROWS[0], {**TEXT_ROWS[1], "labels": [0, 7]}])
+    with pytest.raises(DataFileError, match=r"bad\.csv: row 2: field 'labels'"):
+        read_relevance_file(path, "text")
+
+
+def test_invalid_json_line_names_the_line(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text(json.dumps(TEXT_ROWS[0]) + "\n\n{not json\n", encoding="utf-8")
+    with pytest.raises(DataFileError, match=r"broken\.jsonl: row 3: not valid JSON"):
+        read_relevance_file(path, "text")
+
+
+@pytest.mark.parametrize("content", ["", "\n\n"])
+def test_an_empty_file_fails_clearly(tmp_path, content):
+    path = tmp_path / "empty.jsonl"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataFileError, match=r"empty\.jsonl: row 0: .*empty dataset"):
+        load_relevance_files({"train": path}, kind="text")
+
+
+def test_an_empty_csv_with_only_a_header_fails_clearly(tmp_path):
+    path = tmp_path / "empty.csv"
+    path.write_text("query,tokens,labels\n", encoding="utf-8")
+    with pytest.raises(DataFileError, match="empty dataset"):
+        read_relevance_file(path, "text")
+
+
+def vision_row(n=4, c=3, value=0.5, **extra):
+    return {"query": "red circle", "token_features": np.full((n, c), value).tolist(),
+            "relevance": [0.0, 1.0, 0.5, 0.25][:n], **extra}
+
+
+def test_vision_features_load_with_computed_query_embeddings(tmp_path):
+    path = write_jsonl(tmp_path / "v.jsonl", [vision_row(), vision_row(value=1.0)])
+    data = load_relevance_files({"train": path}, kind="vision", query_embedder="hash")["train"]
+    row = data[1]
+    assert row["token_features"].shape == (4, 3) and np.all(row["token_features"] == 1.0)
+    assert row["query_embedding"].shape == (32,)
+    np.testing.assert_allclose(row["labels"], [0.0, 1.0, 0.5, 0.25])
+
+
+def test_vision_images_load_relative_to_the_data_file(tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8)).save(tmp_path / "a.png")
+    row = {"query": "red circle", "image": "a.png", "relevance": [[0.0, 1.0], [0.5, 0.0]],
+           "query_embedding": [0.1, 0.2]}
+    data = load_relevance_files({"train": write_jsonl(tmp_path / "v.jsonl", [row])}, kind="vision")["train"]
+    assert data[0]["pixel_values"].shape == (3, 8, 8) and data[0]["pixel_values"].max() == 200
+    assert data[0]["labels"].shape == (4,)
+
+
+@pytest.mark.parametrize(
+    "rows,field,message",
+    [
+        ([vision_row(), vision_row(n=3)], "relevance", "N .* is 3, but earlier rows have 4"),
+        ([vision_row(), vision_row(c=5)], "token_features", "C .* is 5, but earlier rows have 3"),
+        ([vision_row(), {**vision_row(), "image": "x.png"}], "token_features", "exactly one of"),
+        ([vision_row(), {**vision_row(), "image": "missing.png", "token_features": None}], "image", "cannot read"),
+        ([vision_row(), vision_row(value=float("nan"))], "token_features", "NaN"),
+        ([vision_row(query_embedding=[1, 2]), vision_row()], "query_embedding", "give it in all or none"),
+    ],
+)
+def test_a_malformed_vision_row_names_file_row_and_field(tmp_path, rows, field, message):
+    path = write_jsonl(tmp_path / "v.jsonl", rows)
+    with pytest.raises(DataFileError, match=rf"v\.jsonl: row 2: field '{field}': .*{message}"):
+        read_relevance_file(path, "vision")
+
+
+def test_unknown_extension_and_kind_are_rejected(tmp_path):
+    with pytest.raises(DataFileError, match="unknown file type '.txt'"):
+        read_relevance_file(tmp_path / "data.txt", "text")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        read_relevance_file(tmp_path / "data.jsonl", "audio")

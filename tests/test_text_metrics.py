@@ -1,0 +1,71 @@
+"""Token relevance metrics against brute-force references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import EvalPrediction
+
+from arrcoc_sam.relevance.text_metrics import TextRelevanceMetrics, average_precision, token_relevance_metrics
+
+
+def reference_average_precision(scores, targets) -> float:
+    """Loop over distinct thresholds, high to low: AP = Σ (R_t - R_prev) P_t."""
+    total, previous_recall = 0.0, 0.0
+    positives = sum(targets)
+    for threshold in sorted(set(scores), reverse=True):
+        chosen = [t for s, t in zip(scores, targets) if s >= threshold]
+        precision, recall = sum(chosen) / len(chosen), sum(chosen) / positives
+        total += (recall - previous_recall) * precision
+        previous_recall = recall
+    return total
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.booleans()), min_size=1, max_size=30))
+def test_average_precision_matches_the_threshold_loop_with_ties(pairs):
+    scores = [s / 5 for s, _ in pairs]
+    targets = [int(t) for _, t in pairs]
+    if not any(targets):
+        assert average_precision(np.array(scores), np.array(targets)) == 0.0
+        return
+    assert average_precision(np.array(scores), np.array(targets)) == pytest.approx(
+        reference_average_precision(scores, targets)
+    )
+
+
+def test_average_precision_without_ties_is_mean_precision_at_each_positive():
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
+    targets = np.array([1, 0, 1, 0, 1])
+    assert average_precision(scores, targets) == pytest.approx((1 / 1 + 2 / 3 + 3 / 5) / 3)
+
+
+def test_f1_precision_recall_count_only_tokens_with_a_target():
+    scores = np.array([[0.9, 0.2, 0.7, 0.99], [0.6, 0.1, 0.4, 0.3]])
+    labels = np.array([[1, 0, 0, -100], [1, 1, 0, -100]])
+    metrics = token_relevance_metrics(scores, labels)
+    # predicted positive: (0,0) tp, (0,2) fp, (1,0) tp; positives: (0,0), (1,0), (1,1)
+    assert metrics["precision"] == pytest.approx(2 / 3)
+    assert metrics["recall"] == pytest.approx(2 / 3)
+    assert metrics["f1"] == pytest.approx(2 / 3)
+
+
+def test_no_predicted_positive_gives_zero_precision_and_f1():
+    metrics = token_relevance_metrics(np.array([0.1, 0.2]), np.array([1, 0]))
+    assert metrics["precision"] == 0.0 and metrics["f1"] == 0.0 and metrics["recall"] == 0.0
+
+
+def test_trainer_compute_metrics_reads_logits_and_ignores_padding():
+    logits = np.array([[3.0, -3.0, -100.0], [-2.0, 2.0, 1.0]])
+    labels = np.array([[1, 0, -100], [0, 1, -100]])
+    metrics = TextRelevanceMetrics()(EvalPrediction(predictions=(logits, np.zeros((2, 4))), label_ids=labels))
+    assert metrics == {"f1": 1.0, "precision": 1.0, "recall": 1.0, "average_precision": 1.0}
+
+
+def test_metrics_reject_mismatched_shapes_and_bad_threshold():
+    with pytest.raises(ValueError, match="same shape"):
+        token_relevance_metrics(np.zeros(3), np.zeros(4))
+    with pytest.raises(ValueError, match="threshold must be in"):
+        TextRelevanceMetrics(threshold=1.0)

@@ -1,0 +1,200 @@
+"""TextRelevanceModel: shapes and ranges, masks, the loss against hand-written formulas, save/load, LoRA + SAM."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig
+
+from arrcoc_sam.relevance.collators import TextRelevanceCollator, encode_token_relevance
+from arrcoc_sam.relevance.text import (
+    TextRelevanceConfig,
+    TextRelevanceModel,
+    minilm_path,
+    pair_segment_masks,
+)
+from arrcoc_sam.relevance.training import ModelArguments, apply_lora
+
+TINY = {"vocab_size": 30522, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "intermediate_size": 64}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(minilm_path())
+
+
+def tiny_model(**kwargs) -> TextRelevanceModel:
+    torch.manual_seed(0)
+    return TextRelevanceModel(TextRelevanceConfig(encoder_config=BertConfig(**TINY), **kwargs)).eval()
+
+
+@pytest.fixture(scope="module")
+def batch(tokenizer):
+    examples = [
+        ("person", ["Barack", "Obama", "visited", "Chicago", "yesterday"], [1, 1, 0, 0, 0]),
+        ("sports team", ["go", "lakers"], [0, 1]),
+        ("music artist", ["no", "artists", "here", "at", "all", ",", "sorry"], [0, 0, 0, 0, 0, 0, 0]),
+    ]
+    encoded = [encode_token_relevance(tokenizer, q, t, y, max_length=32) for q, t, y in examples]
+    return TextRelevanceCollator(tokenizer)(encoded)
+
+
+def test_relevance_is_in_unit_interval_and_zero_outside_the_text(batch):
+    out = tiny_model()(**batch)
+    assert out.logits.shape == batch["input_ids"].shape == out.relevance.shape
+    assert out.query_embedding.shape == (3, TINY["hidden_size"])
+    assert torch.all((out.relevance >= 0) & (out.relevance <= 1))
+    assert torch.all(out.relevance[~batch["text_mask"]] == 0)
+    assert torch.all(out.relevance[batch["text_mask"]] > 0)
+
+
+def test_compute_relevance_matches_forward_on_text_tokens(batch):
+    model = tiny_model()
+    out = model(**batch)
+    states = model.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            token_type_ids=batch["token_type_ids"]).last_hidden_state
+    relevance = model.compute_relevance(states, out.query_embedding)
+    assert relevance.shape == batch["input_ids"].shape
+    torch.testing.assert_close(relevance[batch["text_mask"]], out.relevance[batch["text_mask"]])
+    with pytest.raises(ValueError, match="token_features must be"):
+        model.compute_relevance(states[0], out.query_embedding)
+
+
+def test_segment_masks_from_token_type_ids_equal_the_collator_masks(batch):
+    query_mask, text_mask = pair_segment_masks(batch["token_type_ids"], batch["attention_mask"])
+    assert torch.equal(query_mask, batch["query_mask"])
+    assert torch.equal(text_mask, batch["text_mask"])
+    model = tiny_model()
+    without = {k: v for k, v in batch.items() if k not in ("query_mask", "text_mask")}
+    torch.testing.assert_close(model(**without).relevance, model(**batch).relevance, rtol=0, atol=0)
+
+
+def test_relevance_depends_on_the_query(tokenizer):
+    model = tiny_model()
+    words = ["Barack", "Obama", "visited", "Chicago"]
+    encoded = [encode_token_relevance(tokenizer, q, words) for q in ("person", "location")]
+    out = model(**TextRelevanceCollator(tokenizer)(encoded))
+    assert not torch.allclose(out.relevance[0], out.relevance[1])
+
+
+def test_word_labels_go_to_first_word_pieces_only(tokenizer):
+    encoded = encode_token_relevance(tokenizer, "company", ["Pxleyes", "rocks"], [1, 0], max_length=32)
+    pieces = tokenizer.convert_ids_to_tokens(encoded["input_ids"])
+    assert pieces[:3] == ["[CLS]", "company", "[SEP]"]
+    labelled = [(p, y) for p, y in zip(pieces, encoded["labels"]) if y != -100]
+    assert labelled == [(pieces[3], 1.0), ("rocks", 0.0)]
+    assert pieces[4].startswith("##") and encoded["labels"][4] == -100
+
+
+def test_truncation_keeps_the_query_and_drops_late_word_labels(tokenizer):
+    words = ["word"] * 50
+    encoded = encode_token_relevance(tokenizer, "sports team", words, [1] * 50, max_length=16)
+    assert len(encoded["input_ids"]) == 16
+    assert sum(encoded["query_mask"]) == 2
+    assert sum(y == 1 for y in encoded["labels"]) == 16 - 2 - 3
+
+
+def _reference_loss(logits, labels, text_mask, pos_weight, gamma, focal, ranking_weight):
+    """Per-token loops over the documented formula."""
+    total, count, pair_total, pairs = 0.0, 0, 0.0, 0
+    for b in range(logits.shape[0]):
+        valid = [i for i in range(logits.shape[1]) if text_mask[b, i] and labels[b, i] != -100]
+        for i in valid:
+            y, s = float(labels[b, i]), float(logits[b, i])
+            p = 1 / (1 + math.exp(-s))
+            bce = -(y * math.log(p) + (1 - y) * math.log(1 - p))
+            w = pos_weight * y + (1 - y)
+            if focal:
+                p_t = p * y + (1 - p) * (1 - y)
+                w *= (1 - p_t) ** gamma
+            total, count = total + w * bce, count + 1
+            for j in valid:
+                if labels[b, i] > labels[b, j]:
+                    pair_total += math.log1p(math.exp(-(s - float(logits[b, j]))))
+                    pairs += 1
+    return total / count + ranking_weight * (pair_total / pairs if pairs else 0.0)
+
+
+@pytest.mark.parametrize("loss_type", ["bce", "focal"])
+def test_loss_matches_the_hand_written_formula(batch, loss_type):
+    model = tiny_model(loss_type=loss_type, pos_weight=4.0, focal_gamma=1.5, ranking_weight=0.3)
+    out = model(**batch)
+    expected = _reference_loss(out.logits.detach().double(), batch["labels"], batch["text_mask"], 4.0, 1.5,
+                               loss_type == "focal", 0.3)
+    assert out.loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_weighted_bce_equals_torch_pos_weight_bce(batch):
+    model = tiny_model(pos_weight=3.0)
+    out = model(**batch)
+    valid = batch["text_mask"] & (batch["labels"] != -100)
+    expected = F.binary_cross_entropy_with_logits(
+        out.logits[valid], batch["labels"][valid], pos_weight=torch.tensor(3.0)
+    )
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_gradients_reach_every_parameter(batch):
+    model = tiny_model(ranking_weight=0.5).train()
+    model(**batch).loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
+    assert missing == []
+
+
+def test_save_and_load_round_trip_with_safetensors_and_auto_classes(tmp_path, batch):
+    model = tiny_model(head_hidden_size=16, loss_type="focal", ranking_weight=0.2)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "arrcoc_text_relevance"
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert type(loaded) is TextRelevanceModel
+    assert loaded.config.to_diff_dict() | {"_name_or_path": ""} == model.config.to_diff_dict() | {"_name_or_path": ""}
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    # Loaded tensors can sit at other memory alignments, so kernels may round differently in the last bit.
+    torch.testing.assert_close(loaded(**batch).relevance, model(**batch).relevance, rtol=0, atol=1e-6)
+
+
+def test_from_backbone_loads_the_pretrained_minilm_weights():
+    model = TextRelevanceModel.from_backbone()
+    encoder = AutoModel.from_pretrained(minilm_path(), add_pooling_layer=False)
+    assert model.config.encoder_config.hidden_size == 384
+    for name, value in encoder.state_dict().items():
+        assert torch.equal(model.backbone.state_dict()[name], value), name
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        TextRelevanceConfig(loss_type="hinge")
+    with pytest.raises(ValueError, match="pos_weight must be > 0, got -1"):
+        TextRelevanceConfig(pos_weight=-1)
+    with pytest.raises(ValueError, match="model_type"):
+        TextRelevanceConfig(encoder_config={"hidden_size": 8})
+
+
+def test_lora_with_sam_perturbs_and_updates_only_adapters_and_head(batch):
+    from arrcoc_sam.sam.optimizer import SAM
+
+    model = apply_lora(tiny_model(), ModelArguments(lora_r=4, lora_target_modules="query,value")).train()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or ".head." in n for n in trainable)
+    assert any("lora_B" in n for n in trainable)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = SAM([p for p in model.parameters() if p.requires_grad], torch.optim.SGD, lr=0.5, rho=0.05)
+
+    model(**batch).loss.backward()
+    assert optimizer.perturb()
+    perturbed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert perturbed <= trainable and any("lora_B" in n for n in perturbed)
+    optimizer.zero_grad()
+    model(**batch).loss.backward()
+    optimizer.restore()
+    optimizer.step()
+
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed <= trainable
+    assert any("lora_B" in n for n in changed) and any(".head." in n for n in changed)

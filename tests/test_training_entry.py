@@ -1,0 +1,133 @@
+"""The training entry (scripts/train_relevance.py): text and vision runs end to end, recipes, LoRA saving."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModel
+
+from arrcoc_sam.relevance.training import MODEL_KINDS, main, parse_args, recipe_to_argv, run_training
+from arrcoc_sam.sam.registry import available_methods
+
+REPO = Path(__file__).resolve().parents[1]
+COMMON = ["--report_to", "none", "--use_cpu", "true", "--save_strategy", "no", "--disable_tqdm", "true",
+          "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8", "--logging_steps", "1"]
+TEXT_ROWS = [
+    {"query": "person", "tokens": ["Barack", "Obama", "met", "Angela", "Merkel", "in", "Berlin"], "labels": [1, 1, 0, 1, 1, 0, 0]},
+    {"query": "location", "tokens": ["Barack", "Obama", "met", "Angela", "Merkel", "in", "Berlin"], "labels": [0, 0, 0, 0, 0, 0, 1]},
+    {"query": "company", "tokens": ["I", "love", "my", "new", "Apple", "phone"], "labels": [0, 0, 0, 0, 1, 0]},
+    {"query": "sports team", "tokens": ["go", "lakers", "go"], "labels": [0, 1, 0]},
+]
+
+
+def text_files(tmp_path: Path) -> list[str]:
+    args = []
+    for split in ("train", "validation", "heldout"):
+        path = tmp_path / f"{split}.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in TEXT_ROWS * 2), encoding="utf-8")
+        args += [f"--{split}_file", str(path)]
+    return args
+
+
+def test_text_entry_trains_with_sam_evaluates_and_saves_a_loadable_model(tmp_path):
+    out = tmp_path / "run"
+    argv = ["--model_kind", "text", "--backbone", "tiny", "--data_source", "files", *text_files(tmp_path),
+            "--optimizer", "sam", "--rho", "0.05", "--max_steps", "3", "--eval_strategy", "steps",
+            "--eval_steps", "2", "--config_overrides", "ranking_weight=0.1,loss_type='focal'",
+            "--output_dir", str(out), *COMMON]
+    results = run_training(*parse_args(argv))
+    for prefix in ("eval", "heldout"):
+        for name in ("f1", "precision", "recall", "average_precision", "loss"):
+            assert 0.0 <= results[f"{prefix}_{name}"] < float("inf"), (prefix, name)
+    model = AutoModel.from_pretrained(out)
+    assert model.config.loss_type == "focal" and model.config.ranking_weight == 0.1
+    assert (out / "tokenizer_config.json").is_file()
+    assert json.loads((out / "heldout_results.json").read_text())["heldout_f1"] == results["heldout_f1"]
+
+
+def test_lora_run_on_wnut_saves_the_merged_model_without_adapters(tmp_path):
+    out = tmp_path / "lora"
+    argv = ["--model_kind", "text", "--backbone", "tiny", "--data_source", "wnut", "--lora_r", "2",
+            "--max_train_samples", "8", "--max_eval_samples", "8", "--optimizer", "sam", "--max_steps", "2",
+            "--output_dir", str(out), *COMMON]
+    results = run_training(*parse_args(argv))
+    assert {"eval_f1", "heldout_f1"} <= set(results)
+    model, info = AutoModel.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"]
+    assert not info["unexpected_keys"]
+    assert not any("lora" in name or "base_layer" in name for name in model.state_dict())
+
+
+def test_vision_entry_trains_on_generated_scenes_and_reports_ranking_metrics(tmp_path):
+    argv = ["--model_kind", "vision", "--data_source", "scenes", "--num_train_scenes", "8",
+            "--num_validation_scenes", "4", "--num_heldout_scenes", "4", "--query_embedder", "hash",
+            "--optimizer", "asam", "--rho", "0.5", "--max_steps", "2", "--top_k", "50",
+            "--output_dir", str(tmp_path / "vision"), *COMMON]
+    results = run_training(*parse_args(argv))
+    for prefix in ("eval", "heldout"):
+        assert {f"{prefix}_{m}" for m in ("mse", "spearman", "top_k_recall", "ndcg")} <= set(results)
+    assert 0.0 <= results["heldout_mse"] <= 1.0
+
+
+def test_vision_entry_trains_on_token_feature_files(tmp_path):
+    rows = [{"query": "red circle", "token_features": torch.rand(16, 13).tolist(),
+             "relevance": torch.rand(16).tolist(), "query_embedding": torch.randn(8).tolist()} for _ in range(6)]
+    path = tmp_path / "v.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    argv = ["--model_kind", "vision", "--data_source", "files", "--train_file", str(path),
+            "--validation_file", str(path), "--config_overrides", "grid_size=4,top_k_tokens=4", "--top_k", "4",
+            "--max_steps", "2", "--output_dir", str(tmp_path / "vf"), *COMMON]
+    results = run_training(*parse_args(argv))
+    assert "eval_mse" in results and "heldout_mse" not in results
+
+
+def test_sharpness_every_logs_curvature_probes_through_the_trainer(tmp_path, capsys):
+    argv = ["--model_kind", "text", "--backbone", "tiny", "--data_source", "files", *text_files(tmp_path),
+            "--optimizer", "sam", "--max_steps", "2", "--sharpness_every", "1", "--sharpness_probes",
+            "sam_sharpness", "--output_dir", str(tmp_path / "probe"), *COMMON]
+    run_training(*parse_args(argv))
+    logged = capsys.readouterr().out
+    assert logged.count("'sharpness/sam'") == 2
+
+
+def test_recipe_flags_load_and_later_command_line_flags_override_them(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model_kind: text\nbackbone: tiny\nmax_steps: 50\noptimizer: sam\nrho: 0.1\nuse_cpu: true\n"
+                      "output_dir: x\nlora_r: 4\n", encoding="utf-8")
+    model_args, data_args, training_args = parse_args([str(recipe), "--max_steps", "7"])
+    assert (model_args.backbone, model_args.lora_r, training_args.rho) == ("tiny", 4, 0.1)
+    assert training_args.max_steps == 7 and training_args.optimizer == "sam"
+    assert recipe_to_argv(recipe)[:2] == ["--model_kind", "text"]
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.yaml")) + sorted((REPO / "recipes").glob("*.json")))
+def test_every_training_recipe_parses(recipe):
+    if "accelerate" in recipe.name:
+        pytest.skip("an accelerate launch config, not training flags")
+    model_args, _, training_args = parse_args([str(recipe)])
+    assert model_args.model_kind in MODEL_KINDS
+    assert training_args.optimizer in available_methods()
+
+
+def test_bad_arguments_fail_with_the_argument_name(tmp_path):
+    with pytest.raises(ValueError, match="model_kind must be one of"):
+        parse_args(["--model_kind", "audio", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="lora_r applies to the text backbone only"):
+        parse_args(["--model_kind", "vision", "--lora_r", "4", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="needs --train_file"):
+        main(["--model_kind", "text", "--backbone", "tiny", "--data_source", "files", "--output_dir",
+              str(tmp_path), *COMMON])
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_text_entry_runs_under_torchrun_with_two_processes(run_torchrun, tmp_path):
+    out = tmp_path / "ddp"
+    proc = run_torchrun(REPO / "scripts" / "train_relevance.py", "--model_kind", "text", "--backbone", "tiny",
+                        "--data_source", "files", *text_files(tmp_path), "--optimizer", "sam",
+                        "--max_steps", "2", "--output_dir", str(out), *COMMON)
+    assert '"heldout_f1"' in proc.stdout
+    assert (out / "model.safetensors").is_file()
