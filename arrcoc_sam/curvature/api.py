@@ -51,13 +51,14 @@ def curvature_operator(
     output_fn: OutputFn | None = None,
     likelihood: str = "cross_entropy",
     weighting: str = "auto",
+    sampling: str = "rademacher",
 ) -> CurvatureOperator:
     """The operator for ``curvature`` (use it inside :func:`probe_context` when calling it directly)."""
     params = default_params(model) if params is None else list(params)
     if curvature == "hessian":
         return HessianOperator(model, params, data, loss_fn, weighting)
     if curvature == "ggn":
-        return GGNOperator(model, params, data, output_fn, likelihood, weighting)
+        return GGNOperator(model, params, data, output_fn, likelihood, weighting, sampling)
     raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
 
 
@@ -166,12 +167,15 @@ def hessian_diagonal(
     output_fn: OutputFn | None = None,
     likelihood: str = "cross_entropy",
     weighting: str = "auto",
+    sampling: str = "rademacher",
     seed: int = 0,
 ) -> Estimate:
     """The curvature diagonal as ``.value`` / ``.stderr``: lists of tensors shaped like ``params``.
 
     ``method``: ``"hutchinson"`` (diag H, Rademacher; unbiased, may be negative), ``"ggn"`` (diag of the
-    GGN/Fisher by sampled labels; ≥ 0; uses ``output_fn``/``likelihood``, not ``loss_fn``) or
+    GGN/Fisher; ≥ 0; uses ``output_fn``/``likelihood``, not ``loss_fn``; ``sampling="rademacher"``
+    (default: square-root factor of Λ, lower variance near one-hot predictions) or ``"labels"`` (sampled
+    Fisher)) or
     ``"hutchinson_cv"`` (diag H with the GGN diagonal as control variate). With ``params=[features]`` for
     token features ``[B, N, C]`` the value is ``[B, N, C]``; sum over C for a per-token precision ``[B, N]``.
     """
@@ -180,7 +184,7 @@ def hessian_diagonal(
         raise ValueError(f"method must be one of {methods}, got {method!r}")
     params = default_params(model) if params is None else list(params)
     with probe_context(model, params):
-        ggn = GGNOperator(model, params, data, output_fn, likelihood, weighting) if method != "hutchinson" else None
+        ggn = GGNOperator(model, params, data, output_fn, likelihood, weighting, sampling) if method != "hutchinson" else None
         hessian = HessianOperator(model, params, data, loss_fn, weighting) if method != "ggn" else None
         op = hessian or ggn
         generator = _generator(op, seed)

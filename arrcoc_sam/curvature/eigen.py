@@ -9,9 +9,11 @@ the residual test ‖A v − λ v‖ ≤ tol·|λ|. For a symmetric matrix this 
   eigenvalue is found once per Krylov space; on breakdown the iteration restarts on a fresh random vector
   orthogonal to the basis.
 * Power iteration with deflation (the PyHessian approach, Yao et al. 2020): one product per step, iterates
-  kept orthogonal to the eigenvectors found so far. It converges to the largest-*magnitude* eigenvalue of
-  the deflated operator; if that one is negative it restarts on A + |λ|·I, whose dominant eigenvalue is the
-  largest algebraic one.
+  kept orthogonal to the eigenvectors found so far. Plain power iteration converges to the largest-*magnitude*
+  eigenvalue and stalls when −λ_min ≈ λ_max (common for Hessians away from a minimum). So after 20 steps, if
+  the Rayleigh quotient θ is below 0.99‖Av‖ (a dominant negative eigenvalue, or ± mixing), it continues on
+  A + ρ̂·I with ρ̂ = ‖Av‖ ≈ the spectral radius, whose dominant eigenvalue is the largest algebraic one;
+  a run that converges to a negative λ restarts on A + |λ|·I.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from torch import Tensor
 from arrcoc_sam.curvature.operators import LinearOperator
 
 __all__ = ["EigenResult", "lanczos", "power_iteration"]
+
+_MIXING_CHECK = 20  # power iteration: step at which a Rayleigh quotient well below ‖Av‖ triggers the shift
 
 
 @dataclass
@@ -123,17 +127,20 @@ def power_iteration(
         while True:
             vector = _random_unit(op, generator, found)
             done = False
-            for _ in range(limit):
+            for step in range(limit):
                 product = op.matvec(vector) + shift * vector
                 matvecs += 1
                 for _ in range(2):
                     product -= found.T @ (found @ product)
                 estimate = float(vector @ product)
+                growth = float(product.norm())
                 residual = float((product - estimate * vector).norm())
                 if residual <= tol * abs(estimate - shift):
                     done = True
                     break
-                vector = product / product.norm()
+                if shift == 0.0 and step + 1 == _MIXING_CHECK and estimate < 0.99 * growth:
+                    shift = growth  # ±λ mixing or a dominant negative λ: iterate on A + ρ̂·I from here
+                vector = product / growth
             if done and estimate < 0 and shift == 0.0:
                 shift = -estimate
                 continue

@@ -2,7 +2,7 @@
 
 For outputs f (rows of logits or predictions) and a mean-reduced loss ℓ(f), the GGN is G = Jᵀ Λ J with
 J = ∂f/∂θ and Λ = ∂²ℓ/∂f². Each likelihood provides Λ·v and a random vector s with E[s sᵀ] = Λ
-(``sample``), so that u = Jᵀ s is an unbiased rank-one sample of G (E[u uᵀ] = G) and u ⊙ u an unbiased,
+(``sample_output_factor``; sampled labels as below, or a square root of Λ times Rademacher signs), so that u = Jᵀ s is an unbiased rank-one sample of G (E[u uᵀ] = G) and u ⊙ u an unbiased,
 non-negative sample of diag(G). For these canonical-link likelihoods the GGN equals the Fisher information
 of the model's predictive distribution, so ``sample`` with sampled labels is the "sampled Fisher".
 
@@ -21,9 +21,10 @@ from torch import Tensor
 
 from arrcoc_sam.curvature._data import IGNORE_INDEX
 
-__all__ = ["LIKELIHOODS", "select_rows", "output_hessian_product", "sample_output_factor"]
+__all__ = ["LIKELIHOODS", "SAMPLINGS", "select_rows", "output_hessian_product", "sample_output_factor"]
 
 LIKELIHOODS = ("cross_entropy", "bce", "mse")
+SAMPLINGS = ("labels", "rademacher")
 
 
 def _check(likelihood: str) -> None:
@@ -58,17 +59,29 @@ def output_hessian_product(likelihood: str, outputs: Tensor, vector: Tensor) -> 
     return vector * (2.0 / count)
 
 
-def sample_output_factor(likelihood: str, outputs: Tensor, generator: torch.Generator) -> Tensor:
-    """A random s shaped like ``outputs`` (detached) with E[s sᵀ] = Λ; see the module docstring."""
+def sample_output_factor(likelihood: str, outputs: Tensor, generator: torch.Generator, sampling: str = "rademacher") -> Tensor:
+    """A random s shaped like ``outputs`` (detached) with E[s sᵀ] = Λ.
+
+    ``sampling="labels"``: the sampled-Fisher factor (module docstring). ``sampling="rademacher"``: s = S z with
+    a square root S Sᵀ = Λ and Rademacher z (cross-entropy: S = (diag √p − p √pᵀ)/√M; bce: √(σ(1−σ)/N);
+    mse: as for labels); no rare-label heavy tail when p is nearly one-hot, so usually lower variance.
+    """
     _check(likelihood)
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+    signs = (2 * torch.randint(0, 2, outputs.shape, generator=generator, device=outputs.device) - 1).to(outputs.dtype)
     if likelihood == "cross_entropy":
         probs = outputs.softmax(dim=-1)
+        if sampling == "rademacher":
+            root = probs.sqrt()
+            return (root * signs - probs * (root * signs).sum(-1, keepdim=True)) / math.sqrt(outputs.shape[0])
         labels = torch.multinomial(probs, 1, generator=generator)
         onehot = torch.zeros_like(probs).scatter_(-1, labels, 1.0)
         return (probs - onehot) / math.sqrt(outputs.shape[0])
     if likelihood == "bce":
         prob = outputs.sigmoid()
+        if sampling == "rademacher":
+            return (prob * (1 - prob) / outputs.numel()).sqrt() * signs
         labels = (torch.rand(prob.shape, generator=generator, device=prob.device, dtype=prob.dtype) < prob).to(prob.dtype)
         return (prob - labels) / math.sqrt(outputs.numel())
-    signs = torch.randint(0, 2, outputs.shape, generator=generator, device=outputs.device).to(outputs.dtype)
-    return (2 * signs - 1) * math.sqrt(2.0 / outputs.numel())
+    return signs * math.sqrt(2.0 / outputs.numel())

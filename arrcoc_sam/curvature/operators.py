@@ -8,7 +8,8 @@ objective L(θ) = Σ_b w_b L_b(θ) (weights from :mod:`arrcoc_sam.curvature._dat
 * :class:`GGNOperator`: G = Σ_b w_b J_bᵀ Λ_b J_b for a likelihood on the outputs (``cross_entropy``,
   ``bce``, ``mse``); equal to the Fisher for these canonical-link likelihoods. J v comes from the
   double-backward trick, so it works for any module and any leaf tensor. ``sample_factor`` draws u with
-  E[u uᵀ] = G (sampled labels), for non-negative diagonal estimates.
+  E[u uᵀ] = G (``sampling="labels"``: sampled labels, the sampled Fisher; ``"rademacher"``: a square root
+  of Λ times Rademacher signs), for non-negative diagonal estimates.
 
 ``params`` may be model parameters or any leaf tensors the loss depends on, e.g. token features
 ``[B, N, C]`` that the batch holds: the same estimators then give curvature w.r.t. inputs. Operators do
@@ -34,7 +35,12 @@ from arrcoc_sam.curvature._data import (
     default_outputs,
     iter_weighted,
 )
-from arrcoc_sam.curvature.likelihoods import output_hessian_product, sample_output_factor, select_rows
+from arrcoc_sam.curvature.likelihoods import (
+    SAMPLINGS,
+    output_hessian_product,
+    sample_output_factor,
+    select_rows,
+)
 
 __all__ = ["LinearOperator", "MatrixOperator", "CurvatureOperator", "HessianOperator", "GGNOperator"]
 
@@ -101,19 +107,29 @@ class CurvatureOperator:
             for chunk, shape, p in zip(vector.split(self.sizes), self.shapes, self.params, strict=True)
         ]
 
+    def unflatten_batch(self, vectors: Tensor) -> list[Tensor]:
+        """``[K, P]`` flat vectors -> list of ``[K, *shape]`` tensors shaped (and typed) like ``params``."""
+        return [
+            chunk.reshape(vectors.shape[0], *shape).to(p.dtype)
+            for chunk, shape, p in zip(vectors.split(self.sizes, dim=1), self.shapes, self.params, strict=True)
+        ]
+
     def matvec(self, vector: Tensor) -> Tensor:
         """A·v for a flat ``[P]`` vector."""
         raise NotImplementedError
 
     def to_dense(self, max_params: int = 4096) -> Tensor:
         """The full ``[P, P]`` matrix, column by column (P products); refused above ``max_params``."""
+        self._check_dense(max_params)
+        eye = torch.eye(self.numel, dtype=self.dtype, device=self.device)
+        return torch.stack([self.matvec(column) for column in eye], dim=1)
+
+    def _check_dense(self, max_params: int) -> None:
         if self.numel > max_params:
             raise ValueError(
                 f"dense curvature needs {self.numel} products and a {self.numel}x{self.numel} matrix, more than "
                 f"max_params={max_params}; raise max_params or use the iterative estimators"
             )
-        eye = torch.eye(self.numel, dtype=self.dtype, device=self.device)
-        return torch.stack([self.matvec(column) for column in eye], dim=1)
 
 
 class HessianOperator(CurvatureOperator):
@@ -164,6 +180,22 @@ class HessianOperator(CurvatureOperator):
             out.add_(self.flatten(products), alpha=weight)
         return out
 
+    def to_dense(self, max_params: int = 4096) -> Tensor:
+        """The full ``[P, P]`` Hessian: per batch one gradient graph, differentiated for all P unit vectors at
+        once (``is_grads_batched``, vmap over the backward); refused above ``max_params``."""
+        self._check_dense(max_params)
+        eye = torch.eye(self.numel, dtype=self.dtype, device=self.device)
+        units = self.unflatten_batch(eye)
+        dense = torch.zeros(self.numel, self.numel, dtype=self.dtype, device=self.device)
+        for batch, weight in iter_weighted(self.batches, self.weights):
+            grads = _grad(self._loss(batch), self.params, create_graph=True)
+            live = [i for i, g in enumerate(grads) if g.requires_grad]
+            if not live:
+                continue
+            rows = _grad([grads[i] for i in live], self.params, [units[i] for i in live], is_grads_batched=True)
+            dense.add_(torch.cat([r.reshape(self.numel, -1).to(self.dtype) for r in rows], dim=1), alpha=weight)
+        return dense
+
 
 class GGNOperator(CurvatureOperator):
     """Generalised Gauss-Newton (= Fisher) of a likelihood on ``output_fn``'s outputs w.r.t. ``params``."""
@@ -176,10 +208,14 @@ class GGNOperator(CurvatureOperator):
         output_fn: OutputFn | None = None,
         likelihood: str = "cross_entropy",
         weighting: str = "auto",
+        sampling: str = "rademacher",
     ) -> None:
         super().__init__(model, params, data, weighting)
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
         self.output_fn = output_fn or default_outputs
         self.likelihood = likelihood
+        self.sampling = sampling
         select_rows(likelihood, torch.zeros(1, 1), None)  # validates the likelihood name early
 
     def _outputs(self, batch: Any) -> Tensor:
@@ -210,6 +246,6 @@ class GGNOperator(CurvatureOperator):
             outputs = self._outputs(batch)
             if outputs.numel() == 0:
                 continue
-            factor = sample_output_factor(self.likelihood, outputs.detach(), generator)
+            factor = sample_output_factor(self.likelihood, outputs.detach(), generator, self.sampling)
             out.add_(self.flatten(_grad(outputs, self.params, factor)), alpha=math.sqrt(weight))
         return out

@@ -1,0 +1,195 @@
+"""Sharpness measures and a PAC-Bayes flatness bound.
+
+Notation: L is the data-averaged loss (weighting as in :mod:`arrcoc_sam.curvature._data`), w the probed
+tensors, T = |w| + η element-wise for adaptive (ASAM) measures and T = 1 otherwise.
+
+* SAM sharpness (Foret et al. 2021): max_{‖T⁻¹ε‖ ≤ ρ} L(w + ε) − L(w), approximated by projected ascent in
+  the normalised coordinates δ = T⁻¹ε: δ ← Π_ρ(δ + ρ·T∇L / ‖T∇L‖), ``steps`` times from δ = 0. One step is
+  the first-order SAM ε = ρ T²∇L/‖T∇L‖; more steps approach the worst case (on a quadratic at its
+  minimum, ½ρ²λ_max). Where the gradient vanishes the step goes along a random direction (``seed``).
+* Adaptive sharpness (Kwon et al. 2021; Andriushchenko et al. 2023): the same with η = 0 by default, which
+  makes it invariant to rescalings that leave the function unchanged (ReLU layers w₁·α, w₂/α). Weights
+  that are exactly zero are then never perturbed.
+* Average-case sharpness: E_{δ~N(0, σ²T²)}[L(w + δ)] − L(w) by Monte Carlo, with its standard error
+  (≈ ½σ² tr(H) for small σ, non-adaptive).
+* ``pac_bayes_bound``: see its docstring.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from arrcoc_sam.curvature._data import LossFn
+from arrcoc_sam.curvature.estimators import Estimate
+from arrcoc_sam.curvature.operators import HessianOperator
+from arrcoc_sam.curvature.probe import default_params, probe_context
+from arrcoc_sam.sam.perturbation import copy_
+
+__all__ = ["sam_sharpness", "adaptive_sharpness", "average_sharpness", "PacBayesBound", "pac_bayes_bound"]
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def _objective(model, loss_fn, data, params, weighting) -> HessianOperator:
+    params = default_params(model) if params is None else list(params)
+    return HessianOperator(model, params, data, loss_fn, weighting)
+
+
+def _set(op: HessianOperator, flat: Tensor) -> None:
+    with torch.no_grad():
+        copy_(op.params, op.unflatten(flat))
+
+
+def sam_sharpness(
+    model: nn.Module,
+    loss_fn: LossFn | None,
+    data: Any,
+    rho: float = 0.05,
+    adaptive: bool = False,
+    steps: int = 1,
+    params: Sequence[Tensor] | None = None,
+    *,
+    eta: float = 0.01,
+    weighting: str = "auto",
+    seed: int = 0,
+) -> float:
+    """L(w + ε) − L(w) for the ascent ε of radius ``rho`` (``steps`` projected steps; 1 = first-order SAM)."""
+    _check_positive("rho", rho)
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    op = _objective(model, loss_fn, data, params, weighting)
+    with probe_context(model, op.params, restore_values=True):
+        origin = op.flatten([p.detach() for p in op.params])
+        scale = origin.abs() + eta if adaptive else torch.ones_like(origin)
+        generator = torch.Generator(device=op.device).manual_seed(seed)
+        base, gradient = op.loss_and_gradient()
+        delta = torch.zeros_like(origin)
+        for step in range(steps):
+            if step:
+                gradient = op.loss_and_gradient()[1]
+            direction = scale * gradient
+            norm = direction.norm()
+            if float(norm) == 0.0:
+                direction = torch.randn(op.numel, generator=generator, dtype=op.dtype, device=op.device) * (scale > 0)
+                norm = direction.norm()
+            delta += rho / norm * direction
+            delta *= (rho / delta.norm()).clamp(max=1.0)
+            _set(op, origin + scale * delta)
+        return op.loss() - base
+
+
+def adaptive_sharpness(
+    model: nn.Module,
+    loss_fn: LossFn | None,
+    data: Any,
+    rho: float = 0.5,
+    steps: int = 1,
+    params: Sequence[Tensor] | None = None,
+    *,
+    eta: float = 0.0,
+    weighting: str = "auto",
+    seed: int = 0,
+) -> float:
+    """Scale-invariant (η = 0) ASAM sharpness: ``sam_sharpness(..., adaptive=True, eta=eta)``."""
+    return sam_sharpness(
+        model, loss_fn, data, rho, adaptive=True, steps=steps, params=params, eta=eta, weighting=weighting, seed=seed
+    )
+
+
+def average_sharpness(
+    model: nn.Module,
+    loss_fn: LossFn | None,
+    data: Any,
+    sigma: float = 0.01,
+    num_samples: int = 10,
+    adaptive: bool = False,
+    params: Sequence[Tensor] | None = None,
+    *,
+    eta: float = 0.0,
+    weighting: str = "auto",
+    seed: int = 0,
+) -> Estimate:
+    """E[L(w + δ)] − L(w) for δ ~ N(0, σ² T²): ``.value`` and ``.stderr`` floats (``num_samples`` forwards)."""
+    _check_positive("sigma", sigma)
+    if num_samples < 2:
+        raise ValueError(f"num_samples must be >= 2 for a standard error, got {num_samples}")
+    op = _objective(model, loss_fn, data, params, weighting)
+    with probe_context(model, op.params, restore_values=True):
+        origin = op.flatten([p.detach() for p in op.params])
+        scale = sigma * (origin.abs() + eta) if adaptive else torch.full_like(origin, sigma)
+        generator = torch.Generator(device=op.device).manual_seed(seed)
+        base = op.loss()
+        gaps = []
+        for _ in range(num_samples):
+            noise = torch.randn(op.numel, generator=generator, dtype=op.dtype, device=op.device)
+            _set(op, origin + scale * noise)
+            gaps.append(op.loss() - base)
+    values = torch.tensor(gaps, dtype=torch.float64)
+    return Estimate(float(values.mean()), float(values.std() / math.sqrt(num_samples)), num_samples)
+
+
+@dataclass
+class PacBayesBound:
+    """``bound`` on the expected loss of the posterior N(w, σ²I); its parts at the chosen ``sigma``."""
+
+    bound: float
+    sigma: float
+    perturbed_loss: float
+    kl: float
+    complexity: float
+
+
+def pac_bayes_bound(
+    trace: float,
+    loss: float,
+    distance_sq: float,
+    num_examples: int,
+    delta: float = 0.05,
+    sigmas: Sequence[float] | None = None,
+) -> PacBayesBound:
+    """PAC-Bayes flatness bound from the Hessian trace (McAllester 1999 in Maurer's 2004 form).
+
+    With prior P = N(w₀, σ²I) and posterior Q = N(w, σ²I): KL(Q‖P) = ‖w − w₀‖²/(2σ²). With probability
+    ≥ 1 − δ over n training examples, simultaneously for every σ in a grid S (union bound),
+
+        E_Q[L_D] ≤ E_Q[L_S] + √((KL + ln(2√n·|S|/δ)) / (2n)),   E_Q[L_S] ≈ L_S(w) + ½σ² tr(H),
+
+    and the bound returned is the minimum over S. Assumptions: the loss lies in [0, 1] (true for the 0-1
+    loss; for cross-entropy clip or rescale it, else the bound is a heuristic flatness score); w₀ is fixed
+    before seeing the data (e.g. the initialisation); the second-order Taylor term is accurate at scale σ
+    (a local, flat-enough region); ``trace`` is tr(H) of the training loss at w (e.g. ``hessian_trace``).
+
+    Args:
+        trace: tr(H) at w. loss: L_S(w). distance_sq: ‖w − w₀‖². num_examples: n.
+        delta: confidence parameter in (0, 1). sigmas: the grid S (default: 41 values log-spaced in [1e-4, 1]).
+    """
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    if num_examples < 1:
+        raise ValueError(f"num_examples must be >= 1, got {num_examples}")
+    if distance_sq < 0:
+        raise ValueError(f"distance_sq must be >= 0, got {distance_sq}")
+    grid = list(sigmas) if sigmas is not None else [10 ** (-4 + 0.1 * i) for i in range(41)]
+    if not grid or min(grid) <= 0:
+        raise ValueError(f"sigmas must be a non-empty list of positive values, got {grid}")
+    confidence = math.log(2 * math.sqrt(num_examples) * len(grid) / delta)
+    best = None
+    for sigma in grid:
+        perturbed = loss + 0.5 * sigma**2 * trace
+        kl = distance_sq / (2 * sigma**2)
+        complexity = math.sqrt((kl + confidence) / (2 * num_examples))
+        candidate = PacBayesBound(perturbed + complexity, sigma, perturbed, kl, complexity)
+        if best is None or candidate.bound < best.bound:
+            best = candidate
+    return best

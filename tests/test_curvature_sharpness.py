@@ -1,0 +1,128 @@
+"""Sharpness measures against closed forms: quadratics, ReLU rescaling, Gaussian noise, the PAC-Bayes formula."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from arrcoc_sam.curvature import (
+    adaptive_sharpness,
+    average_sharpness,
+    pac_bayes_bound,
+    sam_sharpness,
+    top_eigenvalues,
+)
+
+
+class Quadratic(nn.Module):
+    """L(w) = ½ (w − c)ᵀ A (w − c) with a known spectrum."""
+
+    def __init__(self, eigenvalues: list[float]) -> None:
+        super().__init__()
+        dim = len(eigenvalues)
+        rotation = torch.linalg.qr(torch.randn(dim, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))).Q
+        self.register_buffer("matrix", rotation @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ rotation.T)
+        self.register_buffer("center", torch.linspace(-1, 1, dim, dtype=torch.float64))
+        self.weight = nn.Parameter(self.center.clone())
+
+    def loss(self) -> torch.Tensor:
+        diff = self.weight - self.center
+        return 0.5 * diff @ self.matrix @ diff
+
+
+def _quadratic_loss(model, batch):
+    return model.loss()
+
+
+BATCH = torch.zeros(1)
+SPECTRUM = [4.0, 2.0, 1.0, 0.5, 0.25, 0.1]
+
+
+def test_multistep_sam_sharpness_at_a_minimum_equals_half_rho_squared_lambda_max():
+    model = Quadratic(SPECTRUM)
+    rho = 0.1
+    value = sam_sharpness(model, _quadratic_loss, BATCH, rho=rho, steps=100)
+    assert value == pytest.approx(0.5 * rho**2 * max(SPECTRUM), rel=1e-9)
+
+
+def test_first_order_sam_sharpness_matches_the_quadratic_closed_form():
+    model = Quadratic(SPECTRUM)
+    with torch.no_grad():
+        model.weight.add_(torch.linspace(0.3, -0.2, len(SPECTRUM), dtype=torch.float64))
+    gradient = model.matrix @ (model.weight.detach() - model.center)
+    rho = 0.05
+    expected = rho * gradient.norm() + 0.5 * rho**2 * (gradient @ model.matrix @ gradient) / gradient.square().sum()
+    assert sam_sharpness(model, _quadratic_loss, BATCH, rho=rho) == pytest.approx(float(expected), rel=1e-12)
+
+
+def test_sam_sharpness_restores_weights_bitwise():
+    model = Quadratic(SPECTRUM)
+    before = model.weight.detach().clone()
+    sam_sharpness(model, _quadratic_loss, BATCH, rho=0.5, steps=5, adaptive=True)
+    assert torch.equal(model.weight, before)
+
+
+def _relu_net(alpha: float) -> nn.Module:
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 2)).double()
+    with torch.no_grad():
+        net[0].weight.mul_(alpha)
+        net[0].bias.mul_(alpha)
+        net[2].weight.div_(alpha)
+    return net
+
+
+def _regression_batch():
+    generator = torch.Generator().manual_seed(8)
+    return torch.randn(16, 3, dtype=torch.float64, generator=generator), torch.randn(16, 2, dtype=torch.float64, generator=generator)
+
+
+def _mse(model, batch):
+    return F.mse_loss(model(batch[0]), batch[1])
+
+
+def test_adaptive_sharpness_is_invariant_to_relu_rescaling_while_lambda_max_changes():
+    batch = _regression_batch()
+    plain, scaled = _relu_net(1.0), _relu_net(4.0)
+    torch.testing.assert_close(plain(batch[0]), scaled(batch[0]), atol=1e-12, rtol=0)
+    for steps in (1, 3):
+        a = adaptive_sharpness(plain, _mse, batch, rho=0.3, steps=steps)
+        b = adaptive_sharpness(scaled, _mse, batch, rho=0.3, steps=steps)
+        assert a > 0
+        assert b == pytest.approx(a, rel=1e-8, abs=0)
+    top_plain = float(top_eigenvalues(plain, _mse, batch, tol=1e-8).values[0])
+    top_scaled = float(top_eigenvalues(scaled, _mse, batch, tol=1e-8).values[0])
+    assert abs(top_scaled - top_plain) > 0.1 * top_plain
+
+
+def test_average_sharpness_of_a_quadratic_is_half_sigma_squared_trace_within_three_stderr():
+    model = Quadratic(SPECTRUM)
+    sigma = 0.1
+    estimate = average_sharpness(model, _quadratic_loss, BATCH, sigma=sigma, num_samples=200)
+    assert abs(estimate.value - 0.5 * sigma**2 * sum(SPECTRUM)) <= 3 * estimate.stderr
+
+
+def test_pac_bayes_bound_matches_the_formula_and_grows_with_the_trace():
+    n, delta, sigma = 1000, 0.05, 0.02
+    result = pac_bayes_bound(trace=50.0, loss=0.1, distance_sq=4.0, num_examples=n, delta=delta, sigmas=[sigma])
+    kl = 4.0 / (2 * sigma**2)
+    expected = 0.1 + 0.5 * sigma**2 * 50.0 + math.sqrt((kl + math.log(2 * math.sqrt(n) / delta)) / (2 * n))
+    assert result.bound == pytest.approx(expected, rel=1e-12)
+    assert result.kl == pytest.approx(kl)
+    flat = pac_bayes_bound(trace=1.0, loss=0.1, distance_sq=4.0, num_examples=n)
+    sharp = pac_bayes_bound(trace=1e4, loss=0.1, distance_sq=4.0, num_examples=n)
+    assert flat.bound < sharp.bound
+
+
+def test_sharpness_arguments_are_validated_by_name():
+    model = Quadratic(SPECTRUM)
+    with pytest.raises(ValueError, match="rho must be > 0"):
+        sam_sharpness(model, _quadratic_loss, BATCH, rho=-0.1)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        sam_sharpness(model, _quadratic_loss, BATCH, steps=0)
+    with pytest.raises(ValueError, match="delta must be in"):
+        pac_bayes_bound(1.0, 0.1, 1.0, 10, delta=1.5)

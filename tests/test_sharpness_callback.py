@@ -1,0 +1,82 @@
+"""SharpnessCallback with a plain transformers.Trainer: logged keys, values, no effect on training, DDP."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Trainer, TrainingArguments, default_data_collator
+
+from arrcoc_sam.curvature import sam_sharpness, top_eigenvalues
+from arrcoc_sam.integrations.callbacks import PROBE_KEYS, SECONDS_KEY, SharpnessCallback
+
+DIST = Path(__file__).parent / "dist_scripts"
+sys.path.insert(0, str(DIST))
+from trainer_common import flat_params, tiny_bert, token_dataset, trainer_kwargs  # noqa: E402
+
+
+def _held_out():
+    rows = token_dataset(8, seed=7)
+    return [default_data_collator(rows[:4]), default_data_collator(rows[4:])]
+
+
+def _train(tmp_path, callback=None, steps=2):
+    args = TrainingArguments(**trainer_kwargs(str(tmp_path / "out"), max_steps=steps, per_device_train_batch_size=4))
+    trainer = Trainer(model=tiny_bert(), args=args, train_dataset=token_dataset(16), callbacks=[callback] if callback else None)
+    if callback:
+        callback.bind(trainer)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer.train()
+    finally:
+        torch.set_num_threads(threads)
+    return trainer
+
+
+def test_callback_logs_every_probe_through_the_trainer_without_changing_training(tmp_path):
+    callback = SharpnessCallback(every_n_steps=1, probes=tuple(PROBE_KEYS), eval_batches=_held_out(), num_probes=4, max_iter=8)
+    trainer = _train(tmp_path, callback)
+    entries = [entry for entry in trainer.state.log_history if SECONDS_KEY in entry]
+    assert [entry["step"] for entry in entries] == [1, 2]
+    # the Trainer's own loss logging still ran at both probed steps (the callback restores control.should_log)
+    assert [entry["step"] for entry in trainer.state.log_history if "loss" in entry] == [1, 2]
+    for entry in entries:
+        assert all(math.isfinite(entry[key]) for key in PROBE_KEYS.values())
+        assert entry[SECONDS_KEY] > 0
+    model, last = trainer.model, entries[-1]
+    direct_top = top_eigenvalues(model, None, _held_out(), tol=callback.tol, max_iter=callback.max_iter)
+    assert last["sharpness/top_eigenvalue"] == pytest.approx(float(direct_top.values[0]), rel=1e-6)
+    assert last["sharpness/sam"] == pytest.approx(sam_sharpness(model, None, _held_out(), rho=callback.rho), rel=1e-6)
+    baseline = _train(tmp_path)
+    assert torch.equal(flat_params(trainer.model), flat_params(baseline.model))
+
+
+def test_unbound_callback_refuses_to_start_training(tmp_path):
+    with pytest.raises(RuntimeError, match="not bound to a Trainer"):
+        args = TrainingArguments(**trainer_kwargs(str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=4))
+        Trainer(model=tiny_bert(), args=args, train_dataset=token_dataset(4),
+                callbacks=[SharpnessCallback(eval_batches=_held_out())]).train()
+
+
+def test_callback_rejects_unknown_probes_and_missing_batches():
+    with pytest.raises(ValueError, match="probes must be a non-empty subset"):
+        SharpnessCallback(probes=("hessian_norm",), eval_batches=_held_out())
+    with pytest.raises(ValueError, match="eval_batches must hold"):
+        SharpnessCallback(eval_batches=[])
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_callback_logs_on_rank_zero_in_a_two_process_gloo_run_without_hanging(run_torchrun, tmp_path):
+    run_torchrun(DIST / "sharpness_callback_ddp.py", timeout=120)
+    ranks = [json.loads((tmp_path / f"sharpness_rank{rank}.json").read_text()) for rank in (0, 1)]
+    logged = [entry for entry in ranks[0]["log_history"] if SECONDS_KEY in entry]
+    assert [entry["step"] for entry in logged] == [2, 4]
+    assert all(math.isfinite(entry[key]) for entry in logged for key in PROBE_KEYS.values())
+    assert not any(SECONDS_KEY in entry for entry in ranks[1]["log_history"])
+    assert ranks[0]["weights"] == ranks[1]["weights"]  # the probe on rank 0 did not desynchronise the replicas
