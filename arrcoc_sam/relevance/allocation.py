@@ -19,17 +19,22 @@ to each token's features, summed over its channels (see its docstring).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from arrcoc_sam.curvature import hessian_diagonal
 
 __all__ = [
     "PrecisionAwareAllocation",
     "PrecisionAwareAllocator",
     "RelevanceAllocator",
     "largest_remainder_round",
+    "token_precision",
     "water_fill",
 ]
 
@@ -100,7 +105,7 @@ def largest_remainder_round(shares: Tensor) -> Tensor:
     remainders = (shares - floors).clamp_min(0)
     missing = torch.round(shares.sum(dim=1) - floors.sum(dim=1)).long()
     order = remainders.argsort(dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(shares.shape[1]).expand_as(order))
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(shares.shape[1], device=shares.device).expand_as(order))
     return (floors + (rank < missing[:, None]).double()).long()
 
 
@@ -150,18 +155,20 @@ class PrecisionAwareAllocator(_Allocator):
             raise ValueError(f"eps must be > 0, got {eps}")
         self.favor, self.alpha, self.beta, self.eps = favor, alpha, beta, eps
 
-    def scores(self, relevance: Tensor, precision: Tensor) -> Tensor:
-        """relevance^α · (precision + eps)^(±β): ``[B, N]``."""
+    def log_scores(self, relevance: Tensor, precision: Tensor) -> Tensor:
+        """log(relevance^α · (precision + eps)^(±β)) ``[B, N]``, in log space so large β cannot overflow
+        (α = 0 with zero relevance gives log 1 = 0, not NaN)."""
         exponent = self.beta if self.favor == "precise" else -self.beta
-        return relevance.pow(self.alpha) * (precision + self.eps).pow(exponent)
+        return torch.xlogy(torch.tensor(self.alpha, dtype=relevance.dtype), relevance) + exponent * torch.log(precision + self.eps)
 
     def _allocate(self, relevance: Tensor, precision: Tensor | None) -> tuple[Tensor, Tensor]:
         if precision is None:
             raise ValueError("PrecisionAwareAllocator needs precision [B, N]; see token_precision()")
-        scores = self.scores(relevance, precision)
-        selected = scores.topk(self.k, dim=1).indices
-        spare = torch.full((scores.shape[0],), float(self.total_budget - self.k * self.min_tokens), dtype=torch.float64)
-        shares = water_fill(scores.gather(1, selected), spare, float(self.max_tokens - self.min_tokens))
+        log_scores, selected = self.log_scores(relevance, precision).topk(self.k, dim=1)
+        top = log_scores[:, :1]
+        weights = torch.exp(log_scores - torch.where(torch.isfinite(top), top, 0.0))  # in [0, 1]: no overflow
+        spare = relevance.new_full((relevance.shape[0],), float(self.total_budget - self.k * self.min_tokens))
+        shares = water_fill(weights, spare, float(self.max_tokens - self.min_tokens))
         return selected, self.min_tokens + largest_remainder_round(shares)
 
 
@@ -181,7 +188,7 @@ class RelevanceAllocator(_Allocator):
             raise ValueError(f"relevance must lie in [0, 1] for the plain mode, got a maximum of {float(relevance.max())}")
         values, selected = relevance.topk(self.k, dim=1)
         wanted = torch.floor(self.min_tokens + (self.max_tokens - self.min_tokens) * values + 1e-9).long()
-        later = torch.arange(self.k - 1, -1, -1)
+        later = torch.arange(self.k - 1, -1, -1, device=relevance.device)
         granted = torch.minimum(wanted.cumsum(dim=1), self.total_budget - self.min_tokens * later)
         budgets = torch.diff(granted, dim=1, prepend=torch.zeros_like(granted[:, :1]))
         return selected, budgets
@@ -220,3 +227,71 @@ class PrecisionAwareAllocation:
         selected = adjusted.topk(self.k, dim=1).indices
         per_token = min(max(self.total_budget // self.k, self.min_tokens), self.max_tokens)
         return selected, torch.full_like(selected, per_token)
+
+
+def _relevance_outputs(model: nn.Module, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+    """GGN outputs: relevance ``[B, N]`` and the target relevance (or None; the MSE GGN does not need it)."""
+    relevance = model.compute_relevance(batch["token_features"], batch["query_embedding"])
+    labels = batch.get("labels")
+    return relevance, None if labels is None else labels.reshape(relevance.shape).to(relevance.dtype)
+
+
+def _relevance_mse(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+    relevance, labels = _relevance_outputs(model, batch)
+    if labels is None:
+        raise ValueError("method='hutchinson'/'hutchinson_cv' needs target relevance 'labels' in the batch "
+                         "(or pass loss_fn); method='ggn' does not")
+    return F.mse_loss(relevance, labels)
+
+
+def token_precision(
+    model: nn.Module,
+    batch: Mapping[str, Tensor],
+    method: Literal["ggn", "hutchinson", "hutchinson_cv"] = "ggn",
+    num_probes: int = 16,
+    loss_fn: Callable[[nn.Module, Mapping[str, Tensor]], Tensor] | None = None,
+    seed: int = 0,
+    return_stderr: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Per-token precision ``[B, N]``: the curvature diagonal of the relevance loss w.r.t. each token's
+    features ``[B, N, C]``, summed over the C channels, from `arrcoc_sam.curvature.hessian_diagonal`.
+
+    The loss is the MSE between ``model.compute_relevance(token_features, query_embedding)`` and the
+    batch's ``labels``, averaged over the batch's B·N tokens; the result is multiplied by B, so it is the
+    curvature of each sample's own loss and does not depend on the batch size. ``method``:
+
+    * ``"ggn"`` (default): the Gauss-Newton/Fisher diagonal, (2/N)·Σ_c Σ_n' (∂r_n'/∂f_nc)², by sampled
+      factors; never negative, needs no labels (the MSE GGN does not depend on the targets); exact in one
+      probe when each relevance r_n depends only on its own token's features.
+    * ``"hutchinson"``: the Hessian diagonal by Rademacher probes; unbiased, noisy, can be negative.
+    * ``"hutchinson_cv"``: the GGN diagonal plus Hutchinson on H − G (a control variate); unbiased for the
+      Hessian diagonal, with much lower variance when H ≈ G.
+
+    ``batch``: a dict with ``query_embedding [B, D]``, ``token_features [B, N, C]`` (or ``pixel_values``,
+    turned into features by ``model.token_features``) and, except for ``"ggn"``, ``labels [B, N]``.
+    ``loss_fn(model, batch) -> scalar`` replaces the MSE for the Hessian methods (the batch it receives
+    holds the probed ``token_features``). Cost: ``num_probes`` backward passes (3x for ``hutchinson_cv``).
+    With ``return_stderr=True`` returns ``(precision, stderr)``, where ``stderr [B, N]`` is Σ_c of the
+    per-channel standard errors: an upper bound on the standard error of the channel sum.
+    """
+    if "query_embedding" not in batch:
+        raise ValueError(f"batch needs 'query_embedding' [B, D]; got keys {sorted(batch)}")
+    features = batch.get("token_features")
+    if features is None:
+        if batch.get("pixel_values") is None or not hasattr(model, "token_features"):
+            raise ValueError("batch needs 'token_features' [B, N, C], or 'pixel_values' and a model with token_features()")
+        with torch.no_grad():
+            features = model.token_features(pixel_values=batch["pixel_values"], token_features=None)
+    leaf = features.detach().clone().requires_grad_(True)
+    probed: dict[str, Any] = {"token_features": leaf, "query_embedding": batch["query_embedding"]}
+    if batch.get("labels") is not None:
+        probed["labels"] = batch["labels"]
+    estimate = hessian_diagonal(
+        model, loss_fn or _relevance_mse, probed, num_probes=num_probes, method=method, params=[leaf],
+        output_fn=_relevance_outputs, likelihood="mse", weighting="equal", seed=seed,
+    )
+    scale = leaf.shape[0]
+    precision = estimate.value[0].sum(dim=-1) * scale
+    if return_stderr:
+        return precision, estimate.stderr[0].sum(dim=-1) * scale
+    return precision

@@ -7,7 +7,7 @@ and returns ``[...]`` in float64, with no host synchronisation:
 * ``spearman``        Pearson correlation of average ranks (ties get the mean of their ranks), as
                       ``scipy.stats.spearmanr``; NaN when either map is constant
 * ``kendall_tau_b``   Kendall's τ-b = (C − D) / sqrt((P − T_x)(P − T_y)), as ``scipy.stats.kendalltau``;
-                      O(N²) pairwise signs, computed in row chunks so memory stays ≈ 2²² elements
+                      O(N log² N) per row (a batched merge sort counts the discordant pairs)
 * ``topk_jaccard``    |S ∩ S̃| / |S ∪ S̃| of the two top-K index sets
 * ``ndcg_at_k``       Σ_{i<K} g_(i) / log2(i + 2) over the tokens ranked by the prediction, divided by the
                       same sum over the ideal ranking of the gains; NaN when every gain is 0
@@ -31,8 +31,6 @@ __all__ = [
     "spearman",
     "topk_jaccard",
 ]
-
-_PAIRWISE_ELEMENTS = 1 << 22
 
 
 def _check_pair(a: Tensor, b: Tensor) -> None:
@@ -75,23 +73,60 @@ def spearman(a: Tensor, b: Tensor) -> Tensor:
     return _pearson(average_ranks(a), average_ranks(b))
 
 
+def _tie_pairs(sorted_rows: Tensor, same: Tensor) -> Tensor:
+    """Σ t(t − 1)/2 over the runs of ``same`` (True where an element equals its predecessor): ``[R]``."""
+    group = (~same).long().cumsum(dim=-1) - 1
+    counts = torch.zeros_like(sorted_rows, dtype=torch.float64).scatter_add_(-1, group, torch.ones_like(sorted_rows, dtype=torch.float64))
+    return (counts * (counts - 1) / 2).sum(dim=-1)
+
+
+def _strict_inversions(x: Tensor) -> Tensor:
+    """Pairs i < j with x_i > x_j per row of ``x [R, N]``: bottom-up merge sort, O(N log² N), batched.
+
+    At each level, every element of a right block counts the elements of its (sorted) left neighbour that
+    exceed it, by ``searchsorted``; then each block pair is merged by sorting. Padding with +inf at the end
+    adds no inversions.
+    """
+    rows, n = x.shape
+    size = 1 << max(0, (n - 1).bit_length())
+    x = torch.cat((x, x.new_full((rows, size - n), math.inf)), dim=-1)
+    total = torch.zeros(rows, dtype=torch.float64, device=x.device)
+    width = 1
+    while width < size:
+        blocks = x.view(rows, size // (2 * width), 2, width)
+        left, right = blocks[:, :, 0].contiguous(), blocks[:, :, 1].contiguous()
+        total += (width - torch.searchsorted(left, right, right=True)).sum(dim=(-2, -1)).double()
+        x = blocks.view(rows, size // (2 * width), 2 * width).sort(dim=-1).values.view(rows, size)
+        width *= 2
+    return total
+
+
 def kendall_tau_b(a: Tensor, b: Tensor) -> Tensor:
-    """Kendall's τ-b along the last dimension: ``[..., N] x [..., N] -> [...]``; NaN if either map is constant."""
+    """Kendall's τ-b along the last dimension: ``[..., N] x [..., N] -> [...]``; NaN if either map is constant.
+
+    Knight's O(N log N)-style algorithm: sort by (a, b); the discordant pairs D are the strict inversions of b
+    in that order; with P = N(N − 1)/2 pairs, T_a, T_b the pairs tied in a, in b, and T_ab tied in both,
+    C − D = P − T_a − T_b + T_ab − 2D and τ-b = (C − D) / sqrt((P − T_a)(P − T_b)).
+    """
     _check_pair(a, b)
     lead, n = a.shape[:-1], a.shape[-1]
-    # Sign differences are exact in the input precision, and sums of up to N² values in {-1, 0, 1} stay
-    # exact in float32 for N <= 4096.
-    dtype = torch.promote_types(a.dtype, torch.float32)
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
     a2, b2 = a.to(dtype).reshape(-1, n), b.to(dtype).reshape(-1, n)
-    rows = max(1, _PAIRWISE_ELEMENTS // (n * n))
-    out = []
-    for start in range(0, a2.shape[0], rows):
-        sa = torch.sign(a2[start:start + rows, :, None] - a2[start:start + rows, None, :])
-        sb = torch.sign(b2[start:start + rows, :, None] - b2[start:start + rows, None, :])
-        concordance = (sa * sb).sum(dim=(-2, -1)).double()
-        untied = (sa.abs().sum(dim=(-2, -1)).double() * sb.abs().sum(dim=(-2, -1)).double()).sqrt()
-        out.append(torch.where(untied > 0, concordance / untied, math.nan))
-    return torch.cat(out).reshape(lead)
+    order_b = b2.argsort(dim=-1, stable=True)
+    order = order_b.gather(-1, a2.gather(-1, order_b).argsort(dim=-1, stable=True))  # lexicographic (a, b)
+    sa, sb = a2.gather(-1, order), b2.gather(-1, order)
+    tie_a = torch.zeros_like(sa, dtype=torch.bool)
+    tie_a[:, 1:] = sa[:, 1:] == sa[:, :-1]
+    tie_ab = torch.zeros_like(tie_a)
+    tie_ab[:, 1:] = tie_a[:, 1:] & (sb[:, 1:] == sb[:, :-1])
+    sorted_b = b2.sort(dim=-1).values
+    tie_b = torch.zeros_like(tie_a)
+    tie_b[:, 1:] = sorted_b[:, 1:] == sorted_b[:, :-1]
+    pairs = n * (n - 1) / 2
+    t_a, t_b, t_ab = _tie_pairs(sa, tie_a), _tie_pairs(sorted_b, tie_b), _tie_pairs(sa, tie_ab)
+    numerator = pairs - t_a - t_b + t_ab - 2 * _strict_inversions(sb)
+    denominator = ((pairs - t_a) * (pairs - t_b)).sqrt()
+    return torch.where(denominator > 0, numerator / denominator, math.nan).reshape(lead)
 
 
 def _topk_mask(x: Tensor, k: int) -> Tensor:
@@ -124,17 +159,20 @@ def ndcg_at_k(prediction: Tensor, gains: Tensor, k: int) -> Tensor:
 
 def bootstrap_ci(
     values: Tensor, confidence: float = 0.95, num_resamples: int = 2000, seed: int = 0
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``values [S]`` (NaNs dropped); ``(nan, nan)`` if none left."""
+) -> tuple[Tensor, Tensor]:
+    """Percentile bootstrap interval of the mean over the last dimension of ``values [..., S]``.
+
+    All rows share the same ``num_resamples`` resamples of the S sample indices; NaN entries are left out of
+    each resample's mean (a row of only NaNs gives NaN). Returns ``(low [...], high [...])`` in float64.
+    """
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    values = values.double().flatten()
-    values = values[~values.isnan()]
-    if values.numel() == 0:
-        return math.nan, math.nan
+    if values.ndim == 0 or values.shape[-1] == 0:
+        raise ValueError(f"values must be [..., S] with S >= 1, got shape {tuple(values.shape)}")
+    values = values.double().cpu()
     generator = torch.Generator().manual_seed(seed)
-    index = torch.randint(values.numel(), (num_resamples, values.numel()), generator=generator)
-    means = values.cpu()[index].mean(dim=-1)
+    index = torch.randint(values.shape[-1], (num_resamples, values.shape[-1]), generator=generator)
+    means = values[..., index].nanmean(dim=-1)
     tail = (1.0 - confidence) / 2
-    low, high = torch.quantile(means, torch.tensor([tail, 1.0 - tail], dtype=torch.float64))
-    return float(low), float(high)
+    bounds = torch.nanquantile(means, torch.tensor([tail, 1.0 - tail], dtype=torch.float64), dim=-1)
+    return bounds[0], bounds[1]

@@ -11,7 +11,8 @@ Perturbations (ρ is the level; ε ~ N(0, I), fresh per sample and draw, shared 
 * ``feature_noise``       f̃ = f + ρ·σ_f·ε, σ_f = the sample's per-channel std over tokens
                           (``feature_noise_scale="relative"``, i.e. absolute ρ on the standardised features
                           the ARR-COC scorers see) or σ_f = 1 (``"absolute"``)
-* ``input_noise``         x̃ = x + ρ·ε on the images (pixel units, images in [0, 1]); needs ``pixel_values``
+* ``input_noise``         x̃ = x + ρ·ε on the images (pixel units, images in [0, 1], not clipped);
+                          needs ``pixel_values``
 * ``token_dropout``       a fraction ρ of tokens (u < ρ, u uniform) replaced by the sample's channel means
 * ``weight_random``       filter-normalised Gaussian (Li et al. 2018): per output filter (row of dim 0) of
                           each ≥2-D tensor, and per tensor otherwise, δ = ρ·‖w‖·ε/‖ε‖; draws are shared by
@@ -22,7 +23,7 @@ Perturbations (ρ is the level; ε ~ N(0, I), fresh per sample and draw, shared 
 Metrics per perturbation, level and sample (averaged over draws): mean |r − r̃|, Spearman, Kendall τ-b,
 top-K Jaccard, NDCG@K of r̃ against the target and the task-metric drop (clean − perturbed; the task
 metric defaults to NDCG@K). The report gives the mean, std (ddof=1) and a percentile bootstrap CI over
-samples. Draws are stacked: noisy inputs go through one call of stacked rows, weight draws through
+samples. Draws are stacked: noisy inputs as extra rows (``chunk_rows`` per call), weight draws through
 ``torch.func.vmap`` over ``functional_call`` with stacked weights; ``batched=False`` loops over draws
 (and over samples for the adversarial gradient) as the reference.
 
@@ -49,7 +50,7 @@ PERTURBATIONS = ("feature_noise", "input_noise", "token_dropout", "weight_random
 METRICS = ("mean_abs_diff", "spearman", "kendall", "topk_jaccard", "ndcg", "task_metric_drop")
 _TARGET_METRICS = ("ndcg", "task_metric_drop")
 _DESCRIPTIONS = {
-    "feature_noise": "Gaussian noise on token features, sigma = level x per-sample channel std (or absolute)",
+    "feature_noise": "Gaussian noise on token features, sigma = level (x the sample's channel std when relative)",
     "input_noise": "Gaussian noise on the images, sigma = level (pixel units)",
     "token_dropout": "fraction = level of tokens replaced by the sample's channel means",
     "weight_random": "filter-normalised Gaussian weight noise, |delta_filter| = level x |w_filter|",
@@ -80,19 +81,21 @@ def _generator(seed: int, perturbation: str, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:7], "little"))
 
 
-def _stats(values: Tensor, confidence: float, num_bootstrap: int, seed: int) -> dict[str, float | int | None]:
-    """mean, std (ddof=1), bootstrap CI and count over the non-NaN entries of ``values [S]``; NaN -> None."""
-    finite = values[~values.isnan()]
-    n = finite.numel()
-    low, high = rank_metrics.bootstrap_ci(finite, confidence, num_bootstrap, seed)
-    out = {
-        "mean": float(finite.mean()) if n else math.nan,
-        "std": float(finite.std()) if n > 1 else (0.0 if n == 1 else math.nan),
-        "ci_low": low,
-        "ci_high": high,
-        "n": n,
-    }
-    return {key: (None if isinstance(v, float) and math.isnan(v) else v) for key, v in out.items()}
+def _json_float(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def _summaries(rows: Tensor, confidence: float, num_bootstrap: int, seed: int) -> list[dict[str, float | int | None]]:
+    """Per row of ``rows [M, S]``: mean, std (ddof=1) and bootstrap CI over the non-NaN samples, and their count."""
+    low, high = rank_metrics.bootstrap_ci(rows, confidence, num_bootstrap, seed)
+    out = []
+    for i, row in enumerate(rows.double().cpu()):
+        finite = row[~row.isnan()]
+        n = finite.numel()
+        std = float(finite.std()) if n > 1 else (0.0 if n == 1 else math.nan)
+        out.append({"mean": _json_float(float(finite.mean()) if n else math.nan), "std": _json_float(std),
+                    "ci_low": _json_float(float(low[i])), "ci_high": _json_float(float(high[i])), "n": n})
+    return out
 
 
 class RelevanceRobustness:
@@ -113,6 +116,8 @@ class RelevanceRobustness:
         confidence, num_bootstrap: the bootstrap interval over samples.
         per_sample: also return every per-sample value (``report["per_sample"]``).
         seed: the noise seed.
+        rounding_atol: a perturbation is reported ``perfectly_robust`` when max |r − r̃| <= this; stacked rows
+            go through differently shaped matrix products, so float32 rounding alone gives ~1e-8.
     """
 
     def __init__(
@@ -131,6 +136,7 @@ class RelevanceRobustness:
         num_bootstrap: int = 2000,
         per_sample: bool = False,
         seed: int = 0,
+        rounding_atol: float = 1e-6,
     ) -> None:
         self.levels = tuple(float(level) for level in levels)
         if not self.levels or any(not math.isfinite(level) or level < 0 for level in self.levels):
@@ -156,6 +162,9 @@ class RelevanceRobustness:
         self.task_metric = task_metric
         self.batched, self.confidence, self.num_bootstrap = batched, confidence, int(num_bootstrap)
         self.per_sample, self.seed = per_sample, int(seed)
+        if rounding_atol < 0:
+            raise ValueError(f"rounding_atol must be >= 0, got {rounding_atol}")
+        self.rounding_atol = float(rounding_atol)
 
     # ----------------------------------------------------------------------------------------------- API
     def config(self) -> dict[str, Any]:
@@ -166,7 +175,7 @@ class RelevanceRobustness:
             "feature_noise_scale": self.feature_noise_scale, "loss_fn": getattr(self.loss_fn, "__name__", "custom"),
             "task_metric": "ndcg_at_k" if self.task_metric is None else getattr(self.task_metric, "__name__", "custom"),
             "batched": self.batched, "confidence": self.confidence, "num_bootstrap": self.num_bootstrap,
-            "seed": self.seed,
+            "seed": self.seed, "rounding_atol": self.rounding_atol,
         }
 
     def evaluate(self, model: nn.Module, data: Mapping[str, Tensor] | Iterable[Mapping[str, Tensor]]) -> dict[str, Any]:
@@ -174,7 +183,7 @@ class RelevanceRobustness:
 
         The report: ``config``; ``num_samples``; ``clean`` (the task metric without perturbation, when
         targets exist); ``perturbations[name]`` with ``description``, ``max_abs_diff`` (over all levels,
-        samples and draws), ``perfectly_robust`` (that maximum is exactly 0) and ``levels[str(level)][metric]``
+        samples and draws), ``perfectly_robust`` (that maximum is <= ``rounding_atol``) and ``levels[str(level)][metric]``
         = {mean, std, ci_low, ci_high, n}; ``skipped[name]`` = reason; ``summary``, a list of sentences.
         The model's training mode is restored on exit; weights are never modified.
         """
@@ -199,6 +208,9 @@ class RelevanceRobustness:
         clean_task: list[Tensor] = []
         weight_draws: dict[float, dict[str, Tensor]] = {}
         offset = 0
+        labelled = {batch.get("labels") is not None for batch in batches}
+        if len(labelled) > 1:
+            raise ValueError("some batches have 'labels' and others do not: give targets for all samples or none")
         for batch in batches:
             features, query, images, target = self._unpack(model, batch)
             with torch.no_grad():
@@ -297,8 +309,9 @@ class RelevanceRobustness:
             if name == "input_noise":
                 noise = self._per_sample_randn(name, images.shape[1:], images, offset)
                 noisy = (images + level * noise).flatten(0, 1)
+                rows = self.chunk_rows if self.batched else images.shape[0]
                 noisy_features = torch.cat([call.model.token_features(pixel_values=chunk, token_features=None)
-                                            for chunk in noisy.split(self.chunk_rows)])
+                                            for chunk in noisy.split(rows)])
                 return self._relevance_rows(call, noisy_features.view(self.num_draws, *features.shape), query)
             if name == "weight_random":
                 return self._relevance_weight_draws(call, weights, features, query)
@@ -310,6 +323,7 @@ class RelevanceRobustness:
                             for i in range(like.shape[0])], dim=1).to(like)
 
     def _per_sample_rand(self, name: str, shape, like: Tensor, offset: int) -> Tensor:
+        """Uniform [0, 1) noise ``[D, B, *shape]``, each sample's drawn from its own seeded generator."""
         return torch.stack([torch.rand((self.num_draws, *shape), generator=_generator(self.seed, name, offset + i))
                             for i in range(like.shape[0])], dim=1).to(like)
 
@@ -328,7 +342,8 @@ class RelevanceRobustness:
         generator = _generator(self.seed, "weight_random", 0)
         names = list(trainable)
         weights = [trainable[n] for n in names]
-        noise = [torch.randn((self.num_draws, *w.shape), generator=generator, dtype=torch.float64) for w in weights]
+        noise = [torch.randn((self.num_draws, *w.shape), generator=generator, dtype=torch.float64).to(w.device)
+                 for w in weights]
         stacked = []
         for w, eps in zip(weights, noise, strict=True):
             rows_w = w.double().reshape(w.shape[0], -1) if w.ndim >= 2 else w.double().reshape(1, -1)
@@ -376,39 +391,52 @@ class RelevanceRobustness:
 
     # ---------------------------------------------------------------------------------------- report
     def _report(self, collected: dict[str, Any]) -> dict[str, Any]:
-        stats = lambda v: _stats(v, self.confidence, self.num_bootstrap, self.seed)  # noqa: E731
+        keys: list[tuple[str, float, str]] = []
+        rows: list[Tensor] = []
+        for name, by_level in collected["values"].items():
+            for level, metrics in by_level.items():
+                for metric, chunks in metrics.items():
+                    keys.append((name, level, metric))
+                    rows.append(torch.cat(chunks))
+        if collected["clean_task"]:
+            keys.append(("clean", 0.0, "task_metric"))
+            rows.append(torch.cat(collected["clean_task"]))
+        summaries = _summaries(torch.stack(rows), self.confidence, self.num_bootstrap, self.seed) if rows else []
         report: dict[str, Any] = {"config": self.config(), "num_samples": collected["num_samples"],
                                   "perturbations": {}, "skipped": collected["skipped"], "summary": []}
-        if collected["clean_task"]:
-            report["clean"] = {"task_metric": stats(torch.cat(collected["clean_task"]))}
         per_sample: dict[str, Any] = {}
-        for name, by_level in collected["values"].items():
-            max_diff = float(collected["max_diff"][name])
-            entry = {"description": _DESCRIPTIONS[name], "max_abs_diff": max_diff,
-                     "perfectly_robust": max_diff == 0.0, "levels": {}}
-            for level, metrics in by_level.items():
-                merged = {metric: torch.cat(chunks) for metric, chunks in metrics.items()}
-                entry["levels"][f"{level:g}"] = {metric: stats(v) for metric, v in merged.items()}
-                if self.per_sample:
-                    per_sample.setdefault(name, {})[f"{level:g}"] = {
-                        m: [None if math.isnan(x) else x for x in v.tolist()] for m, v in merged.items()}
-            report["perturbations"][name] = entry
-            if entry["perfectly_robust"]:
-                report["summary"].append(
-                    f"{name}: perfectly robust — the relevance did not change at all (max |r - r~| = 0 "
-                    f"over every level, sample and draw).")
-            else:
-                worst = entry["levels"][f"{max(by_level):g}"]
-                spearman = worst.get("spearman", {}).get("mean")
-                text = f"{name}: max |r - r~| = {max_diff:.3g}"
-                if spearman is not None:
-                    text += f"; mean Spearman {spearman:.3f} at level {max(by_level):g}"
-                report["summary"].append(text + ".")
+        for (name, level, metric), summary, row in zip(keys, summaries, rows, strict=True):
+            if name == "clean":
+                report["clean"] = {"task_metric": summary}
+                continue
+            entry = report["perturbations"].setdefault(name, self._entry(name, float(collected["max_diff"][name])))
+            entry["levels"].setdefault(f"{level:g}", {})[metric] = summary
+            if self.per_sample:
+                per_sample.setdefault(name, {}).setdefault(f"{level:g}", {})[metric] = [
+                    _json_float(x) for x in row.tolist()]
+        for name, entry in report["perturbations"].items():
+            report["summary"].append(self._sentence(name, entry))
         for name, reason in collected["skipped"].items():
             report["summary"].append(f"{name}: skipped ({reason}).")
         if self.per_sample:
             report["per_sample"] = per_sample
         return report
+
+    def _entry(self, name: str, max_diff: float) -> dict[str, Any]:
+        return {"description": _DESCRIPTIONS[name], "max_abs_diff": max_diff,
+                "perfectly_robust": max_diff <= self.rounding_atol, "levels": {}}
+
+    def _sentence(self, name: str, entry: dict[str, Any]) -> str:
+        if entry["perfectly_robust"]:
+            return (f"{name}: perfectly robust — the relevance did not change (max |r - r~| = "
+                    f"{entry['max_abs_diff']:.3g} <= rounding tolerance {self.rounding_atol:g}, over every level, "
+                    "sample and draw).")
+        top = max(entry["levels"], key=float)
+        text = f"{name}: max |r - r~| = {entry['max_abs_diff']:.3g}"
+        spearman = entry["levels"][top].get("spearman", {}).get("mean")
+        if spearman is not None:
+            text += f"; mean Spearman {spearman:.3f} at level {top}"
+        return text + "."
 
 
 def robustness_report_section(

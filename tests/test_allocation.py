@@ -1,0 +1,208 @@
+"""Token allocation: budget invariants (hypothesis), the favour direction, and clear errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from arrcoc_sam.relevance.allocation import (
+    PrecisionAwareAllocation,
+    PrecisionAwareAllocator,
+    RelevanceAllocator,
+    largest_remainder_round,
+    token_precision,
+    water_fill,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids oversubscribing the shared cores; restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@st.composite
+def allocation_cases(draw):
+    batch = draw(st.integers(1, 3))
+    tokens = draw(st.integers(1, 40))
+    k = draw(st.integers(1, tokens))
+    min_tokens = draw(st.integers(0, 50))
+    max_tokens = draw(st.integers(min_tokens, 120))
+    budget = draw(st.integers(k * min_tokens, k * max_tokens + 100))
+    unit = st.floats(0.0, 1.0, allow_nan=False, width=32)
+    positive = st.one_of(st.just(0.0), st.floats(2.0**-20, 2.0**20, allow_nan=False, width=32))
+    relevance = torch.tensor(draw(st.lists(unit, min_size=batch * tokens, max_size=batch * tokens))).view(batch, tokens)
+    precision = torch.tensor(draw(st.lists(positive, min_size=batch * tokens, max_size=batch * tokens))).view(batch, tokens)
+    return relevance, precision, k, min_tokens, max_tokens, budget
+
+
+def _check_invariants(indices, budgets, relevance, k, min_tokens, max_tokens, budget):
+    batch, tokens = relevance.shape
+    assert indices.shape == budgets.shape == (batch, k)
+    assert indices.dtype == budgets.dtype == torch.int64
+    assert ((indices >= 0) & (indices < tokens)).all()
+    assert all(len(set(row.tolist())) == k for row in indices)
+    assert ((budgets >= min_tokens) & (budgets <= max_tokens)).all()
+    assert (budgets.sum(dim=1) <= budget).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(allocation_cases(), st.sampled_from(["precise", "uncertain"]), st.floats(0.0, 3.0), st.floats(0.0, 3.0))
+def test_precision_aware_budgets_are_integers_in_range_and_fill_the_budget(case, favor, alpha, beta):
+    relevance, precision, k, min_tokens, max_tokens, budget = case
+    allocator = PrecisionAwareAllocator(min_tokens, max_tokens, budget, k, favor=favor, alpha=alpha, beta=beta)
+    indices, budgets = allocator(relevance, precision)
+    _check_invariants(indices, budgets, relevance, k, min_tokens, max_tokens, budget)
+    assert (budgets.sum(dim=1) == min(budget, k * max_tokens)).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(allocation_cases())
+def test_plain_and_topk_allocations_stay_within_range_and_budget(case):
+    relevance, precision, k, min_tokens, max_tokens, budget = case
+    for allocator in (RelevanceAllocator(min_tokens, max_tokens, budget, k),
+                      PrecisionAwareAllocation(0.5, 0.1, k, min_tokens, max_tokens, budget)):
+        indices, budgets = allocator(relevance, precision)
+        _check_invariants(indices, budgets, relevance, k, min_tokens, max_tokens, budget)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0.0, 1e3, allow_nan=False), min_size=1, max_size=30), st.integers(0, 2000), st.integers(1, 90))
+def test_water_fill_then_rounding_preserves_the_total_under_the_cap(weights, total, cap):
+    shares = water_fill(torch.tensor([weights]), torch.tensor([float(total)]), float(cap))
+    rounded = largest_remainder_round(shares)
+    assert rounded.sum().item() == min(total, cap * len(weights))
+    assert (rounded <= cap).all() and (rounded >= 0).all()
+    assert (rounded - shares).abs().max() < 1 + 1e-9
+
+
+def test_equal_relevance_higher_precision_gets_more_tokens_when_precise_and_fewer_when_uncertain():
+    relevance = torch.full((1, 6), 0.5)
+    precision = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
+    budgets = {}
+    for favor in ("precise", "uncertain"):
+        indices, tokens = PrecisionAwareAllocator(10, 100, 6 * 40, k=6, favor=favor)(relevance, precision)
+        budgets[favor] = torch.zeros(6, dtype=torch.int64).scatter_(0, indices[0], tokens[0])
+    assert (torch.diff(budgets["precise"]) > 0).all(), budgets
+    assert (torch.diff(budgets["uncertain"]) < 0).all(), budgets
+
+
+def test_extreme_exponents_neither_overflow_nor_produce_nan():
+    relevance = torch.tensor([[0.0, 0.5, 1.0, 0.9]])
+    precision = torch.tensor([[1e6, 1e-6, 0.0, 3.0]])
+    for favor in ("precise", "uncertain"):
+        _, budgets = PrecisionAwareAllocator(1, 50, 60, k=4, favor=favor, alpha=0.0, beta=200.0)(relevance, precision)
+        assert budgets.sum().item() == 60 and budgets.max().item() == 50  # one dominant token takes the cap
+
+
+def test_plain_mode_follows_the_arrcoc_formula_then_the_budget():
+    relevance = torch.tensor([[1.0, 0.5, 0.0, 0.25]])
+    indices, budgets = RelevanceAllocator(64, 400, 10_000, k=3)(relevance)
+    assert indices.tolist() == [[0, 1, 3]]
+    assert budgets.tolist() == [[400, 232, 148]]  # 64 + 336 * r, floored
+    _, tight = RelevanceAllocator(64, 400, 600, k=3)(relevance)
+    assert tight.tolist() == [[400, 136, 64]]  # greedy, keeping 64 for the last token
+
+
+def test_knowledge_file_rule_penalises_tokens_above_the_target_precision():
+    relevance = torch.tensor([[0.90, 0.85, 0.10, 0.05]])
+    precision = torch.tensor([[1.0, 0.2, 0.1, 0.1]])
+    indices, budgets = PrecisionAwareAllocation(target_precision=0.5, penalty=1.0, k=1, total_budget=100)(relevance, precision)
+    assert indices.tolist() == [[1]]  # token 0 is sharper than half the maximum: 0.9 - 0.5 < 0.85
+    assert budgets.tolist() == [[100]]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "relevance", "message"),
+    [
+        ({"total_budget": 100, "k": 2, "min_tokens": 64}, torch.rand(1, 5), "total_budget=100 cannot give k=2"),
+        ({"min_tokens": 10, "max_tokens": 5, "k": 1}, torch.rand(1, 5), r"min_tokens \(10\) must not exceed"),
+        ({"k": 6, "total_budget": 6 * 400}, torch.rand(1, 5), "k=6 exceeds the number of tokens N=5"),
+        ({"k": 2}, torch.tensor([[0.1, math.nan, 0.3]]), "relevance contains NaN"),
+    ],
+)
+def test_infeasible_settings_fail_with_clear_errors(kwargs, relevance, message):
+    with pytest.raises(ValueError, match=message):
+        PrecisionAwareAllocator(**kwargs)(relevance, torch.ones_like(relevance))
+
+
+def test_negative_or_nan_precision_is_refused():
+    relevance = torch.rand(1, 4)
+    allocator = PrecisionAwareAllocator(1, 5, 10, k=2)
+    with pytest.raises(ValueError, match="precision must be >= 0"):
+        allocator(relevance, torch.tensor([[1.0, -0.5, 1.0, 1.0]]))
+    with pytest.raises(ValueError, match="precision contains NaN"):
+        allocator(relevance, torch.tensor([[1.0, math.nan, 1.0, 1.0]]))
+
+
+class _LinearTokens(nn.Module):
+    """relevance = M (f w): token n's score mixes the features of the tokens M couples it to."""
+
+    def __init__(self, mixing: torch.Tensor, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("mixing", mixing)
+        self.weight = nn.Parameter(torch.linspace(-1.0, 2.0, channels, dtype=torch.float64))
+
+    def compute_relevance(self, token_features: torch.Tensor, query_embedding: torch.Tensor) -> torch.Tensor:
+        return (token_features @ self.weight) @ self.mixing.T * query_embedding[:, :1]
+
+
+def _exact_token_diagonal(model, batch) -> torch.Tensor:
+    """Σ_c ∂²L/∂f_nc² of the mean-MSE loss by torch.autograd.functional.hessian, times B."""
+    features = batch["token_features"]
+
+    def loss(f):
+        return F.mse_loss(model.compute_relevance(f, batch["query_embedding"]), batch["labels"])
+
+    hessian = torch.autograd.functional.hessian(loss, features)
+    diagonal = hessian.reshape(features.numel(), features.numel()).diagonal().reshape(features.shape)
+    return diagonal.sum(dim=-1) * features.shape[0]
+
+
+def _quadratic_batch(tokens=6, channels=3):
+    generator = torch.Generator().manual_seed(0)
+    return {"token_features": torch.randn(2, tokens, channels, generator=generator, dtype=torch.float64),
+            "query_embedding": torch.tensor([[1.0, 0.0], [2.0, 0.0]], dtype=torch.float64),
+            "labels": torch.rand(2, tokens, generator=generator, dtype=torch.float64)}
+
+
+@pytest.mark.parametrize("method", ["ggn", "hutchinson_cv"])
+def test_token_precision_matches_the_exact_diagonal_of_a_quadratic(method):
+    batch = _quadratic_batch()
+    model = _LinearTokens(torch.eye(6, dtype=torch.float64), channels=3)  # tokens independent: estimates exact
+    precision, stderr = token_precision(model, batch, method=method, num_probes=2, return_stderr=True)
+    exact = _exact_token_diagonal(model, batch)
+    assert precision.shape == (2, 6)
+    torch.testing.assert_close(precision, exact, rtol=1e-10, atol=1e-12)
+    assert stderr.abs().max() < 1e-10
+    # the second sample's query doubles its scores: 4x the curvature
+    torch.testing.assert_close(precision[1] / precision[0], torch.full((6,), 4.0, dtype=torch.float64))
+
+
+def test_token_precision_is_unbiased_when_tokens_are_coupled():
+    batch = _quadratic_batch()
+    mixing = torch.eye(6, dtype=torch.float64) + 0.5 * torch.ones(6, 6, dtype=torch.float64).triu(1)
+    model = _LinearTokens(mixing, channels=3)
+    exact = _exact_token_diagonal(model, batch)
+    for method in ("ggn", "hutchinson"):
+        precision, stderr = token_precision(model, batch, method=method, num_probes=200, return_stderr=True)
+        assert ((precision - exact).abs() <= 4 * stderr + 1e-12).all(), (method, precision, exact, stderr)
+    assert (token_precision(model, batch, method="ggn", num_probes=4) >= 0).all()
+
+
+def test_token_precision_feeds_the_allocator():
+    batch = _quadratic_batch(tokens=8)
+    model = _LinearTokens(torch.eye(8, dtype=torch.float64), channels=3)
+    precision = token_precision(model, batch)
+    relevance = model.compute_relevance(batch["token_features"], batch["query_embedding"]).sigmoid()
+    indices, budgets = PrecisionAwareAllocator(4, 20, 40, k=3)(relevance.detach(), precision)
+    assert indices.shape == budgets.shape == (2, 3) and (budgets.sum(dim=1) == 40).all()

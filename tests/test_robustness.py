@@ -1,0 +1,175 @@
+"""Robustness evaluation on small stand-in relevance models (per-sample, batched == looped)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from arrcoc_sam.relevance.robustness import PERTURBATIONS, RelevanceRobustness, robustness_report_section
+
+GRID, CHANNELS, QUERY_DIM = 6, 5, 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids oversubscribing the shared cores; restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _pooled_features(pixel_values: torch.Tensor) -> torch.Tensor:
+    """Images [B, 3, H, W] -> [B, GRID², CHANNELS]: pooled RGB, their mean and a squared term."""
+    pooled = F.adaptive_avg_pool2d(pixel_values, GRID).flatten(2).transpose(1, 2)
+    return torch.cat((pooled, pooled.mean(-1, keepdim=True), pooled[..., :1].square()), dim=-1)
+
+
+class TinyRelevance(nn.Module):
+    """relevance = sigmoid(<MLP(f_n), V q> + b): per sample, depends on features, query and weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Sequential(nn.Linear(CHANNELS, 8), nn.Tanh(), nn.Linear(8, 8))
+        self.query = nn.Linear(QUERY_DIM, 8)
+        self.bias = nn.Parameter(torch.tensor(0.1))
+
+    def compute_relevance(self, token_features: torch.Tensor, query_embedding: torch.Tensor) -> torch.Tensor:
+        scores = (self.embed(token_features) * self.query(query_embedding).unsqueeze(1)).sum(-1)
+        return torch.sigmoid(scores + self.bias)
+
+    def token_features(self, pixel_values=None, token_features=None) -> torch.Tensor:
+        return _pooled_features(pixel_values) if token_features is None else token_features
+
+
+class QueryOnlyRelevance(TinyRelevance):
+    """Ignores the image: relevance = sigmoid(P q), with a learned per-token map P [N, D]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.positions = nn.Parameter(torch.randn(GRID * GRID, QUERY_DIM))
+
+    def compute_relevance(self, token_features: torch.Tensor, query_embedding: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(query_embedding @ self.positions.T)
+
+
+def _batch(samples: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "pixel_values": torch.rand(samples, 3, 4 * GRID, 4 * GRID, generator=generator),
+        "query_embedding": torch.randn(samples, QUERY_DIM, generator=generator),
+        "labels": torch.rand(samples, GRID * GRID, generator=generator).round(decimals=1),
+    }
+
+
+def _split(batch: dict[str, torch.Tensor], sizes: list[int]) -> list[dict[str, torch.Tensor]]:
+    parts = {key: value.split(sizes) for key, value in batch.items()}
+    return [{key: parts[key][i] for key in batch} for i in range(len(sizes))]
+
+
+def _model(cls=TinyRelevance, dtype=torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    return cls().to(dtype)
+
+
+def _double(batch):
+    return {key: value.double() for key, value in batch.items()}
+
+
+def test_zero_perturbation_gives_perfect_scores_for_every_perturbation():
+    report = RelevanceRobustness(levels=(0.0,), k=8, num_draws=3).evaluate(_model(dtype=torch.float64), _double(_batch(4)))
+    assert set(report["perturbations"]) == set(PERTURBATIONS)
+    for name, entry in report["perturbations"].items():
+        metrics = entry["levels"]["0"]
+        assert metrics["mean_abs_diff"]["mean"] == pytest.approx(0.0, abs=1e-12), name
+        for metric in ("spearman", "kendall", "topk_jaccard"):
+            assert metrics[metric]["mean"] == pytest.approx(1.0, abs=1e-12), (name, metric)
+        assert metrics["task_metric_drop"]["mean"] == pytest.approx(0.0, abs=1e-12), name
+
+
+def test_input_ignoring_model_is_perfectly_robust_to_input_noise_and_the_report_says_so():
+    report = RelevanceRobustness(k=8, num_draws=4).evaluate(_model(QueryOnlyRelevance), _batch(5))
+    for name in ("input_noise", "feature_noise", "token_dropout"):
+        entry = report["perturbations"][name]
+        assert entry["perfectly_robust"] is True and entry["max_abs_diff"] <= 1e-6
+        assert any(line.startswith(f"{name}: perfectly robust") for line in report["summary"])
+        assert entry["levels"]["0.2"]["spearman"]["mean"] == pytest.approx(1.0)
+    assert report["perturbations"]["weight_random"]["perfectly_robust"] is False
+    json.dumps(report, allow_nan=False)
+
+
+def test_noise_hurts_a_feature_dependent_model_more_at_higher_levels():
+    report = RelevanceRobustness(levels=(0.05, 0.2), k=8, num_draws=4,
+                                 perturbations=("feature_noise", "input_noise")).evaluate(_model(), _batch(6))
+    for name in ("feature_noise", "input_noise"):
+        levels = report["perturbations"][name]["levels"]
+        assert report["perturbations"][name]["perfectly_robust"] is False
+        assert 0 < levels["0.05"]["mean_abs_diff"]["mean"] < levels["0.2"]["mean_abs_diff"]["mean"]
+        stats = levels["0.2"]["mean_abs_diff"]
+        assert stats["ci_low"] <= stats["mean"] <= stats["ci_high"] and stats["n"] == 6
+
+
+def _per_sample(report):
+    return report["per_sample"]
+
+
+def test_batched_and_looped_evaluation_agree_to_1e_6():
+    model, batch = _model(dtype=torch.float64), _double(_batch(5))
+    kwargs = dict(k=8, num_draws=4, per_sample=True, chunk_rows=7)
+    batched = _per_sample(RelevanceRobustness(batched=True, **kwargs).evaluate(model, batch))
+    looped = _per_sample(RelevanceRobustness(batched=False, **kwargs).evaluate(model, batch))
+    assert set(batched) == set(PERTURBATIONS)
+    for name, levels in batched.items():
+        for level, metrics in levels.items():
+            for metric, values in metrics.items():
+                assert values == pytest.approx(looped[name][level][metric], abs=1e-6), (name, level, metric)
+
+
+def test_per_sample_results_do_not_depend_on_batch_composition():
+    model, batch = _model(dtype=torch.float64), _double(_batch(6))
+    evaluator = RelevanceRobustness(k=8, num_draws=3, per_sample=True)
+    whole = _per_sample(evaluator.evaluate(model, batch))
+    pieces = _per_sample(evaluator.evaluate(model, _split(batch, [1, 3, 2])))
+    for name, levels in whole.items():
+        for level, metrics in levels.items():
+            for metric, values in metrics.items():
+                assert values == pytest.approx(pieces[name][level][metric], abs=1e-9), (name, level, metric)
+
+
+def test_missing_images_and_targets_are_skipped_with_a_reason():
+    batch = {"token_features": torch.rand(3, GRID * GRID, CHANNELS), "query_embedding": torch.randn(3, QUERY_DIM)}
+    report = RelevanceRobustness(k=8, num_draws=2).evaluate(_model(), batch)
+    assert set(report["skipped"]) == {"input_noise", "weight_adversarial"}
+    assert "ndcg" not in report["perturbations"]["feature_noise"]["levels"]["0.1"]
+    assert "clean" not in report
+
+
+def test_evaluation_leaves_the_model_unchanged():
+    model = _model()
+    model.train()
+    before = {name: p.detach().clone() for name, p in model.state_dict().items()}
+    RelevanceRobustness(k=8, num_draws=2).evaluate(model, _batch(2))
+    assert model.training
+    assert all(torch.equal(before[name], p) for name, p in model.state_dict().items())
+
+
+def test_report_section_is_a_markdown_table_per_model_and_level():
+    models = {"adamw": _model(), "sam": _model(QueryOnlyRelevance)}
+    text = robustness_report_section(models, _batch(3), k=8, num_draws=2)
+    rows = [line for line in text.splitlines() if line.startswith("| adamw") or line.startswith("| sam")]
+    assert len(rows) == 6
+    assert "| sam | 0.1 | 0.0000 [0.0000, 0.0000] | 1.0000" in text
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"levels": ()}, "levels"), ({"levels": (-0.1,)}, "levels"), ({"perturbations": ("blur",)}, "perturbations"),
+     ({"levels": (1.5,)}, "token_dropout"), ({"k": 0}, "k must be >= 1")],
+)
+def test_invalid_settings_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RelevanceRobustness(**kwargs)
