@@ -17,8 +17,9 @@ from typing import Any
 from torch.optim import Optimizer
 
 from arrcoc_sam.sam.registry import available_methods, build_sam_optimizer
+from arrcoc_sam.sam.sharding import check_fsdp_run
 
-__all__ = ["SCOPES", "SAMSettings", "check_run_compatible", "parse_sam_args"]
+__all__ = ["SCOPES", "SAMSettings", "check_run_compatible", "deepspeed_zero_stage", "fsdp_version_of", "parse_sam_args"]
 
 SCOPES = ("global", "per_device", "microbatch")
 # HF `--optim` values whose update happens inside backward (no p.grad survives for an ascent).
@@ -98,15 +99,26 @@ class SAMSettings:
             ) from error
 
 
+def _load_config(config: dict | str) -> dict:
+    if isinstance(config, str):
+        with open(config, encoding="utf-8") as handle:
+            return json.load(handle)
+    return config
+
+
 def deepspeed_zero_stage(config: dict | str | None) -> int | None:
     """The ZeRO stage of a DeepSpeed config (dict or JSON file path), or None without DeepSpeed."""
     if not config:
         return None
-    if isinstance(config, str):
-        with open(config, encoding="utf-8") as handle:
-            config = json.load(handle)
-    stage = config.get("zero_optimization", {}).get("stage", 0)
+    stage = _load_config(config).get("zero_optimization", {}).get("stage", 0)
     return stage if isinstance(stage, int) else None
+
+
+def fsdp_version_of(fsdp: Any, fsdp_config: dict | str | None) -> int | None:
+    """The FSDP version a ``TrainingArguments`` run will use (transformers' default: 2), or None without FSDP."""
+    if not fsdp:
+        return None
+    return int(_load_config(fsdp_config).get("version", 2)) if fsdp_config else 2
 
 
 def check_run_compatible(
@@ -115,14 +127,15 @@ def check_run_compatible(
     gradient_accumulation_steps: int,
     optim: Any,
     zero_stage: int | None,
-    fsdp: bool,
+    fsdp_version: int | None,
 ) -> None:
     """Refuse runs where the ascent cannot be computed correctly, naming the argument to change.
 
     Raises:
         ValueError: LOMO/AdaLomo or a layer-wise ``--optim`` (the update happens inside backward),
-            DeepSpeed ZeRO >= 2 (gradients live outside ``p.grad``), FSDP (``p.grad`` is a shard, so the
-            global norm would be wrong), or ``sam_scope=microbatch`` with ``gradient_accumulation_steps=1``.
+            DeepSpeed ZeRO >= 2 (gradients live outside ``p.grad``), FSDP1 or a non-global scope under FSDP2
+            (:func:`arrcoc_sam.sam.sharding.check_fsdp_run`; ``fsdp_version`` is None without FSDP), or
+            ``sam_scope=microbatch`` with ``gradient_accumulation_steps=1``.
     """
     if not settings.enabled:
         return
@@ -137,10 +150,7 @@ def check_run_compatible(
             f"DeepSpeed ZeRO stage {zero_stage} keeps gradients outside p.grad, which SAM's ascent needs; "
             "use ZeRO stage 0/1, plain DDP, or --optimizer none"
         )
-    if fsdp:
-        raise ValueError(
-            "FSDP shards p.grad across ranks, so SAM's global gradient norm would be wrong; use DDP or --optimizer none"
-        )
+    check_fsdp_run(settings.scope, fsdp_version)
     if settings.scope == "microbatch" and gradient_accumulation_steps == 1:
         raise ValueError(
             "sam_scope=microbatch takes one ascent per micro-batch of an accumulation window, but "

@@ -14,6 +14,11 @@ Scopes (the ascent direction): ``global`` takes ε from the all-reduced window g
 from each rank's own window gradient (pass 1 of the last micro-batch runs under ``no_sync`` too);
 ``microbatch`` (mSAM) from each micro-batch's own gradient, with its own second pass right away.
 The replay runs under :func:`preserve_running_stats`, so BatchNorm-style statistics move once per step.
+
+Metrics (:class:`SAMMetrics`): ``loss_perturbed`` and ``sharpness`` are per-window sums in the units of the
+clean loss the loop logs; ``grad_norm``/``grad_norm_perturbed``/``grad_cosine``/``rho`` are the optimizer's
+``stats`` after each ascent (gradient norms divided by the GradScaler scale). Under ``microbatch`` the
+second-pass figures are measured on the gradient accumulated so far in the window.
 """
 
 from __future__ import annotations
@@ -93,6 +98,8 @@ class SAMWindow:
         self._ascend = False
         self._batches: list[Any] = []
         self._clean: Tensor | None = None
+        self._perturbed_sum: Tensor | None = None  # microbatch scope: Σ pass-2 losses (clean ones where skipped)
+        self._any_ascent = False
 
     def micro_step(self, model: nn.Module, optimizer: Optimizer, batch: Any, run_pass: RunPass) -> Tensor:
         """Pass 1 on ``batch``; on the last micro-batch of the window also the ascent, the replay and the restore.
@@ -109,6 +116,8 @@ class SAMWindow:
                 self._open = True
             if self._ascend and self.scope == "microbatch":
                 loss = self._microbatch_step(model, optimizer, batch, run_pass, last)
+                if last and self._any_ascent:
+                    self._record_losses(clean=self._clean, perturbed=self._perturbed_sum)
             else:
                 if self._ascend:
                     self._batches.append(batch)
@@ -147,7 +156,8 @@ class SAMWindow:
                 optimizer.restore()
         self.metrics.add_skipped(getattr(optimizer, "skipped_steps", 0) - skipped_before)
         if ok:
-            self._record(optimizer, scale, clean=self._clean, perturbed=perturbed)
+            self._record_losses(clean=self._clean, perturbed=perturbed)
+            self._record_stats(optimizer, scale)
 
     # -- microbatch (mSAM): an ascent per micro-batch from its own gradient ---------------------------
     def _microbatch_step(
@@ -177,7 +187,12 @@ class SAMWindow:
                 optimizer.restore()
         self.metrics.add_skipped(getattr(optimizer, "skipped_steps", 0) - skipped_before)
         if ok:
-            self._record(optimizer, scale, clean=loss, perturbed=perturbed)
+            self._record_stats(optimizer, scale)
+        # Window sums, comparable with the logged loss; a micro-batch without ascent contributes its clean loss.
+        contribution = perturbed if ok else loss
+        self._clean = loss if self._clean is None else self._clean + loss
+        self._perturbed_sum = contribution if self._perturbed_sum is None else self._perturbed_sum + contribution
+        self._any_ascent = self._any_ascent or ok
         return loss
 
     # -- helpers ---------------------------------------------------------------------------------------
@@ -189,9 +204,11 @@ class SAMWindow:
         scaler = getattr(self.accelerator, "scaler", None)
         return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
 
-    def _record(self, optimizer: Optimizer, scale: float, *, clean: Tensor, perturbed: Tensor) -> None:
+    def _record_losses(self, *, clean: Tensor, perturbed: Tensor) -> None:
         self.metrics.add("loss_perturbed", perturbed)
         self.metrics.add("sharpness", perturbed - clean)
+
+    def _record_stats(self, optimizer: Optimizer, scale: float) -> None:
         stats = getattr(optimizer, "stats", {})
         for key in _STAT_KEYS:
             if key in stats:
@@ -201,7 +218,8 @@ class SAMWindow:
     def _close(self) -> None:
         self._open = False
         self._batches = []
-        self._clean = None
+        self._clean = self._perturbed_sum = None
+        self._any_ascent = False
 
 
 @torch.no_grad()

@@ -1,0 +1,98 @@
+"""Sharpness-aware minimisation in a plain Accelerate loop.
+
+Prepare the base optimizer as usual, wrap it once, and let one call per micro-batch run both passes::
+
+    model, optimizer, loader = accelerator.prepare(model, torch.optim.AdamW(model.parameters()), loader)
+    sam = AcceleratedSAM(accelerator, model, optimizer, method="sam", rho=0.05)
+    for batch in loader:
+        with accelerator.accumulate(model):
+            loss = sam.backward(lambda m, b: m(**b).loss, batch)   # pass 1 (+ ascent, replay, restore)
+            optimizer.step(); scheduler.step(); optimizer.zero_grad()
+
+``backward`` runs the loss closure with ``accelerator.backward`` (so the GradScaler under fp16 and the
+accumulation scaling apply). On the last micro-batch of an accumulation window
+(``accelerator.sync_gradients``) it takes the ascent from the accumulated gradient, replays the window's
+micro-batches at w + ε (``no_sync`` on all but the last, forward and backward), and copies the clean
+weights back even if a pass raises. ``optimizer.step()`` then steps the base optimizer on the
+sharpness-aware gradient; under fp16 the GradScaler unscales it and skips non-finite steps as usual.
+The window keeps references to its micro-batches until the ascent (``global``/``per_device`` scopes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from accelerate.utils import DistributedType
+from torch import Tensor, nn
+
+from arrcoc_sam.integrations._settings import SAMSettings, check_run_compatible
+from arrcoc_sam.integrations._window import SAMWindow
+
+__all__ = ["AcceleratedSAM"]
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+
+
+class AcceleratedSAM:
+    """The two passes of a sharpness-aware step for a loop built on ``accelerate``.
+
+    Args:
+        accelerator: the ``Accelerator`` that prepared ``model`` and ``optimizer``.
+        model: the prepared model (DDP-wrapped when distributed).
+        optimizer: the prepared base optimizer (an ``AcceleratedOptimizer``) or a plain one; the user keeps
+            calling its ``step()``/``zero_grad()``.
+        method: any name from :func:`arrcoc_sam.sam.registry.available_methods` except ``"none"``.
+        scope: ``global`` (ε from the all-reduced gradient), ``per_device`` (each rank's own, pass 1 under
+            ``no_sync``) or ``microbatch`` (one ascent per micro-batch, needs gradient accumulation).
+        rho, eta, interval: the method's knobs (``None``: its default); ``knobs``: any further ones.
+    """
+
+    def __init__(
+        self,
+        accelerator: Any,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        method: str = "sam",
+        *,
+        scope: str = "global",
+        rho: float | None = None,
+        eta: float | None = None,
+        interval: int | None = None,
+        **knobs: Any,
+    ) -> None:
+        settings = SAMSettings(method=method, rho=rho, eta=eta, scope=scope, interval=interval, extra=knobs)
+        if not settings.enabled:
+            raise ValueError("method='none' needs no AcceleratedSAM: call accelerator.backward(loss) directly")
+        plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+        fsdp_plugin = getattr(accelerator.state, "fsdp_plugin", None)
+        check_run_compatible(
+            settings,
+            gradient_accumulation_steps=accelerator.gradient_accumulation_steps,
+            optim="",
+            zero_stage=plugin.zero_stage if plugin is not None else None,
+            fsdp_version=fsdp_plugin.fsdp_version if accelerator.distributed_type == DistributedType.FSDP else None,
+        )
+        self.accelerator = accelerator
+        self.model = model
+        base = getattr(optimizer, "optimizer", optimizer)
+        self.sam_optimizer = settings.build(base)
+        self._window = SAMWindow(accelerator, settings.scope)
+
+    def backward(self, loss_fn: LossFn, batch: Any) -> Tensor:
+        """Pass 1 of ``loss_fn(model, batch)``; on the window's last micro-batch also ascent, replay, restore.
+
+        Returns the clean loss (detached, as computed, before accumulation scaling).
+        """
+
+        def run_pass(micro_batch: Any) -> Tensor:
+            loss = loss_fn(self.model, micro_batch)
+            self.accelerator.backward(loss)
+            return loss.detach()
+
+        return self._window.micro_step(self.model, self.sam_optimizer, batch, run_pass)
+
+    def metrics(self) -> dict[str, float]:
+        """``sam/*`` averages since the last call, pooled over ranks (all ranks must call it together)."""
+        return self._window.metrics.read(self.accelerator)

@@ -1,0 +1,77 @@
+"""``python -m arrcoc_sam.launch SCRIPT.py --optimizer sam --rho 0.05 SCRIPT_ARGS...``
+
+Runs an unmodified Hugging Face training script with sharpness-aware minimisation. Our flags
+(``--optimizer``, ``--rho``, ``--sam_eta``, ``--sam_scope``, ``--sam_interval``, ``--sam_args``) are taken out
+of the command line — exact names only, so the script's ``--optim`` is never mistaken for ``--optimizer`` —
+and everything else goes to the script, in order, as its ``sys.argv``. While the script runs,
+``transformers.Trainer`` (the class object, so ``Seq2SeqTrainer`` and other subclasses inherit it) trains
+with SAM. Works the same under ``torchrun ... -m arrcoc_sam.launch`` and ``accelerate launch ... -m
+arrcoc_sam.launch``: every process patches its own Trainer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import runpy
+import sys
+
+from arrcoc_sam.integrations.trainer import SAMArguments, patched_trainer
+
+__all__ = ["main", "split_argv"]
+
+_USAGE = "python -m arrcoc_sam.launch SCRIPT.py [--optimizer NAME] [--rho R] [--sam_* ...] [SCRIPT ARGS...]"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="arrcoc_sam.launch", usage=_USAGE, add_help=False, allow_abbrev=False)
+    for spec in dataclasses.fields(SAMArguments):
+        kwargs = {"default": spec.default, "help": spec.metadata.get("help")}
+        kind = {"rho": float, "sam_eta": float, "sam_interval": int}.get(spec.name, str)
+        parser.add_argument(f"--{spec.name}", type=kind, choices=spec.metadata.get("choices"), **kwargs)
+    return parser
+
+
+def split_argv(argv: list[str]) -> tuple[SAMArguments, str, list[str]]:
+    """``(our flags, the script path, the script's own arguments in order)`` from the launcher's argv.
+
+    Raises:
+        SystemExit: no script was given (usage printed), or one of our flags has a bad value.
+    """
+    parser = _parser()
+    namespace, rest = parser.parse_known_args(argv)
+    if not rest or rest[0].startswith("-"):
+        parser.error(f"the first argument that is not a SAM flag must be the training script; got {rest[:1]}")
+    return SAMArguments(**vars(namespace)), rest[0], rest[1:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the script with SAM; returns its exit status (0 when it returns normally, 2 for bad launcher flags)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        _parser().print_help()
+        return 0
+    sam_args, script, script_argv = split_argv(argv)
+    try:
+        settings = sam_args.sam_settings()
+    except ValueError as error:
+        print(f"arrcoc_sam.launch: error: {error}", file=sys.stderr)
+        return 2
+    if not os.path.isfile(script):
+        print(f"arrcoc_sam.launch: error: training script {script!r} not found", file=sys.stderr)
+        return 2
+    saved_argv, saved_path = sys.argv[:], sys.path[:]
+    sys.argv = [script, *script_argv]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    try:
+        with patched_trainer(settings):
+            runpy.run_path(script, run_name="__main__")
+    except SystemExit as exit_:
+        if exit_.code is None or isinstance(exit_.code, int):
+            return exit_.code or 0
+        print(exit_.code, file=sys.stderr)
+        return 1
+    finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
+    return 0

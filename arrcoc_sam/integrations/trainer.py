@@ -1,0 +1,231 @@
+"""SAMTrainer and SAMTrainingArguments: sharpness-aware training inside the stock ``transformers.Trainer`` loop.
+
+Only ``training_step``, ``create_optimizer`` and ``log`` change. Micro-batches of an accumulation window
+run the stock ``training_step`` unchanged (pass 1, the logged loss); on the last one
+(``accelerator.sync_gradients``) the optimizer takes its ascent from the accumulated gradient, every
+micro-batch of the window is replayed at w + ε with the same ``num_items_in_batch`` (``no_sync`` on all
+but the last), and the clean weights are copied back in ``finally``. The Trainer's own clip → optimizer
+step (with its GradScaler) → scheduler path then runs once, on the sharpness-aware gradient. Because both
+passes go through the stock ``training_step``, every loss normalisation the Trainer applies (including
+transformers issue 47688's scaling by GA steps / world size) applies to both passes alike.
+
+The sharpness-aware optimizer wraps the base optimizer that ``--optim`` (or ``optimizers=``) builds; its
+``state_dict`` is the base optimizer's, so checkpoints and ``resume_from_checkpoint`` work unchanged.
+Methods are driven only through their hooks (``before_first_pass``, ``ascent_this_step``,
+``after_first_pass``, ``perturb``, ``restore``), so every method registered in
+:mod:`arrcoc_sam.sam.registry` works with ``--optimizer NAME``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from arrcoc_sam.integrations._settings import (
+    SCOPES,
+    SAMSettings,
+    check_run_compatible,
+    deepspeed_zero_stage,
+    fsdp_version_of,
+    parse_sam_args,
+)
+from arrcoc_sam.integrations._window import SAMWindow
+
+__all__ = ["SAMArguments", "SAMTrainer", "SAMTrainingArguments", "patched_trainer"]
+
+# The stock implementations, captured before any patching; SAM code calls these, never super(), so the
+# same functions serve SAMTrainer and a patched transformers.Trainer.
+_STOCK_TRAINING_STEP = Trainer.training_step
+_STOCK_CREATE_OPTIMIZER = Trainer.create_optimizer
+_STOCK_LOG = Trainer.log
+_PATCHED_METHODS = ("training_step", "create_optimizer", "log")
+_launch_settings: SAMSettings | None = None
+
+
+@dataclass
+class SAMArguments:
+    """The sharpness-aware flags (also parsed alone by ``python -m arrcoc_sam.launch``)."""
+
+    optimizer: str = field(
+        default="sam",
+        metadata={"help": "Sharpness-aware method: none, sam, asam, or any registered variant. "
+                  "HF's --optim stays the base optimizer."},
+    )
+    rho: float | None = field(
+        default=None, metadata={"help": "Neighbourhood radius rho (default: the method's, 0.05 SAM, 0.5 ASAM)."}
+    )
+    sam_eta: float | None = field(default=None, metadata={"help": "ASAM's eta (default 0.01)."})
+    sam_scope: str = field(
+        default="global",
+        metadata={"help": "Gradient the ascent comes from: global (all-reduced), per_device (own shard, "
+                  "no_sync) or microbatch (mSAM, one ascent per micro-batch).", "choices": list(SCOPES)},
+    )
+    sam_interval: int | None = field(
+        default=None, metadata={"help": "Ascent every N optimizer steps, for methods that take it."}
+    )
+    sam_args: str | None = field(
+        default=None,
+        metadata={"help": "Further knobs for the method's builder, 'name=value,name=value' (e.g. 'alpha=0.7')."},
+    )
+
+    def sam_settings(self) -> SAMSettings:
+        """The validated settings; raises ValueError naming the bad flag."""
+        return SAMSettings(
+            method=self.optimizer,
+            rho=self.rho,
+            eta=self.sam_eta,
+            scope=self.sam_scope,
+            interval=self.sam_interval,
+            extra=parse_sam_args(self.sam_args),
+        )
+
+
+@dataclass
+class SAMTrainingArguments(TrainingArguments, SAMArguments):
+    """``TrainingArguments`` plus ``--optimizer``, ``--rho``, ``--sam_eta``, ``--sam_scope``, ``--sam_interval``
+    and ``--sam_args`` (knobs of variants, forwarded to the registry builder). Parsed by ``HfArgumentParser``.
+
+    Refuses (ValueError) unknown methods and runs SAM cannot serve: LOMO/AdaLomo/layer-wise ``--optim``,
+    DeepSpeed ZeRO >= 2, FSDP1 or a non-global scope under FSDP2, and ``sam_scope=microbatch`` with
+    ``gradient_accumulation_steps=1``.
+    """
+
+    def __post_init__(self) -> None:
+        check_run_compatible(
+            self.sam_settings(),
+            gradient_accumulation_steps=self.gradient_accumulation_steps,
+            optim=self.optim,
+            zero_stage=deepspeed_zero_stage(self.deepspeed),
+            fsdp_version=fsdp_version_of(self.fsdp, self.fsdp_config),
+        )
+        super().__post_init__()
+
+
+class _SAMTrainerMethods:
+    """The overrides, written against ``Trainer``'s stock functions so they can also be set on ``Trainer`` itself."""
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """Build the base optimizer as the stock Trainer does (``--optim``), then wrap it in the chosen method."""
+        optimizer = _STOCK_CREATE_OPTIMIZER(self, model)
+        settings = _run_settings(self)
+        if settings.enabled and _sam_inside(optimizer) is None:
+            self.optimizer = settings.build(optimizer)
+        return self.optimizer
+
+    def training_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        """Stock pass 1 on this micro-batch; on the window's last one, the ascent, the replay and the restore."""
+        settings = _run_settings(self)
+        if not settings.enabled:
+            return _STOCK_TRAINING_STEP(self, model, inputs, num_items_in_batch)
+        window = self.__dict__.get("_sam_window")
+        if window is None or window.accelerator is not self.accelerator or window.scope != settings.scope:
+            window = self._sam_window = SAMWindow(self.accelerator, settings.scope)
+
+        def run_pass(batch: dict[str, Any]) -> torch.Tensor:
+            return _STOCK_TRAINING_STEP(self, model, dict(batch), num_items_in_batch)
+
+        return window.micro_step(model, _sam_optimizer(self.optimizer), dict(inputs), run_pass)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the ``sam/*`` averages of the logging window to the training log (all ranks call this together)."""
+        window = self.__dict__.get("_sam_window")
+        if window is not None and "loss" in logs:
+            logs = {**logs, **window.metrics.read(self.accelerator)}
+        _STOCK_LOG(self, logs, start_time)
+
+
+class SAMTrainer(_SAMTrainerMethods, Trainer):
+    """``transformers.Trainer`` with sharpness-aware minimisation.
+
+    Settings come from ``args`` when it is a :class:`SAMTrainingArguments`; with plain ``TrainingArguments``
+    from ``python -m arrcoc_sam.launch`` flags if launched that way, else SAM with its defaults.
+    Extra log keys (averaged over the logging window, pooled over ranks): ``sam/loss_perturbed``,
+    ``sam/sharpness`` (perturbed − clean loss), ``sam/grad_norm``, ``sam/grad_norm_perturbed``,
+    ``sam/grad_cosine``, ``sam/rho``, ``sam/skipped_steps`` (ascents skipped in the window).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _run_settings(self)
+
+
+def _settings_for(trainer: Trainer) -> SAMSettings:
+    if isinstance(trainer.args, SAMArguments):
+        return trainer.args.sam_settings()
+    if _launch_settings is not None:
+        return _launch_settings
+    return SAMSettings() if isinstance(trainer, SAMTrainer) else SAMSettings(method="none")
+
+
+def _run_settings(trainer: Trainer) -> SAMSettings:
+    """The trainer's settings, checked against its run once (cached on the trainer)."""
+    cached = trainer.__dict__.get("_sam_settings")
+    if cached is not None and cached[0] is trainer.args:
+        return cached[1]
+    settings = _settings_for(trainer)
+    zero_stage = fsdp_version = None
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        zero_stage = trainer.accelerator.state.deepspeed_plugin.zero_stage
+    if getattr(trainer, "is_fsdp_enabled", False):
+        fsdp_version = getattr(trainer.accelerator.state.fsdp_plugin, "fsdp_version", 1)
+    check_run_compatible(
+        settings,
+        gradient_accumulation_steps=trainer.args.gradient_accumulation_steps,
+        optim=trainer.args.optim,
+        zero_stage=zero_stage,
+        fsdp_version=fsdp_version,
+    )
+    trainer._sam_settings = (trainer.args, settings)
+    return settings
+
+
+def _sam_inside(optimizer: Any) -> torch.optim.Optimizer | None:
+    """The optimizer with sharpness-aware hooks in ``optimizer``'s ``.optimizer`` chain (Accelerate wrappers), if any."""
+    inner = optimizer
+    while inner is not None:
+        if all(hasattr(inner, hook) for hook in ("perturb", "restore", "ascent_this_step")):
+            return inner
+        inner = getattr(inner, "optimizer", None)
+    return None
+
+
+def _sam_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The sharpness-aware optimizer inside Accelerate's wrapper(s)."""
+    inner = _sam_inside(optimizer)
+    if inner is None:
+        raise TypeError(
+            f"the Trainer's optimizer {type(optimizer).__name__} has no sharpness-aware hooks: SAMTrainer wraps "
+            "it in create_optimizer, so a subclass overriding create_optimizer must call super().create_optimizer()"
+        )
+    return inner
+
+
+@contextlib.contextmanager
+def patched_trainer(settings: SAMSettings) -> Iterator[None]:
+    """Within the block, every ``transformers.Trainer`` (and subclass, e.g. ``Seq2SeqTrainer``) trains with ``settings``.
+
+    Patches ``training_step``, ``create_optimizer`` and ``log`` on the ``Trainer`` class object and
+    restores the originals on exit. A subclass that overrides ``training_step`` itself keeps its own.
+    """
+    global _launch_settings
+    originals = {name: Trainer.__dict__[name] for name in _PATCHED_METHODS}
+    _launch_settings = settings
+    for name in _PATCHED_METHODS:
+        setattr(Trainer, name, _SAMTrainerMethods.__dict__[name])
+    try:
+        yield
+    finally:
+        for name, function in originals.items():
+            setattr(Trainer, name, function)
+        _launch_settings = None

@@ -1,0 +1,58 @@
+"""Two-process checks of AcceleratedSAM in a plain Accelerate loop (run inside dist_scripts/trainer_ddp.py).
+
+Global scope with 2 × (GA 2 × batch 2) must match one full-batch SAM reference of 8; per_device scope must
+keep the replicas bitwise identical.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from accelerate_common import LR, batches, flat, mse, reference_sam, regression_data, tiny_mlp  # noqa: E402
+
+from arrcoc_sam.integrations.accelerate import AcceleratedSAM  # noqa: E402
+
+torch.set_num_threads(1)
+STEPS = 5
+
+
+def _run(accelerator: Accelerator, scope: str) -> torch.nn.Module:
+    model = tiny_mlp()
+    loader = DataLoader(regression_data(8 * STEPS), batch_size=2)  # sharded: rank r gets batches r, r + 2, ...
+    model, optimizer, loader = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR), loader)
+    sam = AcceleratedSAM(accelerator, model, optimizer, method="sam", rho=0.1, scope=scope)
+    for batch in loader:
+        with accelerator.accumulate(model):
+            sam.backward(mse, batch)
+            optimizer.step()
+            optimizer.zero_grad()
+    sam.metrics()
+    return accelerator.unwrap_model(model)
+
+
+def _same_on_all_ranks(vector: torch.Tensor) -> bool:
+    gathered = [torch.empty_like(vector) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, vector)
+    return all(torch.equal(gathered[0], other) for other in gathered)
+
+
+def accelerate_checks() -> dict:
+    """This rank's measurements (every rank must call it)."""
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    global_model = _run(accelerator, "global")
+    reference = reference_sam(tiny_mlp(), batches(regression_data(8 * STEPS), 8), rho=0.1)
+    result = {
+        "global_reference_diff": float((flat(global_model) - flat(reference)).abs().max()),
+        "global_replicas_equal": _same_on_all_ranks(flat(global_model)),
+    }
+    local_model = _run(accelerator, "per_device")
+    result["per_device_replicas_equal"] = _same_on_all_ranks(flat(local_model))
+    result["per_device_differs_from_global"] = float((flat(local_model) - flat(global_model)).abs().max())
+    return result

@@ -1,0 +1,65 @@
+"""AcceleratedSAM in a plain Accelerate loop: accumulation, GradScaler, refusals (one CPU process).
+
+Its two-process checks run inside tests/test_trainer_ddp.py (one torchrun start-up for both integrations).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+
+from arrcoc_sam.integrations.accelerate import AcceleratedSAM
+
+sys.path.insert(0, str(Path(__file__).parent / "dist_scripts"))
+from accelerate_common import LR, batches, flat, mse, reference_sam, regression_data, tiny_mlp  # noqa: E402
+
+
+def _loop(accumulation: int, micro_size: int, steps: int, scaler: torch.amp.GradScaler | None = None, **sam_kwargs):
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
+    accelerator.scaler = scaler
+    model = tiny_mlp()
+    loader = DataLoader(regression_data(micro_size * accumulation * steps), batch_size=micro_size)
+    model, optimizer, loader = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR), loader)
+    sam = AcceleratedSAM(accelerator, model, optimizer, **sam_kwargs)
+    losses = []
+    for batch in loader:
+        with accelerator.accumulate(model):
+            losses.append(sam.backward(mse, batch))
+            optimizer.step()
+            optimizer.zero_grad()
+    return model, sam, losses
+
+
+def test_accumulated_loop_matches_full_batch_sam_reference():
+    model, sam, losses = _loop(accumulation=2, micro_size=4, steps=3, method="sam", rho=0.1)
+    reference = reference_sam(tiny_mlp(), batches(regression_data(24), 8), rho=0.1)
+    assert (flat(model) - flat(reference)).abs().max() < 1e-6
+    metrics = sam.metrics()
+    assert metrics["sam/rho"] == pytest.approx(0.1)
+    assert metrics["sam/skipped_steps"] == 0
+    assert metrics["sam/sharpness"] > 0
+    assert len(losses) == 6 and losses[0] == mse(tiny_mlp(), batches(regression_data(24), 4)[0]).detach()
+
+
+def test_grad_scaler_path_matches_unscaled_loop():
+    plain, _, _ = _loop(accumulation=2, micro_size=4, steps=3, method="sam", rho=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    scaled, _, _ = _loop(accumulation=2, micro_size=4, steps=3, scaler=scaler, method="sam", rho=0.1)
+    assert (flat(plain) - flat(scaled)).abs().max() < 1e-6
+    assert scaler.state_dict()["_growth_tracker"] == 3  # three unskipped scaled steps went through the scaler
+
+
+def test_refuses_none_and_microbatch_without_accumulation():
+    accelerator = Accelerator(cpu=True)
+    model = tiny_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    with pytest.raises(ValueError, match="method='none' needs no AcceleratedSAM"):
+        AcceleratedSAM(accelerator, model, optimizer, method="none")
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=1"):
+        AcceleratedSAM(accelerator, model, optimizer, scope="microbatch")
+

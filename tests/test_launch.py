@@ -1,0 +1,93 @@
+"""`python -m arrcoc_sam.launch SCRIPT.py --optimizer sam ...` runs an unmodified HF script with SAM."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Seq2SeqTrainer, Trainer
+
+from arrcoc_sam.integrations._settings import SAMSettings
+from arrcoc_sam.integrations.launch import main, split_argv
+from arrcoc_sam.integrations.trainer import _STOCK_TRAINING_STEP, patched_trainer
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_token_classification.py"
+SAM_KEYS = {"sam/loss_perturbed", "sam/sharpness", "sam/grad_norm", "sam/grad_norm_perturbed", "sam/grad_cosine",
+            "sam/rho", "sam/skipped_steps"}
+
+
+def _conll(path: Path, sentences: int = 32) -> Path:
+    rng = random.Random(0)
+    tags = {"john": "B-person", "mary": "B-person", "paris": "B-geo", "google": "B-company"}
+    words = [*tags, "the", "went", "to", "likes", "big", "city", "red"]
+    lines = []
+    for _ in range(sentences):
+        lines += [f"{w}\t{tags.get(w, 'O')}" for w in rng.choices(words, k=rng.randint(3, 8))] + [""]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _script_args(tmp_path: Path) -> list[str]:
+    return ["--train_file", str(_conll(tmp_path / "ner.txt")), "--tiny", "--output_dir", str(tmp_path / "out"),
+            "--optim", "adamw_torch", "--max_steps", "2", "--per_device_train_batch_size", "4",
+            "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--use_cpu",
+            "--disable_tqdm", "true"]
+
+
+def _sam_log(tmp_path: Path) -> list[dict]:
+    history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+    return [h for h in history if "loss" in h]
+
+
+def test_split_argv_leaves_script_flags_alone_and_takes_no_abbreviations():
+    sam, script, rest = split_argv(["train.py", "--optim", "adamw_torch", "--optimizer", "asam", "--rho", "0.5",
+                                    "--output_dir", "o", "--sam_scope", "per_device", "--optimiz", "x"])
+    assert (sam.optimizer, sam.rho, sam.sam_scope, script) == ("asam", 0.5, "per_device", "train.py")
+    assert rest == ["--optim", "adamw_torch", "--output_dir", "o", "--optimiz", "x"]
+    with pytest.raises(SystemExit):
+        split_argv(["train.py", "--sam_scope", "everywhere"])
+    with pytest.raises(SystemExit):
+        split_argv(["--optimizer", "sam"])
+
+
+def test_bad_launcher_flags_exit_2_with_the_reason(capsys):
+    assert main([str(SCRIPT), "--optimizer", "sharp"]) == 2
+    assert "optimizer must be one of none, " in capsys.readouterr().err
+    assert main(["missing_script.py", "--optimizer", "sam"]) == 2
+    assert "training script 'missing_script.py' not found" in capsys.readouterr().err
+
+
+def test_patch_reaches_trainer_subclasses_and_is_undone():
+    with patched_trainer(SAMSettings()):
+        assert Seq2SeqTrainer.training_step is not _STOCK_TRAINING_STEP
+        assert Seq2SeqTrainer.training_step is Trainer.training_step
+    assert Trainer.training_step is _STOCK_TRAINING_STEP
+
+
+def test_launcher_runs_unmodified_script_with_sam(tmp_path):
+    text = SCRIPT.read_text()
+    assert "import arrcoc_sam" not in text and "from arrcoc_sam" not in text
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = main([str(SCRIPT), "--optimizer", "sam", "--rho", "0.05", *_script_args(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    logs = _sam_log(tmp_path)
+    assert len(logs) == 2 and all(set(h) >= SAM_KEYS for h in logs)
+    assert logs[0]["sam/rho"] == pytest.approx(0.05)
+    assert Trainer.training_step is _STOCK_TRAINING_STEP
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_launcher_under_torchrun_two_processes(run_torchrun, tmp_path):
+    run_torchrun("arrcoc_sam.launch", str(SCRIPT), "--optimizer", "asam", "--sam_scope", "per_device",
+                 *_script_args(tmp_path), module=True)
+    logs = _sam_log(tmp_path)
+    assert len(logs) == 2 and all(set(h) >= SAM_KEYS for h in logs)
+    assert logs[0]["sam/rho"] == pytest.approx(0.5)

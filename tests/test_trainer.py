@@ -1,0 +1,292 @@
+"""SAMTrainer semantics on one CPU process, checked against a hand-written SAM/ASAM reference."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from arrcoc_sam import SAMTrainer, SAMTrainingArguments
+from arrcoc_sam.sam import registry
+from arrcoc_sam.sam.optimizer import SAM
+
+sys.path.insert(0, str(Path(__file__).parent / "dist_scripts"))
+from trainer_common import flat_params, tiny_bert, token_dataset, token_sum_loss, trainer_kwargs  # noqa: E402
+
+LR = 0.05
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest single-threaded on the shared 2-core machine; restore the setting afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _train(tmp_path, trainer_cls=SAMTrainer, args_cls=SAMTrainingArguments, model=None, data=None,
+           trainer_extra=None, **overrides):
+    model = tiny_bert() if model is None else model
+    args = args_cls(**trainer_kwargs(str(tmp_path / "out"), **{"learning_rate": LR, **overrides}))
+    extra = {"compute_loss_func": token_sum_loss, **(trainer_extra or {})}
+    trainer = trainer_cls(model=model, args=args, train_dataset=token_dataset(24) if data is None else data, **extra)
+    trainer.train()
+    return trainer
+
+
+def _reference_sam(model, windows, rho, adaptive, eta=0.01, microbatch=False):
+    """Hand-written SAM / ASAM with plain SGD, one list of micro-batches per step (independent of the engine)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(micro, count):
+        out = model(input_ids=micro["input_ids"], attention_mask=micro["attention_mask"])
+        return torch.autograd.grad(token_sum_loss(out, micro["labels"], count), params)
+
+    def ascent(g):
+        with torch.no_grad():
+            t = [p.abs() + eta if adaptive else torch.ones_like(p) for p in params]
+            norm = torch.sqrt(sum(((ti * gi) ** 2).sum() for ti, gi in zip(t, g, strict=True)))
+            return [rho * ti * ti * gi / norm for ti, gi in zip(t, g, strict=True)]
+
+    def at(eps, micro, count):
+        with torch.no_grad():
+            for p, e in zip(params, eps, strict=True):
+                p.add_(e)
+        g = grads(micro, count)
+        with torch.no_grad():
+            for p, e in zip(params, eps, strict=True):
+                p.sub_(e)
+        return g
+
+    for window in windows:
+        count = sum(int(m["labels"].ne(-100).sum()) for m in window)
+        if microbatch:
+            g_sam = [sum(gs) for gs in zip(*(at(ascent(grads(m, count)), m, count) for m in window), strict=True)]
+        else:
+            g = [sum(gs) for gs in zip(*(grads(m, count) for m in window), strict=True)]
+            eps = ascent(g)
+            g_sam = [sum(gs) for gs in zip(*(at(eps, m, count) for m in window), strict=True)]
+        with torch.no_grad():
+            for p, gs in zip(params, g_sam, strict=True):
+                p.sub_(LR * gs)
+    return model
+
+
+def _windows(data, micro_size, accumulation, steps):
+    stacked = [{k: torch.stack([row[k] for row in data[i:i + micro_size]]) for k in data[0]}
+               for i in range(0, len(data), micro_size)]
+    return [stacked[s * accumulation:(s + 1) * accumulation] for s in range(steps)]
+
+
+@pytest.mark.parametrize("method,rho", [("sam", 0.05), ("asam", 0.5)])
+def test_accumulation_4x2_matches_1x8_and_reference(tmp_path, method, rho):
+    data = token_dataset(24)
+    full = _train(tmp_path / "a", optimizer=method, rho=rho, per_device_train_batch_size=8, max_steps=3)
+    accumulated = _train(tmp_path / "b", optimizer=method, rho=rho, per_device_train_batch_size=2,
+                         gradient_accumulation_steps=4, max_steps=3)
+    reference = _reference_sam(tiny_bert(), _windows(data, 8, 1, 3), rho=rho, adaptive=method == "asam")
+    assert (flat_params(full.model) - flat_params(accumulated.model)).abs().max() < 1e-6
+    assert (flat_params(full.model) - flat_params(reference)).abs().max() < 1e-6
+    assert (flat_params(full.model) - flat_params(tiny_bert())).abs().max() > 1e-3
+
+
+def test_microbatch_scope_takes_one_ascent_per_micro_batch(tmp_path):
+    data = token_dataset(24)
+    trainer = _train(tmp_path, sam_scope="microbatch", rho=0.05, per_device_train_batch_size=4,
+                     gradient_accumulation_steps=2, max_steps=3)
+    reference = _reference_sam(tiny_bert(), _windows(data, 4, 2, 3), rho=0.05, adaptive=False, microbatch=True)
+    window_reference = _reference_sam(tiny_bert(), _windows(data, 4, 2, 3), rho=0.05, adaptive=False)
+    assert (flat_params(trainer.model) - flat_params(reference)).abs().max() < 1e-6
+    assert (flat_params(trainer.model) - flat_params(window_reference)).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("sam_overrides", [{"optimizer": "none"}, {"optimizer": "sam", "rho": 0.0}])
+def test_none_and_rho_zero_reproduce_stock_trainer_bitwise(tmp_path, sam_overrides):
+    common = {"optim": "adamw_torch", "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
+              "max_steps": 3, "max_grad_norm": 1.0}
+    stock = _train(tmp_path / "stock", Trainer, TrainingArguments, model=tiny_bert(dropout=0.1), **common)
+    sam = _train(tmp_path / "sam", model=tiny_bert(dropout=0.1), **common, **sam_overrides)
+    for (name, p), (_, q) in zip(stock.model.named_parameters(), sam.model.named_parameters(), strict=True):
+        assert torch.equal(p, q), name
+    assert [h.get("loss") for h in stock.state.log_history] == [h.get("loss") for h in sam.state.log_history]
+
+
+def test_sam_metrics_are_window_averages_and_clipping_sees_the_sam_gradient(tmp_path):
+    kwargs = {"rho": 0.05, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": 4,
+              "max_grad_norm": 1.0}
+    per_step = [h for h in _train(tmp_path / "a", logging_steps=1, **kwargs).state.log_history if "loss" in h]
+    windows = [h for h in _train(tmp_path / "b", logging_steps=2, **kwargs).state.log_history if "loss" in h]
+    assert len(per_step) == 4 and len(windows) == 2
+    for log in per_step:
+        assert log["sam/sharpness"] == pytest.approx(log["sam/loss_perturbed"] - log["loss"], abs=1e-6)
+        assert log["sam/sharpness"] > 0 and -1 <= log["sam/grad_cosine"] <= 1
+        assert (log["sam/rho"], log["sam/skipped_steps"]) == (pytest.approx(0.05), 0)
+        # The Trainer clips (and reports the pre-clip norm of) the second-pass gradient only.
+        assert log["grad_norm"] == pytest.approx(log["sam/grad_norm_perturbed"], rel=1e-5)
+    for window, pair in zip(windows, (per_step[:2], per_step[2:]), strict=True):
+        for key in ("loss", "sam/loss_perturbed", "sam/sharpness", "sam/grad_norm", "sam/grad_cosine"):
+            assert window[key] == pytest.approx((pair[0][key] + pair[1][key]) / 2, rel=1e-5), key
+
+
+class _RecordingSAM(SAM):
+    """SAM that records the hook calls, and ascends only on even optimizer steps (a periodic variant)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls, self.count = [], 0
+
+    def before_first_pass(self):
+        self.calls.append("before_first_pass")
+        super().before_first_pass()
+
+    def ascent_this_step(self):
+        self.calls.append("ascent_this_step")
+        self.count += 1
+        return self.count % 2 == 1
+
+    def after_first_pass(self):
+        self.calls.append("after_first_pass")
+
+    def perturb(self):
+        self.calls.append("perturb")
+        return super().perturb()
+
+    def restore(self):
+        self.calls.append("restore")
+        super().restore()
+
+    def step(self, closure=None):
+        self.calls.append("step")
+        return super().step(closure)
+
+
+def test_registered_method_is_driven_only_through_hooks_in_order(tmp_path, monkeypatch):
+    built = {}
+
+    def builder(params, base, **knobs):
+        built["knobs"] = knobs
+        built["optimizer"] = _RecordingSAM(params, base, rho=knobs["rho"])
+        return built["optimizer"]
+
+    monkeypatch.setitem(registry._BUILDERS, "recording", builder)
+    _train(tmp_path, optimizer="recording", rho=0.05, sam_interval=2, sam_args="alpha=0.5,mode=fast",
+           per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=2)
+    assert built["knobs"] == {"rho": 0.05, "interval": 2, "alpha": 0.5, "mode": "fast"}
+    ascent = ["before_first_pass", "ascent_this_step", "after_first_pass", "perturb", "restore", "step"]
+    plain = ["before_first_pass", "ascent_this_step", "after_first_pass", "step"]
+    assert built["optimizer"].calls == ascent + plain
+
+
+class _BatchNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(40, 8)
+        self.norm = nn.BatchNorm1d(8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, input_ids, attention_mask, labels=None):
+        hidden = self.norm(self.embed(input_ids).mean(1))
+        logits = self.head(hidden)
+        loss = nn.functional.cross_entropy(logits, labels[:, 0].clamp_min(0))
+        return {"loss": loss, "logits": logits}
+
+
+def test_batchnorm_running_stats_move_once_per_micro_batch(tmp_path):
+    kwargs = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": 1}
+    stock = _train(tmp_path / "stock", Trainer, TrainingArguments, model=_BatchNormNet(),
+                   trainer_extra={"compute_loss_func": None}, **kwargs)
+    sam = _train(tmp_path / "sam", model=_BatchNormNet(), trainer_extra={"compute_loss_func": None}, **kwargs)
+    assert int(sam.model.norm.num_batches_tracked) == 2
+    assert torch.equal(stock.model.norm.running_mean, sam.model.norm.running_mean)
+    assert torch.equal(stock.model.norm.running_var, sam.model.norm.running_var)
+    assert not torch.equal(stock.model.head.weight, sam.model.head.weight)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"optimizer": "sharp"}, "optimizer must be one of none, "),
+        ({"sam_scope": "everywhere"}, "sam_scope must be one of"),
+        ({"rho": -0.1}, "rho must be a finite number >= 0"),
+        ({"sam_interval": 0}, "sam_interval must be >= 1"),
+        ({"sam_args": "alpha"}, "sam_args must look like"),
+        ({"optim": "lomo"}, "--optim lomo updates the weights inside backward"),
+        ({"optim": "galore_adamw_layerwise"}, "--optim galore_adamw_layerwise"),
+        ({"deepspeed": {"zero_optimization": {"stage": 2}}}, "DeepSpeed ZeRO stage 2"),
+        ({"sam_scope": "microbatch"}, "gradient_accumulation_steps=1"),
+        ({"fsdp": "full_shard", "fsdp_config": {"version": 1}}, "FSDP1"),
+        ({"fsdp": "full_shard", "sam_scope": "per_device"}, "sam_scope='per_device' has no meaning under FSDP"),
+    ],
+)
+def test_refuses_runs_sam_cannot_serve(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        SAMTrainingArguments(**trainer_kwargs(str(tmp_path), **overrides))
+
+
+def test_grad_scaler_path_matches_unscaled_run_and_skips_overflow(tmp_path):
+    kwargs = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": 2, "rho": 0.05}
+    plain = _train(tmp_path / "plain", **kwargs)
+
+    def scaled_trainer(path, init_scale, max_steps):
+        args = SAMTrainingArguments(**trainer_kwargs(str(path), learning_rate=LR, **{**kwargs, "max_steps": max_steps}))
+        trainer = SAMTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset(24),
+                             compute_loss_func=token_sum_loss)
+        trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=1000)
+        trainer.train()
+        return trainer
+
+    scaled = scaled_trainer(tmp_path / "scaled", 2.0**12, 2)
+    assert (flat_params(plain.model) - flat_params(scaled.model)).abs().max() < 1e-6
+    log = next(h for h in scaled.state.log_history if "loss" in h)
+    assert log["sam/grad_norm"] == pytest.approx(next(h for h in plain.state.log_history if "loss" in h)["sam/grad_norm"], rel=1e-5)
+
+    overflow = scaled_trainer(tmp_path / "overflow", 3e38, 1)
+    assert torch.equal(flat_params(overflow.model), flat_params(tiny_bert()))
+    assert overflow.accelerator.scaler.get_scale() == pytest.approx(1.5e38)
+    assert next(h for h in overflow.state.log_history if "loss" in h)["sam/skipped_steps"] == 1
+
+
+def test_lora_perturbs_only_adapters_and_resume_continues_trajectory(tmp_path):
+    peft = pytest.importorskip("peft")
+
+    def lora_model():
+        config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], lora_dropout=0.0)
+        return peft.get_peft_model(tiny_bert(), config)
+
+    kwargs = {"per_device_train_batch_size": 4, "max_steps": 4, "optim": "adamw_torch", "learning_rate": 0.02,
+              "save_strategy": "steps", "save_steps": 2}
+    full = _train(tmp_path / "full", model=lora_model(), **kwargs)
+    base = tiny_bert()
+    trained = dict(full.model.named_parameters())
+    for name, p in base.named_parameters():
+        peft_name = "base_model.model." + name.replace(".query.", ".query.base_layer.").replace(
+            ".value.", ".value.base_layer.")
+        assert torch.equal(trained[peft_name], p), name
+    adapters = {n: p for n, p in trained.items() if "lora_" in n}
+    assert any("lora_B" in n and p.abs().max() > 0 for n, p in adapters.items())
+
+    resumed_args = SAMTrainingArguments(**trainer_kwargs(str(tmp_path / "full" / "out"), **kwargs))
+    resumed = SAMTrainer(model=lora_model(), args=resumed_args, train_dataset=token_dataset(24),
+                         compute_loss_func=token_sum_loss)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "out" / "checkpoint-2"))
+    again = dict(resumed.model.named_parameters())
+    for name, p in adapters.items():
+        assert torch.allclose(again[name], p, atol=1e-7, rtol=0), name
+
+
+@pytest.mark.parametrize("method", [m for m in registry.available_methods() if m != "none"])
+def test_every_registered_method_trains_through_the_trainer_hooks(tmp_path, method):
+    trainer = _train(tmp_path, optimizer=method, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                     max_steps=2, logging_steps=2, optim="adamw_torch")
+    moved = flat_params(trainer.model) - flat_params(tiny_bert())
+    assert torch.isfinite(moved).all() and moved.abs().max() > 0
+    log = next(h for h in trainer.state.log_history if "loss" in h)
+    assert log["sam/skipped_steps"] == 0
+    ascends = getattr(trainer.optimizer.optimizer, "passes_per_step", 2.0) > 1
+    assert ("sam/loss_perturbed" in log) == ascends

@@ -1,0 +1,53 @@
+"""SAMTrainer and AcceleratedSAM across 2 real gloo processes (one torchrun run): global scope = one process on
+the doubled batch; per_device scope keeps replicas bitwise identical and takes each rank's ascent from its own
+shard."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from arrcoc_sam import SAMTrainer, SAMTrainingArguments
+
+DIST = Path(__file__).parent / "dist_scripts"
+sys.path.insert(0, str(DIST))
+from trainer_common import flat_params, tiny_bert, token_dataset, token_sum_loss, trainer_kwargs  # noqa: E402
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_two_processes_match_one_process_and_per_device_ascent_is_local(run_torchrun, tmp_path):
+    """Trainer and Accelerate helper: global = single process on the doubled batch; per_device = local ascent."""
+    run_torchrun(DIST / "trainer_ddp.py")
+    result = json.loads((tmp_path / "ddp_result.json").read_text())
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        args = SAMTrainingArguments(**trainer_kwargs(str(tmp_path / "single"), max_steps=3,
+                                                     per_device_train_batch_size=8, rho=0.05))
+        single = SAMTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset(24),
+                            compute_loss_func=token_sum_loss)
+        single.train()
+    finally:
+        torch.set_num_threads(threads)
+    two_process = torch.load(tmp_path / "global.pt")
+    assert (two_process - flat_params(single.model)).abs().max() < 1e-5
+    assert result["global_replicas_equal"]
+    assert {"sam/loss_perturbed", "sam/sharpness", "sam/grad_norm", "sam/grad_norm_perturbed", "sam/grad_cosine",
+            "sam/rho", "sam/skipped_steps"} <= set(result["global_log_keys"])
+
+    assert result["per_device_replicas_equal"]
+    for rank in (0, 1):
+        assert result[f"rank{rank}_own_shard_diff"] < 1e-5
+        assert result[f"rank{rank}_averaged_diff"] > 1e-2
+
+    for rank_result in result["accelerate"]:
+        assert rank_result["global_reference_diff"] < 1e-5
+        assert rank_result["global_replicas_equal"]
+        assert rank_result["per_device_replicas_equal"]
+        assert rank_result["per_device_differs_from_global"] > 1e-6
