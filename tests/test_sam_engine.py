@@ -383,3 +383,35 @@ def test_instance_base_optimizer_is_shared_live_with_schedulers():
 def test_asam_defaults_to_adaptive_with_rho_half():
     opt = ASAM(make_mlp().parameters(), torch.optim.SGD, lr=0.1)
     assert opt.param_groups[0]["adaptive"] is True and opt.param_groups[0]["rho"] == 0.5
+
+
+@pytest.mark.parametrize("eps_scale", [1e-6, 0.05, 30.0])
+def test_cosine_statistic_matches_float64_dot_product_at_any_scale_ratio(eps_scale):
+    from arrcoc_sam.sam.perturbation import cosine_
+
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(shape, generator=gen) for shape in [(7, 3), (5,), (4, 4, 2)]]
+    eps = [eps_scale * (0.6 * g + torch.randn(g.shape, generator=gen)) for g in grads]
+    flat_e = torch.cat([e.double().reshape(-1) for e in eps])
+    flat_g = torch.cat([g.double().reshape(-1) for g in grads])
+    expected = (flat_e @ flat_g / (flat_e.norm() * flat_g.norm())).item()
+    cosine, grad_norm = cosine_(eps, grads)
+    assert cosine.item() == pytest.approx(expected, abs=1e-6)
+    assert grad_norm.item() == pytest.approx(flat_g.norm().item(), rel=1e-6)
+
+
+def test_logged_cosine_equals_cosine_of_clean_and_perturbed_gradients():
+    model = make_mlp()
+    batch = make_batches(1)[0]
+    params = list(model.parameters())
+    clean = torch.cat([g.reshape(-1) for g in torch.autograd.grad(mse(model, batch), params)])
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.0, rho=0.5)
+    mse(model, batch).backward()
+    with opt.perturbed():
+        opt.zero_grad()
+        mse(model, batch).backward()
+        perturbed = torch.cat([p.grad.reshape(-1) for p in params])
+    expected = (clean @ perturbed / (clean.norm() * perturbed.norm())).item()
+    assert opt.stats["grad_cosine"].item() == pytest.approx(expected, abs=1e-6)
+    assert opt.stats["grad_norm_perturbed"].item() == pytest.approx(perturbed.norm().item(), rel=1e-6)
+    assert opt.stats["grad_norm"].item() == pytest.approx(clean.norm().item(), rel=1e-6)

@@ -6,6 +6,7 @@ _EXPORTS = {
     "SAMTrainer": "arrcoc_sam.integrations.trainer",
     "SAMTrainingArguments": "arrcoc_sam.integrations.trainer",
     "SharpnessCallback": "arrcoc_sam.integrations.callbacks",
+    "AcceleratedSAM": "arrcoc_sam.integrations.accelerate",
 }
 __all__ = list(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from arrcoc_sam.integrations._settings import SAMSettings, check_run_compatible
 from arrcoc_sam.integrations._window import SAMWindow
+from arrcoc_sam.sam.sharding import check_model_supported, is_sharded
 
 __all__ = ["AcceleratedSAM"]
 
@@ -67,12 +68,17 @@ class AcceleratedSAM:
             raise ValueError("method='none' needs no AcceleratedSAM: call accelerator.backward(loss) directly")
         plugin = getattr(accelerator.state, "deepspeed_plugin", None)
         fsdp_plugin = getattr(accelerator.state, "fsdp_plugin", None)
+        if accelerator.distributed_type == DistributedType.FSDP:
+            fsdp_version = fsdp_plugin.fsdp_version
+        else:  # a model sharded by hand with fully_shard never went through Accelerate's FSDP setup
+            fsdp_version = 2 if is_sharded(model.parameters()) else None
+        check_model_supported(model)
         check_run_compatible(
             settings,
             gradient_accumulation_steps=accelerator.gradient_accumulation_steps,
             optim="",
             zero_stage=plugin.zero_stage if plugin is not None else None,
-            fsdp_version=fsdp_plugin.fsdp_version if accelerator.distributed_type == DistributedType.FSDP else None,
+            fsdp_version=fsdp_version,
         )
         self.accelerator = accelerator
         self.model = model

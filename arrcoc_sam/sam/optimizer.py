@@ -278,14 +278,13 @@ class SAM(Optimizer):
     def _record_second_pass_stats(self, params: list[Tensor], backup: list[Tensor], grads: list[Tensor]) -> None:
         torch._foreach_sub_(params, backup)  # params now hold ε exactly as applied; restored right after
         if self._layout is None:
-            eps_dot_grad = perturbation.dot(params, grads)
-            eps_norm = perturbation.dot(params, params).sqrt()
-            grad_norm = perturbation.dot(grads, grads).sqrt()
+            cosine, grad_norm = perturbation.cosine_(params, grads)
         else:
             eps_dot_grad, eps_sq, grad_sq = self._layout.dots(params, grads)
-            eps_norm, grad_norm = eps_sq.sqrt(), grad_sq.sqrt()
+            grad_norm = grad_sq.sqrt()
+            cosine = eps_dot_grad / (eps_sq.sqrt() * grad_norm).clamp_min(1e-30)
         self.stats["grad_norm_perturbed"] = grad_norm.float()
-        self.stats["grad_cosine"] = (eps_dot_grad / (eps_norm * grad_norm).clamp_min(1e-30)).float()
+        self.stats["grad_cosine"] = cosine.float()
 
     @contextlib.contextmanager
     def perturbed(self) -> Iterator[bool]:
