@@ -106,6 +106,15 @@ def test_fsdp1_is_refused_before_anything_is_perturbed(fsdp_run, use_orig_params
     assert record["perturbed"] is False
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_variants_without_sharded_math_refuse_fsdp2_parameters_at_construction(fsdp_run):
+    variants = fsdp_run["detection"]["variants"]
+    assert variants.pop("periodic") == "built"
+    for method, message in variants.items():
+        assert "does not support sharded" in message and "use sam, asam or periodic" in message, method
+
+
 # -- single process -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("scope", ["per_device", "microbatch"])
 def test_non_global_scope_is_refused_under_fsdp2_naming_global(scope):

@@ -85,6 +85,18 @@ class AcceleratedSAM:
         base = getattr(optimizer, "optimizer", optimizer)
         self.sam_optimizer = settings.build(base)
         self._window = SAMWindow(accelerator, settings.scope)
+        if hasattr(self.sam_optimizer, "variant_state_dict"):
+            # The loop steps the base optimizer, so accelerator.save_state() would miss the variant's own
+            # state (LookSAM's direction, Friendly-SAM's average, the step counter) without this.
+            accelerator.register_for_checkpointing(self)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The variant's own checkpoint state (empty for SAM/ASAM, whose state is the base optimizer's)."""
+        return self.sam_optimizer.variant_state_dict() if hasattr(self.sam_optimizer, "variant_state_dict") else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if hasattr(self.sam_optimizer, "load_variant_state_dict"):
+            self.sam_optimizer.load_variant_state_dict(state)
 
     def backward(self, loss_fn: LossFn, batch: Any) -> Tensor:
         """Pass 1 of ``loss_fn(model, batch)``; on the window's last micro-batch also ascent, replay, restore.

@@ -29,6 +29,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecisionPolic
 from torch.distributed.tensor.debug import CommDebugMode
 
 from arrcoc_sam.sam.optimizer import SAM
+from arrcoc_sam.sam.registry import build_sam_optimizer
 from arrcoc_sam.sam.sharding import check_model_supported, is_sharded
 
 GLOBAL_BATCH, SEQ, WIDTH, STEPS = 8, 5, 16, 10
@@ -222,10 +223,18 @@ def refusal_message(action) -> str:
 
 def detection() -> dict[str, object]:
     """What the helpers for the integrations, and SAM itself, say about FSDP2, FSDP1 and plain parameters."""
+    sharded_model = sharded_run(seed=0)[0]
     result: dict[str, object] = {
-        "is_sharded_fsdp2": is_sharded(sharded_run(seed=0)[0].parameters()),
+        "is_sharded_fsdp2": is_sharded(sharded_model.parameters()),
         "is_sharded_plain": is_sharded(make_model(0).parameters()),
+        "variants": {},
     }
+    for method in ("periodic", "looksam", "esam", "gsam", "fsam", "msam"):
+        try:
+            build_sam_optimizer(method, sharded_model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+            result["variants"][method] = "built"
+        except NotImplementedError as error:
+            result["variants"][method] = str(error)
     for use_orig_params in (False, True):
         model = FullyShardedDataParallel(
             make_model(0), use_orig_params=use_orig_params, device_id=torch.device("cpu")

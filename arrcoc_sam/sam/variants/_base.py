@@ -1,0 +1,175 @@
+"""What every cheaper sharpness-aware variant shares: a step counter, the hook-ordered closure step, and
+persistent per-parameter buffers that ride in the checkpoint.
+
+A variant is a :class:`~arrcoc_sam.sam.optimizer.SAM` subclass that overrides the hooks SAMTrainer and the
+Accelerate helper call (``before_first_pass``, ``ascent_this_step``, ``after_first_pass``, ``perturb``,
+``restore``, ``step``). :meth:`VariantSAM.step` with a closure calls the same hooks in the same order as
+those integrations, so a variant behaves identically on the three entry points::
+
+    before_first_pass(); ascend = ascent_this_step()
+    loss = closure()                          # pass 1 (at w, or at w + ε for msam)
+    after_first_pass()
+    if ascend: perturb(); closure(); restore()  # pass 2 at w + ε
+    step()                                    # base optimizer step; optimizer_steps += 1
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from arrcoc_sam.sam.optimizer import SAM
+from arrcoc_sam.sam.sharding import is_sharded
+
+__all__ = ["VariantSAM", "grads_replaced"]
+
+STATE_KEY = "sam_variant"
+
+
+@contextlib.contextmanager
+def grads_replaced(params: Sequence[Tensor], replacements: Sequence[Tensor]) -> Iterator[None]:
+    """Within the block ``params[i].grad`` is ``replacements[i]`` (same shape/dtype); the originals come back in finally.
+
+    Lets a variant run SAM's own ascent (norm, finiteness check, backup, apply) along another direction.
+    """
+    saved = [p.grad for p in params]
+    try:
+        for p, r in zip(params, replacements, strict=True):
+            p.grad = r
+        yield
+    finally:
+        for p, g in zip(params, saved, strict=True):
+            p.grad = g
+
+
+def check_fraction(value: Any, name: str, *, allow_zero: bool = False) -> None:
+    """Raise ValueError unless ``value`` is a number in (0, 1] (or [0, 1] with ``allow_zero``)."""
+    low_ok = value >= 0 if allow_zero else value > 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low_ok and value <= 1):
+        interval = "[0, 1]" if allow_zero else "(0, 1]"
+        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+
+
+def check_interval(interval: Any) -> None:
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+        raise ValueError(f"interval must be an integer >= 1, got {interval!r}")
+
+
+class VariantSAM(SAM):
+    """SAM plus an optimizer-step counter and checkpointed per-parameter buffers.
+
+    Attributes:
+        optimizer_steps: optimizer steps completed so far, which schedules periodic ascents and seeds ESAM's
+            masks. It advances once per step: at :meth:`step` (including steps skipped after a non-finite
+            ascent), or — in loops that step the *base* optimizer directly, like the Accelerate helper — at
+            the next window's :meth:`before_first_pass`. Saved in the checkpoint.
+        buffers: ``{name: {param: tensor}}`` — persistent state a variant keeps beside the base optimizer's
+            (LookSAM's direction, Friendly-SAM's EMA). Saved under ``state_dict()["sam_variant"]``, keyed by
+            the parameter's index in ``param_groups`` order, exactly like torch's own optimizer state.
+    """
+
+    #: names of the persistent per-parameter buffers of the subclass
+    buffer_names: tuple[str, ...] = ()
+    #: whether the variant's own math (beyond SAM's) is correct on FSDP2/DTensor shards
+    supports_sharding: bool = False
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        base_optimizer: type[Optimizer] | Optimizer,
+        rho: float = 0.05,
+        adaptive: bool = False,
+        eta: float = 0.01,
+        **base_kwargs: Any,
+    ) -> None:
+        super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, eta=eta, **base_kwargs)
+        if not self.supports_sharding and is_sharded(self._all_params()):
+            raise NotImplementedError(
+                f"{type(self).__name__} does not support sharded (FSDP2/DTensor) parameters yet: "
+                "use sam, asam or periodic"
+            )
+        self.optimizer_steps = 0
+        self.buffers: dict[str, dict[Tensor, Tensor]] = {name: {} for name in self.buffer_names}
+        self._window_open = False  # a window began (before_first_pass) and its step() has not been seen
+
+    def before_first_pass(self) -> None:
+        """Start a window; if the previous window's step bypassed :meth:`step`, count that step now."""
+        super().before_first_pass()
+        if self._window_open:
+            self.optimizer_steps += 1
+        self._window_open = True
+
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
+        """Without a closure: the base step (counted). With one: the hook-ordered step in the module docstring."""
+        if closure is None:
+            self.optimizer_steps += 1
+            self._window_open = False
+            return super().step()
+        self.before_first_pass()
+        ascend = self.ascent_this_step()
+        with torch.enable_grad():
+            loss = closure()
+        self.after_first_pass()
+        if ascend:
+            with self.perturbed() as ok:
+                if ok:
+                    with torch.enable_grad():
+                        closure()
+        self.step()
+        return loss
+
+    def _all_params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict plus ``"sam_variant"``: the step counter and the persistent buffers.
+
+        Transient state (the weight backup, pass-1 gradient stashes) is never included; raises while perturbed.
+        """
+        state = super().state_dict()
+        state[STATE_KEY] = self.variant_state_dict()
+        return state
+
+    def variant_state_dict(self) -> dict[str, Any]:
+        """The variant's own checkpoint state (step counter, buffers), without the base optimizer's."""
+        index = {p: i for i, p in enumerate(self._all_params())}
+        return {
+            "optimizer_steps": self.optimizer_steps,
+            "window_open": self._window_open,
+            "buffers": {
+                name: {index[p]: t for p, t in by_param.items()} for name, by_param in self.buffers.items()
+            },
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`; a plain base-optimizer dict (no ``"sam_variant"``) keeps counter and buffers."""
+        state_dict = dict(state_dict)
+        extra = state_dict.pop(STATE_KEY, None)
+        super().load_state_dict(state_dict)
+        if extra is not None:
+            self.load_variant_state_dict(extra)
+
+    def load_variant_state_dict(self, extra: dict[str, Any]) -> None:
+        """Load what :meth:`variant_state_dict` returned."""
+        params = self._all_params()
+        unknown = set(extra["buffers"]) - set(self.buffer_names)
+        if unknown:
+            raise ValueError(
+                f"checkpoint holds buffers {sorted(unknown)} that {type(self).__name__} does not keep "
+                f"(it keeps {list(self.buffer_names)}): was it saved by another method?"
+            )
+        self.optimizer_steps = int(extra["optimizer_steps"])
+        self._window_open = bool(extra.get("window_open", False))
+        for name, by_index in extra["buffers"].items():
+            loaded = {}
+            for i, tensor in by_index.items():
+                if not 0 <= int(i) < len(params):
+                    raise ValueError(f"checkpoint buffer {name!r} names parameter {i}, but there are {len(params)}")
+                p = params[int(i)]
+                loaded[p] = tensor.to(device=p.device, dtype=p.dtype, copy=True)
+            self.buffers[name] = loaded

@@ -1,0 +1,191 @@
+"""ESAM (Du et al., "Efficient Sharpness-aware Minimization for Improved Training of Neural Networks", ICLR 2022)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from arrcoc_sam.sam import perturbation
+from arrcoc_sam.sam.variants._base import VariantSAM, check_fraction
+
+__all__ = ["ESAM"]
+
+logger = logging.getLogger(__name__)
+
+# Mask seeds for step t are seed * _SEED_STRIDE + t: every rank draws the same masks without communicating.
+_SEED_STRIDE = 1_000_003
+
+PerExampleClosure = Callable[..., Tensor]
+
+
+class ESAM(VariantSAM):
+    """Stochastic weight perturbation (SWP) and sharpness-sensitive data selection (SDS).
+
+    SWP — perturb a random β-fraction of the weight coordinates, rescaled by 1/β so E[ε̂] = ε::
+
+        ε̂ = (ρ/β) · m ⊙ g/‖g‖,   m_i ~ Bernoulli(β) i.i.d.    (‖g‖ over all perturbed tensors)
+
+    The masks of optimizer step t are ``torch.rand(p.shape, generator=G) < β`` drawn in parameter order,
+    with one ``torch.Generator`` per device seeded ``seed * 1_000_003 + t``: identical on every rank, and
+    reproducible after a resume. ``beta=1`` switches SWP off (ε̂ = ε).
+
+    SDS — pass 2 on the ⌈γ|B|⌉ examples whose loss rises most under the perturbation::
+
+        B⁺ = top-⌈γ|B|⌉ of ℓ_i(w + ε̂) − ℓ_i(w);   update with ∇ mean_{i∈B⁺} ℓ_i(w + ε̂)
+
+    SDS needs per-example losses, so it runs only in :meth:`step` with a per-example closure (below) or in
+    a custom loop that calls :meth:`select_examples`. SAMTrainer and the Accelerate helper replay the whole
+    micro-batch through the stock loss, so there SDS is unavailable and a one-time warning says so (SWP
+    still applies); ``gamma=1`` switches SDS off everywhere.
+
+    Cost (forward ≈ 1/3 of a forward+backward): ``1 + 1/3 + γ`` passes per step with SDS, 2 without.
+    SWP does not change the cost of a dense backward. Memory: SAM's backup plus a transient parameter-sized
+    mask while perturbing.
+
+    Args:
+        beta: β in (0, 1], the fraction of coordinates perturbed.
+        gamma: γ in (0, 1], the fraction of examples in pass 2.
+        seed: seed of the SWP masks.
+        rho, adaptive, eta, base_kwargs: as for :class:`~arrcoc_sam.sam.optimizer.SAM`.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        base_optimizer: type[Optimizer] | Optimizer,
+        rho: float = 0.05,
+        beta: float = 0.5,
+        gamma: float = 0.5,
+        seed: int = 0,
+        adaptive: bool = False,
+        eta: float = 0.01,
+        **base_kwargs: Any,
+    ) -> None:
+        check_fraction(beta, "beta")
+        check_fraction(gamma, "gamma")
+        super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, eta=eta, **base_kwargs)
+        self.beta = float(beta)
+        self.gamma = float(gamma)
+        self.seed = int(seed)
+        self._in_closure_step = False
+        self._warned_no_sds = False
+
+    @property
+    def passes_per_step(self) -> float:
+        return 1.0 + 1.0 / 3.0 + self.gamma if self.gamma < 1 else 2.0
+
+    def mask_seed(self) -> int:
+        """The seed of this step's SWP masks (see the class docstring)."""
+        return self.seed * _SEED_STRIDE + self.optimizer_steps
+
+    def select_examples(self, loss_clean: Tensor, loss_perturbed: Tensor) -> Tensor:
+        """SDS: indices (``[⌈γB⌉]``, int64) of the examples with the largest ``loss_perturbed − loss_clean``.
+
+        Args:
+            loss_clean, loss_perturbed: per-example losses ``[B]`` at w and at w + ε̂.
+        """
+        if loss_clean.shape != loss_perturbed.shape or loss_clean.dim() != 1:
+            raise ValueError(
+                f"select_examples needs two per-example loss vectors [B] of one shape, got "
+                f"{tuple(loss_clean.shape)} and {tuple(loss_perturbed.shape)}"
+            )
+        keep = max(1, math.ceil(self.gamma * loss_clean.numel()))
+        return torch.topk(loss_perturbed.detach() - loss_clean.detach(), keep, sorted=False).indices
+
+    @torch.no_grad()
+    def perturb(self) -> bool:
+        """SAM's ascent with ρ/β, then the coordinates outside this step's Bernoulli(β) masks put back."""
+        if self.gamma < 1 and not self._in_closure_step and not self._warned_no_sds:
+            self._warned_no_sds = True
+            logger.warning(
+                "esam: sharpness-sensitive data selection needs per-example losses, which this loop does not "
+                "provide; pass 2 runs on the whole batch (SWP still applies). Use ESAM.step(closure) with a "
+                "per-example closure, or gamma=1 to silence this."
+            )
+        if self.beta == 1:
+            return super().perturb()
+        radii = [group["rho"] for group in self.param_groups]
+        try:
+            for group in self.param_groups:
+                group["rho"] = group["rho"] / self.beta
+            ok = super().perturb()
+        finally:
+            for group, rho in zip(self.param_groups, radii, strict=True):
+                group["rho"] = rho
+        if ok:
+            self._mask_perturbation()
+        return ok
+
+    def _mask_perturbation(self) -> None:
+        generators: dict[torch.device, torch.Generator] = {}
+        masks = []
+        for p in self._perturbed:
+            if p.device not in generators:
+                generators[p.device] = torch.Generator(device=p.device).manual_seed(self.mask_seed())
+            draw = torch.rand(p.shape, generator=generators[p.device], device=p.device)
+            masks.append((draw < self.beta).to(p.dtype))
+        for group_params, group_backup, group_masks in perturbation.group_by_device_and_dtype(
+            self._perturbed, self._backup, masks
+        ):
+            torch._foreach_sub_(group_params, group_backup)
+            torch._foreach_mul_(group_params, group_masks)
+            torch._foreach_add_(group_params, group_backup)
+
+    def step(self, closure: PerExampleClosure | None = None) -> Tensor | None:  # type: ignore[override]
+        """Without a closure: the base step. With one: a full ESAM step; returns the clean mean loss.
+
+        Per-example closure (enables SDS): ``closure(indices=None)`` runs the forward on the batch (or on
+        ``batch[indices]``) and returns the un-reduced per-example losses ``[B]`` (``[len(indices)]``) with
+        their graph, *without* calling backward; ESAM zeroes the gradients and back-propagates the means.
+        A SAM-style closure (zero_grad + forward + backward, returns a 0-dim loss) also works, with
+        ``gamma=1`` only.
+        """
+        if closure is None:
+            return super().step()
+        self._in_closure_step = True
+        try:
+            return self._closure_step(closure)
+        finally:
+            self._in_closure_step = False
+
+    def _closure_step(self, closure: PerExampleClosure) -> Tensor:
+        self.before_first_pass()
+        with torch.enable_grad():
+            losses = closure()
+        per_example = losses.dim() > 0
+        if not per_example and self.gamma < 1:
+            raise ValueError(
+                f"esam with gamma={self.gamma} selects examples, so its closure must return per-example losses "
+                "[B] without calling backward; this closure returned a 0-dim loss (set gamma=1 to use it)"
+            )
+        if per_example:
+            self.zero_grad()
+            losses.mean().backward()
+        self.after_first_pass()
+        with self.perturbed() as ok:
+            if ok:
+                self._second_pass(closure, losses.detach(), per_example)
+        self.step()
+        return losses.detach().mean()
+
+    def _second_pass(self, closure: PerExampleClosure, clean: Tensor, per_example: bool) -> None:
+        if not per_example:
+            with torch.enable_grad():
+                closure()
+            return
+        if self.gamma < 1:
+            with torch.no_grad():
+                perturbed = closure()
+            with torch.enable_grad():
+                losses = closure(self.select_examples(clean, perturbed))
+        else:
+            with torch.enable_grad():
+                losses = closure()
+        self.zero_grad()
+        losses.mean().backward()

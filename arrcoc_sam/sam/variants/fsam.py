@@ -1,0 +1,82 @@
+"""Friendly-SAM (Li et al., "Friendly Sharpness-Aware Minimization", CVPR 2024)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from arrcoc_sam.sam import perturbation
+from arrcoc_sam.sam.variants._base import VariantSAM, check_fraction, grads_replaced
+
+__all__ = ["FriendlySAM"]
+
+
+class FriendlySAM(VariantSAM):
+    """SAM whose ascent removes the full-gradient component, estimated by an EMA of past gradients.
+
+    With g_t = ∇L(w_t) (pass 1)::
+
+        m_t = λ m_{t−1} + (1 − λ) g_t        (m_{−1} = 0)
+        d_t = g_t − σ m_t
+        ε_t = ρ d_t / ‖d_t‖                  (ASAM's metric with ``adaptive=True``)
+        update with ∇L(w_t + ε_t)            (pass 2), as SAM
+
+    Norms are global over the perturbed tensors. m is committed only when the ascent is finite, so one
+    overflowing step does not poison it.
+
+    Cost: two forward+backward passes per step. Memory: one persistent gradient-sized buffer (m, saved in
+    the checkpoint) plus one transient one (d) beside SAM's backup. Under an fp16 GradScaler m averages the
+    *scaled* gradients; a change of scale is absorbed within ~1/(1 − λ) steps.
+
+    Args:
+        sigma: σ ≥ 0, how much of the EMA to remove (the paper's experiments use 1). σ = 0 is SAM.
+        ema_decay: λ in [0, 1) (default 0.6).
+        rho, adaptive, eta, base_kwargs: as for :class:`~arrcoc_sam.sam.optimizer.SAM`.
+    """
+
+    buffer_names = ("ema",)
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        base_optimizer: type[Optimizer] | Optimizer,
+        rho: float = 0.05,
+        sigma: float = 1.0,
+        ema_decay: float = 0.6,
+        adaptive: bool = False,
+        eta: float = 0.01,
+        **base_kwargs: Any,
+    ) -> None:
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma >= 0:
+            raise ValueError(f"sigma must be a number >= 0, got {sigma!r}")
+        check_fraction(ema_decay, "ema_decay", allow_zero=True)
+        if ema_decay == 1:
+            raise ValueError("ema_decay must be < 1 (λ = 1 never lets a gradient into the average), got 1")
+        super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, eta=eta, **base_kwargs)
+        self.sigma = float(sigma)
+        self.ema_decay = float(ema_decay)
+
+    @torch.no_grad()
+    def perturb(self) -> bool:
+        """Ascent along d = (1 − σ(1 − λ)) g − σλ m_{t−1}; then m ← λ m + (1 − λ) g unless g was non-finite."""
+        params, grads, _ = self._ascent_candidates()
+        if not params:
+            return False
+        ema = self.buffers["ema"]
+        previous = [ema[p] if p in ema else torch.zeros_like(p) for p in params]
+        lam, sigma = self.ema_decay, self.sigma
+        direction = [g.to(p.dtype, copy=True) for p, g in zip(params, grads, strict=True)]
+        for group_dir, group_prev in perturbation.group_by_device_and_dtype(direction, previous):
+            torch._foreach_mul_(group_dir, 1.0 - sigma * (1.0 - lam))
+            torch._foreach_add_(group_dir, group_prev, alpha=-sigma * lam)
+        with grads_replaced(params, direction):
+            ok = super().perturb()
+        if ok or not self._skip_next_step:
+            for group_prev, group_grads in perturbation.group_by_device_and_dtype(previous, list(grads)):
+                torch._foreach_lerp_(group_prev, group_grads, 1.0 - lam)
+            self.buffers["ema"] = {**ema, **dict(zip(params, previous, strict=True))}
+        return ok

@@ -1,0 +1,116 @@
+"""GSAM (Zhuang et al., "Surrogate Gap Guided Sharpness-Aware Minimization", ICLR 2022)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from arrcoc_sam.sam import perturbation
+from arrcoc_sam.sam.variants._base import VariantSAM
+
+__all__ = ["GSAM"]
+
+
+class GSAM(VariantSAM):
+    """SAM's perturbed gradient minus α times the part of the clean gradient orthogonal to it.
+
+    With g = ∇f(w) (pass 1), ε = ρ_t g/‖g‖ and g_p = ∇f(w + ε) (pass 2)::
+
+        g_⊥ = g − (⟨g, g_p⟩ / ‖g_p‖²) g_p           # global flattened vectors of the perturbed tensors
+        update direction d = g_p − α g_⊥            # descends f_p while lowering the surrogate gap
+
+    ρ_t follows the learning rate of each group linearly (the paper's schedule)::
+
+        ρ_t = ρ_min + (ρ − ρ_min) (lr_t − lr_min) / (lr_max − lr_min)     (ρ_t = ρ when lr_max = lr_min)
+
+    ``rho_min``, ``lr_min`` and ``lr_max`` are per-group keys (set here as defaults, saved in the checkpoint);
+    ``lr_max`` defaults to each group's learning rate at construction, i.e. before any scheduler runs.
+
+    Cost: two forward+backward passes per step. Memory: SAM's backup plus one transient copy of g.
+
+    Args:
+        alpha: α ≥ 0 (the paper searches 0.01–0.3). α = 0 is SAM with the scheduled ρ_t.
+        rho: ρ_max, the radius at the peak learning rate.
+        rho_min: ρ at ``lr_min`` (0 ≤ rho_min ≤ rho).
+        lr_max, lr_min: the learning-rate range the schedule spans (``lr_max`` None: each group's lr now).
+        adaptive, eta, base_kwargs: as for :class:`~arrcoc_sam.sam.optimizer.SAM`.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        base_optimizer: type[Optimizer] | Optimizer,
+        rho: float = 0.05,
+        alpha: float = 0.1,
+        rho_min: float = 0.0,
+        lr_max: float | None = None,
+        lr_min: float = 0.0,
+        adaptive: bool = False,
+        eta: float = 0.01,
+        **base_kwargs: Any,
+    ) -> None:
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
+            raise ValueError(f"alpha must be a number >= 0, got {alpha!r}")
+        super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, eta=eta, **base_kwargs)
+        self.alpha = float(alpha)
+        for index, group in enumerate(self.param_groups):
+            group.setdefault("rho_min", rho_min)
+            group.setdefault("lr_min", lr_min)
+            group.setdefault("lr_max", float(group["lr"]) if lr_max is None else lr_max)
+            if not 0 <= group["rho_min"] <= group["rho"]:
+                raise ValueError(f"param group {index}: rho_min must be in [0, rho={group['rho']}], got {group['rho_min']!r}")
+            if not math.isfinite(group["lr_max"]) or group["lr_max"] < group["lr_min"]:
+                raise ValueError(
+                    f"param group {index}: need lr_min <= lr_max, got lr_min={group['lr_min']!r}, lr_max={group['lr_max']!r}"
+                )
+        self._clean_grads: list[Tensor] = []
+
+    @staticmethod
+    def scheduled_rho(group: dict[str, Any]) -> float:
+        """ρ_t of ``group`` at its current learning rate."""
+        span = group["lr_max"] - group["lr_min"]
+        if span == 0:
+            return float(group["rho"])
+        fraction = (float(group["lr"]) - group["lr_min"]) / span
+        return group["rho_min"] + (group["rho"] - group["rho_min"]) * fraction
+
+    @torch.no_grad()
+    def perturb(self) -> bool:
+        """SAM's ascent with ρ_t in place of each group's ρ; stashes a copy of the clean gradient."""
+        _, grads, _ = self._ascent_candidates()
+        stash = [g.detach().clone() for g in grads]
+        radii = [group["rho"] for group in self.param_groups]
+        try:
+            for group in self.param_groups:
+                if group["rho"] > 0:
+                    group["rho"] = max(self.scheduled_rho(group), 0.0)
+            ok = super().perturb()
+        finally:
+            for group, rho in zip(self.param_groups, radii, strict=True):
+                group["rho"] = rho
+        self._clean_grads = stash if ok else []
+        return ok
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Restore the weights (SAM), then set the gradient to g_p − α g_⊥ on the perturbed tensors."""
+        params = list(self._perturbed)
+        clean, self._clean_grads = self._clean_grads, []
+        super().restore()
+        if not clean or self.alpha == 0:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params]
+        ratio = perturbation.dot(clean, grads) / perturbation.dot(grads, grads).clamp_min(1e-30)
+        # d = (1 + α·ratio) g_p − α g
+        for group_grads, group_clean in perturbation.group_by_device_and_dtype(grads, clean):
+            scale = (1.0 + self.alpha * ratio).to(device=group_grads[0].device, dtype=group_grads[0].dtype)
+            torch._foreach_mul_(group_grads, scale)
+            torch._foreach_add_(group_grads, group_clean, alpha=-self.alpha)

@@ -1,0 +1,115 @@
+"""LookSAM (Liu et al., "Towards Efficient and Scalable Sharpness-Aware Minimization", CVPR 2022)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from arrcoc_sam.sam import perturbation
+from arrcoc_sam.sam.variants._base import VariantSAM, check_interval
+
+__all__ = ["LookSAM"]
+
+
+class LookSAM(VariantSAM):
+    """SAM every k-th step; in between, the clean gradient plus the last stored sharpness direction.
+
+    On a SAM step (optimizer step t with t mod k = 0), with g = ∇L(w) and g_s = ∇L(w + ε)::
+
+        g_v = g_s − (⟨g, g_s⟩ / ‖g‖²) g            # the part of g_s orthogonal to g
+        store ĝ_v = g_v / ‖g_v‖; update with g_s
+
+    On the other steps, from the clean gradient g alone::
+
+        g_s ≈ g + α ‖g‖ ĝ_v                         # = g + α (‖g‖/‖g_v‖) g_v of the paper
+
+    All inner products and norms are over the global flattened vector of the perturbed tensors (every
+    group with ρ > 0), never per tensor. The stored unit vector is scale-free, so a GradScaler's scale
+    cancels. ε is SAM's (or ASAM's with ``adaptive=True``).
+
+    Cost: ``1 + 1/k`` forward+backward passes per step. Memory: one gradient-sized persistent buffer
+    (ĝ_v, saved in the checkpoint) plus, on SAM steps, SAM's backup and one transient copy of g.
+
+    Args:
+        interval: k ≥ 1 (``--sam_interval``).
+        alpha: α ≥ 0, the strength of the reused direction (the paper uses 0.7).
+        rho, adaptive, eta, base_kwargs: as for :class:`~arrcoc_sam.sam.optimizer.SAM`.
+    """
+
+    buffer_names = ("direction",)
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        base_optimizer: type[Optimizer] | Optimizer,
+        rho: float = 0.05,
+        interval: int = 5,
+        alpha: float = 0.7,
+        adaptive: bool = False,
+        eta: float = 0.01,
+        **base_kwargs: Any,
+    ) -> None:
+        check_interval(interval)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
+            raise ValueError(f"alpha must be a number >= 0, got {alpha!r}")
+        super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, eta=eta, **base_kwargs)
+        self.interval = interval
+        self.alpha = float(alpha)
+        self._clean_grads: list[Tensor] = []
+
+    @property
+    def passes_per_step(self) -> float:
+        return 1.0 + 1.0 / self.interval
+
+    def ascent_this_step(self) -> bool:
+        return self.optimizer_steps % self.interval == 0
+
+    @torch.no_grad()
+    def after_first_pass(self) -> None:
+        """On a reuse step: g ← g + α‖g‖ĝ_v over the tensors that have a stored direction."""
+        if self.ascent_this_step() or not self.buffers["direction"]:
+            return
+        params, grads, _ = self._ascent_candidates()
+        if not params:
+            return
+        norm = perturbation.dot(grads, grads).sqrt()
+        pairs = [(g, self.buffers["direction"][p]) for p, g in zip(params, grads) if p in self.buffers["direction"]]
+        if not pairs:
+            return
+        targets = [g for g, _ in pairs]
+        for group_grads, group_dirs in perturbation.group_by_device_and_dtype(targets, [d for _, d in pairs]):
+            coef = (self.alpha * norm).to(device=group_grads[0].device, dtype=group_grads[0].dtype)
+            torch._foreach_add_(group_grads, torch._foreach_mul(group_dirs, coef))
+
+    @torch.no_grad()
+    def perturb(self) -> bool:
+        """SAM's ascent; also stashes a copy of the clean gradient g for :meth:`restore`."""
+        _, grads, _ = self._ascent_candidates()
+        stash = [g.detach().clone() for g in grads]
+        ok = super().perturb()
+        self._clean_grads = stash if ok else []
+        return ok
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Restore the weights (SAM), then store ĝ_v from the stashed g and the current (pass-2) gradient g_s."""
+        params = list(self._perturbed)
+        clean, self._clean_grads = self._clean_grads, []
+        super().restore()
+        if not clean:
+            return
+        perturbed = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        ratio = perturbation.dot(clean, perturbed) / perturbation.dot(clean, clean)
+        # g_v = g_s − ratio·g, computed in the stash (which becomes the stored direction)
+        for group_clean, group_perturbed in perturbation.group_by_device_and_dtype(clean, perturbed):
+            coef = ratio.to(device=group_clean[0].device, dtype=group_clean[0].dtype)
+            torch._foreach_mul_(group_clean, -coef)
+            torch._foreach_add_(group_clean, group_perturbed)
+        inv_norm = perturbation.dot(clean, clean).sqrt().clamp_min(1e-30).reciprocal()
+        for (group_clean,) in perturbation.group_by_device_and_dtype(clean):
+            torch._foreach_mul_(group_clean, inv_norm.to(device=group_clean[0].device, dtype=group_clean[0].dtype))
+        self.buffers["direction"] = dict(zip(params, clean, strict=True))

@@ -1,0 +1,116 @@
+"""Momentum-SAM (Becker et al., "Momentum-SAM: Sharpness Aware Minimization without Computational Overhead", 2024)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from arrcoc_sam.sam.variants._base import VariantSAM, grads_replaced
+
+__all__ = ["MomentumSAM"]
+
+# Where torch's optimizers keep the running mean of the gradients (SGD with momentum; Adam, AdamW, NAdam, …).
+_MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
+
+
+class MomentumSAM(VariantSAM):
+    """Perturb along the base optimizer's momentum before the forward pass: one pass per step.
+
+    With m the base optimizer's momentum (SGD's ``momentum_buffer`` or Adam/AdamW's first moment
+    ``exp_avg``, both running means of +gradients, so +m points uphill)::
+
+        ε = ρ m / ‖m‖  (global norm over the perturbed tensors; ASAM's metric with ``adaptive=True``)
+        g = ∇L(w + ε)  — the window's only forward+backward pass(es)
+        w = base_step(w, g) after restoring w by copy
+
+    ``before_first_pass`` perturbs and ``after_first_pass`` restores, so outside an accumulation window
+    (evaluation, checkpointing, logging) the weights are always the clean ones; :meth:`eval` restores and
+    :meth:`train` re-applies ε if called inside a window. The first step (no momentum yet) is a plain step.
+
+    Cost: one forward+backward pass per step; no memory beyond SAM's backup (the momentum already exists).
+
+    Args:
+        rho, adaptive, eta, base_kwargs: as for :class:`~arrcoc_sam.sam.optimizer.SAM` (the paper tunes ρ
+            larger than SAM's, since ‖m‖ carries no batch noise).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        base_optimizer: type[Optimizer] | Optimizer,
+        rho: float = 0.05,
+        adaptive: bool = False,
+        eta: float = 0.01,
+        **base_kwargs: Any,
+    ) -> None:
+        super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, eta=eta, **base_kwargs)
+        for index, group in enumerate(self.param_groups):
+            if group["rho"] > 0 and "momentum" in group and not group["momentum"] and "betas" not in group:
+                raise ValueError(
+                    f"param group {index}: msam perturbs along the momentum buffer, but the base optimizer "
+                    f"{type(self.base_optimizer).__name__} runs with momentum=0; set momentum > 0"
+                )
+        self._suspended = False
+        # No second pass, so the integrations never report SAM's pass-2 statistics: skip their reductions.
+        self.track_stats = False
+
+    @property
+    def passes_per_step(self) -> float:
+        return 1.0
+
+    def ascent_this_step(self) -> bool:
+        return False
+
+    def before_first_pass(self) -> None:
+        super().before_first_pass()
+        self._suspended = False
+        self.perturb()
+
+    def after_first_pass(self) -> None:
+        self.restore()
+
+    def _momenta(self, params: list[Tensor]) -> list[Tensor | None]:
+        found: list[Tensor | None] = []
+        for p in params:
+            state = self.state.get(p)
+            if not state:
+                found.append(None)
+                continue
+            buffer = next((state[k] for k in _MOMENTUM_KEYS if state.get(k) is not None), None)
+            if buffer is None:
+                raise TypeError(
+                    f"msam found no momentum in the state of {type(self.base_optimizer).__name__} (keys "
+                    f"{sorted(state)}); it needs SGD with momentum > 0 or an Adam-family optimizer (exp_avg)"
+                )
+            found.append(buffer)
+        return found
+
+    @torch.no_grad()
+    def perturb(self) -> bool:
+        """w ← w + ρ m/‖m‖ over the tensors that have a momentum; False (nothing perturbed) before the first step."""
+        params = [p for group in self.param_groups if group["rho"] > 0 for p in group["params"]]
+        momenta = self._momenta(params)
+        with_momentum = [(p, m) for p, m in zip(params, momenta, strict=True) if m is not None]
+        if not with_momentum:
+            return False
+        chosen = [p for p, _ in with_momentum]
+        chosen_ids = {id(p) for p in chosen}
+        others = [p for p in params if id(p) not in chosen_ids]
+        with grads_replaced(others, [None] * len(others)), grads_replaced(chosen, [m for _, m in with_momentum]):
+            return super().perturb()
+
+    def eval(self) -> None:
+        """Put the clean weights back if called inside a window (HF Trainer calls this before evaluating)."""
+        if self.is_perturbed:
+            self.restore()
+            self._suspended = True
+
+    def train(self) -> None:
+        """Re-apply ε if :meth:`eval` took it off inside a window (the momentum has not moved since)."""
+        if self._suspended:
+            self._suspended = False
+            self.perturb()

@@ -1,0 +1,60 @@
+"""Periodic SAM: a SAM step every k-th optimizer step, a plain base-optimizer step otherwise."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import Tensor
+from torch.optim import Optimizer
+
+from arrcoc_sam.sam.variants._base import VariantSAM, check_interval
+
+__all__ = ["PeriodicSAM"]
+
+_RHO_SCALINGS = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}
+
+
+class PeriodicSAM(VariantSAM):
+    """SAM on optimizer steps 0, k, 2k, …; the base optimizer alone on the others.
+
+    Cost: ``1 + 1/k`` forward+backward passes per optimizer step (two on every k-th step, one otherwise).
+    No memory beyond SAM's backup.
+
+    Args:
+        interval: k ≥ 1 (``--sam_interval``). k = 1 is SAM.
+        rho_scaling: ``"none"`` | ``"sqrt"`` | ``"linear"``: the perturbation radius becomes ρ·k^s with
+            s = 0, ½, 1, so the rarer ascents push harder. Applied once to every group's ``rho`` at
+            construction, so ``param_groups`` (and the checkpoint) hold the radius actually used.
+        rho, adaptive, eta, base_kwargs: as for :class:`~arrcoc_sam.sam.optimizer.SAM`.
+    """
+
+    supports_sharding = True  # it only chooses which steps ascend
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        base_optimizer: type[Optimizer] | Optimizer,
+        rho: float = 0.05,
+        interval: int = 5,
+        rho_scaling: str = "none",
+        adaptive: bool = False,
+        eta: float = 0.01,
+        **base_kwargs: Any,
+    ) -> None:
+        check_interval(interval)
+        if rho_scaling not in _RHO_SCALINGS:
+            raise ValueError(f"rho_scaling must be one of {', '.join(_RHO_SCALINGS)}, got {rho_scaling!r}")
+        super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, eta=eta, **base_kwargs)
+        self.interval = interval
+        factor = float(interval) ** _RHO_SCALINGS[rho_scaling]
+        for group in self.param_groups:
+            group["rho"] = group["rho"] * factor
+        self.defaults["rho"] = self.defaults["rho"] * factor
+
+    @property
+    def passes_per_step(self) -> float:
+        return 1.0 + 1.0 / self.interval
+
+    def ascent_this_step(self) -> bool:
+        return self.optimizer_steps % self.interval == 0
