@@ -52,3 +52,16 @@ def run_torchrun(tmp_path):
         return proc
 
     return run
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons (GradientState remembers a Trainer's unfinished dataloader,
+    which makes later `accumulate()` calls sync on every micro-batch): give every test fresh ones."""
+    yield
+    import sys as _sys
+
+    state = _sys.modules.get("accelerate.state")
+    if state is not None:
+        state.AcceleratorState._reset_state(True)
+        state.GradientState._reset_state()
