@@ -25,6 +25,22 @@ _EXPORTS: dict[str, str] = {
     "ModelArguments": "arrcoc_sam.relevance.training",
     "DataArguments": "arrcoc_sam.relevance.training",
     "run_training": "arrcoc_sam.relevance.training",
+    "texture_array": "arrcoc_sam.relevance.texture",
+    "TEXTURE_CHANNELS": "arrcoc_sam.relevance.texture",
+    "ArrCocRelevanceConfig": "arrcoc_sam.relevance.vision",
+    "ArrCocRelevanceModel": "arrcoc_sam.relevance.vision",
+    "ArrCocRelevanceOutput": "arrcoc_sam.relevance.vision",
+    "AdaptiveTensionBalancer": "arrcoc_sam.relevance.vision",
+    "MultiScaleRelevanceConfig": "arrcoc_sam.relevance.multiscale",
+    "MultiScaleRelevanceModel": "arrcoc_sam.relevance.multiscale",
+    "MultiScaleRelevanceOutput": "arrcoc_sam.relevance.multiscale",
+    "coarse_to_fine_top_k": "arrcoc_sam.relevance.multiscale",
+    "make_scene_dataset": "arrcoc_sam.relevance.scenes",
+    "SceneCollator": "arrcoc_sam.relevance.scenes",
+    "MiniLMQueryEmbedder": "arrcoc_sam.relevance.scenes",
+    "HashQueryEmbedder": "arrcoc_sam.relevance.scenes",
+    "relevance_metrics": "arrcoc_sam.relevance.vision_metrics",
+    "make_compute_metrics": "arrcoc_sam.relevance.vision_metrics",
 }
 __all__ = list(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -4,9 +4,9 @@ A scene is a textured, noisy background with 3-6 objects (shape x colour x size,
 query of one of two kinds: "<colour> <shape>" ("red circle": every red circle, any size) or
 "<size> <colour> objects" ("large blue objects": every large blue object, any shape). The target relevance
 map is the visible mask of the matching objects average-pooled to the G x G grid (soft values in [0, 1]).
-Each scene holds 1-2 targets and 2-4 distractors (placed so that each overlaps earlier objects by at
-most 20 % of its area when 20 tries allow it) that share the target's colour, its shape or its size but
-do not match the query. Targets are painted after distractors, so they stay fully visible.
+Each scene holds 1-2 targets and 2-4 distractors; a distractor never matches the query and usually shares
+one of the query's attributes (the target's colour, shape or size). Objects are re-placed (up to 20 tries)
+until at most 20 % of each covers earlier ones; targets are painted last, so they stay fully visible.
 
 Held-out combinations: `HELDOUT_COLOUR_SHAPE` and `HELDOUT_SIZE_COLOUR` never occur in the train or
 validation splits, neither as queries nor as objects; every held-out query names one of them. Each colour,
@@ -23,7 +23,7 @@ from functools import cached_property
 
 import numpy as np
 import torch
-from datasets import Array2D, Array3D, Dataset, DatasetDict, Features, List, Value
+from datasets import Array3D, Dataset, DatasetDict, Features, List, Value
 
 COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (0.85, 0.15, 0.15), "green": (0.15, 0.70, 0.25), "blue": (0.20, 0.35, 0.90),
@@ -247,14 +247,18 @@ def make_scene_dataset(
 
 
 class SceneCollator:
-    """Batches scene rows: pixel_values float32 [B, 3, S, S] in [0, 1], query_embedding [B, D], labels [B, N]."""
+    """Batches scene rows: pixel_values float32 [B, 3, S, S] in [0, 1], query_embedding [B, D], labels [B, N].
+
+    Integer pixel values (the stored uint8, which `datasets` may hand out as int64) are divided by 255;
+    floating-point ones are taken as already in [0, 1].
+    """
 
     def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
         if not rows:
             raise ValueError("cannot collate an empty list of scene rows")
         pixels = torch.as_tensor(np.stack([np.asarray(r["pixel_values"]) for r in rows]))
         return {
-            "pixel_values": pixels.to(torch.float32) / 255.0 if pixels.dtype == torch.uint8 else pixels.float(),
+            "pixel_values": pixels.float() if pixels.is_floating_point() else pixels.float() / 255.0,
             "query_embedding": torch.as_tensor(np.stack([np.asarray(r["query_embedding"]) for r in rows])).float(),
             "labels": torch.as_tensor(np.stack([np.asarray(r["labels"]) for r in rows])).float(),
         }

@@ -46,12 +46,14 @@ class ArrCocRelevanceConfig(PretrainedConfig):
         query_dim: D, size of the query embedding (384 for MiniLM input embeddings).
         coupling_hidden: width of the Conv1x1 13 -> hidden -> D participatory projection.
         balancer_hidden: width of the two hidden layers of the tension balancer's MLP.
-        top_k: K, tokens kept by `selected_indices` (clamped to N).
+        top_k_tokens: K, tokens kept by `selected_indices` (clamped to N).
         ranking_weight: weight of the pairwise ranking term in the loss (0 disables it).
         ranking_pairs: pairs per token for the ranking term (token i against i + offset, fixed offsets).
         ranking_margin: pairs whose targets differ by less than this are ignored.
         ranking_scale: logistic loss on ranking_scale * (r_i - r_j) for target_i > target_j.
         participatory_init_scale: initial sharpness of the sigmoid mapping cosine to [0, 1].
+        participatory_init_bias: initial offset of that sigmoid; negative starts the map low, near the sparse
+            targets' prior, so the balancer does not abandon the learned way before it has learned.
     """
 
     model_type = "arrcoc_relevance"
@@ -64,17 +66,18 @@ class ArrCocRelevanceConfig(PretrainedConfig):
         query_dim: int = 384,
         coupling_hidden: int = 64,
         balancer_hidden: int = 128,
-        top_k: int = 200,
+        top_k_tokens: int = 200,
         ranking_weight: float = 0.5,
         ranking_pairs: int = 16,
         ranking_margin: float = 0.05,
         ranking_scale: float = 10.0,
         participatory_init_scale: float = 5.0,
+        participatory_init_bias: float = -2.0,
         **kwargs,
     ):
         for name, value in (("num_channels", num_channels), ("grid_size", grid_size), ("query_dim", query_dim),
                             ("coupling_hidden", coupling_hidden), ("balancer_hidden", balancer_hidden),
-                            ("top_k", top_k), ("ranking_pairs", ranking_pairs)):
+                            ("top_k_tokens", top_k_tokens), ("ranking_pairs", ranking_pairs)):
             if int(value) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         for name, value in (("ranking_weight", ranking_weight), ("ranking_margin", ranking_margin)):
@@ -88,12 +91,13 @@ class ArrCocRelevanceConfig(PretrainedConfig):
         self.query_dim = int(query_dim)
         self.coupling_hidden = int(coupling_hidden)
         self.balancer_hidden = int(balancer_hidden)
-        self.top_k = int(top_k)
+        self.top_k_tokens = int(top_k_tokens)
         self.ranking_weight = float(ranking_weight)
         self.ranking_pairs = int(ranking_pairs)
         self.ranking_margin = float(ranking_margin)
         self.ranking_scale = float(ranking_scale)
         self.participatory_init_scale = float(participatory_init_scale)
+        self.participatory_init_bias = float(participatory_init_bias)
         super().__init__(**kwargs)
 
 
@@ -133,23 +137,37 @@ def perspectival_score(tokens: torch.Tensor) -> torch.Tensor:
 
 
 class ParticipatoryScorer(nn.Module):
-    """Query coupling: Conv1x1 C -> hidden -> D on each token, cosine with the query, sigmoid(scale*cos + bias)."""
+    """Query coupling: Conv1x1 C -> hidden -> D on each token, cosine with the query, sigmoid(scale*cos + bias).
+
+    The D-dimensional projection P(x) = W2 h + b2 (h = GELU(W1 x + b1), [hidden]) is never materialised:
+    P(x).q = h.(W2^T q) + b2.q and |P(x)|^2 = h^T (W2^T W2) h + 2 h.(W2^T b2) + |b2|^2, so the cost per token
+    is O(hidden^2) instead of O(hidden * D). The result equals the explicit cosine up to rounding.
+    """
 
     def __init__(self, config: ArrCocRelevanceConfig):
         super().__init__()
-        self.project = nn.Sequential(
-            nn.Conv1d(config.num_channels, config.coupling_hidden, 1),
-            nn.GELU(),
-            nn.Conv1d(config.coupling_hidden, config.query_dim, 1),
-        )
+        self.config = config
+        self.conv_in = nn.Conv1d(config.num_channels, config.coupling_hidden, 1)
+        self.conv_out = nn.Conv1d(config.coupling_hidden, config.query_dim, 1)
         self.log_scale = nn.Parameter(torch.tensor(math.log(config.participatory_init_scale)))
-        self.bias = nn.Parameter(torch.zeros(()))
+        self.bias = nn.Parameter(torch.tensor(config.participatory_init_bias))
+
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, N, C] -> h [B, N, hidden]."""
+        return F.gelu(F.linear(tokens, self.conv_in.weight.squeeze(-1), self.conv_in.bias))
+
+    def cosine(self, tokens: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """cos(P(x_n), q) for tokens [B, N, C] and query [B, D] -> [B, N] in [-1, 1]."""
+        h = self.hidden(tokens)
+        weight, bias = self.conv_out.weight.squeeze(-1), self.conv_out.bias  # [D, hidden], [D]
+        dot = h @ (query @ weight).unsqueeze(-1) + (query @ bias)[:, None, None]
+        sq_norm = ((h @ (weight.T @ weight)) * h).sum(-1) + 2 * h @ (weight.T @ bias) + bias @ bias
+        norms = sq_norm.clamp_min(1e-16).sqrt() * torch.linalg.vector_norm(query, dim=-1, keepdim=True)
+        return dot.squeeze(-1) / norms.clamp_min(1e-8)
 
     def forward(self, tokens: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """tokens [B, N, C], query [B, D] -> [B, N] in (0, 1)."""
-        projected = self.project(tokens.transpose(1, 2)).transpose(1, 2)
-        cosine = F.cosine_similarity(projected, query.unsqueeze(1), dim=-1, eps=1e-8)
-        return torch.sigmoid(self.log_scale.exp() * cosine + self.bias)
+        return torch.sigmoid(self.log_scale.exp() * self.cosine(tokens, query) + self.bias)
 
 
 class AdaptiveTensionBalancer(nn.Module):
@@ -256,7 +274,7 @@ class RelevancePreTrainedModel(PreTrainedModel):
                 hf_init.uniform_(module.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
         elif isinstance(module, ParticipatoryScorer):
             hf_init.constant_(module.log_scale, math.log(self.config.participatory_init_scale))
-            hf_init.zeros_(module.bias)
+            hf_init.constant_(module.bias, self.config.participatory_init_bias)
 
     def token_features(self, pixel_values: torch.Tensor | None, token_features: torch.Tensor | None,
                        grid_size: int | None = None) -> torch.Tensor:
@@ -301,7 +319,7 @@ class ArrCocRelevanceModel(RelevancePreTrainedModel):
             loss=loss, relevance=scores.relevance, information=scores.information,
             perspectival=scores.perspectival, participatory=scores.participatory,
             balancer_weights=scores.balancer_weights,
-            selected_indices=top_k_indices(scores.relevance, self.config.top_k),
+            selected_indices=top_k_indices(scores.relevance, self.config.top_k_tokens),
         )
 
 

@@ -1,0 +1,239 @@
+"""`arrcoc-sam quickstart`: the ARR-COC vision relevance model trained with AdamW and with SAM, compared.
+
+Both runs use the same seed, the same data and the same number of optimizer steps (SAM spends two
+forward+backward passes per step). Each trains through `SAMTrainer` on procedural query scenes, is
+evaluated on validation scenes during training and once on the held-out scenes (unseen attribute
+combinations). Writes `report.md`, `training_curves.png` and `heldout_examples.png` to the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+METRICS = (("mse", "MSE", "lower"), ("spearman", "Spearman", "higher"), ("top_k_recall", "top-K recall", "higher"),
+           ("ndcg", "NDCG@K", "higher"))
+RUNS = (("adamw", "AdamW", "none"), ("sam", "SAM", "sam"))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="arrcoc-sam quickstart", description=__doc__.splitlines()[0])
+    parser.add_argument("--output-dir", default="runs/quickstart", help="where the report and figures go")
+    parser.add_argument("--steps", type=int, default=240, help="optimizer steps per run")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--learning-rate", type=float, default=3e-3, help="AdamW learning rate (both runs)")
+    parser.add_argument("--rho", type=float, default=0.05, help="SAM neighbourhood radius")
+    parser.add_argument("--train-scenes", type=int, default=1024)
+    parser.add_argument("--validation-scenes", type=int, default=128)
+    parser.add_argument("--heldout-scenes", type=int, default=256)
+    parser.add_argument("--image-size", type=int, default=64, help="scene side in pixels (grid: 32 x 32 cells)")
+    parser.add_argument("--top-k", type=int, default=200, help="K of top-K recall / NDCG and of token selection")
+    parser.add_argument("--embedder", default="minilm", choices=("minilm", "hash"),
+                        help="query embeddings: MiniLM input embeddings (D=384) or hashed words (D=32)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (tests)")
+    return parser
+
+
+def _tiny(args: argparse.Namespace) -> None:
+    args.steps, args.batch_size, args.train_scenes, args.validation_scenes = 4, 8, 16, 8
+    args.heldout_scenes, args.image_size, args.embedder = 8, 32, "hash"
+
+
+def _train_one(name: str, method: str, args, scenes, grid_size: int, trainer_dir: Path):
+    """Train one model with `SAMTrainer`; returns (model, log_history, held-out metrics before and after)."""
+    from transformers import PrinterCallback, TrainerCallback
+
+    from arrcoc_sam.integrations.trainer import SAMTrainer, SAMTrainingArguments
+    from arrcoc_sam.relevance.scenes import SceneCollator
+    from arrcoc_sam.relevance.vision import ArrCocRelevanceConfig, ArrCocRelevanceModel
+    from arrcoc_sam.relevance.vision_metrics import make_compute_metrics
+
+    start = time.perf_counter()
+
+    class _Progress(TrainerCallback):
+        def on_log(self, _args, state, _control, logs=None, **_kwargs):
+            shown = " ".join(f"{k}={v:.4f}" for k, v in (logs or {}).items()
+                             if k in ("loss", "eval_loss", "eval_spearman", "eval_top_k_recall"))
+            if shown:
+                print(f"[quickstart] {name:5s} step {state.global_step:4d}/{state.max_steps} "
+                      f"({time.perf_counter() - start:5.0f} s) {shown}", flush=True)
+
+    torch.manual_seed(args.seed)
+    query_dim = len(scenes["train"][0]["query_embedding"])
+    model = ArrCocRelevanceModel(ArrCocRelevanceConfig(grid_size=grid_size, query_dim=query_dim,
+                                                       top_k_tokens=args.top_k))
+    training_args = SAMTrainingArguments(
+        output_dir=str(trainer_dir / name), optimizer=method,
+        rho=args.rho if method != "none" else None, max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=64,
+        learning_rate=args.learning_rate, weight_decay=0.01, lr_scheduler_type="cosine", warmup_steps=0,
+        logging_steps=max(1, args.steps // 24), eval_strategy="steps", eval_steps=max(1, args.steps // 6),
+        save_strategy="no", report_to="none", seed=args.seed, data_seed=args.seed, use_cpu=True,
+        dataloader_num_workers=0, disable_tqdm=True,
+    )
+    trainer = SAMTrainer(
+        model=model, args=training_args, train_dataset=scenes["train"], eval_dataset=scenes["validation"],
+        data_collator=SceneCollator(), compute_metrics=make_compute_metrics(k=args.top_k),
+        callbacks=[_Progress()],
+    )
+    trainer.remove_callback(PrinterCallback)
+    untrained = trainer.evaluate(eval_dataset=scenes["heldout"], metric_key_prefix="heldout")
+    trainer.train()
+    heldout = trainer.evaluate(eval_dataset=scenes["heldout"], metric_key_prefix="heldout")
+    return model.eval(), [h for h in trainer.state.log_history if h.get("step")], untrained, heldout
+
+
+def _curves(histories: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for (name, label, _), colour in zip(RUNS, ("tab:blue", "tab:red"), strict=True):
+        history = histories[name]
+        train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+        evals = [h for h in history if "eval_loss" in h]
+        axes[0].plot(*zip(*train, strict=True), color=colour, label=label)
+        axes[1].plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], "o-", color=colour, label=label)
+        axes[2].plot([h["step"] for h in evals], [h["eval_spearman"] for h in evals], "o-", color=colour,
+                     label=label)
+    for ax, title in zip(axes, ("training loss (clean)", "validation loss", "validation Spearman"), strict=True):
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _examples(models: dict, scenes, grid_size: int, top_k: int, path: Path, count: int = 4) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from arrcoc_sam.relevance.scenes import SceneCollator
+
+    rows = [scenes["heldout"][i] for i in range(min(count, len(scenes["heldout"])))]
+    batch = SceneCollator()(rows)
+    with torch.no_grad():
+        outputs = {name: model(pixel_values=batch["pixel_values"], query_embedding=batch["query_embedding"])
+                   for name, model in models.items()}
+    columns = ["image + query", "target", "AdamW relevance", "SAM relevance", f"SAM top-{top_k} tokens"]
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=(3 * len(columns), 3 * len(rows)), squeeze=False)
+    for r, row in enumerate(rows):
+        image = batch["pixel_values"][r].permute(1, 2, 0).numpy()
+        selected = np.zeros(grid_size * grid_size)
+        selected[outputs["sam"].selected_indices[r].numpy()] = 1.0
+        cell = image.shape[0] // grid_size
+        overlay = image * (0.35 + 0.65 * np.kron(selected.reshape(grid_size, grid_size), np.ones((cell, cell))))[..., None]
+        panels = [image, batch["labels"][r], outputs["adamw"].relevance[r], outputs["sam"].relevance[r], overlay]
+        for c, panel in enumerate(panels):
+            ax = axes[r, c]
+            if c in (0, 4):
+                ax.imshow(panel)
+            else:
+                ax.imshow(np.asarray(panel).reshape(grid_size, grid_size), vmin=0, vmax=1, cmap="magma")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(columns[c], fontsize=10)
+        axes[r, 0].set_ylabel(f"\"{row['query']}\"", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _table(results: dict[str, dict]) -> str:
+    """Markdown table: the untrained model (same seed, same initial weights for both runs), AdamW, SAM."""
+    names = ["untrained", *(name for name, _, _ in RUNS)]
+    lines = ["| held-out (unseen combinations) | untrained | AdamW | SAM | better of the two |", "|---|---:|---:|---:|---|"]
+    rows = [*METRICS, ("loss", "loss (MSE + 0.5 ranking)", "lower")]
+    for key, label, direction in rows:
+        values = [results[name][f"heldout_{key}"] for name in names]
+        trained = values[1:]
+        best = int(np.argmin(trained) if direction == "lower" else np.argmax(trained))
+        lines.append(f"| {label} ({direction} is better) | " + " | ".join(f"{v:.4f}" for v in values)
+                     + f" | {RUNS[best][1]} |")
+    return "\n".join(lines)
+
+
+def _report(args, results: dict, elapsed: dict, table: str, scenes) -> str:
+    return f"""# ARR-COC quickstart: AdamW vs SAM
+
+The ARR-COC v0.1 vision relevance model (13-channel texture array on a 32 x 32 grid, information /
+perspectival / participatory scorers, adaptive tension balancer, top-{args.top_k} selection) trained on
+procedural query scenes, with AdamW and with SAM (rho={args.rho}, AdamW inside), from the same seed, for the
+same {args.steps} optimizer steps (batch {args.batch_size}, lr {args.learning_rate}, cosine schedule).
+SAM spends two forward+backward passes per step.
+
+Data: {len(scenes['train'])} training, {len(scenes['validation'])} validation and {len(scenes['heldout'])} held-out scenes
+({args.image_size} px, seed {args.seed}, query embeddings: {args.embedder}). The held-out queries name
+attribute combinations that never occur in training ("green triangle", "large red objects", ...).
+
+{table}
+
+Top-K recall: fraction of target-mask tokens (target >= 0.5) among the K={args.top_k} most relevant tokens.
+Spearman: per scene, averaged; most target values are tied zeros, which caps it well below 1 (a perfect
+ranking of a 7 % binary mask scores about 0.45).
+The participatory scorer is a Conv1x1 coupling: it sees one cell's 13 features, so it can learn colour
+but not shape or size, which need context beyond one cell. The held-out examples show exactly that.
+Wall time: AdamW {elapsed['adamw']:.0f} s, SAM {elapsed['sam']:.0f} s.
+
+![training curves](training_curves.png)
+
+![held-out scenes](heldout_examples.png)
+
+Raw metrics: `metrics.json`. Reproduce: `arrcoc-sam quickstart --seed {args.seed} --steps {args.steps}`.
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the comparison; prints the held-out table and the report path. Returns 0."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    args = _parser().parse_args(list(argv) if argv is not None else None)
+    if args.tiny:
+        _tiny(args)
+    from arrcoc_sam.relevance.scenes import make_scene_dataset
+
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    grid_size = 32 if args.image_size >= 64 else args.image_size // 2
+    print(f"[quickstart] generating scenes ({args.train_scenes} train / {args.validation_scenes} validation / "
+          f"{args.heldout_scenes} held-out)", flush=True)
+    scenes = make_scene_dataset(args.train_scenes, args.validation_scenes, args.heldout_scenes, args.image_size,
+                                grid_size, seed=args.seed, embedder=args.embedder)
+    models, histories, results, elapsed = {}, {}, {}, {}
+    with tempfile.TemporaryDirectory() as trainer_dir:  # the Trainer's output_dir; nothing is checkpointed
+        for name, label, method in RUNS:
+            print(f"[quickstart] training with {label} for {args.steps} steps", flush=True)
+            start = time.perf_counter()
+            models[name], histories[name], results["untrained"], results[name] = _train_one(
+                name, method, args, scenes, grid_size, Path(trainer_dir))
+            elapsed[name] = time.perf_counter() - start
+    _curves(histories, output_dir / "training_curves.png")
+    _examples(models, scenes, grid_size, args.top_k, output_dir / "heldout_examples.png")
+    table = _table(results)
+    (output_dir / "metrics.json").write_text(json.dumps({"heldout": results, "elapsed_s": elapsed,
+                                                         "args": vars(args)}, indent=2))
+    report = output_dir / "report.md"
+    report.write_text(_report(args, results, elapsed, table, scenes))
+    print("\n" + table + f"\n\n[quickstart] report: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

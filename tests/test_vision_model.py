@@ -1,0 +1,196 @@
+"""The ARR-COC v0.1 vision relevance model: texture array, scorers, balancer, loss, save/load."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.stats import entropy
+from transformers import AutoConfig, AutoModel
+
+from arrcoc_sam.relevance.texture import (
+    NUM_TEXTURE_CHANNELS,
+    TEXTURE_CHANNELS,
+    grid_to_tokens,
+    rgb_to_lab,
+    sobel,
+    texture_array,
+)
+from arrcoc_sam.relevance.vision import (
+    ArrCocRelevanceConfig,
+    ArrCocRelevanceModel,
+    information_score,
+    pairwise_ranking_loss,
+)
+
+GRID, QUERY_DIM = 8, 16
+
+
+def _model(seed: int = 0, **overrides) -> ArrCocRelevanceModel:
+    torch.manual_seed(seed)
+    config = ArrCocRelevanceConfig(grid_size=GRID, query_dim=QUERY_DIM, coupling_hidden=8, balancer_hidden=16,
+                                   top_k_tokens=10, **overrides)
+    return ArrCocRelevanceModel(config).eval()
+
+
+def _batch(batch_size: int = 3, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "pixel_values": torch.rand(batch_size, 3, 2 * GRID, 2 * GRID, generator=g),
+        "query_embedding": torch.randn(batch_size, QUERY_DIM, generator=g),
+        "labels": (torch.rand(batch_size, GRID * GRID, generator=g) > 0.8).float(),
+    }
+
+
+@pytest.mark.parametrize(
+    ("rgb", "lab"),
+    [((1.0, 0.0, 0.0), (53.2408, 80.0925, 67.2032)), ((1.0, 1.0, 1.0), (100.0, 0.0, 0.0)),
+     ((0.0, 0.0, 0.0), (0.0, 0.0, 0.0)), ((0.0, 0.0, 1.0), (32.2970, 79.1875, -107.8602))],
+)
+def test_rgb_to_lab_matches_reference_values(rgb, lab):
+    got = rgb_to_lab(torch.tensor(rgb, dtype=torch.float64).view(1, 3, 1, 1)).flatten()
+    torch.testing.assert_close(got, torch.tensor(lab, dtype=torch.float64), atol=2e-3, rtol=0)
+
+
+def test_sobel_of_a_horizontal_ramp_is_eight_times_its_slope_in_x_and_zero_in_y():
+    slope = 0.1
+    ramp = (slope * torch.arange(6.0)).expand(1, 1, 5, 6)
+    gx, gy = sobel(ramp)
+    torch.testing.assert_close(gx[..., 1:-1], torch.full_like(gx[..., 1:-1], 8 * slope))
+    torch.testing.assert_close(gy, torch.zeros_like(gy))
+
+
+def test_texture_array_has_13_channels_with_exact_positions_and_per_sample_standardisation():
+    images = _batch()["pixel_values"]
+    raw = texture_array(images, GRID, normalize=False)
+    assert raw.shape == (3, NUM_TEXTURE_CHANNELS, GRID, GRID) and len(TEXTURE_CHANNELS) == 13
+    centres = (torch.arange(GRID) + 0.5) / GRID
+    torch.testing.assert_close(raw[1, TEXTURE_CHANNELS.index("y"), :, 0], centres)
+    torch.testing.assert_close(raw[1, TEXTURE_CHANNELS.index("x"), 0, :], centres)
+    ecc = raw[0, TEXTURE_CHANNELS.index("eccentricity")]
+    assert ecc[0, 0] == pytest.approx(math.hypot(0.5 - 0.5 / GRID, 0.5 - 0.5 / GRID) / math.sqrt(0.5))
+    red = F.avg_pool2d(images[:, :1], 2)
+    torch.testing.assert_close(raw[:, :1], red)
+    tokens = grid_to_tokens(texture_array(images, GRID))
+    torch.testing.assert_close(tokens.mean(dim=1), torch.zeros(3, 13), atol=1e-5, rtol=0)
+    torch.testing.assert_close(tokens.std(dim=1, unbiased=False), torch.ones(3, 13), atol=1e-4, rtol=0)
+
+
+def test_information_score_is_softmax_channel_entropy_over_log_c():
+    tokens = torch.randn(2, 5, 13, dtype=torch.float64)
+    expected = entropy(torch.softmax(tokens, -1).numpy(), axis=-1) / math.log(13)
+    np.testing.assert_allclose(information_score(tokens).numpy(), expected, rtol=1e-12)
+
+
+def test_relevance_maps_weights_and_top_k_have_promised_shapes_and_ranges():
+    model, batch = _model(), _batch()
+    with torch.no_grad():
+        out = model(**batch)
+    assert out.relevance.shape == (3, GRID * GRID) and out.loss.dim() == 0
+    for scores in (out.relevance, out.information, out.perspectival, out.participatory):
+        assert scores.shape == (3, GRID * GRID) and scores.min() >= 0 and scores.max() <= 1
+    torch.testing.assert_close(out.balancer_weights.sum(-1), torch.ones(3))
+    maps = torch.stack((out.information, out.perspectival, out.participatory), 1)
+    torch.testing.assert_close(out.relevance, (out.balancer_weights.unsqueeze(-1) * maps).sum(1))
+    assert out.selected_indices.shape == (3, 10)
+    torch.testing.assert_close(out.relevance.gather(1, out.selected_indices), out.relevance.topk(10).values)
+
+
+def test_compute_relevance_on_texture_tokens_equals_image_forward():
+    model, batch = _model(), _batch()
+    tokens = grid_to_tokens(texture_array(batch["pixel_values"], GRID, normalize=False))
+    with torch.no_grad():
+        from_images = model(pixel_values=batch["pixel_values"], query_embedding=batch["query_embedding"]).relevance
+        from_tokens = model.compute_relevance(tokens, batch["query_embedding"])
+    torch.testing.assert_close(from_tokens, from_images, atol=1e-5, rtol=0)
+
+
+def test_relevance_of_a_sample_does_not_change_when_other_samples_join_its_batch():
+    model, batch = _model(), _batch(batch_size=5)
+    with torch.no_grad():
+        together = model(pixel_values=batch["pixel_values"], query_embedding=batch["query_embedding"])
+        alone = model(pixel_values=batch["pixel_values"][2:3], query_embedding=batch["query_embedding"][2:3])
+    torch.testing.assert_close(alone.relevance[0], together.relevance[2], atol=1e-6, rtol=0)
+    torch.testing.assert_close(alone.balancer_weights[0], together.balancer_weights[2], atol=1e-6, rtol=0)
+
+
+def test_participatory_cosine_equals_cosine_of_the_explicit_projection():
+    model = _model()
+    scorer = model.scorer.participatory
+    with torch.no_grad():
+        scorer.conv_out.bias.normal_()  # a non-zero output bias exercises every term of the expansion
+    tokens, query = torch.randn(2, 7, 13), torch.randn(2, QUERY_DIM)
+    projected = scorer.conv_out(F.gelu(scorer.conv_in(tokens.transpose(1, 2)))).transpose(1, 2)
+    expected = F.cosine_similarity(projected, query.unsqueeze(1), dim=-1)
+    torch.testing.assert_close(scorer.cosine(tokens, query), expected, atol=1e-5, rtol=0)
+
+
+def test_gradients_reach_every_learned_parameter():
+    model = _model().train()
+    model(**_batch()).loss.backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+        assert param.grad.abs().sum() > 0, f"no gradient reaches {name}"
+
+
+def test_pairwise_ranking_loss_matches_a_loop_over_the_fixed_pairs():
+    g = torch.Generator().manual_seed(0)
+    relevance, targets = torch.rand(2, 9, generator=g), torch.rand(2, 9, generator=g)
+    num_pairs, margin, scale = 4, 0.1, 3.0
+    total, count = 0.0, 0
+    for b in range(2):
+        for offset in sorted({1 + (k * 9) // num_pairs for k in range(num_pairs)}):
+            for i in range(9):
+                j = (i + offset) % 9
+                gap = float(targets[b, i] - targets[b, j])
+                if abs(gap) > margin:
+                    total += math.log1p(math.exp(-scale * math.copysign(1, gap) * float(relevance[b, i] - relevance[b, j])))
+                    count += 1
+    got = pairwise_ranking_loss(relevance, targets, num_pairs, margin, scale)
+    assert float(got) == pytest.approx(total / count, rel=1e-5)
+
+
+def test_loss_is_mse_when_the_ranking_weight_is_zero():
+    model, batch = _model(ranking_weight=0.0), _batch()
+    with torch.no_grad():
+        out = model(**batch)
+    torch.testing.assert_close(out.loss, F.mse_loss(out.relevance, batch["labels"]))
+
+
+def test_save_and_automodel_load_round_trip_gives_identical_outputs(tmp_path):
+    model, batch = _model(), _batch()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), ArrCocRelevanceConfig)
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, ArrCocRelevanceModel)
+    with torch.no_grad():
+        before, after = model(**batch), loaded(**batch)
+        torch.testing.assert_close(after.relevance, before.relevance, atol=1e-6, rtol=0)
+        # Loaded tensors live in unaligned mmap'd storage, which can pick another SIMD summation order
+        # (~3e-8); in freshly allocated storage the outputs are bitwise identical.
+        for param in loaded.parameters():
+            param.data = param.data.clone()
+        realigned = loaded(**batch)
+    assert torch.equal(before.relevance, realigned.relevance) and torch.equal(before.loss, realigned.loss)
+
+
+@pytest.mark.parametrize(("field", "value"), [("top_k_tokens", 0), ("query_dim", -1), ("ranking_weight", -0.5),
+                                              ("ranking_scale", 0.0)])
+def test_config_rejects_bad_values_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        ArrCocRelevanceConfig(**{field: value})
+
+
+def test_forward_requires_exactly_one_input_and_checks_the_query_shape():
+    model, batch = _model(), _batch()
+    tokens = torch.randn(3, GRID * GRID, 13)
+    with pytest.raises(ValueError, match="exactly one"):
+        model(pixel_values=batch["pixel_values"], token_features=tokens, query_embedding=batch["query_embedding"])
+    with pytest.raises(ValueError, match="query_embedding must be"):
+        model(token_features=tokens, query_embedding=torch.randn(3, QUERY_DIM + 1))
+    with pytest.raises(ValueError, match="token_features must be"):
+        model(token_features=tokens[..., :5], query_embedding=batch["query_embedding"])
