@@ -13,6 +13,8 @@ def test_tiny_quickstart_writes_report_figures_and_prints_the_table(tmp_path, ca
     assert "| held-out (unseen combinations) | untrained | AdamW | SAM |" in printed and str(tmp_path / "report.md") in printed
     report = (tmp_path / "report.md").read_text()
     assert "training_curves.png" in report and "heldout_examples.png" in report
+    assert "### Robustness of relevance (feature_noise" in report and "### Robustness of relevance (weight_adversarial" in report
+    assert "| AdamW | 0.1 |" in report and "| SAM | 0.2 |" in report
     for figure in ("training_curves.png", "heldout_examples.png"):
         assert (tmp_path / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = json.loads((tmp_path / "metrics.json").read_text())["heldout"]
@@ -20,3 +22,18 @@ def test_tiny_quickstart_writes_report_figures_and_prints_the_table(tmp_path, ca
         assert {"heldout_mse", "heldout_spearman", "heldout_top_k_recall", "heldout_ndcg"} <= set(metrics[run])
         assert 0 <= metrics[run]["heldout_top_k_recall"] <= 1
     assert metrics["adamw"] != metrics["sam"], "SAM and AdamW runs must differ"
+
+
+def test_saved_quickstart_models_load_with_automodel_in_a_fresh_process(tmp_path):
+    import subprocess
+    import sys
+
+    assert cli_main(["quickstart", "--tiny", "--robustness-scenes", "0", "--output-dir", str(tmp_path)]) == 0
+    code = (
+        "import sys, torch, arrcoc_sam.relevance\n"
+        "from transformers import AutoModel\n"
+        "model = AutoModel.from_pretrained(sys.argv[1])\n"
+        "print(type(model).__name__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "sam")], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "ArrCocRelevanceModel"

@@ -44,3 +44,8 @@ _EXPORTS: dict[str, str] = {
 }
 __all__ = list(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)
+
+# Registering the configs and models with AutoConfig/AutoModel is a side effect of their modules: import
+# them, so that `AutoModel.from_pretrained(saved_dir)` works after `import arrcoc_sam.relevance`.
+from arrcoc_sam.relevance import multiscale as _multiscale  # noqa: E402,F401  (imports .vision too)
+from arrcoc_sam.relevance import text as _text  # noqa: E402,F401

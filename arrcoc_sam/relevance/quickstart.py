@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--embedder", default="minilm", choices=("minilm", "hash"),
                         help="query embeddings: MiniLM input embeddings (D=384) or hashed words (D=32)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--robustness-scenes", type=int, default=64,
+                        help="held-out scenes in the robustness section (0 skips it)")
+    parser.add_argument("--robustness-draws", type=int, default=8, help="perturbation draws per scene and level")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (tests)")
     return parser
 
@@ -46,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
 def _tiny(args: argparse.Namespace) -> None:
     args.steps, args.batch_size, args.train_scenes, args.validation_scenes = 4, 8, 16, 8
     args.heldout_scenes, args.image_size, args.embedder = 8, 32, "hash"
+    args.robustness_scenes, args.robustness_draws, args.top_k = 4, 2, 16
 
 
 def _train_one(name: str, method: str, args, scenes, grid_size: int, trainer_dir: Path):
@@ -169,7 +173,24 @@ def _table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def _report(args, results: dict, elapsed: dict, table: str, scenes) -> str:
+def _robustness(args, models: dict, scenes) -> str:
+    """Markdown: AdamW vs SAM relevance under token-feature noise and adversarial weight perturbations."""
+    from arrcoc_sam.relevance.robustness import robustness_report_section
+    from arrcoc_sam.relevance.scenes import SceneCollator
+
+    count = min(args.robustness_scenes, len(scenes["heldout"]))
+    collate = SceneCollator()
+    batches = [collate([scenes["heldout"][i] for i in range(start, min(start + 16, count))])
+               for start in range(0, count, 16)]
+    named = {label: models[name].eval() for name, label, _ in RUNS}
+    options = {"k": args.top_k, "num_draws": args.robustness_draws, "seed": args.seed}
+    return "\n\n".join(
+        robustness_report_section(named, batches, perturbation=kind, **options)
+        for kind in ("feature_noise", "weight_adversarial")
+    )
+
+
+def _report(args, results: dict, elapsed: dict, table: str, scenes, robustness: str) -> str:
     return f"""# ARR-COC quickstart: AdamW vs SAM
 
 The ARR-COC v0.1 vision relevance model (13-channel texture array on a 32 x 32 grid, information /
@@ -194,6 +215,12 @@ Wall time: AdamW {elapsed['adamw']:.0f} s, SAM {elapsed['sam']:.0f} s.
 ![training curves](training_curves.png)
 
 ![held-out scenes](heldout_examples.png)
+
+{robustness}
+
+The trained models are saved in `adamw/` and `sam/` beside this report (`AutoModel.from_pretrained` loads
+them after `import arrcoc_sam.relevance`); the full robustness sweep (five perturbations, more metrics, a plot):
+`arrcoc-sam evaluate-robustness --model {args.output_dir}/adamw {args.output_dir}/sam --name adamw sam --out {args.output_dir}/robustness`.
 
 Raw metrics: `metrics.json`. Reproduce: `arrcoc-sam quickstart --seed {args.seed} --steps {args.steps}`.
 """
@@ -227,10 +254,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     _curves(histories, output_dir / "training_curves.png")
     _examples(models, scenes, grid_size, args.top_k, output_dir / "heldout_examples.png")
     table = _table(results)
+    for name, _, _ in RUNS:
+        models[name].save_pretrained(output_dir / name)
+    robustness = ""
+    if args.robustness_scenes > 0:
+        print(f"[quickstart] robustness of relevance on {args.robustness_scenes} held-out scenes", flush=True)
+        robustness = _robustness(args, models, scenes)
     (output_dir / "metrics.json").write_text(json.dumps({"heldout": results, "elapsed_s": elapsed,
                                                          "args": vars(args)}, indent=2))
     report = output_dir / "report.md"
-    report.write_text(_report(args, results, elapsed, table, scenes))
+    report.write_text(_report(args, results, elapsed, table, scenes, robustness))
     print("\n" + table + f"\n\n[quickstart] report: {report}")
     return 0
 
