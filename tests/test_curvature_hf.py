@@ -18,14 +18,6 @@ from arrcoc_sam.curvature import (
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on shared CPU cores, oversubscribed threads make small HVPs ~20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _tiny_bert():
     torch.manual_seed(0)

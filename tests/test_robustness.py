@@ -14,14 +14,6 @@ from arrcoc_sam.relevance.robustness import PERTURBATIONS, RelevanceRobustness, 
 GRID, CHANNELS, QUERY_DIM = 6, 5, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscribing the shared cores; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _pooled_features(pixel_values: torch.Tensor) -> torch.Tensor:
     """Images [B, 3, H, W] -> [B, GRID², CHANNELS]: pooled RGB, their mean and a squared term."""

@@ -4,21 +4,11 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 from safetensors.torch import save_model
 
 from arrcoc_sam.cli import main as cli_main
 from arrcoc_sam.relevance.vision import ArrCocRelevanceConfig, ArrCocRelevanceModel
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscribing the shared cores; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _checkpoint(path, seed: int):

@@ -29,12 +29,7 @@ def _train(tmp_path, callback=None, steps=2):
     trainer = Trainer(model=tiny_bert(), args=args, train_dataset=token_dataset(16), callbacks=[callback] if callback else None)
     if callback:
         callback.bind(trainer)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        trainer.train()
-    finally:
-        torch.set_num_threads(threads)
+    trainer.train()
     return trainer
 
 

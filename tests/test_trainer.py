@@ -20,14 +20,6 @@ from trainer_common import flat_params, tiny_bert, token_dataset, token_sum_loss
 LR = 0.05
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest single-threaded on the shared 2-core machine; restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _train(tmp_path, trainer_cls=SAMTrainer, args_cls=SAMTrainingArguments, model=None, data=None,
            trainer_extra=None, **overrides):

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 __all__ = [
     "accumulation_dtype",
@@ -38,13 +39,25 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def sum_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
     """The dtype of a sum over all ``tensors``: float32, or float64 when any of them is float64."""
     dtype = torch.float32
-    for t in tensors:
-        dtype = torch.promote_types(dtype, accumulation_dtype(t.dtype))
+    for tensor_dtype in {t.dtype for t in tensors}:
+        dtype = torch.promote_types(dtype, accumulation_dtype(tensor_dtype))
     return dtype
 
 
 def group_by_device_and_dtype(*tensor_lists: Sequence[Tensor]) -> list[tuple[list[Tensor], ...]]:
-    """Split parallel tensor lists into groups sharing (device, dtype) of the first list, order preserved."""
+    """Split parallel tensor lists into groups sharing (device, dtype) of the first list, order preserved.
+
+    Uses torch's C++ grouping (the one its foreach optimizers use); lists whose tensors at one index differ
+    in device or dtype (which it rejects) are grouped in Python.
+    """
+    try:
+        grouped = _group_tensors_by_device_and_dtype([list(lst) for lst in tensor_lists], with_indices=False)
+    except RuntimeError:
+        return _group_in_python(*tensor_lists)
+    return [tuple(lists) for lists, _ in grouped.values()]
+
+
+def _group_in_python(*tensor_lists: Sequence[Tensor]) -> list[tuple[list[Tensor], ...]]:
     groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], ...]] = defaultdict(
         lambda: tuple([] for _ in tensor_lists)
     )
@@ -81,11 +94,14 @@ def _scaling_operator(params: list[Tensor], eta: float) -> list[Tensor]:
 
 def _bucket(params, grads, adaptive, eta, *extra):
     """Group tensor pairs by (adaptive, η, extra keys…), then by (device, dtype)."""
+    keys = [(bool(a), float(e) if a else 0.0, *rest) for a, e, *rest in zip(adaptive, eta, *extra, strict=True)]
     buckets: dict[tuple, tuple[list[Tensor], list[Tensor]]] = defaultdict(lambda: ([], []))
-    for p, g, a, e, *rest in zip(params, grads, adaptive, eta, *extra, strict=True):
-        key = (bool(a), float(e) if a else 0.0, *rest)
-        buckets[key][0].append(p)
-        buckets[key][1].append(g)
+    if len(set(keys)) == 1:  # the common case: one setting for every tensor
+        buckets[keys[0]] = (list(params), list(grads))
+    else:
+        for p, g, key in zip(params, grads, keys, strict=True):
+            buckets[key][0].append(p)
+            buckets[key][1].append(g)
     for key, (bucket_params, bucket_grads) in buckets.items():
         for group_params, group_grads in group_by_device_and_dtype(bucket_params, bucket_grads):
             yield key, group_params, group_grads
