@@ -14,7 +14,7 @@ import torch.distributed as dist
 from transformers import Trainer, TrainingArguments, default_data_collator
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from trainer_common import flat_params, tiny_bert, token_dataset, trainer_kwargs  # noqa: E402
+from trainer_common import flat_params, shutdown_distributed, tiny_bert, token_dataset, trainer_kwargs  # noqa: E402
 
 from arrcoc_sam.integrations.callbacks import PROBE_KEYS, SharpnessCallback  # noqa: E402
 
@@ -38,3 +38,4 @@ params = flat_params(trainer.model)
 with open(f"sharpness_rank{rank}.json", "w") as handle:
     json.dump({"log_history": trainer.state.log_history, "weights": params.tolist()}, handle)
 dist.barrier()
+shutdown_distributed()

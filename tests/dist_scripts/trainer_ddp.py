@@ -18,7 +18,14 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from accelerate_ddp import accelerate_checks  # noqa: E402
-from trainer_common import flat_params, tiny_bert, token_dataset, token_sum_loss, trainer_kwargs  # noqa: E402
+from trainer_common import (  # noqa: E402
+    flat_params,
+    shutdown_distributed,
+    tiny_bert,
+    token_dataset,
+    token_sum_loss,
+    trainer_kwargs,
+)
 
 from arrcoc_sam import SAMTrainer, SAMTrainingArguments  # noqa: E402
 
@@ -104,3 +111,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    shutdown_distributed()

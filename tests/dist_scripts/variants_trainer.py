@@ -20,7 +20,14 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).parent))
-from trainer_common import flat_params, tiny_bert, token_dataset, token_sum_loss, trainer_kwargs  # noqa: E402
+from trainer_common import (  # noqa: E402
+    flat_params,
+    shutdown_distributed,
+    tiny_bert,
+    token_dataset,
+    token_sum_loss,
+    trainer_kwargs,
+)
 
 from arrcoc_sam import SAMTrainer, SAMTrainingArguments  # noqa: E402
 from arrcoc_sam.sam.registry import build_sam_optimizer  # noqa: E402
@@ -158,3 +165,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    shutdown_distributed()
