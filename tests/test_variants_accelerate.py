@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from accelerate import Accelerator
@@ -10,6 +14,10 @@ from test_sam_engine import make_batches, make_mlp, max_abs_diff, mse
 from arrcoc_sam.integrations.accelerate import AcceleratedSAM
 from arrcoc_sam.sam.registry import build_sam_optimizer
 from arrcoc_sam.sam.variants import VARIANTS
+from arrcoc_sam.sam.variants.esam import per_example_loss
+
+sys.path.insert(0, str(Path(__file__).parent / "dist_scripts"))
+from trainer_common import flat_params, tiny_bert, token_dataset  # noqa: E402
 
 LR, MOMENTUM, RHO = 0.05, 0.9, 0.1
 KNOBS = {
@@ -80,3 +88,125 @@ def test_accelerate_save_state_round_trips_the_variant_state(tmp_path):
     assert loaded["optimizer_steps"] == saved["optimizer_steps"]
     for index, tensor in saved["buffers"]["direction"].items():
         assert torch.equal(loaded["buffers"]["direction"][index], tensor)
+
+
+# -- ESAM's data selection (SDS) through the helper, on a tiny BERT token classifier -------------------
+def bert_windows(steps: int, micro: int, accumulation: int) -> list[list[dict[str, torch.Tensor]]]:
+    rows = token_dataset(steps * micro * accumulation)
+    stacked = [{k: torch.stack([r[k] for r in rows[i:i + micro]]) for k in rows[0]} for i in range(0, len(rows), micro)]
+    return [stacked[s * accumulation:(s + 1) * accumulation] for s in range(steps)]
+
+
+def _bert_forward(model, batch):
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+
+def esam_closure_reference(windows, gamma: float, params_of=lambda model: model.parameters(), **sgd) -> torch.Tensor:
+    """ESAM's own step(per-example closure) on each whole window (micro-batches concatenated), BERT weights."""
+    model = tiny_bert()
+    opt = build_sam_optimizer("esam", list(params_of(model)), torch.optim.SGD, rho=RHO, beta=0.5, gamma=gamma,
+                              seed=3, **sgd)
+    for window in windows:
+        batch = {k: torch.cat([m[k] for m in window]) for k in window[0]}
+
+        def closure(indices=None, batch=batch):
+            sub = batch if indices is None else {k: v[indices] for k, v in batch.items()}
+            return per_example_loss(_bert_forward(model, sub), sub)
+
+        opt.step(closure)
+    return flat_params(model)
+
+
+def test_accelerate_esam_data_selection_matches_closure_step_and_trains_on_chosen_examples_only():
+    steps, micro, accumulation = 3, 4, 2
+    windows = bert_windows(steps, micro, accumulation)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
+    model = tiny_bert()
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM))
+    sam = AcceleratedSAM(accelerator, model, optimizer, method="esam", rho=RHO, beta=0.5, gamma=0.5, seed=3)
+    examples = {"grad": 0, "no_grad": 0, "grad_perturbed": 0}
+
+    def count(module, args, kwargs):
+        size = kwargs["input_ids"].shape[0]
+        examples["grad" if torch.is_grad_enabled() else "no_grad"] += size
+        examples["grad_perturbed"] += size if torch.is_grad_enabled() and sam.sam_optimizer.is_perturbed else 0
+
+    model.register_forward_pre_hook(count, with_kwargs=True)
+
+    def loss_fn(m, batch):
+        return per_example_loss(_bert_forward(m, batch), batch).mean()
+
+    for window in windows:
+        for batch in window:
+            with accelerator.accumulate(model):
+                sam.backward(loss_fn, batch)
+                optimizer.step()
+                optimizer.zero_grad()
+    window_size = micro * accumulation
+    chosen = math.ceil(0.5 * window_size)
+    # pass 1 on every example; at w + ε one no-grad forward of the window, forward+backward on ⌈γB⌉ examples
+    assert examples == {"grad": steps * (window_size + chosen), "no_grad": steps * window_size,
+                        "grad_perturbed": steps * chosen}
+    got = flat_params(accelerator.unwrap_model(model))
+    gap = (esam_closure_reference(windows, 0.5, lr=LR, momentum=MOMENTUM) - got).abs().max().item()
+    whole_batch_gap = (esam_closure_reference(windows, 1.0, lr=LR, momentum=MOMENTUM) - got).abs().max().item()
+    assert gap <= 1e-6 and whole_batch_gap > 100 * gap, (gap, whole_batch_gap)
+
+
+def test_accelerate_esam_without_logits_falls_back_to_whole_batch_with_one_warning(caplog):
+    batches = make_batches(4)
+    accelerator = Accelerator(cpu=True)
+    model = make_mlp()
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR))
+    sam = AcceleratedSAM(accelerator, model, optimizer, method="esam", rho=RHO, beta=1.0, gamma=0.5)
+    twin = make_mlp()
+    twin_opt = build_sam_optimizer("esam", twin.parameters(), torch.optim.SGD, lr=LR, rho=RHO, beta=1.0, gamma=1.0)
+    with caplog.at_level("WARNING"):
+        for batch in batches:
+            with accelerator.accumulate(model):
+                sam.backward(mse, batch)
+                optimizer.step()
+                optimizer.zero_grad()
+
+            def closure(batch=batch):
+                twin_opt.zero_grad()
+                loss = mse(twin, batch)
+                loss.backward()
+                return loss
+
+            twin_opt.step(closure)
+    assert caplog.text.count("sharpness-sensitive data selection") == 1
+    assert max_abs_diff(accelerator.unwrap_model(model), twin) <= 1e-12
+
+
+def test_accelerate_esam_with_own_per_example_loss_on_tuple_batches_matches_closure_step_in_float64():
+    """per_example_loss_fn overrides the default; tuple batches are split by example; float64 agreement."""
+    batches = make_batches(5)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = make_mlp()
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM))
+    sam = AcceleratedSAM(accelerator, model, optimizer, method="esam", rho=RHO, beta=0.5, gamma=0.25, seed=1,
+                         per_example_loss_fn=lambda out, batch: ((out - batch[1]) ** 2).mean(dim=1))
+    for x, y in batches:
+        for micro in ((x[:4], y[:4]), (x[4:], y[4:])):
+            with accelerator.accumulate(model):
+                sam.backward(mse, micro)
+                optimizer.step()
+                optimizer.zero_grad()
+
+    def reference(gamma):
+        ref = make_mlp()
+        opt = build_sam_optimizer("esam", ref.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM, rho=RHO,
+                                  beta=0.5, gamma=gamma, seed=1)
+        for x, y in batches:
+
+            def closure(indices=None, x=x, y=y):
+                xs, ys = (x, y) if indices is None else (x[indices], y[indices])
+                return ((ref(xs) - ys) ** 2).mean(dim=1)
+
+            opt.step(closure)
+        return ref
+
+    got = accelerator.unwrap_model(model)
+    assert max_abs_diff(got, reference(0.25)) <= 1e-12
+    assert max_abs_diff(got, reference(1.0)) > 1e-4

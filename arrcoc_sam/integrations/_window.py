@@ -15,6 +15,20 @@ from each rank's own window gradient (pass 1 of the last micro-batch runs under 
 ``microbatch`` (mSAM) from each micro-batch's own gradient, with its own second pass right away.
 The replay runs under :func:`preserve_running_stats`, so BatchNorm-style statistics move once per step.
 
+Data selection (ESAM's SDS, an optimizer with ``selects_examples`` true, given :class:`ExampleLosses`, in
+the ``global``/``per_device`` scopes): pass 1 also records the clean per-example losses of each micro-batch
+from its own forward (a forward hook, no extra pass). The replay then runs, per micro-batch, one forward at
+w + ε under ``no_grad`` for the perturbed per-example losses; ``select_examples`` picks the top ⌈γ·B⌉ rises
+over the rank's whole window (B examples, as ESAM's closure step selects over its batch); and only the
+chosen examples of each micro-batch run forward + backward, with the loss ``Σ_{i∈chosen} ℓ_i / ⌈γ·B⌉`` so
+the window gradient is exactly ESAM's ``∇ mean_{i∈B⁺} ℓ_i(w + ε)``. Under DDP each rank selects from its own
+window and DDP averages the ranks' gradients. All these forwards go through the unwrapped module except the
+one that back-propagates last, which goes through the DDP wrapper and syncs (a micro-batch with no chosen
+example is skipped; every rank makes exactly one DDP forward in the replay). Cost: one forward over the
+window plus forward + backward over ⌈γ·B⌉ examples. Where the per-example losses are unavailable
+(:class:`~arrcoc_sam.sam.variants.esam.PerExampleLossUnavailable`) or under ``microbatch`` scope, the
+replay is the whole window and the optimizer warns once.
+
 Metrics (:class:`SAMMetrics`): ``loss_perturbed`` and ``sharpness`` are per-window sums in the units of the
 clean loss the loop logs; ``grad_norm``/``grad_norm_perturbed``/``grad_cosine``/``rho`` are the optimizer's
 ``stats`` after each ascent (gradient norms divided by the GradScaler scale). Under ``microbatch`` the
@@ -24,7 +38,8 @@ second-pass figures are measured on the gradient accumulated so far in the windo
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,10 +47,26 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from arrcoc_sam.sam.norm_stats import preserve_running_stats
+from arrcoc_sam.sam.variants.esam import PerExampleLossUnavailable
 
-__all__ = ["SAMMetrics", "SAMWindow"]
+__all__ = ["ExampleLosses", "SAMMetrics", "SAMWindow"]
 
 RunPass = Callable[[Any], Tensor]
+
+
+@dataclass
+class ExampleLosses:
+    """What data selection needs from an integration.
+
+    Attributes:
+        forward: ``forward(module, batch) -> loss`` runs ``module`` on ``batch`` exactly as the loop's pass
+            does (input preparation, autocast), without backward, and returns the loss in the units
+            ``run_pass`` returns (for the ``sam/*`` metrics).
+        per_example: ``per_example(outputs, batch) -> [B]`` per-example losses from the module's outputs.
+    """
+
+    forward: Callable[[nn.Module, Any], Tensor]
+    per_example: Callable[[Any, Any], Tensor]
 _STAT_KEYS = ("grad_norm", "grad_norm_perturbed", "grad_cosine", "rho")
 _SCALED_STATS = ("grad_norm", "grad_norm_perturbed")
 METRIC_KEYS = ("loss_perturbed", "sharpness", *_STAT_KEYS)
@@ -100,19 +131,31 @@ class SAMWindow:
         self._clean: Tensor | None = None
         self._perturbed_sum: Tensor | None = None  # microbatch scope: Σ pass-2 losses (clean ones where skipped)
         self._any_ascent = False
+        self._select = False  # this window runs data selection
+        self._selection_unavailable = False  # the per-example losses raised PerExampleLossUnavailable once
+        self._clean_examples: list[Tensor] = []  # [B_m] clean per-example losses of each micro-batch
 
-    def micro_step(self, model: nn.Module, optimizer: Optimizer, batch: Any, run_pass: RunPass) -> Tensor:
+    def micro_step(
+        self,
+        model: nn.Module,
+        optimizer: Optimizer,
+        batch: Any,
+        run_pass: RunPass,
+        example_losses: ExampleLosses | None = None,
+    ) -> Tensor:
         """Pass 1 on ``batch``; on the last micro-batch of the window also the ascent, the replay and the restore.
 
         Returns the clean (pass-1) loss of ``batch`` as ``run_pass`` returned it. Afterwards ``p.grad``
         holds the sharpness-aware gradient of the window (on its last micro-batch) and the weights are
-        bitwise the clean ones, even when a pass raises.
+        bitwise the clean ones, even when a pass raises. ``example_losses`` enables data selection for
+        optimizers that select examples (module docstring).
         """
         last = bool(self.accelerator.sync_gradients)
         try:
             if not self._open:
                 optimizer.before_first_pass()
                 self._ascend = bool(optimizer.ascent_this_step())
+                self._select = self._ascend and self._can_select(optimizer, example_losses)
                 self._open = True
             if self._ascend and self.scope == "microbatch":
                 loss = self._microbatch_step(model, optimizer, batch, run_pass, last)
@@ -123,12 +166,15 @@ class SAMWindow:
                     self._batches.append(batch)
                 local = self._ascend and self.scope == "per_device" and last
                 with self._no_sync(model) if local else contextlib.nullcontext():
-                    loss = run_pass(batch)
+                    if self._select:
+                        loss = self._pass_recording_examples(model, batch, run_pass, example_losses)
+                    else:
+                        loss = run_pass(batch)
                 self._clean = loss if self._clean is None else self._clean + loss
                 if last:
                     optimizer.after_first_pass()
                     if self._ascend:
-                        self._ascend_and_replay(model, optimizer, run_pass)
+                        self._ascend_and_replay(model, optimizer, run_pass, example_losses)
         except BaseException:
             self._close()
             raise
@@ -137,15 +183,22 @@ class SAMWindow:
         return loss
 
     # -- global / per_device: one ascent from the window gradient, then replay the window -------------
-    def _ascend_and_replay(self, model: nn.Module, optimizer: Optimizer, run_pass: RunPass) -> None:
+    def _ascend_and_replay(
+        self, model: nn.Module, optimizer: Optimizer, run_pass: RunPass, example_losses: ExampleLosses | None
+    ) -> None:
         skipped_before = getattr(optimizer, "skipped_steps", 0)
         perturbed = None
         with preserve_running_stats(model):
             try:
-                ok = optimizer.perturb()
+                with optimizer.selection_provided() if self._select else contextlib.nullcontext():
+                    ok = optimizer.perturb()
                 scale = self._grad_scale() if ok else 1.0
-                # With a rank-local ascent every rank must still join the replay's all-reduce.
-                if ok or (self.scope != "global" and self.accelerator.num_processes > 1):
+                # With a rank-local ascent every rank must still join the replay's all-reduce (and, with data
+                # selection, make the same single DDP forward: a skipped rank selects at w).
+                must_join = self.scope != "global" and self.accelerator.num_processes > 1
+                if self._select and (ok or must_join):
+                    perturbed = self._selective_replay(model, optimizer, example_losses)
+                elif ok or must_join:
                     model.zero_grad(set_to_none=True)
                     for index, batch in enumerate(self._batches):
                         inner = index < len(self._batches) - 1
@@ -158,6 +211,65 @@ class SAMWindow:
         if ok:
             self._record_losses(clean=self._clean, perturbed=perturbed)
             self._record_stats(optimizer, scale)
+
+    # -- data selection (ESAM's SDS) over the window ----------------------------------------------------
+    def _can_select(self, optimizer: Optimizer, example_losses: ExampleLosses | None) -> bool:
+        return (
+            example_losses is not None
+            and bool(getattr(optimizer, "selects_examples", False))
+            and self.scope != "microbatch"
+            and not self._selection_unavailable
+            and getattr(self.accelerator, "distributed_type", None) != "DEEPSPEED"  # its engine owns backward
+        )
+
+    def _pass_recording_examples(
+        self, model: nn.Module, batch: Any, run_pass: RunPass, example_losses: ExampleLosses
+    ) -> Tensor:
+        """``run_pass(batch)``, keeping the clean per-example losses of its forward (no_grad, no extra pass)."""
+        with _ExampleCapture(_unwrapped(model), example_losses.per_example, batch, keep_graph=False) as capture:
+            loss = run_pass(batch)
+        try:
+            self._clean_examples.append(capture.losses())
+        except PerExampleLossUnavailable:
+            self._select = False
+            self._selection_unavailable = True
+        return loss
+
+    def _selective_replay(self, model: nn.Module, optimizer: Any, example_losses: ExampleLosses) -> Tensor:
+        """At w + ε: the perturbed losses of the window, the selection, and backward on the chosen examples.
+
+        Returns the window's perturbed loss (sum of ``forward``'s losses) for the metrics.
+        """
+        inner = _unwrapped(model)
+        perturbed, perturbed_examples = None, []
+        with torch.no_grad():
+            for batch in self._batches:
+                with _ExampleCapture(inner, example_losses.per_example, batch, keep_graph=False) as capture:
+                    loss = example_losses.forward(inner, batch)
+                perturbed_examples.append(capture.losses())
+                perturbed = loss if perturbed is None else perturbed + loss
+        chosen = optimizer.select_examples(torch.cat(self._clean_examples), torch.cat(perturbed_examples))
+        count = chosen.numel()
+        picks, offset = [], 0
+        for batch, clean in zip(self._batches, self._clean_examples, strict=True):
+            size = clean.numel()
+            local = chosen[(chosen >= offset) & (chosen < offset + size)] - offset
+            offset += size
+            if local.numel() > 0:
+                picks.append((_take(batch, local, size), local.numel()))
+        # accelerator.backward divides by its accumulation steps; undo that so Σ_window = Σ_{i∈B⁺} ∇ℓ_i / count.
+        factor = float(getattr(self.accelerator, "gradient_accumulation_steps", 1)) / count
+        model.zero_grad(set_to_none=True)
+        for index, (subset, size) in enumerate(picks):
+            module = model if index == len(picks) - 1 else inner  # only the last backward goes through DDP
+            with torch.enable_grad():
+                with _ExampleCapture(inner, example_losses.per_example, subset, keep_graph=True) as capture:
+                    example_losses.forward(module, subset)
+                losses = capture.losses()
+                if losses.numel() != size:
+                    raise ValueError(f"per_example_loss_fn returned {losses.numel()} losses for {size} examples")
+                self.accelerator.backward(losses.sum() * factor)
+        return perturbed
 
     # -- microbatch (mSAM): an ascent per micro-batch from its own gradient ---------------------------
     def _microbatch_step(
@@ -220,6 +332,63 @@ class SAMWindow:
         self._batches = []
         self._clean = self._perturbed_sum = None
         self._any_ascent = False
+        self._select = False
+        self._clean_examples = []
+
+
+class _ExampleCapture:
+    """Within the block, per-example losses of every forward of ``module`` (computed in a forward hook)."""
+
+    def __init__(self, module: nn.Module, per_example: Callable[[Any, Any], Tensor], batch: Any, *, keep_graph: bool):
+        self.module, self.per_example, self.batch, self.keep_graph = module, per_example, batch, keep_graph
+        self._results: list[Tensor | Exception] = []
+        self._handle: Any = None
+
+    def __enter__(self) -> _ExampleCapture:
+        self._handle = self.module.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()
+
+    def _hook(self, module: nn.Module, args: Any, outputs: Any) -> None:
+        try:
+            with contextlib.nullcontext() if self.keep_graph else torch.no_grad():
+                self._results.append(self.per_example(outputs, self.batch))
+        except PerExampleLossUnavailable as error:
+            self._results.append(error)
+
+    def losses(self) -> Tensor:
+        """The ``[B]`` losses of the block's single forward (detached unless ``keep_graph``)."""
+        if len(self._results) != 1:
+            raise ValueError(
+                f"data selection needs exactly one forward of the model per pass to read per-example losses "
+                f"from, this pass made {len(self._results)}"
+            )
+        result = self._results[0]
+        if isinstance(result, Exception):
+            raise result
+        if result.dim() != 1:
+            raise ValueError(f"per-example losses must be a vector [B], got shape {tuple(result.shape)}")
+        return result if self.keep_graph else result.detach()
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (calling it directly neither syncs gradients nor buffers)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _take(batch: Any, index: Tensor, size: int) -> Any:
+    """``batch`` restricted to the examples ``index`` (every tensor whose first dimension is ``size``)."""
+    if isinstance(batch, Tensor):
+        return batch[index.to(batch.device)] if batch.dim() > 0 and batch.shape[0] == size else batch
+    if isinstance(batch, Mapping):
+        return {key: _take(value, index, size) for key, value in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(_take(value, index, size) for value in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_take(value, index, size) for value in batch)
+    return batch
 
 
 @torch.no_grad()

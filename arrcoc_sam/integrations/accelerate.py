@@ -16,6 +16,12 @@ micro-batches at w + ε (``no_sync`` on all but the last, forward and backward),
 weights back even if a pass raises. ``optimizer.step()`` then steps the base optimizer on the
 sharpness-aware gradient; under fp16 the GradScaler unscales it and skips non-finite steps as usual.
 The window keeps references to its micro-batches until the ascent (``global``/``per_device`` scopes).
+
+ESAM's data selection (``method="esam"``, ``gamma < 1``) reads per-example losses from the outputs of the
+model's forward inside ``loss_fn`` (:func:`~arrcoc_sam.sam.variants.esam.per_example_loss` by default, or
+``per_example_loss_fn``); ``loss_fn`` must call the model exactly once. The replay runs ``loss_fn`` at
+w + ε on the window under ``no_grad``, then on the chosen examples only, back-propagating ESAM's loss
+``Σ_{i∈B⁺} ℓ_i / ⌈γ·B⌉`` instead of ``loss_fn``'s (see ``arrcoc_sam.integrations._window``).
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ from accelerate.utils import DistributedType
 from torch import Tensor, nn
 
 from arrcoc_sam.integrations._settings import SAMSettings, check_run_compatible
-from arrcoc_sam.integrations._window import SAMWindow
+from arrcoc_sam.integrations._window import ExampleLosses, SAMWindow
 from arrcoc_sam.sam.sharding import check_model_supported, is_sharded
+from arrcoc_sam.sam.variants.esam import per_example_loss
 
 __all__ = ["AcceleratedSAM"]
 
@@ -48,6 +55,8 @@ class AcceleratedSAM:
         scope: ``global`` (ε from the all-reduced gradient), ``per_device`` (each rank's own, pass 1 under
             ``no_sync``) or ``microbatch`` (one ascent per micro-batch, needs gradient accumulation).
         rho, eta, interval: the method's knobs (``None``: its default); ``knobs``: any further ones.
+        per_example_loss_fn: ``fn(outputs, batch) -> Tensor [B]`` for ESAM's data selection (default
+            :func:`~arrcoc_sam.sam.variants.esam.per_example_loss`).
     """
 
     def __init__(
@@ -61,6 +70,7 @@ class AcceleratedSAM:
         rho: float | None = None,
         eta: float | None = None,
         interval: int | None = None,
+        per_example_loss_fn: Callable[[Any, Any], Tensor] | None = None,
         **knobs: Any,
     ) -> None:
         settings = SAMSettings(method=method, rho=rho, eta=eta, scope=scope, interval=interval, extra=knobs)
@@ -84,6 +94,7 @@ class AcceleratedSAM:
         self.model = model
         base = getattr(optimizer, "optimizer", optimizer)
         self.sam_optimizer = settings.build(base)
+        self.per_example_loss_fn = per_example_loss_fn or per_example_loss
         self._window = SAMWindow(accelerator, settings.scope)
         if hasattr(self.sam_optimizer, "variant_state_dict"):
             # The loop steps the base optimizer, so accelerator.save_state() would miss the variant's own
@@ -109,7 +120,11 @@ class AcceleratedSAM:
             self.accelerator.backward(loss)
             return loss.detach()
 
-        return self._window.micro_step(self.model, self.sam_optimizer, batch, run_pass)
+        def forward(module: nn.Module, micro_batch: Any) -> Tensor:
+            return loss_fn(module, micro_batch).detach()
+
+        example_losses = ExampleLosses(forward, self.per_example_loss_fn)
+        return self._window.micro_step(self.model, self.sam_optimizer, batch, run_pass, example_losses)
 
     def metrics(self) -> dict[str, float]:
         """``sam/*`` averages since the last call, pooled over ranks (all ranks must call it together)."""

@@ -9,6 +9,12 @@ step (with its GradScaler) → scheduler path then runs once, on the sharpness-a
 passes go through the stock ``training_step``, every loss normalisation the Trainer applies (including
 transformers issue 47688's scaling by GA steps / world size) applies to both passes alike.
 
+ESAM's data selection (``--optimizer esam`` with ``gamma < 1``) needs per-example losses: by default
+:func:`~arrcoc_sam.sam.variants.esam.per_example_loss` on the model outputs' ``logits`` and the batch's
+``labels``, or ``SAMTrainer(per_example_loss_fn=...)``. Pass 1 stays the stock ``training_step``; the replay
+runs ``compute_loss`` at w + ε on the window under ``no_grad``, then forward + backward on the chosen
+examples only, with ESAM's loss ``Σ_{i∈B⁺} ℓ_i / ⌈γ·B⌉`` (see ``arrcoc_sam.integrations._window``).
+
 The sharpness-aware optimizer wraps the base optimizer that ``--optim`` (or ``optimizers=``) builds; its
 ``state_dict`` is the base optimizer's, so checkpoints and ``resume_from_checkpoint`` work unchanged.
 Methods are driven only through their hooks (``before_first_pass``, ``ascent_this_step``,
@@ -19,7 +25,7 @@ Methods are driven only through their hooks (``before_first_pass``, ``ascent_thi
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +41,8 @@ from arrcoc_sam.integrations._settings import (
     fsdp_version_of,
     parse_sam_args,
 )
-from arrcoc_sam.integrations._window import SAMWindow
+from arrcoc_sam.integrations._window import ExampleLosses, SAMWindow
+from arrcoc_sam.sam.variants.esam import per_example_loss
 
 __all__ = ["SAMArguments", "SAMTrainer", "SAMTrainingArguments", "patched_trainer"]
 
@@ -135,7 +142,16 @@ class _SAMTrainerMethods:
         def run_pass(batch: dict[str, Any]) -> torch.Tensor:
             return _STOCK_TRAINING_STEP(self, model, dict(batch), num_items_in_batch)
 
-        return window.micro_step(model, _sam_optimizer(self.optimizer), dict(inputs), run_pass)
+        def forward(module: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+            inputs_ = self._prepare_inputs(dict(batch))
+            with self.compute_loss_context_manager():
+                loss = self.compute_loss(module, inputs_, num_items_in_batch=num_items_in_batch)
+            return _in_training_step_units(self, loss, num_items_in_batch)
+
+        per_example = self.__dict__.get("_sam_per_example_loss_fn") or per_example_loss
+        return window.micro_step(
+            model, _sam_optimizer(self.optimizer), dict(inputs), run_pass, ExampleLosses(forward, per_example)
+        )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the ``sam/*`` averages of the logging window to the training log (all ranks call this together)."""
@@ -153,11 +169,34 @@ class SAMTrainer(_SAMTrainerMethods, Trainer):
     Extra log keys (averaged over the logging window, pooled over ranks): ``sam/loss_perturbed``,
     ``sam/sharpness`` (perturbed − clean loss), ``sam/grad_norm``, ``sam/grad_norm_perturbed``,
     ``sam/grad_cosine``, ``sam/rho``, ``sam/skipped_steps`` (ascents skipped in the window).
+
+    Args:
+        per_example_loss_fn: ``fn(outputs, batch) -> Tensor [B]``, the per-example losses ESAM's data
+            selection ranks and trains on (keyword only; default
+            :func:`~arrcoc_sam.sam.variants.esam.per_example_loss`). Unused by the other methods.
+        *args, **kwargs: as for ``transformers.Trainer``.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, per_example_loss_fn: Callable[[Any, Any], torch.Tensor] | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
+        self._sam_per_example_loss_fn = per_example_loss_fn
         _run_settings(self)
+
+
+def _in_training_step_units(trainer: Trainer, loss: torch.Tensor, num_items_in_batch: Any) -> torch.Tensor:
+    """``compute_loss``'s value normalised as the stock ``training_step`` returns it (multi-GPU mean, GA)."""
+    if trainer.args.n_gpu > 1:
+        loss = loss.mean()
+    scaled = getattr(trainer, "loss_is_scaled_for_ga", None)
+    if scaled is None:
+        scaled = (trainer.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+            trainer.compute_loss_func is not None
+        )
+    if not scaled:
+        loss = loss / trainer.current_gradient_accumulation_steps
+    return loss.detach()
 
 
 def _settings_for(trainer: Trainer) -> SAMSettings:

@@ -38,7 +38,8 @@ METHODS: dict[str, tuple[str | None, dict]] = {
     "sam": ("sam", {}),
     "periodic_k5": ("periodic", {"interval": 5}),
     "looksam_k5": ("looksam", {"interval": 5, "alpha": 0.7}),
-    "esam": ("esam", {"beta": 0.5, "gamma": 0.5}),
+    "esam": ("esam", {"beta": 0.5, "gamma": 0.5}),  # SWP + SDS as in the paper
+    "esam_g1/3": ("esam", {"beta": 0.5, "gamma": 1 / 3}),  # pass 2 on a third of the batch
     "gsam": ("gsam", {"alpha": 0.1}),
     "fsam": ("fsam", {"sigma": 1.0, "ema_decay": 0.6}),
     "msam": ("msam", {}),

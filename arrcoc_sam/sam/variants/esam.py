@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 from torch.optim import Optimizer
 
 from arrcoc_sam.sam import perturbation
 from arrcoc_sam.sam.variants._base import VariantSAM, check_fraction
 
-__all__ = ["ESAM"]
+__all__ = ["ESAM", "PerExampleLossUnavailable", "per_example_loss"]
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +24,54 @@ logger = logging.getLogger(__name__)
 _SEED_STRIDE = 1_000_003
 
 PerExampleClosure = Callable[..., Tensor]
+IGNORE_INDEX = -100
+
+
+class PerExampleLossUnavailable(ValueError):
+    """The default :func:`per_example_loss` cannot serve these outputs/batch (no ``logits`` or ``labels``)."""
+
+
+def per_example_loss(outputs: Any, batch: Any, *, shift_labels: bool = False) -> Tensor:
+    """Per-example cross-entropy ``[B]`` (float32 or wider) from HF-style ``outputs.logits`` and ``batch["labels"]``.
+
+    - ``logits [B, C]``, integer ``labels [B]`` (sequence classification): ``CE(logits_i, y_i)``.
+    - ``logits [B, T, C]``, integer ``labels [B, T]`` (token classification, masked LM): the mean CE over
+      example i's tokens whose label is not -100 (0 for an example without any). ``shift_labels=True``
+      (causal LM: ``functools.partial(per_example_loss, shift_labels=True)``) scores token t+1 from position t.
+
+    The Trainer's own token loss (``num_items_in_batch``) weights every *token* of the batch alike, this
+    one every *example* alike, as ESAM's data selection and its pass-2 mean over the chosen examples do.
+
+    Raises:
+        PerExampleLossUnavailable: ``outputs`` has no ``logits``, ``batch`` no integer ``labels`` of a
+            matching shape.
+    """
+    logits = outputs.get("logits") if isinstance(outputs, Mapping) else getattr(outputs, "logits", None)
+    labels = batch.get("labels") if isinstance(batch, Mapping) else None
+    if not isinstance(logits, Tensor) or not isinstance(labels, Tensor):
+        raise PerExampleLossUnavailable(
+            "per_example_loss needs outputs with `logits` and a batch dict with `labels`; pass per_example_loss_fn"
+        )
+    labels = labels.to(logits.device)
+    if shift_labels and labels.dim() == 2 and logits.dim() == 3:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    elif shift_labels:
+        raise PerExampleLossUnavailable(
+            f"shift_labels needs labels [B, T] and logits [B, T, C], got {tuple(labels.shape)} and {tuple(logits.shape)}"
+        )
+    if labels.is_floating_point() or labels.shape != logits.shape[:-1] or labels.dim() not in (1, 2):
+        raise PerExampleLossUnavailable(
+            f"per_example_loss handles integer labels [B] with logits [B, C] and labels [B, T] with logits "
+            f"[B, T, C]; got labels {tuple(labels.shape)} ({labels.dtype}) and logits {tuple(logits.shape)}: "
+            "pass per_example_loss_fn"
+        )
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    if labels.dim() == 1:
+        return F.cross_entropy(logits, labels, reduction="none")
+    tokens = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    counts = labels.ne(IGNORE_INDEX).sum(dim=1).clamp_min(1)
+    return tokens.sum(dim=1) / counts
 
 
 class ESAM(VariantSAM):
@@ -39,10 +89,12 @@ class ESAM(VariantSAM):
 
         B⁺ = top-⌈γ|B|⌉ of ℓ_i(w + ε̂) − ℓ_i(w);   update with ∇ mean_{i∈B⁺} ℓ_i(w + ε̂)
 
-    SDS needs per-example losses, so it runs only in :meth:`step` with a per-example closure (below) or in
-    a custom loop that calls :meth:`select_examples`. SAMTrainer and the Accelerate helper replay the whole
-    micro-batch through the stock loss, so there SDS is unavailable and a one-time warning says so (SWP
-    still applies); ``gamma=1`` switches SDS off everywhere.
+    SDS needs per-example losses: :meth:`step` takes them from a per-example closure (below); SAMTrainer
+    and the Accelerate helper from :func:`per_example_loss` (or their ``per_example_loss_fn``) on the model
+    outputs, selecting over each rank's accumulation window (see ``arrcoc_sam.integrations._window``); a
+    custom loop calls :meth:`select_examples` inside :meth:`selection_provided`. Where no per-example
+    losses exist, pass 2 runs on the whole batch and a one-time warning says so (SWP still applies);
+    ``gamma=1`` switches SDS off everywhere.
 
     Cost (forward ≈ 1/3 of a forward+backward): ``1 + 1/3 + γ`` passes per step with SDS, 2 without.
     SWP does not change the cost of a dense backward. Memory: SAM's backup plus a transient parameter-sized
@@ -73,12 +125,27 @@ class ESAM(VariantSAM):
         self.beta = float(beta)
         self.gamma = float(gamma)
         self.seed = int(seed)
-        self._in_closure_step = False
+        self._selection_provided = False
         self._warned_no_sds = False
 
     @property
     def passes_per_step(self) -> float:
         return 1.0 + 1.0 / 3.0 + self.gamma if self.gamma < 1 else 2.0
+
+    @property
+    def selects_examples(self) -> bool:
+        """Whether SDS is on (``gamma < 1``): pass 2 should run on :meth:`select_examples`' subset."""
+        return self.gamma < 1
+
+    @contextlib.contextmanager
+    def selection_provided(self) -> Iterator[None]:
+        """Within the block the caller runs SDS itself, so :meth:`perturb` does not warn about its absence."""
+        saved = self._selection_provided
+        self._selection_provided = True
+        try:
+            yield
+        finally:
+            self._selection_provided = saved
 
     def mask_seed(self) -> int:
         """The seed of this step's SWP masks (see the class docstring)."""
@@ -101,12 +168,13 @@ class ESAM(VariantSAM):
     @torch.no_grad()
     def perturb(self) -> bool:
         """SAM's ascent with ρ/β, then the coordinates outside this step's Bernoulli(β) masks put back."""
-        if self.gamma < 1 and not self._in_closure_step and not self._warned_no_sds:
+        if self.gamma < 1 and not self._selection_provided and not self._warned_no_sds:
             self._warned_no_sds = True
             logger.warning(
                 "esam: sharpness-sensitive data selection needs per-example losses, which this loop does not "
-                "provide; pass 2 runs on the whole batch (SWP still applies). Use ESAM.step(closure) with a "
-                "per-example closure, or gamma=1 to silence this."
+                "provide; pass 2 runs on the whole batch (SWP still applies). SAMTrainer and AcceleratedSAM "
+                "provide them for outputs with `logits` and batches with `labels` (or with per_example_loss_fn) "
+                "in the global and per_device scopes; ESAM.step takes a per-example closure; gamma=1 silences this."
             )
         if self.beta == 1:
             return super().perturb()
@@ -148,11 +216,8 @@ class ESAM(VariantSAM):
         """
         if closure is None:
             return super().step()
-        self._in_closure_step = True
-        try:
+        with self.selection_provided():
             return self._closure_step(closure)
-        finally:
-            self._in_closure_step = False
 
     def _closure_step(self, closure: PerExampleClosure) -> Tensor:
         self.before_first_pass()
