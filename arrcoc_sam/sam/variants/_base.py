@@ -77,6 +77,8 @@ class VariantSAM(SAM):
     buffer_names: tuple[str, ...] = ()
     #: whether the variant's own math (beyond SAM's) is correct on FSDP2/DTensor shards
     supports_sharding: bool = False
+    #: whether :meth:`perturb` keeps a copy of the clean (pass-1) gradient for :meth:`restore_with_clean_gradient`
+    stashes_clean_gradient: bool = False
 
     def __init__(
         self,
@@ -93,6 +95,7 @@ class VariantSAM(SAM):
                 f"{type(self).__name__} does not support sharded (FSDP2/DTensor) parameters yet: "
                 "use sam, asam or periodic"
             )
+        self._clean_grads: list[Tensor] = []
         self.optimizer_steps = 0
         self.buffers: dict[str, dict[Tensor, Tensor]] = {name: {} for name in self.buffer_names}
         self._window_open = False  # a window began (before_first_pass) and its step() has not been seen
@@ -122,6 +125,23 @@ class VariantSAM(SAM):
                         closure()
         self.step()
         return loss
+
+    @torch.no_grad()
+    def perturb(self) -> bool:
+        """SAM's ascent; with ``stashes_clean_gradient`` also keeps a copy of the clean gradient g (transient)."""
+        stash = [g.detach().clone() for g in self._ascent_candidates()[1]] if self.stashes_clean_gradient else []
+        ok = super().perturb()
+        self._clean_grads = stash if ok else []
+        return ok
+
+    @torch.no_grad()
+    def restore_with_clean_gradient(self) -> tuple[list[Tensor], list[Tensor]]:
+        """Restore the weights (SAM); returns the tensors that were perturbed and the stashed clean gradients
+        (empty when nothing was perturbed), leaving the pass-2 gradients in ``.grad`` for the caller to combine."""
+        params = list(self._perturbed)
+        clean, self._clean_grads = self._clean_grads, []
+        super().restore()
+        return params, clean
 
     def _all_params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]

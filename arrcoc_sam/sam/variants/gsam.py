@@ -41,6 +41,8 @@ class GSAM(VariantSAM):
         adaptive, eta, base_kwargs: as for :class:`~arrcoc_sam.sam.optimizer.SAM`.
     """
 
+    stashes_clean_gradient = True
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -68,7 +70,6 @@ class GSAM(VariantSAM):
                 raise ValueError(
                     f"param group {index}: need lr_min <= lr_max, got lr_min={group['lr_min']!r}, lr_max={group['lr_max']!r}"
                 )
-        self._clean_grads: list[Tensor] = []
 
     @staticmethod
     def scheduled_rho(group: dict[str, Any]) -> float:
@@ -82,26 +83,20 @@ class GSAM(VariantSAM):
     @torch.no_grad()
     def perturb(self) -> bool:
         """SAM's ascent with ρ_t in place of each group's ρ; stashes a copy of the clean gradient."""
-        _, grads, _ = self._ascent_candidates()
-        stash = [g.detach().clone() for g in grads]
         radii = [group["rho"] for group in self.param_groups]
         try:
             for group in self.param_groups:
                 if group["rho"] > 0:
                     group["rho"] = max(self.scheduled_rho(group), 0.0)
-            ok = super().perturb()
+            return super().perturb()
         finally:
             for group, rho in zip(self.param_groups, radii, strict=True):
                 group["rho"] = rho
-        self._clean_grads = stash if ok else []
-        return ok
 
     @torch.no_grad()
     def restore(self) -> None:
         """Restore the weights (SAM), then set the gradient to g_p − α g_⊥ on the perturbed tensors."""
-        params = list(self._perturbed)
-        clean, self._clean_grads = self._clean_grads, []
-        super().restore()
+        params, clean = self.restore_with_clean_gradient()
         if not clean or self.alpha == 0:
             return
         for p in params:

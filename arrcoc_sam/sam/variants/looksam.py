@@ -41,6 +41,7 @@ class LookSAM(VariantSAM):
     """
 
     buffer_names = ("direction",)
+    stashes_clean_gradient = True
 
     def __init__(
         self,
@@ -59,7 +60,6 @@ class LookSAM(VariantSAM):
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, eta=eta, **base_kwargs)
         self.interval = interval
         self.alpha = float(alpha)
-        self._clean_grads: list[Tensor] = []
 
     @property
     def passes_per_step(self) -> float:
@@ -86,20 +86,9 @@ class LookSAM(VariantSAM):
             torch._foreach_add_(group_grads, torch._foreach_mul(group_dirs, coef))
 
     @torch.no_grad()
-    def perturb(self) -> bool:
-        """SAM's ascent; also stashes a copy of the clean gradient g for :meth:`restore`."""
-        _, grads, _ = self._ascent_candidates()
-        stash = [g.detach().clone() for g in grads]
-        ok = super().perturb()
-        self._clean_grads = stash if ok else []
-        return ok
-
-    @torch.no_grad()
     def restore(self) -> None:
         """Restore the weights (SAM), then store ĝ_v from the stashed g and the current (pass-2) gradient g_s."""
-        params = list(self._perturbed)
-        clean, self._clean_grads = self._clean_grads, []
-        super().restore()
+        params, clean = self.restore_with_clean_gradient()
         if not clean:
             return
         perturbed = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
