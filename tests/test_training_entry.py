@@ -103,13 +103,26 @@ def test_recipe_flags_load_and_later_command_line_flags_override_them(tmp_path):
     assert recipe_to_argv(recipe)[:2] == ["--model_kind", "text"]
 
 
-@pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.yaml")) + sorted((REPO / "recipes").glob("*.json")))
+RECIPES = sorted((REPO / "recipes").glob("*.yaml")) + sorted((REPO / "recipes").glob("*.json"))
+ACCELERATE_CONFIGS = [r for r in RECIPES if r.name.startswith("accelerate_")]
+
+
+@pytest.mark.parametrize("recipe", [r for r in RECIPES if r not in ACCELERATE_CONFIGS], ids=lambda r: r.name)
 def test_every_training_recipe_parses(recipe):
-    if "accelerate" in recipe.name:
-        pytest.skip("an accelerate launch config, not training flags")
     model_args, _, training_args = parse_args([str(recipe)])
     assert model_args.model_kind in MODEL_KINDS
     assert training_args.optimizer in available_methods()
+
+
+@pytest.mark.parametrize("config", ACCELERATE_CONFIGS, ids=lambda r: r.name)
+def test_accelerate_configs_load_as_accelerate_launch_configs(config):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    cluster = ClusterConfig.from_yaml_file(str(config))  # accelerate's own parser: rejects unknown keys
+    assert str(cluster.distributed_type) in {"DistributedType.MULTI_GPU", "DistributedType.FSDP", "MULTI_GPU", "FSDP"}
+    assert cluster.num_processes >= 2
+    if cluster.fsdp_config:
+        assert int(cluster.fsdp_config["fsdp_version"]) == 2
 
 
 def test_bad_arguments_fail_with_the_argument_name(tmp_path):
