@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     saved_argv, saved_path = sys.argv[:], sys.path[:]
     sys.argv = [script, *script_argv]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    had_process_group = _process_group_initialized()
     try:
         with patched_trainer(settings):
             runpy.run_path(script, run_name="__main__")
@@ -74,4 +75,25 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
+    if not had_process_group:
+        shutdown_process_group()
     return 0
+
+
+def _process_group_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def shutdown_process_group() -> None:
+    """Destroy the default process group the training run created, after a barrier.
+
+    Left alive at interpreter exit, gloo's worker threads can abort the process ("terminate called without an
+    active exception"), turning a finished run into a failed torchrun.
+    """
+    import torch.distributed as dist
+
+    if _process_group_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
