@@ -114,7 +114,7 @@ def spawn(mode: str, precision: str, workdir: Path) -> dict:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{mode}/{precision} run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return torch.load(out)
+    return torch.load(out, weights_only=True)
 
 
 def compare(plain: dict, sharded: dict) -> dict:

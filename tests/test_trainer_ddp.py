@@ -30,7 +30,7 @@ def test_two_processes_match_one_process_and_per_device_ascent_is_local(run_torc
     single = SAMTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset(24),
                         compute_loss_func=token_sum_loss)
     single.train()
-    two_process = torch.load(tmp_path / "global.pt")
+    two_process = torch.load(tmp_path / "global.pt", weights_only=True)
     assert (two_process - flat_params(single.model)).abs().max() < 1e-5
     assert result["global_replicas_equal"]
     assert {"sam/loss_perturbed", "sam/sharpness", "sam/grad_norm", "sam/grad_norm_perturbed", "sam/grad_cosine",
