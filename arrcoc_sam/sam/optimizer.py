@@ -33,7 +33,7 @@ __all__ = ["SAM", "ASAM"]
 logger = logging.getLogger(__name__)
 
 _SAM_GROUP_KEYS = ("rho", "adaptive", "eta")
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_LOW_PRECISION = frozenset((torch.float16, torch.bfloat16))
 
 
 def _check_rho(rho: Any, where: str) -> None:
@@ -201,7 +201,7 @@ class SAM(Optimizer):
         return params, grads, groups
 
     def _warn_low_precision(self, params: list[Tensor]) -> None:
-        if self._warned_low_precision or not any(p.dtype in _LOW_PRECISION for p in params):
+        if self._warned_low_precision or not _LOW_PRECISION & {p.dtype for p in params}:
             return
         self._warned_low_precision = True
         warnings.warn(
@@ -249,7 +249,7 @@ class SAM(Optimizer):
                 logger.info("SAM: zero gradient norm; no ascent this step")
             return False
         self._warn_low_precision(params)
-        self._backup = [t.detach().clone() for t in targets]
+        self._backup = [t.clone() for t in targets]  # under no_grad: plain copies
         self._perturbed, self._targets, self._layout = params, targets, layout
         step_sizes = [g["rho"] / norm_value for g in groups]
         perturbation.apply_ascent_(targets, grads, step_sizes, adaptive, eta)

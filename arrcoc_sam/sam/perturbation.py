@@ -94,12 +94,13 @@ def _scaling_operator(params: list[Tensor], eta: float) -> list[Tensor]:
 
 def _bucket(params, grads, adaptive, eta, *extra):
     """Group tensor pairs by (adaptive, η, extra keys…), then by (device, dtype)."""
-    keys = [(bool(a), float(e) if a else 0.0, *rest) for a, e, *rest in zip(adaptive, eta, *extra, strict=True)]
     buckets: dict[tuple, tuple[list[Tensor], list[Tensor]]] = defaultdict(lambda: ([], []))
-    if len(set(keys)) == 1:  # the common case: one setting for every tensor
-        buckets[keys[0]] = (list(params), list(grads))
+    if all(len(set(values)) == 1 for values in (adaptive, eta, *extra)):  # the common case: one setting for all
+        a, e, *rest = (values[0] for values in (adaptive, eta, *extra))
+        buckets[(bool(a), float(e) if a else 0.0, *rest)] = (list(params), list(grads))
     else:
-        for p, g, key in zip(params, grads, keys, strict=True):
+        for p, g, a, e, *rest in zip(params, grads, adaptive, eta, *extra, strict=True):
+            key = (bool(a), float(e) if a else 0.0, *rest)
             buckets[key][0].append(p)
             buckets[key][1].append(g)
     for key, (bucket_params, bucket_grads) in buckets.items():
