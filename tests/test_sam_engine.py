@@ -387,7 +387,7 @@ def test_asam_defaults_to_adaptive_with_rho_half():
 
 @pytest.mark.parametrize("eps_scale", [1e-6, 0.05, 30.0])
 def test_cosine_statistic_matches_float64_dot_product_at_any_scale_ratio(eps_scale):
-    from arrcoc_sam.sam.perturbation import cosine_
+    from arrcoc_sam.sam.perturbation import cosine
 
     gen = torch.Generator().manual_seed(0)
     grads = [torch.randn(shape, generator=gen) for shape in [(7, 3), (5,), (4, 4, 2)]]
@@ -395,8 +395,8 @@ def test_cosine_statistic_matches_float64_dot_product_at_any_scale_ratio(eps_sca
     flat_e = torch.cat([e.double().reshape(-1) for e in eps])
     flat_g = torch.cat([g.double().reshape(-1) for g in grads])
     expected = (flat_e @ flat_g / (flat_e.norm() * flat_g.norm())).item()
-    cosine, grad_norm = cosine_(eps, grads)
-    assert cosine.item() == pytest.approx(expected, abs=1e-6)
+    cosine_value, grad_norm = cosine(eps, grads)
+    assert cosine_value.item() == pytest.approx(expected, abs=1e-6)
     assert grad_norm.item() == pytest.approx(flat_g.norm().item(), rel=1e-6)
 
 

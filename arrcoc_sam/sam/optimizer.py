@@ -278,7 +278,7 @@ class SAM(Optimizer):
     def _record_second_pass_stats(self, params: list[Tensor], backup: list[Tensor], grads: list[Tensor]) -> None:
         torch._foreach_sub_(params, backup)  # params now hold ε exactly as applied; restored right after
         if self._layout is None:
-            cosine, grad_norm = perturbation.cosine_(params, grads)
+            cosine, grad_norm = perturbation.cosine(params, grads)
         else:
             eps_dot_grad, eps_sq, grad_sq = self._layout.dots(params, grads)
             grad_norm = grad_sq.sqrt()

@@ -194,44 +194,31 @@ def squared_norm(tensors: Sequence[Tensor]) -> Tensor:
     ).sum()
 
 
-def cosine_(eps: Sequence[Tensor], grads: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """(cos(ε, g), ‖g‖) over all tensors, OVERWRITING ``eps``; 0-dim tensors, no host sync, no temporaries.
+def cosine(eps: Sequence[Tensor], grads: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """(cos(ε, g), ‖g‖) over all tensors as 0-dim tensors; no host sync, no temporaries.
 
-    Uses the polarisation identity on equal-norm vectors: with ε' = ε·‖g‖/‖ε‖,
-    cos = (‖ε' + g‖² − ‖ε' − g‖²) / (4‖g‖²); both terms lie in [0, 4‖g‖²], so the absolute error of the
-    cosine is a few units of the accumulation precision whatever the ratio ‖ε‖/‖g‖. Four foreach norms and
-    three in-place foreach updates replace the per-tensor loop of :func:`dot`.
+    Reads each tensor twice (one foreach norm, one fused dot product per tensor) instead of forming ε·g.
     """
     grad_sq = squared_norm(grads)
     eps_sq = squared_norm(eps)
-    ratio = (grad_sq / eps_sq.clamp_min(torch.finfo(eps_sq.dtype).tiny)).sqrt()
-    for group_eps, group_grads in group_by_device_and_dtype(eps, grads):
-        if group_grads[0].dtype != group_eps[0].dtype:
-            group_grads = [g.to(group_eps[0].dtype) for g in group_grads]
-        torch._foreach_mul_(group_eps, ratio.to(group_eps[0].device, group_eps[0].dtype))
-        torch._foreach_add_(group_eps, group_grads)
-    plus_sq = squared_norm(eps)
-    for group_eps, group_grads in group_by_device_and_dtype(eps, grads):
-        if group_grads[0].dtype != group_eps[0].dtype:
-            group_grads = [g.to(group_eps[0].dtype) for g in group_grads]
-        torch._foreach_sub_(group_eps, group_grads, alpha=2.0)
-    minus_sq = squared_norm(eps)
-    cosine = (plus_sq - minus_sq) / (4 * grad_sq).clamp_min(torch.finfo(grad_sq.dtype).tiny)
-    return cosine.clamp(-1.0, 1.0), grad_sq.sqrt()
+    tiny = torch.finfo(grad_sq.dtype).tiny
+    cosine_value = dot(eps, grads) / (eps_sq * grad_sq).sqrt().clamp_min(tiny)
+    return cosine_value.clamp(-1.0, 1.0), grad_sq.sqrt()
 
 
 def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     """Σ_i ⟨a_i, b_i⟩ as a 0-dim float32 (or wider) tensor on ``a[0].device``; no host sync.
 
-    Computed chunk by chunk, so the temporaries stay small.
+    One fused ``vdot`` per tensor pair (no temporaries); float16/bfloat16 pairs are upcast to float32 first.
     """
     if not a:
         raise ValueError("dot needs at least one tensor")
-    device = a[0].device
-    out_dtype = sum_dtype(a)
+    out_dtype, device = sum_dtype(a), a[0].device
     partial: list[Tensor] = []
     for group_a, group_b in group_by_device_and_dtype(a, b):
-        for chunk_a, chunk_b in _chunks(group_a, group_b):
-            products = torch._foreach_mul(chunk_a, [t.to(chunk_a[0].dtype) for t in chunk_b])
-            partial.append(torch.stack([p.sum(dtype=out_dtype) for p in products]).to(device).sum())
+        dtype = accumulation_dtype(group_a[0].dtype)
+        products = [
+            torch.vdot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype)) for x, y in zip(group_a, group_b, strict=True)
+        ]
+        partial.append(torch.stack(products).to(device=device, dtype=out_dtype).sum())
     return torch.stack(partial).sum()
