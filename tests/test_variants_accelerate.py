@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from test_sam_engine import make_batches, make_mlp, max_abs_diff, mse
+from test_sam_engine import make_batches, make_mlp, max_abs_diff, mse, sam_closure_step
 
 from arrcoc_sam.integrations.accelerate import AcceleratedSAM
 from arrcoc_sam.sam.registry import build_sam_optimizer
@@ -50,14 +50,7 @@ def test_accelerate_loop_with_accumulation_matches_closure_step_on_whole_batch(n
     ref = make_mlp()
     ref_opt = build_sam_optimizer(name, ref.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM, rho=RHO, **KNOBS[name])
     for batch in batches:
-
-        def closure(batch=batch):
-            ref_opt.zero_grad()
-            loss = mse(ref, batch)
-            loss.backward()
-            return loss
-
-        ref_opt.step(closure)
+        sam_closure_step(ref, ref_opt, batch)
     assert max_abs_diff(accelerator.unwrap_model(model), ref) <= 1e-12
     assert max_abs_diff(ref, make_mlp()) > 1e-3
 
@@ -167,14 +160,7 @@ def test_accelerate_esam_without_logits_falls_back_to_whole_batch_with_one_warni
                 sam.backward(mse, batch)
                 optimizer.step()
                 optimizer.zero_grad()
-
-            def closure(batch=batch):
-                twin_opt.zero_grad()
-                loss = mse(twin, batch)
-                loss.backward()
-                return loss
-
-            twin_opt.step(closure)
+            sam_closure_step(twin, twin_opt, batch)
     assert caplog.text.count("sharpness-sensitive data selection") == 1
     assert max_abs_diff(accelerator.unwrap_model(model), twin) <= 1e-12
 

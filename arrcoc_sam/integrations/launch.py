@@ -12,10 +12,12 @@ arrcoc_sam.launch``: every process patches its own Trainer.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import runpy
 import sys
+from collections.abc import Iterator
 
 from arrcoc_sam.integrations.trainer import SAMArguments, patched_trainer
 
@@ -64,9 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     saved_argv, saved_path = sys.argv[:], sys.path[:]
     sys.argv = [script, *script_argv]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
-    had_process_group = _process_group_initialized()
     try:
-        with patched_trainer(settings):
+        with patched_trainer(settings), owned_process_group():
             runpy.run_path(script, run_name="__main__")
     except SystemExit as exit_:
         if exit_.code is None or isinstance(exit_.code, int):
@@ -75,8 +76,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
-    if not had_process_group:
-        shutdown_process_group()
     return 0
 
 
@@ -87,7 +86,7 @@ def _process_group_initialized() -> bool:
 
 
 def shutdown_process_group() -> None:
-    """Destroy the default process group the training run created, after a barrier.
+    """Barrier, then destroy the default process group (no-op without one).
 
     Left alive at interpreter exit, gloo's worker threads can abort the process ("terminate called without an
     active exception"), turning a finished run into a failed torchrun.
@@ -97,3 +96,12 @@ def shutdown_process_group() -> None:
     if _process_group_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def owned_process_group() -> Iterator[None]:
+    """Run a training block; if it created the default process group, shut that group down when it returns."""
+    had_process_group = _process_group_initialized()
+    yield
+    if not had_process_group:
+        shutdown_process_group()

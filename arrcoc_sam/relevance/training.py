@@ -364,15 +364,11 @@ def parse_args(argv: Sequence[str] | None = None):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry: parse, train, print the final metrics as JSON (rank 0); returns 0 on success."""
-    import torch.distributed as dist
+    from arrcoc_sam.integrations.launch import owned_process_group
 
-    from arrcoc_sam.integrations.launch import shutdown_process_group
-
-    had_process_group = dist.is_available() and dist.is_initialized()
     model_args, data_args, training_args = parse_args(argv)
-    results = run_training(model_args, data_args, training_args)
+    with owned_process_group():
+        results = run_training(model_args, data_args, training_args)
     if training_args.process_index == 0:
         print(json.dumps(results, indent=2, sort_keys=True))
-    if not had_process_group:
-        shutdown_process_group()
     return 0

@@ -14,9 +14,10 @@ import torch.distributed as dist
 from transformers import Trainer, TrainingArguments, default_data_collator
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from trainer_common import flat_params, shutdown_distributed, tiny_bert, token_dataset, trainer_kwargs  # noqa: E402
+from trainer_common import flat_params, tiny_bert, token_dataset, trainer_kwargs  # noqa: E402
 
 from arrcoc_sam.integrations.callbacks import PROBE_KEYS, SharpnessCallback  # noqa: E402
+from arrcoc_sam.integrations.launch import shutdown_process_group  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -37,5 +38,4 @@ rank = dist.get_rank()
 params = flat_params(trainer.model)
 with open(f"sharpness_rank{rank}.json", "w") as handle:
     json.dump({"log_history": trainer.state.log_history, "weights": params.tolist()}, handle)
-dist.barrier()
-shutdown_distributed()
+shutdown_process_group()  # barrier, then destroy the group

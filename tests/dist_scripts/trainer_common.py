@@ -67,10 +67,3 @@ def flat_params(model: torch.nn.Module) -> torch.Tensor:
     """All parameters of ``model`` as one float64 vector (named order)."""
     return torch.cat([p.detach().reshape(-1).double() for _, p in sorted(model.named_parameters())])
 
-
-def shutdown_distributed() -> None:
-    """Barrier, then destroy the process group the Trainer created: left alive, gloo's threads can abort the
-    interpreter at exit ("terminate called without an active exception", SIGABRT)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()

@@ -20,7 +20,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from accelerate_ddp import accelerate_checks  # noqa: E402
 from trainer_common import (  # noqa: E402
     flat_params,
-    shutdown_distributed,
     tiny_bert,
     token_dataset,
     token_sum_loss,
@@ -28,6 +27,7 @@ from trainer_common import (  # noqa: E402
 )
 
 from arrcoc_sam import SAMTrainer, SAMTrainingArguments  # noqa: E402
+from arrcoc_sam.integrations.launch import shutdown_process_group  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -111,4 +111,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    shutdown_distributed()
+    shutdown_process_group()

@@ -22,7 +22,6 @@ from transformers import TrainerCallback
 sys.path.insert(0, str(Path(__file__).parent))
 from trainer_common import (  # noqa: E402
     flat_params,
-    shutdown_distributed,
     tiny_bert,
     token_dataset,
     token_sum_loss,
@@ -30,6 +29,7 @@ from trainer_common import (  # noqa: E402
 )
 
 from arrcoc_sam import SAMTrainer, SAMTrainingArguments  # noqa: E402
+from arrcoc_sam.integrations.launch import shutdown_process_group  # noqa: E402
 from arrcoc_sam.sam.registry import build_sam_optimizer  # noqa: E402
 
 STEPS, MICRO, ACCUMULATION, LR, RHO = 4, 2, 2, 0.02, 0.1
@@ -165,4 +165,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    shutdown_distributed()
+    shutdown_process_group()
