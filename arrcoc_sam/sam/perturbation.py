@@ -25,8 +25,10 @@ __all__ = [
     "ascent_sum_of_squares",
     "apply_ascent_",
     "copy_",
+    "cosine",
     "dot",
     "group_by_device_and_dtype",
+    "squared_norm",
     "sum_dtype",
 ]
 

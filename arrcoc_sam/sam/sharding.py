@@ -195,8 +195,9 @@ class ShardLayout:
         dtype = perturbation.sum_dtype(eps)
         eps, grads = self.counted_only(eps, grads)
         if eps:
-            dot = perturbation.dot
-            partials = torch.stack([dot(eps, grads), dot(eps, eps), dot(grads, grads)]).to(dtype)
+            partials = torch.stack(
+                [perturbation.dot(eps, grads), perturbation.squared_norm(eps), perturbation.squared_norm(grads)]
+            ).to(dtype)
         else:
             partials = torch.zeros(3, dtype=dtype, device=self._device)
         total = self.sum_over_ranks(partials)
