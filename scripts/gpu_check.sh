@@ -1,23 +1,44 @@
 #!/usr/bin/env bash
 # GPU checks for a CUDA machine (never run by CI): the CUDA tests (fp16 GradScaler, bf16 autocast, sync count),
-# the engine benchmark on CUDA, and the FSDP2 Trainer check. Uses the machine's own python3 (with torch);
-# wheels for missing pure-Python packages may be carried in .whl/. Results go to $OUT (or bench_results/gpu).
+# the engine, variants and robustness benchmarks on CUDA, and the FSDP2 Trainer check. Uses the machine's own
+# python3 (with torch); wheels for missing pure-Python packages may be carried in .whl/. Each step has its own
+# time limit so one slow step cannot eat the others. Results go to $OUT (or bench_results/gpu): gpu_check.log
+# and one JSON per benchmark.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT_DIR="${OUT:-bench_results/gpu}"
 mkdir -p "$OUT_DIR"
+LOG="$OUT_DIR/gpu_check.log"
 PY="${PYTHON:-python3}"
 if ls .whl/*.whl >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT_DIR/gpu.txt"
-"$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT_DIR/gpu.txt"
 status=0
-"$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_sam_engine.py 2>&1 | tee "$OUT_DIR/tests.log" || status=1
-"$PY" scripts/bench/sam_step.py --device cuda --repeats 20 --out "$OUT_DIR/sam_step.json" 2>&1 | grep -v Warning | tee "$OUT_DIR/sam_step.log" || status=1
-if [ -f scripts/fsdp_check.py ]; then
-    "$PY" scripts/fsdp_check.py --report "$OUT_DIR/fsdp_check.json" 2>&1 | tail -40 | tee "$OUT_DIR/fsdp_check.log" || status=1
+step() {  # step SECONDS NAME COMMAND...
+    local limit=$1 name=$2
+    shift 2
+    echo "=== $name (limit ${limit}s)" | tee -a "$LOG"
+    local start=$SECONDS
+    timeout "$limit" "$@" 2>&1 | grep -v -E "Warning|warnings.warn" | tee -a "$LOG"
+    local rc=${PIPESTATUS[0]}
+    echo "=== $name: rc=$rc in $((SECONDS - start))s" | tee -a "$LOG"
+    [ "$rc" -eq 0 ] || status=1
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$LOG"
+"$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__,
+    '_foreach_clone', hasattr(torch, '_foreach_clone'))" | tee -a "$LOG"
+step 60 cuda-tests "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_sam_engine.py \
+    tests/test_multi_tensor.py tests/test_variants.py
+step 60 bench-sam-step "$PY" scripts/bench/sam_step.py --device cuda --repeats 20 --profile-ops \
+    --out "$OUT_DIR/sam_step.json"
+step 50 bench-step-profile "$PY" scripts/bench/step_profile.py --device cuda --methods base sam msam looksam_k5 \
+    --out "$OUT_DIR/step_profile.json"
+[ "${ROBUSTNESS:-1}" = 1 ] && step 35 bench-robustness "$PY" scripts/bench/robustness.py --device cuda \
+    --out "$OUT_DIR/robustness.json"
+step 60 bench-variants "$PY" scripts/bench/variants.py --device cuda --parts throughput --out "$OUT_DIR/variants.json"
+if [ "${FSDP:-1}" = 1 ]; then  # two single-GPU Trainer runs (plain and FSDP2); about two minutes
+    step 180 fsdp2-check "$PY" scripts/fsdp_check.py --report "$OUT_DIR/fsdp_check.json"
 fi
 exit $status

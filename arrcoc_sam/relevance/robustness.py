@@ -28,7 +28,9 @@ samples. Draws are stacked: noisy inputs as extra rows (``chunk_rows`` per call)
 (and over samples for the adversarial gradient) as the reference.
 
 Noise is seeded by (seed, perturbation, global sample index), so a sample's results do not depend on the
-other samples in its batch, provided the model itself is per-sample (eval mode, no batch statistics).
+other samples in its batch, provided the model itself is per-sample (eval mode, no batch statistics). It is
+drawn on the device of the data (weights), with that device's generator: reproducible on a device type, but
+a CUDA run draws other noise than a CPU run (drawing on the host would cost more than the evaluation).
 """
 
 from __future__ import annotations
@@ -76,9 +78,10 @@ class _RelevanceCall(nn.Module):
         return self.model.compute_relevance(token_features, query_embedding)
 
 
-def _generator(seed: int, perturbation: str, index: int) -> torch.Generator:
+def _generator(seed: int, perturbation: str, index: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of one (seed, perturbation, sample) stream, on ``device`` (draws are made where they are used)."""
     digest = hashlib.sha256(f"{seed}:{perturbation}:{index}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:7], "little"))
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:7], "little"))
 
 
 def _json_float(value: float) -> float | None:
@@ -319,12 +322,14 @@ class RelevanceRobustness:
 
     def _per_sample_randn(self, name: str, shape, like: Tensor, offset: int) -> Tensor:
         """Standard normal noise ``[D, B, *shape]``, each sample's drawn from its own seeded generator."""
-        return torch.stack([torch.randn((self.num_draws, *shape), generator=_generator(self.seed, name, offset + i))
+        return torch.stack([torch.randn((self.num_draws, *shape), device=like.device,
+                                        generator=_generator(self.seed, name, offset + i, like.device))
                             for i in range(like.shape[0])], dim=1).to(like)
 
     def _per_sample_rand(self, name: str, shape, like: Tensor, offset: int) -> Tensor:
         """Uniform [0, 1) noise ``[D, B, *shape]``, each sample's drawn from its own seeded generator."""
-        return torch.stack([torch.rand((self.num_draws, *shape), generator=_generator(self.seed, name, offset + i))
+        return torch.stack([torch.rand((self.num_draws, *shape), device=like.device,
+                                       generator=_generator(self.seed, name, offset + i, like.device))
                             for i in range(like.shape[0])], dim=1).to(like)
 
     def _relevance_rows(self, call: _RelevanceCall, features: Tensor, query: Tensor) -> Tensor:
@@ -339,11 +344,15 @@ class RelevanceRobustness:
 
     def _random_weights(self, trainable: dict[str, Tensor], level: float) -> dict[str, Tensor]:
         """Stacked filter-normalised Gaussian draws of the trainable weights: {name: [D, *shape]}."""
-        generator = _generator(self.seed, "weight_random", 0)
         names = list(trainable)
         weights = [trainable[n] for n in names]
-        noise = [torch.randn((self.num_draws, *w.shape), generator=generator, dtype=torch.float64).to(w.device)
-                 for w in weights]
+        generators: dict[torch.device, torch.Generator] = {}
+        noise = []
+        for w in weights:
+            if w.device not in generators:
+                generators[w.device] = _generator(self.seed, "weight_random", 0, w.device)
+            noise.append(torch.randn((self.num_draws, *w.shape), generator=generators[w.device], device=w.device,
+                                     dtype=torch.float64))
         stacked = []
         for w, eps in zip(weights, noise, strict=True):
             rows_w = w.double().reshape(w.shape[0], -1) if w.ndim >= 2 else w.double().reshape(1, -1)

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
+from arrcoc_sam.sam import perturbation
+
 __all__ = ["preserve_running_stats", "running_stat_buffers"]
 
 
@@ -35,10 +37,10 @@ def preserve_running_stats(model: nn.Module) -> Iterator[None]:
     if not buffers:
         yield
         return
-    snapshot = [b.detach().clone() for b in buffers]
+    with torch.no_grad():
+        snapshot = perturbation.clone_all(buffers)
     try:
         yield
     finally:
         with torch.no_grad():
-            for buffer, saved in zip(buffers, snapshot, strict=True):
-                buffer.copy_(saved)
+            perturbation.copy_(buffers, snapshot)

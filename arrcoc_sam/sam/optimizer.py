@@ -185,6 +185,10 @@ class SAM(Optimizer):
         """Called after the last micro-batch backward of a window, before :meth:`perturb`."""
 
     # -- the ascent ----------------------------------------------------------------------------------
+    def _ascent_directions(self) -> tuple[list[Tensor], list[Tensor], list[dict[str, Any]]]:
+        """(params, directions, groups) that :meth:`perturb` ascends along: the gradients, for SAM/ASAM."""
+        return self._ascent_candidates()
+
     def _ascent_candidates(self) -> tuple[list[Tensor], list[Tensor], list[dict[str, Any]]]:
         params, grads, groups = [], [], []
         for group in self.param_groups:
@@ -220,7 +224,7 @@ class SAM(Optimizer):
         if self._perturbed:
             raise RuntimeError("perturb() called twice without restore(): the weights are already at w + ε")
         self._skip_next_step = False
-        params, grads, groups = self._ascent_candidates()
+        params, grads, groups = self._ascent_directions()
         if not params:
             return False
         adaptive = [g["adaptive"] for g in groups]
@@ -249,7 +253,7 @@ class SAM(Optimizer):
                 logger.info("SAM: zero gradient norm; no ascent this step")
             return False
         self._warn_low_precision(params)
-        self._backup = [t.clone() for t in targets]  # under no_grad: plain copies
+        self._backup = perturbation.clone_all(targets)
         self._perturbed, self._targets, self._layout = params, targets, layout
         step_sizes = [g["rho"] / norm_value for g in groups]
         perturbation.apply_ascent_(targets, grads, step_sizes, adaptive, eta)

@@ -195,9 +195,7 @@ class ShardLayout:
         dtype = perturbation.sum_dtype(eps)
         eps, grads = self.counted_only(eps, grads)
         if eps:
-            partials = torch.stack(
-                [perturbation.dot(eps, grads), perturbation.squared_norm(eps), perturbation.squared_norm(grads)]
-            ).to(dtype)
+            partials = perturbation.dot_and_squared_norms(eps, grads).to(dtype)
         else:
             partials = torch.zeros(3, dtype=dtype, device=self._device)
         total = self.sum_over_ranks(partials)

@@ -97,7 +97,20 @@ def time_interleaved(fns: dict[str, callable], repeats: int, device: torch.devic
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def bench_model(name: str, device: torch.device, batch_size: int, seq_len: int, repeats: int) -> dict:
+def op_table(fn, device: torch.device, rows: int = 15) -> str:
+    """torch.profiler's per-op table (self CPU time, calls) of 5 calls of ``fn``: where the host time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(5):
+            fn()
+        sync(device)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def bench_model(name: str, device: torch.device, batch_size: int, seq_len: int, repeats: int,
+                profile_ops: bool = False) -> dict:
     config = MODELS[name]()
     config._attn_implementation = "eager"
     torch.manual_seed(0)
@@ -159,6 +172,10 @@ def bench_model(name: str, device: torch.device, batch_size: int, seq_len: int, 
         device,
     )
 
+    ops = op_table(foreach_perturb_restore_with_stats, device) if profile_ops else None
+    if ops:
+        print(f"{name}: 5 x perturb + restore with statistics\n{ops}")
+
     memory = {}
     for label, step in (("baseline", baseline_step), ("sam", sam_step)):
         base.zero_grad()
@@ -195,6 +212,7 @@ def bench_model(name: str, device: torch.device, batch_size: int, seq_len: int, 
         )
         / param_bytes,
         "memory": memory,
+        "perturb_restore_op_table": ops,
     }
 
 
@@ -208,9 +226,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--profile-ops", action="store_true",
+                        help="also print torch.profiler's per-op table of perturb + restore (with statistics)")
     args = parser.parse_args()
     device = torch.device(args.device)
-    results = [bench_model(name, device, args.batch_size, args.seq_len, args.repeats) for name in args.models]
+    results = [bench_model(name, device, args.batch_size, args.seq_len, args.repeats, args.profile_ops)
+               for name in args.models]
     header = f"{'model':<12}{'tensors':>8}{'params':>11}{'SAM/(2fb+step)':>16}{'foreach/loop':>14}{'peak+ (×P)':>12}{'kept+ (×P)':>12}"
     print(header)
     for r in results:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from arrcoc_sam.sam import perturbation
 from arrcoc_sam.sam.optimizer import SAM
 from arrcoc_sam.sam.sharding import is_sharded
 
@@ -129,7 +130,7 @@ class VariantSAM(SAM):
     @torch.no_grad()
     def perturb(self) -> bool:
         """SAM's ascent; with ``stashes_clean_gradient`` also keeps a copy of the clean gradient g (transient)."""
-        stash = [g.detach().clone() for g in self._ascent_candidates()[1]] if self.stashes_clean_gradient else []
+        stash = perturbation.clone_all(self._ascent_candidates()[1]) if self.stashes_clean_gradient else []
         ok = super().perturb()
         self._clean_grads = stash if ok else []
         return ok

@@ -74,6 +74,21 @@ def per_example_loss(outputs: Any, batch: Any, *, shift_labels: bool = False) ->
     return tokens.sum(dim=1) / counts
 
 
+def _runs(params: list[Tensor], backup: list[Tensor]) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
+    """Consecutive slices of ``params`` (and ``backup``) sharing device and dtype, each of ≤ ~4M elements
+    (a single larger tensor forms its own slice)."""
+    start, numel = 0, 0
+    for index, tensor in enumerate(params):
+        first = params[start]
+        same_kind = tensor.device == first.device and tensor.dtype == first.dtype
+        if index > start and (not same_kind or numel + tensor.numel() > perturbation.CHUNK_NUMEL):
+            yield params[start:index], backup[start:index]
+            start, numel = index, 0
+        numel += tensor.numel()
+    if start < len(params):
+        yield params[start:], backup[start:]
+
+
 class ESAM(VariantSAM):
     """Stochastic weight perturbation (SWP) and sharpness-sensitive data selection (SDS).
 
@@ -81,9 +96,10 @@ class ESAM(VariantSAM):
 
         ε̂ = (ρ/β) · m ⊙ g/‖g‖,   m_i ~ Bernoulli(β) i.i.d.    (‖g‖ over all perturbed tensors)
 
-    The masks of optimizer step t are ``torch.rand(p.shape, generator=G) < β`` drawn in parameter order,
-    with one ``torch.Generator`` per device seeded ``seed * 1_000_003 + t``: identical on every rank, and
-    reproducible after a resume. ``beta=1`` switches SWP off (ε̂ = ε).
+    The masks of optimizer step t are ``U < β`` for uniforms U drawn coordinate by coordinate in parameter
+    order (on CPU exactly ``torch.rand(p.shape, generator=G)`` per tensor; on accelerators one draw per run
+    of ≤ 4M coordinates), with one ``torch.Generator`` per device seeded ``seed * 1_000_003 + t``:
+    identical on every rank, and reproducible after a resume. ``beta=1`` switches SWP off (ε̂ = ε).
 
     SDS — pass 2 on the ⌈γ|B|⌉ examples whose loss rises most under the perturbation::
 
@@ -97,8 +113,8 @@ class ESAM(VariantSAM):
     ``gamma=1`` switches SDS off everywhere.
 
     Cost (forward ≈ 1/3 of a forward+backward): ``1 + 1/3 + γ`` passes per step with SDS, 2 without.
-    SWP does not change the cost of a dense backward. Memory: SAM's backup plus a transient parameter-sized
-    mask while perturbing.
+    SWP does not change the cost of a dense backward. Memory: SAM's backup plus transient masks of at most
+    ~4M coordinates (or the largest tensor) while perturbing.
 
     Args:
         beta: β in (0, 1], the fraction of coordinates perturbed.
@@ -191,19 +207,21 @@ class ESAM(VariantSAM):
         return ok
 
     def _mask_perturbation(self) -> None:
+        """Put back the coordinates outside this step's masks: w_i ← lerp(w_i + ε_i, w_i, 1 − m_i), bitwise w_i.
+
+        The uniforms are drawn for runs of consecutive perturbed tensors sharing device and dtype, at most
+        ~4M coordinates per draw; on CPU this equals one ``torch.rand(p.shape)`` per tensor in order.
+        """
         generators: dict[torch.device, torch.Generator] = {}
-        masks = []
-        for p in self._perturbed:
-            if p.device not in generators:
-                generators[p.device] = torch.Generator(device=p.device).manual_seed(self.mask_seed())
-            draw = torch.rand(p.shape, generator=generators[p.device], device=p.device)
-            masks.append((draw < self.beta).to(p.dtype))
-        for group_params, group_backup, group_masks in perturbation.group_by_device_and_dtype(
-            self._perturbed, self._backup, masks
-        ):
-            torch._foreach_sub_(group_params, group_backup)
-            torch._foreach_mul_(group_params, group_masks)
-            torch._foreach_add_(group_params, group_backup)
+        for chunk_params, chunk_backup in _runs(self._perturbed, self._backup):
+            device = chunk_params[0].device
+            if device not in generators:
+                generators[device] = torch.Generator(device=device).manual_seed(self.mask_seed())
+            numels = [p.numel() for p in chunk_params]
+            draw = torch.rand(sum(numels), generator=generators[device], device=device)
+            keep_clean = draw.ge_(self.beta).to(chunk_params[0].dtype)  # 1 − m
+            weights = [w.view(p.shape) for w, p in zip(keep_clean.split(numels), chunk_params, strict=True)]
+            torch._foreach_lerp_(chunk_params, chunk_backup, weights)
 
     def step(self, closure: PerExampleClosure | None = None) -> Tensor | None:  # type: ignore[override]
         """Without a closure: the base step. With one: a full ESAM step; returns the clean mean loss.

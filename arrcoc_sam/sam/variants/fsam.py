@@ -69,7 +69,10 @@ class FriendlySAM(VariantSAM):
         ema = self.buffers["ema"]
         previous = [ema[p] if p in ema else torch.zeros_like(p) for p in params]
         lam, sigma = self.ema_decay, self.sigma
-        direction = [g.to(p.dtype, copy=True) for p, g in zip(params, grads, strict=True)]
+        if all(g.dtype == p.dtype for p, g in zip(params, grads, strict=True)):
+            direction = perturbation.clone_all(grads)
+        else:
+            direction = [g.to(p.dtype, copy=True) for p, g in zip(params, grads, strict=True)]
         for group_dir, group_prev in perturbation.group_by_device_and_dtype(direction, previous):
             torch._foreach_mul_(group_dir, 1.0 - sigma * (1.0 - lam))
             torch._foreach_add_(group_dir, group_prev, alpha=-sigma * lam)

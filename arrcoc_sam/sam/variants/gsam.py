@@ -103,7 +103,7 @@ class GSAM(VariantSAM):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         grads = [p.grad for p in params]
-        ratio = perturbation.dot(clean, grads) / perturbation.dot(grads, grads).clamp_min(1e-30)
+        ratio = perturbation.dot(clean, grads) / perturbation.squared_norm(grads).clamp_min(1e-30)
         # d = (1 + α·ratio) g_p − α g
         for group_grads, group_clean in perturbation.group_by_device_and_dtype(grads, clean):
             scale = (1.0 + self.alpha * ratio).to(device=group_grads[0].device, dtype=group_grads[0].dtype)

@@ -76,7 +76,7 @@ class LookSAM(VariantSAM):
         params, grads, _ = self._ascent_candidates()
         if not params:
             return
-        norm = perturbation.dot(grads, grads).sqrt()
+        norm = perturbation.squared_norm(grads).sqrt()
         pairs = [(g, self.buffers["direction"][p]) for p, g in zip(params, grads) if p in self.buffers["direction"]]
         if not pairs:
             return
@@ -92,13 +92,13 @@ class LookSAM(VariantSAM):
         if not clean:
             return
         perturbed = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        ratio = perturbation.dot(clean, perturbed) / perturbation.dot(clean, clean)
+        ratio = perturbation.dot(clean, perturbed) / perturbation.squared_norm(clean)
         # g_v = g_s − ratio·g, computed in the stash (which becomes the stored direction)
         for group_clean, group_perturbed in perturbation.group_by_device_and_dtype(clean, perturbed):
             coef = ratio.to(device=group_clean[0].device, dtype=group_clean[0].dtype)
             torch._foreach_mul_(group_clean, -coef)
             torch._foreach_add_(group_clean, group_perturbed)
-        inv_norm = perturbation.dot(clean, clean).sqrt().clamp_min(1e-30).reciprocal()
+        inv_norm = perturbation.squared_norm(clean).sqrt().clamp_min(1e-30).reciprocal()
         for (group_clean,) in perturbation.group_by_device_and_dtype(clean):
             torch._foreach_mul_(group_clean, inv_norm.to(device=group_clean[0].device, dtype=group_clean[0].dtype))
         self.buffers["direction"] = dict(zip(params, clean, strict=True))

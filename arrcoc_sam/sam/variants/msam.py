@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from arrcoc_sam.sam.variants._base import VariantSAM, grads_replaced
+from arrcoc_sam.sam.variants._base import VariantSAM
 
 __all__ = ["MomentumSAM"]
 
@@ -73,35 +73,38 @@ class MomentumSAM(VariantSAM):
     def after_first_pass(self) -> None:
         self.restore()
 
-    def _momenta(self, params: list[Tensor]) -> list[Tensor | None]:
-        found: list[Tensor | None] = []
-        for p in params:
-            state = self.state.get(p)
-            if not state:
-                found.append(None)
+    def _momentum(self, p: Tensor) -> Tensor | None:
+        state = self.state.get(p)
+        if not state:
+            return None
+        buffer = next((state[k] for k in _MOMENTUM_KEYS if state.get(k) is not None), None)
+        if buffer is None:
+            raise TypeError(
+                f"msam found no momentum in the state of {type(self.base_optimizer).__name__} (keys "
+                f"{sorted(state)}); it needs SGD with momentum > 0 or an Adam-family optimizer (exp_avg)"
+            )
+        return buffer
+
+    def _ascent_directions(self) -> tuple[list[Tensor], list[Tensor], list[dict[str, Any]]]:
+        """The tensors of ρ > 0 groups that have a momentum, their momenta, and their groups."""
+        params: list[Tensor] = []
+        momenta: list[Tensor] = []
+        groups: list[dict[str, Any]] = []
+        for group in self.param_groups:
+            if group["rho"] == 0:
                 continue
-            buffer = next((state[k] for k in _MOMENTUM_KEYS if state.get(k) is not None), None)
-            if buffer is None:
-                raise TypeError(
-                    f"msam found no momentum in the state of {type(self.base_optimizer).__name__} (keys "
-                    f"{sorted(state)}); it needs SGD with momentum > 0 or an Adam-family optimizer (exp_avg)"
-                )
-            found.append(buffer)
-        return found
+            for p in group["params"]:
+                momentum = self._momentum(p)
+                if momentum is not None:
+                    params.append(p)
+                    momenta.append(momentum)
+                    groups.append(group)
+        return params, momenta, groups
 
     @torch.no_grad()
     def perturb(self) -> bool:
         """w ← w + ρ m/‖m‖ over the tensors that have a momentum; False (nothing perturbed) before the first step."""
-        params = [p for group in self.param_groups if group["rho"] > 0 for p in group["params"]]
-        momenta = self._momenta(params)
-        with_momentum = [(p, m) for p, m in zip(params, momenta, strict=True) if m is not None]
-        if not with_momentum:
-            return False
-        chosen = [p for p, _ in with_momentum]
-        chosen_ids = {id(p) for p in chosen}
-        others = [p for p in params if id(p) not in chosen_ids]
-        with grads_replaced(others, [None] * len(others)), grads_replaced(chosen, [m for _, m in with_momentum]):
-            return super().perturb()
+        return super().perturb()
 
     def eval(self) -> None:
         """Put the clean weights back if called inside a window (HF Trainer calls this before evaluating)."""

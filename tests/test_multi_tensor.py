@@ -1,0 +1,138 @@
+"""The multi-tensor helpers of the engine: exact results, and a per-step op count that does not grow with the
+number of parameter tensors (each dispatched op is a kernel launch on a GPU, so this is what keeps a SAM step
+close to two forward+backward passes on models with many small tensors)."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from arrcoc_sam.sam import perturbation
+from arrcoc_sam.sam.optimizer import SAM
+from arrcoc_sam.sam.variants import ESAM
+
+# ops that create views or aliases: no kernel launches
+VIEW_OPS = {"view", "_unsafe_view", "split", "split_with_sizes", "detach", "alias", "reshape", "t", "lift_fresh"}
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+    def launches(self) -> int:
+        return sum(n for name, n in self.counts.items() if name not in VIEW_OPS)
+
+
+def tensors(count: int, seed: int, dtype=torch.float32, scale: float = 1.0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(3 + i % 5, 2 + i % 3) if i % 2 else (7 + i % 4,) for i in range(count)]
+    return [(scale * torch.randn(shape, generator=gen, dtype=torch.float64)).to(dtype) for shape in shapes]
+
+
+def exact_dot(a, b) -> float:
+    return sum(float(torch.dot(x.double().reshape(-1), y.double().reshape(-1))) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("path", ["per_tensor", "foreach"])
+def test_dot_paths_match_float64_reference(path, dtype):
+    a, b = tensors(40, 0, dtype), tensors(40, 1, dtype)
+    b[3] = -b[3] * 50  # mixed signs and magnitudes: the foreach path's positive/negative split must cancel right
+    fn = perturbation._dot_per_tensor if path == "per_tensor" else perturbation._dot_foreach
+    got = fn(a, b)
+    assert got.dtype == perturbation.accumulation_dtype(dtype)
+    scale = sum(float((x.double() * y.double()).abs().sum()) for x, y in zip(a, b))
+    tol = 1e-14 if dtype == torch.float64 else 1e-6
+    assert abs(float(got) - exact_dot(a, b)) <= tol * scale
+
+
+def test_foreach_dot_handles_tensors_larger_than_a_chunk_and_several_chunks(monkeypatch):
+    monkeypatch.setattr(perturbation, "CHUNK_NUMEL", 64)
+    a, b = tensors(30, 2), tensors(30, 3)
+    a.append(torch.randn(500, dtype=torch.float32))  # above the cap: through vdot, no temporary
+    b.append(torch.randn(500, dtype=torch.float32))
+    scale = sum(float((x.double() * y.double()).abs().sum()) for x, y in zip(a, b))
+    assert abs(float(perturbation._dot_foreach(a, b)) - exact_dot(a, b)) <= 1e-6 * scale
+
+
+def test_dot_sums_over_mixed_dtypes_in_the_widest():
+    a = tensors(6, 4, torch.float32) + tensors(4, 5, torch.float64)
+    b = tensors(6, 6, torch.float32) + tensors(4, 7, torch.float64)
+    got = perturbation.dot(a, b)
+    assert got.dtype == torch.float64
+    assert abs(float(got) - exact_dot(a, b)) <= 1e-5
+
+
+@pytest.mark.parametrize("foreach_clone", [True, False], ids=["foreach_clone", "foreach_mul_fallback"])
+def test_clone_all_makes_bitwise_copies_in_new_memory(monkeypatch, foreach_clone):
+    if not foreach_clone:
+        monkeypatch.setattr(perturbation, "_FOREACH_CLONE", None)
+    source = tensors(9, 8) + tensors(3, 9, torch.bfloat16) + [torch.tensor([-0.0, float("inf"), 1e-45])]
+    copies = perturbation.clone_all(source)
+    for original, copy in zip(source, copies, strict=True):
+        assert copy.dtype == original.dtype and copy.shape == original.shape
+        assert torch.equal(copy.view(torch.uint8), original.view(torch.uint8))  # bitwise, -0.0 included
+        assert copy.data_ptr() != original.data_ptr()
+    assert perturbation.clone_all([]) == []
+
+
+def stack_model(tensor_pairs: int) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Linear(4, 4) for _ in range(tensor_pairs)])
+
+
+def ops_of_perturb_restore(opt_cls, tensor_pairs: int, **kwargs) -> OpCounter:
+    model = stack_model(tensor_pairs)
+    opt = opt_cls(model.parameters(), torch.optim.SGD, lr=0.1, **kwargs)
+    opt.track_stats = False
+    model(torch.randn(3, 4)).square().mean().backward()
+    with OpCounter() as counter:
+        assert opt.perturb()
+        opt.restore()
+    return counter
+
+
+@pytest.mark.parametrize("opt_cls, kwargs", [(SAM, {}), (SAM, {"adaptive": True}), (ESAM, {"beta": 0.5})],
+                         ids=["sam", "asam", "esam-swp"])
+def test_perturb_and_restore_launch_a_constant_number_of_kernels(opt_cls, kwargs):
+    few, many = (ops_of_perturb_restore(opt_cls, n, **kwargs) for n in (2, 40))
+    assert few.launches() == many.launches(), dict(many.counts - few.counts)
+
+
+@pytest.mark.parametrize("opt_cls", [SAM, ESAM])
+def test_pass_two_statistics_take_a_constant_number_of_ops_off_cpu(monkeypatch, opt_cls):
+    """The accelerator path of the statistics (forced here on CPU tensors) does not loop over tensors."""
+    monkeypatch.setattr(perturbation, "_group_dot", perturbation._dot_foreach)
+
+    def counts(pairs: int) -> OpCounter:
+        model = stack_model(pairs)
+        opt = opt_cls(model.parameters(), torch.optim.SGD, lr=0.1)
+        model(torch.randn(3, 4)).square().mean().backward()
+        assert opt.perturb()
+        model(torch.randn(3, 4)).square().mean().backward()
+        with OpCounter() as counter:
+            opt.restore()
+        assert torch.isfinite(opt.stats["grad_cosine"])
+        return counter
+
+    few, many = counts(2), counts(40)
+    assert few.launches() == many.launches(), dict(many.counts - few.counts)
+
+
+def test_foreach_dot_launches_a_constant_number_of_kernels():
+    def launches(count: int) -> int:
+        a, b = tensors(count, 0), tensors(count, 1)
+        with OpCounter() as counter:
+            perturbation._dot_foreach(a, b)
+        return counter.launches()
+
+    assert launches(3) == launches(60)
