@@ -331,6 +331,10 @@ def test_stats_report_norms_and_cosine():
     # With a tiny ρ the perturbed gradient is the clean one: cosine 1, equal norms.
     assert opt.stats["grad_cosine"].item() == pytest.approx(1.0, abs=1e-5)
     assert opt.stats["grad_norm_perturbed"].item() == pytest.approx(opt.stats["grad_norm"].item(), rel=1e-4)
+    opt.track_stats = False  # switched off: the pass-2 figures are dropped, not left stale
+    sam_closure_step(model, opt, batch)
+    assert "grad_cosine" not in opt.stats and "grad_norm_perturbed" not in opt.stats
+    assert "grad_norm" in opt.stats
 
 
 def test_low_precision_parameters_warn_once():

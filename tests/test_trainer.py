@@ -282,3 +282,20 @@ def test_every_registered_method_trains_through_the_trainer_hooks(tmp_path, meth
     assert log["sam/skipped_steps"] == 0
     ascends = getattr(trainer.optimizer.optimizer, "passes_per_step", 2.0) > 1
     assert ("sam/loss_perturbed" in log) == ascends
+
+
+def test_sam_statistics_false_skips_the_pass_two_statistics_only(tmp_path):
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(SAMTrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path / "p"), "--sam_statistics", "false"]
+    )
+    assert args.sam_settings().statistics is False
+    kwargs = {"rho": 0.05, "per_device_train_batch_size": 4, "max_steps": 2, "logging_steps": 1, "seed": 0}
+    with_stats = _train(tmp_path / "a", **kwargs)
+    without = _train(tmp_path / "b", sam_statistics=False, **kwargs)
+    assert without.optimizer.optimizer.track_stats is False  # the SAM inside accelerate's wrapper
+    logs = [h for h in without.state.log_history if "loss" in h]
+    assert logs and all("sam/grad_cosine" not in h and "sam/grad_norm_perturbed" not in h for h in logs)
+    assert all("sam/sharpness" in h and "sam/grad_norm" in h for h in logs)
+    assert torch.equal(flat_params(with_stats.model), flat_params(without.model))  # the training is the same

@@ -55,6 +55,8 @@ class SAMSettings:
             gradient; the first pass runs under ``no_sync``) or ``microbatch`` (ε per micro-batch, mSAM).
         interval: ascent every ``interval`` optimizer steps, for methods that take it; ``None``: default.
         extra: further knobs for the method's builder.
+        statistics: whether the optimizer computes the pass-2 statistics ‖g_SAM‖ and cos(ε, g_SAM) each
+            step (three reductions over the parameters; ``False`` sets its ``track_stats`` off).
     """
 
     method: str = "sam"
@@ -63,6 +65,7 @@ class SAMSettings:
     scope: str = "global"
     interval: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    statistics: bool = True
 
     def __post_init__(self) -> None:
         methods = available_methods()
@@ -91,12 +94,15 @@ class SAMSettings:
         params = [p for group in base_optimizer.param_groups for p in group["params"]]
         knobs = self.knobs()
         try:
-            return build_sam_optimizer(self.method, params, base_optimizer, **knobs)
+            optimizer = build_sam_optimizer(self.method, params, base_optimizer, **knobs)
         except TypeError as error:
             raise ValueError(
                 f"--optimizer {self.method} does not accept the knobs {sorted(knobs)} ({error}); "
                 "drop the ones it does not take (sam_interval / sam_args)"
             ) from error
+        if not self.statistics:
+            optimizer.track_stats = False
+        return optimizer
 
 
 def _load_config(config: dict | str) -> dict:

@@ -57,6 +57,8 @@ class AcceleratedSAM:
         rho, eta, interval: the method's knobs (``None``: its default); ``knobs``: any further ones.
         per_example_loss_fn: ``fn(outputs, batch) -> Tensor [B]`` for ESAM's data selection (default
             :func:`~arrcoc_sam.sam.variants.esam.per_example_loss`).
+        statistics: compute the pass-2 statistics (``sam/grad_norm_perturbed``, ``sam/grad_cosine``) each
+            step; ``False`` saves their three reductions.
     """
 
     def __init__(
@@ -71,9 +73,11 @@ class AcceleratedSAM:
         eta: float | None = None,
         interval: int | None = None,
         per_example_loss_fn: Callable[[Any, Any], Tensor] | None = None,
+        statistics: bool = True,
         **knobs: Any,
     ) -> None:
-        settings = SAMSettings(method=method, rho=rho, eta=eta, scope=scope, interval=interval, extra=knobs)
+        settings = SAMSettings(method=method, rho=rho, eta=eta, scope=scope, interval=interval, extra=knobs,
+                               statistics=statistics)
         if not settings.enabled:
             raise ValueError("method='none' needs no AcceleratedSAM: call accelerator.backward(loss) directly")
         plugin = getattr(accelerator.state, "deepspeed_plugin", None)

@@ -80,6 +80,11 @@ class SAMArguments:
         default=None,
         metadata={"help": "Further knobs for the method's builder, 'name=value,name=value' (e.g. 'alpha=0.7')."},
     )
+    sam_statistics: bool = field(
+        default=True,
+        metadata={"help": "Compute and log sam/grad_norm_perturbed and sam/grad_cosine (three reductions over "
+                  "the parameters per step); false skips them."},
+    )
 
     def sam_settings(self) -> SAMSettings:
         """The validated settings; raises ValueError naming the bad flag."""
@@ -90,13 +95,15 @@ class SAMArguments:
             scope=self.sam_scope,
             interval=self.sam_interval,
             extra=parse_sam_args(self.sam_args),
+            statistics=self.sam_statistics,
         )
 
 
 @dataclass
 class SAMTrainingArguments(TrainingArguments, SAMArguments):
-    """``TrainingArguments`` plus ``--optimizer``, ``--rho``, ``--sam_eta``, ``--sam_scope``, ``--sam_interval``
-    and ``--sam_args`` (knobs of variants, forwarded to the registry builder). Parsed by ``HfArgumentParser``.
+    """``TrainingArguments`` plus ``--optimizer``, ``--rho``, ``--sam_eta``, ``--sam_scope``, ``--sam_interval``,
+    ``--sam_args`` (knobs of variants, forwarded to the registry builder) and ``--sam_statistics``. Parsed by
+    ``HfArgumentParser``.
 
     Refuses (ValueError) unknown methods and runs SAM cannot serve: LOMO/AdaLomo/layer-wise ``--optim``,
     DeepSpeed ZeRO >= 2, FSDP1 or a non-global scope under FSDP2, and ``sam_scope=microbatch`` with

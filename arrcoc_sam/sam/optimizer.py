@@ -275,6 +275,9 @@ class SAM(Optimizer):
             grads = [p.grad for p in self._perturbed]
             if self.track_stats and all(g is not None for g in grads):
                 self._record_second_pass_stats(targets, backup, grads if layout is None else layout.local(grads))
+            else:  # no stale figures from an earlier step
+                self.stats.pop("grad_norm_perturbed", None)
+                self.stats.pop("grad_cosine", None)
         finally:
             perturbation.copy_(targets, backup)
             self._perturbed, self._targets, self._backup, self._layout = [], [], [], None

@@ -1,6 +1,7 @@
 """Benchmark the SAM engine side by side with its baselines, in one process.
 
 (a) one SAM step ÷ (2 forward+backward + 1 base step)                 target ≤ 1.05
+    (also without the pass-2 statistics, ``track_stats=False``, for comparison)
 (b) perturb+restore, foreach path ÷ a per-parameter-loop implementation   target ≤ 0.5 (small-tensor model)
 (c) extra peak memory of a SAM step over a base step, in trainable-parameter bytes   target ≤ 1.0,
     and extra memory kept between steps                                               target 0
@@ -142,6 +143,11 @@ def bench_model(name: str, device: torch.device, batch_size: int, seq_len: int, 
             forward_backward()
         sam.step()
 
+    def sam_step_without_statistics():
+        sam.track_stats = False
+        sam_step()
+        sam.track_stats = True
+
     def foreach_perturb_restore():
         sam.track_stats = False  # the same math as the loop reference
         sam.perturb()
@@ -158,7 +164,9 @@ def bench_model(name: str, device: torch.device, batch_size: int, seq_len: int, 
     for _ in range(2):
         baseline_step()
         sam_step()
-    step_times = time_interleaved({"baseline": baseline_step, "sam": sam_step}, repeats, device)
+    step_times = time_interleaved(
+        {"baseline": baseline_step, "sam": sam_step, "sam_no_stats": sam_step_without_statistics}, repeats, device
+    )
 
     sam.zero_grad()
     forward_backward()
@@ -201,6 +209,7 @@ def bench_model(name: str, device: torch.device, batch_size: int, seq_len: int, 
         "sam_step_s": step_times["sam"],
         "baseline_2fb_plus_step_s": step_times["baseline"],
         "ratio_sam_over_baseline": step_times["sam"] / step_times["baseline"],
+        "ratio_sam_without_statistics_over_baseline": step_times["sam_no_stats"] / step_times["baseline"],
         "perturb_restore_foreach_s": pr_times["foreach"],
         "perturb_restore_loop_s": pr_times["loop"],
         "ratio_foreach_over_loop": pr_times["foreach"] / pr_times["loop"],
@@ -232,11 +241,13 @@ def main() -> None:
     device = torch.device(args.device)
     results = [bench_model(name, device, args.batch_size, args.seq_len, args.repeats, args.profile_ops)
                for name in args.models]
-    header = f"{'model':<12}{'tensors':>8}{'params':>11}{'SAM/(2fb+step)':>16}{'foreach/loop':>14}{'peak+ (×P)':>12}{'kept+ (×P)':>12}"
+    header = (f"{'model':<12}{'tensors':>8}{'params':>11}{'SAM/(2fb+step)':>16}{'no stats':>10}{'foreach/loop':>14}"
+              f"{'peak+ (×P)':>12}{'kept+ (×P)':>12}")
     print(header)
     for r in results:
         print(
             f"{r['model']:<12}{r['num_param_tensors']:>8}{r['num_params']:>11,}{r['ratio_sam_over_baseline']:>16.3f}"
+            f"{r['ratio_sam_without_statistics_over_baseline']:>10.3f}"
             f"{r['ratio_foreach_over_loop']:>14.3f}{r['extra_peak_memory_in_param_bytes']:>12.3f}"
             f"{r['extra_kept_memory_in_param_bytes']:>12.3f}"
         )

@@ -19,7 +19,14 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-from variants import METHODS, bert_per_example, build, sync, train_step  # scripts/bench is on sys.path
+from variants import (  # scripts/bench is on sys.path
+    METHODS,
+    bert_per_example,
+    build,
+    sync,
+    token_classifier_and_batch,
+    train_step,
+)
 
 
 def profile_method(method: str, model, batch, device: torch.device, steps: int) -> dict:
@@ -61,17 +68,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", default="bench_results/step_profile.json")
     args = parser.parse_args()
-    from transformers import BertConfig, BertForTokenClassification
-
     device = torch.device(args.device)
-    config = BertConfig(vocab_size=1000, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                        num_attention_heads=max(1, args.hidden // 64), intermediate_size=4 * args.hidden,
-                        num_labels=9, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    torch.manual_seed(0)
-    initial = BertForTokenClassification(config).to(device)
-    gen = torch.Generator().manual_seed(0)
-    batch = {"input_ids": torch.randint(0, 1000, (args.batch_size, args.seq_len), generator=gen).to(device),
-             "labels": torch.randint(0, 9, (args.batch_size, args.seq_len), generator=gen).to(device)}
+    initial, batch = token_classifier_and_batch(device, args.hidden, args.layers, args.batch_size, args.seq_len)
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "model": f"BERT h{args.hidden} x{args.layers}",
               "batch": [args.batch_size, args.seq_len], "methods": {}}

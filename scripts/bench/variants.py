@@ -94,19 +94,25 @@ def bert_per_example(model, batch) -> PerExample:
     return losses
 
 
-def bench_throughput(device: torch.device, args) -> dict:
+def token_classifier_and_batch(device: torch.device, hidden: int, layers: int, batch_size: int, seq_len: int):
+    """A seeded BERT token classifier (vocabulary 1000, 9 labels, no dropout) and one random batch on ``device``."""
     from transformers import BertConfig, BertForTokenClassification
 
-    config = BertConfig(vocab_size=1000, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                        num_attention_heads=max(1, args.hidden // 64), intermediate_size=4 * args.hidden,
+    config = BertConfig(vocab_size=1000, hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=max(1, hidden // 64), intermediate_size=4 * hidden,
                         num_labels=9, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     torch.manual_seed(0)
-    initial = BertForTokenClassification(config).to(device)
+    model = BertForTokenClassification(config).to(device)
     gen = torch.Generator().manual_seed(0)
     batch = {
-        "input_ids": torch.randint(0, 1000, (args.batch_size, args.seq_len), generator=gen).to(device),
-        "labels": torch.randint(0, 9, (args.batch_size, args.seq_len), generator=gen).to(device),
+        "input_ids": torch.randint(0, 1000, (batch_size, seq_len), generator=gen).to(device),
+        "labels": torch.randint(0, 9, (batch_size, seq_len), generator=gen).to(device),
     }
+    return model, batch
+
+
+def bench_throughput(device: torch.device, args) -> dict:
+    initial, batch = token_classifier_and_batch(device, args.hidden, args.layers, args.batch_size, args.seq_len)
     runs = {}
     for method in METHODS:
         model = copy.deepcopy(initial)

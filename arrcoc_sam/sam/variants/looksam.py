@@ -81,9 +81,12 @@ class LookSAM(VariantSAM):
         if not pairs:
             return
         targets = [g for g, _ in pairs]
+        # g + α‖g‖ĝ_v = ‖g‖·(g/‖g‖ + α ĝ_v): three in-place foreach ops, no temporary and no host sync
         for group_grads, group_dirs in perturbation.group_by_device_and_dtype(targets, [d for _, d in pairs]):
-            coef = (self.alpha * norm).to(device=group_grads[0].device, dtype=group_grads[0].dtype)
-            torch._foreach_add_(group_grads, torch._foreach_mul(group_dirs, coef))
+            scale = norm.to(device=group_grads[0].device, dtype=group_grads[0].dtype)
+            torch._foreach_mul_(group_grads, scale.clamp_min(torch.finfo(scale.dtype).tiny).reciprocal())
+            torch._foreach_add_(group_grads, group_dirs, alpha=self.alpha)
+            torch._foreach_mul_(group_grads, scale)
 
     @torch.no_grad()
     def restore(self) -> None:
