@@ -28,6 +28,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor.debug import CommDebugMode
 
+from arrcoc_sam.integrations.launch import shutdown_process_group
 from arrcoc_sam.sam.optimizer import SAM
 from arrcoc_sam.sam.registry import build_sam_optimizer
 from arrcoc_sam.sam.sharding import check_model_supported, is_sharded
@@ -269,8 +270,10 @@ def main() -> None:
         }
         if dist.get_rank() == 0:
             out.write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        dist.destroy_process_group()  # no barrier: the other rank may never reach it
+        raise
+    shutdown_process_group()  # barrier first: a rank that exits while gloo still talks to it aborts the run
 
 
 if __name__ == "__main__":
