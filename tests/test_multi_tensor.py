@@ -136,3 +136,26 @@ def test_foreach_dot_launches_a_constant_number_of_kernels():
         return counter.launches()
 
     assert launches(3) == launches(60)
+
+
+def test_esam_masks_follow_parameter_order_across_dtype_runs_and_keep_unmasked_coordinates_exact(monkeypatch):
+    monkeypatch.setattr(perturbation, "CHUNK_NUMEL", 50)  # several runs per dtype as well
+    gen = torch.Generator().manual_seed(5)
+    dtypes = [torch.float32, torch.float32, torch.float64, torch.float32, torch.float64, torch.float64]
+    params = [torch.randn(4 + 3 * i, 5, generator=gen, dtype=torch.float64).to(d).requires_grad_()
+              for i, d in enumerate(dtypes)]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
+    clean = [p.detach().clone() for p in params]
+    beta, rho, seed = 0.4, 0.05, 3
+    opt = ESAM(params, torch.optim.SGD, lr=0.1, rho=rho, beta=beta, gamma=1.0, seed=seed)
+    assert opt.perturb()
+    masks_gen = torch.Generator().manual_seed(seed * 1_000_003 + 0)
+    masks = [torch.rand(p.shape, generator=masks_gen) < beta for p in params]  # one draw per tensor, in order
+    norm = torch.cat([p.grad.double().reshape(-1) for p in params]).norm()
+    for p, w, m in zip(params, clean, masks, strict=True):
+        expected = w.double() + (rho / beta) * p.grad.double() / norm
+        assert torch.equal(p.detach()[~m], w[~m])  # outside the mask: the clean weight, bitwise
+        torch.testing.assert_close(p.detach()[m].double(), expected[m], rtol=1e-6, atol=1e-7)
+    opt.restore()
+    assert all(torch.equal(p.detach(), w) for p, w in zip(params, clean, strict=True))
