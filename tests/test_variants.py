@@ -357,6 +357,9 @@ def test_variants_are_registered_and_knobs_validated():
         (LookSAM, {"alpha": -1.0}, "alpha must be a number >= 0"),
         (ESAM, {"beta": 0.0}, r"beta must be a number in \(0, 1\], got 0.0"),
         (ESAM, {"gamma": 1.5}, "gamma must be"),
+        (ESAM, {"beta": "half"}, "beta must be a number in"),  # a non-number is a ValueError too
+        (GSAM, {"alpha": True}, "alpha must be a number >= 0, got True"),
+        (FriendlySAM, {"sigma": -0.5}, "sigma must be a number >= 0"),
         (GSAM, {"rho_min": 1.0}, "rho_min must be in"),
         (FriendlySAM, {"ema_decay": 1.0}, "ema_decay must be < 1"),
     ]:

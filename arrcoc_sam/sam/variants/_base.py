@@ -48,12 +48,21 @@ def grads_replaced(params: Sequence[Tensor], replacements: Sequence[Tensor]) -> 
             p.grad = g
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_fraction(value: Any, name: str, *, allow_zero: bool = False) -> None:
     """Raise ValueError unless ``value`` is a number in (0, 1] (or [0, 1] with ``allow_zero``)."""
-    low_ok = value >= 0 if allow_zero else value > 0
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low_ok and value <= 1):
+    if not _is_number(value) or not ((value >= 0 if allow_zero else value > 0) and value <= 1):
         interval = "[0, 1]" if allow_zero else "(0, 1]"
         raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+
+
+def check_nonnegative(value: Any, name: str) -> None:
+    """Raise ValueError unless ``value`` is a number >= 0."""
+    if not _is_number(value) or not value >= 0:
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
 
 
 def check_interval(interval: Any) -> None:

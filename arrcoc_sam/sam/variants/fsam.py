@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from arrcoc_sam.sam import perturbation
-from arrcoc_sam.sam.variants._base import VariantSAM, check_fraction, grads_replaced
+from arrcoc_sam.sam.variants._base import VariantSAM, check_fraction, check_nonnegative, grads_replaced
 
 __all__ = ["FriendlySAM"]
 
@@ -51,8 +51,7 @@ class FriendlySAM(VariantSAM):
         eta: float = 0.01,
         **base_kwargs: Any,
     ) -> None:
-        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma >= 0:
-            raise ValueError(f"sigma must be a number >= 0, got {sigma!r}")
+        check_nonnegative(sigma, "sigma")
         check_fraction(ema_decay, "ema_decay", allow_zero=True)
         if ema_decay == 1:
             raise ValueError("ema_decay must be < 1 (λ = 1 never lets a gradient into the average), got 1")

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from arrcoc_sam.sam import perturbation
-from arrcoc_sam.sam.variants._base import VariantSAM
+from arrcoc_sam.sam.variants._base import VariantSAM, check_nonnegative
 
 __all__ = ["GSAM"]
 
@@ -56,8 +56,7 @@ class GSAM(VariantSAM):
         eta: float = 0.01,
         **base_kwargs: Any,
     ) -> None:
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
-            raise ValueError(f"alpha must be a number >= 0, got {alpha!r}")
+        check_nonnegative(alpha, "alpha")
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, eta=eta, **base_kwargs)
         self.alpha = float(alpha)
         for index, group in enumerate(self.param_groups):

@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from arrcoc_sam.sam import perturbation
-from arrcoc_sam.sam.variants._base import VariantSAM, check_interval
+from arrcoc_sam.sam.variants._base import VariantSAM, check_interval, check_nonnegative
 
 __all__ = ["LookSAM"]
 
@@ -55,8 +55,7 @@ class LookSAM(VariantSAM):
         **base_kwargs: Any,
     ) -> None:
         check_interval(interval)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
-            raise ValueError(f"alpha must be a number >= 0, got {alpha!r}")
+        check_nonnegative(alpha, "alpha")
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, eta=eta, **base_kwargs)
         self.interval = interval
         self.alpha = float(alpha)
