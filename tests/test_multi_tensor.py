@@ -4,32 +4,14 @@ close to two forward+backward passes on models with many small tensors)."""
 
 from __future__ import annotations
 
-import collections
-
 import pytest
 import torch
+from op_counting import OpCounter
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from arrcoc_sam.sam import perturbation
 from arrcoc_sam.sam.optimizer import SAM
 from arrcoc_sam.sam.variants import ESAM
-
-# ops that create views or aliases: no kernel launches
-VIEW_OPS = {"view", "_unsafe_view", "split", "split_with_sizes", "detach", "alias", "reshape", "t", "lift_fresh"}
-
-
-class OpCounter(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: collections.Counter[str] = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-    def launches(self) -> int:
-        return sum(n for name, n in self.counts.items() if name not in VIEW_OPS)
 
 
 def tensors(count: int, seed: int, dtype=torch.float32, scale: float = 1.0) -> list[torch.Tensor]:

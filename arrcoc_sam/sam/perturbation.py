@@ -24,6 +24,7 @@ __all__ = [
     "ascent_norm",
     "ascent_sum_of_squares",
     "apply_ascent_",
+    "chunks",
     "clone_all",
     "copy_",
     "cosine",
@@ -77,16 +78,20 @@ def _group_in_python(*tensor_lists: Sequence[Tensor]) -> list[tuple[list[Tensor]
 CHUNK_NUMEL = 1 << 22
 
 
-def _chunks(*tensor_lists: list[Tensor]):
-    """Yield slices of parallel tensor lists whose first list holds at most ~CHUNK_NUMEL elements."""
+def chunks(*tensor_lists: Sequence[Tensor]):
+    """Yield consecutive slices of parallel tensor lists in which the first list's tensors share device and
+    dtype and hold at most ~CHUNK_NUMEL elements together (a single larger tensor forms its own slice)."""
+    first_list = tensor_lists[0]
     start, numel = 0, 0
-    for index, tensor in enumerate(tensor_lists[0]):
-        if numel and numel + tensor.numel() > CHUNK_NUMEL:
-            yield tuple(lst[start:index] for lst in tensor_lists)
+    for index, tensor in enumerate(first_list):
+        first = first_list[start]
+        same_kind = tensor.device == first.device and tensor.dtype == first.dtype
+        if index > start and (not same_kind or numel + tensor.numel() > CHUNK_NUMEL):
+            yield tuple(list(lst[start:index]) for lst in tensor_lists)
             start, numel = index, 0
         numel += tensor.numel()
-    if start < len(tensor_lists[0]):
-        yield tuple(lst[start:] for lst in tensor_lists)
+    if start < len(first_list):
+        yield tuple(list(lst[start:]) for lst in tensor_lists)
 
 
 def _scaling_operator(params: list[Tensor], eta: float) -> list[Tensor]:
@@ -149,7 +154,7 @@ def ascent_sum_of_squares(
         if not is_adaptive:
             norms.append(_tensor_norms(group_grads, out_dtype, device))
             continue
-        for chunk_params, chunk_grads in _chunks(group_params, group_grads):
+        for chunk_params, chunk_grads in chunks(group_params, group_grads):
             scaled = _scaling_operator(chunk_params, eta_value)
             torch._foreach_mul_(scaled, chunk_grads)
             norms.append(_tensor_norms(scaled, out_dtype, device))
@@ -188,7 +193,7 @@ def apply_ascent_(
         if not is_adaptive:
             torch._foreach_add_(group_params, group_grads, alpha=step)
             continue
-        for chunk_params, chunk_grads in _chunks(group_params, group_grads):
+        for chunk_params, chunk_grads in chunks(group_params, group_grads):
             direction = _scaling_operator(chunk_params, eta_value)
             torch._foreach_mul_(direction, direction)
             torch._foreach_mul_(direction, chunk_grads)
@@ -297,7 +302,7 @@ def _dot_foreach(a: list[Tensor], b: list[Tensor]) -> Tensor:
         keep = set(large)
         a = [x for i, x in enumerate(a) if i not in keep]
         b = [y for i, y in enumerate(b) if i not in keep]
-    for chunk_a, chunk_b in _chunks(a, b):
+    for chunk_a, chunk_b in chunks(a, b):
         products = torch._foreach_mul(chunk_a, chunk_b)
         absolute = torch._foreach_norm(products, 1)
         torch._foreach_clamp_max_(products, 0.0)

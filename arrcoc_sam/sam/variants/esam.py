@@ -74,21 +74,6 @@ def per_example_loss(outputs: Any, batch: Any, *, shift_labels: bool = False) ->
     return tokens.sum(dim=1) / counts
 
 
-def _runs(params: list[Tensor], backup: list[Tensor]) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
-    """Consecutive slices of ``params`` (and ``backup``) sharing device and dtype, each of ≤ ~4M elements
-    (a single larger tensor forms its own slice)."""
-    start, numel = 0, 0
-    for index, tensor in enumerate(params):
-        first = params[start]
-        same_kind = tensor.device == first.device and tensor.dtype == first.dtype
-        if index > start and (not same_kind or numel + tensor.numel() > perturbation.CHUNK_NUMEL):
-            yield params[start:index], backup[start:index]
-            start, numel = index, 0
-        numel += tensor.numel()
-    if start < len(params):
-        yield params[start:], backup[start:]
-
-
 class ESAM(VariantSAM):
     """Stochastic weight perturbation (SWP) and sharpness-sensitive data selection (SDS).
 
@@ -213,7 +198,7 @@ class ESAM(VariantSAM):
         ~4M coordinates per draw; on CPU this equals one ``torch.rand(p.shape)`` per tensor in order.
         """
         generators: dict[torch.device, torch.Generator] = {}
-        for chunk_params, chunk_backup in _runs(self._perturbed, self._backup):
+        for chunk_params, chunk_backup in perturbation.chunks(self._perturbed, self._backup):
             device = chunk_params[0].device
             if device not in generators:
                 generators[device] = torch.Generator(device=device).manual_seed(self.mask_seed())

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -86,7 +85,8 @@ class MomentumSAM(VariantSAM):
         return buffer
 
     def _ascent_directions(self) -> tuple[list[Tensor], list[Tensor], list[dict[str, Any]]]:
-        """The tensors of ρ > 0 groups that have a momentum, their momenta, and their groups."""
+        """What :meth:`perturb` ascends along (w ← w + ρ m/‖m‖): the tensors of ρ > 0 groups that have a
+        momentum, their momenta and their groups; none before the first step."""
         params: list[Tensor] = []
         momenta: list[Tensor] = []
         groups: list[dict[str, Any]] = []
@@ -100,11 +100,6 @@ class MomentumSAM(VariantSAM):
                     momenta.append(momentum)
                     groups.append(group)
         return params, momenta, groups
-
-    @torch.no_grad()
-    def perturb(self) -> bool:
-        """w ← w + ρ m/‖m‖ over the tensors that have a momentum; False (nothing perturbed) before the first step."""
-        return super().perturb()
 
     def eval(self) -> None:
         """Put the clean weights back if called inside a window (HF Trainer calls this before evaluating)."""
