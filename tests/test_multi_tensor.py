@@ -25,11 +25,11 @@ def exact_dot(a, b) -> float:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("path", ["per_tensor", "foreach"])
+@pytest.mark.parametrize("path", ["per_tensor", "flat"])
 def test_dot_paths_match_float64_reference(path, dtype):
     a, b = tensors(40, 0, dtype), tensors(40, 1, dtype)
-    b[3] = -b[3] * 50  # mixed signs and magnitudes: the foreach path's positive/negative split must cancel right
-    fn = perturbation._dot_per_tensor if path == "per_tensor" else perturbation._dot_foreach
+    b[3] = -b[3] * 50  # mixed signs and magnitudes
+    fn = perturbation._dot_per_tensor if path == "per_tensor" else perturbation._dot_flat
     got = fn(a, b)
     assert got.dtype == perturbation.accumulation_dtype(dtype)
     scale = sum(float((x.double() * y.double()).abs().sum()) for x, y in zip(a, b))
@@ -37,13 +37,49 @@ def test_dot_paths_match_float64_reference(path, dtype):
     assert abs(float(got) - exact_dot(a, b)) <= tol * scale
 
 
-def test_foreach_dot_handles_tensors_larger_than_a_chunk_and_several_chunks(monkeypatch):
+def test_flat_dot_handles_tensors_larger_than_a_chunk_and_several_chunks(monkeypatch):
     monkeypatch.setattr(perturbation, "CHUNK_NUMEL", 64)
     a, b = tensors(30, 2), tensors(30, 3)
-    a.append(torch.randn(500, dtype=torch.float32))  # above the cap: through vdot, no temporary
-    b.append(torch.randn(500, dtype=torch.float32))
+    a.insert(7, torch.randn(500, dtype=torch.float32))  # above the cap: a chunk of its own, read as a view
+    b.insert(7, torch.randn(500, dtype=torch.float32))
+    a.append(torch.randn(20, 30, dtype=torch.float32).t())  # non-contiguous
+    b.append(torch.randn(30, 20, dtype=torch.float32))
     scale = sum(float((x.double() * y.double()).abs().sum()) for x, y in zip(a, b))
-    assert abs(float(perturbation._dot_foreach(a, b)) - exact_dot(a, b)) <= 1e-6 * scale
+    assert abs(float(perturbation._dot_flat(a, b)) - exact_dot(a, b)) <= 1e-6 * scale
+
+
+def force_flat_reductions(monkeypatch) -> None:
+    """Run the accelerator path of the reductions (flattened chunks) on CPU tensors."""
+    monkeypatch.setattr(perturbation, "_flat_reductions", lambda device: True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_flat_reductions_match_float64_reference(monkeypatch, dtype):
+    """Norms, dot products and ASAM's ‖T g‖ over flattened chunks (the accelerator path) equal float64 sums,
+    across chunk boundaries, a tensor larger than a chunk, non-contiguous tensors and mixed settings."""
+    force_flat_reductions(monkeypatch)
+    monkeypatch.setattr(perturbation, "CHUNK_NUMEL", 100)
+    a, b = tensors(25, 10, dtype), tensors(25, 11, dtype)
+    a[4], b[4] = (torch.randn(300, generator=torch.Generator().manual_seed(s)).to(dtype) for s in (1, 2))
+    a[9], b[9] = a[9].t(), b[9].t()  # non-contiguous pair (same shape)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    exact_a = sum(float(x.double().square().sum()) for x in a)
+    exact_b = sum(float(y.double().square().sum()) for y in b)
+
+    assert float(perturbation.squared_norm(a)) == pytest.approx(exact_a, rel=tol)
+    got = perturbation.dot_and_squared_norms(a, b).double()
+    scale = sum(float((x.double() * y.double()).abs().sum()) for x, y in zip(a, b))
+    assert abs(float(got[0]) - exact_dot(a, b)) <= tol * scale
+    assert got[1:].tolist() == pytest.approx([exact_a, exact_b], rel=tol)
+
+    adaptive = [i % 3 != 0 for i in range(len(a))]
+    eta = [0.02] * len(a)
+    expected = sum(
+        float((((w.double().abs() + 0.02) if on else torch.ones_like(w.double())) * g.double()).square().sum())
+        for w, g, on in zip(a, b, adaptive)
+    )
+    got_norm = perturbation.ascent_norm(a, b, adaptive, eta)
+    assert float(got_norm) ** 2 == pytest.approx(expected, rel=tol)
 
 
 def test_dot_sums_over_mixed_dtypes_in_the_widest():
@@ -93,7 +129,7 @@ def test_perturb_and_restore_launch_a_constant_number_of_kernels(opt_cls, kwargs
 @pytest.mark.parametrize("opt_cls", [SAM, ESAM])
 def test_pass_two_statistics_take_a_constant_number_of_ops_off_cpu(monkeypatch, opt_cls):
     """The accelerator path of the statistics (forced here on CPU tensors) does not loop over tensors."""
-    monkeypatch.setattr(perturbation, "_group_dot", perturbation._dot_foreach)
+    force_flat_reductions(monkeypatch)
 
     def counts(pairs: int) -> OpCounter:
         model = stack_model(pairs)
@@ -110,11 +146,11 @@ def test_pass_two_statistics_take_a_constant_number_of_ops_off_cpu(monkeypatch, 
     assert few.launches() == many.launches(), dict(many.counts - few.counts)
 
 
-def test_foreach_dot_launches_a_constant_number_of_kernels():
+def test_flat_dot_launches_a_constant_number_of_kernels():
     def launches(count: int) -> int:
         a, b = tensors(count, 0), tensors(count, 1)
         with OpCounter() as counter:
-            perturbation._dot_foreach(a, b)
+            perturbation._dot_flat(a, b)
         return counter.launches()
 
     assert launches(3) == launches(60)

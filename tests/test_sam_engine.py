@@ -75,8 +75,15 @@ def bitwise_equal(a: nn.Module, b: nn.Module) -> bool:
     return all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+@pytest.mark.parametrize("reductions", ["native", "flat"])
 @pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
-def test_single_step_matches_formula_reference_float64(adaptive):
+def test_single_step_matches_formula_reference_float64(monkeypatch, adaptive, reductions):
+    """``flat`` forces the accelerator path of the norms and statistics (flattened chunks) on CPU."""
+    if reductions == "flat":
+        from arrcoc_sam.sam import perturbation
+
+        monkeypatch.setattr(perturbation, "_flat_reductions", lambda device: True)
+        monkeypatch.setattr(perturbation, "CHUNK_NUMEL", 16)  # several chunks and a tensor larger than one
     model, ref = make_mlp(), make_mlp()
     batch = make_batches(1)[0]
     rho = 0.5 if adaptive else 0.05
@@ -419,3 +426,50 @@ def test_logged_cosine_equals_cosine_of_clean_and_perturbed_gradients():
     assert opt.stats["grad_cosine"].item() == pytest.approx(expected, abs=1e-6)
     assert opt.stats["grad_norm_perturbed"].item() == pytest.approx(perturbed.norm().item(), rel=1e-6)
     assert opt.stats["grad_norm"].item() == pytest.approx(clean.norm().item(), rel=1e-6)
+
+
+def test_interleaved_groups_and_dtypes_match_the_formula_and_restore_bitwise():
+    """Same-shaped tensors in three groups (SAM, two ASAM settings), listed out of group order and mixing
+    float32 with float64: ε_i = ρ_i T_i² g_i / ‖T g‖ with one global norm; the pass-2 statistics pair each
+    tensor with its own backup; restore is bitwise."""
+    gen = torch.Generator().manual_seed(0)
+    dtypes = [torch.float64, torch.float32, torch.float64, torch.float32, torch.float64, torch.float64]
+    params = [nn.Parameter(torch.randn(4, 3, generator=gen, dtype=torch.float64).to(d)) for d in dtypes]
+    settings = [
+        {"params": [params[3], params[0]], "rho": 0.1},
+        {"params": [params[1], params[4]], "rho": 0.3, "adaptive": True, "eta": 0.02},
+        {"params": [params[5], params[2]], "rho": 0.2, "adaptive": True, "eta": 0.0},
+    ]
+    opt = SAM(settings, torch.optim.SGD, lr=0.1)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
+    clean = [p.detach().clone() for p in params]
+
+    scaled, expected_eps = [], {}
+    for group in settings:
+        for p in group["params"]:
+            w, g = p.detach().double(), p.grad.double()
+            t = w.abs() + group["eta"] if group.get("adaptive") else torch.ones_like(w)
+            scaled.append((p, group["rho"] * t * t * g, t * g))
+    norm = torch.sqrt(sum((tg * tg).sum() for _, _, tg in scaled))
+    for p, direction, _ in scaled:
+        expected_eps[p] = direction / norm
+
+    assert opt.perturb()
+    for p, c in zip(params, clean):
+        # the float32 tensors' share of ‖T g‖ is accumulated in float32, so every ε carries ~1e-7 relative error
+        atol = 1e-12 if p.dtype == torch.float64 else 1e-7
+        torch.testing.assert_close(p.detach().double() - c.double(), expected_eps[p], rtol=1e-6, atol=atol)
+    applied = [p.detach().double() - c.double() for p, c in zip(params, clean)]
+    second = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
+    for p, g in zip(params, second):
+        p.grad = g.to(p.dtype)
+    opt.restore()
+
+    assert all(torch.equal(p, c) for p, c in zip(params, clean))
+    flat_eps = torch.cat([e.reshape(-1) for e in applied])
+    flat_second = torch.cat([p.grad.double().reshape(-1) for p in params])
+    expected_cosine = flat_eps @ flat_second / (flat_eps.norm() * flat_second.norm())
+    assert opt.stats["grad_cosine"].item() == pytest.approx(expected_cosine.item(), abs=1e-6)
+    assert opt.stats["grad_norm_perturbed"].item() == pytest.approx(flat_second.norm().item(), rel=1e-6)
+    assert opt.stats["grad_norm"].item() == pytest.approx(norm.item(), rel=1e-6)

@@ -15,8 +15,10 @@ weights is transient; it lives between :meth:`SAM.perturb` and :meth:`SAM.restor
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
+import operator
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -33,6 +35,7 @@ __all__ = ["SAM", "ASAM"]
 logger = logging.getLogger(__name__)
 
 _SAM_GROUP_KEYS = ("rho", "adaptive", "eta")
+_IS_SPARSE = operator.attrgetter("is_sparse")
 _LOW_PRECISION = frozenset((torch.float16, torch.bfloat16))
 
 
@@ -124,7 +127,8 @@ class SAM(Optimizer):
         self.track_stats = True
         self._perturbed: list[Tensor] = []
         self._targets: list[Tensor] = []  # what perturb() changed in place: the params, or their local shards
-        self._backup: list[Tensor] = []
+        self._backup: list[Tensor] = []  # clean copies of _targets, in the same order
+        self._restore_pairs: list[tuple[list[Tensor], list[Tensor]]] = []  # (targets, backup) per foreach group
         self._layout: ShardLayout | None = None
         self._skip_next_step = False
         self._warned_low_precision = False
@@ -190,22 +194,27 @@ class SAM(Optimizer):
         return self._ascent_candidates()
 
     def _ascent_candidates(self) -> tuple[list[Tensor], list[Tensor], list[dict[str, Any]]]:
-        params, grads, groups = [], [], []
+        """(params, grads, param group of each) over the groups with ρ > 0 and the tensors that have a grad."""
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        groups: list[dict[str, Any]] = []
         for group in self.param_groups:
             if group["rho"] == 0:
                 continue
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("SAM does not support sparse gradients")
-                params.append(p)
-                grads.append(p.grad)
-                groups.append(group)
+            group_params = group["params"]
+            group_grads = [p.grad for p in group_params]
+            if not all(map(operator.is_not, group_grads, itertools.repeat(None))):
+                kept = [i for i, g in enumerate(group_grads) if g is not None]
+                group_params, group_grads = [group_params[i] for i in kept], [group_grads[i] for i in kept]
+            if any(map(_IS_SPARSE, group_grads)):
+                raise RuntimeError("SAM does not support sparse gradients")
+            params.extend(group_params)
+            grads.extend(group_grads)
+            groups.extend([group] * len(group_params))
         return params, grads, groups
 
-    def _warn_low_precision(self, params: list[Tensor]) -> None:
-        if self._warned_low_precision or not _LOW_PRECISION & {p.dtype for p in params}:
+    def _warn_low_precision(self, groups: list[perturbation.AscentGroup]) -> None:
+        if self._warned_low_precision or all(g.params[0].dtype not in _LOW_PRECISION for g in groups):
             return
         self._warned_low_precision = True
         warnings.warn(
@@ -224,18 +233,18 @@ class SAM(Optimizer):
         if self._perturbed:
             raise RuntimeError("perturb() called twice without restore(): the weights are already at w + ε")
         self._skip_next_step = False
-        params, grads, groups = self._ascent_directions()
+        params, grads, settings = self._ascent_directions()
         if not params:
             return False
-        adaptive = [g["adaptive"] for g in groups]
-        eta = [g["eta"] for g in groups]
         layout = ShardLayout.of(params, grads)
         if layout is None:
             targets = params
-            norm = perturbation.ascent_norm(params, grads, adaptive, eta)
+            groups = perturbation.ascent_groups(params, grads, settings)
+            norm = perturbation.groups_sum_of_squares(groups, grads[0].device).sqrt()
         else:  # DTensor shards (FSDP2): local pieces, one all-reduce for the full-gradient norm
             targets, grads = layout.local(params), layout.local(grads)
-            norm = layout.ascent_norm(targets, grads, adaptive, eta)
+            groups = perturbation.ascent_groups(targets, grads, settings)
+            norm = layout.ascent_norm(targets, grads, [s["adaptive"] for s in settings], [s["eta"] for s in settings])
         self.stats["grad_norm"] = norm.detach().float()
         self.stats["rho"] = torch.tensor(max(g["rho"] for g in self.param_groups), dtype=torch.float32)
         norm_value = float(norm)  # the one host sync of the step
@@ -252,11 +261,12 @@ class SAM(Optimizer):
             else:
                 logger.info("SAM: zero gradient norm; no ascent this step")
             return False
-        self._warn_low_precision(params)
-        self._backup = perturbation.clone_all(targets)
+        self._warn_low_precision(groups)
+        backups = [perturbation.clone_all(group.params) for group in groups]
+        self._restore_pairs = [(group.params, backup) for group, backup in zip(groups, backups, strict=True)]
+        self._backup = _in_original_order(groups, backups, len(targets))
         self._perturbed, self._targets, self._layout = params, targets, layout
-        step_sizes = [g["rho"] / norm_value for g in groups]
-        perturbation.apply_ascent_(targets, grads, step_sizes, adaptive, eta)
+        perturbation.apply_groups_(groups, norm_value)
         return True
 
     @torch.no_grad()
@@ -272,15 +282,17 @@ class SAM(Optimizer):
             return
         targets, backup, layout = self._targets, self._backup, self._layout
         try:
-            grads = [p.grad for p in self._perturbed]
-            if self.track_stats and all(g is not None for g in grads):
+            grads = [p.grad for p in self._perturbed] if self.track_stats else []
+            if grads and all(g is not None for g in grads):
                 self._record_second_pass_stats(targets, backup, grads if layout is None else layout.local(grads))
             else:  # no stale figures from an earlier step
                 self.stats.pop("grad_norm_perturbed", None)
                 self.stats.pop("grad_cosine", None)
         finally:
-            perturbation.copy_(targets, backup)
+            for group_targets, group_backup in self._restore_pairs:
+                torch._foreach_copy_(group_targets, group_backup)
             self._perturbed, self._targets, self._backup, self._layout = [], [], [], None
+            self._restore_pairs = []
 
     def _record_second_pass_stats(self, params: list[Tensor], backup: list[Tensor], grads: list[Tensor]) -> None:
         torch._foreach_sub_(params, backup)  # params now hold ε exactly as applied; restored right after
@@ -364,6 +376,19 @@ class SAM(Optimizer):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(rho={self.defaults['rho']}, adaptive={self.defaults['adaptive']}, base={self.base_optimizer!r})"
+
+
+def _in_original_order(
+    groups: list[perturbation.AscentGroup], per_group: list[list[Tensor]], length: int
+) -> list[Tensor]:
+    """Flatten per-group lists back into the order of the tensors the groups were split from."""
+    if len(groups) == 1:
+        return per_group[0]
+    flat: list[Tensor] = [None] * length  # type: ignore[list-item]
+    for group, tensors in zip(groups, per_group, strict=True):
+        for index, tensor in zip(group.indices, tensors, strict=True):
+            flat[index] = tensor
+    return flat
 
 
 class ASAM(SAM):

@@ -1,7 +1,8 @@
 """Ascent directions and exact apply/restore, as pure functions over lists of tensors.
 
 Every function batches its work with ``torch._foreach_*`` ops, one call per (device, dtype) group, and
-never synchronises with the host. Notation (Foret et al. 2021; Kwon et al. 2021):
+never synchronises with the host. Reductions (norms, dot products) over a group run per tensor on CPU and over
+flattened chunks of at most ``CHUNK_NUMEL`` elements on accelerators (see :func:`_flat_reductions`). Notation (Foret et al. 2021; Kwon et al. 2021):
 
 * SAM:   ε = ρ · g / ‖g‖
 * ASAM:  ε = ρ · T² g / ‖T g‖ with the element-wise operator T = |w| + η
@@ -13,13 +14,20 @@ gradients are float64). η keeps zero-valued weights (LoRA's ``B``, zero-initial
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
+from torch._utils import _flatten_dense_tensors
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 __all__ = [
+    "AscentGroup",
+    "apply_groups_",
+    "ascent_groups",
+    "groups_sum_of_squares",
     "accumulation_dtype",
     "ascent_norm",
     "ascent_sum_of_squares",
@@ -101,20 +109,172 @@ def _scaling_operator(params: list[Tensor], eta: float) -> list[Tensor]:
     return operator
 
 
-def _bucket(params, grads, adaptive, eta, *extra):
-    """Group tensor pairs by (adaptive, η, extra keys…), then by (device, dtype)."""
-    buckets: dict[tuple, tuple[list[Tensor], list[Tensor]]] = defaultdict(lambda: ([], []))
-    if all(len(set(values)) == 1 for values in (adaptive, eta, *extra)):  # the common case: one setting for all
-        a, e, *rest = (values[0] for values in (adaptive, eta, *extra))
-        buckets[(bool(a), float(e) if a else 0.0, *rest)] = (list(params), list(grads))
+@dataclass(slots=True)
+class AscentGroup:
+    """Parallel tensors that take one set of foreach calls: one ASAM setting, one radius, one device and dtype.
+
+    Attributes:
+        adaptive, eta: ASAM's switch and η (η is 0.0 when ``adaptive`` is False).
+        rho: the radius ρ; :func:`apply_groups_` moves these tensors by ρ/‖T g‖ along T²g.
+        params, grads: the weights and their ascent directions (gradients), pairwise of one shape.
+        indices: the positions of these tensors in the lists they were split from.
+    """
+
+    adaptive: bool
+    eta: float
+    rho: float
+    params: list[Tensor]
+    grads: list[Tensor]
+    indices: list[int]
+
+
+def ascent_groups(
+    params: Sequence[Tensor], grads: Sequence[Tensor], settings: Sequence[Mapping[str, Any]]
+) -> list[AscentGroup]:
+    """Split parallel lists into :class:`AscentGroup` s by setting (``adaptive``, ``eta``, ``rho``) and by
+    (device, dtype). ``settings[i]`` is the param-group dict of tensor ``i``; one shared dict (the usual
+    case) costs a single grouping call whatever the number of tensors."""
+    first = settings[0]
+    if all(setting is first for setting in settings):
+        return _split(params, grads, [_setting_key(first)], None)
+    keys_by_id: dict[int, tuple[bool, float, float]] = {}
+    keys = [keys_by_id.setdefault(id(setting), _setting_key(setting)) for setting in settings]
+    return _split(params, grads, list(dict.fromkeys(keys)), keys)
+
+
+def _setting_key(setting: Mapping[str, Any]) -> tuple[bool, float, float]:
+    adaptive = bool(setting["adaptive"])
+    return adaptive, float(setting["eta"]) if adaptive else 0.0, float(setting["rho"])
+
+
+def _split(params, grads, distinct_keys, keys) -> list[AscentGroup]:
+    """Groups for every key in ``distinct_keys``; ``keys`` gives each tensor's key (None: all share the one)."""
+    groups: list[AscentGroup] = []
+    for key in distinct_keys:
+        if keys is None:
+            positions, key_params, key_grads = None, list(params), list(grads)
+        else:
+            positions = [i for i, k in enumerate(keys) if k == key]
+            key_params, key_grads = [params[i] for i in positions], [grads[i] for i in positions]
+        for group_params, group_grads, indices in _group_with_indices(key_params, key_grads):
+            if positions is not None:
+                indices = [positions[i] for i in indices]
+            groups.append(AscentGroup(*key, group_params, group_grads, indices))
+    return groups
+
+
+def _group_with_indices(params: list[Tensor], grads: list[Tensor]):
+    """(params, grads, indices) per (device, dtype) of the parameters, order preserved within each group."""
+    try:
+        grouped = _group_tensors_by_device_and_dtype([params], with_indices=True)
+    except RuntimeError:  # not a dense strided tensor list torch can group: group in Python
+        grouped = {}
+        for index, p in enumerate(params):
+            entry = grouped.setdefault((p.device, p.dtype), ([[]], []))
+            entry[0][0].append(p)
+            entry[1].append(index)
+    if len(grouped) == 1:
+        ((group_params,), indices), = grouped.values()
+        return [(group_params, list(grads), list(range(len(params))))]
+    return [(group_params, [grads[i] for i in indices], list(indices))
+            for (group_params,), indices in grouped.values()]
+
+
+def groups_sum_of_squares(groups: Sequence[AscentGroup], device: torch.device | None = None) -> Tensor:
+    """‖T g‖² over all groups: a 0-dim float32 (float64 if any gradient is) tensor on ``device`` (default:
+    that of the first group's gradients). A SAM group costs one reduction per tensor (CPU) or per flattened
+    chunk (accelerators), a stack and a dot product."""
+    out_dtype = torch.float32
+    for group in groups:
+        out_dtype = torch.promote_types(out_dtype, accumulation_dtype(group.grads[0].dtype))
+    device = groups[0].grads[0].device if device is None else device
+    norms: list[Tensor] = []
+    for group in groups:
+        if not group.adaptive:
+            norms.append(_tensor_norms(group.grads, out_dtype, device))
+            continue
+        if _flat_reductions(group.params[0].device):
+            norms.append(_flat_scaled_norms(group, out_dtype, device))
+            continue
+        for chunk_params, chunk_grads in chunks(group.params, group.grads):
+            scaled = _scaling_operator(chunk_params, group.eta)
+            torch._foreach_mul_(scaled, chunk_grads)
+            norms.append(_tensor_norms(scaled, out_dtype, device))
+    return _sum_of_squares(norms)
+
+
+def _flat_scaled_norms(group: AscentGroup, out_dtype: torch.dtype, device: torch.device) -> Tensor:
+    """‖T g‖ per flattened chunk of an ASAM group (T g formed in the accumulation dtype), as a 1-D ``out_dtype``
+    tensor on ``device``."""
+    accumulate = accumulation_dtype(group.grads[0].dtype)
+    norms = []
+    for flat_params, flat_grads in _flat_chunks(group.params, group.grads, dtype=accumulate):
+        scaled = flat_params.abs().add_(group.eta).mul_(flat_grads)
+        norms.append(torch.linalg.vector_norm(scaled))
+    return torch.stack(norms).to(device=device, dtype=out_dtype)
+
+
+def apply_groups_(groups: Sequence[AscentGroup], norm: float) -> None:
+    """In place: w += (ρ/norm) · T² g for every group (T = |w| + η for ASAM groups, 1 for SAM groups).
+
+    SAM groups need no temporary at all; ASAM builds T in chunks of at most ~4M elements.
+    """
+    for group in groups:
+        step = group.rho / norm
+        params, grads = group.params, group.grads
+        if grads[0].dtype != params[0].dtype:
+            grads = [g.to(params[0].dtype) for g in grads]
+        if not group.adaptive:
+            torch._foreach_add_(params, grads, alpha=step)
+            continue
+        for chunk_params, chunk_grads in chunks(params, grads):
+            direction = _scaling_operator(chunk_params, group.eta)
+            torch._foreach_mul_(direction, direction)
+            torch._foreach_mul_(direction, chunk_grads)
+            torch._foreach_add_(chunk_params, direction, alpha=step)
+
+
+def _tensor_norms(tensors: list[Tensor], out_dtype: torch.dtype, device: torch.device) -> Tensor:
+    """L2 norms of pieces that cover one (device, dtype) group, whose squares sum to Σ_i ‖t_i‖²: one per tensor
+    on CPU, one per flattened chunk on accelerators. A 1-D ``out_dtype`` tensor on ``device``."""
+    accumulate = accumulation_dtype(tensors[0].dtype)
+    if _flat_reductions(tensors[0].device):
+        norms = [torch.linalg.vector_norm(flat, dtype=accumulate) for (flat,) in _flat_chunks(tensors)]
     else:
-        for p, g, a, e, *rest in zip(params, grads, adaptive, eta, *extra, strict=True):
-            key = (bool(a), float(e) if a else 0.0, *rest)
-            buckets[key][0].append(p)
-            buckets[key][1].append(g)
-    for key, (bucket_params, bucket_grads) in buckets.items():
-        for group_params, group_grads in group_by_device_and_dtype(bucket_params, bucket_grads):
-            yield key, group_params, group_grads
+        norms = torch._foreach_norm(tensors, 2, dtype=accumulate)
+    return torch.stack(norms).to(device=device, dtype=out_dtype)
+
+
+def _flat_reductions(device: torch.device) -> bool:
+    """Whether reductions over tensors on ``device`` run over flattened chunks rather than per tensor.
+
+    On a GPU, ``_foreach_norm`` allocates one 0-dim output per tensor and ``stack`` collects them again, a few
+    µs of host time per tensor, and a SAM step on a model of many small tensors is host-bound; flattening a
+    chunk costs one view per tensor and one copy kernel. On CPU, foreach ops loop per tensor anyway and the
+    extra copy costs more than it saves.
+    """
+    return device.type != "cpu"
+
+
+def _flat_chunks(*tensor_lists: Sequence[Tensor], dtype: torch.dtype | None = None):
+    """Per chunk of parallel lists (see :func:`chunks`), one 1-D tensor per list holding the chunk's elements in
+    order, cast to ``dtype`` if given: a new buffer of at most ~CHUNK_NUMEL elements, or a view of a single
+    contiguous tensor."""
+    for chunk in chunks(*tensor_lists):
+        flats = (t[0].reshape(-1) if len(t) == 1 else _flatten_dense_tensors(t) for t in chunk)
+        yield tuple(flat if dtype is None else flat.to(dtype) for flat in flats)
+
+
+def _sum_of_squares(norms: list[Tensor]) -> Tensor:
+    """Σ of the squares of all entries of a list of 1-D tensors, as one dot product."""
+    flat = norms[0] if len(norms) == 1 else torch.cat(norms)
+    return torch.linalg.vecdot(flat, flat)
+
+
+def _per_tensor_groups(params, grads, adaptive, eta, radius) -> list[AscentGroup]:
+    keys = [(bool(a), float(e) if a else 0.0, float(r)) for a, e, r in zip(adaptive, eta, radius, strict=True)]
+    distinct = list(dict.fromkeys(keys))
+    return _split(params, grads, distinct, None if len(distinct) == 1 else keys)
 
 
 def ascent_norm(
@@ -140,37 +300,11 @@ def ascent_sum_of_squares(
     adaptive: Sequence[bool],
     eta: Sequence[float],
 ) -> Tensor:
-    """‖T g‖², the square of :func:`ascent_norm` before its square root: the additive partial a shard contributes.
-
-    SAM tensors of one (device, dtype) group cost one foreach norm, a stack and a dot product of the
-    per-tensor norms, whatever their number.
-    """
+    """‖T g‖², the square of :func:`ascent_norm` before its square root: the additive partial a shard contributes."""
     if not grads:
         raise ValueError("ascent_norm needs at least one gradient")
-    out_dtype = sum_dtype(grads)
-    device = grads[0].device
-    norms: list[Tensor] = []
-    for (is_adaptive, eta_value), group_params, group_grads in _bucket(params, grads, adaptive, eta):
-        if not is_adaptive:
-            norms.append(_tensor_norms(group_grads, out_dtype, device))
-            continue
-        for chunk_params, chunk_grads in chunks(group_params, group_grads):
-            scaled = _scaling_operator(chunk_params, eta_value)
-            torch._foreach_mul_(scaled, chunk_grads)
-            norms.append(_tensor_norms(scaled, out_dtype, device))
-    return _sum_of_squares(norms)
-
-
-def _tensor_norms(tensors: list[Tensor], out_dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The L2 norm of each tensor of one (device, dtype) group, as a 1-D ``out_dtype`` tensor on ``device``."""
-    norms = torch._foreach_norm(tensors, 2, dtype=accumulation_dtype(tensors[0].dtype))
-    return torch.stack(norms).to(device=device, dtype=out_dtype)
-
-
-def _sum_of_squares(norms: list[Tensor]) -> Tensor:
-    """Σ of the squares of all entries of a list of 1-D tensors, as one dot product."""
-    flat = norms[0] if len(norms) == 1 else torch.cat(norms)
-    return torch.linalg.vecdot(flat, flat)
+    groups = _per_tensor_groups(params, grads, adaptive, eta, [0.0] * len(grads))
+    return groups_sum_of_squares(groups, grads[0].device)
 
 
 def apply_ascent_(
@@ -182,22 +316,10 @@ def apply_ascent_(
 ) -> None:
     """In place: w_i += step_size_i · T_i² g_i, with T_i = |w_i| + η_i (ASAM) or 1 (SAM).
 
-    ``step_size_i`` is ρ_i / ‖T g‖ as a Python float. SAM tensors need no temporary at all; ASAM builds T
-    in chunks of at most ~4M elements.
+    ``step_size_i`` is ρ_i / ‖T g‖ as a Python float.
     """
-    for (is_adaptive, eta_value, step), group_params, group_grads in _bucket(
-        params, grads, adaptive, eta, [float(s) for s in step_size]
-    ):
-        if group_grads[0].dtype != group_params[0].dtype:
-            group_grads = [g.to(group_params[0].dtype) for g in group_grads]
-        if not is_adaptive:
-            torch._foreach_add_(group_params, group_grads, alpha=step)
-            continue
-        for chunk_params, chunk_grads in chunks(group_params, group_grads):
-            direction = _scaling_operator(chunk_params, eta_value)
-            torch._foreach_mul_(direction, direction)
-            torch._foreach_mul_(direction, chunk_grads)
-            torch._foreach_add_(chunk_params, direction, alpha=step)
+    if params:
+        apply_groups_(_per_tensor_groups(params, grads, adaptive, eta, step_size), 1.0)
 
 
 _FOREACH_CLONE = getattr(torch, "_foreach_clone", None)
@@ -227,7 +349,7 @@ def copy_(dst: Sequence[Tensor], src: Sequence[Tensor]) -> None:
 
 
 def squared_norm(tensors: Sequence[Tensor]) -> Tensor:
-    """Σ_i ‖t_i‖² as a 0-dim float32 (or wider) tensor on ``tensors[0].device``; one foreach norm per group."""
+    """Σ_i ‖t_i‖² as a 0-dim float32 (or wider) tensor on ``tensors[0].device``; no host sync."""
     out_dtype, device = sum_dtype(tensors), tensors[0].device
     return _sum_of_squares([_tensor_norms(group, out_dtype, device) for (group,) in group_by_device_and_dtype(tensors)])
 
@@ -243,17 +365,29 @@ def cosine(eps: Sequence[Tensor], grads: Sequence[Tensor]) -> tuple[Tensor, Tens
 def dot_and_squared_norms(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     """``[⟨a, b⟩, ‖a‖², ‖b‖²]`` over all tensor pairs: a 1-D float32 (or wider) tensor on ``a[0].device``.
 
-    Per (device, dtype) group: one foreach norm over both lists and the dot product of :func:`dot`; the
-    three sums are additive, so shards can all-reduce them as one vector.
+    Per (device, dtype) group: on CPU one foreach norm over both lists and one ``vdot`` per pair; on
+    accelerators three ``dot`` products per flattened chunk of both lists. The three sums are additive, so
+    shards can all-reduce them as one vector.
     """
     if not a:
         raise ValueError("dot_and_squared_norms needs at least one tensor")
     out_dtype, device = sum_dtype(a), a[0].device
     rows: list[Tensor] = []
     for group_a, group_b in group_by_device_and_dtype(a, b):
-        norms = _tensor_norms(group_a + group_b, out_dtype, device).view(2, -1)
-        squares = torch.linalg.vecdot(norms, norms)
-        rows.append(torch.cat([_group_dot(group_a, group_b).to(device=device, dtype=out_dtype).reshape(1), squares]))
+        if _flat_reductions(group_a[0].device):
+            row = _flat_dot_and_squares(group_a, group_b)
+        else:
+            norms = _tensor_norms(group_a + group_b, out_dtype, device).view(2, -1)
+            row = torch.cat([_dot_per_tensor(group_a, group_b).to(out_dtype).reshape(1),
+                             torch.linalg.vecdot(norms, norms)])
+        rows.append(row.to(device=device, dtype=out_dtype))
+    return rows[0] if len(rows) == 1 else torch.stack(rows).sum(dim=0)
+
+
+def _flat_dot_and_squares(a: list[Tensor], b: list[Tensor]) -> Tensor:
+    """``[⟨a, b⟩, ‖a‖², ‖b‖²]`` over one (device, dtype) group: three dot products per flattened chunk."""
+    rows = [torch.stack([torch.dot(flat_a, flat_b), torch.dot(flat_a, flat_a), torch.dot(flat_b, flat_b)])
+            for flat_a, flat_b in _flat_chunks(a, b, dtype=accumulation_dtype(a[0].dtype))]
     return rows[0] if len(rows) == 1 else torch.stack(rows).sum(dim=0)
 
 
@@ -261,9 +395,8 @@ def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     """Σ_i ⟨a_i, b_i⟩ as a 0-dim float32 (or wider) tensor on ``a[0].device``; no host sync.
 
     Accumulated in float32 (float64 for float64 tensors); float16/bfloat16 pairs are upcast first. On CPU
-    one fused ``vdot`` per pair (no temporaries; CPU foreach ops loop per tensor anyway); on accelerators
-    a constant number of multi-tensor kernels per (device, dtype) group and chunk of tensors (see
-    :func:`_dot_foreach`), so the cost does not grow with the number of tensors.
+    one fused ``vdot`` per pair (no temporaries); on accelerators one ``dot`` per flattened chunk of at most
+    ~``CHUNK_NUMEL`` elements (see :func:`_dot_flat`), so the cost does not grow with the number of tensors.
     """
     if not a:
         raise ValueError("dot needs at least one tensor")
@@ -274,7 +407,7 @@ def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
 
 
 def _group_dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
-    return _dot_per_tensor(a, b) if a[0].device.type == "cpu" else _dot_foreach(a, b)
+    return _dot_flat(a, b) if _flat_reductions(a[0].device) else _dot_per_tensor(a, b)
 
 
 def _dot_per_tensor(a: list[Tensor], b: list[Tensor]) -> Tensor:
@@ -284,29 +417,11 @@ def _dot_per_tensor(a: list[Tensor], b: list[Tensor]) -> Tensor:
     return torch.stack(products).sum()
 
 
-def _dot_foreach(a: list[Tensor], b: list[Tensor]) -> Tensor:
-    """Σ ⟨a_i, b_i⟩ over one (device, dtype) group with multi-tensor kernels.
+def _dot_flat(a: list[Tensor], b: list[Tensor]) -> Tensor:
+    """Σ ⟨a_i, b_i⟩ over one (device, dtype) group: one ``dot`` per flattened chunk, in the accumulation dtype.
 
-    With p = a ⊙ b: Σ p = Σ|p| − 2 Σ|min(p, 0)|, two foreach L1 norms around one in-place clamp. The
-    product is a temporary of at most ~``CHUNK_NUMEL`` elements (tensors above that go through ``vdot``,
-    which needs none), so peak memory stays bounded. The result is within float32 rounding of Σ|p| of the
-    exact sum, as any float32 dot product is.
+    The temporaries are two chunk buffers of at most ~``CHUNK_NUMEL`` elements (none for a tensor that forms a
+    chunk on its own), so peak memory stays bounded whatever the model size.
     """
-    dtype = accumulation_dtype(a[0].dtype)
-    if a[0].dtype != dtype:  # float16/bfloat16: products in float32
-        a, b = [x.to(dtype) for x in a], [y.to(dtype) for y in b]
-    partial: list[Tensor] = []
-    if any(x.numel() > CHUNK_NUMEL for x in a):
-        large = [i for i, x in enumerate(a) if x.numel() > CHUNK_NUMEL]
-        partial = [torch.vdot(a[i].reshape(-1), b[i].reshape(-1)).reshape(1) for i in large]
-        keep = set(large)
-        a = [x for i, x in enumerate(a) if i not in keep]
-        b = [y for i, y in enumerate(b) if i not in keep]
-    for chunk_a, chunk_b in chunks(a, b):
-        products = torch._foreach_mul(chunk_a, chunk_b)
-        absolute = torch._foreach_norm(products, 1)
-        torch._foreach_clamp_max_(products, 0.0)
-        negative = torch._foreach_norm(products, 1)
-        sums = torch.stack(absolute + negative).view(2, -1).sum(dim=1)
-        partial.append(sums[0:1].sub(sums[1:2], alpha=2.0))
-    return partial[0].reshape(()) if len(partial) == 1 else torch.cat(partial).sum()
+    partial = [torch.dot(flat_a, flat_b) for flat_a, flat_b in _flat_chunks(a, b, dtype=accumulation_dtype(a[0].dtype))]
+    return partial[0] if len(partial) == 1 else torch.stack(partial).sum()

@@ -3,6 +3,8 @@
 (a) one SAM step ÷ (2 forward+backward + 1 base step)                 target ≤ 1.05
     (also without the pass-2 statistics, ``track_stats=False``, for comparison)
 (b) perturb+restore, foreach path ÷ a per-parameter-loop implementation   target ≤ 0.5 (small-tensor model)
+    (also perturb+restore with the pass-2 statistics, with the reductions per tensor and over flattened
+    chunks, whichever the device uses by default: the figures behind ``perturbation._flat_reductions``)
 (c) extra peak memory of a SAM step over a base step, in trainable-parameter bytes   target ≤ 1.0,
     and extra memory kept between steps                                               target 0
 
@@ -25,6 +27,7 @@ import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 from transformers import BertConfig, BertForTokenClassification
 
+from arrcoc_sam.sam import perturbation
 from arrcoc_sam.sam.optimizer import SAM
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -158,6 +161,16 @@ def bench_model(name: str, device: torch.device, batch_size: int, seq_len: int, 
         sam.perturb()
         sam.restore()
 
+    def with_reductions(flat: bool):
+        def run():
+            default = perturbation._flat_reductions
+            perturbation._flat_reductions = lambda device: flat
+            try:
+                foreach_perturb_restore_with_stats()
+            finally:
+                perturbation._flat_reductions = default
+        return run
+
     def loop_perturb_restore():
         loop_restore(params, loop_perturb(params, 0.05))
 
@@ -174,6 +187,8 @@ def bench_model(name: str, device: torch.device, batch_size: int, seq_len: int, 
         {
             "foreach": foreach_perturb_restore,
             "foreach_stats": foreach_perturb_restore_with_stats,
+            "stats_per_tensor": with_reductions(False),
+            "stats_flat": with_reductions(True),
             "loop": loop_perturb_restore,
         },
         max(20, repeats * 4),
@@ -214,6 +229,9 @@ def bench_model(name: str, device: torch.device, batch_size: int, seq_len: int, 
         "perturb_restore_loop_s": pr_times["loop"],
         "ratio_foreach_over_loop": pr_times["foreach"] / pr_times["loop"],
         "perturb_restore_foreach_with_stats_s": pr_times["foreach_stats"],
+        "flat_reductions_by_default": perturbation._flat_reductions(device),
+        "perturb_restore_with_stats_per_tensor_reductions_s": pr_times["stats_per_tensor"],
+        "perturb_restore_with_stats_flat_reductions_s": pr_times["stats_flat"],
         "extra_peak_memory_in_param_bytes": (memory["sam"]["peak_bytes"] - memory["baseline"]["peak_bytes"])
         / param_bytes,
         "extra_kept_memory_in_param_bytes": (
@@ -242,7 +260,7 @@ def main() -> None:
     results = [bench_model(name, device, args.batch_size, args.seq_len, args.repeats, args.profile_ops)
                for name in args.models]
     header = (f"{'model':<12}{'tensors':>8}{'params':>11}{'SAM/(2fb+step)':>16}{'no stats':>10}{'foreach/loop':>14}"
-              f"{'peak+ (×P)':>12}{'kept+ (×P)':>12}")
+              f"{'peak+ (×P)':>12}{'kept+ (×P)':>12}{'p+r+stats ms: per-tensor / flat':>34}")
     print(header)
     for r in results:
         print(
@@ -250,6 +268,8 @@ def main() -> None:
             f"{r['ratio_sam_without_statistics_over_baseline']:>10.3f}"
             f"{r['ratio_foreach_over_loop']:>14.3f}{r['extra_peak_memory_in_param_bytes']:>12.3f}"
             f"{r['extra_kept_memory_in_param_bytes']:>12.3f}"
+            f"{r['perturb_restore_with_stats_per_tensor_reductions_s'] * 1e3:>26.2f} / "
+            f"{r['perturb_restore_with_stats_flat_reductions_s'] * 1e3:.2f}"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
