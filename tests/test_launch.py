@@ -85,3 +85,34 @@ def test_launcher_under_torchrun_two_processes(run_torchrun, tmp_path):
     logs = _sam_log(tmp_path)
     assert len(logs) == 2 and all(set(h) >= SAM_KEYS for h in logs)
     assert logs[0]["sam/rho"] == pytest.approx(0.5)
+
+
+def test_shutdown_frees_training_objects_in_cycles_before_destroying_the_group(tmp_path):
+    """A DDP model kept only by a reference cycle (as a finished Trainer keeps it) is freed while the group
+    is still alive, not left to a garbage collection during interpreter exit."""
+    import gc
+    import weakref
+
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from arrcoc_sam.integrations.launch import shutdown_process_group
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    automatic_gc = gc.isenabled()
+    gc.disable()  # no automatic collection may free the cycle first
+    try:
+        holder: dict = {"model": DistributedDataParallel(torch.nn.Linear(2, 2))}
+        holder["self"] = holder
+        model_ref = weakref.ref(holder["model"])
+        del holder
+        assert model_ref() is not None
+        shutdown_process_group()
+        assert model_ref() is None
+        assert not dist.is_initialized()
+    finally:
+        if automatic_gc:
+            gc.enable()
+        if dist.is_initialized():
+            dist.destroy_process_group()
