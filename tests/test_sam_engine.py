@@ -428,10 +428,18 @@ def test_logged_cosine_equals_cosine_of_clean_and_perturbed_gradients():
     assert opt.stats["grad_norm"].item() == pytest.approx(clean.norm().item(), rel=1e-6)
 
 
-def test_interleaved_groups_and_dtypes_match_the_formula_and_restore_bitwise():
+@pytest.mark.parametrize("grouping", ["torch", "python"])
+def test_interleaved_groups_and_dtypes_match_the_formula_and_restore_bitwise(monkeypatch, grouping):
     """Same-shaped tensors in three groups (SAM, two ASAM settings), listed out of group order and mixing
     float32 with float64: ε_i = ρ_i T_i² g_i / ‖T g‖ with one global norm; the pass-2 statistics pair each
-    tensor with its own backup; restore is bitwise."""
+    tensor with its own backup; restore is bitwise. ``python``: the fallback for lists torch cannot group."""
+    if grouping == "python":
+        from arrcoc_sam.sam import perturbation
+
+        def refuse(*args, **kwargs):
+            raise RuntimeError("not groupable here")
+
+        monkeypatch.setattr(perturbation, "_group_tensors_by_device_and_dtype", refuse)
     gen = torch.Generator().manual_seed(0)
     dtypes = [torch.float64, torch.float32, torch.float64, torch.float32, torch.float64, torch.float64]
     params = [nn.Parameter(torch.randn(4, 3, generator=gen, dtype=torch.float64).to(d)) for d in dtypes]

@@ -2,7 +2,8 @@
 
 Every function batches its work with ``torch._foreach_*`` ops, one call per (device, dtype) group, and
 never synchronises with the host. Reductions (norms, dot products) over a group run per tensor on CPU and over
-flattened chunks of at most ``CHUNK_NUMEL`` elements on accelerators (see :func:`_flat_reductions`). Notation (Foret et al. 2021; Kwon et al. 2021):
+flattened chunks of at most ``CHUNK_NUMEL`` elements on accelerators (see :func:`_flat_reductions`).
+Notation (Foret et al. 2021; Kwon et al. 2021):
 
 * SAM:   ε = ρ · g / ‖g‖
 * ASAM:  ε = ρ · T² g / ‖T g‖ with the element-wise operator T = |w| + η
@@ -24,14 +25,13 @@ from torch._utils import _flatten_dense_tensors
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 __all__ = [
-    "AscentGroup",
+    "accumulation_dtype",
+    "apply_ascent_",
     "apply_groups_",
     "ascent_groups",
-    "groups_sum_of_squares",
-    "accumulation_dtype",
     "ascent_norm",
     "ascent_sum_of_squares",
-    "apply_ascent_",
+    "AscentGroup",
     "chunks",
     "clone_all",
     "copy_",
@@ -39,6 +39,7 @@ __all__ = [
     "dot",
     "dot_and_squared_norms",
     "group_by_device_and_dtype",
+    "groups_sum_of_squares",
     "squared_norm",
     "sum_dtype",
 ]
@@ -71,6 +72,8 @@ def group_by_device_and_dtype(*tensor_lists: Sequence[Tensor]) -> list[tuple[lis
 
 
 def _group_in_python(*tensor_lists: Sequence[Tensor]) -> list[tuple[list[Tensor], ...]]:
+    """Parallel lists split by the (device, dtype) of the first list's tensors, order preserved; the other lists
+    may hold anything (tensors of other dtypes, indices)."""
     groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], ...]] = defaultdict(
         lambda: tuple([] for _ in tensor_lists)
     )
@@ -167,12 +170,8 @@ def _group_with_indices(params: list[Tensor], grads: list[Tensor]):
     """(params, grads, indices) per (device, dtype) of the parameters, order preserved within each group."""
     try:
         grouped = _group_tensors_by_device_and_dtype([params], with_indices=True)
-    except RuntimeError:  # not a dense strided tensor list torch can group: group in Python
-        grouped = {}
-        for index, p in enumerate(params):
-            entry = grouped.setdefault((p.device, p.dtype), ([[]], []))
-            entry[0][0].append(p)
-            entry[1].append(index)
+    except RuntimeError:  # not a dense strided tensor list torch can group
+        return _group_in_python(params, grads, range(len(params)))
     if len(grouped) == 1:
         ((group_params,), indices), = grouped.values()
         return [(group_params, list(grads), list(range(len(params))))]
