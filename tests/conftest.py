@@ -33,6 +33,14 @@ def _free_port() -> int:
 
 
 @pytest.fixture
+def flat_reductions(monkeypatch) -> None:
+    """Run the accelerator path of the engine's reductions (flattened chunks) on CPU tensors."""
+    from arrcoc_sam.sam import perturbation
+
+    monkeypatch.setattr(perturbation, "_flat_reductions", lambda device: True)
+
+
+@pytest.fixture
 def run_torchrun(tmp_path):
     """Run ``torchrun --nproc_per_node N SCRIPT ARGS`` on CPU/gloo; returns the CompletedProcess (check=True).
 

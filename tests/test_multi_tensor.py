@@ -48,16 +48,11 @@ def test_flat_dot_handles_tensors_larger_than_a_chunk_and_several_chunks(monkeyp
     assert abs(float(perturbation._dot_flat(a, b)) - exact_dot(a, b)) <= 1e-6 * scale
 
 
-def force_flat_reductions(monkeypatch) -> None:
-    """Run the accelerator path of the reductions (flattened chunks) on CPU tensors."""
-    monkeypatch.setattr(perturbation, "_flat_reductions", lambda device: True)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.usefixtures("flat_reductions")
 def test_flat_reductions_match_float64_reference(monkeypatch, dtype):
     """Norms, dot products and ASAM's ‖T g‖ over flattened chunks (the accelerator path) equal float64 sums,
     across chunk boundaries, a tensor larger than a chunk, non-contiguous tensors and mixed settings."""
-    force_flat_reductions(monkeypatch)
     monkeypatch.setattr(perturbation, "CHUNK_NUMEL", 100)
     a, b = tensors(25, 10, dtype), tensors(25, 11, dtype)
     a[4], b[4] = (torch.randn(300, generator=torch.Generator().manual_seed(s)).to(dtype) for s in (1, 2))
@@ -126,10 +121,10 @@ def test_perturb_and_restore_launch_a_constant_number_of_kernels(opt_cls, kwargs
     assert few.launches() == many.launches(), dict(many.counts - few.counts)
 
 
+@pytest.mark.usefixtures("flat_reductions")
 @pytest.mark.parametrize("opt_cls", [SAM, ESAM])
-def test_pass_two_statistics_take_a_constant_number_of_ops_off_cpu(monkeypatch, opt_cls):
+def test_pass_two_statistics_take_a_constant_number_of_ops_off_cpu(opt_cls):
     """The accelerator path of the statistics (forced here on CPU tensors) does not loop over tensors."""
-    force_flat_reductions(monkeypatch)
 
     def counts(pairs: int) -> OpCounter:
         model = stack_model(pairs)

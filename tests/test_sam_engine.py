@@ -77,12 +77,12 @@ def bitwise_equal(a: nn.Module, b: nn.Module) -> bool:
 
 @pytest.mark.parametrize("reductions", ["native", "flat"])
 @pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
-def test_single_step_matches_formula_reference_float64(monkeypatch, adaptive, reductions):
+def test_single_step_matches_formula_reference_float64(request, monkeypatch, adaptive, reductions):
     """``flat`` forces the accelerator path of the norms and statistics (flattened chunks) on CPU."""
     if reductions == "flat":
         from arrcoc_sam.sam import perturbation
 
-        monkeypatch.setattr(perturbation, "_flat_reductions", lambda device: True)
+        request.getfixturevalue("flat_reductions")
         monkeypatch.setattr(perturbation, "CHUNK_NUMEL", 16)  # several chunks and a tensor larger than one
     model, ref = make_mlp(), make_mlp()
     batch = make_batches(1)[0]
