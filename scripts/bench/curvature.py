@@ -13,15 +13,13 @@ Usage: python scripts/bench/curvature.py [--out bench_results/curvature.json] [-
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _report import median_seconds, write_report  # scripts/bench is on sys.path
 from torch import nn
 
 from arrcoc_sam.curvature import (
@@ -85,25 +83,15 @@ def _bert(dtype: torch.dtype):
     return model, batch
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def hvp_cost(name: str, model: nn.Module, batch, loss_fn, repeats: int) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     with probe_context(model, params):
         hessian = HessianOperator(model, params, batch, loss_fn)
         ggn = GGNOperator(model, params, batch)
         vector = torch.randn(hessian.numel, dtype=hessian.dtype)
-        gradient_s = _median_seconds(lambda: hessian.loss_and_gradient(), repeats)
-        hvp_s = _median_seconds(lambda: hessian.matvec(vector), repeats)
-        ggn_s = _median_seconds(lambda: ggn.matvec(vector), repeats)
+        gradient_s = median_seconds(lambda: hessian.loss_and_gradient(), repeats)
+        hvp_s = median_seconds(lambda: hessian.matvec(vector), repeats)
+        ggn_s = median_seconds(lambda: ggn.matvec(vector), repeats)
     return {"model": name, "params": hessian.numel, "gradient_ms": 1e3 * gradient_s, "hvp_ms": 1e3 * hvp_s,
             "hvp_over_gradient": hvp_s / gradient_s, "ggnvp_over_gradient": ggn_s / gradient_s}
 
@@ -249,9 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "mlp_fitted_loss": fitted_loss, "hvp_cost": cost,
               "top_eigenvalue": race, "diagonal": diagonals}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out = write_report(args.out, result)
     print(f"\nwrote {out}", file=sys.stderr)
     return result
 

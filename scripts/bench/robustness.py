@@ -13,13 +13,10 @@ small one (8x8 grid, D=32) where per-call overhead dominates. Run::
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
-import time
-from pathlib import Path
 
 import torch
+from _report import median_seconds, write_report  # scripts/bench is on sys.path
 
 from arrcoc_sam.relevance.robustness import RelevanceRobustness
 from arrcoc_sam.relevance.vision import ArrCocRelevanceConfig, ArrCocRelevanceModel
@@ -31,16 +28,6 @@ MODELS = {
     "arrcoc_g8_d32": dict(grid_size=8, query_dim=32),
 }
 PERTURBATIONS = ("feature_noise", "weight_random")
-
-
-def _median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bench_model(name: str, overrides: dict, samples: int, draws: int, repeats: int, device: torch.device,
@@ -65,7 +52,7 @@ def bench_model(name: str, overrides: dict, samples: int, draws: int, repeats: i
                 if device.type == "cuda":
                     torch.cuda.synchronize()
 
-            row[f"{mode}_s"] = _median_time(run, repeats)
+            row[f"{mode}_s"] = median_seconds(run, repeats)
         row["ratio"] = row["batched_s"] / row["looped_s"]
         results[perturbation] = row
         print(f"{name:>16} {perturbation:>14}: batched / looped = {row['ratio']:.3f} "
@@ -95,10 +82,7 @@ def main() -> None:
         "models": {name: bench_model(name, MODELS[name], args.samples, args.draws, args.repeats, device, chunk_rows)
                    for name in args.models},
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {write_report(args.out, report)}")
 
 
 if __name__ == "__main__":

@@ -17,13 +17,12 @@ configuration (random weights; the configuration only). Run::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from _report import write_report  # scripts/bench is on sys.path
 from torch.distributed._tools.mem_tracker import MemTracker
 from transformers import BertConfig, BertForTokenClassification
 
@@ -271,10 +270,7 @@ def main() -> None:
             f"{r['perturb_restore_with_stats_per_tensor_reductions_s'] * 1e3:>26.2f} / "
             f"{r['perturb_restore_with_stats_flat_reductions_s'] * 1e3:.2f}"
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"torch": torch.__version__, "results": results}, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {write_report(args.out, {'torch': torch.__version__, 'results': results})}")
 
 
 if __name__ == "__main__":

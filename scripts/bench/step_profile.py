@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
-from pathlib import Path
 
 import torch
+from _report import write_report  # scripts/bench is on sys.path
 from torch.profiler import ProfilerActivity, profile
 from variants import (  # scripts/bench is on sys.path
     METHODS,
@@ -80,10 +79,7 @@ def main() -> None:
         print(f"{method:>12} {row['wall_ms_per_step']:8.2f} {row['host_cpu_ms_per_step']:8.2f} "
               f"{row['gpu_kernel_ms_per_step']:8.2f} {row['kernels_per_step']:8.0f} "
               f"{row['stream_syncs_per_step']:6.1f}", flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {write_report(args.out, report)}")
 
 
 if __name__ == "__main__":

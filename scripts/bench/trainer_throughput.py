@@ -19,9 +19,9 @@ import platform
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import torch
+from _report import write_report  # scripts/bench is on sys.path
 from transformers import BertConfig, BertForTokenClassification, Trainer, TrainerCallback, TrainingArguments
 
 from arrcoc_sam import SAMTrainer, SAMTrainingArguments
@@ -116,8 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                           "seq_len": opts.seq_len},
               "device": "cuda" if torch.cuda.is_available() else "cpu", "torch_threads": torch.get_num_threads(),
               "machine": platform.processor() or platform.machine(), "results": results}
-    Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(opts.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_report(opts.out, report)
     return report
 
 

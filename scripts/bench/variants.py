@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
+from _report import write_report  # scripts/bench is on sys.path
 from torch.nn import functional as F
 
 from arrcoc_sam.sam.registry import build_sam_optimizer
@@ -261,9 +260,7 @@ def main() -> None:
     if "scenes" in args.parts:
         results["scenes"] = bench_scenes(device, args)
     results["markdown"] = markdown(results)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    write_report(args.out, results)
     print(results["markdown"])
 
 
