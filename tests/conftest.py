@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
@@ -34,10 +35,18 @@ def _free_port() -> int:
 
 @pytest.fixture
 def flat_reductions(monkeypatch) -> None:
-    """Run the accelerator path of the engine's reductions (flattened chunks) on CPU tensors."""
+    """Run the accelerator path of the engine's reductions (every tensor in flattened chunks) on CPU tensors."""
     from arrcoc_sam.sam import perturbation
 
-    monkeypatch.setattr(perturbation, "_flat_reductions", lambda device: True)
+    monkeypatch.setattr(perturbation, "_flatten_limit", lambda device: math.inf)
+
+
+@pytest.fixture
+def per_tensor_reductions(monkeypatch) -> None:
+    """Run the engine's reductions one tensor at a time, whatever the tensors' sizes."""
+    from arrcoc_sam.sam import perturbation
+
+    monkeypatch.setattr(perturbation, "_flatten_limit", lambda device: 0)
 
 
 @pytest.fixture

@@ -49,10 +49,15 @@ def test_flat_dot_handles_tensors_larger_than_a_chunk_and_several_chunks(monkeyp
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.usefixtures("flat_reductions")
-def test_flat_reductions_match_float64_reference(monkeypatch, dtype):
-    """Norms, dot products and ASAM's ‖T g‖ over flattened chunks (the accelerator path) equal float64 sums,
+@pytest.mark.parametrize("reductions", ["flat", "split_by_size", "per_tensor"])
+def test_reductions_match_float64_reference(request, monkeypatch, dtype, reductions):
+    """Norms, dot products and ASAM's ‖T g‖ equal float64 sums over flattened chunks (the accelerator path),
+    one tensor at a time, and split by size (the CPU default: here tensors of ≤ 20 elements are flattened),
     across chunk boundaries, a tensor larger than a chunk, non-contiguous tensors and mixed settings."""
+    if reductions == "split_by_size":
+        monkeypatch.setattr(perturbation, "_flatten_limit", lambda device: 20)
+    else:
+        request.getfixturevalue(f"{reductions}_reductions")
     monkeypatch.setattr(perturbation, "CHUNK_NUMEL", 100)
     a, b = tensors(25, 10, dtype), tensors(25, 11, dtype)
     a[4], b[4] = (torch.randn(300, generator=torch.Generator().manual_seed(s)).to(dtype) for s in (1, 2))
@@ -75,6 +80,22 @@ def test_flat_reductions_match_float64_reference(monkeypatch, dtype):
     )
     got_norm = perturbation.ascent_norm(a, b, adaptive, eta)
     assert float(got_norm) ** 2 == pytest.approx(expected, rel=tol)
+
+
+def test_chunks_are_consecutive_single_kind_slices_within_the_size_cap(monkeypatch):
+    monkeypatch.setattr(perturbation, "CHUNK_NUMEL", 40)
+    first = tensors(6, 0) + tensors(2, 1, torch.float64) + [torch.randn(100)] + tensors(5, 2)
+    second = [torch.full_like(t, float(i)) for i, t in enumerate(first)]  # a parallel list, same order
+    sliced = list(perturbation.chunks(first, second))
+
+    assert [t for chunk, _ in sliced for t in chunk] == first  # identity, in order, nothing dropped
+    assert [t for _, chunk in sliced for t in chunk] == second
+    for chunk, parallel in sliced:
+        assert len({(t.device, t.dtype) for t in chunk}) == 1
+        assert len(chunk) == 1 or sum(t.numel() for t in chunk) <= 40
+        assert len(parallel) == len(chunk)
+    assert any(len(chunk) == 1 and chunk[0].numel() == 100 for chunk, _ in sliced)  # larger than the cap: alone
+    assert list(perturbation.chunks([], [])) == []
 
 
 def test_dot_sums_over_mixed_dtypes_in_the_widest():

@@ -75,15 +75,20 @@ def bitwise_equal(a: nn.Module, b: nn.Module) -> bool:
     return all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
 
 
-@pytest.mark.parametrize("reductions", ["native", "flat"])
+@pytest.mark.parametrize("reductions", ["native", "flat", "per_tensor", "split_by_size"])
 @pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
 def test_single_step_matches_formula_reference_float64(request, monkeypatch, adaptive, reductions):
-    """``flat`` forces the accelerator path of the norms and statistics (flattened chunks) on CPU."""
-    if reductions == "flat":
-        from arrcoc_sam.sam import perturbation
+    """``flat`` forces the accelerator path of the norms and statistics (flattened chunks) on CPU, ``per_tensor``
+    one reduction per tensor, ``split_by_size`` the CPU default's split with a limit that puts this model's
+    tensors on both sides (its real limit flattens them all, as ``native`` runs)."""
+    from arrcoc_sam.sam import perturbation
 
-        request.getfixturevalue("flat_reductions")
+    if reductions in ("flat", "per_tensor"):
+        request.getfixturevalue(f"{reductions}_reductions")
+    if reductions == "flat":
         monkeypatch.setattr(perturbation, "CHUNK_NUMEL", 16)  # several chunks and a tensor larger than one
+    if reductions == "split_by_size":
+        monkeypatch.setattr(perturbation, "_flatten_limit", lambda device: 10)  # biases flattened, weights not
     model, ref = make_mlp(), make_mlp()
     batch = make_batches(1)[0]
     rho = 0.5 if adaptive else 0.05

@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 _SAM_GROUP_KEYS = ("rho", "adaptive", "eta")
 _IS_SPARSE = operator.attrgetter("is_sparse")
+_GRAD = operator.attrgetter("grad")
 _LOW_PRECISION = frozenset((torch.float16, torch.bfloat16))
 
 
@@ -202,7 +203,7 @@ class SAM(Optimizer):
             if group["rho"] == 0:
                 continue
             group_params = group["params"]
-            group_grads = [p.grad for p in group_params]
+            group_grads = list(map(_GRAD, group_params))
             if not all(map(operator.is_not, group_grads, itertools.repeat(None))):
                 kept = [i for i, g in enumerate(group_grads) if g is not None]
                 group_params, group_grads = [group_params[i] for i in kept], [group_grads[i] for i in kept]

@@ -1,8 +1,9 @@
 """Ascent directions and exact apply/restore, as pure functions over lists of tensors.
 
 Every function batches its work with ``torch._foreach_*`` ops, one call per (device, dtype) group, and
-never synchronises with the host. Reductions (norms, dot products) over a group run per tensor on CPU and over
-flattened chunks of at most ``CHUNK_NUMEL`` elements on accelerators (see :func:`_flat_reductions`).
+never synchronises with the host. Reductions (norms, dot products) run over flattened chunks of at most
+``CHUNK_NUMEL`` elements for the tensors :func:`_flatten_limit` names small (all of them on accelerators, those
+of at most ``CPU_FLATTEN_NUMEL`` elements on CPU) and one tensor at a time for the rest.
 Notation (Foret et al. 2021; Kwon et al. 2021):
 
 * SAM:   ε = ρ · g / ‖g‖
@@ -14,6 +15,9 @@ gradients are float64). η keeps zero-valued weights (LoRA's ``B``, zero-initial
 
 from __future__ import annotations
 
+import itertools
+import math
+import operator
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -93,16 +97,32 @@ def chunks(*tensor_lists: Sequence[Tensor]):
     """Yield consecutive slices of parallel tensor lists in which the first list's tensors share device and
     dtype and hold at most ~CHUNK_NUMEL elements together (a single larger tensor forms its own slice)."""
     first_list = tensor_lists[0]
+    kinds = list(zip(map(_DEVICE, first_list), map(_DTYPE, first_list)))
+    start = 0
+    for _, run in itertools.groupby(kinds):
+        stop = start + sum(1 for _ in run)
+        yield from _size_chunks(*(lst[start:stop] for lst in tensor_lists))
+        start = stop
+
+
+_DEVICE = operator.attrgetter("device")
+_DTYPE = operator.attrgetter("dtype")
+
+
+def _size_chunks(*tensor_lists: Sequence[Tensor]):
+    """:func:`chunks` for lists whose first list's tensors already share one device and dtype."""
+    sizes = list(map(Tensor.numel, tensor_lists[0]))
+    if sum(sizes) <= CHUNK_NUMEL:
+        if sizes:
+            yield tuple(list(lst) for lst in tensor_lists)
+        return
     start, numel = 0, 0
-    for index, tensor in enumerate(first_list):
-        first = first_list[start]
-        same_kind = tensor.device == first.device and tensor.dtype == first.dtype
-        if index > start and (not same_kind or numel + tensor.numel() > CHUNK_NUMEL):
+    for index, size in enumerate(sizes):
+        if index > start and numel + size > CHUNK_NUMEL:
             yield tuple(list(lst[start:index]) for lst in tensor_lists)
             start, numel = index, 0
-        numel += tensor.numel()
-    if start < len(first_list):
-        yield tuple(list(lst[start:]) for lst in tensor_lists)
+        numel += size
+    yield tuple(list(lst[start:]) for lst in tensor_lists)
 
 
 def _scaling_operator(params: list[Tensor], eta: float) -> list[Tensor]:
@@ -138,7 +158,7 @@ def ascent_groups(
     (device, dtype). ``settings[i]`` is the param-group dict of tensor ``i``; one shared dict (the usual
     case) costs a single grouping call whatever the number of tensors."""
     first = settings[0]
-    if all(setting is first for setting in settings):
+    if all(map(operator.is_, settings, itertools.repeat(first))):
         return _split(params, grads, [_setting_key(first)], None)
     keys_by_id: dict[int, tuple[bool, float, float]] = {}
     keys = [keys_by_id.setdefault(id(setting), _setting_key(setting)) for setting in settings]
@@ -181,8 +201,8 @@ def _group_with_indices(params: list[Tensor], grads: list[Tensor]):
 
 def groups_sum_of_squares(groups: Sequence[AscentGroup], device: torch.device | None = None) -> Tensor:
     """‖T g‖² over all groups: a 0-dim float32 (float64 if any gradient is) tensor on ``device`` (default:
-    that of the first group's gradients). A SAM group costs one reduction per tensor (CPU) or per flattened
-    chunk (accelerators), a stack and a dot product."""
+    that of the first group's gradients). A SAM group costs one reduction per flattened chunk of small tensors
+    and per large tensor (see :func:`_flatten_limit`), a stack and a dot product."""
     out_dtype = torch.float32
     for group in groups:
         out_dtype = torch.promote_types(out_dtype, accumulation_dtype(group.grads[0].dtype))
@@ -192,23 +212,29 @@ def groups_sum_of_squares(groups: Sequence[AscentGroup], device: torch.device | 
         if not group.adaptive:
             norms.append(_tensor_norms(group.grads, out_dtype, device))
             continue
-        if _flat_reductions(group.params[0].device):
-            norms.append(_flat_scaled_norms(group, out_dtype, device))
-            continue
-        for chunk_params, chunk_grads in chunks(group.params, group.grads):
+        (small_params, small_grads), (large_params, large_grads) = _split_by_size(group.params, group.grads)
+        if small_params:
+            norms.append(_flat_scaled_norms(small_params, small_grads, group.eta, out_dtype, device))
+        for chunk_params, chunk_grads in _size_chunks(large_params, large_grads):
+            accumulate = accumulation_dtype(chunk_grads[0].dtype)
+            if chunk_params[0].dtype != accumulate:  # form T g in float32, as the flattened path does
+                chunk_params = [p.to(accumulate) for p in chunk_params]
+                chunk_grads = [g.to(accumulate) for g in chunk_grads]
             scaled = _scaling_operator(chunk_params, group.eta)
             torch._foreach_mul_(scaled, chunk_grads)
-            norms.append(_tensor_norms(scaled, out_dtype, device))
+            norms.append(_per_tensor_norms(scaled, out_dtype, device))
     return _sum_of_squares(norms)
 
 
-def _flat_scaled_norms(group: AscentGroup, out_dtype: torch.dtype, device: torch.device) -> Tensor:
-    """‖T g‖ per flattened chunk of an ASAM group (T g formed in the accumulation dtype), as a 1-D ``out_dtype``
+def _flat_scaled_norms(
+    params: list[Tensor], grads: list[Tensor], eta: float, out_dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """‖T g‖ per flattened chunk of ASAM tensors (T g formed in the accumulation dtype), as a 1-D ``out_dtype``
     tensor on ``device``."""
-    accumulate = accumulation_dtype(group.grads[0].dtype)
+    accumulate = accumulation_dtype(grads[0].dtype)
     norms = []
-    for flat_params, flat_grads in _flat_chunks(group.params, group.grads, dtype=accumulate):
-        scaled = flat_params.abs().add_(group.eta).mul_(flat_grads)
+    for flat_params, flat_grads in _flat_chunks(params, grads, dtype=accumulate):
+        scaled = flat_params.abs().add_(eta).mul_(flat_grads)
         norms.append(torch.linalg.vector_norm(scaled))
     return torch.stack(norms).to(device=device, dtype=out_dtype)
 
@@ -226,7 +252,7 @@ def apply_groups_(groups: Sequence[AscentGroup], norm: float) -> None:
         if not group.adaptive:
             torch._foreach_add_(params, grads, alpha=step)
             continue
-        for chunk_params, chunk_grads in chunks(params, grads):
+        for chunk_params, chunk_grads in _size_chunks(params, grads):
             direction = _scaling_operator(chunk_params, group.eta)
             torch._foreach_mul_(direction, direction)
             torch._foreach_mul_(direction, chunk_grads)
@@ -234,32 +260,62 @@ def apply_groups_(groups: Sequence[AscentGroup], norm: float) -> None:
 
 
 def _tensor_norms(tensors: list[Tensor], out_dtype: torch.dtype, device: torch.device) -> Tensor:
-    """L2 norms of pieces that cover one (device, dtype) group, whose squares sum to Σ_i ‖t_i‖²: one per tensor
-    on CPU, one per flattened chunk on accelerators. A 1-D ``out_dtype`` tensor on ``device``."""
+    """L2 norms of pieces that cover one (device, dtype) group, whose squares sum to Σ_i ‖t_i‖²: one per
+    flattened chunk of small tensors and one per large tensor (see :func:`_flatten_limit`). A 1-D
+    ``out_dtype`` tensor on ``device``."""
+    (small,), (large,) = _split_by_size(tensors)
     accumulate = accumulation_dtype(tensors[0].dtype)
-    if _flat_reductions(tensors[0].device):
-        norms = [torch.linalg.vector_norm(flat, dtype=accumulate) for (flat,) in _flat_chunks(tensors)]
-    else:
-        norms = torch._foreach_norm(tensors, 2, dtype=accumulate)
+    norms = [torch.linalg.vector_norm(flat, dtype=accumulate) for (flat,) in _flat_chunks(small)]
+    if large:
+        norms.extend(torch._foreach_norm(large, 2, dtype=accumulate))
     return torch.stack(norms).to(device=device, dtype=out_dtype)
 
 
-def _flat_reductions(device: torch.device) -> bool:
-    """Whether reductions over tensors on ``device`` run over flattened chunks rather than per tensor.
+def _per_tensor_norms(tensors: list[Tensor], out_dtype: torch.dtype, device: torch.device) -> Tensor:
+    """‖t_i‖ for every tensor, one foreach call: a 1-D ``out_dtype`` tensor on ``device``."""
+    norms = torch._foreach_norm(tensors, 2, dtype=accumulation_dtype(tensors[0].dtype))
+    return torch.stack(norms).to(device=device, dtype=out_dtype)
 
-    On a GPU, ``_foreach_norm`` allocates one 0-dim output per tensor and ``stack`` collects them again, a few
-    µs of host time per tensor, and a SAM step on a model of many small tensors is host-bound; flattening a
-    chunk costs one view per tensor and one copy kernel. On CPU, foreach ops loop per tensor anyway and the
-    extra copy costs more than it saves.
+
+# On CPU, reductions flatten tensors of at most this many elements and reduce larger ones one by one. Measured
+# on the project's 2-core CPU: a norm costs ~1.1-1.2 µs per tensor of ≤ 1024 elements through
+# ``_foreach_norm`` and ~0.5-0.7 µs as its share of one flattened norm; from ~4096 elements on, the copy into
+# the flat buffer costs more than the per-tensor call it saves (``scripts/bench/sam_step.py`` times this
+# default against all-per-tensor and all-flattened reductions).
+CPU_FLATTEN_NUMEL = 1024
+
+
+def _flatten_limit(device: torch.device) -> float:
+    """The largest tensor (in elements) whose reductions on ``device`` run over a flattened chunk.
+
+    Accelerators flatten every tensor: ``_foreach_norm`` allocates one 0-dim output per tensor and ``stack``
+    collects them again, a few µs of host time per tensor, and a SAM step on a model of many small tensors is
+    host-bound, while flattening costs one view per tensor and one copy kernel. CPU foreach ops loop per tensor
+    anyway, so only tensors small enough that their per-call overhead exceeds the copy are flattened there.
     """
-    return device.type != "cpu"
+    return CPU_FLATTEN_NUMEL if device.type == "cpu" else math.inf
+
+
+def _split_by_size(*tensor_lists: Sequence[Tensor]) -> tuple[tuple[list[Tensor], ...], tuple[list[Tensor], ...]]:
+    """Parallel lists split into (small, large) by the first list's tensors against :func:`_flatten_limit`,
+    order preserved within each part."""
+    first_list = tensor_lists[0]
+    limit = _flatten_limit(first_list[0].device)
+    if limit == math.inf:
+        return tuple(list(lst) for lst in tensor_lists), tuple([] for _ in tensor_lists)
+    is_small = [t.numel() <= limit for t in first_list]
+    if all(is_small):
+        return tuple(list(lst) for lst in tensor_lists), tuple([] for _ in tensor_lists)
+    small = tuple(list(itertools.compress(lst, is_small)) for lst in tensor_lists)
+    is_large = [not flag for flag in is_small]
+    return small, tuple(list(itertools.compress(lst, is_large)) for lst in tensor_lists)
 
 
 def _flat_chunks(*tensor_lists: Sequence[Tensor], dtype: torch.dtype | None = None):
-    """Per chunk of parallel lists (see :func:`chunks`), one 1-D tensor per list holding the chunk's elements in
-    order, cast to ``dtype`` if given: a new buffer of at most ~CHUNK_NUMEL elements, or a view of a single
-    contiguous tensor."""
-    for chunk in chunks(*tensor_lists):
+    """Per chunk of parallel lists of one device and dtype (see :func:`chunks`), one 1-D tensor per list holding
+    the chunk's elements in order, cast to ``dtype`` if given: a new buffer of at most ~CHUNK_NUMEL elements, or
+    a view of a single contiguous tensor."""
+    for chunk in _size_chunks(*tensor_lists):
         flats = (t[0].reshape(-1) if len(t) == 1 else _flatten_dense_tensors(t) for t in chunk)
         yield tuple(flat if dtype is None else flat.to(dtype) for flat in flats)
 
@@ -364,22 +420,22 @@ def cosine(eps: Sequence[Tensor], grads: Sequence[Tensor]) -> tuple[Tensor, Tens
 def dot_and_squared_norms(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     """``[⟨a, b⟩, ‖a‖², ‖b‖²]`` over all tensor pairs: a 1-D float32 (or wider) tensor on ``a[0].device``.
 
-    Per (device, dtype) group: on CPU one foreach norm over both lists and one ``vdot`` per pair; on
-    accelerators three ``dot`` products per flattened chunk of both lists. The three sums are additive, so
-    shards can all-reduce them as one vector.
+    Per (device, dtype) group: three ``dot`` products per flattened chunk of small tensors (see
+    :func:`_flatten_limit`), and for the large ones one foreach norm over both lists and one ``vdot`` per pair.
+    The three sums are additive, so shards can all-reduce them as one vector.
     """
     if not a:
         raise ValueError("dot_and_squared_norms needs at least one tensor")
     out_dtype, device = sum_dtype(a), a[0].device
     rows: list[Tensor] = []
     for group_a, group_b in group_by_device_and_dtype(a, b):
-        if _flat_reductions(group_a[0].device):
-            row = _flat_dot_and_squares(group_a, group_b)
-        else:
-            norms = _tensor_norms(group_a + group_b, out_dtype, device).view(2, -1)
-            row = torch.cat([_dot_per_tensor(group_a, group_b).to(out_dtype).reshape(1),
-                             torch.linalg.vecdot(norms, norms)])
-        rows.append(row.to(device=device, dtype=out_dtype))
+        (small_a, small_b), (large_a, large_b) = _split_by_size(group_a, group_b)
+        if small_a:
+            rows.append(_flat_dot_and_squares(small_a, small_b).to(device=device, dtype=out_dtype))
+        if large_a:
+            norms = _per_tensor_norms(large_a + large_b, out_dtype, device).view(2, -1)
+            rows.append(torch.cat([_dot_per_tensor(large_a, large_b).to(device=device, dtype=out_dtype).reshape(1),
+                                   torch.linalg.vecdot(norms, norms)]))
     return rows[0] if len(rows) == 1 else torch.stack(rows).sum(dim=0)
 
 
@@ -393,9 +449,9 @@ def _flat_dot_and_squares(a: list[Tensor], b: list[Tensor]) -> Tensor:
 def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     """Σ_i ⟨a_i, b_i⟩ as a 0-dim float32 (or wider) tensor on ``a[0].device``; no host sync.
 
-    Accumulated in float32 (float64 for float64 tensors); float16/bfloat16 pairs are upcast first. On CPU
-    one fused ``vdot`` per pair (no temporaries); on accelerators one ``dot`` per flattened chunk of at most
-    ~``CHUNK_NUMEL`` elements (see :func:`_dot_flat`), so the cost does not grow with the number of tensors.
+    Accumulated in float32 (float64 for float64 tensors); float16/bfloat16 pairs are upcast first. One ``dot``
+    per flattened chunk of at most ~``CHUNK_NUMEL`` elements of small tensors (all of them on accelerators, see
+    :func:`_flatten_limit` and :func:`_dot_flat`) and one fused ``vdot`` per pair of large ones.
     """
     if not a:
         raise ValueError("dot needs at least one tensor")
@@ -406,7 +462,13 @@ def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
 
 
 def _group_dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
-    return _dot_flat(a, b) if _flat_reductions(a[0].device) else _dot_per_tensor(a, b)
+    (small_a, small_b), (large_a, large_b) = _split_by_size(a, b)
+    partial = []
+    if small_a:
+        partial.append(_dot_flat(small_a, small_b))
+    if large_a:
+        partial.append(_dot_per_tensor(large_a, large_b))
+    return partial[0] if len(partial) == 1 else torch.stack(partial).sum()
 
 
 def _dot_per_tensor(a: list[Tensor], b: list[Tensor]) -> Tensor:

@@ -23,8 +23,10 @@ for 200 tensors; ~45 µs once ``torch.distributed.fsdp`` is imported, for the FS
 
 from __future__ import annotations
 
+import operator
 import sys
 from collections.abc import Iterable, Sequence
+from itertools import repeat
 
 import torch
 from torch import Tensor, nn
@@ -56,13 +58,22 @@ def _has_fsdp1(params: Sequence[Tensor], types: set[type]) -> bool:
     flat = getattr(sys.modules.get("torch.distributed.fsdp._flat_param"), "FlatParameter", None)
     if flat is None:
         return False
-    return any(issubclass(t, flat) for t in types) or any("_fsdp_flattened" in p.__dict__ for p in params)
+    if any(issubclass(t, flat) for t in types):
+        return True
+    return any(map(operator.contains, map(_INSTANCE_DICT, params), repeat("_fsdp_flattened")))
+
+
+_INSTANCE_DICT = operator.attrgetter("__dict__")
+
+
+def _types(params: Sequence[Tensor]) -> set[type]:
+    return set(map(type, params))
 
 
 def is_sharded(params: Iterable[Tensor]) -> bool:
     """True if any tensor is a DTensor (FSDP2, tensor parallel) or an FSDP1 parameter (flat or flattened)."""
     params = list(params)
-    types = {type(p) for p in params}
+    types = _types(params)
     return _has_dtensor(types) or _has_fsdp1(params, types)
 
 
@@ -73,7 +84,7 @@ def check_model_supported(model: nn.Module) -> None:
         ValueError: naming FSDP2 as the supported alternative.
     """
     params = list(model.parameters())
-    if _has_fsdp1(params, {type(p) for p in params}):
+    if _has_fsdp1(params, _types(params)):
         raise ValueError(_FSDP1_HINT)
 
 
@@ -120,7 +131,7 @@ class ShardLayout:
                 placements differ from its parameter's, or that is ``Partial`` (not yet reduced).
             NotImplementedError: a multi-dimensional mesh that spans only part of the world.
         """
-        types = {type(p) for p in params}
+        types = _types(params)
         if _has_fsdp1(params, types):
             raise ValueError(_FSDP1_HINT)
         if not _has_dtensor(types):
