@@ -216,10 +216,8 @@ def groups_sum_of_squares(groups: Sequence[AscentGroup], device: torch.device | 
         if small_params:
             norms.append(_flat_scaled_norms(small_params, small_grads, group.eta, out_dtype, device))
         for chunk_params, chunk_grads in _size_chunks(large_params, large_grads):
-            accumulate = accumulation_dtype(chunk_grads[0].dtype)
-            if chunk_params[0].dtype != accumulate:  # form T g in float32, as the flattened path does
-                chunk_params = [p.to(accumulate) for p in chunk_params]
-                chunk_grads = [g.to(accumulate) for g in chunk_grads]
+            accumulate = accumulation_dtype(chunk_grads[0].dtype)  # T g in float32, as the flattened path
+            chunk_params, chunk_grads = _in_dtype(chunk_params, accumulate), _in_dtype(chunk_grads, accumulate)
             scaled = _scaling_operator(chunk_params, group.eta)
             torch._foreach_mul_(scaled, chunk_grads)
             norms.append(_per_tensor_norms(scaled, out_dtype, device))
@@ -247,8 +245,7 @@ def apply_groups_(groups: Sequence[AscentGroup], norm: float) -> None:
     for group in groups:
         step = group.rho / norm
         params, grads = group.params, group.grads
-        if grads[0].dtype != params[0].dtype:
-            grads = [g.to(params[0].dtype) for g in grads]
+        grads = _in_dtype(grads, params[0].dtype)
         if not group.adaptive:
             torch._foreach_add_(params, grads, alpha=step)
             continue
@@ -474,8 +471,16 @@ def _group_dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
 def _dot_per_tensor(a: list[Tensor], b: list[Tensor]) -> Tensor:
     """Σ ⟨a_i, b_i⟩ over one (device, dtype) group, one ``vdot`` per pair."""
     dtype = accumulation_dtype(a[0].dtype)
-    products = [torch.vdot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype)) for x, y in zip(a, b, strict=True)]
+    a, b = _in_dtype(a, dtype), _in_dtype(b, dtype)
+    products = [torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b, strict=True)]
     return torch.stack(products).sum()
+
+
+def _in_dtype(tensors: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    """``tensors`` cast to ``dtype``; the list itself when all of them are already of it (no per-tensor call)."""
+    if all(map(operator.is_, map(_DTYPE, tensors), itertools.repeat(dtype))):
+        return tensors
+    return [t.to(dtype) for t in tensors]
 
 
 def _dot_flat(a: list[Tensor], b: list[Tensor]) -> Tensor:
