@@ -92,6 +92,9 @@ def _group_in_python(*tensor_lists: Sequence[Tensor]) -> list[tuple[list[Tensor]
 # chunk, so its memory stays far below one copy of the parameters.
 CHUNK_NUMEL = 1 << 22
 
+_DEVICE = operator.attrgetter("device")
+_DTYPE = operator.attrgetter("dtype")
+
 
 def chunks(*tensor_lists: Sequence[Tensor]):
     """Yield consecutive slices of parallel tensor lists in which the first list's tensors share device and
@@ -104,9 +107,6 @@ def chunks(*tensor_lists: Sequence[Tensor]):
         yield from _size_chunks(*(lst[start:stop] for lst in tensor_lists))
         start = stop
 
-
-_DEVICE = operator.attrgetter("device")
-_DTYPE = operator.attrgetter("dtype")
 
 
 def _size_chunks(*tensor_lists: Sequence[Tensor]):
@@ -298,10 +298,8 @@ def _split_by_size(*tensor_lists: Sequence[Tensor]) -> tuple[tuple[list[Tensor],
     order preserved within each part."""
     first_list = tensor_lists[0]
     limit = _flatten_limit(first_list[0].device)
-    if limit == math.inf:
-        return tuple(list(lst) for lst in tensor_lists), tuple([] for _ in tensor_lists)
-    is_small = [t.numel() <= limit for t in first_list]
-    if all(is_small):
+    is_small = None if limit == math.inf else [t.numel() <= limit for t in first_list]
+    if is_small is None or all(is_small):
         return tuple(list(lst) for lst in tensor_lists), tuple([] for _ in tensor_lists)
     small = tuple(list(itertools.compress(lst, is_small)) for lst in tensor_lists)
     is_large = [not flag for flag in is_small]

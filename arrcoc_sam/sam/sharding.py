@@ -53,6 +53,9 @@ def _has_dtensor(types: set[type]) -> bool:
     return dtensor is not None and any(issubclass(t, dtensor) for t in types)
 
 
+_INSTANCE_DICT = operator.attrgetter("__dict__")
+
+
 def _has_fsdp1(params: Sequence[Tensor], types: set[type]) -> bool:
     """Any FSDP1 ``FlatParameter``, or original parameter FSDP1 flattened (``use_orig_params=True``)."""
     flat = getattr(sys.modules.get("torch.distributed.fsdp._flat_param"), "FlatParameter", None)
@@ -61,9 +64,6 @@ def _has_fsdp1(params: Sequence[Tensor], types: set[type]) -> bool:
     if any(issubclass(t, flat) for t in types):
         return True
     return any(map(operator.contains, map(_INSTANCE_DICT, params), repeat("_fsdp_flattened")))
-
-
-_INSTANCE_DICT = operator.attrgetter("__dict__")
 
 
 def _types(params: Sequence[Tensor]) -> set[type]:
