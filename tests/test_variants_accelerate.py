@@ -30,13 +30,9 @@ KNOBS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_accelerate_loop_with_accumulation_matches_closure_step_on_whole_batch(name):
-    batches = make_batches(6)
-    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
-    model = make_mlp()
-    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM))
-    sam = AcceleratedSAM(accelerator, model, optimizer, method=name, rho=RHO, **KNOBS[name])
+def train_in_halves(accelerator, model, optimizer, sam, batches) -> None:
+    """The documented Accelerate loop: each batch of 8 as two micro-batches of 4 inside ``accumulate``; the
+    weights are clean again after every batch."""
     for x, y in batches:
         for micro in ((x[:4], y[:4]), (x[4:], y[4:])):
             with accelerator.accumulate(model):
@@ -44,6 +40,16 @@ def test_accelerate_loop_with_accumulation_matches_closure_step_on_whole_batch(n
                 optimizer.step()
                 optimizer.zero_grad()
         assert not sam.sam_optimizer.is_perturbed
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_accelerate_loop_with_accumulation_matches_closure_step_on_whole_batch(name):
+    batches = make_batches(6)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = make_mlp()
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM))
+    sam = AcceleratedSAM(accelerator, model, optimizer, method=name, rho=RHO, **KNOBS[name])
+    train_in_halves(accelerator, model, optimizer, sam, batches)
     if name in ("periodic", "looksam"):
         assert sam.sam_optimizer.optimizer_steps == len(batches) - 1  # the last step is counted by the next window
 
@@ -173,12 +179,7 @@ def test_accelerate_esam_with_own_per_example_loss_on_tuple_batches_matches_clos
     model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM))
     sam = AcceleratedSAM(accelerator, model, optimizer, method="esam", rho=RHO, beta=0.5, gamma=0.25, seed=1,
                          per_example_loss_fn=lambda out, batch: ((out - batch[1]) ** 2).mean(dim=1))
-    for x, y in batches:
-        for micro in ((x[:4], y[:4]), (x[4:], y[4:])):
-            with accelerator.accumulate(model):
-                sam.backward(mse, micro)
-                optimizer.step()
-                optimizer.zero_grad()
+    train_in_halves(accelerator, model, optimizer, sam, batches)
 
     def reference(gamma):
         ref = make_mlp()
