@@ -486,3 +486,26 @@ def test_interleaved_groups_and_dtypes_match_the_formula_and_restore_bitwise(mon
     assert opt.stats["grad_cosine"].item() == pytest.approx(expected_cosine.item(), abs=1e-6)
     assert opt.stats["grad_norm_perturbed"].item() == pytest.approx(flat_second.norm().item(), rel=1e-6)
     assert opt.stats["grad_norm"].item() == pytest.approx(norm.item(), rel=1e-6)
+
+
+def test_optimizer_hooks_fire_once_per_step_with_the_wrapper_and_the_wrapper_copies():
+    model = make_mlp()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    seen = []
+    handles = [
+        opt.register_step_pre_hook(lambda o, args, kwargs: seen.append(("pre", o))),
+        opt.register_step_post_hook(lambda o, args, kwargs: seen.append(("post", o))),
+        opt.register_state_dict_pre_hook(lambda o: seen.append(("save", o))),
+        opt.register_load_state_dict_post_hook(lambda o: seen.append(("load", o))),
+    ]
+    for batch in make_batches(2):
+        sam_closure_step(model, opt, batch)
+    opt.load_state_dict(opt.state_dict())
+    assert seen == [("pre", opt), ("post", opt)] * 2 + [("save", opt), ("load", opt)]
+    for handle in handles:
+        handle.remove()
+    sam_closure_step(model, opt, make_batches(1)[0])
+    assert len(seen) == 6
+    twin = copy.deepcopy(opt)
+    assert twin.base_optimizer is not opt.base_optimizer and twin.param_groups[0]["rho"] == opt.param_groups[0]["rho"]
+    assert torch.equal(twin.state_dict()["state"][0]["momentum_buffer"], opt.state_dict()["state"][0]["momentum_buffer"])

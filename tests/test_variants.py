@@ -11,6 +11,7 @@ from test_sam_engine import bitwise_equal, make_batches, make_mlp, max_abs_diff
 from torch import nn
 from torch.func import functional_call
 
+from arrcoc_sam.sam import SAM
 from arrcoc_sam.sam.registry import available_methods, build_sam_optimizer
 from arrcoc_sam.sam.variants import ESAM, GSAM, VARIANTS, FriendlySAM, LookSAM, MomentumSAM, PeriodicSAM
 
@@ -179,7 +180,7 @@ def test_friendly_sam_ascends_along_gradient_minus_ema_matches_reference():
 
 
 @pytest.mark.parametrize("base", ["sgd_momentum", "adamw"])
-def test_momentum_sam_perturbs_along_base_momentum_matches_reference(base):
+def test_momentum_sam_perturbs_against_base_momentum_matches_reference(base):
     model = make_mlp()
     ref = Flat(make_mlp())
     if base == "adamw":
@@ -189,7 +190,7 @@ def test_momentum_sam_perturbs_along_base_momentum_matches_reference(base):
     for t, batch in enumerate(make_batches(12)):
         opt.step(sam_closure(model, opt, batch))
         momentum = ref.adam[0] if base == "adamw" else ref.buf
-        w_eval = ref.w if t == 0 else ref.w + RHO * unit(momentum)
+        w_eval = ref.w if t == 0 else ref.w - RHO * unit(momentum)  # Becker et al., Algorithm 1: w̃ = w − ρ v/‖v‖
         g = ref.grad(w_eval, batch)
         ref.adamw(g) if base == "adamw" else ref.sgd(g)
     ref.assert_matches(model)
@@ -354,13 +355,20 @@ def test_variants_are_registered_and_knobs_validated():
     for cls, kwargs, match in [
         (PeriodicSAM, {"interval": 0}, "interval must be an integer >= 1, got 0"),
         (PeriodicSAM, {"rho_scaling": "cube"}, "rho_scaling must be one of"),
-        (LookSAM, {"alpha": -1.0}, "alpha must be a number >= 0"),
+        (LookSAM, {"alpha": -1.0}, "alpha must be a finite number >= 0"),
+        (LookSAM, {"alpha": math.inf}, "alpha must be a finite number >= 0, got inf"),
         (ESAM, {"beta": 0.0}, r"beta must be a number in \(0, 1\], got 0.0"),
         (ESAM, {"gamma": 1.5}, "gamma must be"),
         (ESAM, {"beta": "half"}, "beta must be a number in"),  # a non-number is a ValueError too
-        (GSAM, {"alpha": True}, "alpha must be a number >= 0, got True"),
-        (FriendlySAM, {"sigma": -0.5}, "sigma must be a number >= 0"),
+        (ESAM, {"seed": 1.7}, "seed must be an integer, got 1.7"),
+        (GSAM, {"alpha": True}, "alpha must be a finite number >= 0, got True"),
+        (GSAM, {"alpha": math.inf}, "alpha must be a finite number >= 0, got inf"),
+        (FriendlySAM, {"sigma": -0.5}, "sigma must be a finite number >= 0"),
+        (FriendlySAM, {"sigma": math.nan}, "sigma must be a finite number >= 0, got nan"),
         (GSAM, {"rho_min": 1.0}, "rho_min must be in"),
+        (GSAM, {"lr_min": math.nan}, "lr_min must be a finite number, got nan"),
+        (GSAM, {"lr_min": -1.0}, r"need 0 <= lr_min <= lr_max, got lr_min=-1.0"),
+        (GSAM, {"lr_max": math.inf}, "lr_max must be a finite number, got inf"),
         (FriendlySAM, {"ema_decay": 1.0}, "ema_decay must be < 1"),
     ]:
         with pytest.raises(ValueError, match=match):
@@ -382,3 +390,152 @@ def test_every_variant_with_rho_zero_is_the_base_optimizer():
         for batch in batches:
             opt.step(sam_closure(model, opt, batch))
         assert max_abs_diff(model, ref) == 0.0, name
+
+
+# -- failures, checkpoints of other optimizers, API misuse ---------------------------------------------
+def failing_closure(model, opt, batch, fail_on_call):
+    """A SAM closure that raises on its ``fail_on_call``-th call (1-based), after its forward pass."""
+    calls = [0]
+    inner = sam_closure(model, opt, batch)
+
+    def closure():
+        calls[0] += 1
+        if calls[0] == fail_on_call:
+            model(batch[0])
+            raise RuntimeError("boom")
+        return inner()
+
+    return closure
+
+
+def test_msam_exception_in_its_only_pass_leaves_clean_weights_and_the_next_step_runs():
+    model = make_mlp()
+    opt = sgd_variant(MomentumSAM, model, rho=RHO)
+    batches = make_batches(3)
+    opt.step(sam_closure(model, opt, batches[0]))  # builds the momentum: the next pass runs perturbed
+    clean = copy.deepcopy(model.state_dict())
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.step(failing_closure(model, opt, batches[1], fail_on_call=1))
+    assert not opt.is_perturbed and bitwise_equal(model, _with_state(clean))
+    assert opt.optimizer_steps == 1
+    opt.state_dict()  # not refused: nothing is perturbed
+    opt.step(sam_closure(model, opt, batches[1]))
+    assert opt.optimizer_steps == 2 and not opt.is_perturbed
+
+
+def test_msam_window_left_perturbed_by_a_failed_loop_is_cleaned_up_by_the_next_window():
+    model = make_mlp()
+    opt = sgd_variant(MomentumSAM, model, rho=RHO)
+    batches = make_batches(3)
+    opt.step(sam_closure(model, opt, batches[0]))
+    clean = copy.deepcopy(model.state_dict())
+    opt.before_first_pass()  # a hand-written loop whose pass 1 then died without after_first_pass
+    assert opt.is_perturbed
+    opt.before_first_pass()  # the next window starts from the clean weights, perturbed once
+    opt.after_first_pass()
+    assert bitwise_equal(model, _with_state(clean))
+
+
+def test_looksam_failed_second_pass_keeps_direction_and_schedule():
+    model = make_mlp()
+    opt = sgd_variant(LookSAM, model, rho=RHO, interval=2)
+    batches = make_batches(4)
+    for batch in batches[:2]:
+        opt.step(sam_closure(model, opt, batch))
+    direction = {p: d.clone() for p, d in opt.buffers["direction"].items()}
+    clean = copy.deepcopy(model.state_dict())
+    assert opt.ascent_this_step()
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.step(failing_closure(model, opt, batches[2], fail_on_call=2))  # pass 2 at w + ε raises
+    assert not opt.is_perturbed and bitwise_equal(model, _with_state(clean))
+    assert opt.optimizer_steps == 2 and opt.ascent_this_step()
+    assert all(torch.equal(direction[p], d) for p, d in opt.buffers["direction"].items())
+
+
+def test_looksam_non_finite_second_pass_keeps_the_previous_direction(caplog):
+    model = make_mlp()
+    opt = sgd_variant(LookSAM, model, rho=RHO, interval=2)
+    batches = make_batches(3)
+    for batch in batches[:2]:
+        opt.step(sam_closure(model, opt, batch))
+    direction = {p: d.clone() for p, d in opt.buffers["direction"].items()}
+    x, y = batches[2]
+    calls = [0]
+
+    def overflowing_second_pass():  # what an fp16 pass 2 under a GradScaler produces on overflow
+        calls[0] += 1
+        opt.zero_grad()
+        loss = ((model(x) - y) ** 2).mean() * (math.inf if calls[0] == 2 else 1.0)
+        loss.backward()
+        return loss
+
+    opt.before_first_pass()
+    overflowing_second_pass()
+    opt.after_first_pass()
+    with opt.perturbed():
+        overflowing_second_pass()
+    assert "non-finite pass-2 gradient" in caplog.text
+    assert all(torch.equal(direction[p], d) for p, d in opt.buffers["direction"].items())
+
+
+def test_gsam_add_param_group_gets_the_schedule_keys_and_is_validated():
+    model, extra = make_mlp(), nn.Linear(3, 2, dtype=torch.float64)
+    opt = GSAM(model.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM, rho=RHO, rho_min=0.01, lr_min=0.001)
+    opt.add_param_group({"params": extra.parameters(), "lr": 0.2})
+    group = opt.param_groups[-1]
+    assert (group["rho_min"], group["lr_min"], group["lr_max"]) == (0.01, 0.001, 0.2)
+    opt.step(sam_closure(model, opt, make_batches(1)[0]))  # the new group has no grad: no KeyError, nothing perturbed
+    with pytest.raises(ValueError, match="new param group: rho_min must be in"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "rho": 0.01, "rho_min": 0.5})
+
+
+def test_loaded_checkpoint_without_sam_settings_keeps_them_and_bad_ones_fail_at_load():
+    model = make_mlp()
+    plain = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x, y = make_batches(1)[0]
+    ((model(x) - y) ** 2).mean().backward()
+    plain.step()
+    sam = SAM(model.parameters(), torch.optim.AdamW, lr=1e-2, rho=0.2)
+    sam.load_state_dict(plain.state_dict())  # resuming a plain AdamW run with SAM
+    assert sam.param_groups[0]["rho"] == 0.2 and "exp_avg" in sam.state_dict()["state"][0]
+    sam.step(sam_closure(model, sam, make_batches(1)[0]))
+    gsam = GSAM(model.parameters(), torch.optim.AdamW, lr=1e-2, rho=0.2)
+    gsam.load_state_dict(sam.state_dict())  # a SAM checkpoint lacks GSAM's schedule keys
+    assert gsam.param_groups[0]["lr_max"] == 1e-2
+    gsam.step(sam_closure(model, gsam, make_batches(1)[0]))
+    broken = sam.state_dict()
+    broken["param_groups"][0]["rho"] = -1.0
+    with pytest.raises(ValueError, match="loaded param group 0: rho must be a finite number >= 0, got -1.0"):
+        SAM(model.parameters(), torch.optim.AdamW, lr=1e-2).load_state_dict(broken)
+
+
+@pytest.mark.parametrize(
+    "name, knobs, refused",
+    [("periodic", {"interval": 3}, True), ("looksam", {"interval": 3}, True), ("msam", {}, True),
+     ("periodic", {"interval": 1}, False), ("gsam", {}, False), ("fsam", {}, False)],
+)
+def test_two_call_api_is_refused_where_the_schedule_needs_the_window_hooks(name, knobs, refused):
+    model = make_mlp()
+    opt = build_sam_optimizer(name, model.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM, **knobs)
+    x, y = make_batches(1)[0]
+    ((model(x) - y) ** 2).mean().backward()
+    if refused:
+        with pytest.raises(RuntimeError, match="window hooks"):
+            opt.first_step()
+        assert not opt.is_perturbed
+    else:
+        assert opt.first_step(zero_grad=True)
+        ((model(x) - y) ** 2).mean().backward()
+        opt.second_step()
+        assert not opt.is_perturbed and opt.optimizer_steps == 1
+
+
+def test_add_param_group_scales_periodic_rho_and_checks_msam_momentum():
+    periodic = sgd_variant(PeriodicSAM, make_mlp(), rho=RHO, interval=4, rho_scaling="linear")
+    periodic.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "rho": 0.2})
+    periodic.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
+    assert [g["rho"] for g in periodic.param_groups] == pytest.approx([4 * RHO, 4 * 0.2, 4 * RHO])
+    msam = sgd_variant(MomentumSAM, make_mlp(), rho=RHO)
+    with pytest.raises(ValueError, match="new param group: msam perturbs along the momentum buffer"):
+        msam.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "momentum": 0.0})
+    assert len(msam.param_groups) == 1

@@ -20,12 +20,14 @@ import logging
 import math
 import operator
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
 
 from arrcoc_sam.sam import perturbation
 from arrcoc_sam.sam.sharding import ShardLayout
@@ -40,12 +42,12 @@ _GRAD = operator.attrgetter("grad")
 _LOW_PRECISION = frozenset((torch.float16, torch.bfloat16))
 
 
-def _check_rho(rho: Any, where: str) -> None:
+def check_rho(rho: Any, where: str) -> None:
     if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho < 0:
         raise ValueError(f"{where}rho must be a finite number >= 0, got {rho!r}")
 
 
-def _check_eta(eta: Any, where: str) -> None:
+def check_eta(eta: Any, where: str) -> None:
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
         raise ValueError(f"{where}eta must be a finite number >= 0, got {eta!r}")
 
@@ -76,6 +78,11 @@ class SAM(Optimizer):
     FSDP1 parameters are refused.
     """
 
+    #: +1: :meth:`perturb` moves along the direction of :meth:`_ascent_directions` (the gradient); −1: against it
+    _direction_sign: float = 1.0
+    #: the per-group settings this wrapper adds to the base optimizer's groups (kept by :meth:`load_state_dict`)
+    _group_keys: tuple[str, ...] = _SAM_GROUP_KEYS
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -85,8 +92,8 @@ class SAM(Optimizer):
         eta: float = 0.01,
         **base_kwargs: Any,
     ) -> None:
-        _check_rho(rho, "")
-        _check_eta(eta, "")
+        check_rho(rho, "")
+        check_eta(eta, "")
         param_list = list(params)
         if not param_list:
             raise ValueError("SAM got an empty parameter list: pass the model's (trainable) parameters")
@@ -111,16 +118,16 @@ class SAM(Optimizer):
         for index, group in enumerate(self.base_optimizer.param_groups):
             for key, value in sam_defaults.items():
                 group.setdefault(key, value)
-            _check_rho(group["rho"], f"param group {index}: ")
-            _check_eta(group["eta"], f"param group {index}: ")
+            self._check_group(group, f"param group {index}: ")
         self.defaults = {**self.base_optimizer.defaults, **sam_defaults}
-        # Deliberately not calling Optimizer.__init__: it would build a second set of groups and state.
-        self._optimizer_step_pre_hooks = {}
-        self._optimizer_step_post_hooks = {}
-        self._optimizer_state_dict_pre_hooks = {}
-        self._optimizer_state_dict_post_hooks = {}
-        self._optimizer_load_state_dict_pre_hooks = {}
-        self._optimizer_load_state_dict_post_hooks = {}
+        # Deliberately not calling Optimizer.__init__: it would build a second set of groups and state. Hooks
+        # go to the base optimizer (see register_step_pre_hook), so these stay empty.
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._zero_grad_profile_name = f"Optimizer.zero_grad#{type(self).__name__}.zero_grad"
 
         self.skipped_steps = 0
@@ -267,7 +274,7 @@ class SAM(Optimizer):
         self._restore_pairs = [(group.params, backup) for group, backup in zip(groups, backups, strict=True)]
         self._backup = _in_original_order(groups, backups, len(targets))
         self._perturbed, self._targets, self._layout = params, targets, layout
-        perturbation.apply_groups_(groups, norm_value)
+        perturbation.apply_groups_(groups, norm_value, self._direction_sign)
         return True
 
     @torch.no_grad()
@@ -287,13 +294,29 @@ class SAM(Optimizer):
             if grads and all(g is not None for g in grads):
                 self._record_second_pass_stats(targets, backup, grads if layout is None else layout.local(grads))
             else:  # no stale figures from an earlier step
-                self.stats.pop("grad_norm_perturbed", None)
-                self.stats.pop("grad_cosine", None)
+                self._drop_second_pass_stats()
         finally:
-            for group_targets, group_backup in self._restore_pairs:
-                torch._foreach_copy_(group_targets, group_backup)
-            self._perturbed, self._targets, self._backup, self._layout = [], [], [], None
-            self._restore_pairs = []
+            self._copy_back_clean_weights()
+
+    @torch.no_grad()
+    def abort_perturbation(self) -> None:
+        """The error path of :meth:`restore`: the clean weights back bitwise, the backup freed, and nothing
+        computed from the (possibly partial) pass-2 gradients — no statistics, and no variant updates its
+        stored state (LookSAM's direction, GSAM's combination). A no-op when nothing is perturbed."""
+        if not self._perturbed:
+            return
+        self._drop_second_pass_stats()
+        self._copy_back_clean_weights()
+
+    def _drop_second_pass_stats(self) -> None:
+        self.stats.pop("grad_norm_perturbed", None)
+        self.stats.pop("grad_cosine", None)
+
+    def _copy_back_clean_weights(self) -> None:
+        for group_targets, group_backup in self._restore_pairs:
+            torch._foreach_copy_(group_targets, group_backup)
+        self._perturbed, self._targets, self._backup, self._layout = [], [], [], None
+        self._restore_pairs = []
 
     def _record_second_pass_stats(self, params: list[Tensor], backup: list[Tensor], grads: list[Tensor]) -> None:
         torch._foreach_sub_(params, backup)  # params now hold ε exactly as applied; restored right after
@@ -308,12 +331,15 @@ class SAM(Optimizer):
 
     @contextlib.contextmanager
     def perturbed(self) -> Iterator[bool]:
-        """``with opt.perturbed() as ok:`` — perturb, run the second pass inside, restore even on error."""
+        """``with opt.perturbed() as ok:`` — perturb, run the second pass inside, then :meth:`restore`; if the
+        block raises, :meth:`abort_perturbation` puts the clean weights back instead and the error propagates."""
         ok = self.perturb()
         try:
             yield ok
-        finally:
-            self.restore()
+        except BaseException:
+            self.abort_perturbation()
+            raise
+        self.restore()
 
     # -- the torch.optim surface ---------------------------------------------------------------------
     def first_step(self, zero_grad: bool = False) -> bool:
@@ -366,14 +392,62 @@ class SAM(Optimizer):
         return self.base_optimizer.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load the base optimizer's state dict. Each group takes the checkpoint's settings; a setting of this
+        wrapper that the checkpoint lacks (e.g. ``rho`` when resuming a plain AdamW run with SAM) keeps its
+        current value. The loaded settings are validated like constructor arguments."""
+        own = [{key: group[key] for key in self._group_keys if key in group} for group in self.param_groups]
         self.base_optimizer.load_state_dict(state_dict)
+        for index, (group, settings) in enumerate(zip(self.param_groups, own, strict=True)):
+            for key, value in settings.items():
+                group.setdefault(key, value)
+            self._check_group(group, f"loaded param group {index}: ")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         for key in _SAM_GROUP_KEYS:
             param_group.setdefault(key, self.defaults[key])
-        _check_rho(param_group["rho"], "new param group: ")
-        _check_eta(param_group["eta"], "new param group: ")
+        self._check_group(param_group, "new param group: ")
         self.base_optimizer.add_param_group(param_group)
+
+    def _check_group(self, group: dict[str, Any], where: str) -> None:
+        """Raise ValueError naming ``where`` and the setting if a group's SAM settings are invalid."""
+        check_rho(group["rho"], where)
+        check_eta(group["eta"], where)
+
+    # -- hooks: registered on the base optimizer, whose step and state_dict are the ones that run -------
+    def register_step_pre_hook(self, hook: Callable[..., Any]) -> RemovableHandle:
+        """``hook(sam, args, kwargs)`` before every base-optimizer step (once per SAM step; not on skipped steps)."""
+        return self._register_on_base("register_step_pre_hook", hook)
+
+    def register_step_post_hook(self, hook: Callable[..., Any]) -> RemovableHandle:
+        """``hook(sam, args, kwargs)`` after every base-optimizer step (once per SAM step; not on skipped steps)."""
+        return self._register_on_base("register_step_post_hook", hook)
+
+    def register_state_dict_pre_hook(self, hook: Callable[..., Any], prepend: bool = False) -> RemovableHandle:
+        return self._register_on_base("register_state_dict_pre_hook", hook, prepend=prepend)
+
+    def register_state_dict_post_hook(self, hook: Callable[..., Any], prepend: bool = False) -> RemovableHandle:
+        return self._register_on_base("register_state_dict_post_hook", hook, prepend=prepend)
+
+    def register_load_state_dict_pre_hook(self, hook: Callable[..., Any], prepend: bool = False) -> RemovableHandle:
+        return self._register_on_base("register_load_state_dict_pre_hook", hook, prepend=prepend)
+
+    def register_load_state_dict_post_hook(self, hook: Callable[..., Any], prepend: bool = False) -> RemovableHandle:
+        return self._register_on_base("register_load_state_dict_post_hook", hook, prepend=prepend)
+
+    def _register_on_base(self, method: str, hook: Callable[..., Any], **kwargs: Any) -> RemovableHandle:
+        """Register ``hook`` with the base optimizer's ``method``; the hook receives this wrapper, not the base."""
+
+        def on_wrapper(_base: Optimizer, *args: Any) -> Any:
+            return hook(self, *args)
+
+        return getattr(self.base_optimizer, method)(on_wrapper, **kwargs)
+
+    # torch.optim.Optimizer pickles only defaults/state/param_groups, which here live on the base optimizer.
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(rho={self.defaults['rho']}, adaptive={self.defaults['adaptive']}, base={self.base_optimizer!r})"

@@ -237,13 +237,14 @@ def _flat_scaled_norms(
     return torch.stack(norms).to(device=device, dtype=out_dtype)
 
 
-def apply_groups_(groups: Sequence[AscentGroup], norm: float) -> None:
-    """In place: w += (ρ/norm) · T² g for every group (T = |w| + η for ASAM groups, 1 for SAM groups).
+def apply_groups_(groups: Sequence[AscentGroup], norm: float, sign: float = 1.0) -> None:
+    """In place: w += sign · (ρ/norm) · T² g for every group (T = |w| + η for ASAM groups, 1 for SAM groups).
 
-    SAM groups need no temporary at all; ASAM builds T in chunks of at most ~4M elements.
+    ``sign`` is +1 for an ascent along g and −1 for a move against it. SAM groups need no temporary at all;
+    ASAM builds T in chunks of at most ~4M elements.
     """
     for group in groups:
-        step = group.rho / norm
+        step = sign * group.rho / norm
         params, grads = group.params, group.grads
         grads = _in_dtype(grads, params[0].dtype)
         if not group.adaptive:

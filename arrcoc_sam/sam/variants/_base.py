@@ -16,6 +16,7 @@ those integrations, so a variant behaves identically on the three entry points::
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -60,9 +61,9 @@ def check_fraction(value: Any, name: str, *, allow_zero: bool = False) -> None:
 
 
 def check_nonnegative(value: Any, name: str) -> None:
-    """Raise ValueError unless ``value`` is a number >= 0."""
-    if not _is_number(value) or not value >= 0:
-        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    """Raise ValueError unless ``value`` is a finite number >= 0."""
+    if not _is_number(value) or not 0 <= value < math.inf:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def check_interval(interval: Any) -> None:
@@ -110,6 +111,23 @@ class VariantSAM(SAM):
         self.buffers: dict[str, dict[Tensor, Tensor]] = {name: {} for name in self.buffer_names}
         self._window_open = False  # a window began (before_first_pass) and its step() has not been seen
 
+    @property
+    def needs_window_hooks(self) -> bool:
+        """Whether the method's schedule lives in the window hooks (periodic and LookSAM with k > 1, msam), so
+        the two-call ``first_step``/``second_step`` API, which cannot call them, would silently be another method."""
+        return False
+
+    def first_step(self, zero_grad: bool = False) -> bool:
+        """SAM's two-call API; refused (RuntimeError) where :attr:`needs_window_hooks`."""
+        if self.needs_window_hooks:
+            raise RuntimeError(
+                f"{type(self).__name__} schedules its ascents through the window hooks, which first_step()/"
+                "second_step() bypass (every step would be a full SAM step, or msam's perturbation would come "
+                "after the forward pass): use step(closure), SAMTrainer or AcceleratedSAM, or call the hooks "
+                "before_first_pass / ascent_this_step / after_first_pass / perturb / restore yourself"
+            )
+        return super().first_step(zero_grad)
+
     def before_first_pass(self) -> None:
         """Start a window; if the previous window's step bypassed :meth:`step`, count that step now."""
         super().before_first_pass()
@@ -123,18 +141,37 @@ class VariantSAM(SAM):
             self.optimizer_steps += 1
             self._window_open = False
             return super().step()
-        self.before_first_pass()
-        ascend = self.ascent_this_step()
-        with torch.enable_grad():
-            loss = closure()
-        self.after_first_pass()
-        if ascend:
-            with self.perturbed() as ok:
-                if ok:
-                    with torch.enable_grad():
-                        closure()
+        with self.closure_window():
+            ascend = self.ascent_this_step()
+            with torch.enable_grad():
+                loss = closure()
+            self.after_first_pass()
+            if ascend:
+                with self.perturbed() as ok:
+                    if ok:
+                        with torch.enable_grad():
+                            closure()
         self.step()
         return loss
+
+    @contextlib.contextmanager
+    def closure_window(self) -> Iterator[None]:
+        """:meth:`before_first_pass` on entry. If the block raises: the clean weights back
+        (:meth:`abort_perturbation`) and the window closed without counting a step, so the schedule and
+        the stored state continue as if the failed step had never started."""
+        self.before_first_pass()
+        try:
+            yield
+        except BaseException:
+            self.abort_perturbation()
+            self._window_open = False
+            raise
+
+    @torch.no_grad()
+    def abort_perturbation(self) -> None:
+        """SAM's error path; also drops the stashed clean gradient."""
+        self._clean_grads = []
+        super().abort_perturbation()
 
     @torch.no_grad()
     def perturb(self) -> bool:

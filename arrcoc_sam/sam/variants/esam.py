@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -122,6 +123,10 @@ class ESAM(VariantSAM):
     ) -> None:
         check_fraction(beta, "beta")
         check_fraction(gamma, "gamma")
+        try:
+            seed = operator.index(seed)
+        except TypeError:
+            raise ValueError(f"seed must be an integer, got {seed!r}") from None
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, eta=eta, **base_kwargs)
         self.beta = float(beta)
         self.gamma = float(gamma)
@@ -223,22 +228,22 @@ class ESAM(VariantSAM):
             return self._closure_step(closure)
 
     def _closure_step(self, closure: PerExampleClosure) -> Tensor:
-        self.before_first_pass()
-        with torch.enable_grad():
-            losses = closure()
-        per_example = losses.dim() > 0
-        if not per_example and self.gamma < 1:
-            raise ValueError(
-                f"esam with gamma={self.gamma} selects examples, so its closure must return per-example losses "
-                "[B] without calling backward; this closure returned a 0-dim loss (set gamma=1 to use it)"
-            )
-        if per_example:
-            self.zero_grad()
-            losses.mean().backward()
-        self.after_first_pass()
-        with self.perturbed() as ok:
-            if ok:
-                self._second_pass(closure, losses.detach(), per_example)
+        with self.closure_window():
+            with torch.enable_grad():
+                losses = closure()
+            per_example = losses.dim() > 0
+            if not per_example and self.gamma < 1:
+                raise ValueError(
+                    f"esam with gamma={self.gamma} selects examples, so its closure must return per-example "
+                    "losses [B] without calling backward; this closure returned a 0-dim loss (set gamma=1 to use it)"
+                )
+            if per_example:
+                self.zero_grad()
+                losses.mean().backward()
+            self.after_first_pass()
+            with self.perturbed() as ok:
+                if ok:
+                    self._second_pass(closure, losses.detach(), per_example)
         self.step()
         return losses.detach().mean()
 

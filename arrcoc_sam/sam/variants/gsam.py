@@ -42,6 +42,7 @@ class GSAM(VariantSAM):
     """
 
     stashes_clean_gradient = True
+    _group_keys = (*VariantSAM._group_keys, "rho_min", "lr_min", "lr_max")
 
     def __init__(
         self,
@@ -57,18 +58,28 @@ class GSAM(VariantSAM):
         **base_kwargs: Any,
     ) -> None:
         check_nonnegative(alpha, "alpha")
+        self._schedule_defaults = {"rho_min": rho_min, "lr_min": lr_min, "lr_max": lr_max}
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, eta=eta, **base_kwargs)
         self.alpha = float(alpha)
-        for index, group in enumerate(self.param_groups):
-            group.setdefault("rho_min", rho_min)
-            group.setdefault("lr_min", lr_min)
-            group.setdefault("lr_max", float(group["lr"]) if lr_max is None else lr_max)
-            if not 0 <= group["rho_min"] <= group["rho"]:
-                raise ValueError(f"param group {index}: rho_min must be in [0, rho={group['rho']}], got {group['rho_min']!r}")
-            if not math.isfinite(group["lr_max"]) or group["lr_max"] < group["lr_min"]:
-                raise ValueError(
-                    f"param group {index}: need lr_min <= lr_max, got lr_min={group['lr_min']!r}, lr_max={group['lr_max']!r}"
-                )
+
+    def _check_group(self, group: dict[str, Any], where: str) -> None:
+        """SAM's checks plus the schedule's: 0 ≤ rho_min ≤ rho and finite 0 ≤ lr_min ≤ lr_max. Missing schedule
+        keys are filled from the constructor's (``lr_max``: the group's learning rate now)."""
+        for key, value in self._schedule_defaults.items():
+            if key == "lr_max" and value is None:
+                value = float(group["lr"] if "lr" in group else self.defaults["lr"])  # a new group may lack lr
+            group.setdefault(key, value)
+        super()._check_group(group, where)
+        for key in self._schedule_defaults:
+            value = group[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{where}{key} must be a finite number, got {value!r}")
+        if not 0 <= group["rho_min"] <= group["rho"]:
+            raise ValueError(f"{where}rho_min must be in [0, rho={group['rho']}], got {group['rho_min']!r}")
+        if not 0 <= group["lr_min"] <= group["lr_max"]:
+            raise ValueError(
+                f"{where}need 0 <= lr_min <= lr_max, got lr_min={group['lr_min']!r}, lr_max={group['lr_max']!r}"
+            )
 
     @staticmethod
     def scheduled_rho(group: dict[str, Any]) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -13,6 +14,8 @@ from arrcoc_sam.sam import perturbation
 from arrcoc_sam.sam.variants._base import VariantSAM, check_interval, check_nonnegative
 
 __all__ = ["LookSAM"]
+
+logger = logging.getLogger(__name__)
 
 
 class LookSAM(VariantSAM):
@@ -61,6 +64,10 @@ class LookSAM(VariantSAM):
         self.alpha = float(alpha)
 
     @property
+    def needs_window_hooks(self) -> bool:
+        return self.interval > 1
+
+    @property
     def passes_per_step(self) -> float:
         return 1.0 + 1.0 / self.interval
 
@@ -89,7 +96,8 @@ class LookSAM(VariantSAM):
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Restore the weights (SAM), then store ĝ_v from the stashed g and the current (pass-2) gradient g_s."""
+        """Restore the weights (SAM), then store ĝ_v from the stashed g and the current (pass-2) gradient g_s;
+        a non-finite g_s (or ĝ_v) leaves the previous direction in place."""
         params, clean = self.restore_with_clean_gradient()
         if not clean:
             return
@@ -100,7 +108,13 @@ class LookSAM(VariantSAM):
             coef = ratio.to(device=group_clean[0].device, dtype=group_clean[0].dtype)
             torch._foreach_mul_(group_clean, -coef)
             torch._foreach_add_(group_clean, group_perturbed)
-        inv_norm = perturbation.squared_norm(clean).sqrt().clamp_min(1e-30).reciprocal()
+        squared = perturbation.squared_norm(clean)
+        if not bool(torch.isfinite(ratio) & torch.isfinite(squared)):  # one host sync per SAM step (every k)
+            # e.g. a GradScaler overflow in pass 2: keep the previous direction rather than store inf/NaN,
+            # which would poison the k − 1 reuse steps that follow
+            logger.warning("looksam: non-finite pass-2 gradient; keeping the previous stored direction")
+            return
+        inv_norm = squared.sqrt().clamp_min(1e-30).reciprocal()
         for (group_clean,) in perturbation.group_by_device_and_dtype(clean):
             torch._foreach_mul_(group_clean, inv_norm.to(device=group_clean[0].device, dtype=group_clean[0].dtype))
         self.buffers["direction"] = dict(zip(params, clean, strict=True))

@@ -17,14 +17,18 @@ _MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
 
 
 class MomentumSAM(VariantSAM):
-    """Perturb along the base optimizer's momentum before the forward pass: one pass per step.
+    """Perturb against the base optimizer's momentum before the forward pass: one pass per step.
 
     With m the base optimizer's momentum (SGD's ``momentum_buffer`` or Adam/AdamW's first moment
-    ``exp_avg``, both running means of +gradients, so +m points uphill)::
+    ``exp_avg``, both running means of +gradients), as in Becker et al.'s Algorithm 1::
 
-        ε = ρ m / ‖m‖  (global norm over the perturbed tensors; ASAM's metric with ``adaptive=True``)
+        ε = −ρ m / ‖m‖  (global norm over the perturbed tensors; −ρ T²m/‖Tm‖ with ``adaptive=True``)
         g = ∇L(w + ε)  — the window's only forward+backward pass(es)
         w = base_step(w, g) after restoring w by copy
+
+    −m is the direction the optimizer has been descending: w + ε lies ahead on its own trajectory, where
+    Nesterov momentum evaluates its gradient, but at the fixed radius ρ instead of an lr-sized step. That is
+    the sign of the paper's Algorithm 1; it is not SAM's direction (+g) with g swapped for m.
 
     ``before_first_pass`` perturbs and ``after_first_pass`` restores, so outside an accumulation window
     (evaluation, checkpointing, logging) the weights are always the clean ones; :meth:`eval` restores and
@@ -37,6 +41,8 @@ class MomentumSAM(VariantSAM):
             larger than SAM's, since ‖m‖ carries no batch noise).
     """
 
+    _direction_sign = -1.0
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -48,14 +54,29 @@ class MomentumSAM(VariantSAM):
     ) -> None:
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, eta=eta, **base_kwargs)
         for index, group in enumerate(self.param_groups):
-            if group["rho"] > 0 and "momentum" in group and not group["momentum"] and "betas" not in group:
-                raise ValueError(
-                    f"param group {index}: msam perturbs along the momentum buffer, but the base optimizer "
-                    f"{type(self.base_optimizer).__name__} runs with momentum=0; set momentum > 0"
-                )
+            self._check_momentum(group, f"param group {index}")
         self._suspended = False
         # No second pass, so the integrations never report SAM's pass-2 statistics: skip their reductions.
         self.track_stats = False
+
+    def _check_momentum(self, group: dict[str, Any], where: str) -> None:
+        if group["rho"] > 0 and "momentum" in group and not group["momentum"] and "betas" not in group:
+            raise ValueError(
+                f"{where}: msam perturbs along the momentum buffer, but the base optimizer "
+                f"{type(self.base_optimizer).__name__} runs with momentum=0; set momentum > 0"
+            )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        try:
+            self._check_momentum(self.param_groups[-1], "new param group")
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    @property
+    def needs_window_hooks(self) -> bool:
+        return True
 
     @property
     def passes_per_step(self) -> float:
@@ -66,6 +87,7 @@ class MomentumSAM(VariantSAM):
 
     def before_first_pass(self) -> None:
         super().before_first_pass()
+        self.abort_perturbation()  # a window that raised before after_first_pass may have left ε applied
         self._suspended = False
         self.perturb()
 
@@ -85,7 +107,7 @@ class MomentumSAM(VariantSAM):
         return buffer
 
     def _ascent_directions(self) -> tuple[list[Tensor], list[Tensor], list[dict[str, Any]]]:
-        """What :meth:`perturb` ascends along (w ← w + ρ m/‖m‖): the tensors of ρ > 0 groups that have a
+        """What :meth:`perturb` moves against (w ← w − ρ m/‖m‖): the tensors of ρ > 0 groups that have a
         momentum, their momenta and their groups; none before the first step."""
         params: list[Tensor] = []
         momenta: list[Tensor] = []

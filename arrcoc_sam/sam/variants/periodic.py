@@ -8,6 +8,7 @@ from typing import Any
 from torch import Tensor
 from torch.optim import Optimizer
 
+from arrcoc_sam.sam.optimizer import check_rho
 from arrcoc_sam.sam.variants._base import VariantSAM, check_interval
 
 __all__ = ["PeriodicSAM"]
@@ -47,10 +48,21 @@ class PeriodicSAM(VariantSAM):
             raise ValueError(f"rho_scaling must be one of {', '.join(_RHO_SCALINGS)}, got {rho_scaling!r}")
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, eta=eta, **base_kwargs)
         self.interval = interval
-        factor = float(interval) ** _RHO_SCALINGS[rho_scaling]
+        self._rho_factor = float(interval) ** _RHO_SCALINGS[rho_scaling]
         for group in self.param_groups:
-            group["rho"] = group["rho"] * factor
-        self.defaults["rho"] = self.defaults["rho"] * factor
+            group["rho"] = group["rho"] * self._rho_factor
+        self.defaults["rho"] = self.defaults["rho"] * self._rho_factor
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As SAM's; an explicit ``rho`` is scaled by k^s like the constructor's groups (the default already is)."""
+        if "rho" in param_group:
+            check_rho(param_group["rho"], "new param group: ")
+            param_group["rho"] = param_group["rho"] * self._rho_factor
+        super().add_param_group(param_group)
+
+    @property
+    def needs_window_hooks(self) -> bool:
+        return self.interval > 1
 
     @property
     def passes_per_step(self) -> float:
