@@ -89,6 +89,51 @@ def test_accelerate_save_state_round_trips_the_variant_state(tmp_path):
         assert torch.equal(loaded["buffers"]["direction"][index], tensor)
 
 
+def failing_mse(fail_on_call: int):
+    """``mse`` that raises on its ``fail_on_call``-th call (1-based), after the forward pass."""
+    calls = [0]
+
+    def loss(model, batch):
+        calls[0] += 1
+        value = mse(model, batch)
+        if calls[0] == fail_on_call:
+            raise RuntimeError("boom")
+        return value
+
+    return loss
+
+
+@pytest.mark.parametrize("name, fail_on_call", [("looksam", 3), ("msam", 1)])
+def test_accelerate_window_that_raises_leaves_clean_weights_and_counts_nothing(name, fail_on_call):
+    """looksam: the replay's first micro-batch raises on an ascent step; msam: pass 1 (run at w + ε) raises."""
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = make_mlp()
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM))
+    sam = AcceleratedSAM(accelerator, model, optimizer, method=name, rho=RHO, **KNOBS[name])
+    batches = make_batches(3)
+    train_in_halves(accelerator, model, optimizer, sam, batches[:2])
+    opt = sam.sam_optimizer
+    clean = [p.detach().clone() for p in model.parameters()]
+    stored = {p: d.clone() for p, d in opt.buffers.get("direction", {}).items()}
+    steps = opt.optimizer_steps
+    x, y = batches[2]
+    loss_fn = failing_mse(fail_on_call)
+    with pytest.raises(RuntimeError, match="boom"):
+        for micro in ((x[:4], y[:4]), (x[4:], y[4:])):
+            with accelerator.accumulate(model):
+                sam.backward(loss_fn, micro)
+                optimizer.step()
+                optimizer.zero_grad()
+    assert not opt.is_perturbed
+    assert all(torch.equal(p, c) for p, c in zip(model.parameters(), clean, strict=True))
+    assert all(torch.equal(stored[p], d) for p, d in opt.buffers.get("direction", {}).items())
+    assert opt.optimizer_steps == steps + 1  # the 2nd batch's step, counted when the failed window began
+    optimizer.zero_grad()
+    accelerator.step = 0  # Accelerate counted the failed micro-batch: realign its accumulation windows
+    train_in_halves(accelerator, model, optimizer, sam, batches[2:])  # the loop goes on; the failed window
+    assert opt.optimizer_steps == steps + 1  # counted nothing, so the retry is step 2 again
+
+
 # -- ESAM's data selection (SDS) through the helper, on a tiny BERT token classifier -------------------
 def bert_windows(steps: int, micro: int, accumulation: int) -> list[list[dict[str, torch.Tensor]]]:
     rows = token_dataset(steps * micro * accumulation)

@@ -10,6 +10,9 @@ and the backward. The optimizer is driven only through its hooks, in this order 
     pass 1 over the window                               # clean loss, returned to the caller
     after_first_pass() ; perturb() ; replay ; restore()  # last micro-batch (``sync_gradients``)
 
+If a pass raises, ``abort_window()`` replaces the rest: the clean weights are copied back, nothing is taken
+from the partial gradients and the window counts as no optimizer step; the error propagates.
+
 Scopes (the ascent direction): ``global`` takes ε from the all-reduced window gradient; ``per_device``
 from each rank's own window gradient (pass 1 of the last micro-batch runs under ``no_sync`` too);
 ``microbatch`` (mSAM) from each micro-batch's own gradient, with its own second pass right away.
@@ -176,6 +179,7 @@ class SAMWindow:
                     if self._ascend:
                         self._ascend_and_replay(model, optimizer, run_pass, example_losses)
         except BaseException:
+            optimizer.abort_window()  # clean weights (msam perturbs before pass 1); the step is not counted
             self._close()
             raise
         if last:
@@ -205,8 +209,10 @@ class SAMWindow:
                         with self._no_sync(model) if inner else contextlib.nullcontext():
                             loss = run_pass(batch)
                         perturbed = loss if perturbed is None else perturbed + loss
-            finally:
-                optimizer.restore()
+            except BaseException:
+                optimizer.abort_perturbation()  # nothing is taken from the partial pass-2 gradients
+                raise
+            optimizer.restore()
         self.metrics.add_skipped(getattr(optimizer, "skipped_steps", 0) - skipped_before)
         if ok:
             self._record_losses(clean=self._clean, perturbed=perturbed)
@@ -295,8 +301,10 @@ class SAMWindow:
                     perturbed = run_pass(batch)
                 else:
                     _add_grads_(params, accumulated)
-            finally:
-                optimizer.restore()
+            except BaseException:
+                optimizer.abort_perturbation()
+                raise
+            optimizer.restore()
         self.metrics.add_skipped(getattr(optimizer, "skipped_steps", 0) - skipped_before)
         if ok:
             self._record_stats(optimizer, scale)

@@ -308,6 +308,11 @@ class SAM(Optimizer):
         self._drop_second_pass_stats()
         self._copy_back_clean_weights()
 
+    def abort_window(self) -> None:
+        """The error path of a whole accumulation window (the integrations call it when a pass raises):
+        :meth:`abort_perturbation`; variants also forget the window, so it counts as no optimizer step."""
+        self.abort_perturbation()
+
     def _drop_second_pass_stats(self) -> None:
         self.stats.pop("grad_norm_perturbed", None)
         self.stats.pop("grad_cosine", None)

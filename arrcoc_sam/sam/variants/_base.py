@@ -156,15 +156,14 @@ class VariantSAM(SAM):
 
     @contextlib.contextmanager
     def closure_window(self) -> Iterator[None]:
-        """:meth:`before_first_pass` on entry. If the block raises: the clean weights back
-        (:meth:`abort_perturbation`) and the window closed without counting a step, so the schedule and
-        the stored state continue as if the failed step had never started."""
+        """:meth:`before_first_pass` on entry. If the block raises, :meth:`abort_window`: the clean weights
+        back and the window closed without counting a step, so the schedule and the stored state continue as
+        if the failed step had never started."""
         self.before_first_pass()
         try:
             yield
         except BaseException:
-            self.abort_perturbation()
-            self._window_open = False
+            self.abort_window()
             raise
 
     @torch.no_grad()
@@ -172,6 +171,11 @@ class VariantSAM(SAM):
         """SAM's error path; also drops the stashed clean gradient."""
         self._clean_grads = []
         super().abort_perturbation()
+
+    def abort_window(self) -> None:
+        """SAM's; and the window is closed without counting a step (the schedule goes on as if it never began)."""
+        super().abort_window()
+        self._window_open = False
 
     @torch.no_grad()
     def perturb(self) -> bool:
