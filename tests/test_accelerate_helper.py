@@ -63,3 +63,13 @@ def test_refuses_none_and_microbatch_without_accumulation():
     with pytest.raises(ValueError, match="gradient_accumulation_steps=1"):
         AcceleratedSAM(accelerator, model, optimizer, scope="microbatch")
 
+
+
+@pytest.mark.parametrize("method", ["gsam", "looksam", "fsam"])
+def test_refuses_microbatch_scope_for_methods_defined_on_the_window_gradient(method):
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = tiny_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    with pytest.raises(ValueError, match=f"--optimizer {method} .* use sam_scope=global or per_device"):
+        AcceleratedSAM(accelerator, model, optimizer, method=method, scope="microbatch")
+    AcceleratedSAM(accelerator, model, optimizer, method=method, scope="per_device")

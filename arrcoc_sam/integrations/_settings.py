@@ -100,6 +100,12 @@ class SAMSettings:
                 f"--optimizer {self.method} does not accept the knobs {sorted(knobs)} ({error}); "
                 "drop the ones it does not take (sam_interval / sam_args)"
             ) from error
+        if self.scope == "microbatch" and not getattr(optimizer, "supports_microbatch_scope", True):
+            raise ValueError(
+                f"--optimizer {self.method} combines each step's clean and perturbed gradients (or keeps an average "
+                "of them) over the whole window, which sam_scope=microbatch splits into per-micro-batch ascents; "
+                "use sam_scope=global or per_device"
+            )
         if not self.statistics:
             optimizer.track_stats = False
         return optimizer

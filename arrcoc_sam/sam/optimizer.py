@@ -80,6 +80,9 @@ class SAM(Optimizer):
 
     #: +1: :meth:`perturb` moves along the direction of :meth:`_ascent_directions` (the gradient); −1: against it
     _direction_sign: float = 1.0
+    #: whether the integrations' ``sam_scope=microbatch`` (one ascent and pass 2 per micro-batch, onto the
+    #: window's accumulated gradient) gives this method's update
+    supports_microbatch_scope: bool = True
     #: the per-group settings this wrapper adds to the base optimizer's groups (kept by :meth:`load_state_dict`)
     _group_keys: tuple[str, ...] = _SAM_GROUP_KEYS
 

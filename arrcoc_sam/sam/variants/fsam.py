@@ -39,6 +39,7 @@ class FriendlySAM(VariantSAM):
     """
 
     buffer_names = ("ema",)
+    supports_microbatch_scope = False  # its combination is defined on the window gradient
 
     def __init__(
         self,

@@ -42,6 +42,7 @@ class GSAM(VariantSAM):
     """
 
     stashes_clean_gradient = True
+    supports_microbatch_scope = False  # its combination is defined on the window gradient
     _group_keys = (*VariantSAM._group_keys, "rho_min", "lr_min", "lr_max")
 
     def __init__(

@@ -45,6 +45,7 @@ class LookSAM(VariantSAM):
 
     buffer_names = ("direction",)
     stashes_clean_gradient = True
+    supports_microbatch_scope = False  # its combination is defined on the window gradient
 
     def __init__(
         self,
