@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import Seq2SeqTrainer, Trainer
 
 from arrcoc_sam.integrations._settings import SAMSettings
@@ -116,3 +117,36 @@ def test_shutdown_frees_training_objects_in_cycles_before_destroying_the_group(t
             gc.enable()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_launcher_boolean_flag_takes_true_false_and_bare_forms():
+    assert split_argv(["train.py", "--sam_statistics", "false"])[0].sam_statistics is False
+    assert split_argv(["train.py", "--sam_statistics", "true"])[0].sam_statistics is True
+    assert split_argv(["train.py", "--sam_statistics"])[0].sam_statistics is True
+    assert split_argv(["train.py"])[0].sam_settings().statistics is True
+    with pytest.raises(SystemExit):
+        split_argv(["train.py", "--sam_statistics", "maybe"])
+
+
+def test_launcher_flags_that_a_script_with_its_own_sam_arguments_never_saw_are_refused(tmp_path):
+    from arrcoc_sam import SAMTrainer, SAMTrainingArguments
+
+    def arguments():
+        return SAMTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+
+    refused = pytest.raises(ValueError, match="took its own SAM flags .*asam.* run a script that parses the SAM")
+    with patched_trainer(SAMSettings(method="asam", rho=0.7)), refused:
+        SAMTrainer(model=torch.nn.Linear(2, 2), args=arguments())
+    with patched_trainer(SAMSettings()):  # the same settings on both sides: no conflict
+        SAMTrainer(model=torch.nn.Linear(2, 2), args=arguments())
+
+
+def test_a_script_ending_in_sys_exit_zero_still_shuts_its_process_group_down(tmp_path):
+    import torch.distributed as dist
+
+    from arrcoc_sam.integrations.launch import owned_process_group
+
+    with pytest.raises(SystemExit), owned_process_group():
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        raise SystemExit(0)
+    assert not dist.is_initialized()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from arrcoc_sam import SAMTrainer, SAMTrainingArguments
 from arrcoc_sam.sam import registry
@@ -210,7 +210,9 @@ def test_batchnorm_running_stats_move_once_per_micro_batch(tmp_path):
         ({"sam_args": "alpha"}, "sam_args must look like"),
         ({"optim": "lomo"}, "--optim lomo updates the weights inside backward"),
         ({"optim": "galore_adamw_layerwise"}, "--optim galore_adamw_layerwise"),
-        ({"deepspeed": {"zero_optimization": {"stage": 2}}}, "DeepSpeed ZeRO stage 2"),
+        ({"deepspeed": {"zero_optimization": {"stage": 2}}}, r"DeepSpeed \(ZeRO stage 2\) cannot run"),
+        ({"deepspeed": {"zero_optimization": {"stage": 1}}}, "steps the engine .* before the ascent"),
+        ({"deepspeed": {"train_micro_batch_size_per_gpu": 4}}, r"DeepSpeed \(ZeRO stage 0\) cannot run"),
         ({"sam_scope": "microbatch"}, "gradient_accumulation_steps=1"),
         ({"fsdp": "full_shard", "fsdp_config": {"version": 1}}, "FSDP1"),
         ({"fsdp": "full_shard", "sam_scope": "per_device"}, "sam_scope='per_device' has no meaning under FSDP"),
@@ -299,3 +301,110 @@ def test_sam_statistics_false_skips_the_pass_two_statistics_only(tmp_path):
     assert logs and all("sam/grad_cosine" not in h and "sam/grad_norm_perturbed" not in h for h in logs)
     assert all("sam/sharpness" in h and "sam/grad_norm" in h for h in logs)
     assert torch.equal(flat_params(with_stats.model), flat_params(without.model))  # the training is the same
+
+
+# -- batches, stops and trials the stock Trainer accepts -----------------------------------------------
+class _TupleRows(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int):
+        x = torch.randn(4, generator=torch.Generator().manual_seed(index))
+        return x, x.sum().reshape(1)
+
+
+def _stack_tuples(rows):
+    return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+
+
+class _TupleBatchTrainer(SAMTrainer):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        x, y = inputs
+        loss = nn.functional.mse_loss(model(x), y)
+        return (loss, None) if return_outputs else loss
+
+
+def test_tuple_batches_with_a_custom_compute_loss_match_the_closure_step(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    reference = nn.Linear(4, 1)
+    reference.load_state_dict(model.state_dict())
+    args = SAMTrainingArguments(**trainer_kwargs(str(tmp_path), max_steps=2, per_device_train_batch_size=4,
+                                                 remove_unused_columns=False, rho=0.05))
+    _TupleBatchTrainer(model=model, args=args, train_dataset=_TupleRows(), data_collator=_stack_tuples).train()
+    opt = SAM(reference.parameters(), torch.optim.SGD, rho=0.05, lr=LR)
+    rows = _TupleRows()
+    for start in (0, 4):
+        x, y = _stack_tuples([rows[i] for i in range(start, start + 4)])
+
+        def closure(x=x, y=y):
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(reference(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    assert (flat_params(model) - flat_params(reference)).abs().max() < 1e-6
+    assert (flat_params(model) - flat_params(nn.Linear(4, 1))).abs().max() > 1e-3
+
+
+class _StopBetweenMicroBatches(TrainerCallback):
+    def on_substep_end(self, args, state, control, **kwargs):
+        if state.global_step >= 2:
+            control.should_training_stop = True
+
+
+def test_msam_run_stopped_between_micro_batches_returns_clean_weights(tmp_path):
+    """A callback may stop training mid-window: the weights are those of the two completed steps, not w + ε."""
+    common = {"optimizer": "msam", "rho": 0.5, "optim": "adamw_torch", "per_device_train_batch_size": 4,
+              "gradient_accumulation_steps": 2}
+    stopped = _train(tmp_path / "stopped", max_steps=6, trainer_extra={"callbacks": [_StopBetweenMicroBatches()]},
+                     **common)
+    assert stopped.state.global_step == 2 and not stopped.optimizer.optimizer.is_perturbed
+    completed = _train(tmp_path / "completed", max_steps=2, **common)
+    assert torch.equal(flat_params(stopped.model), flat_params(completed.model))
+
+
+def test_hyper_parameter_trial_settings_on_args_reach_the_next_optimizer(tmp_path):
+    args = SAMTrainingArguments(**trainer_kwargs(str(tmp_path), rho=0.05))
+    trainer = SAMTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset(8), compute_loss_func=token_sum_loss)
+    assert trainer.create_optimizer().param_groups[0]["rho"] == 0.05
+    trainer.args.optimizer, trainer.args.rho = "asam", 0.8  # what Trainer._hp_search_setup does for a trial
+    trainer.optimizer = None
+    rebuilt = trainer.create_optimizer()
+    assert registry.build_sam_optimizer("asam", [nn.Parameter(torch.zeros(1))], torch.optim.SGD, lr=0.1).__class__ \
+        is type(rebuilt)
+    assert rebuilt.param_groups[0]["rho"] == 0.8
+
+
+class _ModalSGD(torch.optim.SGD):
+    """A base optimizer with train/eval modes that refuses to step in eval mode (as schedule-free ones do)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.mode = "train"
+
+    def train(self):
+        self.mode = "train"
+
+    def eval(self):
+        self.mode = "eval"
+
+    def step(self, closure=None):
+        if self.mode != "train":
+            raise RuntimeError("stepped in eval mode")
+        return super().step(closure)
+
+
+def test_train_and_eval_modes_reach_a_modal_base_optimizer_through_the_trainer(tmp_path):
+    model = tiny_bert()
+    base = _ModalSGD(model.parameters(), lr=LR)
+    base.eval()  # the Trainer must switch it to train mode through the SAM wrapper
+    args = SAMTrainingArguments(**trainer_kwargs(str(tmp_path), max_steps=4, per_device_train_batch_size=4,
+                                                 eval_strategy="steps", eval_steps=2))
+    trainer = SAMTrainer(model=model, args=args, train_dataset=token_dataset(16), eval_dataset=token_dataset(4),
+                         compute_loss_func=token_sum_loss, optimizers=(base, None))
+    trainer.train()
+    assert trainer.state.global_step == 4
+    trainer.optimizer.eval()
+    assert base.mode == "eval"

@@ -40,6 +40,7 @@ def test_two_processes_match_one_process_and_per_device_ascent_is_local(run_torc
     for rank in (0, 1):
         assert result[f"rank{rank}_own_shard_diff"] < 1e-5
         assert result[f"rank{rank}_averaged_diff"] > 1e-2
+        assert result[f"rank{rank}_own_shard_diff_sync_each_batch"] < 1e-5
 
     for rank_result in result["accelerate"]:
         assert rank_result["global_reference_diff"] < 1e-5

@@ -536,6 +536,26 @@ def test_add_param_group_scales_periodic_rho_and_checks_msam_momentum():
     periodic.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
     assert [g["rho"] for g in periodic.param_groups] == pytest.approx([4 * RHO, 4 * 0.2, 4 * RHO])
     msam = sgd_variant(MomentumSAM, make_mlp(), rho=RHO)
-    with pytest.raises(ValueError, match="new param group: msam perturbs along the momentum buffer"):
+    with pytest.raises(ValueError, match="new param group: msam takes its perturbation from the momentum buffer"):
         msam.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "momentum": 0.0})
     assert len(msam.param_groups) == 1
+
+
+def test_gsam_after_a_warmup_or_one_cycle_scheduler_spans_the_peak_learning_rate():
+    model = make_mlp()
+    base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=MOMENTUM)
+    torch.optim.lr_scheduler.LinearLR(base, start_factor=0.01, total_iters=10)  # lr is 0.001 now
+    gsam = GSAM(model.parameters(), base, rho=RHO, rho_min=0.0)
+    assert gsam.param_groups[0]["lr_max"] == pytest.approx(0.1)
+    assert gsam.scheduled_rho(gsam.param_groups[0]) == pytest.approx(RHO * 0.01)
+
+    base = torch.optim.SGD(make_mlp().parameters(), lr=0.1, momentum=MOMENTUM)
+    one_cycle = torch.optim.lr_scheduler.OneCycleLR(base, max_lr=0.4, total_steps=20)
+    gsam = GSAM([p for g in base.param_groups for p in g["params"]], base, rho=RHO, rho_min=0.01)
+    assert gsam.param_groups[0]["lr_max"] == pytest.approx(0.4)
+    radii = []
+    for _ in range(19):
+        radii.append(gsam.scheduled_rho(gsam.param_groups[0]))
+        base.step()
+        one_cycle.step()
+    assert max(radii) == pytest.approx(RHO, rel=1e-3) and min(radii) >= 0.01

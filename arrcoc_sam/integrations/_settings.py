@@ -119,11 +119,11 @@ def _load_config(config: dict | str) -> dict:
 
 
 def deepspeed_zero_stage(config: dict | str | None) -> int | None:
-    """The ZeRO stage of a DeepSpeed config (dict or JSON file path), or None without DeepSpeed."""
+    """The ZeRO stage of a DeepSpeed config (dict or JSON file path; 0 when it names none), or None without DeepSpeed."""
     if not config:
         return None
     stage = _load_config(config).get("zero_optimization", {}).get("stage", 0)
-    return stage if isinstance(stage, int) else None
+    return stage if isinstance(stage, int) else 0
 
 
 def fsdp_version_of(fsdp: Any, fsdp_config: dict | str | None) -> int | None:
@@ -145,7 +145,8 @@ def check_run_compatible(
 
     Raises:
         ValueError: LOMO/AdaLomo or a layer-wise ``--optim`` (the update happens inside backward),
-            DeepSpeed ZeRO >= 2 (gradients live outside ``p.grad``), FSDP1 or a non-global scope under FSDP2
+            DeepSpeed at any ZeRO stage (Accelerate steps its engine inside backward; ZeRO >= 2 also keeps
+            gradients outside ``p.grad``), FSDP1 or a non-global scope under FSDP2
             (:func:`arrcoc_sam.sam.sharding.check_fsdp_run`; ``fsdp_version`` is None without FSDP), or
             ``sam_scope=microbatch`` with ``gradient_accumulation_steps=1``.
     """
@@ -157,10 +158,12 @@ def check_run_compatible(
             f"--optim {optim_name} updates the weights inside backward, so no gradient is left for the "
             f"sharpness-aware ascent; choose another --optim (e.g. adamw_torch) or --optimizer none"
         )
-    if zero_stage is not None and zero_stage >= 2:
+    if zero_stage is not None:
         raise ValueError(
-            f"DeepSpeed ZeRO stage {zero_stage} keeps gradients outside p.grad, which SAM's ascent needs; "
-            "use ZeRO stage 0/1, plain DDP, or --optimizer none"
+            f"DeepSpeed (ZeRO stage {zero_stage}) cannot run a sharpness-aware step: Accelerate's DeepSpeed "
+            "backward steps the engine (optimizer step, then zero_grad) at the end of every accumulation window, "
+            "before the ascent could read the gradient, and ZeRO >= 2 keeps gradients outside p.grad as well; "
+            "use plain DDP, FSDP2, or --optimizer none"
         )
     check_fsdp_run(settings.scope, fsdp_version)
     if settings.scope == "microbatch" and gradient_accumulation_steps == 1:

@@ -10,7 +10,9 @@ and the backward. The optimizer is driven only through its hooks, in this order 
     pass 1 over the window                               # clean loss, returned to the caller
     after_first_pass() ; perturb() ; replay ; restore()  # last micro-batch (``sync_gradients``)
 
-If a pass raises, ``abort_window()`` replaces the rest: the clean weights are copied back, nothing is taken
+Between micro-batches the weights are the clean ones: a method that perturbs for pass 1 (msam, from
+``before_first_pass``) is restored after each micro-batch that does not end the window and perturbed again,
+with the same ε, before the next. If a pass raises, ``abort_window()`` replaces the rest: the clean weights are copied back, nothing is taken
 from the partial gradients and the window counts as no optimizer step; the error propagates.
 
 Scopes (the ascent direction): ``global`` takes ε from the all-reduced window gradient; ``per_device``
@@ -137,6 +139,7 @@ class SAMWindow:
         self._select = False  # this window runs data selection
         self._selection_unavailable = False  # the per-example losses raised PerExampleLossUnavailable once
         self._clean_examples: list[Tensor] = []  # [B_m] clean per-example losses of each micro-batch
+        self._reapply = False  # the optimizer perturbs for pass 1 (msam) and was restored after a micro-batch
 
     def micro_step(
         self,
@@ -155,6 +158,9 @@ class SAMWindow:
         """
         last = bool(self.accelerator.sync_gradients)
         try:
+            if self._reapply:
+                self._reapply = False
+                optimizer.perturb()  # the same ε again: nothing it depends on moves within a window
             if not self._open:
                 optimizer.before_first_pass()
                 self._ascend = bool(optimizer.ascent_this_step())
@@ -167,7 +173,8 @@ class SAMWindow:
             else:
                 if self._ascend:
                     self._batches.append(batch)
-                local = self._ascend and self.scope == "per_device" and last
+                # every pass-1 micro-batch, also under Accelerate's sync_each_batch: ε from this rank's own window
+                local = self._ascend and self.scope == "per_device"
                 with self._no_sync(model) if local else contextlib.nullcontext():
                     if self._select:
                         loss = self._pass_recording_examples(model, batch, run_pass, example_losses)
@@ -184,6 +191,9 @@ class SAMWindow:
             raise
         if last:
             self._close()
+        elif optimizer.is_perturbed:  # msam: between micro-batches the weights are the clean ones, so a loop
+            optimizer.restore()  # that stops mid-window (should_training_stop) returns and saves clean weights
+            self._reapply = True
         return loss
 
     # -- global / per_device: one ascent from the window gradient, then replay the window -------------
@@ -225,7 +235,6 @@ class SAMWindow:
             and bool(getattr(optimizer, "selects_examples", False))
             and self.scope != "microbatch"
             and not self._selection_unavailable
-            and getattr(self.accelerator, "distributed_type", None) != "DEEPSPEED"  # its engine owns backward
         )
 
     def _pass_recording_examples(
@@ -342,6 +351,7 @@ class SAMWindow:
         self._any_ascent = False
         self._select = False
         self._clean_examples = []
+        self._reapply = False
 
 
 class _ExampleCapture:

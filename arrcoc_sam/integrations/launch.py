@@ -20,6 +20,8 @@ import runpy
 import sys
 from collections.abc import Iterator
 
+from transformers.hf_argparser import string_to_bool
+
 from arrcoc_sam.integrations.trainer import SAMArguments, patched_trainer
 
 __all__ = ["main", "split_argv"]
@@ -31,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="arrcoc_sam.launch", usage=_USAGE, add_help=False, allow_abbrev=False)
     for spec in dataclasses.fields(SAMArguments):
         kwargs = {"default": spec.default, "help": spec.metadata.get("help")}
+        if spec.type in (bool, "bool"):  # HfArgumentParser's convention: --flag, --flag true, --flag false
+            parser.add_argument(f"--{spec.name}", type=string_to_bool, nargs="?", const=True, **kwargs)
+            continue
         kind = {"rho": float, "sam_eta": float, "sam_interval": int}.get(spec.name, str)
         parser.add_argument(f"--{spec.name}", type=kind, choices=spec.metadata.get("choices"), **kwargs)
     return parser
@@ -106,6 +111,11 @@ def shutdown_process_group() -> None:
 def owned_process_group() -> Iterator[None]:
     """Run a training block; if it created the default process group, shut that group down when it returns."""
     had_process_group = _process_group_initialized()
-    yield
+    try:
+        yield
+    except SystemExit as exit_:  # a script ending in sys.exit(main()) finished too
+        if exit_.code in (None, 0) and not had_process_group:
+            shutdown_process_group()
+        raise
     if not had_process_group:
         shutdown_process_group()

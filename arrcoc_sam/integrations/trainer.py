@@ -25,7 +25,7 @@ Methods are driven only through their hooks (``before_first_pass``, ``ascent_thi
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,7 +106,7 @@ class SAMTrainingArguments(TrainingArguments, SAMArguments):
     ``HfArgumentParser``.
 
     Refuses (ValueError) unknown methods and runs SAM cannot serve: LOMO/AdaLomo/layer-wise ``--optim``,
-    DeepSpeed ZeRO >= 2, FSDP1 or a non-global scope under FSDP2, and ``sam_scope=microbatch`` with
+    DeepSpeed (any ZeRO stage), FSDP1 or a non-global scope under FSDP2, and ``sam_scope=microbatch`` with
     ``gradient_accumulation_steps=1``.
     """
 
@@ -146,18 +146,18 @@ class _SAMTrainerMethods:
         if window is None or window.accelerator is not self.accelerator or window.scope != settings.scope:
             window = self._sam_window = SAMWindow(self.accelerator, settings.scope)
 
-        def run_pass(batch: dict[str, Any]) -> torch.Tensor:
-            return _STOCK_TRAINING_STEP(self, model, dict(batch), num_items_in_batch)
+        def run_pass(batch: Any) -> torch.Tensor:
+            return _STOCK_TRAINING_STEP(self, model, _shallow_copy(batch), num_items_in_batch)
 
-        def forward(module: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-            inputs_ = self._prepare_inputs(dict(batch))
+        def forward(module: nn.Module, batch: Any) -> torch.Tensor:
+            inputs_ = self._prepare_inputs(_shallow_copy(batch))
             with self.compute_loss_context_manager():
                 loss = self.compute_loss(module, inputs_, num_items_in_batch=num_items_in_batch)
             return _in_training_step_units(self, loss, num_items_in_batch)
 
         per_example = self.__dict__.get("_sam_per_example_loss_fn") or per_example_loss
         return window.micro_step(
-            model, _sam_optimizer(self.optimizer), dict(inputs), run_pass, ExampleLosses(forward, per_example)
+            model, _sam_optimizer(self.optimizer), _shallow_copy(inputs), run_pass, ExampleLosses(forward, per_example)
         )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -192,6 +192,12 @@ class SAMTrainer(_SAMTrainerMethods, Trainer):
         _run_settings(self)
 
 
+def _shallow_copy(batch: Any) -> Any:
+    """A new dict for a mapping batch (the stock ``training_step`` may add keys to it); other batches as they are
+    (a tuple or list batch, which a custom ``compute_loss`` unpacks)."""
+    return dict(batch) if isinstance(batch, Mapping) else batch
+
+
 def _in_training_step_units(trainer: Trainer, loss: torch.Tensor, num_items_in_batch: Any) -> torch.Tensor:
     """``compute_loss``'s value normalised as the stock ``training_step`` returns it (multi-GPU mean, GA)."""
     if trainer.args.n_gpu > 1:
@@ -208,18 +214,28 @@ def _in_training_step_units(trainer: Trainer, loss: torch.Tensor, num_items_in_b
 
 def _settings_for(trainer: Trainer) -> SAMSettings:
     if isinstance(trainer.args, SAMArguments):
-        return trainer.args.sam_settings()
+        settings = trainer.args.sam_settings()
+        if _launch_settings is not None and _launch_settings != settings:
+            raise ValueError(
+                f"the script builds SAMTrainingArguments ({settings.method}, rho={settings.rho}) while "
+                f"arrcoc_sam.launch took its own SAM flags ({_launch_settings.method}, rho={_launch_settings.rho}) "
+                "off the command line, so the script never saw them: run a script that parses the SAM flags "
+                "itself directly, without the launcher"
+            )
+        return settings
     if _launch_settings is not None:
         return _launch_settings
     return SAMSettings() if isinstance(trainer, SAMTrainer) else SAMSettings(method="none")
 
 
 def _run_settings(trainer: Trainer) -> SAMSettings:
-    """The trainer's settings, checked against its run once (cached on the trainer)."""
-    cached = trainer.__dict__.get("_sam_settings")
-    if cached is not None and cached[0] is trainer.args:
-        return cached[1]
+    """The trainer's settings, checked against its run once per configuration (cached on the trainer; a
+    hyper-parameter search that sets ``rho`` or ``optimizer`` on ``trainer.args`` per trial gets new ones)."""
     settings = _settings_for(trainer)
+    key = (settings, trainer.args.gradient_accumulation_steps, str(trainer.args.optim))
+    cached = trainer.__dict__.get("_sam_settings")
+    if cached is not None and cached[0] == key:
+        return cached[1]
     zero_stage = fsdp_version = None
     if getattr(trainer, "is_deepspeed_enabled", False):
         zero_stage = trainer.accelerator.state.deepspeed_plugin.zero_stage
@@ -232,7 +248,7 @@ def _run_settings(trainer: Trainer) -> SAMSettings:
         zero_stage=zero_stage,
         fsdp_version=fsdp_version,
     )
-    trainer._sam_settings = (trainer.args, settings)
+    trainer._sam_settings = (key, settings)
     return settings
 
 

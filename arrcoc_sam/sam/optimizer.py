@@ -393,6 +393,19 @@ class SAM(Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
+    def train(self) -> None:
+        """The base optimizer's ``train()`` where it has one (schedule-free optimizers; Accelerate and the HF
+        Trainer call it around evaluation)."""
+        mode = getattr(self.base_optimizer, "train", None)
+        if callable(mode):
+            mode()
+
+    def eval(self) -> None:
+        """The base optimizer's ``eval()`` where it has one (see :meth:`train`)."""
+        mode = getattr(self.base_optimizer, "eval", None)
+        if callable(mode):
+            mode()
+
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict (SAM's ρ/η/adaptive ride along in its param groups)."""
         if self._perturbed:

@@ -3,7 +3,8 @@
 1. ``sam_scope=global``, 2 × (GA 2 × batch 2): final weights (rank 0) saved for comparison with one process
    on the doubled batch; both ranks' weights must be bitwise equal.
 2. ``sam_scope=per_device``, 20 steps: both ranks' weights bitwise equal; the gradient each rank's first
-   ascent used is that rank's own shard gradient (not the all-reduced one).
+   ascent used is that rank's own shard gradient (not the all-reduced one), also with Accelerate's
+   ``sync_each_batch`` (one step).
 3. The Accelerate helper's checks (accelerate_ddp.py), in the same processes to save a torchrun start-up.
 """
 
@@ -48,10 +49,11 @@ class _RecordingTrainer(SAMTrainer):
         return optimizer
 
 
-def _train(scope: str, steps: int, out: str) -> _RecordingTrainer:
+def _train(scope: str, steps: int, out: str, sync_each_batch: bool = False) -> _RecordingTrainer:
     args = SAMTrainingArguments(**trainer_kwargs(
         out, max_steps=steps, per_device_train_batch_size=2, gradient_accumulation_steps=2,
         sam_scope=scope, rho=0.05, ddp_find_unused_parameters=False,
+        accelerator_config={"gradient_accumulation_kwargs": {"sync_each_batch": sync_each_batch}},
     ))
     trainer = _RecordingTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset(8 * steps),
                                 compute_loss_func=token_sum_loss)
@@ -96,6 +98,10 @@ def main() -> None:
     own, averaged = own / own.norm(), averaged / averaged.norm()
     result[f"rank{rank}_own_shard_diff"] = float((used - own).abs().max())
     result[f"rank{rank}_averaged_diff"] = float((used - averaged).abs().max())
+    # sync_each_batch all-reduces every micro-batch; per_device must still keep pass 1 local
+    synced_run = _train("per_device", 1, "out_sync_each_batch", sync_each_batch=True)
+    used = synced_run.first_ascent_grad / synced_run.first_ascent_grad.norm()
+    result[f"rank{rank}_own_shard_diff_sync_each_batch"] = float((used - own).abs().max())
     result["accelerate"] = accelerate_checks()
     results = [None] * dist.get_world_size()
     dist.all_gather_object(results, result)

@@ -16,6 +16,16 @@ from arrcoc_sam.sam.variants._base import VariantSAM, check_nonnegative
 __all__ = ["GSAM"]
 
 
+def _peak_lr(group: dict[str, Any], defaults: dict[str, Any]) -> float:
+    """The learning rate a group's schedule peaks at, as torch's schedulers record it: OneCycleLR's ``max_lr``,
+    else ``initial_lr`` (set by every scheduler: the lr before a warm-up lowered it), else the lr now (a new
+    group may have none yet: the base optimizer's default)."""
+    for key in ("max_lr", "initial_lr", "lr"):
+        if key in group:
+            return float(group[key])
+    return float(defaults["lr"])
+
+
 class GSAM(VariantSAM):
     """SAM's perturbed gradient minus α times the part of the clean gradient orthogonal to it.
 
@@ -28,8 +38,11 @@ class GSAM(VariantSAM):
 
         ρ_t = ρ_min + (ρ − ρ_min) (lr_t − lr_min) / (lr_max − lr_min)     (ρ_t = ρ when lr_max = lr_min)
 
-    ``rho_min``, ``lr_min`` and ``lr_max`` are per-group keys (set here as defaults, saved in the checkpoint);
-    ``lr_max`` defaults to each group's learning rate at construction, i.e. before any scheduler runs.
+    ``rho_min``, ``lr_min`` and ``lr_max`` are per-group keys (set here as defaults, saved in the checkpoint).
+    ``lr_max`` defaults to each group's peak learning rate as torch's schedulers record it (OneCycleLR's
+    ``max_lr``, else ``initial_lr``), so a scheduler built before GSAM (the usual HF order, whose warm-up has
+    already lowered ``lr``) does not shift the schedule; without a scheduler, the learning rate now. Outside
+    [lr_min, lr_max], ρ_t stays at rho_min or rho.
 
     Cost: two forward+backward passes per step. Memory: SAM's backup plus one transient copy of g.
 
@@ -37,7 +50,7 @@ class GSAM(VariantSAM):
         alpha: α ≥ 0 (the paper searches 0.01–0.3). α = 0 is SAM with the scheduled ρ_t.
         rho: ρ_max, the radius at the peak learning rate.
         rho_min: ρ at ``lr_min`` (0 ≤ rho_min ≤ rho).
-        lr_max, lr_min: the learning-rate range the schedule spans (``lr_max`` None: each group's lr now).
+        lr_max, lr_min: the learning-rate range the schedule spans (``lr_max`` None: each group's peak lr, see above).
         adaptive, eta, base_kwargs: as for :class:`~arrcoc_sam.sam.optimizer.SAM`.
     """
 
@@ -65,10 +78,10 @@ class GSAM(VariantSAM):
 
     def _check_group(self, group: dict[str, Any], where: str) -> None:
         """SAM's checks plus the schedule's: 0 ≤ rho_min ≤ rho and finite 0 ≤ lr_min ≤ lr_max. Missing schedule
-        keys are filled from the constructor's (``lr_max``: the group's learning rate now)."""
+        keys are filled from the constructor's (``lr_max``: the group's peak learning rate)."""
         for key, value in self._schedule_defaults.items():
             if key == "lr_max" and value is None:
-                value = float(group["lr"] if "lr" in group else self.defaults["lr"])  # a new group may lack lr
+                value = _peak_lr(group, self.base_optimizer.defaults)
             group.setdefault(key, value)
         super()._check_group(group, where)
         for key in self._schedule_defaults:
@@ -84,11 +97,11 @@ class GSAM(VariantSAM):
 
     @staticmethod
     def scheduled_rho(group: dict[str, Any]) -> float:
-        """ρ_t of ``group`` at its current learning rate."""
+        """ρ_t of ``group`` at its current learning rate, held within [rho_min, rho] outside [lr_min, lr_max]."""
         span = group["lr_max"] - group["lr_min"]
         if span == 0:
             return float(group["rho"])
-        fraction = (float(group["lr"]) - group["lr_min"]) / span
+        fraction = min(max((float(group["lr"]) - group["lr_min"]) / span, 0.0), 1.0)
         return group["rho_min"] + (group["rho"] - group["rho_min"]) * fraction
 
     @torch.no_grad()

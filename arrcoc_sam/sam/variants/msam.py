@@ -62,7 +62,7 @@ class MomentumSAM(VariantSAM):
     def _check_momentum(self, group: dict[str, Any], where: str) -> None:
         if group["rho"] > 0 and "momentum" in group and not group["momentum"] and "betas" not in group:
             raise ValueError(
-                f"{where}: msam perturbs along the momentum buffer, but the base optimizer "
+                f"{where}: msam takes its perturbation from the momentum buffer, but the base optimizer "
                 f"{type(self.base_optimizer).__name__} runs with momentum=0; set momentum > 0"
             )
 
@@ -124,13 +124,16 @@ class MomentumSAM(VariantSAM):
         return params, momenta, groups
 
     def eval(self) -> None:
-        """Put the clean weights back if called inside a window (HF Trainer calls this before evaluating)."""
+        """Put the clean weights back if called inside a window, then the base optimizer's ``eval()``."""
         if self.is_perturbed:
             self.restore()
             self._suspended = True
+        super().eval()
 
     def train(self) -> None:
-        """Re-apply ε if :meth:`eval` took it off inside a window (the momentum has not moved since)."""
+        """The base optimizer's ``train()``, then ε again if :meth:`eval` took it off inside a window (the
+        momentum has not moved since)."""
+        super().train()
         if self._suspended:
             self._suspended = False
             self.perturb()
