@@ -16,6 +16,9 @@ micro-batches at w + ε (``no_sync`` on all but the last, forward and backward),
 weights back even if a pass raises. ``optimizer.step()`` then steps the base optimizer on the
 sharpness-aware gradient; under fp16 the GradScaler unscales it and skips non-finite steps as usual.
 The window keeps references to its micro-batches until the ascent (``global``/``per_device`` scopes).
+Accumulate through Accelerate (``Accelerator(gradient_accumulation_steps=k)`` and ``accelerator.accumulate``):
+the window ends where ``accelerator.sync_gradients`` says so. Several ``backward`` calls per optimizer step
+without it would each be a whole window, and each replay would start from zeroed gradients.
 
 ESAM's data selection (``method="esam"``, ``gamma < 1``) reads per-example losses from the outputs of the
 model's forward inside ``loss_fn`` (:func:`~arrcoc_sam.sam.variants.esam.per_example_loss` by default, or
