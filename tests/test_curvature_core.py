@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -43,20 +45,22 @@ def _loss(model, batch):
     return F.cross_entropy(model(batch[0]), batch[1])
 
 
-def _flat_loss_reference(model):
-    """Full-data mean loss as a function of one flat parameter vector (one big batch, no weighting code)."""
+def _flat_loss_reference_for(model, x, y):
+    """Cross-entropy on (x, y) as a function of one flat parameter vector, and that vector (no weighting code)."""
     names = [name for name, _ in model.named_parameters()]
     shapes = [p.shape for p in model.parameters()]
-    x = torch.cat([b[0] for b in _data()])
-    y = torch.cat([b[1] for b in _data()])
 
     def loss(flat):
         chunks = flat.split([s.numel() for s in shapes])
         params = {n: c.view(s) for n, c, s in zip(names, chunks, shapes, strict=True)}
         return F.cross_entropy(functional_call(model, params, (x,)), y)
 
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    return loss, flat
+    return loss, torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _flat_loss_reference(model):
+    """Full-data mean loss as a function of one flat parameter vector (one big batch)."""
+    return _flat_loss_reference_for(model, torch.cat([b[0] for b in _data()]), torch.cat([b[1] for b in _data()]))
 
 
 @pytest.fixture(scope="module")
@@ -229,3 +233,121 @@ def test_probes_reject_bad_arguments_by_name(reference):
         hessian_diagonal(model, _loss, _data(), method="ggn", likelihood="poisson")
     with pytest.raises(ValueError, match="weighting must be one of"):
         exact_hessian(model, _loss, _data(), weighting="rows")
+
+
+def _rotated(eigenvalues, seed: int = 0) -> torch.Tensor:
+    """Q diag(eigenvalues) Qᵀ for a random orthogonal Q (float64)."""
+    size = len(eigenvalues)
+    rotation = torch.linalg.qr(torch.randn(size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))).Q
+    return rotation @ torch.diag(torch.as_tensor(eigenvalues, dtype=torch.float64)) @ rotation.T
+
+
+def test_power_iteration_never_returns_a_dominant_negative_eigenvalue_as_the_top_over_seeds():
+    """(2, 1, 0.5, −4): the ±λ shift must not accept the −4 iterate it was switched on at (was wrong in 5/20)."""
+    op = MatrixOperator(_rotated([2.0, 1.0, 0.5, -4.0]))
+    for seed in range(20):
+        result = power_iteration(op, k=1, tol=1e-6, generator=torch.Generator().manual_seed(seed))
+        assert result.converged, seed
+        assert abs(float(result.values[0]) - 2.0) < 1e-6, (seed, result.values)
+
+
+def test_lanczos_returns_repeated_eigenvalues_with_their_multiplicity_like_eigvalsh():
+    cases = [([5.0, 5.0, 1.0, 0.5], 2), ([2.0, 2.0, 2.0, 1.0, -4.0], 3)]
+    for seed in range(8):  # random spectra with a repeated top value (multiplicity 2..5) and repeated runner-up
+        generator = torch.Generator().manual_seed(seed)
+        size = int(torch.randint(12, 40, (1,), generator=generator))
+        spectrum = torch.randn(size, generator=generator, dtype=torch.float64)
+        spectrum[: 2 + seed % 4] = 3.0
+        spectrum[6:8] = 2.5
+        cases.append((spectrum.tolist(), 1 + seed % 5))
+    for seed, (spectrum, k) in enumerate(cases):
+        matrix = _rotated(spectrum, seed)
+        expected = torch.linalg.eigvalsh(matrix).flip(0)[:k]
+        result = lanczos(MatrixOperator(matrix), k=k, tol=1e-8, generator=torch.Generator().manual_seed(seed))
+        assert result.converged, seed
+        torch.testing.assert_close(result.values, expected, rtol=1e-8, atol=1e-10)
+        residuals = matrix @ result.vectors.T - result.vectors.T * result.values
+        assert float(residuals.norm(dim=0).max()) <= 1e-6
+        torch.testing.assert_close(result.vectors @ result.vectors.T, torch.eye(k, dtype=torch.float64), atol=1e-8, rtol=0)
+
+
+def test_top_eigenvalues_of_a_linear_layer_under_mse_repeat_each_gram_eigenvalue_output_dim_times():
+    """H of mean-squared error w.r.t. Linear(6, 3) = 2/(N·3) · (X̃ᵀX̃ ⊗ I₃), X̃ = [x, 1]: every eigenvalue thrice."""
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3).double()
+    x, y = torch.randn(40, 6, dtype=torch.float64), torch.randn(40, 3, dtype=torch.float64)
+    design = torch.cat([x, torch.ones(40, 1, dtype=torch.float64)], dim=1)
+    gram = torch.linalg.eigvalsh(2 * design.T @ design / (40 * 3))
+    expected = gram.repeat_interleave(3).flip(0)[:4]
+    result = top_eigenvalues(model, lambda m, b: F.mse_loss(m(b[0]), b[1]), (x, y), k=4, tol=1e-8)
+    assert result.converged
+    torch.testing.assert_close(result.values, expected, rtol=1e-8, atol=0)
+
+
+def test_lanczos_rejects_max_iter_below_k_by_name():
+    with pytest.raises(ValueError, match=r"max_iter=3 is below k=5"):
+        lanczos(MatrixOperator(torch.diag(torch.arange(10, dtype=torch.float64))), k=5, max_iter=3)
+
+
+def test_both_methods_converge_on_the_zero_eigenvalues_of_a_low_rank_operator():
+    factor = torch.randn(30, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    matrix = factor @ factor.T
+    expected = torch.linalg.eigvalsh(matrix).flip(0)[:4]
+    for solver in (lanczos, power_iteration):
+        result = solver(MatrixOperator(matrix), k=4, tol=1e-6)
+        assert result.converged, solver.__name__
+        torch.testing.assert_close(result.values, expected, rtol=1e-9, atol=1e-9 * float(expected[0]))
+
+
+class _WithUnused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.unused, self.last = nn.Linear(3, 4), nn.Linear(2, 2), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.last(torch.tanh(self.first(x)))
+
+
+def test_exact_hessian_with_a_parameter_the_loss_never_uses_matches_autograd_with_zero_blocks():
+    torch.manual_seed(0)
+    model = _WithUnused().double()
+    batch = (torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,)))
+    flat_loss, flat = _flat_loss_reference_for(model, *batch)
+    expected = torch.autograd.functional.hessian(flat_loss, flat)
+    ours = exact_hessian(model, _loss, batch)
+    torch.testing.assert_close(ours, expected, atol=1e-12, rtol=0)
+    assert float(ours[16:22].abs().max()) == 0.0 and float(ours[:, 16:22].abs().max()) == 0.0  # model.unused
+
+
+def test_bf16_model_top_eigenvalues_match_the_fp64_reference_and_hutchpp_runs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).to(torch.bfloat16)
+    x, y = torch.randn(16, 4, dtype=torch.bfloat16), torch.randint(0, 3, (16,))
+    reference = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    reference.load_state_dict({name: value.double() for name, value in model.state_dict().items()})
+    loss, flat = _flat_loss_reference_for(reference, x.double(), y)
+    expected = torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, flat)).flip(0)[:2]
+    result = top_eigenvalues(model, lambda m, b: F.cross_entropy(m(b[0]).float(), b[1]), (x, y), k=2, tol=1e-2)
+    assert result.converged
+    torch.testing.assert_close(result.values, expected, rtol=5e-3, atol=0)
+    trace = hessian_trace(model, lambda m, b: F.cross_entropy(m(b[0]).float(), b[1]), (x, y), num_probes=6, method="hutch++")
+    assert math.isfinite(trace.value) and all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_probes_run_under_torch_no_grad(reference):
+    model, hessian = reference
+    with torch.no_grad():
+        result = top_eigenvalues(model, _loss, _data(), tol=1e-8)
+    assert abs(float(result.values[0]) - float(torch.linalg.eigvalsh(hessian)[-1])) <= 1e-9 * float(result.values[0])
+
+
+def test_ggn_and_control_variate_diagonals_accept_list_batches_from_a_dataloader(reference):
+    model, _ = reference
+    x = torch.cat([b[0] for b in _data()])
+    y = torch.cat([b[1] for b in _data()])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=7)
+    for method in ("ggn", "hutchinson_cv"):
+        from_lists = hessian_diagonal(model, _loss, loader, num_probes=2, method=method)
+        from_tuples = hessian_diagonal(model, _loss, _data(), num_probes=2, method=method)
+        for a, b in zip(from_lists.value, from_tuples.value, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-14, rtol=0)

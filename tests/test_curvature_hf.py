@@ -8,6 +8,7 @@ import torch
 from arrcoc_sam.curvature import (
     adaptive_sharpness,
     average_sharpness,
+    exact_hessian,
     hessian_diagonal,
     hessian_trace,
     hessian_vector_product,
@@ -117,3 +118,22 @@ def test_attention_without_double_backward_is_switched_to_eager_for_the_probe_an
         assert model.config._attn_implementation == "flex_attention"
     finally:
         model.config._attn_implementation = original
+
+
+def test_causal_lm_batches_are_weighted_by_shifted_labels_like_one_padded_big_batch():
+    """A causal LM's loss averages labels[..., 1:]: batches of 4x2 and 1x10 tokens predict 4 and 9 tokens."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=11, n_embd=8, n_layer=1, n_head=2, n_positions=16, bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config).double()
+    params = [model.transformer.ln_f.weight, model.transformer.ln_f.bias]
+    generator = torch.Generator().manual_seed(0)
+    short, long = torch.randint(0, 11, (4, 2), generator=generator), torch.randint(0, 11, (1, 10), generator=generator)
+    batches = [{"input_ids": ids, "labels": ids.clone()} for ids in (short, long)]
+    ids = torch.cat([torch.cat([short, torch.zeros(4, 8, dtype=torch.long)], dim=1), long])
+    mask = torch.ones_like(ids)
+    mask[:4, 2:] = 0
+    big = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    expected = exact_hessian(model, None, big, params=params)
+    for weighting in ("auto", "shifted_tokens"):
+        torch.testing.assert_close(exact_hessian(model, None, batches, params=params, weighting=weighting), expected,
+                                   atol=1e-6 * float(expected.abs().max()), rtol=0)  # was off by 6 %

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
+from torch.profiler import ProfilerActivity, profile
 
 from arrcoc_sam.relevance import rank_metrics
 
@@ -105,3 +106,30 @@ def test_bootstrap_rows_share_resamples_and_skip_nans():
     assert 1.0 <= low[0] <= 2.5 <= high[0] <= 4.0
     assert 1.0 <= low[1] <= high[1] <= 3.0
     assert math.isnan(low[2]) and math.isnan(high[2])
+
+
+def test_bootstrap_ci_equals_a_loop_over_resamples_with_nans_and_infinities():
+    """The count-matrix form gives the same bounds as drawing each resample and taking its nanmean."""
+    generator = torch.Generator().manual_seed(3)
+    values = torch.rand(2, 3, 9, generator=generator, dtype=torch.float64)
+    values[0, 1, ::2] = math.nan
+    values[1, 0] = math.nan
+    values[1, 2, 4] = math.inf
+    num_resamples, confidence = 300, 0.8
+    low, high = rank_metrics.bootstrap_ci(values, confidence=confidence, num_resamples=num_resamples, seed=5)
+    index = torch.randint(9, (num_resamples, 9), generator=torch.Generator().manual_seed(5))
+    means = torch.stack([values[..., row].nanmean(dim=-1) for row in index], dim=-1)  # [2, 3, R]
+    tail = (1 - confidence) / 2
+    expected = torch.nanquantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64), dim=-1)
+    torch.testing.assert_close(low, expected[0], equal_nan=True, atol=1e-12, rtol=0)
+    torch.testing.assert_close(high, expected[1], equal_nan=True, atol=1e-12, rtol=0)
+    assert math.isnan(low[1, 0]) and not math.isnan(low[0, 1])
+
+
+def test_bootstrap_ci_never_materialises_a_rows_by_resamples_by_samples_tensor():
+    """50 rows x 400 resamples x 200 samples would be 32 MB in float64; the count-matrix form needs < 1 MB."""
+    values = torch.rand(50, 200, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        rank_metrics.bootstrap_ci(values, num_resamples=400)
+    largest = max(event.cpu_memory_usage for event in profiler.events())
+    assert largest < 50 * 400 * 200 * 8 / 16, largest

@@ -165,3 +165,15 @@ def test_report_section_is_a_markdown_table_per_model_and_level():
 def test_invalid_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         RelevanceRobustness(**kwargs)
+
+
+def test_evaluate_restores_every_modules_train_flag_including_a_frozen_eval_submodule():
+    model = TinyRelevance()
+    model.train()
+    model.embed.eval()  # a frozen backbone kept in eval mode while the rest trains
+    before = [module.training for module in model.modules()]
+    batch = {"token_features": torch.randn(2, GRID * GRID, CHANNELS), "query_embedding": torch.randn(2, QUERY_DIM)}
+    RelevanceRobustness(levels=(0.1,), k=4, num_draws=2, perturbations=("feature_noise",), num_bootstrap=10).evaluate(
+        model, batch
+    )
+    assert [module.training for module in model.modules()] == before

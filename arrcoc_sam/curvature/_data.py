@@ -1,6 +1,7 @@
 """Batches, default loss/output functions and the per-batch weights used to average curvature over data.
 
-A *batch* is a tensor, a tuple (``(inputs, targets)``) or a mapping (an HF dict batch). ``data`` is one
+A *batch* is a tensor, a tuple or list (``(inputs, targets)``, e.g. from ``DataLoader(TensorDataset(x, y))``)
+or a mapping (an HF dict batch). ``data`` is one
 batch or an iterable of batches (list, DataLoader, generator). Tensors, tuples and mappings count as one
 batch; anything else is iterated once and materialised, because every estimator passes over the same
 batches many times (a shuffling DataLoader would otherwise change the matrix between products).
@@ -10,9 +11,13 @@ the (mean-reduced) loss of batch b. ``weighting`` chooses w_b:
 
 * ``"examples"``: the leading dimension of the batch (its number of examples);
 * ``"tokens"``: the number of labels that are not ``-100`` in ``batch["labels"]`` (dict batches);
-* ``"auto"`` (default): ``"tokens"`` for dict batches with ``labels``, else ``"examples"``. For token
-  classification this makes L the mean over all labelled tokens of the data, for sequence classification
-  (one label per example) the mean over examples: what one big batch would give;
+* ``"shifted_tokens"``: the number of ``batch["labels"][..., 1:]`` that are not ``-100``: the targets a
+  causal LM's loss averages over (position t predicts label t + 1, so the first label of a row is unused);
+* ``"auto"`` (default): for dict batches with ``labels``, ``"shifted_tokens"`` when the model is an HF
+  causal LM (:func:`shifts_labels`) and ``"tokens"`` otherwise; else ``"examples"``. For token
+  classification this makes L the mean over all labelled tokens of the data, for a causal LM the mean over
+  all predicted tokens, for sequence classification (one label per example) the mean over examples: what
+  one big batch would give. Pass ``weighting`` explicitly for a loss that averages differently;
 * ``"equal"``: w_b = 1.
 """
 
@@ -24,7 +29,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LossFn", "OutputFn", "as_batches", "batch_weights", "default_loss", "default_outputs", "iter_weighted"]
+__all__ = [
+    "LossFn",
+    "OutputFn",
+    "as_batches",
+    "batch_weights",
+    "default_loss",
+    "default_outputs",
+    "iter_weighted",
+    "shifts_labels",
+]
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 """``loss_fn(model, batch) -> scalar Tensor`` (mean-reduced over the batch)."""
@@ -32,7 +46,9 @@ OutputFn = Callable[[nn.Module, Any], tuple[Tensor, Tensor | None]]
 """``output_fn(model, batch) -> (outputs, targets or None)``: what the GGN's likelihood sees."""
 
 IGNORE_INDEX = -100
-WEIGHTINGS = ("auto", "examples", "tokens", "equal")
+WEIGHTINGS = ("auto", "examples", "tokens", "shifted_tokens", "equal")
+_SHIFTED_LOSS_TYPES = ("ForCausalLM", "ForConditionalGeneration")
+_CAUSAL_CLASS_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
 def as_batches(data: Any) -> list[Any]:
@@ -56,24 +72,43 @@ def _first_tensor(batch: Any) -> Tensor:
     raise TypeError(f"batch of type {type(batch).__name__} holds no tensor to count examples from")
 
 
-def _batch_weight(batch: Any, weighting: str) -> Tensor | int:
+def shifts_labels(model: nn.Module | None) -> bool:
+    """Whether ``model`` is an HF decoder-only LM whose loss is averaged over the shifted labels
+    ``labels[..., 1:]``: its ``loss_type`` is ``"ForCausalLM"`` / ``"ForConditionalGeneration"``, or (no
+    ``loss_type``) its class name ends with ``ForCausalLM`` / ``LMHeadModel`` (e.g. ``GPT2LMHeadModel``);
+    encoder-decoder models (``config.is_encoder_decoder``) shift the decoder inputs instead, not the labels."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    loss_type = getattr(model, "loss_type", None)
+    if loss_type is not None:
+        return loss_type in _SHIFTED_LOSS_TYPES
+    return type(model).__name__.endswith(_CAUSAL_CLASS_SUFFIXES)
+
+
+def _batch_weight(batch: Any, weighting: str, shifted: bool) -> Tensor | int:
     if weighting == "equal":
         return 1
     has_labels = isinstance(batch, Mapping) and isinstance(batch.get("labels"), Tensor)
-    if weighting == "tokens" or (weighting == "auto" and has_labels):
+    if weighting == "auto" and has_labels:
+        weighting = "shifted_tokens" if shifted else "tokens"
+    if weighting in ("tokens", "shifted_tokens"):
         if not has_labels:
-            raise ValueError('weighting="tokens" needs dict batches with a "labels" tensor')
-        return (batch["labels"] != IGNORE_INDEX).sum()
+            raise ValueError(f'weighting="{weighting}" needs dict batches with a "labels" tensor')
+        labels = batch["labels"][..., 1:] if weighting == "shifted_tokens" else batch["labels"]
+        return (labels != IGNORE_INDEX).sum()
     if isinstance(batch, Mapping) and has_labels:
         return batch["labels"].shape[0]
     return _first_tensor(batch).shape[0]
 
 
-def batch_weights(batches: list[Any], weighting: str = "auto") -> list[float]:
-    """Normalised weights w_b / Σ w_b (Python floats, one host sync in all) for ``batches``."""
+def batch_weights(batches: list[Any], weighting: str = "auto", model: nn.Module | None = None) -> list[float]:
+    """Normalised weights w_b / Σ w_b (Python floats, one host sync in all) for ``batches``; ``model`` (for
+    ``"auto"``) tells whether labels are shifted (:func:`shifts_labels`)."""
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-    raw = [_batch_weight(batch, weighting) for batch in batches]
+    shifted = weighting == "auto" and shifts_labels(model)
+    raw = [_batch_weight(batch, weighting, shifted) for batch in batches]
     counts = torch.stack([torch.as_tensor(r, dtype=torch.float64).cpu() for r in raw]).tolist()
     total = sum(counts)
     if total <= 0:
@@ -97,7 +132,7 @@ def default_loss(model: nn.Module, batch: Any) -> Tensor:
 
 def default_outputs(model: nn.Module, batch: Any) -> tuple[Tensor, Tensor | None]:
     """GGN outputs: ``(model(**inputs).logits, batch["labels"])`` for dict batches, ``(model(x), y)`` for
-    ``(x, y)`` tuples, ``(model(x), None)`` for a tensor batch. Pass ``output_fn`` for anything else (e.g. a
+    ``(x, y)`` tuples or lists, ``(model(x), None)`` for a tensor batch. Pass ``output_fn`` for anything else (e.g. a
     causal LM, whose logits must be shifted against its labels)."""
     if isinstance(batch, Mapping):
         inputs = {key: value for key, value in batch.items() if key != "labels"}
@@ -106,7 +141,7 @@ def default_outputs(model: nn.Module, batch: Any) -> tuple[Tensor, Tensor | None
         if not isinstance(logits, Tensor):
             raise ValueError("model(**batch) returned no logits tensor: pass output_fn(model, batch)")
         return logits, batch.get("labels")
-    if isinstance(batch, tuple) and len(batch) == 2:
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return model(batch[0]), batch[1]
     if isinstance(batch, Tensor):
         return model(batch), None

@@ -119,8 +119,10 @@ def top_eigenvalues(
     weighting: str = "auto",
     seed: int = 0,
 ) -> EigenResult:
-    """The k largest eigenvalues (``.values`` descending), eigenvectors ``.vectors [k, P]`` (flat; split with
-    ``curvature_operator(...).unflatten``) and ``.num_matvecs``; ``method`` = ``"lanczos"`` | ``"power"``."""
+    """The k largest eigenvalues (``.values`` descending, repeated ones as often as their multiplicity),
+    eigenvectors ``.vectors [k, P]`` (flat; split with ``curvature_operator(...).unflatten``), ``.num_matvecs``
+    and ``.converged``; ``method`` = ``"lanczos"`` | ``"power"``. ``max_iter``: Lanczos steps per run (the basis
+    memory: that many flat vectors; products over all runs ≤ 4·max_iter), or power steps per eigenpair."""
     solvers = {"lanczos": lanczos, "power": power_iteration}
     if method not in solvers:
         raise ValueError(f"method must be one of {tuple(solvers)}, got {method!r}")

@@ -14,7 +14,8 @@ objective L(θ) = Σ_b w_b L_b(θ) (weights from :mod:`arrcoc_sam.curvature._dat
 ``params`` may be model parameters or any leaf tensors the loss depends on, e.g. token features
 ``[B, N, C]`` that the batch holds: the same estimators then give curvature w.r.t. inputs. Operators do
 not change the model state themselves; the public functions run them inside :func:`probe_context`.
-Vectors are flat tensors ``[P]`` in ``self.dtype`` (the widest dtype of ``params``) on ``self.device``.
+Vectors are flat tensors ``[P]`` in ``self.dtype`` (the widest dtype of ``params`` and float32: bf16/fp16
+models get float32 vectors, cast to each parameter's dtype for the products) on ``self.device``.
 """
 
 from __future__ import annotations
@@ -84,12 +85,12 @@ class CurvatureOperator:
         if not self.params:
             raise ValueError("params is empty: pass at least one tensor")
         self.batches = as_batches(data)
-        self.weights = batch_weights(self.batches, weighting)
+        self.weights = batch_weights(self.batches, weighting, model)
         self.shapes = [p.shape for p in self.params]
         self.sizes = [p.numel() for p in self.params]
         self.numel = sum(self.sizes)
-        dtype = self.params[0].dtype
-        for p in self.params[1:]:
+        dtype = torch.float32  # at least: bf16/fp16 flat vectors would ruin orthogonalisation and sums
+        for p in self.params:
             dtype = torch.promote_types(dtype, p.dtype)
         self.dtype = dtype
         self.device = self.params[0].device
@@ -192,8 +193,16 @@ class HessianOperator(CurvatureOperator):
             live = [i for i, g in enumerate(grads) if g.requires_grad]
             if not live:
                 continue
-            rows = _grad([grads[i] for i in live], self.params, [units[i] for i in live], is_grads_batched=True)
-            dense.add_(torch.cat([r.reshape(self.numel, -1).to(self.dtype) for r in rows], dim=1), alpha=weight)
+            rows = torch.autograd.grad(
+                [grads[i] for i in live], self.params, [units[i] for i in live], is_grads_batched=True, allow_unused=True
+            )  # None (not materialised zeros, which would lack the batch dim) for a param the gradient skips
+            blocks = [
+                torch.zeros(self.numel, size, dtype=self.dtype, device=self.device)
+                if r is None
+                else r.reshape(self.numel, -1).to(self.dtype)
+                for r, size in zip(rows, self.sizes, strict=True)
+            ]
+            dense.add_(torch.cat(blocks, dim=1), alpha=weight)
         return dense
 
 

@@ -6,7 +6,7 @@ states, the HF attention implementation, and, with ``restore_values=True``, the 
 tensors (bitwise, by copy; used by probes that perturb weights).
 
 Inside the context the model is in eval mode (dropout off, so the curvature is of a deterministic
-function), the probed tensors require grad, HF attention that has no double backward (flash, flex, …)
+function), gradients are enabled (also when called under ``torch.no_grad()``), the probed tensors require grad, HF attention that has no double backward (flash, flex, …)
 is switched to ``"eager"``, and PyTorch SDPA is restricted to its math kernel (DESIGN §5 trap 11).
 """
 
@@ -69,7 +69,7 @@ def probe_context(
         for tensor in tensors:
             if tensor.is_leaf:
                 tensor.requires_grad_(True)
-        with sdpa_kernel([SDPBackend.MATH]):
+        with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
             yield
     finally:
         with torch.no_grad():

@@ -6,10 +6,14 @@ tensors, T = |w| + η element-wise for adaptive (ASAM) measures and T = 1 otherw
 * SAM sharpness (Foret et al. 2021): max_{‖T⁻¹ε‖ ≤ ρ} L(w + ε) − L(w), approximated by projected ascent in
   the normalised coordinates δ = T⁻¹ε: δ ← Π_ρ(δ + ρ·T∇L / ‖T∇L‖), ``steps`` times from δ = 0. One step is
   the first-order SAM ε = ρ T²∇L/‖T∇L‖; more steps approach the worst case (on a quadratic at its
-  minimum, ½ρ²λ_max). Where the gradient vanishes the step goes along a random direction (``seed``).
+  minimum, ½ρ²λ_max). Every iterate is a feasible perturbation, so the value returned is the largest
+  L(w + ε_i) − L(w) over the iterates i = 1..steps: never below the one-step value (projected ascent need
+  not increase the loss monotonically). Where the gradient vanishes the step goes along a random direction
+  (``seed``).
 * Adaptive sharpness (Kwon et al. 2021; Andriushchenko et al. 2023): the same with η = 0 by default, which
   makes it invariant to rescalings that leave the function unchanged (ReLU layers w₁·α, w₂/α). Weights
-  that are exactly zero are then never perturbed.
+  that are exactly zero are then never perturbed; if *all* probed weights are zero (e.g. a zero-initialised
+  LoRA B) the perturbation set is {0} and the sharpness is exactly 0.0 (use ``eta > 0`` to probe them).
 * Average-case sharpness: E_{δ~N(0, σ²T²)}[L(w + δ)] − L(w) by Monte Carlo, with its standard error
   (≈ ½σ² tr(H) for small σ, non-adaptive).
 * ``pac_bayes_bound``: see its docstring.
@@ -62,7 +66,8 @@ def sam_sharpness(
     weighting: str = "auto",
     seed: int = 0,
 ) -> float:
-    """L(w + ε) − L(w) for the ascent ε of radius ``rho`` (``steps`` projected steps; 1 = first-order SAM)."""
+    """max_i L(w + ε_i) − L(w) over the ascent iterates ε_1..ε_steps of radius ``rho`` (1 = first-order SAM);
+    0.0 when no weight can be perturbed (``adaptive`` with η = 0 and all probed weights zero)."""
     _check_positive("rho", rho)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -75,18 +80,22 @@ def sam_sharpness(
         generator = torch.Generator(device=op.device).manual_seed(seed)
         base, gradient = op.loss_and_gradient()
         delta = torch.zeros_like(origin)
+        worst = -math.inf  # the largest loss over the iterates ε_1..ε_steps (ε = 0 is not one of them)
         for step in range(steps):
             if step:
-                gradient = op.loss_and_gradient()[1]
+                loss, gradient = op.loss_and_gradient()
+                worst = max(worst, loss)
             direction = scale * gradient
             norm = direction.norm()
             if float(norm) == 0.0:
                 direction = torch.randn(op.numel, generator=generator, dtype=op.dtype, device=op.device) * (scale > 0)
                 norm = direction.norm()
+                if float(norm) == 0.0:  # every scale is 0: the only feasible perturbation is ε = 0
+                    return 0.0
             delta += rho / norm * direction
             delta *= (rho / delta.norm()).clamp(max=1.0)
             _set(op, origin + scale * delta)
-        return op.loss() - base
+        return max(worst, op.loss()) - base
 
 
 def adaptive_sharpness(

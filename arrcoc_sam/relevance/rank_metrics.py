@@ -170,9 +170,23 @@ def bootstrap_ci(
     if values.ndim == 0 or values.shape[-1] == 0:
         raise ValueError(f"values must be [..., S] with S >= 1, got shape {tuple(values.shape)}")
     values = values.double().cpu()
+    size = values.shape[-1]
     generator = torch.Generator().manual_seed(seed)
-    index = torch.randint(values.shape[-1], (num_resamples, values.shape[-1]), generator=generator)
-    means = values[..., index].nanmean(dim=-1)
+    index = torch.randint(size, (num_resamples, size), generator=generator)
+    # counts[r, s] = how often resample r drew sample s; a resample's NaN-skipping mean is then a ratio of two
+    # matmuls: memory O(rows x resamples + resamples x S) instead of O(rows x resamples x S).
+    counts = torch.zeros(num_resamples, size, dtype=torch.float64).scatter_add_(
+        1, index, torch.ones(num_resamples, size, dtype=torch.float64)
+    )
+    present = ~values.isnan()
+    finite = values.isfinite()
+    means = (values.where(finite, 0.0) @ counts.T) / (present.double() @ counts.T)  # 0/0: NaN, no value drawn
+    if not bool(finite.eq(present).all()):  # ±inf entries: a resample that drew one has an infinite mean
+        for sign in (1.0, -1.0):
+            drawn = (values == sign * math.inf).double() @ counts.T > 0
+            means = means.masked_fill(drawn, sign * math.inf)
+        both = ((values == math.inf).double() @ counts.T > 0) & ((values == -math.inf).double() @ counts.T > 0)
+        means = means.masked_fill(both, math.nan)
     tail = (1.0 - confidence) / 2
     bounds = torch.nanquantile(means, torch.tensor([tail, 1.0 - tail], dtype=torch.float64), dim=-1)
     return bounds[0], bounds[1]

@@ -188,17 +188,19 @@ class RelevanceRobustness:
         targets exist); ``perturbations[name]`` with ``description``, ``max_abs_diff`` (over all levels,
         samples and draws), ``perfectly_robust`` (that maximum is <= ``rounding_atol``) and ``levels[str(level)][metric]``
         = {mean, std, ci_low, ci_high, n}; ``skipped[name]`` = reason; ``summary``, a list of sentences.
-        The model's training mode is restored on exit; weights are never modified.
+        Every module's train/eval flag is restored on exit (a frozen submodule kept in eval mode stays so);
+        weights are never modified.
         """
         batches = [data] if isinstance(data, Mapping) else list(data)
         if not batches:
             raise ValueError("data holds no batches")
-        was_training = model.training
+        modes = [(module, module.training) for module in model.modules()]
         model.eval()
         try:
             collected = self._collect(model, batches)
         finally:
-            model.train(was_training)
+            for module, training in modes:
+                module.training = training
         return self._report(collected)
 
     # ------------------------------------------------------------------------------------- collection
