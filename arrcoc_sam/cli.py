@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -21,6 +22,9 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Dispatch ``arrcoc-sam COMMAND ARGS``; offline unless the caller set the hub variables otherwise."""
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):  # before any HF import
+        os.environ.setdefault(name, "1")
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())

@@ -129,12 +129,18 @@ def test_vision_images_load_relative_to_the_data_file(tmp_path):
         ([vision_row(), vision_row(n=3)], "relevance", "N .* is 3, but earlier rows have 4"),
         ([vision_row(), vision_row(c=5)], "token_features", "C .* is 5, but earlier rows have 3"),
         ([vision_row(), {**vision_row(), "image": "x.png"}], "token_features", "exactly one of"),
-        ([vision_row(), {**vision_row(), "image": "missing.png", "token_features": None}], "image", "cannot read"),
+        ([vision_row(), {**vision_row(), "image": "a.png", "token_features": None}], "image",
+         "this row gives 'image', but earlier rows have 'token_features'"),
+        ([{**vision_row(), "image": "a.png", "token_features": None}, {**vision_row(), "image": "missing.png",
+                                                                      "token_features": None}], "image", "cannot read"),
         ([vision_row(), vision_row(value=float("nan"))], "token_features", "NaN"),
         ([vision_row(query_embedding=[1, 2]), vision_row()], "query_embedding", "give it in all or none"),
     ],
 )
 def test_a_malformed_vision_row_names_file_row_and_field(tmp_path, rows, field, message):
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "a.png")
     path = write_jsonl(tmp_path / "v.jsonl", rows)
     with pytest.raises(DataFileError, match=rf"v\.jsonl: row 2: field '{field}': .*{message}"):
         read_relevance_file(path, "vision")
@@ -145,3 +151,72 @@ def test_unknown_extension_and_kind_are_rejected(tmp_path):
         read_relevance_file(tmp_path / "data.txt", "text")
     with pytest.raises(ValueError, match="kind must be one of"):
         read_relevance_file(tmp_path / "data.jsonl", "audio")
+
+
+@pytest.mark.parametrize(
+    "heldout_row,field,message",
+    [
+        (vision_row(n=3, query_embedding=[0.3, 0.4]), "relevance", r"N \(relevance length\) is 3, but .*train\.jsonl \(row 1\) has 4"),
+        (vision_row(c=5, query_embedding=[0.3, 0.4]), "token_features", r"C \(channels\) is 5, but .*train\.jsonl \(row 1\) has 3"),
+        (vision_row(query_embedding=[1.0] * 3), "query_embedding", r"D .* is 3, but .*train\.jsonl"),
+        (vision_row(), "query_embedding", r"missing, but .*train\.jsonl \(row 1\) has one"),
+        ({**vision_row(query_embedding=[0.3, 0.4]), "token_features": None, "image": "a.png"}, "image",
+         r"this row gives 'image', but .*train\.jsonl \(row 1\) has 'token_features'"),
+    ],
+)
+def test_a_heldout_file_inconsistent_with_the_training_file_fails_before_loading(tmp_path, heldout_row, field,
+                                                                                  message):
+    train = write_jsonl(tmp_path / "train.jsonl", [vision_row(query_embedding=[0.1, 0.2])] * 2)
+    heldout = write_jsonl(tmp_path / "heldout.jsonl", [vision_row(query_embedding=[0.3, 0.4]), heldout_row])
+    with pytest.raises(DataFileError, match=rf"heldout\.jsonl: row 2: field '{field}': {message}.*must agree"):
+        load_relevance_files({"train": train, "validation": train, "heldout": heldout}, kind="vision",
+                             query_embedder=lambda queries: pytest.fail("embedded before checking every file"))
+
+
+@pytest.mark.parametrize(
+    "row,field",
+    [
+        ({"query": "q", "relevance": [[]], "token_features": [[]]}, "relevance"),
+        ({"query": "q", "relevance": [[], []], "token_features": [[1.0]]}, "relevance"),
+        ({"query": "q", "relevance": [0.5], "token_features": [[]]}, "token_features"),
+        ({"query": "q", "relevance": [0.5, 0.5], "token_features": [[], []]}, "token_features"),
+    ],
+)
+def test_empty_nested_lists_and_zero_channels_name_the_field(tmp_path, row, field):
+    with pytest.raises(DataFileError, match=rf"v\.jsonl: row 1: field '{field}'"):
+        read_relevance_file(write_jsonl(tmp_path / "v.jsonl", [row]), "vision")
+
+
+@pytest.mark.parametrize("name,content", [
+    ("bom.csv", '\ufeffquery,tokens,labels\nperson,"Barack Obama",1 1\n'),
+    ("bom.jsonl", '\ufeff{"query": "person", "tokens": ["Barack", "Obama"], "labels": [1, 1]}\n'),
+    ("pretty.json", '[\n  {\n    "query": "person",\n    "tokens": ["Barack", "Obama"],\n    "labels": [1, 1]\n  }\n]\n'),
+    ("lines.json", '{"query": "person", "tokens": ["Barack", "Obama"], "labels": [1, 1]}\n'),
+])
+def test_byte_order_marks_and_json_arrays_load(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    assert read_relevance_file(path, "text") == [{"query": "person", "tokens": ["Barack", "Obama"], "labels": [1.0, 1.0]}]
+
+
+@pytest.mark.parametrize("name", ["latin1.jsonl", "latin1.csv"])
+def test_a_file_that_is_not_utf8_fails_naming_the_line(tmp_path, name):
+    path = tmp_path / name
+    header = b"query,tokens,labels\n" if name.endswith(".csv") else b""
+    line = b"caf\xe9,a,1\n" if name.endswith(".csv") else b'{"query": "caf\xe9", "tokens": ["a"], "labels": [1]}\n'
+    path.write_bytes(header + line)
+    with pytest.raises(DataFileError, match=rf"{name}: row 1: not UTF-8 text \(byte 0xe9 on line {1 + bool(header)}\)"):
+        read_relevance_file(path, "text")
+
+
+def test_a_json_array_of_non_objects_names_the_item(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('[{"query": "q", "tokens": ["a"], "labels": [1]}, [1, 2]]', encoding="utf-8")
+    with pytest.raises(DataFileError, match=r"bad\.json: row 2: expected a JSON object, got list"):
+        read_relevance_file(path, "text")
+
+
+def test_jsonl_lines_split_only_at_newlines_not_at_unicode_line_separators(tmp_path):
+    path = tmp_path / "sep.jsonl"
+    path.write_text('{"query": "a\u2028b", "tokens": ["x"], "labels": [1]}\r\n', encoding="utf-8")
+    assert read_relevance_file(path, "text") == [{"query": "a\u2028b", "tokens": ["x"], "labels": [1.0]}]

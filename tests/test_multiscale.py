@@ -59,8 +59,9 @@ def test_sharpness_weights_are_inverse_input_gradient_norms_of_each_scale():
     torch.testing.assert_close(out.weights, inverse / inverse.sum(1, keepdim=True))
 
 
-def test_fused_relevance_of_a_sample_is_independent_of_its_batch():
-    model, batch = _model(), _batch(batch_size=4)
+@pytest.mark.parametrize("fusion", ["sharpness", "curvature"])
+def test_fused_relevance_of_a_sample_is_independent_of_its_batch(fusion):
+    model, batch = _model(fusion=fusion, curvature_probes=4), _batch(batch_size=4)
     together = model(pixel_values=batch["pixel_values"], query_embedding=batch["query_embedding"])
     alone = model(pixel_values=batch["pixel_values"][1:2], query_embedding=batch["query_embedding"][1:2])
     torch.testing.assert_close(alone.combined_relevance[0], together.combined_relevance[1], atol=1e-6, rtol=0)
@@ -76,12 +77,12 @@ def test_gradients_reach_every_learned_parameter(fusion):
 
 
 def test_save_and_automodel_load_round_trip_gives_identical_outputs(tmp_path):
-    model, batch = _model(fusion="learned", num_levels=4), _batch()
+    model, batch = _model(fusion="learned", num_levels=3, mode="rescale", scales=[0.5, 1.0, 1.5]), _batch()
     with torch.no_grad():
-        model.scale_logits.copy_(torch.tensor([0.3, -0.2, 0.1, 0.0]))
+        model.scale_logits.copy_(torch.tensor([0.3, -0.2, 0.1]))
     model.save_pretrained(tmp_path)
     loaded = AutoModel.from_pretrained(tmp_path).eval()
-    assert isinstance(loaded, MultiScaleRelevanceModel) and loaded.config.num_levels == 4
+    assert isinstance(loaded, MultiScaleRelevanceModel) and loaded.config.scales == [0.5, 1.0, 1.5]
     loaded_state = loaded.state_dict()
     assert all(torch.equal(value, loaded_state[name]) for name, value in model.state_dict().items())
     before, after = model(**batch), loaded(**batch)
@@ -139,3 +140,152 @@ def test_curvature_fusion_estimates_each_samples_input_hessian_frobenius_norm():
             assert float(out.sharpness[b, level]) == pytest.approx(float(exact), rel=0.2)
     inverse = 1 / out.sharpness
     torch.testing.assert_close(out.weights, inverse / inverse.sum(1, keepdim=True))
+
+
+def _fused_reference(model: MultiScaleRelevanceModel, features: torch.Tensor, query: torch.Tensor,
+                     weights: torch.Tensor) -> torch.Tensor:
+    """The documented pyramid fusion written out: sum_s w_s * upsample(scorer(avg_pool_{2^s}(std(x)))), w fixed."""
+    batch = features.shape[0]
+    mean, std = features.mean(1, keepdim=True), features.std(1, unbiased=False, keepdim=True)
+    fine = ((features - mean) / (std + 1e-6)).transpose(1, 2).reshape(batch, -1, GRID, GRID)
+    fused = torch.zeros(batch, GRID * GRID, dtype=features.dtype)
+    for level in range(model.config.num_levels):
+        pooled = F.avg_pool2d(fine, 2**level) if level else fine
+        side = pooled.shape[-1]
+        relevance = model.scorer(pooled.flatten(2).transpose(1, 2), query).relevance.view(batch, 1, side, side)
+        upsampled = F.interpolate(relevance, size=(GRID, GRID), mode="bilinear", align_corners=False)
+        fused = fused + weights[:, level:level + 1] * upsampled.flatten(1)
+    return fused
+
+
+def test_relevance_gradient_wrt_token_features_matches_the_written_out_fusion():
+    model, batch = _model(num_levels=2), _batch(batch_size=2)
+    features = torch.randn(2, GRID * GRID, 13, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    out = model(token_features=features, query_embedding=batch["query_embedding"])
+    cotangent = torch.rand(2, GRID * GRID, generator=torch.Generator().manual_seed(4))
+    (got,) = torch.autograd.grad((out.combined_relevance * cotangent).sum(), features)
+    reference = _fused_reference(model, features, batch["query_embedding"], out.weights.detach())
+    torch.testing.assert_close(out.combined_relevance, reference, atol=1e-6, rtol=0)
+    (expected,) = torch.autograd.grad((reference * cotangent).sum(), features)
+    assert expected.abs().sum() > 0
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
+
+
+def test_relevance_gradient_matches_central_finite_differences_in_float64():
+    model = _model(fusion="learned", num_levels=2).double()  # learned weights: the map is smooth in x
+    with torch.no_grad():
+        model.scale_logits.copy_(torch.tensor([0.4, -0.3]))
+    g = torch.Generator().manual_seed(5)
+    features = torch.randn(1, GRID * GRID, 13, generator=g, dtype=torch.float64, requires_grad=True)
+    query = torch.randn(1, QUERY_DIM, generator=g, dtype=torch.float64)
+    cotangent = torch.rand(1, GRID * GRID, generator=g, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((model.compute_relevance(features, query) * cotangent).sum(), features)
+    for _ in range(3):
+        direction = torch.randn(features.shape, generator=g, dtype=torch.float64)
+        with torch.no_grad():
+            plus = (model.compute_relevance(features + 1e-6 * direction, query) * cotangent).sum()
+            minus = (model.compute_relevance(features - 1e-6 * direction, query) * cotangent).sum()
+        assert float((grad * direction).sum()) == pytest.approx(float((plus - minus) / 2e-6), rel=1e-6, abs=1e-9)
+
+
+def test_token_precision_of_a_multiscale_model_is_the_exact_ggn_diagonal():
+    from arrcoc_sam.relevance import token_precision
+
+    model, batch = _model(num_levels=2), _batch(batch_size=1)
+    features = torch.randn(1, GRID * GRID, 13, generator=torch.Generator().manual_seed(6))
+    weights = model(token_features=features, query_embedding=batch["query_embedding"]).weights
+    precision = token_precision(model, {"token_features": features, "query_embedding": batch["query_embedding"]},
+                                method="ggn", num_probes=128)
+    jacobian = torch.autograd.functional.jacobian(
+        lambda x: _fused_reference(model, x, batch["query_embedding"], weights)[0], features)[:, 0]  # [N', N, C]
+    exact = 2 / (GRID * GRID) * jacobian.pow(2).sum(dim=(0, 2))  # (2/N) sum_n' sum_c (dr_n'/df_nc)^2
+    assert (precision > 0).all()
+    assert float((precision[0] - exact).norm() / exact.norm()) < 0.15
+
+
+def test_forward_under_inference_mode_and_no_grad_matches_the_grad_enabled_forward():
+    model, batch = _model(), _batch(batch_size=2)
+    inputs = {"pixel_values": batch["pixel_values"], "query_embedding": batch["query_embedding"]}
+    reference = model(**inputs)
+    with torch.no_grad():
+        quiet = model(**inputs)
+    with torch.inference_mode():
+        inference = model(**inputs)
+    for out in (quiet, inference):
+        assert not out.combined_relevance.requires_grad
+        torch.testing.assert_close(out.combined_relevance, reference.combined_relevance.detach(), atol=0, rtol=0)
+        torch.testing.assert_close(out.sharpness, reference.sharpness, atol=0, rtol=0)
+
+
+# Recorded from the implementation before the functional rewrite (autograd.grad / HessianOperator on a
+# detached leaf), same seeds: the rewrite must not change any output. (fusion="curvature" is left out on
+# purpose: its probes changed from a seeded generator over the whole batch to fixed per-sample probes; it is
+# checked against the exact Hessian above instead.)
+_RECORDED = {
+    "pyramid": ({}, [[0.36275727, 0.47222358, 9744.0390625], [0.41345733, 0.47983062, 5317.8364258]],
+                [[0.48959857, 0.37520143, 0.50919265, 0.50235826, 0.52054888],
+                 [0.34274647, 0.35789585, 0.45700079, 0.50647432, 0.42337003]], 0.67161828),
+    "rescale": ({"mode": "rescale"}, [[3.21666980, 1.97052550, 3.89046502], [5.28282261, 2.38838744, 4.91898441]],
+                [[0.47044143, 0.40708649, 0.52888262, 0.47943190, 0.46922818],
+                 [0.41117120, 0.39558238, 0.43157327, 0.52448964, 0.41811228]], 0.63328469),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_RECORDED))
+def test_outputs_equal_those_recorded_from_the_previous_implementation(case):
+    overrides, sharpness, relevance, loss = _RECORDED[case]
+    out = _model(**overrides)(**_batch(batch_size=2))
+    torch.testing.assert_close(out.sharpness, torch.tensor(sharpness), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.combined_relevance[:, ::13], torch.tensor(relevance), rtol=1e-5, atol=1e-6)
+    assert float(out.loss.detach()) == pytest.approx(loss, rel=1e-5)
+
+
+@pytest.mark.parametrize(("batched", "fusion"), [(True, "sharpness"), (False, "sharpness"), (True, "curvature")])
+def test_robustness_evaluation_runs_every_perturbation_on_a_multiscale_model(batched, fusion):
+    from arrcoc_sam.relevance import RelevanceRobustness
+
+    model, batch = _model(num_levels=2, fusion=fusion, curvature_probes=2), _batch(batch_size=2)
+    report = RelevanceRobustness(levels=(0.1,), k=8, num_draws=2, batched=batched, num_bootstrap=50).evaluate(
+        model, batch)
+    for name in ("feature_noise", "input_noise", "token_dropout", "weight_random", "weight_adversarial"):
+        spearman = report["perturbations"][name]["levels"]["0.1"]["spearman"]
+        assert spearman["n"] == 2 and -1 <= spearman["mean"] <= 1, name
+    assert report["perturbations"]["weight_adversarial"]["levels"]["0.1"]["mean_abs_diff"]["mean"] > 0
+
+
+@pytest.mark.parametrize(("grid_size", "num_levels", "mode"), [(6, 1, "pyramid"), (8, 3, "pyramid"), (8, 1, "rescale")])
+def test_default_top_k_is_clamped_to_the_grid_like_the_single_scale_model(grid_size, num_levels, mode):
+    torch.manual_seed(0)
+    model = MultiScaleRelevanceModel(MultiScaleRelevanceConfig(grid_size=grid_size, query_dim=QUERY_DIM,
+                                                               num_levels=num_levels, mode=mode)).eval()
+    inputs = ({"pixel_values": torch.rand(2, 3, 32, 32)} if mode == "rescale"
+              else {"token_features": torch.randn(2, grid_size**2, 13)})
+    out = model(**inputs, query_embedding=torch.randn(2, QUERY_DIM))
+    n = grid_size**2
+    assert out.selected_indices.shape == (2, n)  # default K=200 > N: every token, best first
+    assert torch.equal(out.selected_indices.sort(1).values, torch.arange(n).expand(2, n))
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"grid_size": 5, "num_levels": 1}, "grid_size must be even"),
+    ({"grid_size": 16, "num_levels": 5}, "1x1 level"),
+    ({"grid_size": 32, "num_levels": 5}, None),  # coarsest level 2x2: allowed
+    ({"grid_size": 8, "mode": "rescale", "scales": [0.1, 1.0]}, r"scales \[0.1\]"),
+])
+def test_config_rejects_odd_grids_and_scales_below_two_by_two_cells(overrides, message):
+    if message is None:
+        assert MultiScaleRelevanceConfig(**overrides).num_scales == overrides["num_levels"]
+    else:
+        with pytest.raises(ValueError, match=message):
+            MultiScaleRelevanceConfig(**overrides)
+
+
+def test_rademacher_probes_are_fixed_balanced_signs_and_differ_between_indices():
+    from arrcoc_sam.relevance.multiscale import rademacher_probe
+
+    probes = torch.stack([rademacher_probe((64, 13), i) for i in range(64)]).flatten(1)
+    assert set(probes.unique().tolist()) == {-1.0, 1.0}
+    assert torch.equal(rademacher_probe((64, 13), 5, dtype=torch.float64).float(), probes[5].view(64, 13))
+    assert abs(float(probes.mean())) < 0.02  # 53k signs: |mean| ~ 0.004 if balanced
+    correlation = probes @ probes.T / probes.shape[1]
+    assert float((correlation - torch.eye(64)).abs().max()) < 0.2  # 832 signs: 5 sigma of independent probes

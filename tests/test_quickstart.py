@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from arrcoc_sam.cli import main as cli_main
 
 
@@ -37,3 +39,12 @@ def test_saved_quickstart_models_load_with_automodel_in_a_fresh_process(tmp_path
     )
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "sam")], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "ArrCocRelevanceModel"
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--batch-size", "--top-k"])
+def test_quickstart_rejects_counts_below_one_by_flag(flag, capsys):
+    from arrcoc_sam.relevance.quickstart import _parser
+
+    with pytest.raises(SystemExit):
+        _parser().parse_args([flag, "0"])
+    assert f"argument {flag}: must be >= 1, got 0" in capsys.readouterr().err

@@ -50,3 +50,20 @@ def test_allocate_writes_budgets_within_limits_and_a_grid_picture(tmp_path):
         assert len(sample["selected_indices"]) == len(sample["token_budgets"]) == 12
         assert all(8 <= b <= 40 for b in sample["token_budgets"]) and sample["total_tokens"] == 300
     assert (out / "allocation.png").stat().st_size > 10_000
+
+
+def test_evaluate_robustness_runs_every_perturbation_on_a_multiscale_checkpoint(tmp_path):
+    from arrcoc_sam.relevance.multiscale import MultiScaleRelevanceConfig, MultiScaleRelevanceModel
+
+    torch.manual_seed(0)
+    model = MultiScaleRelevanceModel(MultiScaleRelevanceConfig(grid_size=8, query_dim=32, num_levels=2,
+                                                               coupling_hidden=8, balancer_hidden=16))
+    model.save_pretrained(tmp_path / "multiscale")
+    out = tmp_path / "report"
+    code = cli_main(["evaluate-robustness", "--model", str(tmp_path / "multiscale"), *DATA, "--k", "10",
+                     "--num-draws", "2", "--levels", "0.1", "--looped", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "robustness.json").read_text())["models"]["multiscale"]
+    assert not report["skipped"]
+    for name in ("feature_noise", "input_noise", "token_dropout", "weight_random", "weight_adversarial"):
+        assert report["perturbations"][name]["levels"]["0.1"]["spearman"]["n"] == 3, name

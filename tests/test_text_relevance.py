@@ -198,3 +198,25 @@ def test_lora_with_sam_perturbs_and_updates_only_adapters_and_head(batch):
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed <= trainable
     assert any("lora_B" in n for n in changed) and any(".head." in n for n in changed)
+
+
+@pytest.mark.parametrize("kind", ["bert", "distilbert"])
+def test_backbones_with_and_without_a_pooler_build_save_load_and_score(tmp_path, batch, kind):
+    from transformers import DistilBertConfig, DistilBertModel
+
+    if kind == "bert":
+        encoder_config = BertConfig(**TINY)
+    else:
+        encoder_config = DistilBertConfig(vocab_size=30522, dim=32, n_layers=1, n_heads=2, hidden_dim=64)
+    torch.manual_seed(0)
+    backbone = (DistilBertModel(encoder_config) if kind == "distilbert"
+                else AutoModel.from_config(encoder_config, add_pooling_layer=True))
+    backbone.save_pretrained(tmp_path / "backbone")
+    model = TextRelevanceModel.from_backbone(str(tmp_path / "backbone")).eval()  # local weights, no hub
+    assert getattr(model.backbone, "pooler", None) is None
+    out = model(**batch)
+    assert out.relevance.shape == batch["input_ids"].shape
+    assert torch.all(out.relevance[batch["text_mask"]] > 0) and torch.all(out.relevance[~batch["text_mask"]] == 0)
+    model.save_pretrained(tmp_path / "relevance")
+    loaded = AutoModel.from_pretrained(tmp_path / "relevance").eval()
+    torch.testing.assert_close(loaded(**batch).relevance, out.relevance, atol=1e-6, rtol=0)

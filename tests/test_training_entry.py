@@ -144,3 +144,88 @@ def test_text_entry_runs_under_torchrun_with_two_processes(run_torchrun, tmp_pat
                         "--max_steps", "2", "--output_dir", str(out), *COMMON)
     assert '"heldout_f1"' in proc.stdout
     assert (out / "model.safetensors").is_file()
+
+
+def _feature_rows(n_tokens: int, query_dim: int | None, count: int = 4) -> str:
+    rows = [{"query": "red circle", "token_features": torch.rand(n_tokens, 13).tolist(),
+             "relevance": torch.rand(n_tokens).tolist(),
+             **({"query_embedding": torch.randn(query_dim).tolist()} if query_dim else {})} for _ in range(count)]
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+def test_a_heldout_file_inconsistent_with_training_fails_before_training(tmp_path):
+    from arrcoc_sam.relevance.data_files import DataFileError
+
+    (tmp_path / "train.jsonl").write_text(_feature_rows(16, 8), encoding="utf-8")
+    (tmp_path / "heldout.jsonl").write_text(_feature_rows(16, None), encoding="utf-8")  # would get other embeddings
+    argv = ["--model_kind", "vision", "--data_source", "files", "--train_file", str(tmp_path / "train.jsonl"),
+            "--heldout_file", str(tmp_path / "heldout.jsonl"), "--query_embedder", "hash",
+            "--config_overrides", "grid_size=4,top_k_tokens=4", "--top_k", "4", "--max_steps", "2",
+            "--output_dir", str(tmp_path / "out"), *COMMON]
+    with pytest.raises(DataFileError, match=r"heldout\.jsonl: row 1: field 'query_embedding': missing, but .*train"):
+        run_training(*parse_args(argv))
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing half-written
+
+
+def test_the_model_is_saved_before_the_evaluations_run(tmp_path, monkeypatch):
+    from arrcoc_sam.integrations.trainer import SAMTrainer
+
+    def failing_evaluate(self, *args, **kwargs):
+        assert (Path(self.args.output_dir) / "model.safetensors").is_file(), "evaluated before saving"
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(SAMTrainer, "evaluate", failing_evaluate)
+    (tmp_path / "v.jsonl").write_text(_feature_rows(16, 8), encoding="utf-8")
+    out = tmp_path / "out"
+    argv = ["--model_kind", "vision", "--data_source", "files", "--train_file", str(tmp_path / "v.jsonl"),
+            "--heldout_file", str(tmp_path / "v.jsonl"), "--config_overrides", "grid_size=4,top_k_tokens=4",
+            "--top_k", "4", "--max_steps", "1", "--output_dir", str(out), *COMMON]
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        run_training(*parse_args(argv))
+    assert AutoModel.from_pretrained(out).config.grid_size == 4
+
+
+def test_config_overrides_parse_lists_and_reject_unknown_fields():
+    from arrcoc_sam.relevance.training import (
+        ModelArguments,
+        _text_model_and_tokenizer,
+        _vision_model,
+        parse_overrides,
+    )
+
+    assert parse_overrides("mode=rescale,scales=[0.5,1.0,2.0],fusion='learned',b=(1, 2)") == {
+        "mode": "rescale", "scales": [0.5, 1.0, 2.0], "fusion": "learned", "b": (1, 2)}
+    model = _vision_model(ModelArguments(model_kind="multiscale", config_overrides=(
+        "grid_size=8,mode=rescale,scales=[0.5,1.0,2.0],top_k_tokens=16")), query_dim=8)
+    assert model.config.scales == [0.5, 1.0, 2.0] and model.config.num_scales == 3
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['ranking_wieght'\] for ArrCocRelevanceConfig"):
+        _vision_model(ModelArguments(model_kind="vision", config_overrides="ranking_wieght=0,top_k_tokens=50"), 32)
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['loss_typ', 'pos_weigth'\] for TextRelevanceConfig"):
+        _text_model_and_tokenizer(ModelArguments(model_kind="text", backbone="tiny",
+                                                 config_overrides="pos_weigth=10,loss_typ='focal'"))
+
+
+def test_recipe_null_keeps_the_default_instead_of_the_string_none(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model_kind: vision\nmax_train_samples: null\noutput_dir: x\n", encoding="utf-8")
+    assert recipe_to_argv(recipe) == ["--model_kind", "vision", "--output_dir", "x"]
+    assert parse_args([str(recipe)])[1].max_train_samples is None
+
+
+def test_the_console_entry_is_offline_and_mistyped_local_paths_fail_without_the_hub(tmp_path, monkeypatch):
+    import os
+
+    from arrcoc_sam.cli import main as cli_main
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    assert cli_main(["--help"]) == 0
+    assert all(os.environ[name] == "1" for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"))
+    missing = str(tmp_path / "my-modle")
+    for argv in (["--model_kind", "vision", "--model_name_or_path", missing],
+                 ["--model_kind", "text", "--model_name_or_path", missing],
+                 ["--model_kind", "text", "--backbone", "tiny", "--tokenizer_name_or_path", missing]):
+        with pytest.raises(FileNotFoundError, match=rf"{argv[-2][2:]}: .*my-modle"):
+            cli_main(["train", *argv, "--query_embedder", "hash", "--num_train_scenes", "2",
+                      "--num_validation_scenes", "0", "--num_heldout_scenes", "0", "--scene_image_size", "32",
+                      "--output_dir", str(tmp_path / "out"), *COMMON])

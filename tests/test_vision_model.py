@@ -194,3 +194,35 @@ def test_forward_requires_exactly_one_input_and_checks_the_query_shape():
         model(token_features=tokens, query_embedding=torch.randn(3, QUERY_DIM + 1))
     with pytest.raises(ValueError, match="token_features must be"):
         model(token_features=tokens[..., :5], query_embedding=batch["query_embedding"])
+
+
+@pytest.mark.parametrize("image", ["flat_with_a_square", "constant"])
+def test_texture_gradients_are_finite_on_flat_regions_and_values_match_the_plain_formula(image):
+    from arrcoc_sam.relevance.texture import TEXTURE_CHANNELS, sobel
+
+    pixels = torch.full((1, 3, 16, 16), 0.5)
+    if image == "flat_with_a_square":
+        pixels[:, :, 4:8, 4:8] = 0.9
+    leaf = pixels.clone().requires_grad_(True)
+    texture_array(leaf, 8).sum().backward()
+    assert torch.isfinite(leaf.grad).all()
+    luminance = (pixels * torch.tensor([0.2126, 0.7152, 0.0722]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    gx, gy = sobel(luminance)
+    raw = texture_array(pixels, 8, normalize=False)
+    expected = F.adaptive_avg_pool2d(torch.sqrt(gx**2 + gy**2), 8)[:, 0]
+    torch.testing.assert_close(raw[:, TEXTURE_CHANNELS.index("sobel_magnitude")], expected, atol=1e-7, rtol=0)
+    tokens = raw.flatten(2).transpose(1, 2)
+    reference = (tokens - tokens.mean(1, keepdim=True)) / (tokens.std(1, keepdim=True, unbiased=False) + 1e-6)
+    torch.testing.assert_close(texture_array(pixels, 8).flatten(2).transpose(1, 2), reference, atol=1e-6, rtol=0)
+
+
+def test_a_bfloat16_model_takes_float32_inputs_and_matches_the_float32_model():
+    model, batch = _model(), _batch()
+    reference = model(pixel_values=batch["pixel_values"], query_embedding=batch["query_embedding"]).relevance
+    half = _model().to(torch.bfloat16)
+    from_pixels = half(pixel_values=batch["pixel_values"], query_embedding=batch["query_embedding"]).relevance
+    features = model.token_features(batch["pixel_values"], None)
+    from_features = half.compute_relevance(features, batch["query_embedding"])
+    for relevance in (from_pixels, from_features):
+        assert relevance.dtype == torch.bfloat16
+        torch.testing.assert_close(relevance.float(), reference, atol=3e-2, rtol=0)

@@ -63,3 +63,29 @@ def test_examples_mark_exactly_the_queried_entity_type(tweets):
         negatives = [e for e in group if not any(e["labels"])]
         assert positives == present
         assert len(negatives) == 2 and all(e["entity_type"] not in present for e in negatives)
+
+
+def test_repeated_tweets_never_straddle_splits_and_split_sizes_stay_exact(tweets):
+    from arrcoc_sam.relevance.wnut import load_wnut16_relevance, tweet_text_key
+
+    data = load_wnut16_relevance(seed=0)
+    texts = {name: {tuple(t.lower() for t in row) for row in data[name]["tokens"]} for name in data}
+    assert not texts["train"] & texts["heldout"] and not texts["train"] & texts["validation"]
+    assert not texts["validation"] & texts["heldout"]
+    tweet_counts = {name: len(set(data[name]["tweet_id"])) for name in data}
+    assert tweet_counts == {"train": 1894, "validation": 200, "heldout": 300}
+    keys = [tweet_text_key(t) for t in tweets]
+    assert len(set(keys)) == WNUT16_NUM_TWEETS - 99  # the pinned file's repeated tweets
+
+
+def test_grouped_splits_keep_each_group_whole_and_singletons_match_the_ungrouped_split():
+    groups = [i // 3 for i in range(60)]  # 20 groups of three
+    splits = wnut16_splits(60, seed=1, validation_tweets=7, heldout_tweets=10, groups=groups)
+    owner = {i: name for name, ids in splits.items() for i in ids}
+    assert sorted(owner) == list(range(60))
+    assert all(owner[i] == owner[3 * (i // 3)] for i in range(60))
+    assert (len(splits["heldout"]), len(splits["validation"])) == (9, 6)  # whole groups, never over the ask
+    assert wnut16_splits(60, seed=1, validation_tweets=7, heldout_tweets=10, groups=range(60)) == \
+        wnut16_splits(60, seed=1, validation_tweets=7, heldout_tweets=10)
+    with pytest.raises(ValueError, match="one key per tweet"):
+        wnut16_splits(60, validation_tweets=7, heldout_tweets=10, groups=[0] * 59)

@@ -1,7 +1,8 @@
 """Users' own relevance data from local JSONL, CSV or Parquet files, validated row by row.
 
-Schema (one example per row; the format follows the file extension ``.jsonl``/``.json``, ``.csv``,
-``.parquet``). In CSV, list fields are JSON arrays (``"[0, 1, 0]"``); ``tokens`` and ``labels`` may also be
+Schema (one example per row; the format follows the file extension ``.jsonl``, ``.json`` (JSON lines, or
+one JSON array of row objects), ``.csv``, ``.parquet``). Text files are UTF-8 (a byte-order mark is
+allowed). In CSV, list fields are JSON arrays (``"[0, 1, 0]"``); ``tokens`` and ``labels`` may also be
 whitespace-separated.
 
 Text (``kind="text"``):
@@ -12,15 +13,18 @@ Vision (``kind="vision"``):
     ``query``: non-empty string; ``relevance``: N numbers in [0, 1] (a G×G nested list is flattened);
     exactly one of ``token_features`` (N rows of C numbers) or ``image`` (an image file path, relative to the
     data file's folder; RGB, every image the same size); optional ``query_embedding`` (D numbers, else
-    computed from ``query`` by an embedder). N, C, D and the image size must agree across rows.
+    computed from ``query`` by an embedder). N, C, D, the image size, the input kind (``token_features`` or
+    ``image``) and whether ``query_embedding`` is given must agree across all rows of all files of a run
+    (:func:`load_relevance_files` checks every file before building any dataset).
 
 A malformed row raises :class:`DataFileError` naming the file, the 1-based row (the line in JSONL, the
-data row after the header in CSV, the row in Parquet) and the field; an empty file raises it with row 0.
+item of a ``.json`` array, the data row after the header in CSV, the row in Parquet) and the field; an empty file raises it with row 0.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -41,8 +45,33 @@ class DataFileError(ValueError):
         super().__init__(f"{where}: {message}")
 
 
+def _decode(path: Path, header_lines: int = 0) -> str:
+    """The text of a UTF-8 file (a leading byte-order mark dropped); other encodings raise DataFileError at the
+    row of the offending line (``header_lines`` lines precede row 1)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        message = f"not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}); save the file as UTF-8"
+        raise DataFileError(path, max(line - header_lines, 0), None, message) from err
+
+
+def _json_records(path: Path, text: str) -> list[tuple[int, dict[str, Any]]] | None:
+    """The rows of a ``.json`` file holding one JSON array of objects (or one object); None if it is JSON lines."""
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    records = document if isinstance(document, list) else [document]
+    for number, record in enumerate(records, start=1):
+        if not isinstance(record, dict):
+            raise DataFileError(path, number, None, f"expected a JSON object, got {type(record).__name__}")
+    return list(enumerate(records, start=1))
+
+
 def _read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """``[(row_number, record)]`` of a JSONL, CSV or Parquet file."""
+    """``[(row_number, record)]`` of a JSONL/JSON, CSV or Parquet file."""
     fmt = FILE_FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise DataFileError(path, 0, None, f"unknown file type {path.suffix!r}; use one of {sorted(FILE_FORMATS)}")
@@ -52,20 +81,24 @@ def _read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
         import pyarrow.parquet as pq
 
         return list(enumerate(pq.read_table(path).to_pylist(), start=1))
+    text = _decode(path, header_lines=1 if fmt == "csv" else 0)
+    if fmt == "csv":
+        return list(enumerate(csv.DictReader(io.StringIO(text, newline="")), start=1))
+    if path.suffix.lower() == ".json" and text.strip():
+        records = _json_records(path, text)
+        if records is not None:
+            return records
     rows: list[tuple[int, dict[str, Any]]] = []
-    with path.open(newline="", encoding="utf-8") as handle:
-        if fmt == "csv":
-            return list(enumerate(csv.DictReader(handle), start=1))
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataFileError(path, line_number, None, f"not valid JSON ({err.msg})") from err
-            if not isinstance(record, dict):
-                raise DataFileError(path, line_number, None, f"expected a JSON object, got {type(record).__name__}")
-            rows.append((line_number, record))
+    for line_number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 may be in a string
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataFileError(path, line_number, None, f"not valid JSON ({err.msg})") from err
+        if not isinstance(record, dict):
+            raise DataFileError(path, line_number, None, f"expected a JSON object, got {type(record).__name__}")
+        rows.append((line_number, record))
     return rows
 
 
@@ -122,17 +155,29 @@ class _RowChecker:
             array = np.asarray(value, dtype=np.float64)
         except (TypeError, ValueError) as err:
             raise self.fail(field, f"expected numbers (a rectangular nested list), got {str(value)[:80]}") from err
+        if array.size == 0:
+            raise self.fail(field, f"expected numbers, got only empty lists {str(value)[:80]}")
         if not np.all(np.isfinite(array)):
             raise self.fail(field, "contains NaN or infinite values")
         if unit_interval and (array.min() < 0 or array.max() > 1):
             raise self.fail(field, f"values must lie in [0, 1], got min {array.min():g}, max {array.max():g}")
         return array
 
-    def same(self, field: str, name: str, value: Any, expected: dict[str, Any]) -> None:
-        """Check ``value`` (a size) equals the one the first row set for ``name``."""
-        first = expected.setdefault(name, value)
-        if value != first:
-            raise self.fail(field, f"{name} is {value}, but earlier rows have {first}")
+    def same(self, field: str, name: str, value: Any, expected: dict[str, tuple[Any, Path, int]],
+             template: str = "{name} is {value}, but {where} {first}") -> None:
+        """Check ``value`` (a size or kind) equals the one the first row (of this or an earlier file) set.
+
+        ``expected`` maps ``name`` to ``(value, path, row)`` of the row that set it; share one dict between
+        the files of a run to check them against each other. ``template`` words the complaint.
+        """
+        first, path, row = expected.setdefault(name, (value, self.path, self.row))
+        if value == first:
+            return
+        where = "earlier rows have" if path == self.path else f"{path} (row {row}) has"
+        detail = template.format(name=name, value=value, first=first, where=where)
+        if path != self.path:
+            detail += "; every file of a run (train, validation, held-out) must agree"
+        raise self.fail(field, detail)
 
 
 def _text_row(check: _RowChecker) -> dict[str, Any]:
@@ -165,6 +210,8 @@ def _vision_row(check: _RowChecker, base: Path, sizes: dict[str, Any]) -> dict[s
     has_image = check.get("image", required=False) is not None
     if has_features == has_image:
         raise check.fail("token_features", "give exactly one of 'token_features' and 'image'")
+    kind = "token_features" if has_features else "image"
+    check.same(kind, "input", kind, sizes, template="this row gives {value!r}, but {where} {first!r}")
     if has_features:
         features = check.numbers("token_features", unit_interval=False)
         if features.ndim != 2 or features.shape[0] != relevance.size:
@@ -177,7 +224,11 @@ def _vision_row(check: _RowChecker, base: Path, sizes: dict[str, Any]) -> dict[s
         pixels = _load_image(check, base)
         check.same("image", "image size", tuple(pixels.shape[1:]), sizes)
         out["pixel_values"] = pixels
-    if check.get("query_embedding", required=False) is not None:
+    has_embedding = check.get("query_embedding", required=False) is not None
+    check.same("query_embedding", "query_embedding given", has_embedding, sizes,
+               template=("given, but {where} none" if has_embedding else "missing, but {where} one")
+               + ": give it in all or none (a computed embedding lives in another space than yours)")
+    if has_embedding:
         embedding = check.numbers("query_embedding", unit_interval=False)
         if embedding.ndim != 1:
             raise check.fail("query_embedding", f"expected a flat list of D numbers, got shape {embedding.shape}")
@@ -186,24 +237,24 @@ def _vision_row(check: _RowChecker, base: Path, sizes: dict[str, Any]) -> dict[s
     return out
 
 
-def read_relevance_file(path: str | Path, kind: str) -> list[dict[str, Any]]:
-    """Validate every row of one file and return the examples (see the module docstring for the schema)."""
+def read_relevance_file(path: str | Path, kind: str,
+                        sizes: dict[str, tuple[Any, Path, int]] | None = None) -> list[dict[str, Any]]:
+    """Validate every row of one file and return the examples (see the module docstring for the schema).
+
+    ``sizes``: vision sizes and kinds already set by earlier files of the run (filled in by this call), so
+    that this file is checked against them; by default the file is checked against itself only.
+    """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     path = Path(path)
     rows = _read_rows(path)
     if not rows:
         raise DataFileError(path, 0, None, "the file holds no examples (empty dataset)")
-    sizes: dict[str, Any] = {}
+    sizes = {} if sizes is None else sizes
     examples = []
     for row, record in rows:
         check = _RowChecker(path, row, record)
         examples.append(_text_row(check) if kind == "text" else _vision_row(check, path.parent, sizes))
-    if kind == "vision":
-        with_embedding = sum("query_embedding" in example for example in examples)
-        if 0 < with_embedding < len(examples):
-            row = next(r for (r, _), ex in zip(rows, examples) if "query_embedding" not in ex)
-            raise DataFileError(path, row, "query_embedding", "missing, but other rows give one: give it in all or none")
     return examples
 
 
@@ -224,11 +275,12 @@ def load_relevance_files(
 
     if not files:
         raise ValueError("files must name at least one split, got an empty mapping")
-    splits = {}
-    for split, path in files.items():
-        examples = read_relevance_file(path, kind)
+    sizes: dict[str, tuple[Any, Path, int]] = {}  # shared: every file is checked against the earlier ones
+    read = {split: read_relevance_file(path, kind, sizes) for split, path in files.items()}
+    splits, embedder = {}, None
+    for split, examples in read.items():
         if kind == "vision" and "query_embedding" not in examples[0]:
-            embedder = _resolve_embedder(query_embedder)
+            embedder = embedder or _resolve_embedder(query_embedder)
             embeddings = np.asarray(embedder([example["query"] for example in examples]), dtype=np.float32)
             for example, embedding in zip(examples, embeddings):
                 example["query_embedding"] = embedding

@@ -11,10 +11,17 @@ scale's relevance is resampled (bilinear) to the common G x G grid and the maps 
   i.e. how much the map moves when its inputs move. The weights are a measurement, detached from the graph.
 * `fusion="curvature"`: the same with the curvature of the map instead of its slope,
   sqrt(N_s) * || d^2 mean_n r_s,n / d x_s^2 ||_F, the Hessian's Frobenius norm estimated by Hutchinson
-  probes, E ||H v||^2 = ||H||_F^2 for Rademacher v, through `arrcoc_sam.curvature.HessianOperator` over the
-  token features. Samples are independent, so the batch Hessian is block-diagonal and one batched product
-  per probe gives every sample's estimate. Costs `curvature_probes` Hessian-vector products per scale.
+  probes, E ||H v||^2 = ||H||_F^2 for Rademacher v, as Hessian-vector products over the token features
+  (`torch.func.vjp` of `torch.func.grad`, linearised once per scale and reused for every probe). Samples
+  are independent, so the batch Hessian is block-diagonal and one batched product per probe gives every
+  sample's estimate. Costs `curvature_probes` Hessian-vector products per scale. The probes are a fixed
+  hash of (probe, token, channel) (`rademacher_probe`), the same for every sample, device and call, with
+  no random-number generator, so a sample's estimate does not depend on its batch and works inside `vmap`.
 * `fusion="learned"`: softmax of one learned logit per scale.
+
+Both measurements are taken functionally on detached features, so the forward works under `torch.no_grad`,
+`torch.inference_mode`, `vmap` and `functional_call`, and the fused relevance keeps its gradient path to the
+input token features / images (through the per-scale maps; the weights are constants).
 
 Returns `combined_relevance` [B, N], `per_scale` [B, S, N], `sharpness` [B, S] and `weights` [B, S]; a
 coarse-to-fine top-K (`coarse_to_fine_top_k`: 64 cells of the 2x-pooled map -> their 256 children -> K).
@@ -22,6 +29,7 @@ coarse-to-fine top-K (`coarse_to_fine_top_k`: 64 cells of the 2x-pooled map -> t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +38,6 @@ from torch import nn
 from transformers import AutoConfig, AutoModel
 from transformers.utils import ModelOutput
 
-from arrcoc_sam.curvature import HessianOperator
 from arrcoc_sam.relevance.texture import grid_to_tokens, normalize_per_sample, texture_array, tokens_to_grid
 from arrcoc_sam.relevance.vision import (
     ArrCocRelevanceConfig,
@@ -48,13 +55,15 @@ class MultiScaleRelevanceConfig(ArrCocRelevanceConfig):
 
     Args:
         mode: "pyramid" (average-pooled texture grid) or "rescale" (resized input images; images only).
-        num_levels: pyramid levels (1..5); level l pools the grid by 2^l (grid_size must be divisible).
-        scales: image scale factors for mode="rescale".
+            grid_size must be even (the coarse-to-fine top-K pools 2x2 cells).
+        num_levels: pyramid levels (1..5); level l pools the grid by 2^l (grid_size must be divisible, and the
+            coarsest level must keep at least 2x2 cells).
+        scales: image scale factors for mode="rescale" (each gives a round(grid_size * s) grid, at least 2).
         fusion: "sharpness" (weights proportional to 1 / input-gradient sharpness), "curvature"
             (1 / input-Hessian Frobenius norm, Hutchinson) or "learned".
-        curvature_probes: Rademacher probes per scale for fusion="curvature" (seeded, so deterministic).
+        curvature_probes: Rademacher probes per scale for fusion="curvature" (fixed, see `rademacher_probe`).
         coarse_k: cells kept at the coarse stage of `coarse_to_fine_top_k` (their 4 * coarse_k children
-            are the fine candidates).
+            are the fine candidates). The model selects min(top_k_tokens, 4 * min(coarse_k, N / 4)) tokens.
         sharpness_eps: added to the sharpness before inverting it.
     """
 
@@ -81,11 +90,22 @@ class MultiScaleRelevanceConfig(ArrCocRelevanceConfig):
             raise ValueError(f"curvature_probes must be >= 1, got {curvature_probes}")
         if not 1 <= num_levels <= MAX_PYRAMID_LEVELS:
             raise ValueError(f"num_levels must be in [1, {MAX_PYRAMID_LEVELS}], got {num_levels}")
+        if self.grid_size % 2:
+            raise ValueError(f"grid_size must be even (coarse-to-fine top-K pools 2x2 cells), got {self.grid_size}")
         if mode == "pyramid" and self.grid_size % 2 ** (num_levels - 1):
             raise ValueError(f"grid_size ({self.grid_size}) must be divisible by 2^(num_levels-1) = "
                              f"{2 ** (num_levels - 1)}")
+        if mode == "pyramid" and self.grid_size // 2 ** (num_levels - 1) < 2:
+            raise ValueError(f"num_levels={num_levels} pools grid_size {self.grid_size} down to a "
+                             f"{self.grid_size // 2 ** (num_levels - 1)}x{self.grid_size // 2 ** (num_levels - 1)} "
+                             f"level; every level needs at least 2x2 cells (use num_levels <= "
+                             f"{int(math.log2(self.grid_size))})")
         if not scales or any(s <= 0 for s in scales):
             raise ValueError(f"scales must be a non-empty list of positive factors, got {scales!r}")
+        if mode == "rescale" and any(round(self.grid_size * s) < 2 for s in scales):
+            small = [s for s in scales if round(self.grid_size * s) < 2]
+            raise ValueError(f"scales {small} give grids of round(grid_size * s) < 2 cells per side at grid_size "
+                             f"{self.grid_size}; every scale needs at least a 2x2 grid")
         if coarse_k < 1:
             raise ValueError(f"coarse_k must be >= 1, got {coarse_k}")
         if sharpness_eps <= 0:
@@ -110,6 +130,23 @@ class MultiScaleRelevanceOutput(ModelOutput):
     sharpness: torch.Tensor | None = None
     weights: torch.Tensor | None = None
     selected_indices: torch.Tensor | None = None
+
+
+def rademacher_probe(shape: tuple[int, ...] | torch.Size, index: int, device: torch.device | str | None = None,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A deterministic ±1 tensor of ``shape``: sign bits of a 32-bit integer hash of (index, element position).
+
+    No random-number generator is involved, so it is identical on every device and call and may be built
+    inside ``vmap``; different ``index`` values give (practically) independent, balanced probes.
+    """
+    numel = math.prod(shape)
+    x = torch.arange(numel, device=device, dtype=torch.int64) + index * numel
+    mask = 0xFFFFFFFF
+    x = (x * 1103515245 + 12345) & mask
+    for _ in range(2):  # Mueller's 32-bit integer hash (products stay below 2^59: no int64 overflow)
+        x = ((x ^ (x >> 16)) * 0x45D9F3B) & mask
+    x = x ^ (x >> 16)
+    return (((x >> 7) & 1) * 2 - 1).to(dtype).view(shape)
 
 
 def coarse_to_fine_top_k(relevance: torch.Tensor, k: int, coarse_k: int = 64) -> torch.Tensor:
@@ -154,7 +191,7 @@ class MultiScaleRelevanceModel(RelevancePreTrainedModel):
             for scale in self.config.scales:
                 resized = pixel_values if scale == 1 else F.interpolate(
                     pixel_values, scale_factor=scale, mode="bilinear", align_corners=False, antialias=scale < 1)
-                grid = max(1, round(self.config.grid_size * scale))
+                grid = round(self.config.grid_size * scale)
                 if resized.shape[-1] < grid:
                     raise ValueError(f"scale {scale} gives {resized.shape[-1]}-pixel images, smaller than its "
                                      f"{grid}-cell grid; use larger images (now {size} pixels)")
@@ -168,23 +205,28 @@ class MultiScaleRelevanceModel(RelevancePreTrainedModel):
         return [grid_to_tokens(F.avg_pool2d(grid, 2**level) if level else grid)
                 for level in range(self.config.num_levels)]
 
-    def _sharpness(self, relevance: torch.Tensor, features: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        """Per-sample sharpness [B] of one scale's map (see the module docstring)."""
+    def _sharpness(self, features: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """Per-sample sharpness [B] of one scale's map at ``features`` [B, N_s, C] (see the module docstring).
+
+        Computed functionally (``torch.func``) on detached features, so it neither needs nor touches the
+        caller's autograd graph: it works under ``torch.no_grad``/``torch.inference_mode`` and inside
+        ``vmap``/``functional_call``, and the relevance keeps its own graph to the inputs.
+        """
         scale = features.shape[1] ** 0.5
+        point = features.detach()
+
+        def mean_relevance(x: torch.Tensor) -> torch.Tensor:  # samples are independent: sum of per-sample means
+            return self.scorer(x, query).relevance.mean(dim=1).sum()
+
+        gradient = torch.func.grad(mean_relevance)
         if self.config.fusion == "sharpness":
-            (grad,) = torch.autograd.grad(relevance.mean(dim=1).sum(), features, retain_graph=True)
-            return torch.linalg.vector_norm(grad.flatten(1), dim=1) * scale
-
-        def mean_relevance(scorer: nn.Module, batch_query: torch.Tensor) -> torch.Tensor:
-            return scorer(features, batch_query).relevance.mean(dim=1).sum()
-
-        operator = HessianOperator(self.scorer, [features], query, loss_fn=mean_relevance)
-        generator = torch.Generator(device=features.device).manual_seed(0)
-        squared = torch.zeros(features.shape[0], dtype=features.dtype, device=features.device)
-        for _ in range(self.config.curvature_probes):
-            probe = torch.randint(0, 2, (operator.numel,), generator=generator, device=features.device)
-            product = operator.matvec(2.0 * probe.to(features.dtype) - 1.0)
-            squared += product.view(features.shape[0], -1).pow(2).sum(dim=1)
+            return torch.linalg.vector_norm(gradient(point).flatten(1), dim=1) * scale
+        _, hessian_product = torch.func.vjp(gradient, point)  # v -> v^T H = H v (H symmetric), reused per probe
+        squared = torch.zeros(point.shape[0], dtype=point.dtype, device=point.device)
+        for index in range(self.config.curvature_probes):  # Hutchinson: E ||H v||^2 = ||H||_F^2, H block-diagonal
+            probe = rademacher_probe(point.shape[1:], index, point.device, point.dtype)
+            (product,) = hessian_product(probe.expand_as(point))
+            squared = squared + product.flatten(1).pow(2).sum(dim=1)
         return (squared / self.config.curvature_probes).sqrt() * scale
 
     def forward(
@@ -199,13 +241,10 @@ class MultiScaleRelevanceModel(RelevancePreTrainedModel):
             raise ValueError("query_embedding [B, D] is required")
         side = self.config.grid_size
         maps, sharpness = [], []
-        with torch.enable_grad():
-            for features in self._scale_inputs(pixel_values, token_features):
-                features = features.detach().requires_grad_(True)
-                relevance = self.scorer(features, query_embedding).relevance
-                if self.config.fusion != "learned":
-                    sharpness.append(self._sharpness(relevance, features, query_embedding))
-                maps.append(relevance)
+        for features in self._scale_inputs(pixel_values, token_features):
+            maps.append(self.scorer(features, query_embedding).relevance)  # keeps the graph to the inputs
+            if self.config.fusion != "learned":
+                sharpness.append(self._sharpness(features, query_embedding))
         grid_maps = [m if m.shape[1] == side * side else grid_to_tokens(F.interpolate(
             tokens_to_grid(m.unsqueeze(-1)), size=(side, side), mode="bilinear", align_corners=False))[..., 0]
             for m in maps]
@@ -218,11 +257,12 @@ class MultiScaleRelevanceModel(RelevancePreTrainedModel):
             sharp = torch.full(per_scale.shape[:2], float("nan"), device=per_scale.device, dtype=per_scale.dtype)
             weights = torch.softmax(self.scale_logits, dim=0).expand(per_scale.shape[0], -1)
         combined = (weights.unsqueeze(-1) * per_scale).sum(dim=1)
-        k = min(self.config.top_k_tokens, 4 * self.config.coarse_k)
+        coarse_k = min(self.config.coarse_k, side * side // 4)
+        k = min(self.config.top_k_tokens, 4 * coarse_k)  # clamped to the candidates (<= N), like top_k_indices
         loss = None if labels is None else relevance_loss(combined, labels, self.config)
         return MultiScaleRelevanceOutput(
             loss=loss, combined_relevance=combined, per_scale=per_scale, sharpness=sharp, weights=weights,
-            selected_indices=coarse_to_fine_top_k(combined, k, min(self.config.coarse_k, side * side // 4)),
+            selected_indices=coarse_to_fine_top_k(combined, k, coarse_k),
         )
 
     def compute_relevance(self, token_features: torch.Tensor, query_embedding: torch.Tensor) -> torch.Tensor:

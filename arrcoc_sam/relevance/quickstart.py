@@ -24,24 +24,31 @@ METRICS = (("mse", "MSE", "lower"), ("spearman", "Spearman", "higher"), ("top_k_
 RUNS = (("adamw", "AdamW", "none"), ("sam", "SAM", "sam"))
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="arrcoc-sam quickstart", description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default="runs/quickstart", help="where the report and figures go")
-    parser.add_argument("--steps", type=int, default=240, help="optimizer steps per run")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=_positive_int, default=240, help="optimizer steps per run")
+    parser.add_argument("--batch-size", type=_positive_int, default=32)
     parser.add_argument("--learning-rate", type=float, default=3e-3, help="AdamW learning rate (both runs)")
     parser.add_argument("--rho", type=float, default=0.05, help="SAM neighbourhood radius")
-    parser.add_argument("--train-scenes", type=int, default=1024)
-    parser.add_argument("--validation-scenes", type=int, default=128)
-    parser.add_argument("--heldout-scenes", type=int, default=256)
+    parser.add_argument("--train-scenes", type=_positive_int, default=1024)
+    parser.add_argument("--validation-scenes", type=_positive_int, default=128)
+    parser.add_argument("--heldout-scenes", type=_positive_int, default=256)
     parser.add_argument("--image-size", type=int, default=64, help="scene side in pixels (grid: 32 x 32 cells)")
-    parser.add_argument("--top-k", type=int, default=200, help="K of top-K recall / NDCG and of token selection")
+    parser.add_argument("--top-k", type=_positive_int, default=200, help="K of top-K recall / NDCG and of token selection")
     parser.add_argument("--embedder", default="minilm", choices=("minilm", "hash"),
                         help="query embeddings: MiniLM input embeddings (D=384) or hashed words (D=32)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--robustness-scenes", type=int, default=64,
                         help="held-out scenes in the robustness section (0 skips it)")
-    parser.add_argument("--robustness-draws", type=int, default=8, help="perturbation draws per scene and level")
+    parser.add_argument("--robustness-draws", type=_positive_int, default=8, help="perturbation draws per scene and level")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (tests)")
     return parser
 

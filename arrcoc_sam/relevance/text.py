@@ -13,13 +13,14 @@ query embedding ``q`` (the mean backbone state over the query's word pieces), wh
 from __future__ import annotations
 
 import importlib.resources
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModel, BertConfig, PretrainedConfig, PreTrainedModel
+from transformers import MODEL_MAPPING, AutoConfig, AutoModel, BertConfig, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
 LOSS_TYPES = ("bce", "focal")
@@ -41,6 +42,17 @@ def _minilm_architecture() -> BertConfig:
     return BertConfig(
         vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536
     )
+
+
+def _no_pooler(encoder_config: PretrainedConfig) -> dict[str, bool]:
+    """``{"add_pooling_layer": False}`` when the backbone's model class has that option (BERT, RoBERTa,
+    MiniLM, ...), else ``{}`` (DistilBERT, ELECTRA, DeBERTa-v2 have no pooler and reject the argument)."""
+    try:
+        model_class = MODEL_MAPPING[type(encoder_config)]
+    except KeyError:  # not an AutoModel backbone: AutoModel raises its own error
+        return {}
+    takes_it = "add_pooling_layer" in inspect.signature(model_class.__init__).parameters
+    return {"add_pooling_layer": False} if takes_it else {}
 
 
 class TextRelevanceConfig(PretrainedConfig):
@@ -180,7 +192,8 @@ class TextRelevanceModel(PreTrainedModel):
 
     def __init__(self, config: TextRelevanceConfig):
         super().__init__(config)
-        self.backbone = AutoModel.from_config(config.encoder_config, add_pooling_layer=False)
+        self.backbone = AutoModel.from_config(config.encoder_config, **_no_pooler(config.encoder_config))
+        self._backbone_takes_token_types = "token_type_ids" in inspect.signature(self.backbone.forward).parameters
         hidden = config.encoder_config.hidden_size
         self.head = QueryTokenHead(hidden, hidden, config.head_hidden_size, config.head_dropout)
         self.post_init()
@@ -204,7 +217,7 @@ class TextRelevanceModel(PreTrainedModel):
         path = minilm_path() if backbone is None else Path(backbone)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"backbone must be a local model directory with a config.json, got {str(path)!r}")
-        encoder = AutoModel.from_pretrained(path, add_pooling_layer=False)
+        encoder = AutoModel.from_pretrained(path, **_no_pooler(AutoConfig.from_pretrained(path)))
         model = cls(TextRelevanceConfig(encoder_config=encoder.config, **config_kwargs))
         model.backbone.load_state_dict(encoder.state_dict())
         return model
@@ -248,7 +261,7 @@ class TextRelevanceModel(PreTrainedModel):
             query_mask, text_mask = pair_segment_masks(token_type_ids, attention_mask)
         query_mask, text_mask = query_mask.bool(), text_mask.bool()
         backbone_inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if token_type_ids is not None:
+        if token_type_ids is not None and self._backbone_takes_token_types:  # DistilBERT has no segment ids
             backbone_inputs["token_type_ids"] = token_type_ids
         states = self.backbone(**backbone_inputs).last_hidden_state
         weights = query_mask.to(states.dtype).unsqueeze(-1)

@@ -54,15 +54,22 @@ def sobel(gray: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return F.conv2d(padded, kernel_x), F.conv2d(padded, kernel_x.transpose(2, 3))
 
 
+def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """sqrt of a non-negative tensor with gradient 0 (not NaN/inf) where ``x == 0``; same values as torch.sqrt."""
+    positive = x > 0
+    return torch.where(positive, x.clamp_min(torch.finfo(x.dtype).tiny).sqrt(), torch.zeros_like(x))
+
+
 def normalize_per_sample(tokens: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Standardise each channel of each sample over its tokens: [B, N, C] -> [B, N, C] (zero mean, unit std).
 
-    Idempotent up to `eps`; a channel constant within a sample maps to zeros. Never mixes samples.
+    Idempotent up to `eps`; a channel constant within a sample maps to zeros (with finite gradients). Never
+    mixes samples.
     """
     if tokens.dim() != 3:
         raise ValueError(f"tokens must be [B, N, C], got shape {tuple(tokens.shape)}")
     mean = tokens.mean(dim=1, keepdim=True)
-    std = tokens.std(dim=1, keepdim=True, unbiased=False)
+    std = safe_sqrt(tokens.var(dim=1, keepdim=True, unbiased=False))
     return (tokens - mean) / (std + eps)
 
 
@@ -104,7 +111,7 @@ def texture_array(images: torch.Tensor, grid_size: int = 32, normalize: bool = T
     luma = torch.tensor(_LUMA_709, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
     luminance = (rgb * luma).sum(dim=1, keepdim=True)
     gx, gy = sobel(luminance)
-    magnitude = torch.sqrt(gx**2 + gy**2)
+    magnitude = safe_sqrt(gx**2 + gy**2)  # 0 on flat regions, with gradient 0 there instead of NaN
     blurred_lab = F.avg_pool2d(F.pad(lab, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
     saliency = torch.linalg.vector_norm(blurred_lab - lab.mean(dim=(2, 3), keepdim=True), dim=1, keepdim=True)
     pixel_channels = torch.cat((rgb, lab[:, :2], gx, gy, magnitude, saliency, luminance), dim=1)

@@ -8,15 +8,19 @@ argument is read as a recipe of those flags; later command-line flags override i
 
 Model kinds ``vision`` | ``multiscale`` | ``text``; data sources ``scenes`` (vision), ``wnut`` (text) and
 ``files`` (both; see :mod:`arrcoc_sam.relevance.data_files`). Each evaluation reports MSE, Spearman,
-top-K recall and NDCG (vision) or token F1, precision, recall and average precision (text); after training
-the model is evaluated on the held-out split (``heldout_*`` metrics) and saved to ``output_dir`` (LoRA
-adapters merged into the backbone, so the saved model loads without peft).
+top-K recall and NDCG (vision) or token F1, precision, recall and average precision (text); right after
+training the model is saved to ``output_dir`` (LoRA adapters merged into the backbone, so the saved model
+loads without peft), then evaluated on the validation and held-out splits (``eval_*``, ``heldout_*``).
+Runs offline: ``main`` sets ``HF_HUB_OFFLINE`` (and the transformers/datasets equivalents) unless already
+set, and model/tokenizer paths must be local directories.
 """
 
 from __future__ import annotations
 
 import ast
+import copy
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,7 +51,8 @@ class ModelArguments:
     )
     config_overrides: str | None = field(
         default=None,
-        metadata={"help": "relevance-config fields as 'name=value,name=value', e.g. 'pos_weight=5,ranking_weight=0.1'"},
+        metadata={"help": "relevance-config fields as 'name=value,name=value', e.g. 'pos_weight=5,ranking_weight=0.1' "
+                  "or 'mode=rescale,scales=[0.5,1.0,2.0]'; unknown names are rejected"},
     )
     lora_r: int = field(default=0, metadata={"help": "LoRA rank on the text backbone (0: full fine-tuning)"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
@@ -107,12 +112,35 @@ class DataArguments:
             raise ValueError(f"data_source must be one of {DATA_SOURCES}, got {self.data_source!r}")
 
 
+def _split_items(text: str) -> list[str]:
+    """Split ``text`` at the commas that are outside brackets and quotes."""
+    items, depth, quote, start = [], 0, "", 0
+    for i, char in enumerate(text):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return items
+
+
 def parse_overrides(text: str | None) -> dict[str, Any]:
-    """``"a=1,b=0.5,c=focal"`` -> ``{"a": 1, "b": 0.5, "c": "focal"}`` (Python literals, else strings)."""
+    """``"a=1,b=0.5,c=focal,d=[0.5,1.0]"`` -> ``{"a": 1, "b": 0.5, "c": "focal", "d": [0.5, 1.0]}``.
+
+    Values are Python literals (lists, tuples, quoted strings included), else plain strings; commas inside
+    brackets or quotes do not separate items.
+    """
     if not text:
         return {}
     out: dict[str, Any] = {}
-    for item in text.split(","):
+    for item in _split_items(text):
         key, sep, raw = item.partition("=")
         if not sep or not key.strip().isidentifier():
             raise ValueError(f"config_overrides must look like 'name=value,name=value', got the item {item!r}")
@@ -123,14 +151,43 @@ def parse_overrides(text: str | None) -> dict[str, Any]:
     return out
 
 
+def config_fields(config_class) -> set[str]:
+    """The field names a config class accepts: its and its bases' ``__init__`` parameters and the keys of a
+    default instance's ``to_dict()`` (the generic ``PretrainedConfig`` fields)."""
+    import inspect
+
+    names = {name for cls in config_class.__mro__ if "__init__" in vars(cls)
+             for name, param in inspect.signature(cls.__init__).parameters.items()
+             if name != "self" and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD)}
+    return names | set(config_class().to_dict())
+
+
+def check_overrides(overrides: dict[str, Any], config_class) -> dict[str, Any]:
+    """``overrides`` unchanged, or ValueError naming the keys ``config_class`` does not have (typos would
+    otherwise be stored as stray attributes and silently ignored)."""
+    unknown = sorted(set(overrides) - config_fields(config_class))
+    if unknown:
+        raise ValueError(f"config_overrides: unknown field(s) {unknown} for {config_class.__name__}; known fields: "
+                         f"{sorted(name for name in config_fields(config_class) if not name.startswith('_'))}")
+    return overrides
+
+
+def _local_model_dir(path: str | Path, argument: str) -> str:
+    """``path`` if it is a local model directory (holds a config.json), else FileNotFoundError naming it."""
+    if not Path(path, "config.json").is_file():
+        raise FileNotFoundError(f"{argument}: no model directory with a config.json at {str(path)!r} "
+                                "(models load from local paths only; nothing is downloaded)")
+    return str(path)
+
+
 def _text_model_and_tokenizer(model_args: ModelArguments):
     from transformers import AutoTokenizer, BertConfig
 
-    from arrcoc_sam.relevance.text import TextRelevanceModel, minilm_path
+    from arrcoc_sam.relevance.text import TextRelevanceConfig, TextRelevanceModel, minilm_path
 
-    overrides = parse_overrides(model_args.config_overrides)
+    overrides = check_overrides(parse_overrides(model_args.config_overrides), TextRelevanceConfig)
     if model_args.model_name_or_path:
-        source = model_args.model_name_or_path
+        source = _local_model_dir(model_args.model_name_or_path, "model_name_or_path")
         model = TextRelevanceModel.from_pretrained(source, **overrides)
     elif model_args.backbone == "tiny":
         source = None
@@ -139,6 +196,9 @@ def _text_model_and_tokenizer(model_args: ModelArguments):
         source = None if model_args.backbone == "minilm" else model_args.backbone
         model = TextRelevanceModel.from_backbone(source, **overrides)
     has_tokenizer = source is not None and (Path(source) / "tokenizer_config.json").is_file()
+    if model_args.tokenizer_name_or_path and not Path(model_args.tokenizer_name_or_path).is_dir():
+        raise FileNotFoundError(f"tokenizer_name_or_path: no local tokenizer directory at "
+                                f"{model_args.tokenizer_name_or_path!r} (nothing is downloaded)")
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path or (source if has_tokenizer else minilm_path()))
     if model_args.lora_r:
         model = apply_lora(model, model_args)
@@ -165,16 +225,16 @@ def apply_lora(model, model_args: ModelArguments):
 
 
 def _vision_model(model_args: ModelArguments, query_dim: int):
-    overrides = parse_overrides(model_args.config_overrides)
     if model_args.model_kind == "vision":
         from arrcoc_sam.relevance.vision import ArrCocRelevanceConfig as Config
         from arrcoc_sam.relevance.vision import ArrCocRelevanceModel as Model
     else:
         from arrcoc_sam.relevance.multiscale import MultiScaleRelevanceConfig as Config
         from arrcoc_sam.relevance.multiscale import MultiScaleRelevanceModel as Model
+    overrides = check_overrides(parse_overrides(model_args.config_overrides), Config)
     if model_args.model_name_or_path:
-        return Model.from_pretrained(model_args.model_name_or_path, **overrides)
-    return Model(Config(query_dim=query_dim, **overrides))
+        return Model.from_pretrained(_local_model_dir(model_args.model_name_or_path, "model_name_or_path"), **overrides)
+    return Model(Config(**{"query_dim": query_dim, **overrides}))
 
 
 def _truncate(dataset, limit: int | None):
@@ -270,15 +330,15 @@ def _save(trainer, model_args: ModelArguments, tokenizer) -> None:
         return
     output_dir = trainer.args.output_dir
     model = trainer.model
-    if model_args.lora_r:
-        model = model.merge_and_unload()
+    if model_args.lora_r:  # merge a copy: the trained model is evaluated next, unchanged
+        model = copy.deepcopy(model).merge_and_unload()
     model.save_pretrained(output_dir, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(output_dir)
 
 
 def run_training(model_args: ModelArguments, data_args: DataArguments, training_args) -> dict[str, float]:
-    """Train, evaluate on validation (each evaluation) and held-out (once), save; returns the final metrics.
+    """Train, save, then evaluate on validation (each evaluation) and held-out (once); returns the final metrics.
 
     Returns the last ``eval_*`` metrics on the validation split and ``heldout_*`` on the held-out split
     (when those splits exist).
@@ -288,6 +348,8 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, training_
     from arrcoc_sam.integrations.trainer import SAMTrainer
 
     set_seed(training_args.seed)
+    if model_args.model_name_or_path:  # fail before loading any data
+        _local_model_dir(model_args.model_name_or_path, "model_name_or_path")
     tokenizer = None
     if model_args.model_kind == "text":
         from arrcoc_sam.relevance.collators import TextRelevanceCollator
@@ -319,6 +381,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, training_
     )
     _add_sharpness_callback(trainer, model_args, splits, collator)
     trainer.train()
+    _save(trainer, model_args, tokenizer)  # before any evaluation, so a failing evaluation loses nothing
     results: dict[str, float] = {}
     for split, prefix in (("validation", "eval"), ("heldout", "heldout")):
         if split in splits:
@@ -326,7 +389,6 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, training_
             trainer.log_metrics(prefix, split_metrics)
             trainer.save_metrics(prefix, split_metrics)
             results.update(split_metrics)
-    _save(trainer, model_args, tokenizer)
     return results
 
 
@@ -344,9 +406,21 @@ def recipe_to_argv(path: str | Path) -> list[str]:
         raise ValueError(f"{path}: a recipe must be a mapping of flag names to values, got {type(recipe).__name__}")
     argv: list[str] = []
     for key, value in recipe.items():
+        if value is None:  # YAML `null`: keep the flag's default
+            continue
         values = value if isinstance(value, list) else [value]
         argv += [f"--{key}", *(json.dumps(v) if isinstance(v, (dict, bool)) else str(v) for v in values)]
     return argv
+
+
+def set_offline() -> None:
+    """Make the hub libraries offline unless the caller chose otherwise (``os.environ.setdefault``).
+
+    Takes effect for libraries imported afterwards; ``arrcoc-sam`` and ``scripts/train_relevance.py`` set the
+    same variables before importing anything from the HF stack.
+    """
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ.setdefault(name, "1")
 
 
 def parse_args(argv: Sequence[str] | None = None):
@@ -364,6 +438,7 @@ def parse_args(argv: Sequence[str] | None = None):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry: parse, train, print the final metrics as JSON (rank 0); returns 0 on success."""
+    set_offline()
     from arrcoc_sam.integrations.launch import owned_process_group
 
     model_args, data_args, training_args = parse_args(argv)

@@ -199,8 +199,9 @@ class RelevanceScorer(nn.Module):
 
     def forward(self, token_features: torch.Tensor, query_embedding: torch.Tensor) -> ArrCocRelevanceOutput:
         _check_inputs(token_features, query_embedding, self.config)
-        tokens = normalize_per_sample(token_features)
-        query = query_embedding.to(tokens.dtype)
+        dtype = self.participatory.conv_in.weight.dtype  # a bf16/fp16 model takes float32 inputs too
+        tokens = normalize_per_sample(token_features).to(dtype)
+        query = query_embedding.to(dtype)
         maps = torch.stack((information_score(tokens), perspectival_score(tokens),
                             self.participatory(tokens, query)), dim=1)
         weights = self.balancer(maps, query)

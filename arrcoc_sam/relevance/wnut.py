@@ -3,7 +3,9 @@
 Each tweet is paired with entity-type queries ("person", "sports team", ...): the tokens of entities of
 that type are relevant (label 1), all others 0. A tweet gets one example per entity type it contains
 plus ``negatives_per_tweet`` types it lacks (all-zero targets), so the model must read the query. Only one
-split ships; :func:`wnut16_splits` makes seeded, disjoint train / validation / held-out splits by tweet.
+split ships; :func:`wnut16_splits` makes seeded, disjoint train / validation / held-out splits by tweet
+text: the file holds 99 repeated tweets (same tokens up to case), and all copies of a text go to one split,
+so no held-out or validation tweet is also a training tweet.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import random
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,10 +91,23 @@ def read_wnut16(path: str | Path | None = None, sha256: str = WNUT16_SHA256) -> 
     return tweets
 
 
+def tweet_text_key(tweet: Tweet) -> tuple[str, ...]:
+    """The grouping key of a tweet's text: its lowercased tokens (copies of a tweet share it)."""
+    return tuple(token.lower() for token in tweet.tokens)
+
+
 def wnut16_splits(
-    num_tweets: int = WNUT16_NUM_TWEETS, seed: int = 0, validation_tweets: int = 200, heldout_tweets: int = 300
+    num_tweets: int = WNUT16_NUM_TWEETS, seed: int = 0, validation_tweets: int = 200, heldout_tweets: int = 300,
+    groups: Sequence[Hashable] | None = None,
 ) -> dict[str, list[int]]:
-    """Seeded, disjoint tweet indices for ``train`` / ``validation`` / ``heldout`` (the rest is train)."""
+    """Seeded, disjoint tweet indices for ``train`` / ``validation`` / ``heldout`` (the rest is train).
+
+    ``groups``: one key per tweet (e.g. :func:`tweet_text_key`); tweets with equal keys always land in the
+    same split. The groups are shuffled by ``seed`` and dealt in that order to ``heldout``, then
+    ``validation``, skipping a group that would overfill a split, so each split gets exactly the asked
+    number of tweets unless the groups left over cannot fill it (then a few fewer). Without ``groups``
+    every tweet is its own group.
+    """
     if validation_tweets < 0 or heldout_tweets < 0:
         raise ValueError(f"split sizes must be >= 0, got validation={validation_tweets}, heldout={heldout_tweets}")
     if validation_tweets + heldout_tweets >= num_tweets:
@@ -99,12 +115,21 @@ def wnut16_splits(
             f"validation_tweets + heldout_tweets must leave training tweets: "
             f"{validation_tweets} + {heldout_tweets} >= {num_tweets}"
         )
-    order = list(range(num_tweets))
+    keys = range(num_tweets) if groups is None else list(groups)
+    if len(keys) != num_tweets:
+        raise ValueError(f"groups must give one key per tweet ({num_tweets}), got {len(keys)}")
+    members: dict[Hashable, list[int]] = {}
+    for index, key in enumerate(keys):
+        members.setdefault(key, []).append(index)
+    order = list(members)
     random.Random(seed).shuffle(order)
-    heldout = sorted(order[:heldout_tweets])
-    validation = sorted(order[heldout_tweets : heldout_tweets + validation_tweets])
-    train = sorted(order[heldout_tweets + validation_tweets :])
-    return {"train": train, "validation": validation, "heldout": heldout}
+    splits: dict[str, list[int]] = {"train": [], "validation": [], "heldout": []}
+    targets = (("heldout", heldout_tweets), ("validation", validation_tweets))
+    for key in order:
+        ids = members[key]
+        name = next((name for name, target in targets if len(splits[name]) + len(ids) <= target), "train")
+        splits[name] += ids
+    return {name: sorted(ids) for name, ids in splits.items()}
 
 
 def relevance_examples(
@@ -148,12 +173,14 @@ def load_wnut16_relevance(
     """WNUT-16 as a ``datasets.DatasetDict`` with splits ``train``, ``validation``, ``heldout``.
 
     Columns: ``tweet_id`` (int), ``entity_type``, ``query`` (str), ``tokens`` (list[str]), ``labels``
-    (list[int], one per token). Splits are disjoint by tweet; everything is seeded by ``seed``.
+    (list[int], one per token). Splits are disjoint by tweet text (:func:`tweet_text_key`: repeated tweets
+    stay in one split); everything is seeded by ``seed``.
     """
     from datasets import Dataset, DatasetDict
 
     tweets = read_wnut16(path)
-    splits = wnut16_splits(len(tweets), seed, validation_tweets, heldout_tweets)
+    groups = [tweet_text_key(tweet) for tweet in tweets]
+    splits = wnut16_splits(len(tweets), seed, validation_tweets, heldout_tweets, groups=groups)
     return DatasetDict(
         {
             name: Dataset.from_list(relevance_examples(tweets, ids, negatives_per_tweet, seed + offset))
