@@ -436,13 +436,18 @@ def test_msam_window_left_perturbed_by_a_failed_loop_is_cleaned_up_by_the_next_w
     assert bitwise_equal(model, _with_state(clean))
 
 
-def test_looksam_failed_second_pass_keeps_direction_and_schedule():
+def looksam_after_two_steps(batches):
+    """LookSAM (k = 2) after one ascent step and one reuse step on ``batches[:2]``, and a copy of its direction."""
     model = make_mlp()
     opt = sgd_variant(LookSAM, model, rho=RHO, interval=2)
-    batches = make_batches(4)
     for batch in batches[:2]:
         opt.step(sam_closure(model, opt, batch))
-    direction = {p: d.clone() for p, d in opt.buffers["direction"].items()}
+    return model, opt, {p: d.clone() for p, d in opt.buffers["direction"].items()}
+
+
+def test_looksam_failed_second_pass_keeps_direction_and_schedule():
+    batches = make_batches(3)
+    model, opt, direction = looksam_after_two_steps(batches)
     clean = copy.deepcopy(model.state_dict())
     assert opt.ascent_this_step()
     with pytest.raises(RuntimeError, match="boom"):
@@ -453,12 +458,8 @@ def test_looksam_failed_second_pass_keeps_direction_and_schedule():
 
 
 def test_looksam_non_finite_second_pass_keeps_the_previous_direction(caplog):
-    model = make_mlp()
-    opt = sgd_variant(LookSAM, model, rho=RHO, interval=2)
     batches = make_batches(3)
-    for batch in batches[:2]:
-        opt.step(sam_closure(model, opt, batch))
-    direction = {p: d.clone() for p, d in opt.buffers["direction"].items()}
+    model, opt, direction = looksam_after_two_steps(batches)
     x, y = batches[2]
     calls = [0]
 
