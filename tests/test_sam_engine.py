@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from arrcoc_sam.sam import perturbation
 from arrcoc_sam.sam.norm_stats import preserve_running_stats
 from arrcoc_sam.sam.optimizer import ASAM, SAM
 
@@ -509,3 +510,59 @@ def test_optimizer_hooks_fire_once_per_step_with_the_wrapper_and_the_wrapper_cop
     twin = copy.deepcopy(opt)
     assert twin.base_optimizer is not opt.base_optimizer and twin.param_groups[0]["rho"] == opt.param_groups[0]["rho"]
     assert torch.equal(twin.state_dict()["state"][0]["momentum_buffer"], opt.state_dict()["state"][0]["momentum_buffer"])
+
+
+def test_a_failure_while_applying_the_ascent_leaves_clean_weights_and_a_usable_optimizer(monkeypatch):
+    params = [nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(5, dtype=torch.float64))]
+    opt = SAM(params, torch.optim.SGD, lr=0.1, rho=0.1, adaptive=True)  # two (dtype) groups
+    clean = [p.detach().clone() for p in params]
+    sum(p.pow(2).sum().double() for p in params).backward()
+    calls, build = [0], perturbation._scaling_operator
+
+    def out_of_memory_on_the_second_group(group_params, eta):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise RuntimeError("simulated out of memory")
+        return build(group_params, eta)
+
+    monkeypatch.setattr(perturbation, "_scaling_operator", out_of_memory_on_the_second_group)
+    with pytest.raises(RuntimeError, match="simulated out of memory"):
+        opt.perturb()
+    assert calls[0] == 2 and not opt.is_perturbed
+    assert all(torch.equal(p, c) for p, c in zip(params, clean, strict=True))
+    monkeypatch.undo()
+    assert opt.perturb()
+    opt.restore()
+    assert all(torch.equal(p, c) for p, c in zip(params, clean, strict=True))
+
+
+def test_a_skipped_ascent_reports_no_pass_two_statistics_of_the_previous_step():
+    model = make_mlp()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    sam_closure_step(model, opt, make_batches(1)[0])
+    assert {"grad_norm_perturbed", "grad_cosine"} <= set(opt.stats)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    assert not opt.perturb()
+    assert float(opt.stats["grad_norm"]) == 0.0
+    assert not {"grad_norm_perturbed", "grad_cosine"} & set(opt.stats)
+
+
+def test_complex_parameters_are_refused_by_name():
+    weight = nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    opt = SAM([weight], torch.optim.SGD, lr=0.1)
+    weight.grad = torch.randn(3, dtype=torch.complex64)
+    with pytest.raises(TypeError, match="complex parameters: optimise torch.view_as_real"):
+        opt.perturb()
+
+
+def test_running_stats_of_a_lazy_norm_layer_are_kept_once_materialised():
+    model = nn.Sequential(nn.LazyLinear(4), nn.LazyBatchNorm1d())
+    with preserve_running_stats(model):  # before the first forward: nothing to keep yet, no error
+        model(torch.randn(6, 3))
+    with torch.no_grad():
+        model(torch.randn(6, 3))
+    before = model[1].running_mean.clone()
+    with preserve_running_stats(model):
+        model(torch.randn(6, 3) + 5.0)
+    assert torch.equal(model[1].running_mean, before)

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.parameter import is_lazy
 
 from arrcoc_sam.sam import perturbation
 
@@ -22,11 +23,12 @@ __all__ = ["preserve_running_stats", "running_stat_buffers"]
 
 
 def running_stat_buffers(model: nn.Module) -> list[torch.Tensor]:
-    """The running-statistics buffers of every BatchNorm/InstanceNorm-style layer (``_NormBase``) in ``model``."""
+    """The running-statistics buffers of every BatchNorm/InstanceNorm-style layer (``_NormBase``) in ``model``
+    (a lazy layer's buffers once its first forward has materialised them)."""
     buffers: list[torch.Tensor] = []
     for module in model.modules():
         if isinstance(module, _NormBase) and module.track_running_stats:
-            buffers.extend(b for b in module.buffers(recurse=False) if b is not None)
+            buffers.extend(b for b in module.buffers(recurse=False) if b is not None and not is_lazy(b))
     return buffers
 
 

@@ -219,6 +219,10 @@ class SAM(Optimizer):
                 group_params, group_grads = [group_params[i] for i in kept], [group_grads[i] for i in kept]
             if any(map(_IS_SPARSE, group_grads)):
                 raise RuntimeError("SAM does not support sparse gradients")
+            if any(map(torch.is_complex, group_grads)):
+                raise TypeError(
+                    "SAM does not support complex parameters: optimise torch.view_as_real views of them instead"
+                )
             params.extend(group_params)
             grads.extend(group_grads)
             groups.extend([group] * len(group_params))
@@ -244,6 +248,7 @@ class SAM(Optimizer):
         if self._perturbed:
             raise RuntimeError("perturb() called twice without restore(): the weights are already at w + ε")
         self._skip_next_step = False
+        self._drop_second_pass_stats()  # they belong to the previous step; restore() records this step's
         params, grads, settings = self._ascent_directions()
         if not params:
             return False
@@ -277,7 +282,11 @@ class SAM(Optimizer):
         self._restore_pairs = [(group.params, backup) for group, backup in zip(groups, backups, strict=True)]
         self._backup = _in_original_order(groups, backups, len(targets))
         self._perturbed, self._targets, self._layout = params, targets, layout
-        perturbation.apply_groups_(groups, norm_value, self._direction_sign)
+        try:
+            perturbation.apply_groups_(groups, norm_value, self._direction_sign)
+        except BaseException:  # e.g. out of memory while ASAM builds T for a later chunk: undo the part applied
+            self._copy_back_clean_weights()
+            raise
         return True
 
     @torch.no_grad()
