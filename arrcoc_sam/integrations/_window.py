@@ -202,26 +202,22 @@ class SAMWindow:
     ) -> None:
         skipped_before = getattr(optimizer, "skipped_steps", 0)
         perturbed = None
-        with preserve_running_stats(model):
-            try:
-                with optimizer.selection_provided() if self._select else contextlib.nullcontext():
-                    ok = optimizer.perturb()
-                scale = self._grad_scale() if ok else 1.0
-                # With a rank-local ascent every rank must still join the replay's all-reduce (and, with data
-                # selection, make the same single DDP forward: a skipped rank selects at w).
-                must_join = self.scope != "global" and self.accelerator.num_processes > 1
-                if self._select and (ok or must_join):
-                    perturbed = self._selective_replay(model, optimizer, example_losses)
-                elif ok or must_join:
-                    model.zero_grad(set_to_none=True)
-                    for index, batch in enumerate(self._batches):
-                        inner = index < len(self._batches) - 1
-                        with self._no_sync(model) if inner else contextlib.nullcontext():
-                            loss = run_pass(batch)
-                        perturbed = loss if perturbed is None else perturbed + loss
-            except BaseException:
-                optimizer.abort_perturbation()  # nothing is taken from the partial pass-2 gradients
-                raise
+        with preserve_running_stats(model):  # a pass that raises reaches micro_step's abort_window()
+            with optimizer.selection_provided() if self._select else contextlib.nullcontext():
+                ok = optimizer.perturb()
+            scale = self._grad_scale() if ok else 1.0
+            # With a rank-local ascent every rank must still join the replay's all-reduce (and, with data
+            # selection, make the same single DDP forward: a skipped rank selects at w).
+            must_join = self.scope != "global" and self.accelerator.num_processes > 1
+            if self._select and (ok or must_join):
+                perturbed = self._selective_replay(model, optimizer, example_losses)
+            elif ok or must_join:
+                model.zero_grad(set_to_none=True)
+                for index, batch in enumerate(self._batches):
+                    inner = index < len(self._batches) - 1
+                    with self._no_sync(model) if inner else contextlib.nullcontext():
+                        loss = run_pass(batch)
+                    perturbed = loss if perturbed is None else perturbed + loss
             optimizer.restore()
         self.metrics.add_skipped(getattr(optimizer, "skipped_steps", 0) - skipped_before)
         if ok:
@@ -300,19 +296,15 @@ class SAMWindow:
             optimizer.after_first_pass()
         skipped_before = getattr(optimizer, "skipped_steps", 0)
         perturbed = None
-        with preserve_running_stats(model):
-            try:
-                ok = optimizer.perturb()
-                scale = self._grad_scale() if ok else 1.0
-                if ok or (last and self.accelerator.num_processes > 1):
-                    for p, grad in zip(params, accumulated, strict=True):
-                        p.grad = grad  # pass 2 accumulates onto the window's sum (and syncs it when last)
-                    perturbed = run_pass(batch)
-                else:
-                    _add_grads_(params, accumulated)
-            except BaseException:
-                optimizer.abort_perturbation()
-                raise
+        with preserve_running_stats(model):  # a pass that raises reaches micro_step's abort_window()
+            ok = optimizer.perturb()
+            scale = self._grad_scale() if ok else 1.0
+            if ok or (last and self.accelerator.num_processes > 1):
+                for p, grad in zip(params, accumulated, strict=True):
+                    p.grad = grad  # pass 2 accumulates onto the window's sum (and syncs it when last)
+                perturbed = run_pass(batch)
+            else:
+                _add_grads_(params, accumulated)
             optimizer.restore()
         self.metrics.add_skipped(getattr(optimizer, "skipped_steps", 0) - skipped_before)
         if ok:

@@ -248,7 +248,8 @@ class SAM(Optimizer):
         if self._perturbed:
             raise RuntimeError("perturb() called twice without restore(): the weights are already at w + ε")
         self._skip_next_step = False
-        self._drop_second_pass_stats()  # they belong to the previous step; restore() records this step's
+        self.stats.pop("grad_norm_perturbed", None)  # the previous step's; restore() records this step's
+        self.stats.pop("grad_cosine", None)
         params, grads, settings = self._ascent_directions()
         if not params:
             return False
@@ -301,12 +302,10 @@ class SAM(Optimizer):
         if not self._perturbed:
             return
         targets, backup, layout = self._targets, self._backup, self._layout
-        try:
+        try:  # perturb() dropped the previous step's figures, so a step without them reports none
             grads = [p.grad for p in self._perturbed] if self.track_stats else []
             if grads and all(g is not None for g in grads):
                 self._record_second_pass_stats(targets, backup, grads if layout is None else layout.local(grads))
-            else:  # no stale figures from an earlier step
-                self._drop_second_pass_stats()
         finally:
             self._copy_back_clean_weights()
 
@@ -315,19 +314,13 @@ class SAM(Optimizer):
         """The error path of :meth:`restore`: the clean weights back bitwise, the backup freed, and nothing
         computed from the (possibly partial) pass-2 gradients — no statistics, and no variant updates its
         stored state (LookSAM's direction, GSAM's combination). A no-op when nothing is perturbed."""
-        if not self._perturbed:
-            return
-        self._drop_second_pass_stats()
-        self._copy_back_clean_weights()
+        if self._perturbed:
+            self._copy_back_clean_weights()
 
     def abort_window(self) -> None:
         """The error path of a whole accumulation window (the integrations call it when a pass raises):
         :meth:`abort_perturbation`; variants also forget the window, so it counts as no optimizer step."""
         self.abort_perturbation()
-
-    def _drop_second_pass_stats(self) -> None:
-        self.stats.pop("grad_norm_perturbed", None)
-        self.stats.pop("grad_cosine", None)
 
     def _copy_back_clean_weights(self) -> None:
         for group_targets, group_backup in self._restore_pairs:

@@ -53,26 +53,19 @@ class MomentumSAM(VariantSAM):
         **base_kwargs: Any,
     ) -> None:
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, eta=eta, **base_kwargs)
-        for index, group in enumerate(self.param_groups):
-            self._check_momentum(group, f"param group {index}")
         self._suspended = False
         # No second pass, so the integrations never report SAM's pass-2 statistics: skip their reductions.
         self.track_stats = False
 
-    def _check_momentum(self, group: dict[str, Any], where: str) -> None:
-        if group["rho"] > 0 and "momentum" in group and not group["momentum"] and "betas" not in group:
+    def _check_group(self, group: dict[str, Any], where: str) -> None:
+        """SAM's checks, and a momentum to perturb along for ρ > 0 (a new group's own, else the base default)."""
+        super()._check_group(group, where)
+        momentum = group.get("momentum", self.base_optimizer.defaults.get("momentum"))
+        if group["rho"] > 0 and momentum is not None and not momentum and "betas" not in group:
             raise ValueError(
-                f"{where}: msam takes its perturbation from the momentum buffer, but the base optimizer "
+                f"{where}msam takes its perturbation from the momentum buffer, but the base optimizer "
                 f"{type(self.base_optimizer).__name__} runs with momentum=0; set momentum > 0"
             )
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        try:
-            self._check_momentum(self.param_groups[-1], "new param group")
-        except ValueError:
-            self.param_groups.pop()
-            raise
 
     @property
     def needs_window_hooks(self) -> bool:
