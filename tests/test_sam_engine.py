@@ -267,6 +267,78 @@ def test_batchnorm_running_stats_updated_once_per_step():
         assert torch.equal(getattr(model[1], name), getattr(twin[1], name)), name
 
 
+def _bn_model_and_batch():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 1))
+    return model, (torch.randn(16, 4), torch.randn(16, 1))
+
+
+def _one_step(opt, model, batch, entry: str) -> None:
+    if entry == "closure":
+
+        def closure():
+            opt.zero_grad()
+            loss = mse(model, batch)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    else:
+        mse(model, batch).backward()
+        opt.first_step(zero_grad=True)
+        mse(model, batch).backward()
+        opt.second_step(zero_grad=True)
+
+
+@pytest.mark.parametrize(
+    ("method", "entry"), [("sam", "closure"), ("sam", "two_call"), ("gsam", "closure"), ("looksam", "closure")]
+)
+def test_hold_running_stats_updates_batchnorm_once_per_step(method, entry):
+    from arrcoc_sam.sam.registry import build_sam_optimizer
+
+    model, batch = _bn_model_and_batch()
+    twin, unheld = copy.deepcopy(model), copy.deepcopy(model)
+    opt = build_sam_optimizer(method, model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    assert opt.hold_running_stats(model) is opt
+    _one_step(opt, model, batch, entry)
+    twin(batch[0])  # one plain training-mode forward on the same batch
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(model[1], name), getattr(twin[1], name)), name
+
+    # without it the second pass moves them again, from the perturbed network
+    _one_step(build_sam_optimizer(method, unheld.parameters(), torch.optim.SGD, rho=0.05, lr=0.1), unheld, batch, entry)
+    assert int(unheld[1].num_batches_tracked) == 2
+    assert not torch.equal(unheld[1].running_mean, twin[1].running_mean)
+
+
+def test_hold_running_stats_restores_them_when_the_second_pass_raises():
+    model, batch = _bn_model_and_batch()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1).hold_running_stats(model)
+    mse(model, batch).backward()
+    before = [b.clone() for b in model[1].buffers()]
+    with pytest.raises(RuntimeError, match="boom"), opt.perturbed():
+        model(batch[0] + 3.0)  # moves the running statistics, then fails
+        raise RuntimeError("boom")
+    assert all(torch.equal(a, b) for a, b in zip(model[1].buffers(), before, strict=True))
+    assert not opt.is_perturbed
+
+
+def test_hold_running_stats_checks_its_argument_and_can_be_turned_off():
+    model, batch = _bn_model_and_batch()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    with pytest.raises(TypeError, match="nn.Module or None, got list"):
+        opt.hold_running_stats([model])
+    opt.hold_running_stats(model)
+    mse(model, batch).backward()
+    assert opt.perturb()
+    with pytest.raises(RuntimeError, match="while perturbed"):
+        opt.hold_running_stats(None)
+    opt.restore()
+    opt.hold_running_stats(None)
+    _one_step(opt, model, batch, "closure")
+    assert int(model[1].num_batches_tracked) == 3  # pass 1 of the first step (held), both passes of the second
+
+
 def test_nonfinite_first_pass_gradient_skips_step_and_keeps_weights(caplog):
     model = make_mlp()
     before = copy.deepcopy(model.state_dict())

@@ -25,11 +25,12 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from arrcoc_sam.sam import perturbation
+from arrcoc_sam.sam.norm_stats import running_stat_buffers
 from arrcoc_sam.sam.sharding import ShardLayout
 
 __all__ = ["SAM", "ASAM"]
@@ -143,6 +144,8 @@ class SAM(Optimizer):
         self._layout: ShardLayout | None = None
         self._skip_next_step = False
         self._warned_low_precision = False
+        self._stats_model: nn.Module | None = None
+        self._stats_snapshot: tuple[list[Tensor], list[Tensor]] = ([], [])  # (buffers, clean copies)
 
     @staticmethod
     def _check_instance_params(params: list[Any], base: Optimizer) -> None:
@@ -182,6 +185,22 @@ class SAM(Optimizer):
     def passes_per_step(self) -> float:
         """Forward+backward passes per optimizer step: two for SAM and ASAM."""
         return 2.0
+
+    def hold_running_stats(self, model: nn.Module | None) -> SAM:
+        """Keep ``model``'s BatchNorm-style running statistics to one update per step, on every entry point.
+
+        From now on each successful :meth:`perturb` snapshots the running statistics of ``model``'s
+        normalisation layers and :meth:`restore` (or :meth:`abort_perturbation`) copies them back, so the
+        second pass at w + ε leaves them as the clean pass left them. ``step(closure)`` and
+        ``first_step``/``second_step`` need this on BatchNorm models; a loop that wraps pass 2 in
+        :func:`~arrcoc_sam.sam.preserve_running_stats` does not. ``None`` stops it. Returns ``self``.
+        """
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"hold_running_stats takes an nn.Module or None, got {type(model).__name__}")
+        if self._perturbed:
+            raise RuntimeError("hold_running_stats() called while perturbed: call it before perturb() or after restore()")
+        self._stats_model = model
+        return self
 
     # -- hooks the Trainer and the Accelerate helper call (variants override them) -------------------
     def ascent_this_step(self) -> bool:
@@ -285,6 +304,9 @@ class SAM(Optimizer):
         self._perturbed, self._targets, self._layout = params, targets, layout
         try:
             perturbation.apply_groups_(groups, norm_value, self._direction_sign)
+            if self._stats_model is not None:
+                buffers = running_stat_buffers(self._stats_model)
+                self._stats_snapshot = (buffers, perturbation.clone_all(buffers))
         except BaseException:  # e.g. out of memory while ASAM builds T for a later chunk: undo the part applied
             self._copy_back_clean_weights()
             raise
@@ -325,8 +347,10 @@ class SAM(Optimizer):
     def _copy_back_clean_weights(self) -> None:
         for group_targets, group_backup in self._restore_pairs:
             torch._foreach_copy_(group_targets, group_backup)
+        perturbation.copy_(*self._stats_snapshot)
         self._perturbed, self._targets, self._backup, self._layout = [], [], [], None
         self._restore_pairs = []
+        self._stats_snapshot = ([], [])
 
     def _record_second_pass_stats(self, params: list[Tensor], backup: list[Tensor], grads: list[Tensor]) -> None:
         torch._foreach_sub_(params, backup)  # params now hold ε exactly as applied; restored right after
