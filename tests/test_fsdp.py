@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from arrcoc_sam.sam.sharding import ShardLayout, check_fsdp_run, check_model_supported, is_sharded
+from arrcoc_sam.sam.sharding import ShardLayout, check_fsdp_run, check_model_supported, is_sharded, mesh_device
 
 SCRIPT = Path(__file__).parent / "dist_scripts" / "fsdp_sam.py"
 STEPS = 10
@@ -140,3 +140,10 @@ def test_plain_parameters_have_no_shard_layout_and_pass_the_model_check():
     assert not is_sharded(params)
     assert ShardLayout.of(params, [torch.ones_like(p) for p in params]) is None
     check_model_supported(model)
+
+
+def test_collectives_run_on_the_mesh_device():
+    """CPU-offloaded shards (FSDP2 CPUOffloadPolicy) sum on the mesh's device: NCCL reduces GPU tensors only."""
+    assert mesh_device("cpu") == torch.device("cpu")
+    if torch.cuda.is_available():
+        assert mesh_device("cuda") == torch.device("cuda", torch.cuda.current_device())

@@ -116,11 +116,19 @@ class ShardLayout:
     local piece of tensor ``i`` enters global sums (see the module docstring).
     """
 
-    def __init__(self, counted: list[bool], device: torch.device, group: object, group_size: int) -> None:
+    def __init__(
+        self,
+        counted: list[bool],
+        device: torch.device,
+        group: object,
+        group_size: int,
+        collective_device: torch.device | None = None,
+    ) -> None:
         self.counted = counted
         self._device = device
         self.group = group
         self.group_size = group_size
+        self.collective_device = device if collective_device is None else collective_device
 
     @classmethod
     def of(cls, params: Sequence[Tensor], grads: Sequence[Tensor]) -> ShardLayout | None:
@@ -164,7 +172,7 @@ class ShardLayout:
                 all(pl.is_shard() or c == 0 for pl, c in zip(p.placements, coordinate, strict=True))
             )
         device = grads[0]._local_tensor.device if isinstance(grads[0], dtensor) else grads[0].device
-        return cls(counted, device, *_mesh_group(mesh))
+        return cls(counted, device, *_mesh_group(mesh), collective_device=mesh_device(mesh.device_type))
 
     def local(self, tensors: Sequence[Tensor]) -> list[Tensor]:
         """This rank's local tensors: a DTensor's local shard (the live storage, not a copy), others as they are."""
@@ -176,9 +184,16 @@ class ShardLayout:
         return tuple([t for t, keep in zip(lst, self.counted, strict=True) if keep] for lst in tensor_lists)
 
     def sum_over_ranks(self, partials: Tensor) -> Tensor:
-        """Σ over the mesh's ranks of a 1-D tensor of per-rank partial sums: one ``all_reduce`` (none for 1 rank)."""
+        """Σ over the mesh's ranks of a 1-D tensor of per-rank partial sums: one ``all_reduce`` (none for 1 rank).
+
+        The sum runs on the mesh's device and comes back on the partials' device: with FSDP2's
+        ``CPUOffloadPolicy`` the shards and their gradients live on the CPU while an NCCL group only reduces
+        GPU tensors.
+        """
         if self.group_size > 1:
-            torch.distributed.all_reduce(partials, group=self.group)
+            on_mesh = partials.to(self.collective_device)
+            torch.distributed.all_reduce(on_mesh, group=self.group)
+            partials = on_mesh.to(partials.device)
         return partials
 
     def ascent_norm(
@@ -211,6 +226,14 @@ class ShardLayout:
             partials = torch.zeros(3, dtype=dtype, device=self._device)
         total = self.sum_over_ranks(partials)
         return total[0], total[1], total[2]
+
+
+def mesh_device(device_type: str) -> torch.device:
+    """The device a collective over a mesh of ``device_type`` runs on: this rank's current accelerator
+    (``cuda:<current>``, …), or the CPU."""
+    if device_type == "cpu":
+        return torch.device("cpu")
+    return torch.device(device_type, torch.get_device_module(device_type).current_device())
 
 
 def _mesh_group(mesh) -> tuple[object, int]:
