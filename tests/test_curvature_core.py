@@ -351,3 +351,36 @@ def test_ggn_and_control_variate_diagonals_accept_list_batches_from_a_dataloader
         from_tuples = hessian_diagonal(model, _loss, _data(), num_probes=2, method=method)
         for a, b in zip(from_lists.value, from_tuples.value, strict=True):
             torch.testing.assert_close(a, b, atol=1e-14, rtol=0)
+
+
+def test_eigen_solvers_reject_nan_tol_and_max_iter_below_one_by_name(reference):
+    """tol=nan was accepted; power iteration turned max_iter=0 into 1000 and max_iter=-3 into UnboundLocalError."""
+    model, _ = reference
+    for method in ("lanczos", "power"):
+        with pytest.raises(ValueError, match="tol must be a finite number > 0, got nan"):
+            top_eigenvalues(model, _loss, _data(), method=method, tol=float("nan"), max_iter=5)
+        for max_iter in (0, -3):
+            with pytest.raises(ValueError, match=f"max_iter must be >= 1 .*got {max_iter}"):
+                top_eigenvalues(model, _loss, _data(), method=method, max_iter=max_iter)
+
+
+def test_hessian_vector_product_rejects_vectors_shaped_unlike_params(reference):
+    model, hessian = reference
+    vector = [torch.ones_like(p) for p in model.parameters()]
+    vector[0] = torch.ones(model[0].weight.shape[::-1], dtype=torch.float64)  # same numel, transposed shape
+    with pytest.raises(ValueError, match=r"vector\[0\] has shape \(4, 8\), but params\[0\] has shape \(8, 4\)"):
+        hessian_vector_product(model, _loss, _data(), vector)
+
+
+def test_hutchpp_names_its_own_minimum_number_of_probes(reference):
+    model, _ = reference
+    with pytest.raises(ValueError, match=r"num_probes must be >= 4 \(Hutch\+\+ .*got 3"):
+        hessian_trace(model, _loss, _data(), num_probes=3, method="hutch++")
+
+
+def test_probes_refuse_inference_mode_with_a_clear_error_and_leave_the_model_as_found(reference):
+    model, _ = reference
+    before = [p.detach().clone() for p in model.parameters()]
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"need autograd.*inference_mode"):
+        top_eigenvalues(model, _loss, _data())
+    assert all(torch.equal(a, b) and b.requires_grad for a, b in zip(before, model.parameters(), strict=True))

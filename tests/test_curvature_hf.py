@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from torch import nn
+from torch.func import functional_call
 
 from arrcoc_sam.curvature import (
     adaptive_sharpness,
     average_sharpness,
+    curvature_operator,
     exact_hessian,
     hessian_diagonal,
     hessian_trace,
     hessian_vector_product,
+    probe_context,
     sam_sharpness,
     top_eigenvalues,
 )
+from arrcoc_sam.curvature._data import batch_weights, shifts_labels
 
 transformers = pytest.importorskip("transformers")
 
@@ -102,7 +109,7 @@ def test_every_probe_leaves_mode_weights_grads_rng_and_attention_as_found(traine
     _assert_unchanged(model, snapshot, probe)
 
 
-def test_attention_without_double_backward_is_switched_to_eager_for_the_probe_and_restored(trained_state_bert):
+def test_attention_without_double_backward_is_switched_to_sdpa_for_the_probe_and_restored(trained_state_bert):
     model = trained_state_bert
     seen = []
 
@@ -114,7 +121,7 @@ def test_attention_without_double_backward_is_switched_to_eager_for_the_probe_an
     model.config._attn_implementation = "flex_attention"
     try:
         sam_sharpness(model, loss_fn, _batches()[0])
-        assert set(seen) == {"eager"}
+        assert set(seen) == {"sdpa"}  # BERT supports SDPA: its math kernel is exact and has double backward
         assert model.config._attn_implementation == "flex_attention"
     finally:
         model.config._attn_implementation = original
@@ -137,3 +144,188 @@ def test_causal_lm_batches_are_weighted_by_shifted_labels_like_one_padded_big_ba
     for weighting in ("auto", "shifted_tokens"):
         torch.testing.assert_close(exact_hessian(model, None, batches, params=params, weighting=weighting), expected,
                                    atol=1e-6 * float(expected.abs().max()), rtol=0)  # was off by 6 %
+
+
+class _ConfiguredAttention(nn.Module):
+    """A non-HF module holding an HF-style config (no ``_supports_sdpa``): the fallback must be eager."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = transformers.PretrainedConfig()
+        self.config._attn_implementation = "flash_attention_2"
+        self.linear = nn.Linear(3, 2)
+        self.seen: list[str] = []
+
+    def forward(self, x):
+        self.seen.append(self.config._attn_implementation)
+        return self.linear(x)
+
+
+def test_attention_fallback_is_eager_for_a_model_that_does_not_declare_sdpa_support():
+    model = _ConfiguredAttention()
+    sam_sharpness(model, lambda m, b: m(b).square().mean(), torch.randn(4, 3))
+    assert set(model.seen) == {"eager"} and model.config._attn_implementation == "flash_attention_2"
+
+
+def _tiny_llama():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=20, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=4, max_position_embeddings=16, tie_word_embeddings=False,
+    )
+    model = transformers.LlamaForCausalLM(config).double()
+    ids = torch.randint(0, 20, (3, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding: fully masked query rows
+    return model, {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def test_flash_attention_fallback_gives_the_finite_sdpa_hessian_on_a_left_padded_fp64_llama():
+    """Eager HF attention upcasts the softmax to float32: the old eager fallback gave NaN Hessians here."""
+    model, batch = _tiny_llama()
+    params = [model.model.norm.weight, model.model.layers[0].post_attention_layernorm.weight]
+    model.config._attn_implementation = "sdpa"
+    expected = exact_hessian(model, None, batch, params=params)
+    model.config._attn_implementation = "flash_attention_2"
+    fallback = exact_hessian(model, None, batch, params=params)
+    assert model.config._attn_implementation == "flash_attention_2"
+    assert bool(expected.isfinite().all()) and float(expected.abs().max()) > 0
+    torch.testing.assert_close(fallback, expected, atol=1e-14, rtol=0)
+
+
+def _reference_ggn(model, params, batch, likelihood, shift=False):
+    """Jᵀ Λ J of the head's logits w.r.t. ``params`` from torch.autograd.functional.jacobian (dense formulas)."""
+    reference = copy.deepcopy(model).eval()
+    names = {id(p): n for n, p in model.named_parameters()}
+    chosen = [names[id(p)] for p in params]
+    shapes = [p.shape for p in params]
+    fixed = {n: p.detach() for n, p in reference.named_parameters()}
+
+    def selected(flat):
+        values = dict(fixed)
+        values.update({n: c.view(s) for n, c, s in zip(chosen, flat.split([s.numel() for s in shapes]), shapes, strict=True)})
+        logits, labels = functional_call(reference, values, args=(), kwargs=batch).logits, batch["labels"]
+        if shift:
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        if likelihood != "cross_entropy":
+            return logits.reshape(-1)
+        return logits.reshape(-1, logits.shape[-1])[labels.reshape(-1) != -100]
+
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    outputs = selected(flat).detach()
+    jacobian = torch.autograd.functional.jacobian(selected, flat)
+    if likelihood == "mse":
+        return 2 * jacobian.T @ jacobian / outputs.numel()
+    if likelihood == "bce":
+        prob = outputs.sigmoid()
+        return jacobian.T @ (jacobian * (prob * (1 - prob))[:, None]) / outputs.numel()
+    probs = outputs.softmax(-1)
+    rows = [jacobian[r].T @ (torch.diag(p) - torch.outer(p, p)) @ jacobian[r] for r, p in enumerate(probs)]
+    return sum(rows) / outputs.shape[0]
+
+
+def _sequence_head(num_labels, problem_type):
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+        max_position_embeddings=16, num_labels=num_labels, problem_type=problem_type,
+    )
+    model = transformers.BertForSequenceClassification(config).double()
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 20, (4, 5), generator=generator)
+    if num_labels == 1:
+        labels = torch.randn(4, generator=generator, dtype=torch.float64)
+    else:
+        labels = torch.randint(0, 2, (4, num_labels), generator=generator).double()
+    return model, {"input_ids": ids, "labels": labels}, [model.classifier.weight, model.classifier.bias, model.bert.pooler.dense.bias]
+
+
+def _dense_ggn(model, batch, params, **kwargs):
+    op = curvature_operator(model, None, batch, params, curvature="ggn", **kwargs)
+    with probe_context(model, op.params):
+        return op.to_dense()
+
+
+@pytest.mark.parametrize(("num_labels", "problem_type", "likelihood"), [
+    (1, "regression", "mse"), (1, None, "mse"), (3, "multi_label_classification", "bce"),
+])
+def test_default_ggn_likelihood_follows_the_heads_problem_type(num_labels, problem_type, likelihood):
+    """Was cross-entropy for every head: an exactly-zero GGN for regression, a size error for multi-label."""
+    model, batch, params = _sequence_head(num_labels, problem_type)
+    expected = _reference_ggn(model, params, batch, likelihood)
+    assert float(expected.trace()) > 0
+    torch.testing.assert_close(_dense_ggn(model, batch, params), expected, atol=1e-12, rtol=0)
+    diagonal = hessian_diagonal(model, None, batch, num_probes=2, method="ggn", params=params)
+    assert all(bool((d >= 0).all()) for d in diagonal.value) and sum(float(d.sum()) for d in diagonal.value) > 0
+
+
+def test_cross_entropy_on_a_single_logit_or_mismatched_labels_is_refused_with_a_hint():
+    model, batch, params = _sequence_head(1, "regression")
+    with pytest.raises(ValueError, match=r"one column.*likelihood='mse'"):
+        _dense_ggn(model, batch, params, likelihood="cross_entropy")
+    model, batch, params = _sequence_head(3, "multi_label_classification")
+    with pytest.raises(ValueError, match=r"12 labels for 4 rows.*likelihood='bce'"):
+        _dense_ggn(model, batch, params, likelihood="cross_entropy")
+
+
+def _tiny_gpt2():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=20, n_embd=8, n_layer=1, n_head=2, n_positions=16)
+    model = transformers.GPT2LMHeadModel(config).double()
+    ids = torch.randint(0, 20, (3, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, 4:] = 0
+    return model, {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_default_ggn_of_a_causal_lm_pairs_logits_with_the_next_token_labels(name):
+    """Was unshifted (position t against label t): up to ~11 % off on these models."""
+    model, batch = _tiny_gpt2() if name == "gpt2" else _tiny_llama()
+    params = [model.transformer.ln_f.weight] if name == "gpt2" else [model.model.norm.weight]
+    expected = _reference_ggn(model, params, batch, "cross_entropy", shift=True)
+    torch.testing.assert_close(_dense_ggn(model, batch, params), expected, atol=1e-12, rtol=0)
+
+
+def test_default_ggn_of_t5_builds_decoder_inputs_from_the_labels():
+    """Dropping the labels left T5 without decoder inputs: the default GGN raised."""
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=20, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2,
+                                   decoder_start_token_id=0, pad_token_id=0)
+    model = transformers.T5ForConditionalGeneration(config).double()
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.randint(1, 20, (2, 4), generator=generator)
+    labels[1, 3:] = -100
+    batch = {"input_ids": torch.randint(1, 20, (2, 5), generator=generator), "labels": labels}
+    params = [model.decoder.final_layer_norm.weight, model.encoder.final_layer_norm.weight]
+    expected = _reference_ggn(model, params, batch, "cross_entropy")
+    # T5LayerNorm computes its variance in float32 even in a float64 model: agreement to float32 rounding
+    torch.testing.assert_close(_dense_ggn(model, batch, params), expected, atol=1e-5 * float(expected.abs().max()), rtol=0)
+
+
+class _DataParallelLike(nn.Module):
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, **kwargs):
+        return self.module(**kwargs)
+
+
+def test_wrapped_causal_lms_are_recognised_and_weighted_by_shifted_labels():
+    """PEFT without task_type, torch.compile and DDP-style wrappers hid GPT-2's label shift (weighted 4:12, not 3:10)."""
+    peft = pytest.importorskip("peft")
+    model, batch = _tiny_gpt2()
+    parts = [{k: v[:1] for k, v in batch.items()}, {k: v[1:] for k, v in batch.items()}]
+    expected = batch_weights(parts, "shifted_tokens")
+    lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True)
+    wrapped = peft.get_peft_model(copy.deepcopy(model), lora).double()  # PEFT creates float32 adapters
+    for wrapper in (wrapped, torch.compile(model), _DataParallelLike(model), _DataParallelLike(torch.compile(model))):
+        assert shifts_labels(wrapper), type(wrapper).__name__
+        assert batch_weights(parts, "auto", wrapper) == pytest.approx(expected, rel=1e-15), type(wrapper).__name__
+    params = [p for n, p in wrapped.named_parameters() if "lora_B" in n]
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
+    whole = exact_hessian(wrapped, None, batch, params=params)  # HF's causal-LM loss runs in float32: tolerance
+    torch.testing.assert_close(exact_hessian(wrapped, None, parts, params=params), whole, atol=1e-5 * float(whole.abs().max()), rtol=0)

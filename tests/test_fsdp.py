@@ -13,7 +13,13 @@ import pytest
 import torch
 from torch import nn
 
-from arrcoc_sam.sam.sharding import ShardLayout, check_fsdp_run, check_model_supported, is_sharded, mesh_device
+from arrcoc_sam.sam.sharding import (
+    ShardLayout,
+    check_fsdp_run,
+    check_model_supported,
+    is_sharded,
+    mesh_device,
+)
 
 SCRIPT = Path(__file__).parent / "dist_scripts" / "fsdp_sam.py"
 STEPS = 10

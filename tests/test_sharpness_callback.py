@@ -11,8 +11,14 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments, default_data_collator
 
-from arrcoc_sam.curvature import sam_sharpness, top_eigenvalues
-from arrcoc_sam.integrations.callbacks import PROBE_KEYS, SECONDS_KEY, SharpnessCallback
+from arrcoc_sam.curvature import hessian_trace, sam_sharpness, top_eigenvalues
+from arrcoc_sam.integrations.callbacks import (
+    CONVERGED_KEY,
+    PROBE_KEYS,
+    SECONDS_KEY,
+    TRACE_STDERR_KEY,
+    SharpnessCallback,
+)
 
 DIST = Path(__file__).parent / "dist_scripts"
 sys.path.insert(0, str(DIST))
@@ -43,6 +49,7 @@ def test_callback_logs_every_probe_through_the_trainer_without_changing_training
     for entry in entries:
         assert all(math.isfinite(entry[key]) for key in PROBE_KEYS.values())
         assert entry[SECONDS_KEY] > 0
+        assert entry[CONVERGED_KEY] in (0.0, 1.0) and entry[TRACE_STDERR_KEY] > 0
     model, last = trainer.model, entries[-1]
     direct_top = top_eigenvalues(model, None, _held_out(), tol=callback.tol, max_iter=callback.max_iter)
     assert last["sharpness/top_eigenvalue"] == pytest.approx(float(direct_top.values[0]), rel=1e-6)
@@ -63,6 +70,44 @@ def test_callback_rejects_unknown_probes_and_missing_batches():
         SharpnessCallback(probes=("hessian_norm",), eval_batches=_held_out())
     with pytest.raises(ValueError, match="eval_batches must hold"):
         SharpnessCallback(eval_batches=[])
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ({"rho": -1.0}, "rho must be > 0"),
+    ({"adaptive_rho": float("nan")}, "adaptive_rho must be > 0"),
+    ({"tol": 0.0}, "tol must be > 0"),
+    ({"num_probes": 1}, "num_probes must be >= 2"),
+    ({"max_iter": 0}, "max_iter must be >= 1"),
+])
+def test_callback_rejects_bad_probe_settings_when_built_not_at_the_first_probe(setting, message):
+    with pytest.raises(ValueError, match=message):
+        SharpnessCallback(eval_batches=_held_out(), **setting)
+
+
+def test_callback_accepts_a_single_probe_name_as_a_string():
+    assert SharpnessCallback(probes="trace", eval_batches=_held_out()).probes == ("trace",)
+
+
+def test_eval_batches_without_labels_fail_when_training_begins_before_any_step(tmp_path):
+    unlabeled = [{key: value for key, value in batch.items() if key != "labels"} for batch in _held_out()]
+    callback = SharpnessCallback(every_n_steps=3, probes=("trace",), eval_batches=unlabeled)
+    args = TrainingArguments(**trainer_kwargs(str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=4))
+    trainer = Trainer(model=tiny_bert(), args=args, train_dataset=token_dataset(16), callbacks=[callback])
+    callback.bind(trainer)
+    with pytest.raises(ValueError, match=r"eval_batches\[0\] gives no loss"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_default_probes_log_a_converged_top_eigenvalue_and_the_trace_standard_error():
+    """The old default budget (max_iter=20) stopped Lanczos unconverged on this model, and nothing said so."""
+    model, batches = tiny_bert(), _held_out()
+    metrics = SharpnessCallback(eval_batches=batches).measure(model)
+    assert metrics[CONVERGED_KEY] == 1.0
+    reference = top_eigenvalues(model, None, batches, tol=1e-8, max_iter=300)
+    assert metrics[PROBE_KEYS["top_eigenvalue"]] == pytest.approx(float(reference.values[0]), rel=1e-5)
+    trace = hessian_trace(model, None, batches, num_probes=8)
+    assert metrics[TRACE_STDERR_KEY] == pytest.approx(trace.stderr, rel=1e-9) and trace.stderr > 0
 
 
 @pytest.mark.multiprocess

@@ -23,6 +23,7 @@ the (mean-reduced) loss of batch b. ``weighting`` chooses w_b:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -38,6 +39,7 @@ __all__ = [
     "default_outputs",
     "iter_weighted",
     "shifts_labels",
+    "unwrap_model",
 ]
 
 LossFn = Callable[[nn.Module, Any], Tensor]
@@ -72,11 +74,30 @@ def _first_tensor(batch: Any) -> Tensor:
     raise TypeError(f"batch of type {type(batch).__name__} holds no tensor to count examples from")
 
 
+def unwrap_model(model: nn.Module | None) -> nn.Module | None:
+    """The model inside the usual wrappers: PEFT (``get_base_model()``), ``torch.compile`` (``_orig_mod``) and
+    DDP/DataParallel-style ``.module``, peeled repeatedly (e.g. a compiled PEFT model)."""
+    while model is not None:
+        if callable(getattr(model, "get_base_model", None)):
+            inner = model.get_base_model()
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            inner = model._orig_mod
+        elif isinstance(getattr(model, "module", None), nn.Module):
+            inner = model.module
+        else:
+            return model
+        if inner is model:
+            return model
+        model = inner
+    return model
+
+
 def shifts_labels(model: nn.Module | None) -> bool:
-    """Whether ``model`` is an HF decoder-only LM whose loss is averaged over the shifted labels
-    ``labels[..., 1:]``: its ``loss_type`` is ``"ForCausalLM"`` / ``"ForConditionalGeneration"``, or (no
-    ``loss_type``) its class name ends with ``ForCausalLM`` / ``LMHeadModel`` (e.g. ``GPT2LMHeadModel``);
+    """Whether ``model`` (after :func:`unwrap_model`) is an HF decoder-only LM whose loss is averaged over the
+    shifted labels ``labels[..., 1:]``: its ``loss_type`` is ``"ForCausalLM"`` / ``"ForConditionalGeneration"``,
+    or (no ``loss_type``) its class name ends with ``ForCausalLM`` / ``LMHeadModel`` (e.g. ``GPT2LMHeadModel``);
     encoder-decoder models (``config.is_encoder_decoder``) shift the decoder inputs instead, not the labels."""
+    model = unwrap_model(model)
     config = getattr(model, "config", None)
     if config is None or getattr(config, "is_encoder_decoder", False):
         return False
@@ -130,17 +151,30 @@ def default_loss(model: nn.Module, batch: Any) -> Tensor:
     return loss
 
 
+def _accepts_labels(model: nn.Module) -> bool:
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == "labels" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
 def default_outputs(model: nn.Module, batch: Any) -> tuple[Tensor, Tensor | None]:
-    """GGN outputs: ``(model(**inputs).logits, batch["labels"])`` for dict batches, ``(model(x), y)`` for
-    ``(x, y)`` tuples or lists, ``(model(x), None)`` for a tensor batch. Pass ``output_fn`` for anything else (e.g. a
-    causal LM, whose logits must be shifted against its labels)."""
+    """GGN outputs: ``(model(**batch).logits, batch["labels"])`` for dict batches, ``(model(x), y)`` for
+    ``(x, y)`` tuples or lists, ``(model(x), None)`` for a tensor batch. Dict batches go in whole, labels
+    included (unless ``forward`` takes neither ``labels`` nor ``**kwargs``), so encoder-decoders (T5, BART)
+    build their decoder inputs from the labels as their loss does;
+    for causal LMs (:func:`shifts_labels`) the pair is ``(logits[..., :-1, :], labels[..., 1:])``: position t
+    predicts token t + 1, as in the model's loss. Pass ``output_fn`` for anything else."""
     if isinstance(batch, Mapping):
-        inputs = {key: value for key, value in batch.items() if key != "labels"}
-        out = model(**inputs)
+        out = model(**(batch if _accepts_labels(model) else {k: v for k, v in batch.items() if k != "labels"}))
         logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", out)
         if not isinstance(logits, Tensor):
             raise ValueError("model(**batch) returned no logits tensor: pass output_fn(model, batch)")
-        return logits, batch.get("labels")
+        labels = batch.get("labels")
+        if isinstance(labels, Tensor) and shifts_labels(model):
+            return logits[..., :-1, :], labels[..., 1:]
+        return logits, labels
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return model(batch[0]), batch[1]
     if isinstance(batch, Tensor):

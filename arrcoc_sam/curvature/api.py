@@ -6,6 +6,15 @@ Common arguments: ``model``; ``loss_fn(model, batch) -> scalar`` (None: ``model(
 batch, give the curvature w.r.t. those); ``curvature`` = ``"hessian"`` or ``"ggn"`` (then ``output_fn`` and
 ``likelihood`` define it; ``loss_fn`` is unused); ``seed`` for the probe vectors (a private generator: the
 global RNG is never touched). Every function leaves mode, weights, grads, RNG and attention as found.
+
+GGN defaults: ``likelihood=None`` follows the HF head's ``config.problem_type`` (``"regression"`` → ``"mse"``,
+``"multi_label_classification"`` → ``"bce"``, else ``"cross_entropy"``; see :mod:`.likelihoods`);
+``output_fn=None`` runs ``model(**batch)`` with its labels and, for causal LMs, pairs ``logits[..., :-1, :]``
+with ``labels[..., 1:]`` (:func:`~arrcoc_sam.curvature._data.default_outputs`).
+
+A tensor in ``params`` that the loss does not depend on (an unused layer, a frozen branch) has an all-zero row
+and column: that is its exact curvature, not an error. Probes need autograd: they run under
+``torch.no_grad()`` but refuse ``torch.inference_mode()``.
 """
 
 from __future__ import annotations
@@ -49,7 +58,7 @@ def curvature_operator(
     *,
     curvature: str = "hessian",
     output_fn: OutputFn | None = None,
-    likelihood: str = "cross_entropy",
+    likelihood: str | None = None,
     weighting: str = "auto",
     sampling: str = "rademacher",
 ) -> CurvatureOperator:
@@ -90,7 +99,7 @@ def hessian_vector_product(
     *,
     curvature: str = "hessian",
     output_fn: OutputFn | None = None,
-    likelihood: str = "cross_entropy",
+    likelihood: str | None = None,
     weighting: str = "auto",
 ) -> list[Tensor]:
     """H·v (or G·v) with ``vector`` a list of tensors shaped like ``params``; returns the same structure."""
@@ -99,6 +108,9 @@ def hessian_vector_product(
     )
     if len(vector) != len(op.params):
         raise ValueError(f"vector has {len(vector)} tensors for {len(op.params)} params")
+    for index, (tensor, param) in enumerate(zip(vector, op.params, strict=True)):
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise ValueError(f"vector[{index}] has shape {tuple(tensor.shape)}, but params[{index}] has shape {tuple(param.shape)}")
     with probe_context(model, op.params):
         return [t.clone() for t in op.unflatten(op.matvec(op.flatten(vector)))]
 
@@ -115,7 +127,7 @@ def top_eigenvalues(
     *,
     curvature: str = "hessian",
     output_fn: OutputFn | None = None,
-    likelihood: str = "cross_entropy",
+    likelihood: str | None = None,
     weighting: str = "auto",
     seed: int = 0,
 ) -> EigenResult:
@@ -143,7 +155,7 @@ def hessian_trace(
     *,
     curvature: str = "hessian",
     output_fn: OutputFn | None = None,
-    likelihood: str = "cross_entropy",
+    likelihood: str | None = None,
     weighting: str = "auto",
     seed: int = 0,
 ) -> Estimate:
@@ -167,7 +179,7 @@ def hessian_diagonal(
     params: Sequence[Tensor] | None = None,
     *,
     output_fn: OutputFn | None = None,
-    likelihood: str = "cross_entropy",
+    likelihood: str | None = None,
     weighting: str = "auto",
     sampling: str = "rademacher",
     seed: int = 0,

@@ -34,6 +34,7 @@ well-separated λ.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -80,11 +81,13 @@ def _floor(op: LinearOperator, tol: float, scale: float) -> float:
     return max(1e-3 * tol, 64 * torch.finfo(op.dtype).eps) * scale
 
 
-def _check_args(op: LinearOperator, k: int, tol: float) -> None:
+def _check_args(op: LinearOperator, k: int, tol: float, max_iter: int | None) -> None:
     if not 1 <= k <= op.numel:
         raise ValueError(f"k must be in [1, {op.numel}] (the operator size), got {k}")
-    if tol <= 0:
-        raise ValueError(f"tol must be > 0, got {tol}")
+    if not (tol > 0 and math.isfinite(tol)):
+        raise ValueError(f"tol must be a finite number > 0, got {tol}")
+    if max_iter is not None and max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1 (or None for the default), got {max_iter}")
 
 
 @dataclass
@@ -163,7 +166,7 @@ def lanczos(
     docstring). ``max_iter`` (default ``min(P, max(64, 4k))``) caps the steps of one run, i.e. the basis
     memory (``max_iter`` flat vectors ``[P]``); ``max_matvecs`` (default ``4·max_iter``) caps the products
     over all runs. ``converged`` is False when a cap stopped it before the top k were settled."""
-    _check_args(op, k, tol)
+    _check_args(op, k, tol, max_iter)
     steps = min(op.numel, max_iter if max_iter is not None else max(64, 4 * k))
     if steps < k:
         raise ValueError(f"max_iter={max_iter} is below k={k}: one Lanczos run needs at least k steps for k eigenpairs")
@@ -217,8 +220,8 @@ def power_iteration(
     op: LinearOperator, k: int = 1, tol: float = 1e-6, max_iter: int | None = None, generator: torch.Generator | None = None
 ) -> EigenResult:
     """Top-k eigenpairs by power iteration with deflation; ``max_iter`` (default 1000) caps steps per eigenpair."""
-    _check_args(op, k, tol)
-    limit = max_iter or 1000
+    _check_args(op, k, tol, max_iter)
+    limit = 1000 if max_iter is None else max_iter
     generator = generator or torch.Generator(device=op.device).manual_seed(0)
     found = torch.empty(0, op.numel, dtype=op.dtype, device=op.device)
     values: list[float] = []

@@ -7,7 +7,10 @@ number of operator products used.
 * Hutchinson trace (Hutchinson 1990): z ~ Rademacher, tr(A) = E[zᵀ A z]; variance 2 Σ_{i≠j} A_ij².
 * Hutch++ (Meyer, Musco, Musco & Woodruff 2021): with m products, m/3 go to a sketch Q = orth(A S), m/3
   to the exact trace of Qᵀ A Q, the rest to Hutchinson on (I − QQᵀ) A (I − QQᵀ). Unbiased; exact when
-  rank(A) ≤ m/3; the standard error is that of the deflated Hutchinson part.
+  rank(A) ≤ m/3. Its standard error is that of the deflated Hutchinson part *given* the sketch: the
+  randomness of the sketch itself (which part of the spectrum was deflated) is not in it, so over repeated
+  runs it under-covers the spread of the estimate (most with few probes and a slowly decaying spectrum);
+  use Hutchinson where a calibrated error bar matters more than a small one.
 * Hutchinson diagonal (Bekas, Kokiopoulou & Saad 2007): diag(A) = E[z ⊙ A z]; coordinate i has variance
   Σ_{j≠i} A_ij². Unbiased but noisy and can be negative.
 * GGN/Fisher diagonal: diag(G) = E[u ⊙ u] with u = Jᵀ s, E[s sᵀ] = Λ (Rademacher square-root factor, or
@@ -56,9 +59,9 @@ def _rademacher(op: LinearOperator, generator: torch.Generator, *shape: int) -> 
     return bits.to(op.dtype).mul_(2).sub_(1)
 
 
-def _check_probes(num_probes: int, minimum: int = 2) -> None:
+def _check_probes(num_probes: int, minimum: int = 2, reason: str = "a standard error needs two probes") -> None:
     if num_probes < minimum:
-        raise ValueError(f"num_probes must be >= {minimum} (a standard error needs two probes), got {num_probes}")
+        raise ValueError(f"num_probes must be >= {minimum} ({reason}), got {num_probes}")
 
 
 def _scalar_mean(samples: list[Tensor]) -> tuple[float, float]:
@@ -84,7 +87,7 @@ def hutchinson_trace(op: LinearOperator, num_probes: int = 30, generator: torch.
 
 def hutchpp_trace(op: LinearOperator, num_probes: int = 30, generator: torch.Generator | None = None) -> Estimate:
     """tr(A) by Hutch++ with ``num_probes`` products in all (at least 4: sketch, its trace, two residual probes)."""
-    _check_probes(num_probes, minimum=4)
+    _check_probes(num_probes, 4, "Hutch++ spends them on a sketch, its exact trace and >= 2 residual probes")
     generator = _generator(op, generator)
     sketch_size = min((num_probes - 2) // 3 or 1, op.numel)
     residual_probes = num_probes - 2 * sketch_size

@@ -10,6 +10,11 @@ of the model's predictive distribution, so ``sample`` with sampled labels is the
   s = (p − onehot(y))/√M with y ~ Categorical(p).
 * ``"bce"``: sigmoid per element, mean over N elements; Λ = diag(σ(1−σ))/N; s = (σ − y)/√N, y ~ Bernoulli(σ).
 * ``"mse"``: mean of squared errors over N elements; Λ = (2/N)·I; s = √(2/N)·z with Rademacher z.
+
+``likelihood=None`` (the default everywhere) picks the one an HF head's loss uses, from the model's
+``config.problem_type`` (:func:`resolve_likelihood`): ``"regression"`` → ``"mse"``,
+``"multi_label_classification"`` → ``"bce"``, anything else (or no config) → ``"cross_entropy"``.
+Cross-entropy over a single output column is refused: its softmax is constant, so its GGN is exactly zero.
 """
 
 from __future__ import annotations
@@ -17,14 +22,33 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from arrcoc_sam.curvature._data import IGNORE_INDEX
+from arrcoc_sam.curvature._data import IGNORE_INDEX, unwrap_model
 
-__all__ = ["LIKELIHOODS", "SAMPLINGS", "select_rows", "output_hessian_product", "sample_output_factor"]
+__all__ = [
+    "LIKELIHOODS",
+    "SAMPLINGS",
+    "resolve_likelihood",
+    "select_rows",
+    "output_hessian_product",
+    "sample_output_factor",
+]
 
 LIKELIHOODS = ("cross_entropy", "bce", "mse")
 SAMPLINGS = ("labels", "rademacher")
+_PROBLEM_TYPE_LIKELIHOODS = {"regression": "mse", "multi_label_classification": "bce"}
+_SIZE_HINT = "a multi-label head (one 0/1 target per logit) needs likelihood='bce', a regression head likelihood='mse'"
+
+
+def resolve_likelihood(likelihood: str | None, model: nn.Module | None) -> str:
+    """``likelihood`` itself when given, else the one ``model.config.problem_type`` implies (module docstring);
+    wrappers (PEFT, ``torch.compile``, DDP) are looked through."""
+    if likelihood is None:
+        config = getattr(unwrap_model(model), "config", None)
+        likelihood = _PROBLEM_TYPE_LIKELIHOODS.get(getattr(config, "problem_type", None), "cross_entropy")
+    _check(likelihood)
+    return likelihood
 
 
 def _check(likelihood: str) -> None:
@@ -38,11 +62,20 @@ def select_rows(likelihood: str, outputs: Tensor, targets: Tensor | None) -> Ten
     _check(likelihood)
     if likelihood != "cross_entropy":
         return outputs.reshape(-1)
+    if outputs.ndim == 0 or outputs.shape[-1] == 1:
+        raise ValueError(
+            f"likelihood='cross_entropy' on outputs of shape {tuple(outputs.shape)} (one column): a softmax over one "
+            "logit is constant, so its GGN is exactly zero; pass likelihood='mse' for a regression head or "
+            "likelihood='bce' for a binary (sigmoid) head"
+        )
     rows = outputs.reshape(-1, outputs.shape[-1])
     if targets is None:
         return rows
     if targets.numel() != rows.shape[0]:
-        raise ValueError(f"targets hold {targets.numel()} labels for {rows.shape[0]} rows of logits {tuple(outputs.shape)}")
+        raise ValueError(
+            f"likelihood='cross_entropy' expects one class label per row of logits, but targets hold "
+            f"{targets.numel()} labels for {rows.shape[0]} rows of logits {tuple(outputs.shape)}: {_SIZE_HINT}"
+        )
     return rows[targets.reshape(-1) != IGNORE_INDEX]
 
 

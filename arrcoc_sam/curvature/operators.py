@@ -6,7 +6,8 @@ objective L(θ) = Σ_b w_b L_b(θ) (weights from :mod:`arrcoc_sam.curvature._dat
 * :class:`HessianOperator`: H = ∇²L, by double backward (one forward, one backward, one
   backward-of-backward per batch: ~2-3 gradients' cost).
 * :class:`GGNOperator`: G = Σ_b w_b J_bᵀ Λ_b J_b for a likelihood on the outputs (``cross_entropy``,
-  ``bce``, ``mse``); equal to the Fisher for these canonical-link likelihoods. J v comes from the
+  ``bce``, ``mse``; None: from the HF ``config.problem_type``, see :mod:`.likelihoods`); equal to the Fisher
+  for these canonical-link likelihoods. J v comes from the
   double-backward trick, so it works for any module and any leaf tensor. ``sample_factor`` draws u with
   E[u uᵀ] = G (``sampling="labels"``: sampled labels, the sampled Fisher; ``"rademacher"``: a square root
   of Λ times Rademacher signs), for non-negative diagonal estimates.
@@ -37,8 +38,10 @@ from arrcoc_sam.curvature._data import (
     iter_weighted,
 )
 from arrcoc_sam.curvature.likelihoods import (
+    LIKELIHOODS,
     SAMPLINGS,
     output_hessian_product,
+    resolve_likelihood,
     sample_output_factor,
     select_rows,
 )
@@ -146,11 +149,13 @@ class HessianOperator(CurvatureOperator):
     ) -> None:
         super().__init__(model, params, data, weighting)
         self.loss_fn = loss_fn or default_loss
+        self.loss_dtype: torch.dtype | None = None  # dtype of the last loss computed (sharpness warns on bf16/fp16)
 
     def _loss(self, batch: Any) -> Tensor:
         loss = self.loss_fn(self.model, batch)
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise ValueError(f"loss_fn must return a scalar tensor, got {getattr(loss, 'shape', type(loss))}")
+        self.loss_dtype = loss.dtype
         return loss.reshape(())
 
     def loss(self) -> float:
@@ -215,20 +220,23 @@ class GGNOperator(CurvatureOperator):
         params: Sequence[Tensor],
         data: Any,
         output_fn: OutputFn | None = None,
-        likelihood: str = "cross_entropy",
+        likelihood: str | None = None,
         weighting: str = "auto",
         sampling: str = "rademacher",
     ) -> None:
         super().__init__(model, params, data, weighting)
         if sampling not in SAMPLINGS:
             raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+        if likelihood is not None and likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS} or None (from config.problem_type), got {likelihood!r}")
         self.output_fn = output_fn or default_outputs
         self.likelihood = likelihood
         self.sampling = sampling
-        select_rows(likelihood, torch.zeros(1, 1), None)  # validates the likelihood name early
 
     def _outputs(self, batch: Any) -> Tensor:
         outputs, targets = self.output_fn(self.model, batch)
+        # resolved after the first forward: an HF head with problem_type=None sets it there (num_labels=1: regression)
+        self.likelihood = resolve_likelihood(self.likelihood, self.model)
         return select_rows(self.likelihood, outputs, targets)
 
     def matvec(self, vector: Tensor) -> Tensor:

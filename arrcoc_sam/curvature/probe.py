@@ -6,8 +6,12 @@ states, the HF attention implementation, and, with ``restore_values=True``, the 
 tensors (bitwise, by copy; used by probes that perturb weights).
 
 Inside the context the model is in eval mode (dropout off, so the curvature is of a deterministic
-function), gradients are enabled (also when called under ``torch.no_grad()``), the probed tensors require grad, HF attention that has no double backward (flash, flex, …)
-is switched to ``"eager"``, and PyTorch SDPA is restricted to its math kernel (DESIGN §5 trap 11).
+function), gradients are enabled (also when called under ``torch.no_grad()``; ``torch.inference_mode()`` is
+refused, since its tensors cannot enter autograd), the probed tensors require grad, and PyTorch SDPA is
+restricted to its math kernel (DESIGN §5 trap 11). HF attention that has no double backward (flash, flex, …)
+is switched to ``"sdpa"`` (hence the exact math kernel) where the model supports it (``_supports_sdpa``), else
+to ``"eager"``; ``"sdpa"`` is preferred because HF's eager attention upcasts the softmax to float32, which
+gives NaN curvature for fully masked (left-padded) rows of float64 models.
 """
 
 from __future__ import annotations
@@ -32,14 +36,19 @@ def default_params(model: nn.Module) -> list[Tensor]:
     return params
 
 
-def _attention_configs(model: nn.Module) -> list[object]:
-    """Distinct HF configs (anything with ``_attn_implementation``) found on ``model`` and its submodules."""
-    seen: dict[int, object] = {}
+def _attention_configs(model: nn.Module) -> list[tuple[object, bool]]:
+    """Distinct HF configs (anything with ``_attn_implementation``) found on ``model`` and its submodules, each
+    with whether SDPA is supported: some module holding it declares ``_supports_sdpa`` (HF models do; their
+    layers, which share the config, do not) and none declares it False."""
+    configs: dict[int, object] = {}
+    support: dict[int, list[bool]] = {}
     for module in model.modules():
         config = getattr(module, "config", None)
         if config is not None and hasattr(config, "_attn_implementation"):
-            seen.setdefault(id(config), config)
-    return list(seen.values())
+            configs.setdefault(id(config), config)
+            declared = getattr(module, "_supports_sdpa", None)
+            support.setdefault(id(config), []).extend([] if declared is None else [bool(declared)])
+    return [(config, bool(support[key]) and all(support[key])) for key, config in configs.items()]
 
 
 @contextmanager
@@ -47,6 +56,11 @@ def probe_context(
     model: nn.Module, tensors: Sequence[Tensor], *, restore_values: bool = False, eval_mode: bool = True
 ) -> Iterator[None]:
     """Context for probing ``model`` w.r.t. ``tensors`` (parameters or leaf inputs); restores everything on exit."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "curvature probes need autograd, which torch.inference_mode() disables: call them outside the "
+            "inference_mode block (torch.no_grad() is fine; the probe re-enables gradients itself)"
+        )
     for index, tensor in enumerate(tensors):
         if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
             raise TypeError(f"params[{index}] must be a floating-point tensor, got {type(tensor).__name__}")
@@ -59,11 +73,12 @@ def probe_context(
     backups = [t.detach().clone() for t in tensors] if restore_values else []
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    attention = [(config, config._attn_implementation) for config in _attention_configs(model)]
+    configs = _attention_configs(model)
+    attention = [(config, config._attn_implementation) for config, _ in configs]
     try:
-        for config, implementation in attention:
-            if implementation not in _DOUBLE_BACKWARD_ATTENTION:
-                config._attn_implementation = "eager"
+        for config, sdpa in configs:
+            if config._attn_implementation not in _DOUBLE_BACKWARD_ATTENTION:
+                config._attn_implementation = "sdpa" if sdpa else "eager"
         if eval_mode:
             model.eval()
         for tensor in tensors:

@@ -14,14 +14,19 @@ tensors, T = |w| + η element-wise for adaptive (ASAM) measures and T = 1 otherw
   makes it invariant to rescalings that leave the function unchanged (ReLU layers w₁·α, w₂/α). Weights
   that are exactly zero are then never perturbed; if *all* probed weights are zero (e.g. a zero-initialised
   LoRA B) the perturbation set is {0} and the sharpness is exactly 0.0 (use ``eta > 0`` to probe them).
-* Average-case sharpness: E_{δ~N(0, σ²T²)}[L(w + δ)] − L(w) by Monte Carlo, with its standard error
-  (≈ ½σ² tr(H) for small σ, non-adaptive).
+* Average-case sharpness: E_{δ~N(0, σ²T²)}[L(w + δ)] − L(w) by Monte Carlo over antithetic pairs:
+  each pair gives ½(L(w + δ) + L(w − δ)) − L(w), unbiased because δ and −δ are equally likely, and free of
+  the first-order term g·δ (whose noise, σ‖g‖, swamps the ½σ² tr(H) signal away from a minimum). The
+  standard error is that of the i.i.d. pair means (≈ ½σ² tr(H) for small σ, non-adaptive).
+* Loss precision: a bf16/fp16 loss is quantised to its dtype's resolution (bf16: 2⁻⁸ relative), which
+  hides small loss differences; the sharpness measures warn (once) when the loss has such a dtype.
 * ``pac_bayes_bound``: see its docstring.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,14 +43,26 @@ from arrcoc_sam.sam.perturbation import copy_
 __all__ = ["sam_sharpness", "adaptive_sharpness", "average_sharpness", "PacBayesBound", "pac_bayes_bound"]
 
 
-def _check_positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
+def check_positive(name: str, value: float) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is a finite number > 0."""
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be > 0 and finite, got {value}")
 
 
 def _objective(model, loss_fn, data, params, weighting) -> HessianOperator:
     params = default_params(model) if params is None else list(params)
     return HessianOperator(model, params, data, loss_fn, weighting)
+
+
+def _warn_low_precision(op: HessianOperator, measure: str) -> None:
+    if op.loss_dtype in (torch.bfloat16, torch.float16):
+        warnings.warn(
+            f"{measure}: the loss is {op.loss_dtype}, so loss differences are quantised to its resolution "
+            f"(eps={torch.finfo(op.loss_dtype).eps:g} relative to the loss); return a float32 loss from loss_fn "
+            "(e.g. cross_entropy(logits.float(), labels)) or probe a float32 copy of the model",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _set(op: HessianOperator, flat: Tensor) -> None:
@@ -68,7 +85,7 @@ def sam_sharpness(
 ) -> float:
     """max_i L(w + ε_i) − L(w) over the ascent iterates ε_1..ε_steps of radius ``rho`` (1 = first-order SAM);
     0.0 when no weight can be perturbed (``adaptive`` with η = 0 and all probed weights zero)."""
-    _check_positive("rho", rho)
+    check_positive("rho", rho)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if eta < 0:
@@ -79,6 +96,7 @@ def sam_sharpness(
         scale = origin.abs() + eta if adaptive else torch.ones_like(origin)
         generator = torch.Generator(device=op.device).manual_seed(seed)
         base, gradient = op.loss_and_gradient()
+        _warn_low_precision(op, "sam_sharpness")
         delta = torch.zeros_like(origin)
         worst = -math.inf  # the largest loss over the iterates ε_1..ε_steps (ε = 0 is not one of them)
         for step in range(steps):
@@ -129,23 +147,28 @@ def average_sharpness(
     weighting: str = "auto",
     seed: int = 0,
 ) -> Estimate:
-    """E[L(w + δ)] − L(w) for δ ~ N(0, σ² T²): ``.value`` and ``.stderr`` floats (``num_samples`` forwards)."""
-    _check_positive("sigma", sigma)
+    """E[L(w + δ)] − L(w) for δ ~ N(0, σ² T²) over ``num_samples`` antithetic pairs (δ, −δ) (module
+    docstring): ``.value`` and ``.stderr`` floats, ``.num_matvecs`` = 2·``num_samples`` perturbed forwards
+    (plus one at w)."""
+    check_positive("sigma", sigma)
     if num_samples < 2:
-        raise ValueError(f"num_samples must be >= 2 for a standard error, got {num_samples}")
+        raise ValueError(f"num_samples (antithetic pairs) must be >= 2 for a standard error, got {num_samples}")
     op = _objective(model, loss_fn, data, params, weighting)
     with probe_context(model, op.params, restore_values=True):
         origin = op.flatten([p.detach() for p in op.params])
         scale = sigma * (origin.abs() + eta) if adaptive else torch.full_like(origin, sigma)
         generator = torch.Generator(device=op.device).manual_seed(seed)
         base = op.loss()
+        _warn_low_precision(op, "average_sharpness")
         gaps = []
         for _ in range(num_samples):
-            noise = torch.randn(op.numel, generator=generator, dtype=op.dtype, device=op.device)
-            _set(op, origin + scale * noise)
-            gaps.append(op.loss() - base)
+            step = scale * torch.randn(op.numel, generator=generator, dtype=op.dtype, device=op.device)
+            _set(op, origin + step)
+            plus = op.loss()
+            _set(op, origin - step)
+            gaps.append(0.5 * (plus + op.loss()) - base)
     values = torch.tensor(gaps, dtype=torch.float64)
-    return Estimate(float(values.mean()), float(values.std() / math.sqrt(num_samples)), num_samples)
+    return Estimate(float(values.mean()), float(values.std() / math.sqrt(num_samples)), 2 * num_samples)
 
 
 @dataclass
@@ -179,10 +202,25 @@ def pac_bayes_bound(
     before seeing the data (e.g. the initialisation); the second-order Taylor term is accurate at scale σ
     (a local, flat-enough region); ``trace`` is tr(H) of the training loss at w (e.g. ``hessian_trace``).
 
+    A negative ``trace`` is refused: tr(H) < 0 (a saddle, or a noisy estimate of a near-zero trace) makes the
+    Taylor term reward large σ without limit, and the "bound" could drop below zero. Pass ``max(trace, 0)``
+    to treat an estimate that is not significantly positive as flat.
+
     Args:
-        trace: tr(H) at w. loss: L_S(w). distance_sq: ‖w − w₀‖². num_examples: n.
-        delta: confidence parameter in (0, 1). sigmas: the grid S (default: 41 values log-spaced in [1e-4, 1]).
+        trace: tr(H) at w, finite and >= 0. loss: L_S(w), finite and >= 0. distance_sq: ‖w − w₀‖², finite, >= 0.
+        num_examples: n. delta: confidence parameter in (0, 1). sigmas: the grid S (default: 41 values
+        log-spaced in [1e-4, 1]).
     """
+    for name, value in (("trace", trace), ("loss", loss), ("distance_sq", distance_sq)):
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}")
+    if trace < 0:
+        raise ValueError(
+            f"trace must be >= 0, got {trace}: with negative curvature the second-order bound does not hold (the "
+            "Taylor term would reward ever larger sigma); pass max(trace, 0) to treat the estimate as flat"
+        )
+    if loss < 0:
+        raise ValueError(f"loss must be >= 0 (the bound assumes a loss in [0, 1]), got {loss}")
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
     if num_examples < 1:
@@ -190,8 +228,8 @@ def pac_bayes_bound(
     if distance_sq < 0:
         raise ValueError(f"distance_sq must be >= 0, got {distance_sq}")
     grid = list(sigmas) if sigmas is not None else [10 ** (-4 + 0.1 * i) for i in range(41)]
-    if not grid or min(grid) <= 0:
-        raise ValueError(f"sigmas must be a non-empty list of positive values, got {grid}")
+    if not grid or not all(sigma > 0 and math.isfinite(sigma) for sigma in grid):
+        raise ValueError(f"sigmas must be a non-empty list of finite positive values, got {grid}")
     confidence = math.log(2 * math.sqrt(num_examples) * len(grid) / delta)
     best = None
     for sigma in grid:

@@ -25,10 +25,11 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from arrcoc_sam.curvature import hessian_trace, sam_sharpness, top_eigenvalues
-from arrcoc_sam.curvature._data import LossFn
+from arrcoc_sam.curvature import hessian_trace, probe_context, sam_sharpness, top_eigenvalues
+from arrcoc_sam.curvature._data import LossFn, default_loss
+from arrcoc_sam.curvature.sharpness import check_positive
 
-__all__ = ["SharpnessCallback", "PROBE_KEYS", "SECONDS_KEY"]
+__all__ = ["SharpnessCallback", "PROBE_KEYS", "SECONDS_KEY", "CONVERGED_KEY", "TRACE_STDERR_KEY"]
 
 PROBE_KEYS = {
     "top_eigenvalue": "sharpness/top_eigenvalue",
@@ -37,6 +38,8 @@ PROBE_KEYS = {
     "adaptive_sharpness": "sharpness/adaptive",
 }
 SECONDS_KEY = "sharpness/probe_seconds"
+CONVERGED_KEY = "sharpness/top_eigenvalue_converged"
+TRACE_STDERR_KEY = "sharpness/trace_stderr"
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -60,12 +63,16 @@ class SharpnessCallback(TrainerCallback):
 
     Args:
         every_n_steps: probe interval in optimizer steps (``state.global_step``), > 0.
-        probes: any of ``"top_eigenvalue"`` (Lanczos, ``max_iter`` products), ``"trace"`` (Hutchinson,
-            ``num_probes`` products), ``"sam_sharpness"`` (first-order, radius ``rho``),
-            ``"adaptive_sharpness"`` (ASAM, η = 0, radius ``adaptive_rho``). Logged as ``PROBE_KEYS[probe]``,
-            plus ``sharpness/probe_seconds`` (wall time of all probes of that step).
+        probes: any of ``"top_eigenvalue"`` (Lanczos, at most ``max_iter`` products per run; stops once the
+            residual test at ``tol`` passes), ``"trace"`` (Hutchinson, ``num_probes`` products),
+            ``"sam_sharpness"`` (first-order, radius ``rho``), ``"adaptive_sharpness"`` (ASAM, η = 0, radius
+            ``adaptive_rho``); a single name is accepted as a string. Logged as ``PROBE_KEYS[probe]``, plus
+            ``sharpness/probe_seconds`` (wall time of all probes of that step), and with the top eigenvalue
+            ``sharpness/top_eigenvalue_converged`` (1.0 when Lanczos met its residual test, else 0.0: raise
+            ``max_iter``), with the trace ``sharpness/trace_stderr`` (its Monte Carlo standard error).
         eval_batches: a fixed, non-empty list of held-out batches (dicts for HF models), moved to the model's
             device at each probe. The same batches every time, so the figures are comparable over training.
+            Checked when training begins (each must give a scalar loss), not first at the first probe.
         trainer: the Trainer to log through (or call :meth:`bind` after building the Trainer).
         loss_fn: ``loss_fn(model, batch) -> scalar``; None means ``model(**batch).loss``.
         rho, adaptive_rho, num_probes, tol, max_iter, seed: probe settings (see ``arrcoc_sam.curvature``).
@@ -83,11 +90,20 @@ class SharpnessCallback(TrainerCallback):
         adaptive_rho: float = 0.5,
         num_probes: int = 8,
         tol: float = 1e-3,
-        max_iter: int = 20,
+        max_iter: int = 64,
         seed: int = 0,
     ) -> None:
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        if isinstance(probes, str):
+            probes = (probes,)
+        check_positive("rho", rho)
+        check_positive("adaptive_rho", adaptive_rho)
+        check_positive("tol", tol)
+        if num_probes < 2:
+            raise ValueError(f"num_probes must be >= 2 (the trace's standard error needs two probes), got {num_probes}")
+        if max_iter < 1:
+            raise ValueError(f"max_iter must be >= 1, got {max_iter}")
         unknown = [probe for probe in probes if probe not in PROBE_KEYS]
         if unknown or not probes:
             raise ValueError(f"probes must be a non-empty subset of {tuple(PROBE_KEYS)}, got {tuple(probes)}")
@@ -106,7 +122,7 @@ class SharpnessCallback(TrainerCallback):
         self.trainer = trainer
         return self
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.trainer is None:
             raise RuntimeError(
                 "SharpnessCallback is not bound to a Trainer: pass trainer=... or call callback.bind(trainer) "
@@ -114,6 +130,26 @@ class SharpnessCallback(TrainerCallback):
             )
         if getattr(args, "fsdp", None) or getattr(args, "deepspeed", None):
             raise ValueError("SharpnessCallback needs the full model on rank 0: FSDP/DeepSpeed sharding is not supported")
+        if state.is_world_process_zero and model is not None:
+            self.check_batches(model)
+
+    def check_batches(self, model: nn.Module) -> None:
+        """One no-grad forward per eval batch (eval mode; mode, grads and RNG restored): each must give a scalar
+        loss, so a batch without labels fails before training rather than at the first probe."""
+        model = _unwrap(model)
+        device = next(model.parameters()).device
+        loss_fn = self.loss_fn or default_loss
+        with probe_context(model, []), torch.no_grad():
+            for index, batch in enumerate(self.eval_batches):
+                try:
+                    loss = loss_fn(model, _to_device(batch, device))
+                except (TypeError, ValueError, KeyError) as err:
+                    raise ValueError(f"SharpnessCallback: eval_batches[{index}] gives no loss: {err}") from err
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                    raise ValueError(
+                        f"SharpnessCallback: eval_batches[{index}]: loss_fn must return a scalar tensor, got "
+                        f"{getattr(loss, 'shape', type(loss).__name__)}"
+                    )
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every_n_steps or not state.is_world_process_zero:
@@ -127,7 +163,8 @@ class SharpnessCallback(TrainerCallback):
             setattr(control, name, value)  # logging (a collective) must still run on this rank this step
 
     def measure(self, model: nn.Module) -> dict[str, float]:
-        """Run the configured probes now; returns ``{PROBE_KEYS[probe]: value, "sharpness/probe_seconds": s}``."""
+        """Run the configured probes now; returns ``{PROBE_KEYS[probe]: value, "sharpness/probe_seconds": s}``
+        plus ``CONVERGED_KEY`` / ``TRACE_STDERR_KEY`` with the top eigenvalue / trace."""
         model = _unwrap(model)
         device = next(model.parameters()).device
         batches = [_to_device(batch, device) for batch in self.eval_batches]
@@ -137,8 +174,11 @@ class SharpnessCallback(TrainerCallback):
             if probe == "top_eigenvalue":
                 result = top_eigenvalues(model, self.loss_fn, batches, tol=self.tol, max_iter=self.max_iter, seed=self.seed)
                 value = float(result.values[0])
+                metrics[CONVERGED_KEY] = float(result.converged)
             elif probe == "trace":
-                value = hessian_trace(model, self.loss_fn, batches, num_probes=self.num_probes, seed=self.seed).value
+                trace = hessian_trace(model, self.loss_fn, batches, num_probes=self.num_probes, seed=self.seed)
+                value = trace.value
+                metrics[TRACE_STDERR_KEY] = trace.stderr
             elif probe == "sam_sharpness":
                 value = sam_sharpness(model, self.loss_fn, batches, rho=self.rho, seed=self.seed)
             else:
