@@ -46,6 +46,16 @@ def test_accumulated_loop_matches_full_batch_sam_reference():
     assert len(losses) == 6 and losses[0] == mse(tiny_mlp(), batches(regression_data(24), 4)[0]).detach()
 
 
+@pytest.mark.parametrize("accumulation", [1, 2, 4])
+def test_perturbed_loss_figures_are_in_the_units_of_one_micro_batch_loss(accumulation):
+    """At a vanishing radius the perturbed loss is the clean one: ``sam/loss_perturbed`` must equal the mean
+    micro-batch loss the loop sees, whatever the accumulation (not the window's sum)."""
+    _, sam, losses = _loop(accumulation=accumulation, micro_size=8 // accumulation, steps=1, method="sam", rho=1e-12)
+    metrics = sam.metrics()
+    assert metrics["sam/loss_perturbed"] == pytest.approx(float(torch.stack(losses).mean()), rel=1e-5)
+    assert abs(metrics["sam/sharpness"]) < 1e-6
+
+
 def test_grad_scaler_path_matches_unscaled_loop():
     plain, _, _ = _loop(accumulation=2, micro_size=4, steps=3, method="sam", rho=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)

@@ -141,6 +141,19 @@ def test_launcher_flags_that_a_script_with_its_own_sam_arguments_never_saw_are_r
         SAMTrainer(model=torch.nn.Linear(2, 2), args=arguments())
 
 
+def test_a_script_with_its_own_sam_arguments_keeps_them_when_the_launcher_got_no_sam_flag(tmp_path):
+    from arrcoc_sam import SAMTrainer, SAMTrainingArguments
+    from arrcoc_sam.integrations.launch import flags_given
+
+    assert flags_given(["train.py", "--optim", "sgd", "--rho_schedule", "x"]) == []
+    assert flags_given(["train.py", "--rho", "0.1", "--sam_statistics"]) == ["rho", "sam_statistics"]
+    args = SAMTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", optimizer="asam", rho=0.7)
+    with patched_trainer(split_argv(["train.py"])[0].sam_settings(), explicit=False):
+        trainer = SAMTrainer(model=torch.nn.Linear(2, 2), args=args)
+        optimizer = trainer.create_optimizer()
+    assert optimizer.param_groups[0]["rho"] == 0.7 and optimizer.param_groups[0]["adaptive"] is True
+
+
 def test_a_script_ending_in_sys_exit_zero_still_shuts_its_process_group_down(tmp_path):
     import torch.distributed as dist
 

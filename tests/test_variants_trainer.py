@@ -31,9 +31,14 @@ def test_every_variant_trains_resumes_and_never_exposes_perturbed_weights_under_
     assert done == set(VARIANTS)
 
 
-def _example_mean_loss(outputs, labels, num_items_in_batch=None):
-    """The Trainer's pass-1 loss: the mean of per_example_loss over the micro-batch (ESAM's closure weighting)."""
-    return per_example_loss(outputs, {"labels": labels}).mean()
+def _example_mean_loss(window_size: int):
+    """A compute_loss_func normalised over the window as HF's contract asks (the Trainer does not divide it by
+    the accumulation steps): Σ per_example_loss / examples in the window, ESAM's closure weighting."""
+
+    def loss(outputs, labels, num_items_in_batch=None):
+        return per_example_loss(outputs, {"labels": labels}).sum() / window_size
+
+    return loss
 
 
 def test_trainer_esam_data_selection_with_accumulation_matches_closure_step_on_each_window(tmp_path):
@@ -44,7 +49,7 @@ def test_trainer_esam_data_selection_with_accumulation_matches_closure_step_on_e
     ))
     model = tiny_bert()
     trainer = SAMTrainer(model=model, args=args, train_dataset=token_dataset(steps * micro * accumulation),
-                         compute_loss_func=_example_mean_loss)
+                         compute_loss_func=_example_mean_loss(micro * accumulation))
     examples = {"grad": 0, "no_grad": 0}
 
     def count(module, args, kwargs):
@@ -93,3 +98,83 @@ def test_default_per_example_loss_matches_hand_computed_cross_entropy():
         per_example_loss(torch.zeros(3, 5), {"labels": labels})
     with pytest.raises(PerExampleLossUnavailable, match="integer labels"):
         per_example_loss({"logits": logits[:, 0]}, {"labels": torch.zeros(3)})
+
+
+def _sequence_classifier():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                        max_position_embeddings=8, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                        num_labels=3)
+    model = BertForSequenceClassification(config)
+    gen = torch.Generator().manual_seed(1)
+    rows = [{"input_ids": torch.randint(1, 40, (8,), generator=gen), "labels": torch.randint(0, 3, (), generator=gen)}
+            for _ in range(8)]
+    return model, rows
+
+
+def _causal_lm():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_positions=8, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0,
+                                       embd_pdrop=0.0, attn_pdrop=0.0))
+    gen = torch.Generator().manual_seed(1)
+    rows = []
+    for _ in range(8):
+        ids = torch.randint(0, 40, (8,), generator=gen)
+        rows.append({"input_ids": ids, "labels": ids.clone()})
+    return model, rows
+
+
+@pytest.mark.parametrize(
+    ("build", "accumulation", "smoothing"),
+    [(_sequence_classifier, 2, 0.0), (_sequence_classifier, 1, 0.2), (_causal_lm, 2, 0.0)],
+    ids=["seq_cls_accumulation_2", "label_smoothing", "causal_lm_accumulation_2"],
+)
+def test_trainer_esam_selecting_every_example_updates_like_the_whole_batch_replay(tmp_path, build, accumulation,
+                                                                                   smoothing):
+    """γ just below 1 selects every example, so its update must equal γ = 1's (the stock replay) whatever the
+    Trainer's loss normalisation (a model that ignores num_items_in_batch: ×GA), label smoothing or next-token
+    labels: the selective replay scores and scales examples as the stock loss does."""
+    updates = []
+    for gamma in (1.0, 0.9999):
+        model, rows = build()
+        before = flat_params(model)
+        args = SAMTrainingArguments(**trainer_kwargs(
+            str(tmp_path / f"g{gamma}"), optimizer="esam", rho=RHO, sam_args=f"beta=1.0,gamma={gamma}",
+            per_device_train_batch_size=8 // accumulation, gradient_accumulation_steps=accumulation, max_steps=1,
+            label_smoothing_factor=smoothing,
+        ))
+        SAMTrainer(model=model, args=args, train_dataset=rows).train()
+        updates.append(flat_params(model) - before)
+    whole, selected = updates
+    assert whole.abs().max() > 0
+    assert (selected - whole).abs().max() <= 1e-5 * whole.abs().max(), (selected - whole).abs().max() / whole.abs().max()
+
+
+def test_per_example_loss_applies_label_smoothing_like_cross_entropy():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 4, 5, generator=gen, dtype=torch.float64)
+    labels = torch.tensor([[1, 2, -100, -100], [0, -100, 4, 3], [2, 2, 2, 2]])
+    got = per_example_loss({"logits": logits}, {"labels": labels}, label_smoothing=0.2)
+    for row in range(3):
+        kept = labels[row] != -100
+        expected = torch.nn.functional.cross_entropy(logits[row][kept], labels[row][kept], label_smoothing=0.2)
+        assert torch.allclose(got[row], expected, atol=1e-12)
+    with pytest.raises(ValueError, match="label_smoothing must be in \\[0, 1\\), got 1.0"):
+        per_example_loss({"logits": logits}, {"labels": labels}, label_smoothing=1.0)
+
+
+def test_trainer_esam_warns_once_that_selection_cannot_follow_a_custom_compute_loss(tmp_path, caplog):
+    model, rows = _sequence_classifier()
+    args = SAMTrainingArguments(**trainer_kwargs(str(tmp_path), optimizer="esam", rho=RHO, sam_args="gamma=0.5",
+                                                 per_device_train_batch_size=4, max_steps=2))
+
+    def custom_loss(outputs, labels, num_items_in_batch=None):
+        return torch.nn.functional.cross_entropy(outputs.logits, labels)
+
+    with caplog.at_level("WARNING"):
+        SAMTrainer(model=model, args=args, train_dataset=rows, compute_loss_func=custom_loss).train()
+    assert caplog.text.count("not on the customised compute_loss") == 1

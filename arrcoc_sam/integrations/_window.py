@@ -268,8 +268,15 @@ class SAMWindow:
             offset += size
             if local.numel() > 0:
                 picks.append((_take(batch, local, size), local.numel()))
-        # accelerator.backward divides by its accumulation steps; undo that so Σ_window = Σ_{i∈B⁺} ∇ℓ_i / count.
-        factor = float(getattr(self.accelerator, "gradient_accumulation_steps", 1)) / count
+        # In the units of the window's pass 1: the loss run_pass back-propagated, summed over the window, is
+        # `units` times the mean clean per-example loss (1 for a loss over num_items_in_batch; the accumulation
+        # steps for a Trainer model that ignores it, or under Accelerate, whose backward divides by them again),
+        # so the chosen examples' mean gets the same factor and γ < 1 keeps the scale of γ = 1.
+        clean_examples = torch.cat(self._clean_examples)
+        dtype = torch.promote_types(torch.promote_types(self._clean.dtype, clean_examples.dtype), torch.float32)
+        units = self._clean.to(dtype) / clean_examples.to(dtype).mean()
+        fallback = float(getattr(self.accelerator, "gradient_accumulation_steps", 1))
+        factor = torch.where(torch.isfinite(units) & (units != 0), units, fallback).detach() / count
         model.zero_grad(set_to_none=True)
         for index, (subset, size) in enumerate(picks):
             module = model if index == len(picks) - 1 else inner  # only the last backward goes through DDP
@@ -326,8 +333,12 @@ class SAMWindow:
         return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
 
     def _record_losses(self, *, clean: Tensor, perturbed: Tensor) -> None:
-        self.metrics.add("loss_perturbed", perturbed)
-        self.metrics.add("sharpness", perturbed - clean)
+        """Window sums of the pass losses, in the units of one micro-batch's loss as the loop sees it: the
+        Trainer's per-micro-batch losses are already divided by the accumulation steps (its accelerator
+        accumulates over 1); a plain Accelerate loop's are not."""
+        steps = getattr(self.accelerator, "gradient_accumulation_steps", 1)
+        self.metrics.add("loss_perturbed", perturbed / steps)
+        self.metrics.add("sharpness", (perturbed - clean) / steps)
 
     def _record_stats(self, optimizer: Optimizer, scale: float) -> None:
         stats = getattr(optimizer, "stats", {})

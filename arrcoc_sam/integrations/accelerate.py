@@ -29,6 +29,7 @@ w + ε on the window under ``no_grad``, then on the chosen examples only, back-p
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +37,7 @@ import torch
 from accelerate.utils import DistributedType
 from torch import Tensor, nn
 
+from arrcoc_sam.curvature._data import shifts_labels
 from arrcoc_sam.integrations._settings import SAMSettings, check_run_compatible
 from arrcoc_sam.integrations._window import ExampleLosses, SAMWindow
 from arrcoc_sam.sam.sharding import check_model_supported, is_sharded
@@ -59,7 +61,7 @@ class AcceleratedSAM:
             ``no_sync``) or ``microbatch`` (one ascent per micro-batch, needs gradient accumulation).
         rho, eta, interval: the method's knobs (``None``: its default); ``knobs``: any further ones.
         per_example_loss_fn: ``fn(outputs, batch) -> Tensor [B]`` for ESAM's data selection (default
-            :func:`~arrcoc_sam.sam.variants.esam.per_example_loss`).
+            :func:`~arrcoc_sam.sam.variants.esam.per_example_loss`, on next-token labels for causal LMs).
         statistics: compute the pass-2 statistics (``sam/grad_norm_perturbed``, ``sam/grad_cosine``) each
             step; ``False`` saves their three reductions.
     """
@@ -101,7 +103,9 @@ class AcceleratedSAM:
         self.model = model
         base = getattr(optimizer, "optimizer", optimizer)
         self.sam_optimizer = settings.build(base)
-        self.per_example_loss_fn = per_example_loss_fn or per_example_loss
+        self.per_example_loss_fn = per_example_loss_fn or functools.partial(
+            per_example_loss, shift_labels=shifts_labels(model)
+        )
         self._window = SAMWindow(accelerator, settings.scope)
         if hasattr(self.sam_optimizer, "variant_state_dict"):
             # The loop steps the base optimizer, so accelerator.save_state() would miss the variant's own

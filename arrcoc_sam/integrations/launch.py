@@ -6,7 +6,9 @@ of the command line — exact names only, so the script's ``--optim`` is never m
 and everything else goes to the script, in order, as its ``sys.argv``. While the script runs,
 ``transformers.Trainer`` (the class object, so ``Seq2SeqTrainer`` and other subclasses inherit it) trains
 with SAM. Works the same under ``torchrun ... -m arrcoc_sam.launch`` and ``accelerate launch ... -m
-arrcoc_sam.launch``: every process patches its own Trainer.
+arrcoc_sam.launch``: every process patches its own Trainer. A script that builds its own
+``SAMTrainingArguments`` keeps its settings when no SAM flag is given to the launcher; a launcher flag it
+would never see (the launcher took it off the command line) is refused unless both agree.
 """
 
 from __future__ import annotations
@@ -24,15 +26,24 @@ from transformers.hf_argparser import string_to_bool
 
 from arrcoc_sam.integrations.trainer import SAMArguments, patched_trainer
 
-__all__ = ["main", "split_argv"]
+__all__ = ["flags_given", "main", "split_argv"]
 
 _USAGE = "python -m arrcoc_sam.launch SCRIPT.py [--optimizer NAME] [--rho R] [--sam_* ...] [SCRIPT ARGS...]"
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="arrcoc_sam.launch", usage=_USAGE, add_help=False, allow_abbrev=False)
+def _parser(with_defaults: bool = True) -> argparse.ArgumentParser:
+    """Our flags; ``with_defaults=False`` leaves the ones not given out of the namespace."""
+    parser = argparse.ArgumentParser(
+        prog="arrcoc_sam.launch",
+        usage=_USAGE,
+        add_help=False,
+        allow_abbrev=False,
+        argument_default=None if with_defaults else argparse.SUPPRESS,
+    )
     for spec in dataclasses.fields(SAMArguments):
-        kwargs = {"default": spec.default, "help": spec.metadata.get("help")}
+        kwargs = {"help": spec.metadata.get("help")}
+        if with_defaults:
+            kwargs["default"] = spec.default
         if spec.type in (bool, "bool"):  # HfArgumentParser's convention: --flag, --flag true, --flag false
             parser.add_argument(f"--{spec.name}", type=string_to_bool, nargs="?", const=True, **kwargs)
             continue
@@ -54,6 +65,11 @@ def split_argv(argv: list[str]) -> tuple[SAMArguments, str, list[str]]:
     return SAMArguments(**vars(namespace)), rest[0], rest[1:]
 
 
+def flags_given(argv: list[str]) -> list[str]:
+    """The names of our flags that ``argv`` sets (parsed like :func:`split_argv`)."""
+    return sorted(vars(_parser(with_defaults=False).parse_known_args(argv)[0]))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the script with SAM; returns its exit status (0 when it returns normally, 2 for bad launcher flags)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -73,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.argv = [script, *script_argv]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     try:
-        with patched_trainer(settings), owned_process_group():
+        with patched_trainer(settings, explicit=bool(flags_given(argv))), owned_process_group():
             runpy.run_path(script, run_name="__main__")
     except SystemExit as exit_:
         if exit_.code is None or isinstance(exit_.code, int):

@@ -25,6 +25,8 @@ Methods are driven only through their hooks (``before_first_pass``, ``ascent_thi
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +35,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
+from arrcoc_sam.curvature._data import shifts_labels
 from arrcoc_sam.integrations._settings import (
     SCOPES,
     SAMSettings,
@@ -53,6 +56,9 @@ _STOCK_CREATE_OPTIMIZER = Trainer.create_optimizer
 _STOCK_LOG = Trainer.log
 _PATCHED_METHODS = ("training_step", "create_optimizer", "log")
 _launch_settings: SAMSettings | None = None
+_launch_explicit = False  # whether _launch_settings came from flags given to the launcher (not its defaults)
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -155,10 +161,9 @@ class _SAMTrainerMethods:
                 loss = self.compute_loss(module, inputs_, num_items_in_batch=num_items_in_batch)
             return _in_training_step_units(self, loss, num_items_in_batch)
 
-        per_example = self.__dict__.get("_sam_per_example_loss_fn") or per_example_loss
-        return window.micro_step(
-            model, _sam_optimizer(self.optimizer), _shallow_copy(inputs), run_pass, ExampleLosses(forward, per_example)
-        )
+        optimizer = _sam_optimizer(self.optimizer)
+        per_example = self.__dict__.get("_sam_per_example_loss_fn") or _default_per_example_loss(self, model, optimizer)
+        return window.micro_step(model, optimizer, _shallow_copy(inputs), run_pass, ExampleLosses(forward, per_example))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the ``sam/*`` averages of the logging window to the training log (all ranks call this together)."""
@@ -180,7 +185,8 @@ class SAMTrainer(_SAMTrainerMethods, Trainer):
     Args:
         per_example_loss_fn: ``fn(outputs, batch) -> Tensor [B]``, the per-example losses ESAM's data
             selection ranks and trains on (keyword only; default
-            :func:`~arrcoc_sam.sam.variants.esam.per_example_loss`). Unused by the other methods.
+            :func:`~arrcoc_sam.sam.variants.esam.per_example_loss` on next-token labels for causal LMs, with
+            the run's ``label_smoothing_factor``). Unused by the other methods.
         *args, **kwargs: as for ``transformers.Trainer``.
     """
 
@@ -190,6 +196,22 @@ class SAMTrainer(_SAMTrainerMethods, Trainer):
         super().__init__(*args, **kwargs)
         self._sam_per_example_loss_fn = per_example_loss_fn
         _run_settings(self)
+
+
+def _default_per_example_loss(trainer: Trainer, model: nn.Module, optimizer: Any) -> Callable[[Any, Any], torch.Tensor]:
+    """:func:`per_example_loss` scoring examples as the stock loss does: next-token labels for causal LMs, the
+    run's ``label_smoothing_factor``. Warns once where ``compute_loss`` is customised, which it cannot follow."""
+    custom = trainer.compute_loss_func is not None or type(trainer).compute_loss is not Trainer.compute_loss
+    if custom and getattr(optimizer, "selects_examples", False) and not trainer.__dict__.get("_sam_warned_loss"):
+        trainer._sam_warned_loss = True
+        logger.warning(
+            "ESAM's data selection ranks and trains on per_example_loss (cross-entropy of logits and labels), "
+            "not on the customised compute_loss / compute_loss_func of this Trainer: pass "
+            "SAMTrainer(per_example_loss_fn=...) that computes your loss per example"
+        )
+    return functools.partial(
+        per_example_loss, shift_labels=shifts_labels(model), label_smoothing=trainer.args.label_smoothing_factor
+    )
 
 
 def _shallow_copy(batch: Any) -> Any:
@@ -215,7 +237,7 @@ def _in_training_step_units(trainer: Trainer, loss: torch.Tensor, num_items_in_b
 def _settings_for(trainer: Trainer) -> SAMSettings:
     if isinstance(trainer.args, SAMArguments):
         settings = trainer.args.sam_settings()
-        if _launch_settings is not None and _launch_settings != settings:
+        if _launch_settings is not None and _launch_explicit and _launch_settings != settings:
             raise ValueError(
                 f"the script builds SAMTrainingArguments ({settings.method}, rho={settings.rho}) while "
                 f"arrcoc_sam.launch took its own SAM flags ({_launch_settings.method}, rho={_launch_settings.rho}) "
@@ -274,15 +296,17 @@ def _sam_optimizer(optimizer: Any) -> torch.optim.Optimizer:
 
 
 @contextlib.contextmanager
-def patched_trainer(settings: SAMSettings) -> Iterator[None]:
+def patched_trainer(settings: SAMSettings, *, explicit: bool = True) -> Iterator[None]:
     """Within the block, every ``transformers.Trainer`` (and subclass, e.g. ``Seq2SeqTrainer``) trains with ``settings``.
 
     Patches ``training_step``, ``create_optimizer`` and ``log`` on the ``Trainer`` class object and
     restores the originals on exit. A subclass that overrides ``training_step`` itself keeps its own.
+    A Trainer whose ``args`` are :class:`SAMTrainingArguments` keeps their settings; with ``explicit``
+    (``settings`` came from flags the user gave) one that differs from ``settings`` is refused.
     """
-    global _launch_settings
+    global _launch_settings, _launch_explicit
     originals = {name: Trainer.__dict__[name] for name in _PATCHED_METHODS}
-    _launch_settings = settings
+    _launch_settings, _launch_explicit = settings, explicit
     for name in _PATCHED_METHODS:
         setattr(Trainer, name, _SAMTrainerMethods.__dict__[name])
     try:
@@ -290,4 +314,4 @@ def patched_trainer(settings: SAMSettings) -> Iterator[None]:
     finally:
         for name, function in originals.items():
             setattr(Trainer, name, function)
-        _launch_settings = None
+        _launch_settings, _launch_explicit = None, False

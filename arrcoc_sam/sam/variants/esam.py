@@ -32,13 +32,15 @@ class PerExampleLossUnavailable(ValueError):
     """The default :func:`per_example_loss` cannot serve these outputs/batch (no ``logits`` or ``labels``)."""
 
 
-def per_example_loss(outputs: Any, batch: Any, *, shift_labels: bool = False) -> Tensor:
+def per_example_loss(outputs: Any, batch: Any, *, shift_labels: bool = False, label_smoothing: float = 0.0) -> Tensor:
     """Per-example cross-entropy ``[B]`` (float32 or wider) from HF-style ``outputs.logits`` and ``batch["labels"]``.
 
     - ``logits [B, C]``, integer ``labels [B]`` (sequence classification): ``CE(logits_i, y_i)``.
     - ``logits [B, T, C]``, integer ``labels [B, T]`` (token classification, masked LM): the mean CE over
       example i's tokens whose label is not -100 (0 for an example without any). ``shift_labels=True``
       (causal LM: ``functools.partial(per_example_loss, shift_labels=True)``) scores token t+1 from position t.
+    - ``label_smoothing`` ε in [0, 1): (1 − ε)·CE + ε·mean over classes of −log p, per token, as
+      ``F.cross_entropy`` and the HF Trainer's ``label_smoothing_factor`` define it.
 
     The Trainer's own token loss (``num_items_in_batch``) weights every *token* of the batch alike, this
     one every *example* alike, as ESAM's data selection and its pass-2 mean over the chosen examples do.
@@ -47,6 +49,8 @@ def per_example_loss(outputs: Any, batch: Any, *, shift_labels: bool = False) ->
         PerExampleLossUnavailable: ``outputs`` has no ``logits``, ``batch`` no integer ``labels`` of a
             matching shape.
     """
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     logits = outputs.get("logits") if isinstance(outputs, Mapping) else getattr(outputs, "logits", None)
     labels = batch.get("labels") if isinstance(batch, Mapping) else None
     if not isinstance(logits, Tensor) or not isinstance(labels, Tensor):
@@ -69,8 +73,10 @@ def per_example_loss(outputs: Any, batch: Any, *, shift_labels: bool = False) ->
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     if labels.dim() == 1:
-        return F.cross_entropy(logits, labels, reduction="none")
-    tokens = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+        return F.cross_entropy(logits, labels, reduction="none", label_smoothing=label_smoothing)
+    tokens = F.cross_entropy(
+        logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none", label_smoothing=label_smoothing
+    )
     counts = labels.ne(IGNORE_INDEX).sum(dim=1).clamp_min(1)
     return tokens.sum(dim=1) / counts
 
