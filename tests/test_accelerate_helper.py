@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
+from torch import nn
 from torch.utils.data import DataLoader
 
 from arrcoc_sam.integrations.accelerate import AcceleratedSAM
@@ -83,3 +84,44 @@ def test_refuses_microbatch_scope_for_methods_defined_on_the_window_gradient(met
     with pytest.raises(ValueError, match=f"--optimizer {method} .* use sam_scope=global or per_device"):
         AcceleratedSAM(accelerator, model, optimizer, method=method, scope="microbatch")
     AcceleratedSAM(accelerator, model, optimizer, method=method, scope="per_device")
+
+
+def _microbatch_sam():
+    torch.manual_seed(0)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = nn.Linear(3, 1)
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    return accelerator, model, optimizer, AcceleratedSAM(accelerator, model, optimizer, method="sam", rho=0.05,
+                                                         scope="microbatch")
+
+
+def _weighted_mse(model, batch):
+    x, y, weight = batch
+    return weight * ((model(x) - y) ** 2).mean()
+
+
+def test_microbatch_scope_keeps_the_window_gradient_when_a_micro_batch_skips_its_ascent():  # kills W2
+    accelerator, model, optimizer, sam = _microbatch_sam()
+    x, y = torch.randn(4, 3), torch.randn(4, 1)
+    for weight in (1.0, 0.0):  # the second micro-batch has a zero gradient: its ascent is skipped
+        with accelerator.accumulate(model):
+            sam.backward(_weighted_mse, (x, y, weight))
+            if accelerator.sync_gradients:
+                window_grad = model.weight.grad.clone()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert sam.metrics()["sam/skipped_steps"] == 1
+    assert window_grad.norm() > 1e-3  # the first micro-batch's pass-2 gradient is still there
+
+
+def test_microbatch_scope_sharpness_is_perturbed_minus_the_whole_window_clean_loss():  # kills W5
+    accelerator, model, optimizer, sam = _microbatch_sam()
+    clean = 0.0
+    for _ in range(2):
+        with accelerator.accumulate(model):
+            clean += float(sam.backward(_weighted_mse, (torch.randn(4, 3), torch.randn(4, 1), 1.0)))
+            optimizer.step()
+            optimizer.zero_grad()
+    metrics = sam.metrics()
+    # window sums in one micro-batch loss's units: the clean part is the mean of the two clean losses
+    assert abs(metrics["sam/loss_perturbed"] - metrics["sam/sharpness"] - clean / 2) < 1e-5

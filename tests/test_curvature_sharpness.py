@@ -219,3 +219,21 @@ def test_sharpness_measures_warn_when_the_loss_is_bf16():
         sam_sharpness(model, loss, batch)
     with pytest.warns(UserWarning, match=r"average_sharpness: the loss is torch.bfloat16"):
         average_sharpness(model, loss, batch, num_samples=2)
+
+
+def test_pac_bayes_bound_matches_the_formula_with_the_union_bound_over_the_grid():  # kills C8
+    result = pac_bayes_bound(trace=10.0, loss=0.1, distance_sq=4.0, num_examples=1000, delta=0.05,
+                             sigmas=[0.01, 0.1, 1.0])
+    s = result.sigma
+    hand = 0.1 + 0.5 * s**2 * 10.0 + math.sqrt((4.0 / (2 * s**2) + math.log(2 * math.sqrt(1000) * 3 / 0.05)) / 2000)
+    assert abs(result.bound - hand) < 1e-12
+
+
+def test_adaptive_average_sharpness_with_eta_perturbs_zero_weights():  # kills C12
+    model = nn.Linear(2, 1, bias=False)
+    nn.init.zeros_(model.weight)
+    x, y = torch.randn(8, 2, generator=torch.Generator().manual_seed(0)), torch.zeros(8, 1)
+    estimate = average_sharpness(model, lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), (x, y), sigma=0.1,
+                                 num_samples=8, adaptive=True, eta=1.0)
+    expected = 0.01 * float((x**2).sum()) / 8  # σ²η² tr(XᵀX)/N for this quadratic
+    assert estimate.value > 0 and abs(estimate.value - expected) < 5 * estimate.stderr

@@ -638,3 +638,68 @@ def test_running_stats_of_a_lazy_norm_layer_are_kept_once_materialised():
     with preserve_running_stats(model):
         model(torch.randn(6, 3) + 5.0)
     assert torch.equal(model[1].running_mean, before)
+
+
+def test_groups_with_rho_zero_do_not_enter_the_ascent_norm():  # kills O4
+    a, b = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(4))
+    opt = SAM([{"params": [a], "rho": 0.0}, {"params": [b]}], torch.optim.SGD, lr=0.1, rho=0.2)
+    a.grad, b.grad = torch.full((3,), 10.0), torch.tensor([3.0, 0.0, 4.0, 0.0])
+    clean = b.detach().clone()
+    with opt.perturbed():
+        eps = b.detach() - clean
+    torch.testing.assert_close(eps, 0.2 * b.grad / 5.0)
+    assert float(opt.stats["grad_norm"]) == 5.0
+
+
+def test_stats_rho_is_the_largest_group_radius():  # kills O3
+    a, b = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2))
+    opt = SAM([{"params": [a], "rho": 0.1}, {"params": [b], "rho": 0.3}], torch.optim.SGD, lr=0.1)
+    a.grad, b.grad = torch.ones(2), torch.ones(2)
+    with opt.perturbed():
+        pass
+    assert float(opt.stats["rho"]) == torch.tensor(0.3).item()
+
+
+def test_a_non_finite_ascent_skips_exactly_one_base_step():  # kills O5
+    w = nn.Parameter(torch.ones(3))
+    opt = SAM([w], torch.optim.SGD, lr=0.1)
+    w.grad = torch.tensor([math.inf, 1.0, 1.0])
+    assert opt.perturb() is False
+    opt.step()
+    assert torch.equal(w.detach(), torch.ones(3))
+    w.grad = torch.ones(3)
+    opt.step()  # a plain step without ascent (warm-up, periodic off-step) runs again
+    torch.testing.assert_close(w.detach(), torch.full((3,), 0.9))
+
+
+def test_preserve_running_stats_restores_them_when_the_block_raises():  # kills N1
+    bn = nn.BatchNorm1d(3)
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    try:
+        with preserve_running_stats(bn):
+            bn(torch.randn(8, 3))
+            raise RuntimeError("pass 2 failed")
+    except RuntimeError:
+        pass
+    assert all(torch.equal(before[k], v) for k, v in bn.state_dict().items())
+
+
+def test_dot_over_small_and_large_cpu_tensors_matches_float64():  # kills P4
+    gen = torch.Generator().manual_seed(0)
+    a = [torch.randn(10, generator=gen), torch.randn(40, 40, generator=gen)]  # <= and > CPU_FLATTEN_NUMEL
+    b = [torch.randn(10, generator=gen), torch.randn(40, 40, generator=gen)]
+    reference = sum((x.double() * y.double()).sum() for x, y in zip(a, b, strict=True))
+    assert abs(float(perturbation.dot(a, b)) - float(reference)) < 1e-4
+
+
+def test_cosine_statistic_stays_exact_for_a_tiny_second_pass_gradient():
+    """‖ε‖²·‖g‖² underflows float32 for ‖g‖ ≈ 1e-19 although both norms are representable: take the product of
+    the norms instead."""
+    gen = torch.Generator().manual_seed(0)
+    eps = torch.randn(100, generator=gen) * 1e-4
+    grad = torch.randn(100, generator=gen) * 1e-20
+    e64, g64 = eps.double(), grad.double()
+    reference = float(e64 @ g64 / (e64.norm() * g64.norm()))
+    got, norm = perturbation.cosine([eps], [grad])
+    assert abs(float(got) - reference) < 1e-5
+    assert float(norm) == pytest.approx(float(g64.norm()), rel=1e-5)

@@ -408,3 +408,49 @@ def test_train_and_eval_modes_reach_a_modal_base_optimizer_through_the_trainer(t
     assert trainer.state.global_step == 4
     trainer.optimizer.eval()
     assert base.mode == "eval"
+
+
+class _NoLossKwargs(nn.Module):
+    """forward without **kwargs: the Trainer divides its loss by the GA steps itself."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x, labels=None):
+        logits = self.lin(x)
+        return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+class _Logs(TrainerCallback):
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs or {}))
+
+
+def _train_logging(tmp_path, **overrides):
+    gen = torch.Generator().manual_seed(0)
+    data = [{"x": torch.randn(4, generator=gen), "labels": torch.randint(0, 3, (), generator=gen)} for _ in range(16)]
+    args = SAMTrainingArguments(**trainer_kwargs(str(tmp_path / "out"), per_device_train_batch_size=4,
+                                                 gradient_accumulation_steps=2, max_steps=2, logging_steps=1,
+                                                 learning_rate=0.0, **overrides))
+    trainer = SAMTrainer(model=_NoLossKwargs(), args=args, train_dataset=data)
+    grab = _Logs()
+    trainer.add_callback(grab)
+    trainer.train()
+    return grab.logs
+
+
+def test_esam_selection_metrics_are_in_the_units_of_the_logged_loss(tmp_path):  # kills T1
+    logs = _train_logging(tmp_path, optimizer="esam", rho=1e-6, sam_args="beta=1,gamma=0.5")
+    log = next(entry for entry in logs if "sam/sharpness" in entry)
+    assert abs(log["sam/sharpness"]) < 1e-3  # ρ ≈ 0: the perturbed loss is the clean one, not GA x it
+
+
+def test_sam_metrics_are_only_read_by_training_loss_logs(tmp_path):  # kills T2
+    logs = _train_logging(tmp_path, optimizer="sam", rho=0.05)
+    assert any("sam/sharpness" in entry for entry in logs if "loss" in entry)
+    assert not [entry for entry in logs if "loss" not in entry and any(k.startswith("sam/") for k in entry)]

@@ -560,3 +560,64 @@ def test_gsam_after_a_warmup_or_one_cycle_scheduler_spans_the_peak_learning_rate
         base.step()
         one_cycle.step()
     assert max(radii) == pytest.approx(RHO, rel=1e-3) and min(radii) >= 0.01
+
+
+def test_esam_selects_ceil_gamma_b_examples_with_the_largest_rise():  # kills V6
+    opt = ESAM([nn.Parameter(torch.ones(2))], torch.optim.SGD, lr=0.1, gamma=0.5)
+    chosen = opt.select_examples(torch.zeros(5), torch.tensor([0.1, 0.5, 0.2, 0.9, 0.3]))
+    assert sorted(chosen.tolist()) == [1, 3, 4]  # ceil(0.5 * 5) = 3
+
+
+def test_gsam_scheduled_rho_is_held_within_rho_min_and_rho_outside_the_lr_range():  # kills V9
+    w = nn.Parameter(torch.ones(2))
+    opt = GSAM([w], torch.optim.SGD, lr=0.1, rho=0.05, rho_min=0.01, lr_max=0.1, lr_min=0.02)
+    group = opt.param_groups[0]
+    group["lr"] = 0.2
+    assert GSAM.scheduled_rho(group) == 0.05
+    w.grad, clean = torch.tensor([3.0, 4.0]), w.detach().clone()
+    with opt.perturbed():
+        assert abs((w.detach() - clean).norm().item() - 0.05) < 1e-6
+    group["lr"] = 0.01
+    assert GSAM.scheduled_rho(group) == 0.01
+
+
+def test_friendly_sam_commits_the_average_after_a_finite_zero_norm_ascent():  # kills V11
+    w = nn.Parameter(torch.ones(3))
+    opt = FriendlySAM([w], torch.optim.SGD, lr=0.0, sigma=2.0, ema_decay=0.5)  # d = 0·g − m = 0 at m = 0
+    g = torch.tensor([1.0, 2.0, 2.0])
+    w.grad = g.clone()
+    assert opt.perturb() is False
+    torch.testing.assert_close(opt.buffers["ema"][w], 0.5 * g)
+    w.grad = g.clone()
+    assert opt.perturb() is True  # d = −m ≠ 0 now
+    opt.restore()
+
+
+def test_loaded_variant_buffers_are_copies_not_the_checkpoint_tensors():  # kills V15
+    w1, w2 = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
+    a = FriendlySAM([w1], torch.optim.SGD, lr=0.1)
+    b = FriendlySAM([w2], torch.optim.SGD, lr=0.1)
+    w1.grad = torch.tensor([1.0, 2.0, 3.0])
+    a.perturb()
+    a.restore()
+    b.load_state_dict(a.state_dict())
+    snapshot = a.buffers["ema"][w1].clone()
+    w2.grad = torch.tensor([5.0, -5.0, 5.0])
+    b.perturb()
+    b.restore()  # b's in-place EMA update must not reach a's buffer
+    assert torch.equal(a.buffers["ema"][w1], snapshot)
+
+
+def test_a_pending_window_count_survives_a_checkpoint():  # kills V16
+    def build(p):
+        return PeriodicSAM([p], torch.optim.SGD, lr=0.1, interval=2)
+
+    live = build(nn.Parameter(torch.ones(2)))
+    live.before_first_pass()
+    live.base_optimizer.step()  # the Accelerate helper steps the base optimizer directly
+    resumed = build(nn.Parameter(torch.ones(2)))
+    resumed.load_state_dict(live.state_dict())
+    live.before_first_pass()
+    resumed.before_first_pass()
+    assert resumed.optimizer_steps == live.optimizer_steps == 1
+    assert resumed.ascent_this_step() == live.ascent_this_step() is False

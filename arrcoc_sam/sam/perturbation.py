@@ -409,8 +409,9 @@ def cosine(eps: Sequence[Tensor], grads: Sequence[Tensor]) -> tuple[Tensor, Tens
     """(cos(ε, g), ‖g‖) over all tensors as 0-dim tensors; no host sync, no parameter-sized temporaries."""
     dot_value, eps_sq, grad_sq = dot_and_squared_norms(eps, grads)
     tiny = torch.finfo(grad_sq.dtype).tiny
-    cosine_value = dot_value / (eps_sq * grad_sq).sqrt().clamp_min(tiny)
-    return cosine_value.clamp(-1.0, 1.0), grad_sq.sqrt()
+    grad_norm = grad_sq.sqrt()
+    cosine_value = dot_value / (eps_sq.sqrt() * grad_norm).clamp_min(tiny)  # product of norms: no underflow
+    return cosine_value.clamp(-1.0, 1.0), grad_norm
 
 
 def dot_and_squared_norms(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
