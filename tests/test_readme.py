@@ -1,6 +1,8 @@
 """Every ```python block of README.md runs as written, on CPU, offline, in a fresh interpreter.
 
-A block that cannot run here is marked on the line right before its fence with
+A block meant for ``torchrun`` is marked on the line right before its fence with
+``<!-- readme-test: torchrun --nproc_per_node N -->`` and runs under ``torchrun --standalone`` with N CPU
+(gloo) processes, every rank printing the same lines. A block that cannot run here is marked
 ``<!-- readme-test: skip (REASON) -->``; those are counted, not run.
 """
 
@@ -17,18 +19,21 @@ import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SKIP_MARKER = re.compile(r"<!-- readme-test: skip \((?P<reason>[^()]*\S[^()]*)\) -->")
+TORCHRUN_MARKER = re.compile(r"<!-- readme-test: torchrun --nproc_per_node (?P<nproc>[1-9][0-9]*) -->")
 FENCE = re.compile(r"^(`{3,})(\S*)\s*$")
 BLOCK_TIMEOUT_S = 120
 
 
 @dataclass(frozen=True)
 class Block:
-    """One fenced code block of the README: its id, 1-based first code line, source and skip reason."""
+    """One fenced code block of the README: its id, 1-based first code line, source, skip reason, and the
+    number of torchrun processes it runs under (None: a plain interpreter)."""
 
     id: str
     line: int
     source: str
     skip_reason: str | None
+    nproc: int | None = None
 
 
 def _slug(heading: str) -> str:
@@ -38,8 +43,8 @@ def _slug(heading: str) -> str:
 def python_blocks(text: str) -> list[Block]:
     """The README's ```python blocks, each id'd by the nearest preceding heading and its index under it.
 
-    Raises ValueError for an unclosed fence and for a `readme-test` comment that is not a well-formed skip
-    marker directly before a ```python fence.
+    Raises ValueError for an unclosed fence and for a `readme-test` comment that is not a well-formed skip or
+    torchrun marker directly before a ```python fence.
     """
     lines = text.splitlines()
     blocks: list[Block] = []
@@ -49,9 +54,11 @@ def python_blocks(text: str) -> list[Block]:
         line = lines[i]
         if line.lstrip().startswith("<!--") and "readme-test" in line:
             follows = FENCE.match(lines[i + 1]) if i + 1 < len(lines) else None
-            if not SKIP_MARKER.fullmatch(line.strip()) or follows is None or follows.group(2) != "python":
+            well_formed = SKIP_MARKER.fullmatch(line.strip()) or TORCHRUN_MARKER.fullmatch(line.strip())
+            if not well_formed or follows is None or follows.group(2) != "python":
                 raise ValueError(f"README.md line {i + 1}: {line.strip()!r} must be '<!-- readme-test: skip "
-                                 f"(REASON) -->' on the line right before a ```python fence")
+                                 f"(REASON) -->' or '<!-- readme-test: torchrun --nproc_per_node N -->' on the "
+                                 f"line right before a ```python fence")
         fence = FENCE.match(line)
         if fence is None:
             if line.startswith("#"):
@@ -62,10 +69,12 @@ def python_blocks(text: str) -> list[Block]:
         if end is None:
             raise ValueError(f"README.md line {i + 1}: code fence is never closed")
         if fence.group(2) == "python":
-            marker = SKIP_MARKER.fullmatch(lines[i - 1].strip()) if i > 0 else None
+            previous = lines[i - 1].strip() if i > 0 else ""
+            skip, torchrun = SKIP_MARKER.fullmatch(previous), TORCHRUN_MARKER.fullmatch(previous)
             blocks.append(Block(id=f"{_slug(heading)}-{index_under_heading}", line=i + 2,
                                 source="\n".join(lines[i + 1:end]) + "\n",
-                                skip_reason=marker.group("reason") if marker else None))
+                                skip_reason=skip.group("reason") if skip else None,
+                                nproc=int(torchrun.group("nproc")) if torchrun else None))
             index_under_heading += 1
         i = end + 1
     return blocks
@@ -73,17 +82,22 @@ def python_blocks(text: str) -> list[Block]:
 
 README_TEXT = README.read_text(encoding="utf-8")
 BLOCKS = python_blocks(README_TEXT)
-RUNNABLE = [block for block in BLOCKS if block.skip_reason is None]
+RUNNABLE = [block for block in BLOCKS if block.skip_reason is None and block.nproc is None]
+TORCHRUN = [block for block in BLOCKS if block.nproc is not None]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+       "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
 def test_parser_finds_blocks_headings_and_skip_markers():
     text = ("# Top\n```python\nprint(1)\n```\n## Two words\n```bash\n# not a heading\n```\n"
-            "<!-- readme-test: skip (needs CUDA) -->\n```python\nx = 1\n```\n```python\ny = 2\n```\n")
+            "<!-- readme-test: skip (needs CUDA) -->\n```python\nx = 1\n```\n```python\ny = 2\n```\n"
+            "<!-- readme-test: torchrun --nproc_per_node 2 -->\n```python\nz = 3\n```\n")
     blocks = python_blocks(text)
-    assert [(b.id, b.line, b.source, b.skip_reason) for b in blocks] == [
-        ("top-0", 3, "print(1)\n", None),
-        ("two-words-0", 11, "x = 1\n", "needs CUDA"),
-        ("two-words-1", 14, "y = 2\n", None),
+    assert [(b.id, b.line, b.source, b.skip_reason, b.nproc) for b in blocks] == [
+        ("top-0", 3, "print(1)\n", None, None),
+        ("two-words-0", 11, "x = 1\n", "needs CUDA", None),
+        ("two-words-1", 14, "y = 2\n", None, None),
+        ("two-words-2", 18, "z = 3\n", None, 2),
     ]
 
 
@@ -91,6 +105,8 @@ def test_parser_finds_blocks_headings_and_skip_markers():
     "<!-- readme-test: skip () -->\n```python\nx = 1\n```\n",
     "<!-- readme-test: skip (no reason) -->\n\n```python\nx = 1\n```\n",
     "<!-- readme-test: skip (bash) -->\n```bash\nls\n```\n",
+    "<!-- readme-test: torchrun --nproc_per_node 0 -->\n```python\nx = 1\n```\n",
+    "<!-- readme-test: torchrun -->\n```python\nx = 1\n```\n",
     "```python\nx = 1\n",
 ])
 def test_parser_rejects_malformed_markers_and_unclosed_fences(text):
@@ -102,15 +118,29 @@ def test_every_skip_marker_skips_one_python_block_with_a_reason():
     markers = [SKIP_MARKER.fullmatch(line.strip()) for line in README_TEXT.splitlines()]
     reasons = [m.group("reason") for m in markers if m]
     assert reasons == [b.skip_reason for b in BLOCKS if b.skip_reason is not None]
-    assert len(RUNNABLE) + len(reasons) == len(BLOCKS) and RUNNABLE
+    assert len(RUNNABLE) + len(TORCHRUN) + len(reasons) == len(BLOCKS) and RUNNABLE
 
 
 @pytest.mark.parametrize("block", RUNNABLE, ids=[block.id for block in RUNNABLE])
 def test_readme_python_block_runs_as_written(block, tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, "-c", block.source], cwd=tmp_path, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", block.source], cwd=tmp_path, env=ENV, capture_output=True,
                           text=True, timeout=BLOCK_TIMEOUT_S)
     if proc.returncode != 0:
         pytest.fail(f"README.md block {block.id} (code starts at line {block.line}) exited {proc.returncode}\n"
                     f"--- stderr ---\n{proc.stderr[-6000:]}", pytrace=False)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("block", TORCHRUN, ids=[block.id for block in TORCHRUN])
+def test_readme_torchrun_block_runs_and_every_rank_prints_the_same(block, tmp_path):
+    script = tmp_path / f"{block.id}.py"
+    script.write_text(block.source, encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={block.nproc}", str(script)], cwd=tmp_path, env=ENV,
+                          capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S)
+    if proc.returncode != 0:
+        pytest.fail(f"README.md block {block.id} (code starts at line {block.line}) exited {proc.returncode} under "
+                    f"torchrun\n--- stderr ---\n{proc.stderr[-6000:]}", pytrace=False)
+    printed = proc.stdout.splitlines()
+    assert printed and len(printed) % block.nproc == 0, proc.stdout
+    assert len(set(printed)) == len(printed) // block.nproc, f"ranks printed different lines:\n{proc.stdout}"
