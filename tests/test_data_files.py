@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -220,3 +221,65 @@ def test_jsonl_lines_split_only_at_newlines_not_at_unicode_line_separators(tmp_p
     path = tmp_path / "sep.jsonl"
     path.write_text('{"query": "a\u2028b", "tokens": ["x"], "labels": [1]}\r\n', encoding="utf-8")
     assert read_relevance_file(path, "text") == [{"query": "a\u2028b", "tokens": ["x"], "labels": [1.0]}]
+
+
+def _token_classification_script():
+    """scripts/train_token_classification.py as a module (scripts/ is not a package), loaded once."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    name = "train_token_classification_script"
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "scripts" / "train_token_classification.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        sys.modules[name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up here
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ('{"tokens": ["a", "b"]}', "row 2: field 'tags': missing"),
+    ('{"tokens": ["a", "b"], "tags": ["O"]}', "row 2: 2 tokens but 1 tags"),
+    ('{"tokens": [], "tags": []}', "row 2: field 'tokens': expected a non-empty list of strings, got []"),
+    ('{"tokens": ["a", 3], "tags": ["O", "O"]}', "row 2: field 'tokens': item 1 is 3"),
+    ('{"tokens": ["a"], "tags": "O"}', "row 2: field 'tags': expected a non-empty list of strings, got 'O'"),
+    ('["a", "O"]', "row 2: expected a JSON object with 'tokens' and 'tags', got list"),
+    ('{"tokens": ["a"], "tags": ["O"]', "row 2: not valid JSON"),
+])
+def test_a_malformed_token_classification_row_names_file_and_row(tmp_path, line, message):
+    script = _token_classification_script()
+    path = tmp_path / "ner.jsonl"
+    path.write_text('{"tokens": ["John", "runs"], "tags": ["B-person", "O"]}\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="^" + re.escape(f"{path}: {message}")):
+        script.read_sentences(str(path))
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("John\tB-person\nruns\n", "line 2: expected 'token<TAB>tag' (or 'token tag'), got 'runs'"),
+    ("John\tB-person\n\nruns\t \n", "line 3: expected 'token<TAB>tag'"),
+    ("", "row 0: no sentences (the file is empty)"),
+    ("\n\n", "row 0: no sentences (the file is empty)"),
+])
+def test_a_malformed_conll_file_names_file_and_line(tmp_path, text, message):
+    script = _token_classification_script()
+    path = tmp_path / "ner.txt"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match="^" + re.escape(f"{path}: {message}")):
+        script.read_sentences(str(path))
+
+
+def test_conll_sentences_keep_the_line_they_start_on_and_unknown_validation_tags_are_named(tmp_path):
+    script = _token_classification_script()
+    train = tmp_path / "train.txt"
+    train.write_text("John\tB-person\nruns\tO\n\n\nParis\tB-geo\n", encoding="utf-8")
+    validation = tmp_path / "validation.txt"
+    validation.write_text("Mary\tB-person\n\nGoogle\tB-company\nhires O\n", encoding="utf-8")
+    sentences = script.read_sentences(str(train))
+    assert sentences == [(["John", "runs"], ["B-person", "O"], 1), (["Paris"], ["B-geo"], 5)]
+    labels = {tag: i for i, tag in enumerate(sorted({t for _, tags, _ in sentences for t in tags}))}
+    held = script.read_sentences(str(validation))
+    assert held[1] == (["Google", "hires"], ["B-company", "O"], 3)
+    with pytest.raises(ValueError, match="^" + re.escape(f"{validation}: line 3: tag 'B-company' does not occur in "
+                                                         f"the training file {train}")):
+        script.check_tags(held, labels, str(validation), str(train))

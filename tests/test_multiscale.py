@@ -113,6 +113,13 @@ def test_coarse_to_fine_top_k_returns_children_of_the_best_coarse_cells_in_relev
     assert (values[:, :-1] >= values[:, 1:]).all() and got.unique(dim=1).shape[1] == 20
 
 
+def test_coarse_to_fine_top_k_breaks_ties_by_the_lower_token_index():
+    relevance = torch.zeros(1, 64)  # a flat map: every cell and token tied
+    assert coarse_to_fine_top_k(relevance, k=5, coarse_k=4).tolist() == [[0, 1, 2, 3, 4]]  # cells 0-3: tokens 0-15
+    relevance[0, 9] = relevance[0, 10] = 1.0  # cells 0 and 1 lead; tokens 9 and 10 first, then 0, 1, 2
+    assert coarse_to_fine_top_k(relevance, k=5, coarse_k=2).tolist() == [[9, 10, 0, 1, 2]]
+
+
 @pytest.mark.parametrize(("field", "value"), [("num_levels", 6), ("mode", "wavelet"), ("fusion", "max"),
                                               ("scales", [0.5, -1.0])])
 def test_config_rejects_bad_values_naming_the_field(field, value):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 
@@ -17,6 +18,16 @@ def test_tiny_quickstart_writes_report_figures_and_prints_the_table(tmp_path, ca
     assert "training_curves.png" in report and "heldout_examples.png" in report
     assert "### Robustness of relevance (feature_noise" in report and "### Robustness of relevance (weight_adversarial" in report
     assert "| AdamW | 0.1 |" in report and "| SAM | 0.2 |" in report
+    # the text follows the run (--tiny: 32 px images, a 16 x 16 grid, top-16), not the defaults
+    assert "on a 16 x 16 grid" in report and "32 x 32" not in report and "top-16 selection" in report
+    assert "a 7 % binary mask scores about 0.45" not in report and "a perfect ranking scores" in report
+    command = report.split("Reproduce this report")[1].split("\n\n")[1].strip()
+    assert command.startswith("arrcoc-sam quickstart ") and "--tiny" not in command
+    from arrcoc_sam.relevance.quickstart import _parser
+
+    rerun = vars(_parser().parse_args(shlex.split(command)[2:]))
+    ran = json.loads((tmp_path / "metrics.json").read_text())["args"]
+    assert rerun == {**ran, "tiny": False}  # every setting of the run, spelled out
     for figure in ("training_curves.png", "heldout_examples.png"):
         assert (tmp_path / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = json.loads((tmp_path / "metrics.json").read_text())["heldout"]
@@ -48,3 +59,26 @@ def test_quickstart_rejects_counts_below_one_by_flag(flag, capsys):
     with pytest.raises(SystemExit):
         _parser().parse_args([flag, "0"])
     assert f"argument {flag}: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_report_facts_are_computed_from_the_held_out_targets():
+    import torch
+
+    from arrcoc_sam.relevance.quickstart import _data_facts
+    from arrcoc_sam.relevance.rank_metrics import spearman
+
+    labels = [[0.0, 0.0, 0.7, 1.0, 0.0, 0.2], [0.0, 0.6, 0.0, 0.0, 0.0, 0.0]]
+    scenes = {"heldout": {"labels": labels, "query": ["red circle", "blue square"]}}
+
+    class Rows(list):
+        def __getitem__(self, key):
+            return [row[key] for row in self] if isinstance(key, str) else super().__getitem__(key)
+
+    scenes["heldout"] = Rows({"labels": row, "query": q} for row, q in zip(labels, ["red circle", "blue square"],
+                                                                          strict=True))
+    facts = _data_facts(scenes)
+    assert facts["queries"] == ["red circle", "blue square"]
+    assert facts["mask_share"] == pytest.approx(3 / 12)
+    target = torch.tensor(labels, dtype=torch.float64)
+    expected = spearman(target + 1e-6 * torch.arange(6.0, dtype=torch.float64), target).mean()  # any untied order
+    assert facts["spearman_ceiling"] == pytest.approx(float(expected), abs=1e-12)

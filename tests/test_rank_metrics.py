@@ -133,3 +133,65 @@ def test_bootstrap_ci_never_materialises_a_rows_by_resamples_by_samples_tensor()
         rank_metrics.bootstrap_ci(values, num_resamples=400)
     largest = max(event.cpu_memory_usage for event in profiler.events())
     assert largest < 50 * 400 * 200 * 8 / 16, largest
+
+
+def _dcg(gains_in_order, k):
+    return sum(g / math.log2(i + 2) for i, g in enumerate(gains_in_order[:k]))
+
+
+def _ndcg_over_all_tie_orders(prediction, gains, k):
+    """Brute force: the mean NDCG@k over every order of the tokens that keeps the predictions non-increasing."""
+    import itertools
+
+    orders = [order for order in itertools.permutations(range(len(prediction)))
+              if all(prediction[a] >= prediction[b] for a, b in itertools.pairwise(order))]
+    ideal = _dcg(sorted(gains, reverse=True), k)
+    return sum(_dcg([gains[i] for i in order], k) for order in orders) / len(orders) / ideal
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_ndcg_with_tied_predictions_is_the_mean_over_every_tie_break_order(seed, k):
+    generator = torch.Generator().manual_seed(seed)
+    prediction = torch.randint(0, 3, (7,), generator=generator).double()  # blocks of ties, also across rank k
+    gains = torch.rand(7, generator=generator, dtype=torch.float64).round(decimals=1)
+    expected = _ndcg_over_all_tie_orders(prediction.tolist(), gains.tolist(), k)
+    assert rank_metrics.ndcg_at_k(prediction, gains, k).item() == pytest.approx(expected, abs=1e-12)
+
+
+def test_ndcg_does_not_depend_on_the_token_order_of_tied_predictions():
+    prediction = torch.tensor([0.5, 0.9, 0.5, 0.5, 0.1, 0.9])
+    gains = torch.tensor([1.0, 0.0, 0.0, 0.3, 0.2, 0.6], dtype=torch.float64)
+    permutation = torch.tensor([3, 5, 0, 4, 2, 1])
+    for k in range(1, 7):
+        ours = rank_metrics.ndcg_at_k(prediction, gains, k)
+        permuted = rank_metrics.ndcg_at_k(prediction[permutation], gains[permutation], k)
+        assert ours.item() == pytest.approx(permuted.item(), abs=1e-12), k
+    # top-2 is the tied pair (gains 0 and 0.6): both ranks get 0.3
+    assert rank_metrics.ndcg_at_k(prediction, gains, 2).item() == pytest.approx(
+        (0.3 + 0.3 / math.log2(3)) / (1.0 + 0.6 / math.log2(3)), abs=1e-12)
+
+
+def _lowest_index_top_k(row, k):
+    return sorted(range(len(row)), key=lambda i: (-row[i], i))[:k]
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 7, 9])
+def test_top_k_ties_go_to_the_lower_token_index_in_every_top_k_metric(k):
+    from arrcoc_sam.relevance.vision import top_k_indices as model_top_k
+    from arrcoc_sam.relevance.vision_metrics import top_k_recall
+
+    generator = torch.Generator().manual_seed(k)
+    a = torch.randint(0, 3, (4, 9), generator=generator).float()  # ties straddle the K-th place
+    b = torch.randint(0, 3, (4, 9), generator=generator).float()
+    targets = torch.randint(0, 2, (4, 9), generator=generator).float()
+    targets[:, 0] = 1.0
+    chosen = [[_lowest_index_top_k(row, k) for row in x.tolist()] for x in (a, b)]
+    assert rank_metrics.top_k_indices(a, k).tolist() == chosen[0]
+    assert model_top_k(a, k).tolist() == chosen[0]
+    jaccard = [len(set(x) & set(y)) / len(set(x) | set(y)) for x, y in zip(*chosen, strict=True)]
+    torch.testing.assert_close(rank_metrics.topk_jaccard(a, b, k), torch.tensor(jaccard, dtype=torch.float64))
+    # batched over extra leading dimensions, the same sets
+    assert rank_metrics.topk_jaccard(a[None].expand(3, 4, 9), b[None].expand(3, 4, 9), k).tolist() == [jaccard] * 3
+    recall = [sum(t[i] for i in top) / sum(t) for top, t in zip(chosen[0], targets.tolist(), strict=True)]
+    assert top_k_recall(a, targets, k) == pytest.approx(sum(recall) / len(recall), abs=1e-12)

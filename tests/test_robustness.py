@@ -177,3 +177,26 @@ def test_evaluate_restores_every_modules_train_flag_including_a_frozen_eval_subm
         model, batch
     )
     assert [module.training for module in model.modules()] == before
+
+
+def test_weight_perturbations_on_a_frozen_model_are_skipped_with_one_warning():
+    import warnings
+
+    model = _model().requires_grad_(False)
+    batches = _split(_batch(4), [2, 2])
+    evaluator = RelevanceRobustness(levels=(0.1,), k=8, num_draws=2, num_bootstrap=10,
+                                    perturbations=("feature_noise", "weight_random", "weight_adversarial"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = evaluator.evaluate(model, batches)
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert len(messages) == 1, messages  # once per evaluation, not once per batch or perturbation
+    assert "weight_random and weight_adversarial requested but skipped" in messages[0]
+    assert set(report["skipped"]) == {"weight_random", "weight_adversarial"}
+    assert "feature_noise" in report["perturbations"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a trainable model, or no weight perturbation asked: no warning
+        RelevanceRobustness(levels=(0.1,), k=8, num_draws=2, num_bootstrap=10,
+                            perturbations=("feature_noise", "weight_random")).evaluate(_model(), batches)
+        RelevanceRobustness(levels=(0.1,), k=8, num_draws=2, num_bootstrap=10,
+                            perturbations=("feature_noise",)).evaluate(model, batches)

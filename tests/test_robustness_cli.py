@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import save_model
 
@@ -11,9 +12,10 @@ from arrcoc_sam.cli import main as cli_main
 from arrcoc_sam.relevance.vision import ArrCocRelevanceConfig, ArrCocRelevanceModel
 
 
-def _checkpoint(path, seed: int):
+def _checkpoint(path, seed: int, grid_size: int = 8, query_dim: int = 32):
     torch.manual_seed(seed)
-    model = ArrCocRelevanceModel(ArrCocRelevanceConfig(grid_size=8, query_dim=32, coupling_hidden=8, balancer_hidden=16))
+    model = ArrCocRelevanceModel(ArrCocRelevanceConfig(grid_size=grid_size, query_dim=query_dim, coupling_hidden=8,
+                                                       balancer_hidden=16))
     path.mkdir()
     model.config.to_json_file(path / "config.json")
     save_model(model, str(path / "model.safetensors"))
@@ -67,3 +69,85 @@ def test_evaluate_robustness_runs_every_perturbation_on_a_multiscale_checkpoint(
     assert not report["skipped"]
     for name in ("feature_noise", "input_noise", "token_dropout", "weight_random", "weight_adversarial"):
         assert report["perturbations"][name]["levels"]["0.1"]["spearman"]["n"] == 3, name
+
+
+def test_allocate_gives_each_sample_the_same_budgets_at_any_batch_size(tmp_path):
+    """Hutchinson precision is noisy, so the budgets only match if each sample's probes ignore its batch."""
+    model = _checkpoint(tmp_path / "model", 0)
+    documents = []
+    for batch_size in ("1", "2", "3"):
+        out = tmp_path / f"alloc{batch_size}"
+        code = cli_main(["allocate", "--model", model, "--data", "scenes", "--num-samples", "3", "--image-size", "32",
+                         "--batch-size", batch_size, "--k", "12", "--min-tokens", "8", "--max-tokens", "40",
+                         "--total-budget", "300", "--precision-method", "hutchinson", "--num-probes", "2",
+                         "--plot-samples", "0", "--out", str(out)])
+        assert code == 0
+        documents.append(json.loads((out / "allocation.json").read_text()))
+    assert documents[0]["samples"] == documents[1]["samples"] == documents[2]["samples"]
+    assert documents[0]["settings"]["probe_seed"] == 0
+
+
+def _usage_error(argv, capsys) -> str:
+    """Run the console command; it must exit 2 (argparse's usage error) and return its stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(argv)
+    assert exit_info.value.code == 2, argv
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--k", "0"], "argument --k: must be >= 1, got 0"),
+    (["--num-draws", "-1"], "argument --num-draws: must be >= 1, got -1"),
+    (["--levels", "0.1", "-0.2"], "argument --levels: must be a finite number >= 0, got -0.2"),
+    (["--levels", "1.5"], "--levels: token_dropout levels are fractions in [0, 1], got 1.5"),
+    (["--num-samples", "0"], "argument --num-samples: must be >= 1, got 0"),
+    (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+    (["--query-embedder", "clip"], "argument --query-embedder: invalid choice: 'clip'"),
+    (["--name", "a", "b"], "--name needs one distinct label per --model"),
+])
+def test_evaluate_robustness_bad_flag_values_are_usage_errors_naming_the_flag(tmp_path, capsys, flags, message):
+    model = _checkpoint(tmp_path / "model", 0)
+    err = _usage_error(["evaluate-robustness", "--model", model, *DATA, *flags, "--out", str(tmp_path / "o")], capsys)
+    assert message in err
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--min-tokens", "50", "--max-tokens", "10"], "--min-tokens/--max-tokens/--total-budget/--k: min_tokens (50)"),
+    (["--k", "12", "--min-tokens", "8", "--total-budget", "20"], "total_budget=20 cannot give k=12"),
+    (["--k", "65"], "--k 65 exceeds the 64 tokens of --model"),
+    (["--num-probes", "0"], "argument --num-probes: must be >= 1, got 0"),
+    (["--beta", "-1"], "argument --beta: must be a finite number >= 0, got -1"),
+])
+def test_allocate_bad_flag_values_are_usage_errors_naming_the_flag(tmp_path, capsys, flags, message):
+    model = _checkpoint(tmp_path / "model", 0)
+    err = _usage_error(["allocate", "--model", model, *DATA, *flags, "--out", str(tmp_path / "o")], capsys)
+    assert message in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(("grid_size", "query_dim", "message"), [
+    (4, 32, "grid_size=4 (16 tokens), but the data's target relevance has N=64 tokens"),
+    (8, 16, "query_dim=16, but the data's query embeddings have D=32"),
+])
+def test_models_that_do_not_fit_the_data_fail_before_any_evaluation(tmp_path, capsys, monkeypatch, grid_size,
+                                                                    query_dim, message):
+    from arrcoc_sam.relevance.robustness import RelevanceRobustness
+
+    def evaluate(*args, **kwargs):
+        raise AssertionError("a model was evaluated before every model was checked")
+
+    monkeypatch.setattr(RelevanceRobustness, "evaluate", evaluate)
+    fits = _checkpoint(tmp_path / "fits", 0)
+    other = _checkpoint(tmp_path / "other", 1, grid_size=grid_size, query_dim=query_dim)
+    err = _usage_error(["evaluate-robustness", "--model", fits, other, *DATA, "--out", str(tmp_path / "o")], capsys)
+    assert f"--model {other}: {message}" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_missing_model_folder_is_a_usage_error_naming_it(tmp_path, capsys):
+    missing = str(tmp_path / "nowhere")
+    for command in ("evaluate-robustness", "allocate"):
+        err = _usage_error([command, "--model", missing, *DATA, "--out", str(tmp_path / "o")], capsys)
+        assert f"--model {missing}: no config.json there" in err

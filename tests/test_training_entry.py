@@ -125,14 +125,34 @@ def test_accelerate_configs_load_as_accelerate_launch_configs(config):
         assert int(cluster.fsdp_config["fsdp_version"]) == 2
 
 
-def test_bad_arguments_fail_with_the_argument_name(tmp_path):
-    with pytest.raises(ValueError, match="model_kind must be one of"):
-        parse_args(["--model_kind", "audio", "--output_dir", str(tmp_path)])
-    with pytest.raises(ValueError, match="lora_r applies to the text backbone only"):
-        parse_args(["--model_kind", "vision", "--lora_r", "4", "--output_dir", str(tmp_path)])
-    with pytest.raises(ValueError, match="needs --train_file"):
-        main(["--model_kind", "text", "--backbone", "tiny", "--data_source", "files", "--output_dir",
-              str(tmp_path), *COMMON])
+def test_bad_arguments_fail_with_the_argument_name(tmp_path, capsys):
+    cases = [
+        (["--model_kind", "audio"], "--model_kind must be one of"),
+        (["--model_kind", "vision", "--lora_r", "4"], "--lora_r applies to the text backbone only"),
+        (["--model_kind", "text", "--data_source", "files"], "--data_source files needs --train_file"),
+        (["--model_kind", "vision", "--top_k", "0"], "--top_k must be an integer >= 1, got 0"),
+        (["--model_kind", "vision", "--top_k", "-5"], "--top_k must be an integer >= 1, got -5"),
+        (["--model_kind", "vision", "--query_embedder", "clip"],
+         "--query_embedder must be one of ('minilm', 'hash'), got 'clip'"),
+        (["--model_kind", "text", "--max_length", "0"], "--max_length must be an integer >= 1, got 0"),
+    ]
+    for flags, message in cases:
+        with pytest.raises(SystemExit) as exit_info:  # a usage error: exit 2, the reason, no traceback
+            parse_args([*flags, "--output_dir", str(tmp_path)])
+        assert exit_info.value.code == 2, flags
+        assert message in capsys.readouterr().err, flags
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model_kind", "vision", "--top_k", "0", "--output_dir", str(tmp_path), *COMMON])
+    assert exit_info.value.code == 2 and "--top_k" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("field", "value"), [("top_k", 0), ("top_k", -1), ("query_embedder", "auto"),
+                                              ("num_train_scenes", 0), ("max_eval_samples", 0)])
+def test_data_arguments_refuse_bad_values_at_construction(field, value):
+    from arrcoc_sam.relevance.training import DataArguments
+
+    with pytest.raises(ValueError, match=rf"--{field} must be .*got {value!r}"):
+        DataArguments(**{field: value})
 
 
 @pytest.mark.multiprocess
@@ -227,5 +247,5 @@ def test_the_console_entry_is_offline_and_mistyped_local_paths_fail_without_the_
                  ["--model_kind", "text", "--backbone", "tiny", "--tokenizer_name_or_path", missing]):
         with pytest.raises(FileNotFoundError, match=rf"{argv[-2][2:]}: .*my-modle"):
             cli_main(["train", *argv, "--query_embedder", "hash", "--num_train_scenes", "2",
-                      "--num_validation_scenes", "0", "--num_heldout_scenes", "0", "--scene_image_size", "32",
+                      "--num_validation_scenes", "1", "--num_heldout_scenes", "1", "--scene_image_size", "32",
                       "--output_dir", str(tmp_path / "out"), *COMMON])

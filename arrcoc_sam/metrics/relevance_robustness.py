@@ -3,7 +3,7 @@
 Load offline by path: ``evaluate.load("/abs/path/arrcoc_sam/metrics/relevance_robustness.py")`` (keep
 ``HF_HOME`` writable; evaluate copies this file there). ``predictions`` are the perturbed relevance maps,
 ``references`` the clean ones, one list of N floats per example. ``compute(k=200, targets=None)`` returns
-the means over examples of mean |r − r̃|, Spearman's ρ, Kendall's τ-b, the top-K Jaccard overlap, and,
+the means over examples of mean |r − r̃|, Spearman's ρ, Kendall's τ-b, the top-K Jaccard index, and,
 when target relevance maps are given, NDCG@K of the perturbed map and its drop from the clean map's.
 The math lives in `arrcoc_sam.relevance.rank_metrics` (checked against scipy.stats).
 """
@@ -25,7 +25,7 @@ _KWARGS_DESCRIPTION = """
 Args:
     predictions: perturbed relevance maps, a list of N floats per example.
     references: clean relevance maps, same shapes.
-    k: top-K size for the overlap and NDCG (clamped to N). Default 200.
+    k: top-K size for the Jaccard index and NDCG (clamped to N; ties at the K-th place go to the lower index). Default 200.
     targets: optional target relevance maps (gains >= 0), same shapes, for NDCG@K.
 Returns:
     mean_abs_diff, spearman, kendall, topk_jaccard (and ndcg, ndcg_drop with targets): floats, means over

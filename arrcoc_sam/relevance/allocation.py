@@ -1,7 +1,8 @@
 """Token allocation: which K of N visual tokens to keep, and how many VLM tokens each one gets.
 
 Three allocators share one call, ``allocator(relevance [B, N], precision [B, N]) -> (selected_indices
-[B, K] int64, token_budgets [B, K] int64)``, with selected tokens in descending order of their score:
+[B, K] int64, token_budgets [B, K] int64)``, with selected tokens in descending order of their score (equal
+scores in ascending token index, `arrcoc_sam.relevance.rank_metrics.top_k_indices`):
 
 * ``PrecisionAwareAllocator``: score s = relevance^α · precision^(±β) (+β for ``favor="precise"``, −β for
   ``favor="uncertain"``); the top-K scores are kept; each gets ``min_tokens`` plus a share of the remaining
@@ -28,6 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from arrcoc_sam.curvature import hessian_diagonal
+from arrcoc_sam.relevance.rank_metrics import top_k_indices
+from arrcoc_sam.relevance.seeding import sample_seed
 
 __all__ = [
     "PrecisionAwareAllocation",
@@ -164,7 +167,9 @@ class PrecisionAwareAllocator(_Allocator):
     def _allocate(self, relevance: Tensor, precision: Tensor | None) -> tuple[Tensor, Tensor]:
         if precision is None:
             raise ValueError("PrecisionAwareAllocator needs precision [B, N]; see token_precision()")
-        log_scores, selected = self.log_scores(relevance, precision).topk(self.k, dim=1)
+        scores = self.log_scores(relevance, precision)
+        selected = top_k_indices(scores, self.k)
+        log_scores = scores.gather(1, selected)
         top = log_scores[:, :1]
         weights = torch.exp(log_scores - torch.where(torch.isfinite(top), top, 0.0))  # in [0, 1]: no overflow
         spare = relevance.new_full((relevance.shape[0],), float(self.total_budget - self.k * self.min_tokens))
@@ -186,7 +191,8 @@ class RelevanceAllocator(_Allocator):
     def _allocate(self, relevance: Tensor, precision: Tensor | None) -> tuple[Tensor, Tensor]:
         if (relevance > 1).any():
             raise ValueError(f"relevance must lie in [0, 1] for the plain mode, got a maximum of {float(relevance.max())}")
-        values, selected = relevance.topk(self.k, dim=1)
+        selected = top_k_indices(relevance, self.k)
+        values = relevance.gather(1, selected)
         wanted = torch.floor(self.min_tokens + (self.max_tokens - self.min_tokens) * values + 1e-9).long()
         later = torch.arange(self.k - 1, -1, -1, device=relevance.device)
         granted = torch.minimum(wanted.cumsum(dim=1), self.total_budget - self.min_tokens * later)
@@ -224,7 +230,7 @@ class PrecisionAwareAllocation:
         source = source.detach().double()
         relative = source / source.amax(dim=1, keepdim=True).clamp_min(1e-300)
         adjusted = relevance.detach().double() - self.penalty * torch.relu(relative - self.target_precision)
-        selected = adjusted.topk(self.k, dim=1).indices
+        selected = top_k_indices(adjusted, self.k)
         per_token = min(max(self.total_budget // self.k, self.min_tokens), self.max_tokens)
         return selected, torch.full_like(selected, per_token)
 
@@ -252,13 +258,14 @@ def token_precision(
     loss_fn: Callable[[nn.Module, Mapping[str, Tensor]], Tensor] | None = None,
     seed: int = 0,
     return_stderr: bool = False,
+    sample_offset: int = 0,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Per-token precision ``[B, N]``: the curvature diagonal of the relevance loss w.r.t. each token's
     features ``[B, N, C]``, summed over the C channels, from `arrcoc_sam.curvature.hessian_diagonal`.
 
     The loss is the MSE between ``model.compute_relevance(token_features, query_embedding)`` and the
-    batch's ``labels``, averaged over the batch's B·N tokens; the result is multiplied by B, so it is the
-    curvature of each sample's own loss and does not depend on the batch size. ``method``:
+    batch's ``labels``, averaged over the sample's N tokens: the curvature of each sample's own loss, which
+    does not depend on the batch. ``method``:
 
     * ``"ggn"`` (default): the Gauss-Newton/Fisher diagonal, (2/N)·Σ_c Σ_n' (∂r_n'/∂f_nc)², by sampled
       factors; never negative, needs no labels (the MSE GGN does not depend on the targets); exact in one
@@ -270,9 +277,19 @@ def token_precision(
     ``batch``: a dict with ``query_embedding [B, D]``, ``token_features [B, N, C]`` (or ``pixel_values``,
     turned into features by ``model.token_features``) and, except for ``"ggn"``, ``labels [B, N]``.
     ``loss_fn(model, batch) -> scalar`` replaces the MSE for the Hessian methods (the batch it receives
-    holds the probed ``token_features``). Cost: ``num_probes`` backward passes (3x for ``hutchinson_cv``).
-    With ``return_stderr=True`` returns ``(precision, stderr)``, where ``stderr [B, N]`` is Σ_c of the
-    per-channel standard errors: an upper bound on the standard error of the channel sum.
+    holds the probed ``token_features``). With ``return_stderr=True`` returns ``(precision, stderr)``,
+    where ``stderr [B, N]`` is Σ_c of the per-channel standard errors: an upper bound on the standard error
+    of the channel sum.
+
+    Probes are drawn per sample, from a generator seeded by (``seed``, global sample index), the index of
+    row b being ``sample_offset + b``: a sample's precision is the same alone or in a batch of any size
+    (pass the running sample count as ``sample_offset`` when estimating a dataset batch by batch).
+    ``loss_fn`` sees one-sample batches ``[1, N, C]``.
+
+    Cost: one `hessian_diagonal` call per sample, i.e. B · ``num_probes`` backward passes over one sample
+    each (x3 for ``hutchinson_cv``): the arithmetic of one batched call, with B times the kernel launches.
+    It stays a loop because `hessian_diagonal` draws one probe stream per call; a batched call would tie
+    each sample's probes to its position in the batch.
     """
     if "query_embedding" not in batch:
         raise ValueError(f"batch needs 'query_embedding' [B, D]; got keys {sorted(batch)}")
@@ -282,16 +299,20 @@ def token_precision(
             raise ValueError("batch needs 'token_features' [B, N, C], or 'pixel_values' and a model with token_features()")
         with torch.no_grad():
             features = model.token_features(pixel_values=batch["pixel_values"], token_features=None)
-    leaf = features.detach().clone().requires_grad_(True)
-    probed: dict[str, Any] = {"token_features": leaf, "query_embedding": batch["query_embedding"]}
-    if batch.get("labels") is not None:
-        probed["labels"] = batch["labels"]
-    estimate = hessian_diagonal(
-        model, loss_fn or _relevance_mse, probed, num_probes=num_probes, method=method, params=[leaf],
-        output_fn=_relevance_outputs, likelihood="mse", weighting="equal", seed=seed,
-    )
-    scale = leaf.shape[0]
-    precision = estimate.value[0].sum(dim=-1) * scale
+    labels = batch.get("labels")
+    precision, stderr = [], []
+    for row in range(features.shape[0]):
+        leaf = features[row:row + 1].detach().clone().requires_grad_(True)
+        probed: dict[str, Any] = {"token_features": leaf, "query_embedding": batch["query_embedding"][row:row + 1]}
+        if labels is not None:
+            probed["labels"] = labels[row:row + 1]
+        estimate = hessian_diagonal(
+            model, loss_fn or _relevance_mse, probed, num_probes=num_probes, method=method, params=[leaf],
+            output_fn=_relevance_outputs, likelihood="mse", weighting="equal",
+            seed=sample_seed(seed, "token_precision", sample_offset + row),
+        )
+        precision.append(estimate.value[0].sum(dim=-1))
+        stderr.append(estimate.stderr[0].sum(dim=-1))
     if return_stderr:
-        return precision, estimate.stderr[0].sum(dim=-1) * scale
-    return precision
+        return torch.cat(precision), torch.cat(stderr)
+    return torch.cat(precision)

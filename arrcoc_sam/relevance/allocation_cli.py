@@ -23,7 +23,13 @@ from arrcoc_sam.relevance.allocation import (
     RelevanceAllocator,
     token_precision,
 )
-from arrcoc_sam.relevance.robustness_cli import add_data_arguments, load_batches, load_model
+from arrcoc_sam.relevance.robustness_cli import (
+    add_data_arguments,
+    load_checked,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+)
 
 MODES = ("precision", "plain", "topk")
 
@@ -38,18 +44,21 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--mode", choices=MODES, default="precision",
                        help="precision: PrecisionAwareAllocator; plain: ARR-COC min + (max-min)*relevance; "
                             "topk: the knowledge file's PrecisionAwareAllocation")
-    group.add_argument("--min-tokens", type=int, default=64)
-    group.add_argument("--max-tokens", type=int, default=400)
-    group.add_argument("--total-budget", type=int, default=None, help="default: k * (min + max) // 2")
-    group.add_argument("--k", type=int, default=200)
+    group.add_argument("--min-tokens", type=non_negative_int, default=64)
+    group.add_argument("--max-tokens", type=positive_int, default=400)
+    group.add_argument("--total-budget", type=positive_int, default=None, help="default: k * (min + max) // 2")
+    group.add_argument("--k", type=positive_int, default=200)
     group.add_argument("--favor", choices=("precise", "uncertain"), default="precise")
-    group.add_argument("--alpha", type=float, default=1.0, help="relevance exponent")
-    group.add_argument("--beta", type=float, default=1.0, help="precision exponent")
+    group.add_argument("--alpha", type=non_negative_float, default=1.0, help="relevance exponent")
+    group.add_argument("--beta", type=non_negative_float, default=1.0, help="precision exponent")
     group.add_argument("--target-precision", type=float, default=1.0, help="topk mode")
-    group.add_argument("--penalty", type=float, default=0.1, help="topk mode")
+    group.add_argument("--penalty", type=non_negative_float, default=0.1, help="topk mode")
     group.add_argument("--precision-method", choices=("ggn", "hutchinson", "hutchinson_cv"), default="ggn")
-    group.add_argument("--num-probes", type=int, default=16)
-    group.add_argument("--plot-samples", type=int, default=4, help="samples drawn in allocation.png")
+    group.add_argument("--num-probes", type=positive_int, default=16)
+    group.add_argument("--probe-seed", type=int, default=None,
+                       help="seed of the precision probes (default: --seed); each sample's probes depend only on "
+                            "this seed and the sample's index, not on --batch-size")
+    group.add_argument("--plot-samples", type=non_negative_int, default=4, help="samples drawn in allocation.png")
     return parser
 
 
@@ -95,10 +104,19 @@ def _plot(path: Path, panels: list[dict[str, torch.Tensor]], queries: list[str],
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    allocator = _allocator(args)
-    model = load_model(args.model)
-    batches, queries = load_batches(args, model)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        allocator = _allocator(args)
+    except ValueError as err:  # limits that do not fit together, e.g. --min-tokens above --max-tokens
+        parser.error(f"--min-tokens/--max-tokens/--total-budget/--k: {err}")
+    models, batches, queries = load_checked(parser, args, [args.model])
+    model = models[args.model]
+    tokens = model.config.grid_size ** 2
+    if args.k > tokens:
+        parser.error(f"--k {args.k} exceeds the {tokens} tokens of --model {args.model} (grid_size "
+                     f"{model.config.grid_size})")
+    probe_seed = args.seed if args.probe_seed is None else args.probe_seed
     samples, panels, relative_stderr = [], [], []
     for batch in batches:
         with torch.no_grad():
@@ -107,7 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 features = model.token_features(pixel_values=batch["pixel_values"], token_features=None)
             relevance = model.compute_relevance(features, batch["query_embedding"])
         precision, stderr = token_precision(model, {**batch, "token_features": features}, method=args.precision_method,
-                                            num_probes=args.num_probes, seed=args.seed, return_stderr=True)
+                                            num_probes=args.num_probes, seed=probe_seed, return_stderr=True,
+                                            sample_offset=len(samples))
         if args.mode == "precision" and args.precision_method != "ggn":
             precision = precision.clamp_min(0)  # Hessian estimates can dip below zero; the allocator needs >= 0
         indices, budgets = allocator(relevance, precision)
@@ -127,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = {key: getattr(args, key) for key in ("mode", "min_tokens", "max_tokens", "k", "favor", "alpha", "beta",
                                                      "target_precision", "penalty", "precision_method", "num_probes")}
     settings["total_budget"] = allocator.total_budget
+    settings["probe_seed"] = probe_seed
     document = {"model": str(args.model), "data": {"source": args.data, "split": args.split, "seed": args.seed},
                 "settings": settings, "samples": samples}
     (out / "allocation.json").write_text(json.dumps(document, indent=2))

@@ -38,6 +38,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel
 from transformers.utils import ModelOutput
 
+from arrcoc_sam.relevance import rank_metrics
 from arrcoc_sam.relevance.texture import grid_to_tokens, normalize_per_sample, texture_array, tokens_to_grid
 from arrcoc_sam.relevance.vision import (
     ArrCocRelevanceConfig,
@@ -154,7 +155,8 @@ def coarse_to_fine_top_k(relevance: torch.Tensor, k: int, coarse_k: int = 64) ->
 
     relevance [B, G*G] (G even) -> indices [B, k] into the fine grid, by descending relevance. The map is
     2x2-average-pooled, its `coarse_k` best cells are kept, and the k best of their 4 * coarse_k children
-    are returned. Requires k <= 4 * coarse_k <= N.
+    are returned. Requires k <= 4 * coarse_k <= N. Ties go to the lower cell, then token, index
+    (`rank_metrics.top_k_indices`).
     """
     grid = tokens_to_grid(relevance.unsqueeze(-1))[:, 0]
     batch, side = grid.shape[0], grid.shape[-1]
@@ -163,11 +165,11 @@ def coarse_to_fine_top_k(relevance: torch.Tensor, k: int, coarse_k: int = 64) ->
     if not 1 <= k <= 4 * coarse_k <= side * side:
         raise ValueError(f"need 1 <= k <= 4 * coarse_k <= N; got k={k}, coarse_k={coarse_k}, N={side * side}")
     coarse = F.avg_pool2d(grid.unsqueeze(1), 2)[:, 0].flatten(1)
-    cells = coarse.topk(coarse_k, dim=1).indices
+    cells = rank_metrics.top_k_indices(coarse, coarse_k)
     rows, cols = 2 * (cells // (side // 2)), 2 * (cells % (side // 2))
     children = torch.stack([(rows + dy) * side + cols + dx for dy in (0, 1) for dx in (0, 1)], -1).reshape(batch, -1)
-    best = relevance.gather(1, children).topk(k, dim=1).indices
-    return children.gather(1, best)
+    children = children.sort(dim=1).values  # ascending token index, so that ties among them go to the lower one
+    return children.gather(1, rank_metrics.top_k_indices(relevance.gather(1, children), k))
 
 
 class MultiScaleRelevanceModel(RelevancePreTrainedModel):

@@ -9,8 +9,16 @@ and returns ``[...]`` in float64, with no host synchronisation:
 * ``kendall_tau_b``   Kendall's τ-b = (C − D) / sqrt((P − T_x)(P − T_y)), as ``scipy.stats.kendalltau``;
                       O(N log² N) per row (a batched merge sort counts the discordant pairs)
 * ``topk_jaccard``    |S ∩ S̃| / |S ∪ S̃| of the two top-K index sets
-* ``ndcg_at_k``       Σ_{i<K} g_(i) / log2(i + 2) over the tokens ranked by the prediction, divided by the
-                      same sum over the ideal ranking of the gains; NaN when every gain is 0
+* ``ndcg_at_k``       tie-aware DCG@K of the ranking by the prediction divided by the ideal DCG@K of the
+                      gains; NaN when every gain is 0
+
+Ties. Top-K sets (``top_k_indices``, used by ``topk_jaccard`` here and by top-K recall in
+`arrcoc_sam.relevance.vision_metrics`) break ties by token index: among equal scores the lower index ranks
+first (a stable descending sort), so the same scores always give the same set, on any device and in any
+batch. NDCG does not pick: tied predictions share the mean gain of their tied block (McSherry & Najork,
+"Computing information retrieval performance measures efficiently in the presence of tied scores", ECIR
+2008), which equals the mean DCG over every order of the ties; DCG@K = Σ_{i<K} ḡ_(i) / log2(i + 2), ḡ_(i)
+the mean gain of the block holding rank i.
 
 ``bootstrap_ci`` gives the percentile bootstrap interval of a mean over samples.
 """
@@ -29,6 +37,7 @@ __all__ = [
     "mean_abs_diff",
     "ndcg_at_k",
     "spearman",
+    "top_k_indices",
     "topk_jaccard",
 ]
 
@@ -46,17 +55,22 @@ def mean_abs_diff(a: Tensor, b: Tensor) -> Tensor:
     return (a.double() - b.double()).abs().mean(dim=-1)
 
 
+def _block_means(sorted_values: Tensor, quantity: Tensor) -> Tensor:
+    """Per position of ``sorted_values [..., N]`` (sorted along the last dimension), the mean of ``quantity``
+    (float64, same shape) over the block of equal values holding that position."""
+    new_block = torch.ones_like(sorted_values, dtype=torch.bool)
+    new_block[..., 1:] = sorted_values[..., 1:] != sorted_values[..., :-1]
+    block = new_block.long().cumsum(dim=-1) - 1
+    total = torch.zeros_like(quantity).scatter_add_(-1, block, quantity)
+    count = torch.zeros_like(quantity).scatter_add_(-1, block, torch.ones_like(quantity))
+    return (total / count.clamp_min(1)).gather(-1, block)
+
+
 def average_ranks(x: Tensor) -> Tensor:
     """1-based ranks along the last dimension, ties sharing the mean of their ranks (``scipy.stats.rankdata``)."""
     values, order = torch.sort(x.double(), dim=-1, stable=True)
-    n = x.shape[-1]
-    new_group = torch.ones_like(values, dtype=torch.bool)
-    new_group[..., 1:] = values[..., 1:] != values[..., :-1]
-    group = new_group.long().cumsum(dim=-1) - 1
-    positions = torch.arange(1, n + 1, dtype=torch.float64, device=x.device).expand_as(values)
-    rank_sum = torch.zeros_like(values).scatter_add_(-1, group, positions)
-    count = torch.zeros_like(values).scatter_add_(-1, group, torch.ones_like(values))
-    sorted_ranks = (rank_sum / count.clamp_min(1)).gather(-1, group)
+    positions = torch.arange(1, x.shape[-1] + 1, dtype=torch.float64, device=x.device).expand_as(values)
+    sorted_ranks = _block_means(values, positions.contiguous())
     return torch.empty_like(sorted_ranks).scatter_(-1, order, sorted_ranks)
 
 
@@ -129,13 +143,23 @@ def kendall_tau_b(a: Tensor, b: Tensor) -> Tensor:
     return torch.where(denominator > 0, numerator / denominator, math.nan).reshape(lead)
 
 
+def top_k_indices(x: Tensor, k: int) -> Tensor:
+    """Indices ``[..., k]`` of the ``k`` largest values along the last dimension, largest first; equal values
+    in ascending index order (the module's tie policy: a stable descending sort). NaN sorts as the largest."""
+    if not 1 <= k <= x.shape[-1]:
+        raise ValueError(f"k must be in [1, N={x.shape[-1]}], got {k}")
+    return torch.sort(x, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
 def _topk_mask(x: Tensor, k: int) -> Tensor:
-    index = x.topk(k, dim=-1, sorted=False).indices
-    return torch.zeros_like(x, dtype=torch.bool).scatter_(-1, index, True)
+    return torch.zeros_like(x, dtype=torch.bool).scatter_(-1, top_k_indices(x, k), True)
 
 
 def topk_jaccard(a: Tensor, b: Tensor, k: int) -> Tensor:
-    """Jaccard index of the top-``k`` token sets along the last dimension: ``[..., N] x [..., N] -> [...]``."""
+    """Jaccard index of the top-``k`` token sets along the last dimension: ``[..., N] x [..., N] -> [...]``.
+
+    Ties at the K-th place go to the lower token index (`top_k_indices`).
+    """
     _check_pair(a, b)
     if not 1 <= k <= a.shape[-1]:
         raise ValueError(f"k must be in [1, N={a.shape[-1]}], got {k}")
@@ -145,13 +169,18 @@ def topk_jaccard(a: Tensor, b: Tensor, k: int) -> Tensor:
 
 
 def ndcg_at_k(prediction: Tensor, gains: Tensor, k: int) -> Tensor:
-    """NDCG@k of the ranking by ``prediction`` with graded ``gains >= 0`` (e.g. target relevance): ``[...]``."""
+    """NDCG@k of the ranking by ``prediction`` with graded ``gains >= 0`` (e.g. target relevance): ``[...]``.
+
+    Tie-aware: each rank i < k of a block of tied predictions is credited with the block's mean gain, so the
+    value is the mean NDCG@k over all orders of the ties (McSherry & Najork 2008), whatever the token order.
+    """
     _check_pair(prediction, gains)
     if not 1 <= k <= prediction.shape[-1]:
         raise ValueError(f"k must be in [1, N={prediction.shape[-1]}], got {k}")
     gains = gains.double()
     discount = 1.0 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64, device=gains.device))
-    ranked = gains.gather(-1, prediction.topk(k, dim=-1).indices)
+    values, order = torch.sort(prediction, dim=-1, descending=True, stable=True)
+    ranked = _block_means(values, gains.gather(-1, order))[..., :k]
     ideal = gains.topk(k, dim=-1).values
     dcg, idcg = (ranked * discount).sum(dim=-1), (ideal * discount).sum(dim=-1)
     return torch.where(idcg > 0, dcg / idcg, torch.full_like(idcg, math.nan))

@@ -35,8 +35,8 @@ a CUDA run draws other noise than a CPU run (drawing on the host would cost more
 
 from __future__ import annotations
 
-import hashlib
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from arrcoc_sam.relevance import rank_metrics
+from arrcoc_sam.relevance.seeding import sample_generator
 
 __all__ = ["PERTURBATIONS", "METRICS", "RelevanceRobustness", "robustness_report_section"]
 
@@ -58,6 +59,8 @@ _DESCRIPTIONS = {
     "weight_random": "filter-normalised Gaussian weight noise, |delta_filter| = level x |w_filter|",
     "weight_adversarial": "SAM ascent of each sample's relevance loss, |delta| = level (global L2)",
 }
+
+_NO_WEIGHTS = "the model has no trainable parameters"
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -76,12 +79,6 @@ class _RelevanceCall(nn.Module):
 
     def forward(self, token_features: Tensor, query_embedding: Tensor) -> Tensor:
         return self.model.compute_relevance(token_features, query_embedding)
-
-
-def _generator(seed: int, perturbation: str, index: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """The generator of one (seed, perturbation, sample) stream, on ``device`` (draws are made where they are used)."""
-    digest = hashlib.sha256(f"{seed}:{perturbation}:{index}".encode()).digest()
-    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:7], "little"))
 
 
 def _json_float(value: float) -> float | None:
@@ -106,7 +103,7 @@ class RelevanceRobustness:
 
     Args:
         levels: perturbation sizes ρ (their meaning per perturbation is in the module docstring).
-        k: K of the top-K overlap and of NDCG@K (clamped to N).
+        k: K of the top-K Jaccard index and of NDCG@K (clamped to N).
         num_draws: random draws per sample and level (adversarial perturbations use one).
         perturbations: which of ``PERTURBATIONS`` to run.
         metrics: which of ``METRICS`` to report (target metrics are skipped when a batch has no labels).
@@ -188,6 +185,8 @@ class RelevanceRobustness:
         targets exist); ``perturbations[name]`` with ``description``, ``max_abs_diff`` (over all levels,
         samples and draws), ``perfectly_robust`` (that maximum is <= ``rounding_atol``) and ``levels[str(level)][metric]``
         = {mean, std, ci_low, ci_high, n}; ``skipped[name]`` = reason; ``summary``, a list of sentences.
+        Weight perturbations act on the trainable parameters only: on a frozen model they are skipped, with
+        one ``UserWarning`` per call naming them.
         Every module's train/eval flag is restored on exit (a frozen submodule kept in eval mode stays so);
         weights are never modified.
         """
@@ -201,6 +200,12 @@ class RelevanceRobustness:
         finally:
             for module, training in modes:
                 module.training = training
+        frozen = [name for name, reason in collected["skipped"].items() if reason == _NO_WEIGHTS]
+        if frozen:
+            warnings.warn(f"RelevanceRobustness: {' and '.join(frozen)} requested but skipped: {_NO_WEIGHTS} "
+                          "(every parameter has requires_grad=False), and only trainable weights are perturbed; "
+                          "unfreeze the weights to study (model.requires_grad_(True)) or leave these perturbations "
+                          "out", UserWarning, stacklevel=2)
         return self._report(collected)
 
     # ------------------------------------------------------------------------------------- collection
@@ -265,7 +270,7 @@ class RelevanceRobustness:
         if name == "input_noise" and images is None:
             return "the data has no pixel_values"
         if name in ("weight_random", "weight_adversarial") and not trainable:
-            return "the model has no trainable parameters"
+            return _NO_WEIGHTS
         if name == "weight_adversarial" and target is None:
             return "the data has no target relevance ('labels') for the loss"
         return ""
@@ -325,13 +330,13 @@ class RelevanceRobustness:
     def _per_sample_randn(self, name: str, shape, like: Tensor, offset: int) -> Tensor:
         """Standard normal noise ``[D, B, *shape]``, each sample's drawn from its own seeded generator."""
         return torch.stack([torch.randn((self.num_draws, *shape), device=like.device,
-                                        generator=_generator(self.seed, name, offset + i, like.device))
+                                        generator=sample_generator(self.seed, name, offset + i, like.device))
                             for i in range(like.shape[0])], dim=1).to(like)
 
     def _per_sample_rand(self, name: str, shape, like: Tensor, offset: int) -> Tensor:
         """Uniform [0, 1) noise ``[D, B, *shape]``, each sample's drawn from its own seeded generator."""
         return torch.stack([torch.rand((self.num_draws, *shape), device=like.device,
-                                       generator=_generator(self.seed, name, offset + i, like.device))
+                                       generator=sample_generator(self.seed, name, offset + i, like.device))
                             for i in range(like.shape[0])], dim=1).to(like)
 
     def _relevance_rows(self, call: _RelevanceCall, features: Tensor, query: Tensor) -> Tensor:
@@ -352,7 +357,7 @@ class RelevanceRobustness:
         noise = []
         for w in weights:
             if w.device not in generators:
-                generators[w.device] = _generator(self.seed, "weight_random", 0, w.device)
+                generators[w.device] = sample_generator(self.seed, "weight_random", 0, w.device)
             noise.append(torch.randn((self.num_draws, *w.shape), generator=generators[w.device], device=w.device,
                                      dtype=torch.float64))
         stacked = []
@@ -457,7 +462,7 @@ def robustness_report_section(
     perturbation: str = "feature_noise",
     **kwargs: Any,
 ) -> str:
-    """A markdown section comparing models: mean |Δr|, Spearman and top-K overlap per level for one perturbation.
+    """A markdown section comparing models: mean |Δr|, Spearman and top-K Jaccard per level for one perturbation.
 
     ``kwargs`` go to `RelevanceRobustness` (e.g. ``k``, ``num_draws``, ``seed``). ``data`` must be
     re-iterable (a list of batches or one batch) since every model sees the same data.
@@ -467,8 +472,8 @@ def robustness_report_section(
                                     metrics=("mean_abs_diff", "spearman", "topk_jaccard"), **kwargs)
     lines = [f"### Robustness of relevance ({perturbation}: {_DESCRIPTIONS[perturbation]})", "",
              f"Per-sample means over held-out samples, {evaluator.num_draws} draws each; K = {evaluator.k}; "
-             "95 % bootstrap CI in brackets.", "",
-             "| model | level | mean abs Δr | Spearman | top-K overlap (Jaccard) |", "|---|---|---|---|---|"]
+             f"{100 * evaluator.confidence:g} % bootstrap CI in brackets.", "",
+             "| model | level | mean abs Δr | Spearman | top-K Jaccard |", "|---|---|---|---|---|"]
 
     def cell(stat: dict[str, Any]) -> str:
         if stat["mean"] is None:

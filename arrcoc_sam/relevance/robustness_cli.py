@@ -8,14 +8,18 @@ Every model sees the same batches. ``--data scenes`` generates the seeded query 
 (`arrcoc_sam.relevance.data_files`). The plot has one panel per (metric, perturbation) and one curve per
 model, with the bootstrap CI as error bars. This module also holds the data and model loading that
 ``arrcoc-sam allocate`` shares.
+
+Bad flag values exit with status 2 and the flag named (argparse's usage error), and every model is checked
+against the data (query dimension D, tokens per sample N = grid_size²) before anything is evaluated.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +31,41 @@ from arrcoc_sam.relevance.robustness import METRICS, PERTURBATIONS, RelevanceRob
 PLOT_METRICS = ("mean_abs_diff", "spearman", "topk_jaccard")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """The data flags shared by `evaluate-robustness` and `allocate`."""
     group = parser.add_argument_group("data")
     group.add_argument("--data", default="scenes", help="'scenes' (generated query scenes) or a vision .jsonl file")
     group.add_argument("--split", default="heldout", choices=("train", "validation", "heldout"), help="scenes split")
-    group.add_argument("--num-samples", type=int, default=64, help="samples to evaluate (the first ones)")
-    group.add_argument("--batch-size", type=int, default=16)
-    group.add_argument("--image-size", type=int, default=64, help="scenes: image side in pixels")
+    group.add_argument("--num-samples", type=positive_int, default=64, help="samples to evaluate (the first ones)")
+    group.add_argument("--batch-size", type=positive_int, default=16)
+    group.add_argument("--image-size", type=positive_int, default=64, help="scenes: image side in pixels")
     group.add_argument("--seed", type=int, default=0, help="scene seed (and noise seed)")
-    group.add_argument("--query-embedder", default="auto",
-                       help="'minilm', 'hash', or 'auto' (minilm when the model's query_dim is 384, else hash)")
+    group.add_argument("--query-embedder", default="auto", choices=("auto", "minilm", "hash"),
+                       help="'auto': minilm when the model's query_dim is 384, else hash")
 
 
 def load_model(path: str | os.PathLike) -> torch.nn.Module:
@@ -59,11 +87,7 @@ def _embedder(choice: str, query_dim: int):
 
     if choice == "auto":
         choice = "minilm" if query_dim == MiniLMQueryEmbedder.dim else "hash"
-    if choice == "minilm":
-        return MiniLMQueryEmbedder()
-    if choice == "hash":
-        return HashQueryEmbedder(dim=query_dim)
-    raise ValueError(f"--query-embedder must be 'auto', 'minilm' or 'hash', got {choice!r}")
+    return MiniLMQueryEmbedder() if choice == "minilm" else HashQueryEmbedder(dim=query_dim)
 
 
 def _collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -80,9 +104,8 @@ def _collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 
 
 def load_batches(args: argparse.Namespace, model: torch.nn.Module) -> tuple[list[dict[str, torch.Tensor]], list[str]]:
-    """The evaluation batches and each sample's query text, from ``--data`` and the model's config."""
-    if args.num_samples < 1 or args.batch_size < 1:
-        raise ValueError(f"--num-samples and --batch-size must be >= 1, got {args.num_samples}, {args.batch_size}")
+    """The evaluation batches and each sample's query text, from ``--data`` and the model's config (scenes are
+    generated on its grid, queries embedded for its query_dim)."""
     config = model.config
     embedder = _embedder(args.query_embedder, config.query_dim)
     if args.data == "scenes":
@@ -103,6 +126,27 @@ def load_batches(args: argparse.Namespace, model: torch.nn.Module) -> tuple[list
     rows = [rows[i] for i in range(count)]
     batches = [_collate(rows[i:i + args.batch_size]) for i in range(0, count, args.batch_size)]
     return batches, [str(r.get("query", "")) for r in rows]
+
+
+def check_models_fit_data(models: Mapping[str, torch.nn.Module], batch: Mapping[str, torch.Tensor]) -> None:
+    """ValueError naming the first model (by its path, the key of ``models``) whose ``query_dim`` or grid
+    (N = grid_size² tokens) does not fit the data's ``batch``; call it before evaluating any model."""
+    query_dim = batch["query_embedding"].shape[-1]
+    if batch.get("token_features") is not None:
+        tokens, source = batch["token_features"].shape[1], "token_features"
+    elif batch.get("labels") is not None:
+        tokens, source = batch["labels"][0].numel(), "target relevance"
+    else:
+        tokens, source = None, ""
+    for path, model in models.items():
+        config = model.config
+        if config.query_dim != query_dim:
+            raise ValueError(f"--model {path}: query_dim={config.query_dim}, but the data's query embeddings have "
+                             f"D={query_dim}; evaluate models with other query dimensions in separate runs")
+        grid = getattr(config, "grid_size", None)
+        if tokens is not None and grid is not None and grid * grid != tokens:
+            raise ValueError(f"--model {path}: grid_size={grid} ({grid * grid} tokens), but the data's {source} has "
+                             f"N={tokens} tokens per sample; evaluate models with other grids in separate runs")
 
 
 def plot_reports(reports: dict[str, dict[str, Any]], path: Path, metrics: Sequence[str] = PLOT_METRICS) -> None:
@@ -149,25 +193,43 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="output folder for robustness.json and robustness.png")
     add_data_arguments(parser)
     group = parser.add_argument_group("robustness")
-    group.add_argument("--levels", type=float, nargs="+", default=[0.05, 0.1, 0.2])
-    group.add_argument("--k", type=int, default=200)
-    group.add_argument("--num-draws", type=int, default=8)
+    group.add_argument("--levels", type=non_negative_float, nargs="+", default=[0.05, 0.1, 0.2])
+    group.add_argument("--k", type=positive_int, default=200)
+    group.add_argument("--num-draws", type=positive_int, default=8)
     group.add_argument("--perturbations", nargs="+", default=list(PERTURBATIONS), choices=PERTURBATIONS)
     group.add_argument("--metrics", nargs="+", default=list(METRICS), choices=METRICS)
     group.add_argument("--looped", action="store_true", help="evaluate draws one at a time (reference path)")
     return parser
 
 
+def load_checked(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, paths: Sequence[str]
+) -> tuple[dict[str, torch.nn.Module], list[dict[str, torch.Tensor]], list[str]]:
+    """``({path: model}, batches, queries)``: the models, and the data for the first of them, each model checked
+    against the data; a bad ``--model`` or ``--data`` ends in ``parser.error`` (exit 2) naming it."""
+    try:
+        models = {path: load_model(path) for path in paths}
+        batches, queries = load_batches(args, models[paths[0]])
+        check_models_fit_data(models, batches[0])
+    except (OSError, ValueError) as err:
+        parser.error(str(err))
+    return models, batches, queries
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     names = args.name or [Path(m).name or str(m) for m in args.model]
     if len(names) != len(args.model) or len(set(names)) != len(names):
-        raise SystemExit(f"--name needs one distinct label per --model, got {names} for {len(args.model)} models")
-    evaluator = RelevanceRobustness(levels=args.levels, k=args.k, num_draws=args.num_draws,
-                                    perturbations=args.perturbations, metrics=args.metrics,
-                                    batched=not args.looped, seed=args.seed)
-    models = {name: load_model(path) for name, path in zip(names, args.model, strict=True)}
-    batches, _ = load_batches(args, next(iter(models.values())))
+        parser.error(f"--name needs one distinct label per --model, got {names} for {len(args.model)} models")
+    try:
+        evaluator = RelevanceRobustness(levels=args.levels, k=args.k, num_draws=args.num_draws,
+                                        perturbations=args.perturbations, metrics=args.metrics,
+                                        batched=not args.looped, seed=args.seed)
+    except ValueError as err:  # the flags' types leave only --levels to check against the perturbations
+        parser.error(f"--levels: {err}")
+    loaded, batches, _ = load_checked(parser, args, args.model)
+    models = {name: loaded[path] for name, path in zip(names, args.model, strict=True)}
     reports = {name: evaluator.evaluate(model, batches) for name, model in models.items()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

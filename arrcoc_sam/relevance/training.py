@@ -29,6 +29,7 @@ from typing import Any
 
 MODEL_KINDS = ("vision", "multiscale", "text")
 DATA_SOURCES = ("scenes", "wnut", "files")
+QUERY_EMBEDDERS = ("minilm", "hash")
 _TINY_BERT = {"vocab_size": 30522, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
               "intermediate_size": 64}
 
@@ -72,13 +73,13 @@ class ModelArguments:
 
     def __post_init__(self) -> None:
         if self.model_kind not in MODEL_KINDS:
-            raise ValueError(f"model_kind must be one of {MODEL_KINDS}, got {self.model_kind!r}")
+            raise ValueError(f"--model_kind must be one of {MODEL_KINDS}, got {self.model_kind!r}")
         if self.lora_r < 0:
-            raise ValueError(f"lora_r must be >= 0, got {self.lora_r}")
+            raise ValueError(f"--lora_r must be >= 0, got {self.lora_r}")
         if self.lora_r and self.model_kind != "text":
-            raise ValueError(f"lora_r applies to the text backbone only, got model_kind={self.model_kind!r}")
+            raise ValueError(f"--lora_r applies to the text backbone only, got --model_kind {self.model_kind!r}")
         if self.sharpness_every < 0:
-            raise ValueError(f"sharpness_every must be >= 0, got {self.sharpness_every}")
+            raise ValueError(f"--sharpness_every must be >= 0, got {self.sharpness_every}")
 
 
 @dataclass
@@ -108,8 +109,21 @@ class DataArguments:
     top_k: int = field(default=200, metadata={"help": "vision metrics: K of top-K recall and NDCG"})
 
     def __post_init__(self) -> None:
+        """Refuse bad values at construction (the command line then exits 2), naming the flag and the value."""
         if self.data_source is not None and self.data_source not in DATA_SOURCES:
-            raise ValueError(f"data_source must be one of {DATA_SOURCES}, got {self.data_source!r}")
+            raise ValueError(f"--data_source must be one of {DATA_SOURCES}, got {self.data_source!r}")
+        if self.data_source == "files" and self.train_file is None:
+            raise ValueError("--data_source files needs --train_file (and optionally --validation_file, --heldout_file)")
+        if self.query_embedder not in QUERY_EMBEDDERS:
+            raise ValueError(f"--query_embedder must be one of {QUERY_EMBEDDERS}, got {self.query_embedder!r}")
+        minimum = {"top_k": 1, "max_length": 1, "num_train_scenes": 1, "num_validation_scenes": 1,
+                   "num_heldout_scenes": 1, "scene_image_size": 1, "wnut_validation_tweets": 0,
+                   "wnut_heldout_tweets": 0, "wnut_negatives_per_tweet": 0, "max_train_samples": 1,
+                   "max_eval_samples": 1}
+        for name, low in minimum.items():
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise ValueError(f"--{name} must be an integer >= {low}, got {value!r}")
 
 
 def _split_items(text: str) -> list[str]:
@@ -244,8 +258,6 @@ def _truncate(dataset, limit: int | None):
 def _file_splits(data_args: DataArguments) -> dict[str, str]:
     files = {"train": data_args.train_file, "validation": data_args.validation_file,
              "heldout": data_args.heldout_file}
-    if files["train"] is None:
-        raise ValueError("data_source='files' needs --train_file (and optionally --validation_file, --heldout_file)")
     return {split: path for split, path in files.items() if path is not None}
 
 
@@ -424,7 +436,10 @@ def set_offline() -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None):
-    """``(ModelArguments, DataArguments, SAMTrainingArguments)`` from the command line (and a recipe file)."""
+    """``(ModelArguments, DataArguments, SAMTrainingArguments)`` from the command line (and a recipe file).
+
+    A bad flag value exits with status 2 and the reason on stderr (``argparse``'s ``parser.error``).
+    """
     from transformers import HfArgumentParser
 
     from arrcoc_sam.integrations.trainer import SAMTrainingArguments
@@ -433,7 +448,10 @@ def parse_args(argv: Sequence[str] | None = None):
     if argv and Path(argv[0]).suffix.lower() in (".yaml", ".yml", ".json") and not argv[0].startswith("-"):
         argv = recipe_to_argv(argv[0]) + argv[1:]
     parser = HfArgumentParser((ModelArguments, DataArguments, SAMTrainingArguments))
-    return parser.parse_args_into_dataclasses(args=argv)
+    try:
+        return parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as err:  # a bad flag value, found by a dataclass's __post_init__: usage error, exit 2
+        parser.error(str(err))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 from transformers import initialization as hf_init
 from transformers.utils import ModelOutput
 
+from arrcoc_sam.relevance import rank_metrics
 from arrcoc_sam.relevance.texture import (
     NUM_TEXTURE_CHANNELS,
     SOBEL_MAGNITUDE_CHANNEL,
@@ -257,8 +258,9 @@ def relevance_loss(relevance: torch.Tensor, labels: torch.Tensor, config: ArrCoc
 
 
 def top_k_indices(relevance: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices [B, min(k, N)] of the highest-relevance tokens, by descending relevance."""
-    return relevance.topk(min(k, relevance.shape[-1]), dim=-1).indices
+    """Indices [B, min(k, N)] of the highest-relevance tokens, by descending relevance; ties go to the lower
+    token index, as in the metrics (`rank_metrics.top_k_indices`)."""
+    return rank_metrics.top_k_indices(relevance, min(k, relevance.shape[-1]))
 
 
 class RelevancePreTrainedModel(PreTrainedModel):

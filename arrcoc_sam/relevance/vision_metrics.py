@@ -49,19 +49,21 @@ def spearman_per_sample(predictions: ArrayLike, targets: ArrayLike) -> float:
 
 def top_k_recall(predictions: ArrayLike, targets: ArrayLike, k: int = 200, threshold: float = 0.5) -> float:
     """Fraction of target-mask tokens (target >= threshold) among the K highest predictions, averaged over
-    samples with a non-empty mask (NaN when every mask is empty). K is clamped to N."""
+    samples with a non-empty mask (NaN when every mask is empty). K is clamped to N; tied predictions at the
+    K-th place go to the lower token index (`rank_metrics.top_k_indices`)."""
     pred, target = _pair(predictions, targets)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     mask = target >= threshold
-    top = pred.topk(min(k, pred.shape[1]), dim=1).indices
+    top = rank_metrics.top_k_indices(pred, min(k, pred.shape[1]))
     hits = mask.gather(1, top).sum(dim=1).double()
     sizes = mask.sum(dim=1).double()
     return _nanmean(torch.where(sizes > 0, hits / sizes.clamp_min(1), torch.full_like(sizes, float("nan"))))
 
 
 def ndcg_at_k(predictions: ArrayLike, targets: ArrayLike, k: int = 200) -> float:
-    """NDCG@K with the targets as gains, averaged over samples with a positive ideal DCG. K is clamped to N."""
+    """Tie-aware NDCG@K (`rank_metrics.ndcg_at_k`) with the targets as gains, averaged over samples with a
+    positive ideal DCG. K is clamped to N."""
     pred, target = _pair(predictions, targets)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
