@@ -55,6 +55,22 @@ class DataArguments:
     max_seq_length: int = field(default=64, metadata={"help": "Truncate sentences to this many tokens."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N sentences only."})
 
+    def __post_init__(self) -> None:
+        if self.max_seq_length < 1:
+            raise ValueError(f"--max_seq_length must be >= 1, got {self.max_seq_length}")
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            raise ValueError(f"--max_train_samples must be >= 1 (or left out), got {self.max_train_samples}")
+
+
+def check_sequence_length(max_seq_length: int, max_positions: int, special_tokens: int) -> None:
+    """ValueError unless ``max_seq_length`` leaves room for one word beside the tokenizer's ``special_tokens``
+    ([CLS] and [SEP]: 2; 0 without a tokenizer) and fits the model's ``max_positions`` position embeddings."""
+    if max_seq_length < special_tokens + 1:
+        raise ValueError(f"--max_seq_length {max_seq_length} leaves no room for a word beside the tokenizer's "
+                         f"{special_tokens} special tokens; use >= {special_tokens + 1}")
+    if max_seq_length > max_positions:
+        raise ValueError(f"--max_seq_length {max_seq_length} exceeds the model's {max_positions} position embeddings")
+
 
 Sentence = tuple[list[str], list[str], int]  # tokens, tags, and the row (JSON lines) or line (CoNLL) it starts on
 
@@ -186,6 +202,12 @@ def main() -> None:
             num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label_to_id, **config_kwargs,
         )
         model = AutoModelForTokenClassification.from_config(config)
+
+    special_tokens = tokenizer.num_special_tokens_to_add() if tokenizer is not None else 0
+    try:
+        check_sequence_length(data_args.max_seq_length, model.config.max_position_embeddings, special_tokens)
+    except ValueError as err:
+        parser.error(str(err))
 
     def encode(sentences):
         return TokenDataset(sentences, label_to_id, data_args.max_seq_length, tokenizer=tokenizer, vocab=vocab)

@@ -283,3 +283,25 @@ def test_conll_sentences_keep_the_line_they_start_on_and_unknown_validation_tags
     with pytest.raises(ValueError, match="^" + re.escape(f"{validation}: line 3: tag 'B-company' does not occur in "
                                                          f"the training file {train}")):
         script.check_tags(held, labels, str(validation), str(train))
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"max_seq_length": 0}, "--max_seq_length must be >= 1, got 0"),
+    ({"max_train_samples": 0}, "--max_train_samples must be >= 1 (or left out), got 0"),
+])
+def test_token_classification_data_arguments_name_the_bad_flag(kwargs, message):
+    script = _token_classification_script()
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        script.DataArguments(train_file="ner.txt", **kwargs)
+
+
+@pytest.mark.parametrize(("length", "positions", "special", "message"), [
+    (2, 512, 2, "--max_seq_length 2 leaves no room for a word beside the tokenizer's 2 special tokens; use >= 3"),
+    (600, 512, 2, "--max_seq_length 600 exceeds the model's 512 position embeddings"),
+])
+def test_token_classification_sequence_length_must_fit_tokenizer_and_model(length, positions, special, message):
+    script = _token_classification_script()
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        script.check_sequence_length(length, positions, special)
+    script.check_sequence_length(1, 8, 0)  # no tokenizer: one word is enough
+    script.check_sequence_length(positions, positions, special)
