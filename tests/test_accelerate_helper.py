@@ -5,8 +5,10 @@ Its two-process checks run inside tests/test_trainer_ddp.py (one torchrun start-
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -96,22 +98,27 @@ def _microbatch_sam():
 
 
 def _weighted_mse(model, batch):
+    """``weight`` × MSE; a micro-batch of weight 0 has no gradient (its ascent is skipped) and a constant loss of 1."""
     x, y, weight = batch
-    return weight * ((model(x) - y) ** 2).mean()
+    return weight * ((model(x) - y) ** 2).mean() + (1.0 - weight)
 
 
 def test_microbatch_scope_keeps_the_window_gradient_when_a_micro_batch_skips_its_ascent():  # kills W2
     accelerator, model, optimizer, sam = _microbatch_sam()
     x, y = torch.randn(4, 3), torch.randn(4, 1)
-    for weight in (1.0, 0.0):  # the second micro-batch has a zero gradient: its ascent is skipped
+    for weight in (1.0, 0.0, 1.0, 0.0):  # two windows; each one's second micro-batch skips its ascent
         with accelerator.accumulate(model):
             sam.backward(_weighted_mse, (x, y, weight))
             if accelerator.sync_gradients:
                 window_grad = model.weight.grad.clone()
             optimizer.step()
             optimizer.zero_grad()
-    assert sam.metrics()["sam/skipped_steps"] == 1
+    metrics = sam.metrics()
+    assert metrics["sam/skipped_steps"] == 2  # one per window, not the optimizer's running total
     assert window_grad.norm() > 1e-3  # the first micro-batch's pass-2 gradient is still there
+    # MSE of a linear model is convex, so the perturbed loss exceeds the clean one; a skipped micro-batch
+    # contributes its clean loss to both sums, so it adds nothing to the sharpness
+    assert metrics["sam/sharpness"] > 0
 
 
 def test_microbatch_scope_sharpness_is_perturbed_minus_the_whole_window_clean_loss():  # kills W5
@@ -125,3 +132,68 @@ def test_microbatch_scope_sharpness_is_perturbed_minus_the_whole_window_clean_lo
     metrics = sam.metrics()
     # window sums in one micro-batch loss's units: the clean part is the mean of the two clean losses
     assert abs(metrics["sam/loss_perturbed"] - metrics["sam/sharpness"] - clean / 2) < 1e-5
+
+
+def test_statistics_false_skips_the_pass_two_statistics_only():
+    _, sam, _ = _loop(accumulation=2, micro_size=4, steps=1, method="sam", rho=0.1, statistics=False)
+    metrics = sam.metrics()
+    assert sam.sam_optimizer.track_stats is False
+    assert "sam/grad_cosine" not in metrics and "sam/grad_norm_perturbed" not in metrics
+    assert "sam/sharpness" in metrics and "sam/grad_norm" in metrics
+
+
+def _recording_no_sync(accelerator):
+    """Make ``accelerator.no_sync`` (also the one ``accumulate`` enters) count how deep the caller is inside it."""
+    depth, original = [0], accelerator.no_sync
+
+    @contextlib.contextmanager
+    def no_sync(model):
+        depth[0] += 1
+        try:
+            with original(model):
+                yield
+        finally:
+            depth[0] -= 1
+
+    accelerator.no_sync = no_sync
+    return depth
+
+
+@pytest.mark.parametrize("method,scope,expected", [
+    # per pass, whether the backward runs under no_sync (True) or all-reduces (False); GA 2, two windows
+    ("sam", "global", [True, False, True, False] * 2),
+    ("sam", "per_device", [True, True, True, False] * 2),
+    # periodic ascends in the first window only: the second one is stock accumulation, which syncs its last pass
+    ("periodic", "per_device", [True, True, True, False, True, False]),
+])
+def test_only_the_backward_that_completes_each_pass_all_reduces(method, scope, expected):
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    depth = _recording_no_sync(accelerator)
+    model = tiny_mlp()
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR))
+    sam = AcceleratedSAM(accelerator, model, optimizer, method=method, scope=scope, rho=0.1,
+                         **({"interval": 2} if method == "periodic" else {}))
+    under_no_sync = []
+
+    def loss_fn(m, batch):
+        under_no_sync.append(depth[0] > 0)
+        return mse(m, batch)
+
+    for batch in batches(regression_data(16), 4):
+        with accelerator.accumulate(model):
+            sam.backward(loss_fn, batch)
+            optimizer.step()
+            optimizer.zero_grad()
+    assert under_no_sync == expected
+
+
+def test_metrics_are_pooled_over_ranks_and_skipped_ascents_averaged():
+    from arrcoc_sam.integrations._window import SAMMetrics
+
+    two_ranks = SimpleNamespace(num_processes=2, device=torch.device("cpu"),
+                                reduce=lambda packed, reduction: packed * 2)  # both ranks saw the same figures
+    metrics = SAMMetrics()
+    for value in (1.0, 3.0):
+        metrics.add("sharpness", torch.tensor(value))
+    metrics.add_skipped(1)
+    assert metrics.read(two_ranks) == {"sam/sharpness": 2.0, "sam/skipped_steps": 1.0}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,6 +53,10 @@ def test_split_argv_leaves_script_flags_alone_and_takes_no_abbreviations():
         split_argv(["train.py", "--sam_scope", "everywhere"])
     with pytest.raises(SystemExit):
         split_argv(["--optimizer", "sam"])
+    with pytest.raises(SystemExit):  # the script must come first: a script flag is not a script
+        split_argv(["--output_dir", "o", "train.py"])
+    numbers = split_argv(["train.py", "--sam_eta", "0.2", "--sam_interval", "3"])[0]
+    assert (numbers.sam_eta, numbers.sam_interval) == (0.2, 3)
 
 
 def test_bad_launcher_flags_exit_2_with_the_reason(capsys):
@@ -65,6 +71,21 @@ def test_patch_reaches_trainer_subclasses_and_is_undone():
         assert Seq2SeqTrainer.training_step is not _STOCK_TRAINING_STEP
         assert Seq2SeqTrainer.training_step is Trainer.training_step
     assert Trainer.training_step is _STOCK_TRAINING_STEP
+
+
+@pytest.mark.parametrize("raises", [False, True])
+def test_patch_and_launcher_settings_are_gone_after_the_block_even_when_it_raises(tmp_path, raises):
+    from transformers import TrainingArguments
+
+    from arrcoc_sam import SAMTrainer
+
+    with contextlib.suppress(RuntimeError), patched_trainer(SAMSettings(method="asam", rho=0.7)):
+        if raises:
+            raise RuntimeError("the script failed")
+    assert Trainer.training_step is _STOCK_TRAINING_STEP
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    group = SAMTrainer(model=torch.nn.Linear(2, 2), args=args).create_optimizer().param_groups[0]
+    assert (group["rho"], group["adaptive"]) == (0.05, False)  # SAM's defaults, not the last launch's ASAM
 
 
 def test_launcher_runs_unmodified_script_with_sam(tmp_path):
@@ -152,6 +173,56 @@ def test_a_script_with_its_own_sam_arguments_keeps_them_when_the_launcher_got_no
         trainer = SAMTrainer(model=torch.nn.Linear(2, 2), args=args)
         optimizer = trainer.create_optimizer()
     assert optimizer.param_groups[0]["rho"] == 0.7 and optimizer.param_groups[0]["adaptive"] is True
+
+
+_EXITING_SCRIPT = """
+import json, sys
+import torch
+from sibling import NAME  # a module next to the script
+from arrcoc_sam import SAMTrainer, SAMTrainingArguments
+args = SAMTrainingArguments(output_dir=sys.argv[1], use_cpu=True, report_to="none", optimizer="asam", rho=0.7)
+rho = SAMTrainer(model=torch.nn.Linear(2, 2), args=args).create_optimizer().param_groups[0]["rho"]
+with open(sys.argv[1] + "/seen.json", "w") as handle:
+    json.dump({"argv": sys.argv, "rho": rho, "name": NAME}, handle)
+sys.exit(int(sys.argv[2]) if sys.argv[2].isdigit() else sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("exit_arg,status", [("0", 0), ("3", 3), ("failed: no data", 1)])
+def test_launcher_returns_the_script_exit_status_and_restores_argv_and_path(tmp_path, capsys, exit_arg, status):
+    """No SAM flag given: the script's own SAMTrainingArguments stand (not refused); it sees its own argv and
+    imports modules next to it; the launcher's process gets its argv and sys.path back."""
+    (tmp_path / "sibling.py").write_text("NAME = 'sibling'\n")
+    script = tmp_path / "exits.py"
+    script.write_text(_EXITING_SCRIPT)
+    argv, path = sys.argv[:], sys.path[:]
+    assert main([str(script), str(tmp_path), exit_arg]) == status
+    assert (sys.argv, sys.path) == (argv, path)
+    seen = json.loads((tmp_path / "seen.json").read_text())
+    assert seen == {"argv": [str(script), str(tmp_path), exit_arg], "rho": 0.7, "name": "sibling"}
+    assert ("failed: no data" in capsys.readouterr().err) == (status == 1)
+
+
+def test_launcher_help_prints_usage_and_exits_0(capsys):
+    assert main(["--help"]) == 0
+    assert "python -m arrcoc_sam.launch SCRIPT.py" in capsys.readouterr().out
+
+
+def test_a_process_group_the_caller_created_outlives_the_script(tmp_path):
+    import torch.distributed as dist
+
+    from arrcoc_sam.integrations.launch import owned_process_group
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with owned_process_group():
+            pass
+        assert dist.is_initialized()
+        with pytest.raises(SystemExit), owned_process_group():
+            raise SystemExit(0)
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
 
 
 def test_a_script_ending_in_sys_exit_zero_still_shuts_its_process_group_down(tmp_path):

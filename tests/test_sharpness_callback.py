@@ -68,6 +68,8 @@ def test_unbound_callback_refuses_to_start_training(tmp_path):
 def test_callback_rejects_unknown_probes_and_missing_batches():
     with pytest.raises(ValueError, match="probes must be a non-empty subset"):
         SharpnessCallback(probes=("hessian_norm",), eval_batches=_held_out())
+    with pytest.raises(ValueError, match="probes must be a non-empty subset"):
+        SharpnessCallback(probes=(), eval_batches=_held_out())
     with pytest.raises(ValueError, match="eval_batches must hold"):
         SharpnessCallback(eval_batches=[])
 
@@ -78,6 +80,7 @@ def test_callback_rejects_unknown_probes_and_missing_batches():
     ({"tol": 0.0}, "tol must be > 0"),
     ({"num_probes": 1}, "num_probes must be >= 2"),
     ({"max_iter": 0}, "max_iter must be >= 1"),
+    ({"every_n_steps": 0}, "every_n_steps must be >= 1"),
 ])
 def test_callback_rejects_bad_probe_settings_when_built_not_at_the_first_probe(setting, message):
     with pytest.raises(ValueError, match=message):
@@ -108,6 +111,52 @@ def test_default_probes_log_a_converged_top_eigenvalue_and_the_trace_standard_er
     assert metrics[PROBE_KEYS["top_eigenvalue"]] == pytest.approx(float(reference.values[0]), rel=1e-5)
     trace = hessian_trace(model, None, batches, num_probes=8)
     assert metrics[TRACE_STDERR_KEY] == pytest.approx(trace.stderr, rel=1e-9) and trace.stderr > 0
+
+
+class _LogRecorder:
+    """Stands in for the Trainer the callback logs through."""
+
+    def __init__(self):
+        self.logs = []
+
+    def log(self, metrics):
+        self.logs.append(metrics)
+
+
+def test_probes_run_at_multiples_of_every_n_steps_on_the_world_process_zero_only():
+    from transformers import TrainerControl, TrainerState
+
+    recorder = _LogRecorder()
+    callback = SharpnessCallback(every_n_steps=2, probes="sam_sharpness", eval_batches=_held_out(), trainer=recorder)
+    probed = []
+    for step, rank_zero in [(1, True), (2, True), (3, True), (4, True), (4, False)]:
+        before = len(recorder.logs)
+        state = TrainerState(global_step=step, is_world_process_zero=rank_zero)
+        callback.on_step_end(None, state, TrainerControl(), model=tiny_bert())
+        probed += [(step, rank_zero)] * (len(recorder.logs) - before)
+    assert probed == [(2, True), (4, True)]
+
+
+def test_adaptive_probe_is_asam_sharpness_at_adaptive_rho_with_eta_zero():
+    model, batches = tiny_bert(), _held_out()
+    metrics = SharpnessCallback(probes=("sam_sharpness", "adaptive_sharpness"), eval_batches=batches, rho=0.05,
+                                adaptive_rho=0.5).measure(model)
+    adaptive = sam_sharpness(model, None, batches, rho=0.5, adaptive=True, eta=0.0)
+    assert metrics[PROBE_KEYS["adaptive_sharpness"]] == pytest.approx(adaptive, rel=1e-6)
+    assert metrics[PROBE_KEYS["sam_sharpness"]] == pytest.approx(sam_sharpness(model, None, batches, rho=0.05), rel=1e-6)
+    assert adaptive != pytest.approx(sam_sharpness(model, None, batches, rho=0.5), rel=1e-3)
+
+
+@pytest.mark.parametrize("sharding", [{"fsdp": "full_shard"}, {"deepspeed": "ds_config.json"}])
+def test_callback_refuses_sharded_runs_when_training_begins(sharding):
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    callback = SharpnessCallback(eval_batches=_held_out(), trainer=_LogRecorder())
+    args = SimpleNamespace(**{"fsdp": "", "deepspeed": None, **sharding})
+    with pytest.raises(ValueError, match="FSDP/DeepSpeed sharding is not supported"):
+        callback.on_train_begin(args, TrainerState(), TrainerControl(), model=tiny_bert())
 
 
 @pytest.mark.multiprocess

@@ -157,7 +157,13 @@ class _RecordingSAM(SAM):
         return super().step(closure)
 
 
-def test_registered_method_is_driven_only_through_hooks_in_order(tmp_path, monkeypatch):
+_ASCENT = ["before_first_pass", "ascent_this_step", "after_first_pass", "perturb", "restore", "step"]
+_MICROBATCH_ASCENT = ["before_first_pass", "ascent_this_step", "perturb", "restore", "after_first_pass", "perturb",
+                      "restore", "step"]
+
+
+@pytest.mark.parametrize("scope,ascent", [("global", _ASCENT), ("microbatch", _MICROBATCH_ASCENT)])
+def test_registered_method_is_driven_only_through_hooks_in_order(tmp_path, monkeypatch, scope, ascent):
     built = {}
 
     def builder(params, base, **knobs):
@@ -167,11 +173,23 @@ def test_registered_method_is_driven_only_through_hooks_in_order(tmp_path, monke
 
     monkeypatch.setitem(registry._BUILDERS, "recording", builder)
     _train(tmp_path, optimizer="recording", rho=0.05, sam_interval=2, sam_args="alpha=0.5,mode=fast",
-           per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=2)
+           per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=2, sam_scope=scope)
     assert built["knobs"] == {"rho": 0.05, "interval": 2, "alpha": 0.5, "mode": "fast"}
-    ascent = ["before_first_pass", "ascent_this_step", "after_first_pass", "perturb", "restore", "step"]
     plain = ["before_first_pass", "ascent_this_step", "after_first_pass", "step"]
     assert built["optimizer"].calls == ascent + plain
+
+
+def test_microbatch_scope_is_refused_only_for_methods_that_say_so(monkeypatch):
+    """An optimizer built by a registered method that does not declare ``supports_microbatch_scope`` is accepted."""
+    from types import SimpleNamespace
+
+    from arrcoc_sam.integrations._settings import SAMSettings
+
+    monkeypatch.setitem(registry._BUILDERS, "undeclared", lambda params, base, **knobs: SimpleNamespace())
+    base = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=LR)
+    assert SAMSettings(method="undeclared", scope="microbatch").build(base) is not None
+    with pytest.raises(ValueError, match="--optimizer looksam .* use sam_scope=global or per_device"):
+        SAMSettings(method="looksam", scope="microbatch").build(base)
 
 
 class _BatchNormNet(nn.Module):
@@ -208,6 +226,11 @@ def test_batchnorm_running_stats_move_once_per_micro_batch(tmp_path):
         ({"rho": -0.1}, "rho must be a finite number >= 0"),
         ({"sam_interval": 0}, "sam_interval must be >= 1"),
         ({"sam_args": "alpha"}, "sam_args must look like"),
+        ({"sam_args": "1alpha=2"}, "sam_args must look like"),
+        ({"rho": float("inf")}, "rho must be a finite number >= 0"),
+        ({"sam_eta": float("nan")}, "sam_eta must be a finite number >= 0"),
+        ({"fsdp": "full_shard", "fsdp_config": {"min_num_params": 0}, "sam_scope": "per_device"},
+         "sam_scope='per_device' has no meaning under FSDP"),
         ({"optim": "lomo"}, "--optim lomo updates the weights inside backward"),
         ({"optim": "galore_adamw_layerwise"}, "--optim galore_adamw_layerwise"),
         ({"deepspeed": {"zero_optimization": {"stage": 2}}}, r"DeepSpeed \(ZeRO stage 2\) cannot run"),
@@ -221,6 +244,19 @@ def test_batchnorm_running_stats_move_once_per_micro_batch(tmp_path):
 def test_refuses_runs_sam_cannot_serve(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
         SAMTrainingArguments(**trainer_kwargs(str(tmp_path), **overrides))
+
+
+@pytest.mark.parametrize("overrides", [{"sam_scope": "microbatch"}, {"optim": "lomo"}, {"optim": "galore_adamw_layerwise"}])
+def test_optimizer_none_is_stock_training_and_refuses_nothing(tmp_path, overrides):
+    args = SAMTrainingArguments(**trainer_kwargs(str(tmp_path), optimizer="none", **overrides))
+    assert not args.sam_settings().enabled
+
+
+def test_sam_args_values_are_python_literals_or_else_strings():
+    from arrcoc_sam.integrations._settings import parse_sam_args
+
+    assert parse_sam_args(" alpha = 0.7,k=5,flag=True,items=[1],name=x,path=a/b,words=two words") == {
+        "alpha": 0.7, "k": 5, "flag": True, "items": [1], "name": "x", "path": "a/b", "words": "two words"}
 
 
 def test_grad_scaler_path_matches_unscaled_run_and_skips_overflow(tmp_path):
@@ -238,12 +274,16 @@ def test_grad_scaler_path_matches_unscaled_run_and_skips_overflow(tmp_path):
     scaled = scaled_trainer(tmp_path / "scaled", 2.0**12, 2)
     assert (flat_params(plain.model) - flat_params(scaled.model)).abs().max() < 1e-6
     log = next(h for h in scaled.state.log_history if "loss" in h)
-    assert log["sam/grad_norm"] == pytest.approx(next(h for h in plain.state.log_history if "loss" in h)["sam/grad_norm"], rel=1e-5)
+    plain_log = next(h for h in plain.state.log_history if "loss" in h)
+    # norms are divided by the scale; ρ and the cosine are scale-free and must not be
+    for key in ("sam/grad_norm", "sam/grad_norm_perturbed", "sam/grad_cosine", "sam/rho"):
+        assert log[key] == pytest.approx(plain_log[key], rel=1e-5), key
 
-    overflow = scaled_trainer(tmp_path / "overflow", 3e38, 1)
+    overflow = scaled_trainer(tmp_path / "overflow", 3e38, 2)
     assert torch.equal(flat_params(overflow.model), flat_params(tiny_bert()))
-    assert overflow.accelerator.scaler.get_scale() == pytest.approx(1.5e38)
-    assert next(h for h in overflow.state.log_history if "loss" in h)["sam/skipped_steps"] == 1
+    assert overflow.accelerator.scaler.get_scale() < 3e38
+    # each step's log counts the ascents skipped since the previous log, not the run's total
+    assert [h["sam/skipped_steps"] for h in overflow.state.log_history if "loss" in h] == [1, 1]
 
 
 def test_lora_perturbs_only_adapters_and_resume_continues_trajectory(tmp_path):
@@ -375,6 +415,63 @@ def test_hyper_parameter_trial_settings_on_args_reach_the_next_optimizer(tmp_pat
     assert registry.build_sam_optimizer("asam", [nn.Parameter(torch.zeros(1))], torch.optim.SGD, lr=0.1).__class__ \
         is type(rebuilt)
     assert rebuilt.param_groups[0]["rho"] == 0.8
+
+
+def test_a_trial_that_sets_accumulation_to_one_under_microbatch_scope_is_refused(tmp_path):
+    args = SAMTrainingArguments(**trainer_kwargs(str(tmp_path), sam_scope="microbatch", gradient_accumulation_steps=2))
+    trainer = SAMTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset(8), compute_loss_func=token_sum_loss)
+    trainer.args.gradient_accumulation_steps = 1  # a trial's setting: the run is checked again
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=1"):
+        trainer.create_optimizer()
+
+
+def test_sam_eta_reaches_the_asam_optimizer(tmp_path):
+    args = SAMTrainingArguments(**trainer_kwargs(str(tmp_path), optimizer="asam", sam_eta=0.2))
+    trainer = SAMTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset(8), compute_loss_func=token_sum_loss)
+    group = trainer.create_optimizer().param_groups[0]
+    assert (group["adaptive"], group["eta"]) == (True, 0.2)
+
+
+def test_a_scope_set_on_args_between_trainings_reaches_the_window(tmp_path):
+    common = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": 1}
+    trainer = _train(tmp_path / "switched", **common)
+    trainer.args.sam_scope, trainer.optimizer = "microbatch", None
+    trainer.train()
+    first = _train(tmp_path / "first", **common)
+    fresh = _train(tmp_path / "fresh", model=first.model, sam_scope="microbatch", **common)
+    assert torch.equal(flat_params(trainer.model), flat_params(fresh.model))
+    global_twice = _train(tmp_path / "global", model=first.model, **common)
+    assert (flat_params(trainer.model) - flat_params(global_twice.model)).abs().max() > 1e-6
+
+
+def test_an_optimizer_that_is_already_sharpness_aware_is_used_as_given(tmp_path):
+    model = tiny_bert()
+    own = SAM(model.parameters(), torch.optim.SGD, rho=0.2, lr=LR)
+    trainer = _train(tmp_path, model=model, trainer_extra={"optimizers": (own, None)}, max_steps=1,
+                     per_device_train_batch_size=4)
+    assert trainer.optimizer.optimizer is own  # not wrapped again in a second SAM with the default ρ
+    assert next(h for h in trainer.state.log_history if "loss" in h)["sam/rho"] == pytest.approx(0.2)
+
+
+def test_sam_trainer_with_plain_training_arguments_trains_sam_with_its_defaults(tmp_path):
+    trainer = _train(tmp_path, args_cls=TrainingArguments, max_steps=1, per_device_train_batch_size=4)
+    assert type(trainer.optimizer.optimizer) is SAM
+    assert next(h for h in trainer.state.log_history if "loss" in h)["sam/rho"] == pytest.approx(0.05)
+
+
+class _MarkingTrainer(SAMTrainer):
+    """Adds a key to each pass's batch in place, as the stock step does under context parallelism (shift_labels)."""
+
+    def _prepare_context_parallel_inputs(self, model, inputs):
+        self.marked_on_entry = [*getattr(self, "marked_on_entry", []), "marked" in inputs]
+        inputs["marked"] = True
+        return super()._prepare_context_parallel_inputs(model, {k: v for k, v in inputs.items() if k != "marked"})
+
+
+def test_every_pass_gets_the_micro_batch_as_loaded_even_when_the_stock_step_adds_keys(tmp_path):
+    trainer = _train(tmp_path, trainer_cls=_MarkingTrainer, per_device_train_batch_size=4,
+                     gradient_accumulation_steps=2, max_steps=1)
+    assert trainer.marked_on_entry == [False] * 4  # pass 1 and the replay of both micro-batches
 
 
 class _ModalSGD(torch.optim.SGD):

@@ -42,13 +42,19 @@ def train_in_halves(accelerator, model, optimizer, sam, batches) -> None:
         assert not sam.sam_optimizer.is_perturbed
 
 
-@pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_accelerate_loop_with_accumulation_matches_closure_step_on_whole_batch(name):
-    batches = make_batches(6)
+def prepared(name: str):
+    """``(accelerator, model, optimizer, sam)``: the MLP and SGD with momentum prepared for accumulation 2, ``name``
+    with its ``KNOBS``."""
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
     model = make_mlp()
     model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM))
-    sam = AcceleratedSAM(accelerator, model, optimizer, method=name, rho=RHO, **KNOBS[name])
+    return accelerator, model, optimizer, AcceleratedSAM(accelerator, model, optimizer, method=name, rho=RHO, **KNOBS[name])
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_accelerate_loop_with_accumulation_matches_closure_step_on_whole_batch(name):
+    batches = make_batches(6)
+    accelerator, model, optimizer, sam = prepared(name)
     train_in_halves(accelerator, model, optimizer, sam, batches)
     if name in ("periodic", "looksam"):
         assert sam.sam_optimizer.optimizer_steps == len(batches) - 1  # the last step is counted by the next window
@@ -89,27 +95,27 @@ def test_accelerate_save_state_round_trips_the_variant_state(tmp_path):
         assert torch.equal(loaded["buffers"]["direction"][index], tensor)
 
 
-def failing_mse(fail_on_call: int):
-    """``mse`` that raises on its ``fail_on_call``-th call (1-based), after the forward pass."""
+def failing_mse(fail_on_call: int, error: type[BaseException] = RuntimeError):
+    """``mse`` that raises ``error("boom")`` on its ``fail_on_call``-th call (1-based), after the forward pass."""
     calls = [0]
 
     def loss(model, batch):
         calls[0] += 1
         value = mse(model, batch)
         if calls[0] == fail_on_call:
-            raise RuntimeError("boom")
+            raise error("boom")
         return value
 
     return loss
 
 
-@pytest.mark.parametrize("name, fail_on_call", [("looksam", 3), ("msam", 1)])
-def test_accelerate_window_that_raises_leaves_clean_weights_and_counts_nothing(name, fail_on_call):
-    """looksam: the replay's first micro-batch raises on an ascent step; msam: pass 1 (run at w + ε) raises."""
-    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
-    model = make_mlp()
-    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM))
-    sam = AcceleratedSAM(accelerator, model, optimizer, method=name, rho=RHO, **KNOBS[name])
+@pytest.mark.parametrize("name, fail_on_call, error", [
+    ("looksam", 3, RuntimeError), ("msam", 1, RuntimeError), ("looksam", 3, KeyboardInterrupt),
+])
+def test_accelerate_window_that_raises_leaves_clean_weights_and_counts_nothing(name, fail_on_call, error):
+    """looksam: the replay's first micro-batch raises on an ascent step (also a Ctrl-C there); msam: pass 1 (run at
+    w + ε) raises. Afterwards the retried window trains exactly as in a run where nothing failed."""
+    accelerator, model, optimizer, sam = prepared(name)
     batches = make_batches(3)
     train_in_halves(accelerator, model, optimizer, sam, batches[:2])
     opt = sam.sam_optimizer
@@ -117,8 +123,8 @@ def test_accelerate_window_that_raises_leaves_clean_weights_and_counts_nothing(n
     stored = {p: d.clone() for p, d in opt.buffers.get("direction", {}).items()}
     steps = opt.optimizer_steps
     x, y = batches[2]
-    loss_fn = failing_mse(fail_on_call)
-    with pytest.raises(RuntimeError, match="boom"):
+    loss_fn = failing_mse(fail_on_call, error)
+    with pytest.raises(error, match="boom"):
         for micro in ((x[:4], y[:4]), (x[4:], y[4:])):
             with accelerator.accumulate(model):
                 sam.backward(loss_fn, micro)
@@ -132,6 +138,45 @@ def test_accelerate_window_that_raises_leaves_clean_weights_and_counts_nothing(n
     accelerator.step = 0  # Accelerate counted the failed micro-batch: realign its accumulation windows
     train_in_halves(accelerator, model, optimizer, sam, batches[2:])  # the loop goes on; the failed window
     assert opt.optimizer_steps == steps + 1  # counted nothing, so the retry is step 2 again
+    twin_accelerator, twin, twin_optimizer, twin_sam = prepared(name)
+    train_in_halves(twin_accelerator, twin, twin_optimizer, twin_sam, batches)
+    assert max_abs_diff(model, twin) == 0  # nothing of the failed window (its micro-batches, its losses) remains
+
+
+def causal_lm():
+    """A 1-layer GPT-2 (vocabulary 40, 8 positions) and 8 rows of 8 tokens labelled with themselves."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_positions=8, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0,
+                                       embd_pdrop=0.0, attn_pdrop=0.0))
+    gen = torch.Generator().manual_seed(1)
+    rows = []
+    for _ in range(8):
+        ids = torch.randint(0, 40, (8,), generator=gen)
+        rows.append({"input_ids": ids, "labels": ids.clone()})
+    return model, rows
+
+
+def test_accelerate_esam_selecting_every_example_on_a_causal_lm_updates_like_the_whole_batch_replay():
+    """γ just below 1 selects every example: the default per-example loss must score next-token labels as the
+    model's own loss does, or the chosen examples' gradient is another loss's."""
+    updates = []
+    for gamma in (1.0, 0.9999):
+        model, rows = causal_lm()
+        before = flat_params(model)
+        accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+        model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR))
+        sam = AcceleratedSAM(accelerator, model, optimizer, method="esam", rho=RHO, beta=1.0, gamma=gamma)
+        for micro in (rows[:4], rows[4:]):
+            with accelerator.accumulate(model):
+                sam.backward(lambda m, b: m(**b).loss, {k: torch.stack([r[k] for r in micro]) for k in micro[0]})
+                optimizer.step()
+                optimizer.zero_grad()
+        updates.append(flat_params(model) - before)
+    whole, selected = updates
+    assert whole.abs().max() > 0
+    assert (selected - whole).abs().max() <= 1e-5 * whole.abs().max()
 
 
 # -- ESAM's data selection (SDS) through the helper, on a tiny BERT token classifier -------------------

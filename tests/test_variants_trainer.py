@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_variants_accelerate import RHO, bert_windows, esam_closure_reference
+from test_variants_accelerate import RHO, bert_windows, causal_lm, esam_closure_reference
 
 from arrcoc_sam import SAMTrainer, SAMTrainingArguments
 from arrcoc_sam.sam.variants import VARIANTS
@@ -114,23 +114,9 @@ def _sequence_classifier():
     return model, rows
 
 
-def _causal_lm():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_positions=8, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0,
-                                       embd_pdrop=0.0, attn_pdrop=0.0))
-    gen = torch.Generator().manual_seed(1)
-    rows = []
-    for _ in range(8):
-        ids = torch.randint(0, 40, (8,), generator=gen)
-        rows.append({"input_ids": ids, "labels": ids.clone()})
-    return model, rows
-
-
 @pytest.mark.parametrize(
     ("build", "accumulation", "smoothing"),
-    [(_sequence_classifier, 2, 0.0), (_sequence_classifier, 1, 0.2), (_causal_lm, 2, 0.0)],
+    [(_sequence_classifier, 2, 0.0), (_sequence_classifier, 1, 0.2), (causal_lm, 2, 0.0)],
     ids=["seq_cls_accumulation_2", "label_smoothing", "causal_lm_accumulation_2"],
 )
 def test_trainer_esam_selecting_every_example_updates_like_the_whole_batch_replay(tmp_path, build, accumulation,
@@ -165,6 +151,41 @@ def test_per_example_loss_applies_label_smoothing_like_cross_entropy():
         assert torch.allclose(got[row], expected, atol=1e-12)
     with pytest.raises(ValueError, match="label_smoothing must be in \\[0, 1\\), got 1.0"):
         per_example_loss({"logits": logits}, {"labels": labels}, label_smoothing=1.0)
+
+
+class _TargetsRegressor(torch.nn.Module):
+    """Takes ``**kwargs`` (the Trainer counts it as accepting loss kwargs) but names its labels ``targets``: the
+    Trainer then passes ``num_items_in_batch=None`` and divides the loss by the accumulation steps itself."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(4, 2)
+
+    def forward(self, x, targets=None, **kwargs):
+        out = self.lin(x)
+        return {"loss": ((out - targets) ** 2).mean(), "logits": out}
+
+
+def test_trainer_esam_ranks_with_the_given_per_example_loss_and_logs_in_the_units_of_the_loss(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    rows = [{"x": torch.randn(4, generator=gen), "targets": torch.randn(2, generator=gen)} for _ in range(8)]
+    args = SAMTrainingArguments(**trainer_kwargs(str(tmp_path), optimizer="esam", rho=1e-6, sam_args="beta=1,gamma=0.5",
+                                                 per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                                                 max_steps=1))
+    model = _TargetsRegressor()
+    examples = {"grad": 0}
+
+    def count(module, args, kwargs):
+        examples["grad"] += kwargs["x"].shape[0] if torch.is_grad_enabled() else 0
+
+    model.register_forward_pre_hook(count, with_kwargs=True)
+    trainer = SAMTrainer(model=model, args=args, train_dataset=rows,
+                         per_example_loss_fn=lambda out, batch: ((out["logits"] - batch["targets"]) ** 2).mean(1))
+    trainer.train()
+    assert examples["grad"] == 8 + 4  # pass 1, then the ⌈γB⌉ chosen by the given per-example loss
+    log = next(h for h in trainer.state.log_history if "loss" in h)
+    assert abs(log["sam/sharpness"]) < 1e-4 * log["loss"]  # ρ ≈ 0: the replay's loss in the units of the logged one
 
 
 def test_trainer_esam_warns_once_that_selection_cannot_follow_a_custom_compute_loss(tmp_path, caplog):
