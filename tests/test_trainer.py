@@ -227,6 +227,9 @@ def test_batchnorm_running_stats_move_once_per_micro_batch(tmp_path):
         ({"sam_interval": 0}, "sam_interval must be >= 1"),
         ({"sam_args": "alpha"}, "sam_args must look like"),
         ({"sam_args": "1alpha=2"}, "sam_args must look like"),
+        ({"rho": 0.05, "sam_args": "rho=0.1"}, r"rho is given twice, as rho=0.05 and in sam_args as rho=0.1"),
+        ({"sam_eta": 0.0, "sam_args": "eta=0.01"}, "eta is given twice"),
+        ({"optimizer": "periodic", "sam_interval": 2, "sam_args": "interval=3"}, "interval is given twice"),
         ({"rho": float("inf")}, "rho must be a finite number >= 0"),
         ({"sam_eta": float("nan")}, "sam_eta must be a finite number >= 0"),
         ({"fsdp": "full_shard", "fsdp_config": {"min_num_params": 0}, "sam_scope": "per_device"},
@@ -250,6 +253,11 @@ def test_refuses_runs_sam_cannot_serve(tmp_path, overrides, match):
 def test_optimizer_none_is_stock_training_and_refuses_nothing(tmp_path, overrides):
     args = SAMTrainingArguments(**trainer_kwargs(str(tmp_path), optimizer="none", **overrides))
     assert not args.sam_settings().enabled
+
+
+def test_a_knob_given_once_in_sam_args_reaches_the_builder(tmp_path):
+    args = SAMTrainingArguments(**trainer_kwargs(str(tmp_path), optimizer="periodic", sam_args="rho=0.1,interval=3"))
+    assert args.sam_settings().knobs() == {"rho": 0.1, "interval": 3}
 
 
 def test_sam_args_values_are_python_literals_or_else_strings():

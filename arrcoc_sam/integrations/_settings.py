@@ -78,6 +78,11 @@ class SAMSettings:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.interval is not None and self.interval < 1:
             raise ValueError(f"sam_interval must be >= 1, got {self.interval!r}")
+        for key, flag, value in (("rho", "rho", self.rho), ("eta", "sam_eta", self.eta),
+                                 ("interval", "sam_interval", self.interval)):
+            if value is not None and key in self.extra:
+                raise ValueError(f"{key} is given twice, as {flag}={value!r} and in sam_args as {key}="
+                                 f"{self.extra[key]!r}; give it once")
 
     @property
     def enabled(self) -> bool:
