@@ -450,3 +450,85 @@ def test_control_variate_stderr_combines_the_two_parts_in_quadrature():  # kills
     correction_stderr = samples.std(dim=0, unbiased=True) / math.sqrt(10)
     torch.testing.assert_close(both.value, base.value + samples.mean(dim=0))
     torch.testing.assert_close(both.stderr, torch.hypot(base.stderr, correction_stderr))
+
+
+def test_hutchinson_trace_stderr_is_the_sample_std_with_ddof_1_over_root_n_of_the_same_probes():
+    a = torch.randn(7, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    matrix = a + a.T
+    estimate = hutchinson_trace(MatrixOperator(matrix), 5, torch.Generator().manual_seed(3))
+    generator = torch.Generator().manual_seed(3)  # replay the probes
+    probes = [torch.randint(0, 2, (7,), generator=generator).to(torch.float64).mul_(2).sub_(1) for _ in range(5)]
+    samples = torch.stack([z @ matrix @ z for z in probes])
+    assert estimate.value == pytest.approx(float(samples.mean()), rel=1e-12)
+    assert estimate.stderr == pytest.approx(float(samples.std(unbiased=True)) / math.sqrt(5), rel=1e-12)
+
+
+def test_power_iteration_on_the_shifted_operator_meets_the_tolerance_relative_to_the_unshifted_eigenvalue():
+    """A dominant −4 makes it iterate on A + ρ̂I (θ ≈ 6): the test must be ‖Av − λv‖ ≤ tol·|λ| with λ = θ − ρ̂ = 2."""
+    matrix = _rotated([2.0, 1.0, 0.5, -4.0])
+    tol = 1e-6
+    for seed in range(5):
+        result = power_iteration(MatrixOperator(matrix), k=1, tol=tol, generator=torch.Generator().manual_seed(seed))
+        vector, value = result.vectors[0], float(result.values[0])
+        assert result.converged and abs(value - 2.0) < 1e-9
+        assert float((matrix @ vector - value * vector).norm()) <= tol * abs(value) * (1 + 1e-6), seed
+
+
+def test_power_iteration_switches_to_the_shift_when_the_rayleigh_quotient_lags_the_growth_by_over_one_percent():
+    """(2, −1.9, 1, 0.5): after 20 steps θ/‖Av‖ ≈ 0.6-0.9; unshifted iteration would need ~360 products."""
+    matrix = _rotated_spectrum([2.0, -1.9, 1.0, 0.5])
+    for seed in range(5):
+        result = power_iteration(MatrixOperator(matrix), k=1, tol=1e-8, max_iter=150,
+                                 generator=torch.Generator().manual_seed(seed))
+        assert result.converged and abs(float(result.values[0]) - 2.0) < 1e-8, seed
+
+
+def test_lanczos_pairs_far_below_the_top_meet_their_own_relative_tolerance():
+    """Spectrum (100, 39 values in [0, 0.01]): the absolute residual floor is 1e-3·tol·ρ̂, so the small pairs
+    still reach ‖Av − θv‖ ≤ tol·|θ| and ~1e-10 relative accuracy (a floor of tol·ρ̂ accepted 1e-3 errors)."""
+    tol = 1e-6
+    for seed in range(3):
+        generator = torch.Generator().manual_seed(100 + seed)
+        spectrum = [100.0] + (torch.rand(39, generator=generator, dtype=torch.float64) * 1e-2).tolist()
+        matrix = _rotated(spectrum, seed)
+        result = lanczos(MatrixOperator(matrix), k=4, tol=tol, generator=torch.Generator().manual_seed(seed))
+        assert result.converged
+        residuals = (matrix @ result.vectors.T - result.vectors.T * result.values).norm(dim=0)
+        bound = torch.clamp(tol * result.values.abs(), min=1e-3 * tol * 100.0)
+        assert bool((residuals <= 1.5 * bound).all()), (seed, residuals / bound)
+        torch.testing.assert_close(result.values, torch.linalg.eigvalsh(matrix).flip(0)[:4], rtol=1e-8, atol=0)
+
+
+def test_lanczos_locks_every_pair_of_a_krylov_breakdown_so_verification_costs_one_product():
+    """(5, 4, 3, 2, 0×16): the Krylov space is invariant after 5 products (5 distinct values); all 5 exact pairs
+    are locked, so the verification run starts in the null space and stops after 1 product: 6 in all."""
+    for seed in range(3):
+        matrix = _rotated([5.0, 4.0, 3.0, 2.0] + [0.0] * 16, seed)
+        result = lanczos(MatrixOperator(matrix), k=3, tol=1e-8, generator=torch.Generator().manual_seed(seed))
+        assert result.converged and result.num_matvecs == 6, (seed, result.num_matvecs)
+        torch.testing.assert_close(result.values, torch.tensor([5.0, 4.0, 3.0], dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("sampling", ["rademacher", "labels"])
+def test_bce_ggn_diagonal_is_within_five_stderr_of_the_jacobian_reference(sampling):
+    """Λ = diag(σ(1 − σ))/N for the sigmoid cross-entropy averaged over N logits; G = Jᵀ Λ J by autograd."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    x = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 2, (6, 2), generator=torch.Generator().manual_seed(2)).double()
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    names = [name for name, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+
+    def logits(vector):
+        chunks = vector.split([s.numel() for s in shapes])
+        return functional_call(model, {n: c.view(s) for n, c, s in zip(names, chunks, shapes, strict=True)}, (x,)).reshape(-1)
+
+    jacobian = torch.autograd.functional.jacobian(logits, flat)
+    prob = logits(flat).detach().sigmoid()
+    exact = (jacobian.square() * (prob * (1 - prob))[:, None]).sum(0) / prob.numel()
+    op = GGNOperator(model, list(model.parameters()), (x, y), likelihood="bce", sampling=sampling)
+    with probe_context(model, op.params):
+        estimate = ggn_diagonal(op, num_probes=400, generator=torch.Generator().manual_seed(0))
+    assert bool(((estimate.value - exact).abs() <= 5 * estimate.stderr + 1e-12).all()), (estimate.value, exact)
+    assert bool((estimate.value > 0.5 * exact).all() and (estimate.value < 2 * exact).all())

@@ -237,3 +237,80 @@ def test_adaptive_average_sharpness_with_eta_perturbs_zero_weights():  # kills C
                                  num_samples=8, adaptive=True, eta=1.0)
     expected = 0.01 * float((x**2).sum()) / 8  # σ²η² tr(XᵀX)/N for this quadratic
     assert estimate.value > 0 and abs(estimate.value - expected) < 5 * estimate.stderr
+
+
+def _unequal_batches():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(12, 4, dtype=torch.float64, generator=generator)
+    y = torch.randint(0, 3, (12,), generator=generator)
+    return model, [(x[:9], y[:9]), (x[9:], y[9:])], (x, y)
+
+
+def _cross_entropy(model, batch):
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+def test_sharpness_over_unequal_batches_equals_that_of_one_big_batch():
+    """Batches of 9 and 3 examples weigh 3:1 in the loss, its gradient and every perturbed loss."""
+    model, batches, whole = _unequal_batches()
+    for steps in (1, 3):
+        split = sam_sharpness(model, _cross_entropy, batches, rho=0.5, steps=steps)
+        assert split == pytest.approx(sam_sharpness(model, _cross_entropy, whole, rho=0.5, steps=steps), rel=1e-10)
+    split = average_sharpness(model, _cross_entropy, batches, sigma=0.1, num_samples=3)
+    joined = average_sharpness(model, _cross_entropy, whole, sigma=0.1, num_samples=3)
+    assert split.value == pytest.approx(joined.value, rel=1e-10)
+
+
+def test_adaptive_sam_sharpness_with_eta_perturbs_zero_weights_like_sam_with_rho_times_eta():
+    """At w = 0, T = |w| + η = η·1, so ε = ρ T²g/‖Tg‖ = ρη·g/‖g‖: plain SAM with radius ρη (η ignored gave 0)."""
+    model = nn.Linear(2, 1, bias=False).double()
+    nn.init.zeros_(model.weight)
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 2, dtype=torch.float64, generator=generator), torch.ones(8, 1, dtype=torch.float64)
+
+    def mse(m, b):
+        return ((m(b[0]) - b[1]) ** 2).mean()
+
+    gradient = -2 * (x * y).mean(0)  # ∇ mean((xw − y)²) at w = 0
+    epsilon = 0.1 * 0.5 * gradient / gradient.norm()
+    expected = float(((x @ epsilon - y[:, 0]) ** 2).mean() - 1.0)
+    adaptive = sam_sharpness(model, mse, (x, y), rho=0.1, adaptive=True, eta=0.5)
+    assert adaptive == pytest.approx(expected, rel=1e-10)
+    assert adaptive == pytest.approx(sam_sharpness(model, mse, (x, y), rho=0.05), rel=1e-10)
+
+
+class _DiagonalQuadratic(nn.Module):
+    """L(w) = ½ Σ a_i (w_i − c_i)², at its minimum w = c."""
+
+    def __init__(self, center: list[float], curvature: list[float]) -> None:
+        super().__init__()
+        self.register_buffer("center", torch.tensor(center, dtype=torch.float64))
+        self.register_buffer("curvature", torch.tensor(curvature, dtype=torch.float64))
+        self.weight = nn.Parameter(self.center.clone())
+
+    def loss(self) -> torch.Tensor:
+        return 0.5 * (self.curvature * (self.weight - self.center).square()).sum()
+
+
+def test_adaptive_sharpness_at_a_zero_gradient_spends_the_whole_radius_on_weights_it_can_perturb():
+    """∇L = 0: the random direction must live on T > 0. With a_i = 1/c_i² (c_i ≠ 0), L(w + Tδ) − L(w) = ½‖δ‖² =
+    ½ρ² for every direction on those weights; a direction leaking onto the zero weights (T = 0) gave less."""
+    model = _DiagonalQuadratic([0.5, 0.0, -2.0, 0.0, 1.0, 0.0], [4.0, 3.0, 0.25, 5.0, 1.0, 7.0])
+    for seed in range(5):
+        value = adaptive_sharpness(model, lambda m, b: m.loss(), BATCH, rho=0.5, seed=seed)
+        assert value == pytest.approx(0.5 * 0.5**2, rel=1e-12), seed
+
+
+def test_pac_bayes_bound_is_the_minimum_of_the_formula_over_the_sigma_grid():
+    sigmas = [0.003, 0.01, 0.03, 0.1, 0.3]
+    result = pac_bayes_bound(trace=20.0, loss=0.2, distance_sq=0.5, num_examples=500, delta=0.1, sigmas=sigmas)
+    confidence = math.log(2 * math.sqrt(500) * len(sigmas) / 0.1)
+
+    def bound(s):
+        return 0.2 + 0.5 * s**2 * 20.0 + math.sqrt((0.5 / (2 * s**2) + confidence) / 1000)
+
+    best = min(sigmas, key=bound)
+    assert best not in (sigmas[0], sigmas[-1])  # an interior minimum: neither end of the grid
+    assert result.sigma == best and result.bound == pytest.approx(bound(best), rel=1e-12)

@@ -296,3 +296,22 @@ def test_rademacher_probes_are_fixed_balanced_signs_and_differ_between_indices()
     assert abs(float(probes.mean())) < 0.02  # 53k signs: |mean| ~ 0.004 if balanced
     correlation = probes @ probes.T / probes.shape[1]
     assert float((correlation - torch.eye(64)).abs().max()) < 0.2  # 832 signs: 5 sigma of independent probes
+
+
+def test_pyramid_level_l_is_the_scorer_on_the_grid_pooled_by_two_to_the_l_for_all_five_levels():
+    torch.manual_seed(0)
+    config = MultiScaleRelevanceConfig(grid_size=32, query_dim=QUERY_DIM, coupling_hidden=8, balancer_hidden=16,
+                                       top_k_tokens=12, coarse_k=4, num_levels=5)
+    model = MultiScaleRelevanceModel(config).eval()
+    features = torch.randn(2, 32 * 32, 13, generator=torch.Generator().manual_seed(3))
+    query = torch.randn(2, QUERY_DIM, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = model(token_features=features, query_embedding=query)
+        fine = tokens_to_grid(normalize_per_sample(features))
+        for level in range(5):
+            pooled = F.avg_pool2d(fine, 2**level) if level else fine
+            side = pooled.shape[-1]
+            assert side == 32 // 2**level
+            relevance = model.scorer(grid_to_tokens(pooled), query).relevance.view(2, 1, side, side)
+            expected = F.interpolate(relevance, size=(32, 32), mode="bilinear", align_corners=False).flatten(1)
+            torch.testing.assert_close(out.per_scale[:, level], expected, atol=1e-6, rtol=0)

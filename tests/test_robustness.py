@@ -200,3 +200,121 @@ def test_weight_perturbations_on_a_frozen_model_are_skipped_with_one_warning():
                             perturbations=("feature_noise", "weight_random")).evaluate(_model(), batches)
         RelevanceRobustness(levels=(0.1,), k=8, num_draws=2, num_bootstrap=10,
                             perturbations=("feature_noise",)).evaluate(model, batches)
+
+
+def _feature_batch(samples: int = 3) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(5)
+    return {
+        "token_features": torch.randn(samples, GRID * GRID, CHANNELS, generator=generator, dtype=torch.float64),
+        "query_embedding": torch.randn(samples, QUERY_DIM, generator=generator, dtype=torch.float64),
+        "labels": torch.rand(samples, GRID * GRID, generator=generator, dtype=torch.float64),
+    }
+
+
+def _negative_mse(relevance, target):
+    return -(relevance - target).square().mean(dim=-1)
+
+
+def _top_set(scores, k):
+    return set(sorted(range(scores.numel()), key=lambda n: (-float(scores[n]), n))[:k])
+
+
+@pytest.mark.parametrize("name", ["feature_noise", "token_dropout"])
+def test_per_sample_metrics_are_means_over_draws_of_hand_built_perturbations(name):
+    """Reference: each sample's noise from its own (seed, perturbation, index) generator, metrics by scipy and by
+    hand, averaged over the draws; std over samples with ddof=1; the task-metric drop is clean − perturbed."""
+    from scipy import stats
+
+    from arrcoc_sam.relevance.seeding import sample_generator
+
+    model, batch, level, draws, k = _model(dtype=torch.float64), _feature_batch(), 0.3, 3, 8
+    report = RelevanceRobustness(levels=(level,), k=k, num_draws=draws, perturbations=(name,), per_sample=True,
+                                 feature_noise_scale="absolute", task_metric=_negative_mse).evaluate(model, batch)
+    expected: dict[str, list[float]] = {m: [] for m in ("mean_abs_diff", "spearman", "kendall", "topk_jaccard",
+                                                        "task_metric_drop")}
+    with torch.no_grad():
+        for i in range(3):
+            features, query, target = batch["token_features"][i], batch["query_embedding"][i], batch["labels"][i]
+            generator = sample_generator(0, name, i)
+            if name == "feature_noise":
+                noisy = features + level * torch.randn((draws, *features.shape), generator=generator).double()
+            else:
+                dropped = torch.rand((draws, features.shape[0]), generator=generator).double() < level
+                noisy = torch.where(dropped[..., None], features.mean(dim=0), features)
+            clean = model.compute_relevance(features[None], query[None])[0]
+            perturbed = model.compute_relevance(noisy, query.expand(draws, -1))
+            per_draw = {m: [] for m in expected}
+            for r in perturbed:
+                per_draw["mean_abs_diff"].append(float((r - clean).abs().mean()))
+                per_draw["spearman"].append(stats.spearmanr(clean, r).statistic)
+                per_draw["kendall"].append(stats.kendalltau(clean, r).statistic)
+                per_draw["topk_jaccard"].append(len(_top_set(clean, k) & _top_set(r, k)) / len(_top_set(clean, k) | _top_set(r, k)))
+                per_draw["task_metric_drop"].append(float((r - target).square().mean() - (clean - target).square().mean()))
+            for metric, values in per_draw.items():
+                expected[metric].append(sum(values) / draws)
+    got = report["per_sample"][name]["0.3"]
+    for metric, values in expected.items():
+        assert got[metric] == pytest.approx(values, abs=1e-9), metric
+        summary = report["perturbations"][name]["levels"]["0.3"][metric]
+        assert summary["std"] == pytest.approx(float(torch.tensor(values, dtype=torch.float64).std(unbiased=True)), abs=1e-9), metric
+
+
+class _ChannelZeroRelevance(QueryOnlyRelevance):
+    """relevance = sigmoid(P q + f[..., 0]): reads one feature channel."""
+
+    def compute_relevance(self, token_features: torch.Tensor, query_embedding: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(query_embedding @ self.positions.T + token_features[..., 0])
+
+
+def test_relative_feature_noise_scales_by_each_channels_std_over_tokens():
+    """Channel 0 is constant over the tokens of each sample: relative noise (σ = ρ · its std over tokens = 0) leaves
+    it, and so the relevance, unchanged; absolute noise does not."""
+    batch = _feature_batch()
+    batch["token_features"][..., 0] = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)[:, None]
+    model = _model(_ChannelZeroRelevance, dtype=torch.float64)
+    kwargs = dict(levels=(0.5,), k=8, num_draws=3, perturbations=("feature_noise",))
+    relative = RelevanceRobustness(feature_noise_scale="relative", **kwargs).evaluate(model, batch)
+    absolute = RelevanceRobustness(feature_noise_scale="absolute", **kwargs).evaluate(model, batch)
+    assert relative["perturbations"]["feature_noise"]["max_abs_diff"] <= 1e-12  # the std of a constant: rounding
+    assert absolute["perturbations"]["feature_noise"]["max_abs_diff"] > 1e-3
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_adversarial_weights_are_each_samples_normalised_loss_ascent(batched):
+    """Reference by autograd: w + ρ g_i/‖g_i‖ (one L2 norm over all trainable tensors), g_i = ∇ MSE of sample i."""
+    import copy
+
+    model, batch, level = _model(dtype=torch.float64), _feature_batch(), 0.2
+    report = RelevanceRobustness(levels=(level,), k=8, num_draws=2, perturbations=("weight_adversarial",),
+                                 per_sample=True, batched=batched).evaluate(model, batch)
+    expected, increases = [], []
+    for i in range(3):
+        features, query = batch["token_features"][i:i + 1], batch["query_embedding"][i:i + 1]
+        target = batch["labels"][i:i + 1]
+        loss = (model.compute_relevance(features, query) - target).square().mean()
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        norm = torch.sqrt(sum(g.square().sum() for g in grads))
+        moved = copy.deepcopy(model)
+        with torch.no_grad():
+            for p, g in zip(moved.parameters(), grads, strict=True):
+                p.add_(level * g / norm)
+            clean = model.compute_relevance(features, query)
+            perturbed = moved.compute_relevance(features, query)
+        expected.append(float((perturbed - clean).abs().mean()))
+        increases.append(float((perturbed - target).square().mean() - loss.detach()))
+    assert report["per_sample"]["weight_adversarial"]["0.2"]["mean_abs_diff"] == pytest.approx(expected, abs=1e-9)
+    assert min(increases) > 0  # an ascent: each sample's own loss goes up
+
+
+def test_random_weight_draws_are_filter_normalised():
+    """‖δ_row‖ = ρ‖w_row‖ for every output filter (row of dim 0) of a ≥2-D tensor, ‖δ‖ = ρ‖w‖ for 1-D and 0-D ones."""
+    model = _model(dtype=torch.float64)
+    with torch.no_grad():
+        model.embed[0].weight[0] *= 10.0  # rows of very different norms
+    trainable = {f"model.{n}": p.detach() for n, p in model.named_parameters()}
+    draws = RelevanceRobustness(num_draws=4)._random_weights(trainable, 0.3)
+    assert any(w.ndim >= 2 for w in trainable.values()) and any(w.ndim < 2 for w in trainable.values())
+    for name, weight in trainable.items():
+        rows = weight.reshape(weight.shape[0], -1) if weight.ndim >= 2 else weight.reshape(1, -1)
+        delta = (draws[name] - weight).reshape(4, *rows.shape)
+        torch.testing.assert_close(delta.norm(dim=-1), 0.3 * rows.norm(dim=-1).expand(4, -1), rtol=1e-10, atol=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,12 @@ def test_identical_maps_score_perfectly(metric):
     result = metric.compute(predictions=maps, references=maps, k=2, targets=maps)
     assert result == pytest.approx({"mean_abs_diff": 0.0, "spearman": 1.0, "kendall": 1.0, "topk_jaccard": 1.0,
                                     "ndcg": 1.0, "ndcg_drop": 0.0})
+
+
+def test_ndcg_drop_is_the_clean_maps_ndcg_minus_the_perturbed_maps(metric):
+    clean = [[0.1, 0.7, 0.3, 0.9]]
+    reversed_map = [[0.9, 0.3, 0.7, 0.1]]  # ranks the least relevant tokens first
+    result = metric.compute(predictions=reversed_map, references=clean, k=2, targets=clean)
+    perturbed = (0.1 + 0.3 / math.log2(3)) / (0.9 + 0.7 / math.log2(3))  # top-2 of the reversed map: tokens 0, 2
+    assert result["ndcg"] == pytest.approx(perturbed)
+    assert result["ndcg_drop"] == pytest.approx(1.0 - perturbed) and result["ndcg_drop"] > 0

@@ -69,3 +69,13 @@ def test_metrics_reject_mismatched_shapes_and_bad_threshold():
         token_relevance_metrics(np.zeros(3), np.zeros(4))
     with pytest.raises(ValueError, match="threshold must be in"):
         TextRelevanceMetrics(threshold=1.0)
+
+
+def test_a_score_equal_to_the_threshold_is_predicted_positive():
+    metrics = token_relevance_metrics(np.array([0.5, 0.2]), np.array([1, 0]), threshold=0.5)
+    assert metrics["precision"] == 1.0 and metrics["recall"] == 1.0 and metrics["f1"] == 1.0
+
+
+def test_a_soft_target_of_exactly_one_half_counts_as_positive():
+    metrics = token_relevance_metrics(np.array([0.9, 0.2]), np.array([0.5, 0.0]))
+    assert metrics["recall"] == 1.0 and metrics["precision"] == 1.0 and metrics["average_precision"] == 1.0

@@ -70,3 +70,18 @@ def test_mismatched_shapes_fail_clearly():
         relevance_mse(np.zeros((2, 3)), np.zeros((2, 4)))
     with pytest.raises(ValueError, match=r"\[B, N\]"):
         relevance_mse(np.zeros(3), np.zeros(3))
+
+
+def test_top_k_recall_mask_includes_targets_equal_to_the_threshold():
+    pred = np.array([[0.9, 0.1, 0.5, 0.3]])
+    target = np.array([[0.5, 0.0, 0.2, 0.0]])  # target >= 0.5: token 0 is in the mask
+    assert top_k_recall(pred, target, k=1, threshold=0.5) == 1.0
+
+
+def test_ndcg_and_top_k_recall_clamp_k_to_the_number_of_tokens():
+    pred = np.array([[0.9, 0.1, 0.5, 0.3]])
+    target = np.array([[0.0, 1.0, 0.5, 1.0]])
+    dcg = 0.0 / math.log2(2) + 0.5 / math.log2(3) + 1.0 / math.log2(4) + 1.0 / math.log2(5)
+    ideal = 1.0 / math.log2(2) + 1.0 / math.log2(3) + 0.5 / math.log2(4) + 0.0 / math.log2(5)
+    assert ndcg_at_k(pred, target, k=200) == pytest.approx(dcg / ideal)
+    assert top_k_recall(pred, target, k=200) == 1.0
