@@ -37,6 +37,8 @@ step 50 bench-step-profile "$PY" scripts/bench/step_profile.py --device cuda --m
     --out "$OUT_DIR/step_profile.json"
 [ "${ROBUSTNESS:-1}" = 1 ] && step 35 bench-robustness "$PY" scripts/bench/robustness.py --device cuda \
     --out "$OUT_DIR/robustness.json"
+step 40 bench-token-precision "$PY" scripts/bench/token_precision.py --device cuda \
+    --models arrcoc_g8_d32_tests arrcoc_g32_d384 --out "$OUT_DIR/token_precision.json"
 step 60 bench-variants "$PY" scripts/bench/variants.py --device cuda --parts throughput --out "$OUT_DIR/variants.json"
 if [ "${FSDP:-1}" = 1 ]; then  # two single-GPU Trainer runs (plain and FSDP2); about two minutes
     step 180 fsdp2-check "$PY" scripts/fsdp_check.py --report "$OUT_DIR/fsdp_check.json"

@@ -30,7 +30,7 @@ from arrcoc_sam.curvature.operators import (
     LinearOperator,
     MatrixOperator,
 )
-from arrcoc_sam.curvature.probe import probe_context
+from arrcoc_sam.curvature.probe import BlockSampler, GeneratorSampler, ProbeSampler, probe_context
 from arrcoc_sam.curvature.sharpness import (
     PacBayesBound,
     adaptive_sharpness,
@@ -40,14 +40,17 @@ from arrcoc_sam.curvature.sharpness import (
 )
 
 __all__ = [
+    "BlockSampler",
     "CurvatureOperator",
     "EigenResult",
     "Estimate",
     "GGNOperator",
+    "GeneratorSampler",
     "HessianOperator",
     "LinearOperator",
     "MatrixOperator",
     "PacBayesBound",
+    "ProbeSampler",
     "adaptive_sharpness",
     "average_sharpness",
     "control_variate_diagonal",

@@ -5,7 +5,8 @@ Common arguments: ``model``; ``loss_fn(model, batch) -> scalar`` (None: ``model(
 (default: the trainable parameters; any leaf tensors the loss depends on, e.g. token features held by the
 batch, give the curvature w.r.t. those); ``curvature`` = ``"hessian"`` or ``"ggn"`` (then ``output_fn`` and
 ``likelihood`` define it; ``loss_fn`` is unused); ``seed`` for the probe vectors (a private generator: the
-global RNG is never touched). Every function leaves mode, weights, grads, RNG and attention as found.
+global RNG is never touched; :func:`hessian_diagonal` also takes a ``sampler`` that draws them instead).
+Every function leaves mode, weights, grads, RNG and attention as found.
 
 GGN defaults: ``likelihood=None`` follows the HF head's ``config.problem_type`` (``"regression"`` → ``"mse"``,
 ``"multi_label_classification"`` → ``"bce"``, else ``"cross_entropy"``; see :mod:`.likelihoods`);
@@ -36,7 +37,7 @@ from arrcoc_sam.curvature.estimators import (
     hutchpp_trace,
 )
 from arrcoc_sam.curvature.operators import CurvatureOperator, GGNOperator, HessianOperator
-from arrcoc_sam.curvature.probe import default_params, probe_context
+from arrcoc_sam.curvature.probe import ProbeSampler, default_params, probe_context
 
 __all__ = [
     "curvature_operator",
@@ -183,6 +184,7 @@ def hessian_diagonal(
     weighting: str = "auto",
     sampling: str = "rademacher",
     seed: int = 0,
+    sampler: ProbeSampler | None = None,
 ) -> Estimate:
     """The curvature diagonal as ``.value`` / ``.stderr``: lists of tensors shaped like ``params``.
 
@@ -192,6 +194,12 @@ def hessian_diagonal(
     Fisher)) or
     ``"hutchinson_cv"`` (diag H with the GGN diagonal as control variate). With ``params=[features]`` for
     token features ``[B, N, C]`` the value is ``[B, N, C]``; sum over C for a per-token precision ``[B, N]``.
+
+    ``sampler`` (default: one generator seeded with ``seed``, which is then unused) draws every probe:
+    feature-space signs for Hutchinson, output-space signs for the GGN factors. A
+    :class:`~arrcoc_sam.curvature.probe.BlockSampler` with one generator per sample, on a leaf ``[B, ...]``
+    and a loss that sums or averages independent per-sample losses (block-diagonal curvature), gives each
+    sample the estimate it would get alone with its generator, in one batched pass per probe.
     """
     methods = ("hutchinson", "ggn", "hutchinson_cv")
     if method not in methods:
@@ -201,13 +209,13 @@ def hessian_diagonal(
         ggn = GGNOperator(model, params, data, output_fn, likelihood, weighting, sampling) if method != "hutchinson" else None
         hessian = HessianOperator(model, params, data, loss_fn, weighting) if method != "ggn" else None
         op = hessian or ggn
-        generator = _generator(op, seed)
+        generator = _generator(op, seed) if sampler is None else None
         if method == "hutchinson":
-            estimate = hutchinson_diagonal(hessian, num_probes, generator)
+            estimate = hutchinson_diagonal(hessian, num_probes, generator, sampler=sampler)
         elif method == "ggn":
-            estimate = ggn_diagonal(ggn, num_probes, generator)
+            estimate = ggn_diagonal(ggn, num_probes, generator, sampler=sampler)
         else:
-            estimate = control_variate_diagonal(hessian, ggn, num_probes, generator)
+            estimate = control_variate_diagonal(hessian, ggn, num_probes, generator, sampler=sampler)
         return Estimate(
             [t.clone() for t in op.unflatten(estimate.value)],
             [t.clone() for t in op.unflatten(estimate.stderr)],

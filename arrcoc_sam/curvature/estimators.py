@@ -21,6 +21,13 @@ number of operator products used.
 * Control-variate diagonal: diag(H) = diag(G) + diag(H − G), the first term by the GGN estimator, the second
   by Hutchinson on H − G, whose off-diagonal mass (hence variance) is small when H ≈ G. Unbiased for diag(H);
   the standard errors of the two independent parts add in quadrature.
+
+Probes come from ``generator`` (one stream; seed 0 when None) or, for the diagonal estimators, from a
+``sampler`` (:class:`~arrcoc_sam.curvature.probe.ProbeSampler`) that structures them, e.g. a
+:class:`~arrcoc_sam.curvature.probe.BlockSampler` drawing each sample's block from its own generator: for a
+block-diagonal operator (stacked samples, a sum of per-sample losses) each block of the diagonal and of its
+standard error is then that sample's own estimate, whatever else is in the batch. The GGN estimators pass the
+source to ``sample_factor``, which draws its signs in output space.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import torch
 from torch import Tensor
 
 from arrcoc_sam.curvature.operators import GGNOperator, LinearOperator
+from arrcoc_sam.curvature.probe import ProbeSampler, as_sampler
 
 __all__ = [
     "Estimate",
@@ -54,9 +62,9 @@ class Estimate:
     num_matvecs: int
 
 
-def _rademacher(op: LinearOperator, generator: torch.Generator, *shape: int) -> Tensor:
-    bits = torch.randint(0, 2, (*shape, op.numel), generator=generator, device=op.device)
-    return bits.to(op.dtype).mul_(2).sub_(1)
+def _rademacher(op: LinearOperator, probes: torch.Generator | ProbeSampler, *shape: int) -> Tensor:
+    """Rademacher probes ``[*shape, op.numel]`` from a generator or a sampler."""
+    return as_sampler(probes).rademacher((*shape, op.numel), op.dtype, op.device)
 
 
 def _check_probes(num_probes: int, minimum: int = 2, reason: str = "a standard error needs two probes") -> None:
@@ -71,6 +79,17 @@ def _scalar_mean(samples: list[Tensor]) -> tuple[float, float]:
 
 def _generator(op: LinearOperator, generator: torch.Generator | None) -> torch.Generator:
     return generator or torch.Generator(device=op.device).manual_seed(0)
+
+
+def _probe_source(
+    op: LinearOperator, generator: torch.Generator | None, sampler: ProbeSampler | None
+) -> torch.Generator | ProbeSampler:
+    """``sampler`` when given (``generator`` must then be None), else ``generator`` (seed 0 when None)."""
+    if sampler is None:
+        return _generator(op, generator)
+    if generator is not None:
+        raise ValueError("pass generator or sampler, not both: the sampler draws every probe")
+    return sampler
 
 
 def hutchinson_trace(op: LinearOperator, num_probes: int = 30, generator: torch.Generator | None = None) -> Estimate:
@@ -115,45 +134,63 @@ def _mean_and_stderr(draw: Callable[[], Tensor], num_probes: int) -> tuple[Tenso
     return mean, (spread / ((num_probes - 1) * num_probes)).sqrt()
 
 
-def hutchinson_diagonal(op: LinearOperator, num_probes: int = 30, generator: torch.Generator | None = None) -> Estimate:
-    """diag(A) as a flat ``[P]`` tensor by Rademacher probes (``num_probes`` products)."""
+def hutchinson_diagonal(
+    op: LinearOperator,
+    num_probes: int = 30,
+    generator: torch.Generator | None = None,
+    *,
+    sampler: ProbeSampler | None = None,
+) -> Estimate:
+    """diag(A) as a flat ``[P]`` tensor by Rademacher probes ``[P]`` from ``generator`` or ``sampler``
+    (``num_probes`` products)."""
     _check_probes(num_probes)
-    generator = _generator(op, generator)
+    source = _probe_source(op, generator, sampler)
 
     def draw() -> Tensor:
-        probe = _rademacher(op, generator)
+        probe = _rademacher(op, source)
         return probe * op.matvec(probe)
 
     value, stderr = _mean_and_stderr(draw, num_probes)
     return Estimate(value, stderr, num_probes)
 
 
-def ggn_diagonal(op: GGNOperator, num_probes: int = 30, generator: torch.Generator | None = None) -> Estimate:
-    """diag(G) ≥ 0 as a flat ``[P]`` tensor by sampled-label factors (``num_probes`` backward passes)."""
+def _ggn_mean(op: GGNOperator, num_probes: int, source: torch.Generator | ProbeSampler) -> tuple[Tensor, Tensor]:
+    return _mean_and_stderr(lambda: op.sample_factor(source).square(), num_probes)
+
+
+def ggn_diagonal(
+    op: GGNOperator,
+    num_probes: int = 30,
+    generator: torch.Generator | None = None,
+    *,
+    sampler: ProbeSampler | None = None,
+) -> Estimate:
+    """diag(G) ≥ 0 as a flat ``[P]`` tensor by sampled factors u = Jᵀ s, s drawn in output space from
+    ``generator`` or ``sampler`` (``num_probes`` backward passes)."""
     _check_probes(num_probes)
-    generator = _generator(op, generator)
-
-    def draw() -> Tensor:
-        return op.sample_factor(generator).square()
-
-    value, stderr = _mean_and_stderr(draw, num_probes)
+    value, stderr = _ggn_mean(op, num_probes, _probe_source(op, generator, sampler))
     return Estimate(value, stderr, num_probes)
 
 
 def control_variate_diagonal(
-    hessian: LinearOperator, ggn: GGNOperator, num_probes: int = 30, generator: torch.Generator | None = None
+    hessian: LinearOperator,
+    ggn: GGNOperator,
+    num_probes: int = 30,
+    generator: torch.Generator | None = None,
+    *,
+    sampler: ProbeSampler | None = None,
 ) -> Estimate:
-    """diag(H) = diag(G) + diag(H − G): ``num_probes`` GGN samples plus ``num_probes`` probes of H − G
-    (3·``num_probes`` operator products/backward passes in all)."""
+    """diag(H) = diag(G) + diag(H − G): ``num_probes`` GGN samples, then ``num_probes`` probes of H − G, all
+    from ``generator`` or ``sampler`` (3·``num_probes`` operator products/backward passes in all)."""
     _check_probes(num_probes)
     if hessian.numel != ggn.numel:
         raise ValueError(f"hessian and ggn act on different sizes: {hessian.numel} vs {ggn.numel}")
-    generator = _generator(hessian, generator)
-    base = ggn_diagonal(ggn, num_probes, generator)
+    source = _probe_source(hessian, generator, sampler)
+    base, base_stderr = _ggn_mean(ggn, num_probes, source)
 
     def draw() -> Tensor:
-        probe = _rademacher(hessian, generator)
+        probe = _rademacher(hessian, source)
         return probe * (hessian.matvec(probe) - ggn.matvec(probe))
 
     correction, correction_stderr = _mean_and_stderr(draw, num_probes)
-    return Estimate(base.value + correction, torch.hypot(base.stderr, correction_stderr), 3 * num_probes)
+    return Estimate(base + correction, torch.hypot(base_stderr, correction_stderr), 3 * num_probes)

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from arrcoc_sam.curvature._data import IGNORE_INDEX, unwrap_model
+from arrcoc_sam.curvature.probe import GeneratorSampler, ProbeSampler, as_sampler
 
 __all__ = [
     "LIKELIHOODS",
@@ -92,29 +93,39 @@ def output_hessian_product(likelihood: str, outputs: Tensor, vector: Tensor) -> 
     return vector * (2.0 / count)
 
 
-def sample_output_factor(likelihood: str, outputs: Tensor, generator: torch.Generator, sampling: str = "rademacher") -> Tensor:
+def sample_output_factor(
+    likelihood: str, outputs: Tensor, probes: torch.Generator | ProbeSampler, sampling: str = "rademacher"
+) -> Tensor:
     """A random s shaped like ``outputs`` (detached) with E[s sᵀ] = Λ.
 
     ``sampling="labels"``: the sampled-Fisher factor (module docstring). ``sampling="rademacher"``: s = S z with
     a square root S Sᵀ = Λ and Rademacher z (cross-entropy: S = (diag √p − p √pᵀ)/√M; bce: √(σ(1−σ)/N);
     mse: as for labels); no rare-label heavy tail when p is nearly one-hot, so usually lower variance.
+    ``probes``: a generator, or a :class:`~arrcoc_sam.curvature.probe.ProbeSampler` for the signs z (drawn
+    first, in ``outputs``' shape); sampled labels need a generator (or a ``GeneratorSampler``).
     """
     _check(likelihood)
     if sampling not in SAMPLINGS:
         raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
-    signs = (2 * torch.randint(0, 2, outputs.shape, generator=generator, device=outputs.device) - 1).to(outputs.dtype)
+    sampler = as_sampler(probes)
+    signs = sampler.rademacher(outputs.shape, outputs.dtype, outputs.device)
+    if sampling == "labels" and likelihood != "mse" and not isinstance(sampler, GeneratorSampler):
+        raise ValueError(
+            f"sampling='labels' draws {likelihood} labels from one generator, but probes is a "
+            f"{type(sampler).__name__}, which draws signs only: use sampling='rademacher' with it"
+        )
     if likelihood == "cross_entropy":
         probs = outputs.softmax(dim=-1)
         if sampling == "rademacher":
             root = probs.sqrt()
             return (root * signs - probs * (root * signs).sum(-1, keepdim=True)) / math.sqrt(outputs.shape[0])
-        labels = torch.multinomial(probs, 1, generator=generator)
+        labels = torch.multinomial(probs, 1, generator=sampler.generator)
         onehot = torch.zeros_like(probs).scatter_(-1, labels, 1.0)
         return (probs - onehot) / math.sqrt(outputs.shape[0])
     if likelihood == "bce":
         prob = outputs.sigmoid()
         if sampling == "rademacher":
             return (prob * (1 - prob) / outputs.numel()).sqrt() * signs
-        labels = (torch.rand(prob.shape, generator=generator, device=prob.device, dtype=prob.dtype) < prob).to(prob.dtype)
+        labels = (torch.rand(prob.shape, generator=sampler.generator, device=prob.device, dtype=prob.dtype) < prob).to(prob.dtype)
         return (prob - labels) / math.sqrt(outputs.numel())
     return signs * math.sqrt(2.0 / outputs.numel())

@@ -45,6 +45,7 @@ from arrcoc_sam.curvature.likelihoods import (
     sample_output_factor,
     select_rows,
 )
+from arrcoc_sam.curvature.probe import ProbeSampler
 
 __all__ = ["LinearOperator", "MatrixOperator", "CurvatureOperator", "HessianOperator", "GGNOperator"]
 
@@ -256,13 +257,14 @@ class GGNOperator(CurvatureOperator):
             out.add_(self.flatten(_grad(outputs, self.params, weighted)), alpha=weight)
         return out
 
-    def sample_factor(self, generator: torch.Generator) -> Tensor:
-        """A flat u = Σ_b √w_b J_bᵀ s_b with E[u uᵀ] = G (one forward and one backward per batch)."""
+    def sample_factor(self, probes: torch.Generator | ProbeSampler) -> Tensor:
+        """A flat u = Σ_b √w_b J_bᵀ s_b with E[u uᵀ] = G (one forward and one backward per batch); the output-space
+        s_b come from ``probes``, a generator or a :class:`~arrcoc_sam.curvature.probe.ProbeSampler`."""
         out = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
         for batch, weight in iter_weighted(self.batches, self.weights):
             outputs = self._outputs(batch)
             if outputs.numel() == 0:
                 continue
-            factor = sample_output_factor(self.likelihood, outputs.detach(), generator, self.sampling)
+            factor = sample_output_factor(self.likelihood, outputs.detach(), probes, self.sampling)
             out.add_(self.flatten(_grad(outputs, self.params, factor)), alpha=math.sqrt(weight))
         return out

@@ -1,4 +1,4 @@
-"""``probe_context``: run a curvature probe and leave the model exactly as found.
+"""``probe_context``: run a curvature probe and leave the model exactly as found; probe samplers.
 
 Saved and restored (in ``finally``): every module's train/eval flag, the ``.grad`` of every parameter and
 probed tensor, the ``requires_grad`` flags of the probed tensors, the CPU and (if initialised) CUDA RNG
@@ -12,18 +12,27 @@ restricted to its math kernel (DESIGN §5 trap 11). HF attention that has no dou
 is switched to ``"sdpa"`` (hence the exact math kernel) where the model supports it (``_supports_sdpa``), else
 to ``"eager"``; ``"sdpa"`` is preferred because HF's eager attention upcasts the softmax to float32, which
 gives NaN curvature for fully masked (left-padded) rows of float64 models.
+
+Probe vectors: the stochastic estimators draw their Rademacher (±1) probes from a :class:`ProbeSampler`.
+The default, :class:`GeneratorSampler`, is one ``torch.Generator`` stream (what passing ``generator=`` or
+``seed=`` gives). :class:`BlockSampler` draws block b of every probe from its own generator b, so that when
+the probed tensor and the outputs are stacked samples ``[B, ...]`` and the loss is a sum (or mean) of
+per-sample losses, each sample's probes, and hence its block of the estimate, depend on its own generator
+only, not on which samples share its batch (one batched product instead of one call per sample).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["probe_context", "default_params"]
+__all__ = ["probe_context", "default_params", "ProbeSampler", "GeneratorSampler", "BlockSampler", "as_sampler"]
 
 _DOUBLE_BACKWARD_ATTENTION = ("eager", "sdpa")
 
@@ -34,6 +43,60 @@ def default_params(model: nn.Module) -> list[Tensor]:
     if not params:
         raise ValueError("model has no trainable parameters: pass params=[...] explicitly")
     return params
+
+
+class ProbeSampler(Protocol):
+    """Where the stochastic estimators' Rademacher probes come from. Each call draws the next probe."""
+
+    def rademacher(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A tensor of ``shape`` with i.i.d. ±1 entries (each sign with probability 1/2), in ``dtype`` on ``device``."""
+        ...
+
+
+class GeneratorSampler:
+    """One stream: every probe drawn from ``generator`` (the default of every estimator). ``generator`` also
+    serves draws other than signs (sampled labels for the GGN with ``sampling="labels"``)."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+
+    def rademacher(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+        bits = torch.randint(0, 2, tuple(shape), generator=self.generator, device=device)
+        return bits.to(dtype).mul_(2).sub_(1)
+
+
+class BlockSampler:
+    """One stream per block: the probe, flattened in row-major order, is split into ``len(generators)`` equal
+    contiguous blocks and block b is drawn from ``generators[b]`` (as a flat vector).
+
+    With a probed leaf ``[B, ...]`` (flat probes) and per-sample outputs ``[B, ...]`` (GGN factors in output
+    space), block b is sample b's share of both, so sample b's probes depend on ``generators[b]`` alone: the
+    same draws whether it is probed alone (one generator) or stacked with others. Block b's probes are i.i.d.
+    across draws, and independent of the other blocks, so per-probe standard errors stay valid. Draws whose
+    size is not a multiple of the number of blocks are refused (the blocks would not be whole samples); so
+    are draws other than signs (``sampling="labels"`` for cross-entropy/BCE GGNs).
+    """
+
+    def __init__(self, generators: Sequence[torch.Generator]) -> None:
+        if not generators:
+            raise ValueError("generators is empty: pass one generator per block")
+        self.generators = list(generators)
+
+    def rademacher(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+        numel = math.prod(shape)
+        blocks = len(self.generators)
+        if numel % blocks:
+            raise ValueError(
+                f"a probe of shape {tuple(shape)} ({numel} entries) does not split into {blocks} equal blocks: "
+                "BlockSampler needs every block (sample) to own the same number of probed entries and outputs"
+            )
+        drawn = [GeneratorSampler(g).rademacher((numel // blocks,), dtype, device) for g in self.generators]
+        return torch.cat(drawn).view(tuple(shape))
+
+
+def as_sampler(probes: torch.Generator | ProbeSampler) -> ProbeSampler:
+    """``probes`` itself when it is a sampler, else a :class:`GeneratorSampler` over the generator."""
+    return GeneratorSampler(probes) if isinstance(probes, torch.Generator) else probes
 
 
 def _attention_configs(model: nn.Module) -> list[tuple[object, bool]]:

@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from arrcoc_sam.curvature import hessian_diagonal
+from arrcoc_sam.curvature.probe import BlockSampler
 from arrcoc_sam.relevance.rank_metrics import top_k_indices
-from arrcoc_sam.relevance.seeding import sample_seed
+from arrcoc_sam.relevance.seeding import sample_generator
 
 __all__ = [
     "PrecisionAwareAllocation",
@@ -264,8 +265,9 @@ def token_precision(
     features ``[B, N, C]``, summed over the C channels, from `arrcoc_sam.curvature.hessian_diagonal`.
 
     The loss is the MSE between ``model.compute_relevance(token_features, query_embedding)`` and the
-    batch's ``labels``, averaged over the sample's N tokens: the curvature of each sample's own loss, which
-    does not depend on the batch. ``method``:
+    batch's ``labels``, averaged over the batch's B·N tokens; the result is multiplied by B, so it is the
+    curvature of each sample's own loss (the mean over its N tokens), which does not depend on the batch.
+    ``method``:
 
     * ``"ggn"`` (default): the Gauss-Newton/Fisher diagonal, (2/N)·Σ_c Σ_n' (∂r_n'/∂f_nc)², by sampled
       factors; never negative, needs no labels (the MSE GGN does not depend on the targets); exact in one
@@ -276,20 +278,22 @@ def token_precision(
 
     ``batch``: a dict with ``query_embedding [B, D]``, ``token_features [B, N, C]`` (or ``pixel_values``,
     turned into features by ``model.token_features``) and, except for ``"ggn"``, ``labels [B, N]``.
-    ``loss_fn(model, batch) -> scalar`` replaces the MSE for the Hessian methods (the batch it receives
-    holds the probed ``token_features``). With ``return_stderr=True`` returns ``(precision, stderr)``,
-    where ``stderr [B, N]`` is Σ_c of the per-channel standard errors: an upper bound on the standard error
-    of the channel sum.
+    ``loss_fn(model, batch) -> scalar`` replaces the MSE for the Hessian methods: it receives the whole batch
+    (holding the probed ``token_features``) and must be a mean over samples of per-sample losses, as the MSE
+    is (then B times its curvature is each sample's own). With ``return_stderr=True`` returns
+    ``(precision, stderr)``, where ``stderr [B, N]`` is Σ_c of the per-channel standard errors: an upper
+    bound on the standard error of the channel sum.
 
     Probes are drawn per sample, from a generator seeded by (``seed``, global sample index), the index of
-    row b being ``sample_offset + b``: a sample's precision is the same alone or in a batch of any size
-    (pass the running sample count as ``sample_offset`` when estimating a dataset batch by batch).
-    ``loss_fn`` sees one-sample batches ``[1, N, C]``.
+    row b being ``sample_offset + b`` (a `arrcoc_sam.curvature.probe.BlockSampler`: Rademacher signs on the
+    sample's features ``[N, C]`` for Hutchinson, on its relevance ``[N]`` for the GGN factors). The
+    model scores samples independently (eval mode), so the curvature is block-diagonal across samples
+    and a sample's precision and stderr are the same alone or in a batch of any size, up to rounding (pass
+    the running sample count as ``sample_offset`` when estimating a dataset batch by batch).
 
-    Cost: one `hessian_diagonal` call per sample, i.e. B · ``num_probes`` backward passes over one sample
-    each (x3 for ``hutchinson_cv``): the arithmetic of one batched call, with B times the kernel launches.
-    It stays a loop because `hessian_diagonal` draws one probe stream per call; a batched call would tie
-    each sample's probes to its position in the batch.
+    Cost: ``num_probes`` batched forward+backward passes over the whole batch (x3 for ``hutchinson_cv``),
+    whatever B is, plus B small random draws per probe; ``scripts/bench/token_precision.py`` times it
+    against one call per sample.
     """
     if "query_embedding" not in batch:
         raise ValueError(f"batch needs 'query_embedding' [B, D]; got keys {sorted(batch)}")
@@ -299,20 +303,18 @@ def token_precision(
             raise ValueError("batch needs 'token_features' [B, N, C], or 'pixel_values' and a model with token_features()")
         with torch.no_grad():
             features = model.token_features(pixel_values=batch["pixel_values"], token_features=None)
-    labels = batch.get("labels")
-    precision, stderr = [], []
-    for row in range(features.shape[0]):
-        leaf = features[row:row + 1].detach().clone().requires_grad_(True)
-        probed: dict[str, Any] = {"token_features": leaf, "query_embedding": batch["query_embedding"][row:row + 1]}
-        if labels is not None:
-            probed["labels"] = labels[row:row + 1]
-        estimate = hessian_diagonal(
-            model, loss_fn or _relevance_mse, probed, num_probes=num_probes, method=method, params=[leaf],
-            output_fn=_relevance_outputs, likelihood="mse", weighting="equal",
-            seed=sample_seed(seed, "token_precision", sample_offset + row),
-        )
-        precision.append(estimate.value[0].sum(dim=-1))
-        stderr.append(estimate.stderr[0].sum(dim=-1))
+    leaf = features.detach().clone().requires_grad_(True)
+    probed: dict[str, Any] = {"token_features": leaf, "query_embedding": batch["query_embedding"]}
+    if batch.get("labels") is not None:
+        probed["labels"] = batch["labels"]
+    samples = leaf.shape[0]
+    sampler = BlockSampler([sample_generator(seed, "token_precision", sample_offset + row, leaf.device)
+                            for row in range(samples)])
+    estimate = hessian_diagonal(
+        model, loss_fn or _relevance_mse, probed, num_probes=num_probes, method=method, params=[leaf],
+        output_fn=_relevance_outputs, likelihood="mse", weighting="equal", sampler=sampler,
+    )
+    precision = estimate.value[0].sum(dim=-1) * samples
     if return_stderr:
-        return torch.cat(precision), torch.cat(stderr)
-    return torch.cat(precision)
+        return precision, estimate.stderr[0].sum(dim=-1) * samples
+    return precision
