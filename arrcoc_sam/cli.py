@@ -34,7 +34,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"arrcoc-sam: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    program = sys.argv[0]
+    sys.argv[0] = f"arrcoc-sam {name}"  # parsers that take their name from argv[0] show the subcommand in usage
+    try:
+        return int(module.main(rest) or 0)
+    finally:
+        sys.argv[0] = program
 
 
 if __name__ == "__main__":

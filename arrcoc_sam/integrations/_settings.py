@@ -16,7 +16,7 @@ from typing import Any
 
 from torch.optim import Optimizer
 
-from arrcoc_sam.sam.registry import available_methods, build_sam_optimizer
+from arrcoc_sam.sam.registry import available_methods, build_sam_optimizer, method_knobs
 from arrcoc_sam.sam.sharding import check_fsdp_run
 
 __all__ = ["SCOPES", "SAMSettings", "check_run_compatible", "deepspeed_zero_stage", "fsdp_version_of", "parse_sam_args"]
@@ -78,11 +78,28 @@ class SAMSettings:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.interval is not None and self.interval < 1:
             raise ValueError(f"sam_interval must be >= 1, got {self.interval!r}")
+        self._check_knobs_taken()
         for key, flag, value in (("rho", "rho", self.rho), ("eta", "sam_eta", self.eta),
                                  ("interval", "sam_interval", self.interval)):
             if value is not None and key in self.extra:
                 raise ValueError(f"{key} is given twice, as {flag}={value!r} and in sam_args as {key}="
                                  f"{self.extra[key]!r}; give it once")
+
+    def _check_knobs_taken(self) -> None:
+        """ValueError naming the knobs (``sam_args`` keys, ``--rho``, ``--sam_eta``, ``--sam_interval``) the method
+        does not take, at parse time instead of when the Trainer builds its optimizer."""
+        accepted = method_knobs(self.method) if self.enabled else None
+        if accepted is None:
+            return
+        unknown = sorted(set(self.extra) - accepted) + [
+            name for name, value in (("rho", self.rho), ("eta", self.eta), ("interval", self.interval))
+            if value is not None and name not in accepted
+        ]
+        if unknown:
+            raise ValueError(
+                f"--optimizer {self.method} does not take {', '.join(unknown)} (it takes {', '.join(sorted(accepted))}); "
+                "drop the others from sam_args / sam_interval / sam_eta"
+            )
 
     @property
     def enabled(self) -> bool:
@@ -100,11 +117,8 @@ class SAMSettings:
         knobs = self.knobs()
         try:
             optimizer = build_sam_optimizer(self.method, params, base_optimizer, **knobs)
-        except TypeError as error:
-            raise ValueError(
-                f"--optimizer {self.method} does not accept the knobs {sorted(knobs)} ({error}); "
-                "drop the ones it does not take (sam_interval / sam_args)"
-            ) from error
+        except TypeError as error:  # a builder whose signature _check_knobs_taken could not read
+            raise ValueError(f"--optimizer {self.method} refused the knobs {sorted(knobs)}: {error}") from error
         if self.scope == "microbatch" and not getattr(optimizer, "supports_microbatch_scope", True):
             raise ValueError(
                 f"--optimizer {self.method} combines each step's clean and perturbed gradients (or keeps an average "

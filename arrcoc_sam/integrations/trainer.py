@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -258,6 +259,7 @@ def _run_settings(trainer: Trainer) -> SAMSettings:
     cached = trainer.__dict__.get("_sam_settings")
     if cached is not None and cached[0] == key:
         return cached[1]
+    check_processes_train_together(trainer.args)
     zero_stage = fsdp_version = None
     if getattr(trainer, "is_deepspeed_enabled", False):
         zero_stage = trainer.accelerator.state.deepspeed_plugin.zero_stage
@@ -272,6 +274,20 @@ def _run_settings(trainer: Trainer) -> SAMSettings:
     )
     trainer._sam_settings = (key, settings)
     return settings
+
+
+def check_processes_train_together(args: TrainingArguments) -> None:
+    """Refuse a launch of several processes (``WORLD_SIZE`` > 1) in which ``args`` sees one: each process would
+    then train its own copy and all of them write to the same ``output_dir``. On a machine without GPUs this is
+    what ``torchrun``/``accelerate launch`` give unless ``--use_cpu`` is set (the processes then form a gloo group)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and args.world_size == 1:
+        raise ValueError(
+            f"{launched} processes were launched (WORLD_SIZE={launched}) but each trains on its own "
+            f"(TrainingArguments see parallel mode {args.parallel_mode.value}, world size 1), so they would train "
+            "separate copies into the same output_dir; without GPUs pass --use_cpu true (torchrun) or "
+            "use_cpu: true in the accelerate config (or ACCELERATE_USE_CPU=true) so they train one model together"
+        )
 
 
 def _sam_inside(optimizer: Any) -> torch.optim.Optimizer | None:

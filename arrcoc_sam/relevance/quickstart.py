@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from arrcoc_sam.relevance.robustness_cli import non_negative_int, positive_int
+from arrcoc_sam.relevance.robustness_cli import non_negative_float, non_negative_int, positive_int
 
 METRICS = (("mse", "MSE", "lower"), ("spearman", "Spearman", "higher"), ("top_k_recall", "top-K recall", "higher"),
            ("ndcg", "NDCG@K", "higher"))
@@ -34,12 +34,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", default="runs/quickstart", help="where the report and figures go")
     parser.add_argument("--steps", type=positive_int, default=240, help="optimizer steps per run")
     parser.add_argument("--batch-size", type=positive_int, default=32)
-    parser.add_argument("--learning-rate", type=float, default=3e-3, help="AdamW learning rate (both runs)")
-    parser.add_argument("--rho", type=float, default=0.05, help="SAM neighbourhood radius")
+    parser.add_argument("--learning-rate", type=non_negative_float, default=3e-3, help="AdamW learning rate (both runs)")
+    parser.add_argument("--rho", type=non_negative_float, default=0.05, help="SAM neighbourhood radius")
     parser.add_argument("--train-scenes", type=positive_int, default=1024)
     parser.add_argument("--validation-scenes", type=positive_int, default=128)
     parser.add_argument("--heldout-scenes", type=positive_int, default=256)
-    parser.add_argument("--image-size", type=int, default=64, help="scene side in pixels (grid: 32 x 32 cells from 64 px, else side / 2)")
+    parser.add_argument("--image-size", type=positive_int, default=64,
+                        help="scene side in pixels, a multiple of the grid side (grid: 32 x 32 cells from 64 px, "
+                             "else side / 2)")
     parser.add_argument("--top-k", type=positive_int, default=200, help="K of top-K recall / NDCG and of token selection")
     parser.add_argument("--embedder", default="minilm", choices=("minilm", "hash"),
                         help="query embeddings: MiniLM input embeddings (D=384) or hashed words (D=32)")
@@ -47,14 +49,36 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--robustness-scenes", type=non_negative_int, default=64,
                         help="held-out scenes in the robustness section (0 skips it)")
     parser.add_argument("--robustness-draws", type=positive_int, default=8, help="perturbation draws per scene and level")
-    parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (tests)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="a seconds-long smoke run (tests): small defaults, which flags given with it override")
     return parser
 
 
-def _tiny(args: argparse.Namespace) -> None:
-    args.steps, args.batch_size, args.train_scenes, args.validation_scenes = 4, 8, 16, 8
-    args.heldout_scenes, args.image_size, args.embedder = 8, 32, "hash"
-    args.robustness_scenes, args.robustness_draws, args.top_k = 4, 2, 16
+TINY_DEFAULTS = {"steps": 4, "batch_size": 8, "train_scenes": 16, "validation_scenes": 8, "heldout_scenes": 8,
+                 "image_size": 32, "embedder": "hash", "robustness_scenes": 4, "robustness_draws": 2, "top_k": 16}
+
+
+def grid_side(image_size: int) -> int:
+    """Cells per grid side for scenes of ``image_size`` pixels: 32 from 64 px on, else half the side."""
+    return 32 if image_size >= 64 else image_size // 2
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The quickstart's options: ``--tiny`` swaps in `TINY_DEFAULTS` under the flags given explicitly; a bad
+    combination (an image the grid does not divide, K above the grid's tokens) ends in ``parser.error``."""
+    parser = _parser()
+    argv = list(argv) if argv is not None else None
+    if parser.parse_known_args(argv)[0].tiny:
+        parser.set_defaults(**TINY_DEFAULTS)
+    args = parser.parse_args(argv)
+    grid = grid_side(args.image_size)
+    if grid < 2 or args.image_size % grid:
+        parser.error(f"--image-size {args.image_size}: scenes need a side of 4 to 63 px that is even, or a "
+                     f"multiple of 32 from 64 px on (the grid has {grid} cells per side)")
+    if args.top_k > grid * grid:
+        parser.error(f"--top-k {args.top_k} exceeds the {grid * grid} tokens of a {grid} x {grid} grid "
+                     f"(--image-size {args.image_size})")
+    return args
 
 
 def _train_one(name: str, method: str, args, scenes, grid_size: int, trainer_dir: Path):
@@ -246,7 +270,7 @@ attribute combinations that never occur in training ({examples}, ...).
 Top-K recall: fraction of target-mask tokens (target >= 0.5) among the K={args.top_k} most relevant tokens.
 Spearman: per scene, averaged; most target values are tied zeros, which caps it below 1: on these held-out
 scenes the target mask covers {100 * facts['mask_share']:.1f} % of the tokens and a perfect ranking scores
-{facts['spearman_ceiling']:.4f}.
+{facts['spearman_ceiling']:.4f} (a ranking without ties; predicting the tied target itself would score 1).
 The participatory scorer is a Conv1x1 coupling: it sees one cell's {config.num_channels} features, so it can learn
 colour but not shape or size, which need context beyond one cell. The held-out examples show exactly that.
 Wall time: AdamW {elapsed['adamw']:.0f} s, SAM {elapsed['sam']:.0f} s.
@@ -273,14 +297,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    args = _parser().parse_args(list(argv) if argv is not None else None)
-    if args.tiny:
-        _tiny(args)
+    args = parse_args(argv)
     from arrcoc_sam.relevance.scenes import make_scene_dataset
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    grid_size = 32 if args.image_size >= 64 else args.image_size // 2
+    grid_size = grid_side(args.image_size)
     print(f"[quickstart] generating scenes ({args.train_scenes} train / {args.validation_scenes} validation / "
           f"{args.heldout_scenes} held-out)", flush=True)
     scenes = make_scene_dataset(args.train_scenes, args.validation_scenes, args.heldout_scenes, args.image_size,

@@ -22,6 +22,7 @@ import copy
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,7 @@ class ModelArguments:
                   "weights, for smoke tests) or a local HF model directory"},
     )
     tokenizer_name_or_path: str | None = field(
-        default=None, metadata={"help": "text tokenizer directory (default: the backbone's, else MiniLM's)"}
+        default=None, metadata={"help": "text tokenizer directory; unset: the backbone's, else MiniLM's"}
     )
     config_overrides: str | None = field(
         default=None,
@@ -87,7 +88,7 @@ class DataArguments:
     """Which data to train and evaluate on."""
 
     data_source: str | None = field(
-        default=None, metadata={"help": "scenes | wnut | files (default: scenes for vision, wnut for text)"}
+        default=None, metadata={"help": "scenes | wnut | files; unset: scenes for vision, wnut for text"}
     )
     train_file: str | None = field(default=None, metadata={"help": "JSONL/CSV/Parquet training file (files)"})
     validation_file: str | None = field(default=None, metadata={"help": "evaluated during training (files)"})
@@ -181,8 +182,12 @@ def check_overrides(overrides: dict[str, Any], config_class) -> dict[str, Any]:
     otherwise be stored as stray attributes and silently ignored)."""
     unknown = sorted(set(overrides) - config_fields(config_class))
     if unknown:
-        raise ValueError(f"config_overrides: unknown field(s) {unknown} for {config_class.__name__}; known fields: "
-                         f"{sorted(name for name in config_fields(config_class) if not name.startswith('_'))}")
+        import inspect
+
+        own = sorted(name for name in inspect.signature(config_class.__init__).parameters
+                     if name not in ("self", "kwargs") and not name.startswith("_"))
+        raise ValueError(f"config_overrides: unknown field(s) {unknown} for {config_class.__name__}; its fields: "
+                         f"{own} (plus the generic PretrainedConfig ones)")
     return overrides
 
 
@@ -349,17 +354,10 @@ def _save(trainer, model_args: ModelArguments, tokenizer) -> None:
         tokenizer.save_pretrained(output_dir)
 
 
-def run_training(model_args: ModelArguments, data_args: DataArguments, training_args) -> dict[str, float]:
-    """Train, save, then evaluate on validation (each evaluation) and held-out (once); returns the final metrics.
-
-    Returns the last ``eval_*`` metrics on the validation split and ``heldout_*`` on the held-out split
-    (when those splits exist).
-    """
-    from transformers import set_seed
-
+def _build_trainer(model_args: ModelArguments, data_args: DataArguments, training_args):
+    """``(trainer, splits, tokenizer)``: the model, the data splits and the SAMTrainer of the run."""
     from arrcoc_sam.integrations.trainer import SAMTrainer
 
-    set_seed(training_args.seed)
     if model_args.model_name_or_path:  # fail before loading any data
         _local_model_dir(model_args.model_name_or_path, "model_name_or_path")
     tokenizer = None
@@ -381,6 +379,11 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, training_
         first = splits["train"][0]
         model = _vision_model(model_args, query_dim=len(first["query_embedding"]))
         collator = TokenFeatureCollator() if "token_features" in first else SceneCollator()
+        tokens = model.config.grid_size ** 2
+        if data_args.top_k > tokens:
+            warnings.warn(f"--top_k {data_args.top_k} exceeds the {tokens} tokens per sample of a "
+                          f"{model.config.grid_size} x {model.config.grid_size} grid: top-K recall and NDCG use "
+                          f"K = {tokens}, where recall is always 1; pass --top_k below {tokens}", stacklevel=2)
         compute_metrics, preprocess = make_compute_metrics(k=data_args.top_k), None
     trainer = SAMTrainer(
         model=model,
@@ -392,8 +395,32 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, training_
         preprocess_logits_for_metrics=preprocess,
     )
     _add_sharpness_callback(trainer, model_args, splits, collator)
+    return trainer, splits, tokenizer
+
+
+def run_training(model_args: ModelArguments, data_args: DataArguments, training_args) -> dict[str, float]:
+    """Train, save, then evaluate on validation (each evaluation) and held-out (once); returns the final metrics.
+
+    Returns the last ``eval_*`` metrics on the validation split and ``heldout_*`` on the held-out split
+    (when those splits exist). Bad inputs (a missing file or model directory, a malformed data row, a config
+    override or run setting the model or Trainer refuses) raise before anything trains.
+    """
+    return train_and_evaluate(*build_run(model_args, data_args, training_args), model_args)
+
+
+def build_run(model_args: ModelArguments, data_args: DataArguments, training_args):
+    """``(trainer, splits, tokenizer)`` of the run, seeded with ``training_args.seed``: the model, the data
+    splits and the SAMTrainer (nothing trained yet)."""
+    from transformers import set_seed
+
+    set_seed(training_args.seed)
+    return _build_trainer(model_args, data_args, training_args)
+
+
+def train_and_evaluate(trainer, splits, tokenizer, model_args: ModelArguments) -> dict[str, float]:
+    """Train, save (before any evaluation, so a failing evaluation loses nothing), then evaluate."""
     trainer.train()
-    _save(trainer, model_args, tokenizer)  # before any evaluation, so a failing evaluation loses nothing
+    _save(trainer, model_args, tokenizer)
     results: dict[str, float] = {}
     for split, prefix in (("validation", "eval"), ("heldout", "heldout")):
         if split in splits:
@@ -435,19 +462,37 @@ def set_offline() -> None:
         os.environ.setdefault(name, "1")
 
 
-def parse_args(argv: Sequence[str] | None = None):
-    """``(ModelArguments, DataArguments, SAMTrainingArguments)`` from the command line (and a recipe file).
-
-    A bad flag value exits with status 2 and the reason on stderr (``argparse``'s ``parser.error``).
-    """
+def _parser():
     from transformers import HfArgumentParser
 
     from arrcoc_sam.integrations.trainer import SAMTrainingArguments
 
+    return HfArgumentParser(
+        (ModelArguments, DataArguments, SAMTrainingArguments),
+        usage="%(prog)s [RECIPE.yaml | RECIPE.json] [--flag value ...]",
+        description="Train an ARR-COC relevance model (vision, multiscale or text) with SAM, ASAM or a cheaper "
+                    "variant, then save and evaluate it. An optional recipe file (a mapping of flag names to "
+                    "values, e.g. recipes/vision_sam.yaml) comes first; flags after it override it.",
+    )
+
+
+def parse_args(argv: Sequence[str] | None = None):
+    """``(ModelArguments, DataArguments, SAMTrainingArguments)`` from the command line (and a recipe file).
+
+    A bad flag value or an unreadable recipe exits with status 2 and the reason on stderr
+    (``argparse``'s ``parser.error``).
+    """
+    parser = _parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and Path(argv[0]).suffix.lower() in (".yaml", ".yml", ".json") and not argv[0].startswith("-"):
-        argv = recipe_to_argv(argv[0]) + argv[1:]
-    parser = HfArgumentParser((ModelArguments, DataArguments, SAMTrainingArguments))
+        try:
+            argv = recipe_to_argv(argv[0]) + argv[1:]
+        except (OSError, ValueError) as err:  # missing file, bad YAML/JSON (yaml's errors are not ValueErrors)
+            parser.error(f"recipe {argv[0]}: {err}")
+        except Exception as err:  # noqa: BLE001 - yaml.YAMLError, without importing yaml for the check
+            if type(err).__module__.split(".")[0] != "yaml":
+                raise
+            parser.error(f"recipe {argv[0]}: not valid YAML ({err})")
     try:
         return parser.parse_args_into_dataclasses(args=argv)
     except ValueError as err:  # a bad flag value, found by a dataclass's __post_init__: usage error, exit 2
@@ -461,7 +506,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     model_args, data_args, training_args = parse_args(argv)
     with owned_process_group():
-        results = run_training(model_args, data_args, training_args)
+        try:
+            run = build_run(model_args, data_args, training_args)
+        except (OSError, ValueError) as err:  # a bad input met while setting up: a usage error, exit 2
+            parser = _parser()
+            parser.exit(2, f"{parser.prog}: error: {err}\n")
+        results = train_and_evaluate(*run, model_args)
     if training_args.process_index == 0:
         print(json.dumps(results, indent=2, sort_keys=True))
     return 0

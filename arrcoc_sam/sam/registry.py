@@ -9,12 +9,13 @@ has no builder: callers use the base optimizer unchanged.
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 from torch.optim import Optimizer
 
-__all__ = ["available_methods", "build_sam_optimizer", "register_method"]
+__all__ = ["available_methods", "build_sam_optimizer", "method_knobs", "register_method"]
 
 Builder = Callable[..., Optimizer]
 
@@ -62,3 +63,21 @@ def build_sam_optimizer(name: str, params: Any, base_optimizer: Any, **knobs: An
             f"unknown sharpness-aware method {name!r}; choose one of {', '.join(available_methods())}"
         )
     return _BUILDERS[name](params, base_optimizer, **knobs)
+
+
+def method_knobs(name: str) -> frozenset[str] | None:
+    """The knobs method ``name`` takes: its builder's keyword parameters after the first two (the parameters
+    and the base optimizer). A class's ``**base_kwargs`` catch-all is not counted (it only reaches a base
+    optimizer given as a class); a function builder with ``**kwargs`` takes anything, so its knobs are
+    unknown. None when they are unknown, or ``name`` is not registered."""
+    _load_providers()
+    builder = _BUILDERS.get(name)
+    if builder is None:
+        return None
+    try:
+        parameters = list(inspect.signature(builder).parameters.values())[2:]
+    except (TypeError, ValueError):
+        return None
+    if not isinstance(builder, type) and any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return None
+    return frozenset(p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))

@@ -64,7 +64,8 @@ class MomentumSAM(VariantSAM):
         if group["rho"] > 0 and momentum is not None and not momentum and "betas" not in group:
             raise ValueError(
                 f"{where}msam takes its perturbation from the momentum buffer, but the base optimizer "
-                f"{type(self.base_optimizer).__name__} runs with momentum=0; set momentum > 0"
+                f"{type(self.base_optimizer).__name__} runs with momentum=0; set momentum > 0 (with the Trainer: "
+                "--optim sgd --optim_args momentum=0.9, or an Adam-family --optim, whose first moment msam uses)"
             )
 
     @property

@@ -1,0 +1,176 @@
+"""What a user gets wrong ends in a message that names it, before anything trains: launches whose processes
+would train separately, missing files and model folders, malformed data rows, knobs a method does not take,
+and quickstart options that cannot work together. Runs are reproducible under one seed."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers.training_args import ParallelMode
+
+from arrcoc_sam.cli import main as cli_main
+from arrcoc_sam.integrations.trainer import check_processes_train_together
+
+REPO = Path(__file__).resolve().parents[1]
+NER = "John\tB-person\nruns\tO\n\nParis\tB-geo\nis\tO\nbig\tO\n\nMary\tB-person\nsings\tO\n"
+
+
+def _script(name: str):
+    """A file under scripts/ as a module (scripts/ is not a package), loaded once."""
+    module_name = f"{name}_under_test"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, REPO / "scripts" / f"{name}.py")
+        sys.modules[module_name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up here
+        spec.loader.exec_module(sys.modules[module_name])
+    return sys.modules[module_name]
+
+
+@pytest.mark.parametrize(("world_size_env", "world_size", "refused"), [("2", 1, True), ("2", 2, False), (None, 1, False)])
+def test_processes_that_would_each_train_their_own_copy_are_refused(monkeypatch, world_size_env, world_size, refused):
+    if world_size_env is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world_size_env)
+    mode = ParallelMode.NOT_PARALLEL if world_size == 1 else ParallelMode.DISTRIBUTED
+    args = SimpleNamespace(world_size=world_size, parallel_mode=mode)
+    if refused:
+        with pytest.raises(ValueError, match=r"2 processes were launched .* pass --use_cpu true \(torchrun\)"):
+            check_processes_train_together(args)
+    else:
+        check_processes_train_together(args)
+
+
+@pytest.mark.multiprocess
+def test_torchrun_without_use_cpu_on_a_cpu_machine_is_refused_by_sam_trainer(tmp_path):
+    import subprocess
+
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import sys, torch\n"
+        "from arrcoc_sam import SAMTrainer, SAMTrainingArguments\n"
+        "args = SAMTrainingArguments(output_dir=sys.argv[1], report_to='none', use_cpu='--use_cpu' in sys.argv)\n"
+        "SAMTrainer(model=torch.nn.Linear(2, 2), args=args)\n"
+        "print('built with world size', args.world_size)\n", encoding="utf-8")
+    env = {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+
+    def launch(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               str(script), str(tmp_path / "out"), *flags], capture_output=True, text=True,
+                              env=env, timeout=240)
+
+    refused = launch()
+    assert refused.returncode != 0 and "2 processes were launched (WORLD_SIZE=2)" in refused.stderr
+    together = launch("--use_cpu")
+    assert together.returncode == 0, together.stderr[-3000:]
+    assert together.stdout.count("built with world size 2") == 2
+
+
+def _token_classification_argv(tmp_path: Path, *extra: str) -> list[str]:
+    data = tmp_path / "ner.txt"
+    data.write_text(NER, encoding="utf-8")
+    return ["train_token_classification.py", "--train_file", str(data), "--tiny", "--max_steps", "1",
+            "--per_device_train_batch_size", "2", "--report_to", "none", "--use_cpu", "true",
+            "--save_strategy", "no", "--disable_tqdm", "true", *extra]
+
+
+def test_token_classification_runs_with_one_seed_train_the_same_weights(tmp_path, monkeypatch):
+    script = _script("train_token_classification")
+    weights = []
+    for run in ("first", "second"):
+        monkeypatch.setattr(sys, "argv", _token_classification_argv(tmp_path, "--output_dir", str(tmp_path / run)))
+        torch.manual_seed(len(weights))  # whatever the global RNG holds before main(), the seed decides
+        script.main()
+        weights.append(load_file(str(tmp_path / run / "model.safetensors")))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--validation_file", "missing.txt"], "--validation_file missing.txt: no such file"),
+    (["--model_name_or_path", "no-such-folder"], "--model_name_or_path no-such-folder: not a local directory"),
+])
+def test_token_classification_missing_inputs_are_usage_errors(tmp_path, monkeypatch, capsys, flags, message):
+    script = _script("train_token_classification")
+    monkeypatch.setattr(sys, "argv", _token_classification_argv(tmp_path, "--output_dir", str(tmp_path / "o"), *flags))
+    with pytest.raises(SystemExit) as exit_info:
+        script.main()
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_malformed_token_classification_row_is_a_usage_error_naming_file_and_line(tmp_path, monkeypatch, capsys):
+    script = _script("train_token_classification")
+    argv = _token_classification_argv(tmp_path, "--output_dir", str(tmp_path / "o"))
+    Path(argv[2]).write_text("John\tB-person\nruns\n", encoding="utf-8")
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        script.main()
+    assert exit_info.value.code == 2 and f"{argv[2]}: line 2: expected 'token<TAB>tag'" in capsys.readouterr().err
+
+
+def test_arrcoc_sam_train_names_itself_and_its_recipe_argument_in_usage(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["train", "--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: arrcoc-sam train [RECIPE.yaml | RECIPE.json]")
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("missing recipe", "recipe {tmp}/vision_sm.yaml: [Errno 2] No such file or directory"),
+    ("bad yaml", "recipe {tmp}/broken.yaml: not valid YAML"),
+    ("bad row", "{tmp}/train.jsonl: row 1: field 'relevance': values must lie in [0, 1]"),
+    ("missing model", "model_name_or_path: no model directory with a config.json at '{tmp}/nope'"),
+])
+def test_arrcoc_sam_train_setup_errors_exit_2_before_training(tmp_path, capsys, case, message):
+    (tmp_path / "broken.yaml").write_text("model_kind: [vision\n", encoding="utf-8")
+    (tmp_path / "train.jsonl").write_text(
+        '{"query": "red", "token_features": [[0.1, 0.2], [0.3, 0.4], [0.5, 0.6], [0.7, 0.8]], '
+        '"relevance": [0.0, 1.5, 0.2, 0.1], "query_embedding": [0.1, 0.2, 0.3, 0.4]}\n', encoding="utf-8")
+    common = ["--output_dir", str(tmp_path / "out"), "--use_cpu", "true", "--report_to", "none", "--max_steps", "1"]
+    argv = {
+        "missing recipe": [str(tmp_path / "vision_sm.yaml")],
+        "bad yaml": [str(tmp_path / "broken.yaml")],
+        "bad row": ["--model_kind", "vision", "--data_source", "files", "--train_file", str(tmp_path / "train.jsonl"),
+                    "--query_embedder", "hash"],
+        "missing model": ["--model_kind", "vision", "--model_name_or_path", str(tmp_path / "nope")],
+    }[case]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["train", *argv, *common])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "arrcoc-sam train: error: " in err and message.format(tmp=tmp_path) in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_top_k_above_the_grid_warns_that_recall_is_trivially_one(tmp_path):
+    from arrcoc_sam.relevance.training import build_run, parse_args
+
+    row = ('{"query": "red", "token_features": [[0.1, 0.2], [0.3, 0.4], [0.5, 0.6], [0.7, 0.8]], '
+           '"relevance": [0.0, 1.0, 0.2, 0.1], "query_embedding": [0.1, 0.2, 0.3, 0.4]}\n')
+    (tmp_path / "train.jsonl").write_text(row * 2, encoding="utf-8")
+    argv = ["--model_kind", "vision", "--data_source", "files", "--train_file", str(tmp_path / "train.jsonl"),
+            "--query_embedder", "hash", "--config_overrides", "grid_size=2,top_k_tokens=2",
+            "--output_dir", str(tmp_path / "out"), "--use_cpu", "true", "--report_to", "none"]
+    with pytest.warns(UserWarning, match=r"--top_k 200 exceeds the 4 tokens per sample of a 2 x 2 grid"):
+        build_run(*parse_args(argv))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_run(*parse_args([*argv, "--top_k", "3"]))
+    assert not [w for w in caught if "--top_k" in str(w.message)]
+
+
+def test_method_knobs_are_the_builders_named_keywords_and_unknown_behind_a_catch_all(monkeypatch):
+    from arrcoc_sam.sam import registry
+
+    assert registry.method_knobs("looksam") == {"adaptive", "alpha", "eta", "interval", "rho"}
+    assert registry.method_knobs("sam") == {"adaptive", "eta", "rho"}  # not SAM's **base_kwargs
+    monkeypatch.setitem(registry._BUILDERS, "open", lambda params, base, **knobs: None)
+    monkeypatch.setitem(registry._BUILDERS, "closed", lambda params, base, rho=0.05, *, k=2: None)
+    assert registry.method_knobs("open") is None and registry.method_knobs("closed") == {"rho", "k"}
+    assert registry.method_knobs("no-such-method") is None
