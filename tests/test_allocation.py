@@ -306,3 +306,84 @@ def test_token_precision_runs_a_fixed_number_of_forward_passes_per_probe_whateve
         counts[samples] = len(calls)
         assert set(calls) == {samples}  # every pass scores the whole batch
     assert counts == {1: 3 * passes_per_probe, 5: 3 * passes_per_probe}
+
+
+def test_the_default_total_budget_is_k_times_the_mean_of_min_and_max():
+    for allocator in (PrecisionAwareAllocator(10, 31, k=4), RelevanceAllocator(10, 31, k=4),
+                      PrecisionAwareAllocation(k=4, min_tokens=10, max_tokens=31)):
+        assert allocator.total_budget == 4 * (10 + 31) // 2 == 82
+    _, budgets = PrecisionAwareAllocator(10, 31, k=4)(torch.rand(2, 6), torch.rand(2, 6))
+    assert budgets.sum(dim=1).tolist() == [82, 82]
+
+
+def test_plain_mode_floors_fractional_token_counts():
+    _, budgets = RelevanceAllocator(64, 400, 10_000, k=2)(torch.tensor([[0.3, 0.1]]))
+    assert budgets.tolist() == [[164, 97]]  # floor(64 + 336 * 0.3 = 164.8), floor(64 + 33.6 = 97.6)
+
+
+def test_knowledge_file_rule_measures_precision_relative_to_the_samples_sharpest_token():
+    relevance = torch.tensor([[0.90, 0.85, 0.10, 0.05]])
+    rule = PrecisionAwareAllocation(target_precision=0.5, penalty=1.0, k=1, total_budget=100)
+    for scale in (1.0, 10.0, 1e-3):  # p̂ = precision / max: the choice cannot depend on the precision's units
+        indices, _ = rule(relevance, scale * torch.tensor([[1.0, 0.2, 0.1, 0.1]]))
+        assert indices.tolist() == [[1]], scale
+    # without precision, p̂ = relevance / its maximum = [1, 0.89, 0.67, 0.11]: penalties 0.5, 0.39, 0.17, 0
+    indices, _ = rule(torch.tensor([[0.45, 0.40, 0.30, 0.05]]))
+    assert indices.tolist() == [[2]]  # adjusted [-0.05, 0.01, 0.13, 0.05]; unscaled relevance (< 0.5) pays nothing
+
+
+def test_plain_mode_refuses_relevance_above_one():
+    with pytest.raises(ValueError, match=r"relevance must lie in \[0, 1\] for the plain mode, got a maximum of 1.5"):
+        RelevanceAllocator(1, 10, 20, k=2)(torch.tensor([[0.2, 1.5, 0.3]]))
+
+
+def test_negative_penalty_alpha_or_beta_are_refused_naming_the_setting():
+    with pytest.raises(ValueError, match="penalty must be >= 0, got -0.5"):
+        PrecisionAwareAllocation(penalty=-0.5)
+    with pytest.raises(ValueError, match="alpha and beta must be >= 0, got alpha=1.0, beta=-1.0"):
+        PrecisionAwareAllocator(beta=-1.0)
+    with pytest.raises(ValueError, match="alpha and beta must be >= 0, got alpha=-1.0, beta=1.0"):
+        PrecisionAwareAllocator(alpha=-1.0)
+
+
+def test_hessian_precision_needs_labels_and_the_ggn_does_not():
+    batch = _quadratic_batch()
+    unlabelled = {key: value for key, value in batch.items() if key != "labels"}
+    model = _LinearTokens(torch.eye(6, dtype=torch.float64), channels=3)
+    for method in ("hutchinson", "hutchinson_cv"):
+        with pytest.raises(ValueError, match="method='hutchinson'/'hutchinson_cv' needs target relevance 'labels'"):
+            token_precision(model, unlabelled, method=method, num_probes=2)
+    torch.testing.assert_close(token_precision(model, unlabelled, num_probes=2), token_precision(model, batch, num_probes=2))
+
+
+def test_per_sample_seeds_separate_seed_stream_and_index():
+    """Each of (seed, stream, index) changes the 56-bit seed, also when the fields would concatenate alike."""
+    import hashlib
+
+    from arrcoc_sam.relevance.seeding import sample_generator, sample_seed
+
+    triples = [(0, "token_precision", 3), (1, "token_precision", 3), (0, "noise", 3), (0, "token_precision", 4),
+               (1, "s1", 2), (1, "s", 12), (11, "s", 2)]
+    seeds = [sample_seed(*triple) for triple in triples]
+    assert len(set(seeds)) == len(triples) and all(0 <= s < 2**56 for s in seeds)
+    assert seeds[0] == int.from_bytes(hashlib.sha256(b"0:token_precision:3").digest()[:7], "little")
+    draws = [torch.rand(4, generator=sample_generator(*triple)) for triple in triples[:4]]
+    assert all(not torch.equal(draws[0], other) for other in draws[1:])
+
+
+def test_precision_of_another_shape_is_refused_not_broadcast():
+    relevance = torch.rand(2, 5)
+    with pytest.raises(ValueError, match=r"precision must match relevance's shape \(2, 5\), got \(1, 5\)"):
+        PrecisionAwareAllocator(1, 5, 10, k=2)(relevance, torch.rand(1, 5))
+    with pytest.raises(ValueError, match=r"precision must match relevance's shape \(2, 5\), got \(1, 5\)"):
+        PrecisionAwareAllocation(k=2, min_tokens=1, max_tokens=5, total_budget=10)(relevance, torch.rand(1, 5))
+
+
+def test_precision_from_images_equals_precision_from_their_texture_tokens():
+    model, batch = _relevance_model_and_batch(2)
+    pixels = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    from_images = {"pixel_values": pixels, "query_embedding": batch["query_embedding"], "labels": batch["labels"]}
+    from_tokens = {**from_images, "token_features": model.token_features(pixels, None)}
+    for method in ("ggn", "hutchinson"):
+        torch.testing.assert_close(token_precision(model, from_images, method=method, num_probes=2),
+                                   token_precision(model, from_tokens, method=method, num_probes=2))

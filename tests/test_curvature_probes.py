@@ -125,3 +125,20 @@ def test_block_probes_keep_the_hutchinson_diagonal_unbiased_and_its_stderr_calib
     assert ((values[0] - matrix.diagonal()).abs() <= 5 * runs[0].stderr).all()
     ratio = values.std(dim=0) / stderr  # 200 runs: ~5 % sampling error on each coordinate's spread
     assert ((ratio > 0.75) & (ratio < 1.25)).all(), ratio
+
+
+def test_the_hutchinson_diagonal_honours_the_batch_weighting():
+    """weighting='equal' over two batches of 1 and 3 samples: with the same weight-space probes the estimate is the
+    plain mean of the two batches' estimates (the default 'auto' would weight them 1:3 by their labelled tokens)."""
+    model = _PerTokenClassifier()
+    generator = torch.Generator().manual_seed(7)
+    batches = [{"features": torch.randn(size, 4, 3, generator=generator, dtype=torch.float64),
+                "labels": torch.randint(0, 4, (size, 4), generator=generator)} for size in (1, 3)]
+
+    def diagonal(data):
+        return hessian_diagonal(model, _loss, data, num_probes=2, method="hutchinson", weighting="equal",
+                                seed=3).value
+
+    both, first, second = diagonal(batches), diagonal(batches[0]), diagonal(batches[1])
+    for whole, a, b in zip(both, first, second, strict=True):
+        torch.testing.assert_close(whole, (a + b) / 2, rtol=1e-10, atol=1e-12)

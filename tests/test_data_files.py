@@ -305,3 +305,40 @@ def test_token_classification_sequence_length_must_fit_tokenizer_and_model(lengt
         script.check_sequence_length(length, positions, special)
     script.check_sequence_length(1, 8, 0)  # no tokenizer: one word is enough
     script.check_sequence_length(positions, positions, special)
+
+
+@pytest.mark.parametrize(
+    "row,field,message",
+    [
+        ({"query": "red circle", "relevance": [0.0, 1.0, 0.5, 0.25]}, "token_features",
+         "give exactly one of 'token_features' and 'image'"),
+        (vision_row(n=4) | {"token_features": np.zeros((3, 3)).tolist()}, "token_features",
+         r"expected \[N=4, C\] numbers, got shape \(3, 3\)"),
+        (vision_row(query_embedding=[[0.1, 0.2], [0.3, 0.4]]), "query_embedding",
+         r"expected a flat list of D numbers, got shape \(2, 2\)"),
+        ({**vision_row(), "query": "   "}, "query", "expected a non-empty string, got '   '"),
+    ],
+)
+def test_a_row_without_input_mismatched_features_a_nested_embedding_or_a_blank_query_names_the_field(
+        tmp_path, row, field, message):
+    with pytest.raises(DataFileError, match=rf"v\.jsonl: row 1: field '{field}': {message}"):
+        read_relevance_file(write_jsonl(tmp_path / "v.jsonl", [row]), "vision")
+
+
+def test_a_given_query_embedding_is_kept_not_recomputed(tmp_path):
+    path = write_jsonl(tmp_path / "v.jsonl", [vision_row(query_embedding=[0.25, -1.5])] * 2)
+    data = load_relevance_files({"train": path}, kind="vision",
+                                query_embedder=lambda queries: pytest.fail("embedded a row that has its embedding"))
+    np.testing.assert_array_equal(data["train"][0]["query_embedding"], np.float32([0.25, -1.5]))
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P"])
+def test_grayscale_palette_and_alpha_images_load_as_three_channel_rgb(tmp_path, mode):
+    from PIL import Image
+
+    Image.new("RGB", (4, 4), (200, 100, 50)).convert(mode).save(tmp_path / "a.png")
+    row = {"query": "red circle", "image": "a.png", "relevance": [0.0, 1.0, 0.5, 0.0], "query_embedding": [0.1]}
+    pixels = read_relevance_file(write_jsonl(tmp_path / "v.jsonl", [row]), "vision")[0]["pixel_values"]
+    expected = np.asarray(Image.open(tmp_path / "a.png").convert("RGB")).transpose(2, 0, 1)
+    assert pixels.shape == (3, 4, 4) and pixels.dtype == np.uint8
+    np.testing.assert_array_equal(pixels, expected)

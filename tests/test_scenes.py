@@ -115,3 +115,81 @@ def test_minilm_query_embedding_is_the_mean_of_its_word_piece_input_embeddings()
 def test_bad_arguments_fail_clearly(kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_scene_dataset(**{"num_train": 2, "num_validation": 1, "num_heldout": 1, "embedder": "hash", **kwargs})
+
+
+def test_validation_scenes_are_not_copies_of_training_scenes(scenes):
+    """Each split draws from its own seeded stream: validation must not replay the first training scenes."""
+    train = {np.asarray(p).tobytes() for p in scenes["train"]["pixel_values"]}
+    assert not any(np.asarray(p).tobytes() in train for p in scenes["validation"]["pixel_values"])
+
+
+def test_scenes_hold_one_or_two_targets_and_two_to_four_distractors(scenes):
+    targets = [int(n) for n in scenes["train"]["num_targets"]]
+    distractors = [len(objects) - n for objects, n in zip(scenes["train"]["objects"], targets, strict=True)]
+    assert set(targets) == {1, 2} and set(distractors) == {2, 3, 4}
+
+
+def test_most_distractors_share_an_attribute_with_the_query(scenes):
+    """A distractor shares the query's first or second attribute 2/3 of the time by design (plus chance
+    otherwise, ~0.8 in all); without that rule chance alone gives about 0.4."""
+    shared = total = 0
+    for query, objects, n in zip(scenes["train"]["query"], scenes["train"]["objects"], scenes["train"]["num_targets"],
+                                 strict=True):
+        words = set(str(query).split()) - {"objects"}
+        for description in list(objects)[:len(objects) - int(n)]:  # distractors come first
+            assert not words <= set(description.split()), (query, description)  # never a match
+            shared += bool(words & set(description.split()))
+            total += 1
+    assert shared / total > 0.65, shared / total
+
+
+def test_objects_are_re_placed_until_they_overlap_little_and_targets_are_pooled_visible_masks(monkeypatch):
+    """Replays render_scene's draws: every accepted placement covers at most 20 % earlier objects (or used up its
+    20 tries), the crowded scenes needed re-placements, and the labels are the accepted target masks pooled."""
+    from arrcoc_sam.relevance import scenes as scene_module
+
+    drawn = []
+    original = scene_module._object_mask
+    monkeypatch.setattr(scene_module, "_object_mask",
+                        lambda obj, rng, size: drawn.append((obj, original(obj, rng, size))) or drawn[-1][1])
+    retries = 0
+    for seed, query in enumerate(scene_module.all_queries()):
+        drawn.clear()
+        row = scene_module.render_scene(np.random.default_rng(seed), query, 32, 8, heldout=True)
+        occupied, targets, cursor = np.zeros((32, 32), bool), np.zeros((32, 32), bool), 0
+        descriptions = [tuple(o.split()) for o in row["objects"]]
+        for number, description in enumerate(descriptions):
+            for _ in range(20):
+                obj, mask = drawn[cursor]
+                cursor += 1
+                assert (obj.colour, obj.shape, obj.size) == description
+                if (mask & occupied).sum() <= 0.2 * mask.sum():
+                    break
+                retries += 1
+            occupied |= mask
+            is_target = number >= len(descriptions) - row["num_targets"]  # targets are painted last
+            assert query.matches(obj) == is_target
+            if is_target:
+                targets |= mask
+        assert cursor == len(drawn)
+        np.testing.assert_allclose(row["labels"], targets.reshape(8, 4, 8, 4).mean(axis=(1, 3)).reshape(-1))
+    assert retries > 0, "no scene needed a re-placement: the test proves nothing"
+
+
+def test_the_collator_takes_float_pixels_as_already_in_the_unit_interval():
+    row = {"pixel_values": np.full((3, 4, 4), 0.5, dtype=np.float32), "query_embedding": np.zeros(2, np.float32),
+           "labels": np.zeros(4, np.float32)}
+    assert torch.equal(SceneCollator()([row])["pixel_values"], torch.full((1, 3, 4, 4), 0.5))
+    as_uint8 = SceneCollator()([{**row, "pixel_values": np.full((3, 4, 4), 255, dtype=np.uint8)}])
+    assert torch.equal(as_uint8["pixel_values"], torch.ones(1, 3, 4, 4))
+
+
+def test_objects_lie_wholly_inside_the_image():
+    """Centres are drawn at least one radius from every edge, so no shape is clipped: a large circle keeps at
+    least the area of its smallest radius (a centre anywhere in the image would clip up to 3/4 of it)."""
+    from arrcoc_sam.relevance.scenes import SceneObject, _object_mask
+
+    rng = np.random.default_rng(0)
+    smallest = np.pi * (SIZES["large"][0] * 32) ** 2
+    areas = [_object_mask(SceneObject("red", "circle", "large"), rng, 32).sum() for _ in range(200)]
+    assert min(areas) >= 0.9 * smallest, min(areas)

@@ -220,3 +220,67 @@ def test_backbones_with_and_without_a_pooler_build_save_load_and_score(tmp_path,
     model.save_pretrained(tmp_path / "relevance")
     loaded = AutoModel.from_pretrained(tmp_path / "relevance").eval()
     torch.testing.assert_close(loaded(**batch).relevance, out.relevance, atol=1e-6, rtol=0)
+
+
+def test_the_query_embedding_is_the_mean_backbone_state_over_the_query_word_pieces(batch):
+    model = tiny_model()
+    states = model.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            token_type_ids=batch["token_type_ids"]).last_hidden_state
+    expected = torch.stack([states[b][batch["query_mask"][b]].mean(0) for b in range(states.shape[0])])
+    assert batch["query_mask"].sum(1).tolist() == [1, 2, 2]  # one- and two-piece queries: a mean, not a sum over L
+    torch.testing.assert_close(model(**batch).query_embedding, expected)
+
+
+def test_the_head_couples_token_and_query_multiplicatively_as_documented():
+    """logit_i = w·GELU(a_i + b + a_i ⊙ b) + c with a_i = W_h h_i, b = W_q q."""
+    torch.manual_seed(0)
+    model = tiny_model(head_hidden_size=8)
+    head = model.head
+    tokens, query = torch.randn(2, 5, TINY["hidden_size"]), torch.randn(2, TINY["hidden_size"])
+    a = tokens @ head.token_proj.weight.T + head.token_proj.bias
+    b = (query @ head.query_proj.weight.T + head.query_proj.bias).unsqueeze(1)
+    expected = torch.sigmoid(F.gelu(a + b + a * b) @ head.out.weight[0] + head.out.bias)
+    torch.testing.assert_close(model.compute_relevance(tokens, query), expected)
+
+
+def test_targets_outside_the_text_never_enter_the_loss(batch):
+    """The loss covers text tokens with a target; a label at a query or special position is ignored."""
+    model = tiny_model(ranking_weight=0.3)
+    reference = model(**batch).loss
+    labels = batch["labels"].clone()
+    labels[~batch["text_mask"]] = 1.0  # stray targets on [CLS], the query, [SEP] and padding
+    torch.testing.assert_close(model(**{**batch, "labels": labels}).loss, reference)
+
+
+def test_config_rejects_a_zero_positive_weight():
+    with pytest.raises(ValueError, match="pos_weight must be > 0, got 0"):
+        TextRelevanceConfig(pos_weight=0)
+
+
+def test_the_collator_pads_ids_masks_and_labels_with_their_own_values(tokenizer):
+    short = encode_token_relevance(tokenizer, "person", ["Obama"], [1], max_length=32)
+    long = encode_token_relevance(tokenizer, "person", ["Barack", "Obama", "spoke", "today"], [1, 1, 0, 0],
+                                  max_length=32)
+    batch = TextRelevanceCollator(tokenizer)([short, long])
+    pad = len(long["input_ids"]) - len(short["input_ids"])
+    assert pad > 0
+    assert batch["input_ids"][0, -pad:].tolist() == [tokenizer.pad_token_id] * pad
+    assert batch["labels"][0, -pad:].tolist() == [-100.0] * pad
+    for key in ("attention_mask", "token_type_ids"):
+        assert batch[key][0, -pad:].tolist() == [0] * pad
+    assert not batch["query_mask"][0, -pad:].any() and not batch["text_mask"][0, -pad:].any()
+
+
+def test_pad_to_multiple_of_rounds_the_length_up(tokenizer):
+    encoded = [encode_token_relevance(tokenizer, "person", ["Barack", "Obama"], [1, 1])]
+    length = len(encoded[0]["input_ids"])
+    assert length % 8  # otherwise rounding up and down agree
+    batch = TextRelevanceCollator(tokenizer, pad_to_multiple_of=8)(encoded)
+    assert batch["input_ids"].shape[1] == -(-length // 8) * 8
+
+
+def test_truncation_never_cuts_a_long_query(tokenizer):
+    query = " ".join(["team"] * 8)
+    encoded = encode_token_relevance(tokenizer, query, ["word"] * 8, [1] * 8, max_length=16)
+    assert len(encoded["input_ids"]) == 16 and sum(encoded["query_mask"]) == 8  # all 8 query pieces kept
+    assert sum(encoded["text_mask"]) == 16 - 8 - 3

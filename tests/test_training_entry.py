@@ -252,3 +252,81 @@ def test_the_console_entry_is_offline_and_mistyped_local_paths_fail_without_the_
                       "--output_dir", str(tmp_path / "out"), *COMMON])
         assert exit_info.value.code == 2
         assert re.search(rf"{argv[-2][2:]}: .*my-modle", capsys.readouterr().err)
+
+
+def test_max_train_samples_truncates_only_the_training_split_and_max_eval_samples_the_others(tmp_path):
+    from transformers import AutoTokenizer
+
+    from arrcoc_sam.relevance.text import minilm_path
+    from arrcoc_sam.relevance.training import DataArguments, build_text_data, build_vision_data
+
+    files = text_files(tmp_path)  # 8 rows per split
+    names = dict(zip(files[::2], files[1::2], strict=True))
+    data_args = DataArguments(data_source="files", train_file=names["--train_file"],
+                              validation_file=names["--validation_file"], heldout_file=names["--heldout_file"],
+                              max_train_samples=3, max_eval_samples=5)
+    text = build_text_data(data_args, AutoTokenizer.from_pretrained(minilm_path()))
+    assert {split: len(rows) for split, rows in text.items()} == {"train": 3, "validation": 5, "heldout": 5}
+    vision = build_vision_data(DataArguments(num_train_scenes=8, num_validation_scenes=8, num_heldout_scenes=8,
+                                             scene_image_size=32, query_embedder="hash", max_train_samples=3,
+                                             max_eval_samples=5))
+    assert {split: len(rows) for split, rows in vision.items()} == {"train": 3, "validation": 5, "heldout": 5}
+
+
+def test_data_arguments_refuse_a_boolean_where_a_count_is_expected():
+    from arrcoc_sam.relevance.training import DataArguments
+
+    with pytest.raises(ValueError, match="--top_k must be an integer >= 1, got True"):
+        DataArguments(top_k=True)
+
+
+def test_set_offline_keeps_a_callers_explicit_online_choice(monkeypatch):
+    import os
+
+    from arrcoc_sam.relevance.training import set_offline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    set_offline()
+    assert os.environ["HF_HUB_OFFLINE"] == "0" and os.environ["HF_DATASETS_OFFLINE"] == "1"
+
+
+def test_config_overrides_keep_commas_inside_quoted_strings():
+    from arrcoc_sam.relevance.training import parse_overrides
+
+    assert parse_overrides("name='a,b',note=\"x, [y\",k=2") == {"name": "a,b", "note": "x, [y", "k": 2}
+
+
+def test_sharpness_probes_run_on_a_validation_batch_when_there_is_one():
+    from types import SimpleNamespace
+
+    from arrcoc_sam.relevance.training import ModelArguments, _add_sharpness_callback
+
+    added = []
+    trainer = SimpleNamespace(args=SimpleNamespace(per_device_eval_batch_size=2), add_callback=added.append)
+    splits = {"train": [{"x": 0}, {"x": 1}, {"x": 2}], "validation": [{"x": 10}, {"x": 11}, {"x": 12}]}
+    _add_sharpness_callback(trainer, ModelArguments(sharpness_every=3, sharpness_probes="trace"), splits, list)
+    (callback,) = added
+    assert callback.eval_batches == [[{"x": 10}, {"x": 11}]] and callback.every_n_steps == 3
+    added.clear()
+    _add_sharpness_callback(trainer, ModelArguments(sharpness_every=3, sharpness_probes="trace"),
+                            {"train": splits["train"]}, list)
+    assert added[0].eval_batches == [[{"x": 0}, {"x": 1}]]
+
+
+def test_json_recipes_load_and_mapping_values_become_json_flags(tmp_path):
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"model_kind": "text", "backbone": "tiny", "output_dir": "x", "use_cpu": True,
+                                  "accelerator_config": {"split_batches": True}}), encoding="utf-8")
+    argv = recipe_to_argv(recipe)
+    assert argv[argv.index("--accelerator_config") + 1] == '{"split_batches": true}'
+    assert argv[argv.index("--use_cpu") + 1] == "true"
+    model_args, _, training_args = parse_args([str(recipe), "--max_steps", "3"])
+    assert model_args.backbone == "tiny" and training_args.max_steps == 3 and training_args.use_cpu
+
+
+def test_a_missing_start_model_fails_before_any_data_is_read(tmp_path):
+    argv = ["--model_kind", "vision", "--data_source", "files", "--train_file", str(tmp_path / "absent.jsonl"),
+            "--model_name_or_path", str(tmp_path / "no-model"), "--output_dir", str(tmp_path / "out"), *COMMON]
+    with pytest.raises(FileNotFoundError, match="model_name_or_path: no model directory"):
+        run_training(*parse_args(argv))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -226,3 +227,112 @@ def test_a_bfloat16_model_takes_float32_inputs_and_matches_the_float32_model():
     for relevance in (from_pixels, from_features):
         assert relevance.dtype == torch.bfloat16
         torch.testing.assert_close(relevance.float(), reference, atol=3e-2, rtol=0)
+
+
+def _reference_scores(model: ArrCocRelevanceModel, features: torch.Tensor, query: torch.Tensor):
+    """The module docstring's pipeline written out by hand (float64): per-sample standardisation, the three maps,
+    the balancer on (mean, max, population std) ++ query, softmax, weighted sum."""
+    scorer = model.scorer
+    x = features.double()
+    x = (x - x.mean(1, keepdim=True)) / (x.var(1, keepdim=True, unbiased=False).sqrt() + 1e-6)
+    p = torch.softmax(x, -1)
+    information = -(p * p.log()).sum(-1) / math.log(13)
+    sobel_magnitude = x[..., TEXTURE_CHANNELS.index("sobel_magnitude")]
+    low, high = sobel_magnitude.amin(1, keepdim=True), sobel_magnitude.amax(1, keepdim=True)
+    perspectival = (sobel_magnitude - low) / (high - low + 1e-6)
+    conv_in, conv_out = scorer.participatory.conv_in, scorer.participatory.conv_out
+    projected = F.linear(F.gelu(F.linear(x, conv_in.weight[..., 0].double(), conv_in.bias.double())),
+                         conv_out.weight[..., 0].double(), conv_out.bias.double())
+    cosine = F.cosine_similarity(projected, query.double().unsqueeze(1), dim=-1)
+    scale, bias = float(scorer.participatory.log_scale.detach().exp()), float(scorer.participatory.bias.detach())
+    participatory = torch.sigmoid(scale * cosine + bias)
+    maps = torch.stack((information, perspectival, participatory), 1)  # [B, 3, N]
+    stats = torch.cat((maps.mean(-1), maps.amax(-1), maps.var(-1, unbiased=False).sqrt()), -1)
+    weights = torch.softmax(copy.deepcopy(scorer.balancer.mlp).double()(torch.cat((stats, query.double()), -1)), -1)
+    return maps, weights, (weights.unsqueeze(-1) * maps).sum(1)
+
+
+def test_forward_matches_a_hand_written_reference_of_every_map_the_balancer_and_the_mix():
+    """Sobel *magnitude* channel, exp(log_scale) and +bias in the sigmoid, population std in the balancer."""
+    model = _model()
+    with torch.no_grad():
+        model.scorer.participatory.log_scale.fill_(math.log(3.0))
+        model.scorer.participatory.bias.fill_(0.7)  # a non-default bias and scale expose their sign and exp
+    g = torch.Generator().manual_seed(3)
+    features = 2.0 + 3.0 * torch.randn(2, GRID * GRID, 13, generator=g)  # unstandardised on purpose
+    query = torch.randn(2, QUERY_DIM, generator=g)
+    with torch.no_grad():
+        out = model(token_features=features, query_embedding=query)
+    maps, weights, relevance = _reference_scores(model, features, query)
+    for got, want in ((out.information, maps[:, 0]), (out.perspectival, maps[:, 1]), (out.participatory, maps[:, 2]),
+                      (out.balancer_weights, weights), (out.relevance, relevance)):
+        torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=0)
+
+
+def test_the_loss_adds_ranking_weight_times_the_ranking_term_to_the_mse():
+    model, batch = _model(ranking_weight=0.7, ranking_pairs=4, ranking_margin=0.1, ranking_scale=3.0), _batch()
+    with torch.no_grad():
+        out = model(**batch)
+    ranking = pairwise_ranking_loss(out.relevance, batch["labels"], 4, 0.1, 3.0)
+    assert float(ranking) > 0.1  # the term is large enough that a wrong weight shows
+    torch.testing.assert_close(out.loss, F.mse_loss(out.relevance, batch["labels"]) + 0.7 * ranking)
+
+
+def test_pairs_whose_target_gap_equals_the_margin_are_ignored():
+    relevance = torch.tensor([[0.9, 0.1]])
+    targets = torch.tensor([[0.5, 0.25]])  # gap exactly 0.25 (exact in binary): not "> margin"
+    assert float(pairwise_ranking_loss(relevance, targets, num_pairs=1, margin=0.25)) == 0.0
+    assert float(pairwise_ranking_loss(relevance, targets, num_pairs=1, margin=0.2)) > 0.0
+
+
+def test_a_fresh_model_starts_its_participatory_sigmoid_at_the_configured_scale_and_bias():
+    model = _model(participatory_init_scale=7.0, participatory_init_bias=-1.5)
+    assert float(model.scorer.participatory.log_scale) == pytest.approx(math.log(7.0))
+    assert float(model.scorer.participatory.bias) == pytest.approx(-1.5)
+
+
+def test_top_k_is_clamped_to_the_number_of_tokens():
+    model = _model()
+    model.config.top_k_tokens = 10_000
+    with torch.no_grad():
+        out = model(token_features=torch.randn(2, 9, 13), query_embedding=torch.randn(2, QUERY_DIM))
+    assert out.selected_indices.shape == (2, 9)
+    assert sorted(out.selected_indices[0].tolist()) == list(range(9))
+
+
+def test_token_features_use_the_grid_size_they_are_given_else_the_configs():
+    model, batch = _model(), _batch()
+    assert model.token_features(batch["pixel_values"], None).shape == (3, GRID * GRID, 13)
+    coarse = model.token_features(batch["pixel_values"], None, grid_size=4)
+    torch.testing.assert_close(coarse, grid_to_tokens(texture_array(batch["pixel_values"], 4)))
+
+
+def test_the_balancer_reads_mean_max_and_population_std_of_each_map():
+    balancer = copy.deepcopy(_model().scorer.balancer).double()
+    g = torch.Generator().manual_seed(4)
+    maps, query = torch.rand(2, 3, 4, generator=g, dtype=torch.float64), torch.randn(2, QUERY_DIM, generator=g,
+                                                                                     dtype=torch.float64)
+    population_std = (maps - maps.mean(-1, keepdim=True)).square().mean(-1).sqrt()  # / N, not / (N - 1)
+    stats = torch.cat((maps.mean(-1), maps.amax(-1), population_std), -1)
+    expected = torch.softmax(balancer.mlp(torch.cat((stats, query), -1)), -1)
+    torch.testing.assert_close(balancer(maps, query), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_evaluation_gathers_only_the_relevance_not_the_per_way_maps(tmp_path):
+    """`keys_to_ignore_at_inference`: the Trainer's predictions are relevance [B, N] alone, so evaluation does not
+    gather three extra [B, N] maps, the weights and the indices per batch."""
+    from transformers import Trainer, TrainingArguments
+
+    from arrcoc_sam.relevance.collators import TokenFeatureCollator
+
+    rows = [{"token_features": torch.randn(GRID * GRID, 13), "query_embedding": torch.randn(QUERY_DIM),
+             "labels": torch.rand(GRID * GRID)} for _ in range(3)]
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, per_device_eval_batch_size=2)
+    predictions = Trainer(model=_model(), args=args, data_collator=TokenFeatureCollator()).predict(rows).predictions
+    assert isinstance(predictions, np.ndarray) and predictions.shape == (3, GRID * GRID)
+
+
+def test_a_query_batch_of_another_size_is_refused_not_broadcast():
+    model = _model()
+    with pytest.raises(ValueError, match=r"query_embedding must be \[B=3, D=16\], got shape \(1, 16\)"):
+        model(token_features=torch.randn(3, GRID * GRID, 13), query_embedding=torch.randn(1, QUERY_DIM))

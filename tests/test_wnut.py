@@ -89,3 +89,15 @@ def test_grouped_splits_keep_each_group_whole_and_singletons_match_the_ungrouped
         wnut16_splits(60, seed=1, validation_tweets=7, heldout_tweets=10)
     with pytest.raises(ValueError, match="one key per tweet"):
         wnut16_splits(60, validation_tweets=7, heldout_tweets=10, groups=[0] * 59)
+
+
+
+def test_tweet_text_keys_ignore_case_so_case_variants_of_a_tweet_share_a_split():
+    from arrcoc_sam.relevance.wnut import Tweet, tweet_text_key
+
+    upper, lower = Tweet(("RT", "Go", "LAKERS"), ("O", "O", "B-sportsteam")), Tweet(("rt", "go", "lakers"), ("O",) * 3)
+    assert tweet_text_key(upper) == tweet_text_key(lower) == ("rt", "go", "lakers")
+    splits = wnut16_splits(4, seed=0, validation_tweets=1, heldout_tweets=1,
+                           groups=[tweet_text_key(t) for t in (upper, lower, Tweet(("a",), ("O",)), Tweet(("b",), ("O",)))])
+    owner = {i: name for name, ids in splits.items() for i in ids}
+    assert owner[0] == owner[1]

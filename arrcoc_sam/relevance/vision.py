@@ -50,7 +50,7 @@ class ArrCocRelevanceConfig(PretrainedConfig):
         top_k_tokens: K, tokens kept by `selected_indices` (clamped to N).
         ranking_weight: weight of the pairwise ranking term in the loss (0 disables it).
         ranking_pairs: pairs per token for the ranking term (token i against i + offset, fixed offsets).
-        ranking_margin: pairs whose targets differ by less than this are ignored.
+        ranking_margin: pairs whose targets differ by this much or less are ignored (only |gap| > margin counts).
         ranking_scale: logistic loss on ranking_scale * (r_i - r_j) for target_i > target_j.
         participatory_init_scale: initial sharpness of the sigmoid mapping cosine to [0, 1].
         participatory_init_bias: initial offset of that sigmoid; negative starts the map low, near the sparse
