@@ -13,15 +13,42 @@ from pathlib import Path
 from typing import Any
 
 
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``repeats`` calls of ``fn``, in seconds, after one warm-up call."""
-    fn()
+def median_seconds(fn: Callable[[], object], repeats: int, device: Any = None) -> float:
+    """Median wall time of ``repeats`` calls of ``fn``, in seconds, after one warm-up call; on a CUDA
+    ``device`` each timed call ends with a synchronize, so queued kernels count."""
+    sync = _synchronizer(device)
+
+    def call() -> None:
+        fn()
+        sync()
+
+    call()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
+        call()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def batched_vs_looped(seconds_of: Callable[[str], float]) -> dict[str, float]:
+    """``{"batched_s", "looped_s", "ratio"}`` from ``seconds_of(mode)`` for mode "batched" then "looped"."""
+    row = {f"{mode}_s": seconds_of(mode) for mode in ("batched", "looped")}
+    row["ratio"] = row["batched_s"] / row["looped_s"]
+    return row
+
+
+def ratio_text(row: dict[str, float]) -> str:
+    """``batched / looped = R (B / L ms`` for a :func:`batched_vs_looped` row (the caller closes the bracket)."""
+    return (f"batched / looped = {row['ratio']:.3f} ({row['batched_s'] * 1e3:.1f} / {row['looped_s'] * 1e3:.1f} ms")
+
+
+def _synchronizer(device: Any) -> Callable[[], None]:
+    if device is None or getattr(device, "type", str(device).split(":")[0]) != "cuda":
+        return lambda: None
+    import torch
+
+    return torch.cuda.synchronize
 
 
 def write_report(out: str | Path, report: Any) -> Path:

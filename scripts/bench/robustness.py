@@ -13,10 +13,11 @@ small one (8x8 grid, D=32) where per-call overhead dominates. Run::
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 
+import _report  # scripts/bench is on sys.path
 import torch
-from _report import median_seconds, write_report  # scripts/bench is on sys.path
 
 from arrcoc_sam.relevance.robustness import RelevanceRobustness
 from arrcoc_sam.relevance.vision import ArrCocRelevanceConfig, ArrCocRelevanceModel
@@ -40,23 +41,15 @@ def bench_model(name: str, overrides: dict, samples: int, draws: int, repeats: i
              "query_embedding": torch.randn(samples, overrides["query_dim"], generator=generator).to(device)}
     results = {}
     for perturbation in PERTURBATIONS:
-        row = {}
-        for mode in ("batched", "looped"):
+        def seconds_of(mode: str, perturbation: str = perturbation) -> float:
             # mean |r - r~| and one bootstrap resample: the time is the perturbed-relevance computation
             evaluator = RelevanceRobustness(levels=(0.1,), k=min(200, tokens), num_draws=draws,
                                             perturbations=(perturbation,), metrics=("mean_abs_diff",),
                                             batched=mode == "batched", chunk_rows=chunk_rows, num_bootstrap=1)
+            return _report.median_seconds(functools.partial(evaluator.evaluate, model, batch), repeats, device)
 
-            def run(evaluator=evaluator):
-                evaluator.evaluate(model, batch)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-
-            row[f"{mode}_s"] = median_seconds(run, repeats)
-        row["ratio"] = row["batched_s"] / row["looped_s"]
-        results[perturbation] = row
-        print(f"{name:>16} {perturbation:>14}: batched / looped = {row['ratio']:.3f} "
-              f"({row['batched_s'] * 1e3:.1f} / {row['looped_s'] * 1e3:.1f} ms)", flush=True)
+        row = results[perturbation] = _report.batched_vs_looped(seconds_of)
+        print(f"{name:>16} {perturbation:>14}: {_report.ratio_text(row)})", flush=True)
     return results
 
 
@@ -82,7 +75,7 @@ def main() -> None:
         "models": {name: bench_model(name, MODELS[name], args.samples, args.draws, args.repeats, device, chunk_rows)
                    for name in args.models},
     }
-    print(f"wrote {write_report(args.out, report)}")
+    print(f"wrote {_report.write_report(args.out, report)}")
 
 
 if __name__ == "__main__":

@@ -15,10 +15,11 @@ the ARR-COC configuration (32x32 grid, D=384). Run (one intra-op thread: stable 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 
+import _report  # scripts/bench is on sys.path
 import torch
-from _report import median_seconds, write_report  # scripts/bench is on sys.path
 
 from arrcoc_sam.relevance.allocation import token_precision
 from arrcoc_sam.relevance.vision import ArrCocRelevanceConfig, ArrCocRelevanceModel
@@ -55,20 +56,12 @@ def bench_model(name: str, overrides: dict, batch_sizes: list[int], num_probes: 
             batched = token_precision(model, batch, return_stderr=True, **kwargs)
             looped = looped_token_precision(model, batch, **kwargs)
             max_diff = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(batched, looped, strict=True))
-            row = {}
-            for mode, estimate in (("batched", token_precision), ("looped", looped_token_precision)):
-
-                def run(estimate=estimate, batch=batch, kwargs=kwargs):
-                    estimate(model, batch, **kwargs)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-
-                row[f"{mode}_s"] = median_seconds(run, repeats)
-            row["ratio"] = row["batched_s"] / row["looped_s"]
+            timed = {mode: functools.partial(estimate, model, batch, **kwargs)
+                     for mode, estimate in (("batched", token_precision), ("looped", looped_token_precision))}
+            row = _report.batched_vs_looped(lambda mode, timed=timed: _report.median_seconds(timed[mode], repeats, device))
             row["max_diff"] = max_diff
             results[f"B{samples}_{method}"] = row
-            print(f"{name:>20} B={samples:<3} {method:>13}: batched / looped = {row['ratio']:.3f} "
-                  f"({row['batched_s'] * 1e3:.1f} / {row['looped_s'] * 1e3:.1f} ms; max diff {max_diff:.1e})", flush=True)
+            print(f"{name:>20} B={samples:<3} {method:>13}: {_report.ratio_text(row)}; max diff {max_diff:.1e})", flush=True)
     return results
 
 
@@ -90,7 +83,7 @@ def main() -> None:
         "models": {name: bench_model(name, MODELS[name], args.batch_sizes, args.num_probes, args.repeats, device)
                    for name in args.models},
     }
-    print(f"wrote {write_report(args.out, report)}")
+    print(f"wrote {_report.write_report(args.out, report)}")
 
 
 if __name__ == "__main__":
