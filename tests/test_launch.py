@@ -208,6 +208,11 @@ def test_launcher_help_prints_usage_and_exits_0(capsys):
     assert "python -m arrcoc_sam.launch SCRIPT.py" in capsys.readouterr().out
 
 
+def test_launcher_without_a_script_is_a_usage_error(capsys):
+    assert main([]) == 2
+    assert "give the training script to run" in capsys.readouterr().err
+
+
 def test_a_process_group_the_caller_created_outlives_the_script(tmp_path):
     import torch.distributed as dist
 

@@ -47,17 +47,32 @@ def test_processes_that_would_each_train_their_own_copy_are_refused(monkeypatch,
         check_processes_train_together(args)
 
 
+_LAUNCHED = {
+    "trainer": (
+        "from arrcoc_sam import SAMTrainer, SAMTrainingArguments\n"
+        "args = SAMTrainingArguments(output_dir=sys.argv[1], report_to='none', use_cpu=together)\n"
+        "SAMTrainer(model=torch.nn.Linear(2, 2), args=args)\n"
+        "print('built with world size', args.world_size)\n"
+    ),
+    "accelerate": (
+        "from accelerate import Accelerator\n"
+        "from arrcoc_sam.integrations import AcceleratedSAM\n"
+        "accelerator = Accelerator(cpu=together)\n"
+        "model = torch.nn.Linear(2, 2)\n"
+        "model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))\n"
+        "AcceleratedSAM(accelerator, model, optimizer)\n"
+        "print('built with world size', accelerator.num_processes)\n"
+    ),
+}
+
+
 @pytest.mark.multiprocess
-def test_torchrun_without_use_cpu_on_a_cpu_machine_is_refused_by_sam_trainer(tmp_path):
+@pytest.mark.parametrize("entry", sorted(_LAUNCHED))
+def test_torchrun_without_cpu_flag_on_a_cpu_machine_is_refused(tmp_path, entry):
     import subprocess
 
     script = tmp_path / "train.py"
-    script.write_text(
-        "import sys, torch\n"
-        "from arrcoc_sam import SAMTrainer, SAMTrainingArguments\n"
-        "args = SAMTrainingArguments(output_dir=sys.argv[1], report_to='none', use_cpu='--use_cpu' in sys.argv)\n"
-        "SAMTrainer(model=torch.nn.Linear(2, 2), args=args)\n"
-        "print('built with world size', args.world_size)\n", encoding="utf-8")
+    script.write_text("import sys, torch\ntogether = '--use_cpu' in sys.argv\n" + _LAUNCHED[entry], encoding="utf-8")
     env = {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
 
     def launch(*flags: str) -> subprocess.CompletedProcess:

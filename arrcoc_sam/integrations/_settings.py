@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,15 @@ from torch.optim import Optimizer
 from arrcoc_sam.sam.registry import available_methods, build_sam_optimizer, method_knobs
 from arrcoc_sam.sam.sharding import check_fsdp_run
 
-__all__ = ["SCOPES", "SAMSettings", "check_run_compatible", "deepspeed_zero_stage", "fsdp_version_of", "parse_sam_args"]
+__all__ = [
+    "SCOPES",
+    "SAMSettings",
+    "check_launched_processes_join",
+    "check_run_compatible",
+    "deepspeed_zero_stage",
+    "fsdp_version_of",
+    "parse_sam_args",
+]
 
 SCOPES = ("global", "per_device", "microbatch")
 # HF `--optim` values whose update happens inside backward (no p.grad survives for an ascent).
@@ -150,6 +159,25 @@ def fsdp_version_of(fsdp: Any, fsdp_config: dict | str | None) -> int | None:
     if not fsdp:
         return None
     return int(_load_config(fsdp_config).get("version", 2)) if fsdp_config else 2
+
+
+def check_launched_processes_join(num_processes: int, seen_as: str, fix: str) -> None:
+    """Refuse a launch of several processes (``WORLD_SIZE`` > 1) that the run sees as ``num_processes`` == 1:
+    each process would train its own copy of the model (and write to the same output). On a machine without
+    GPUs this is what ``torchrun``/``accelerate launch`` give unless the run is told to use the CPU.
+
+    Args:
+        num_processes: how many processes the run's process group holds.
+        seen_as: how the run sees itself, for the message (e.g. the Trainer's parallel mode).
+        fix: what to pass so the processes train together, for the message.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and num_processes == 1:
+        raise ValueError(
+            f"{launched} processes were launched (WORLD_SIZE={launched}) but each trains on its own ({seen_as}, "
+            f"1 process), so they would train separate copies into the same output; without GPUs {fix} so "
+            "they train one model together"
+        )
 
 
 def check_run_compatible(

@@ -38,7 +38,7 @@ from accelerate.utils import DistributedType
 from torch import Tensor, nn
 
 from arrcoc_sam.curvature._data import shifts_labels
-from arrcoc_sam.integrations._settings import SAMSettings, check_run_compatible
+from arrcoc_sam.integrations._settings import SAMSettings, check_launched_processes_join, check_run_compatible
 from arrcoc_sam.integrations._window import ExampleLosses, SAMWindow
 from arrcoc_sam.sam.sharding import check_model_supported, is_sharded
 from arrcoc_sam.sam.variants.esam import per_example_loss
@@ -92,6 +92,8 @@ class AcceleratedSAM:
         else:  # a model sharded by hand with fully_shard never went through Accelerate's FSDP setup
             fsdp_version = 2 if is_sharded(model.parameters()) else None
         check_model_supported(model)
+        check_launched_processes_join(accelerator.num_processes, f"the Accelerator's distributed type is "
+                                      f"{accelerator.distributed_type.value}", "build Accelerator(cpu=True)")
         check_run_compatible(
             settings,
             gradient_accumulation_steps=accelerator.gradient_accumulation_steps,

@@ -73,9 +73,13 @@ def flags_given(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Run the script with SAM; returns its exit status (0 when it returns normally, 2 for bad launcher flags)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv and argv[0] in ("-h", "--help"):
         _parser().print_help()
         return 0
+    if not argv:
+        _parser().print_usage(sys.stderr)
+        print("arrcoc_sam.launch: error: give the training script to run (and its arguments)", file=sys.stderr)
+        return 2
     sam_args, script, script_argv = split_argv(argv)
     try:
         settings = sam_args.sam_settings()

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +39,7 @@ from arrcoc_sam.curvature._data import shifts_labels
 from arrcoc_sam.integrations._settings import (
     SCOPES,
     SAMSettings,
+    check_launched_processes_join,
     check_run_compatible,
     deepspeed_zero_stage,
     fsdp_version_of,
@@ -277,17 +277,12 @@ def _run_settings(trainer: Trainer) -> SAMSettings:
 
 
 def check_processes_train_together(args: TrainingArguments) -> None:
-    """Refuse a launch of several processes (``WORLD_SIZE`` > 1) in which ``args`` sees one: each process would
-    then train its own copy and all of them write to the same ``output_dir``. On a machine without GPUs this is
-    what ``torchrun``/``accelerate launch`` give unless ``--use_cpu`` is set (the processes then form a gloo group)."""
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and args.world_size == 1:
-        raise ValueError(
-            f"{launched} processes were launched (WORLD_SIZE={launched}) but each trains on its own "
-            f"(TrainingArguments see parallel mode {args.parallel_mode.value}, world size 1), so they would train "
-            "separate copies into the same output_dir; without GPUs pass --use_cpu true (torchrun) or "
-            "use_cpu: true in the accelerate config (or ACCELERATE_USE_CPU=true) so they train one model together"
-        )
+    """:func:`~arrcoc_sam.integrations._settings.check_launched_processes_join` for a Trainer run: without
+    GPUs, ``torchrun``/``accelerate launch`` need ``--use_cpu`` for the processes to form a gloo group."""
+    check_launched_processes_join(
+        args.world_size, f"TrainingArguments see parallel mode {args.parallel_mode.value}",
+        "pass --use_cpu true (torchrun) or use_cpu: true in the accelerate config (or ACCELERATE_USE_CPU=true)",
+    )
 
 
 def _sam_inside(optimizer: Any) -> torch.optim.Optimizer | None:
