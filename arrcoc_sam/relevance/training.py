@@ -354,10 +354,14 @@ def _save(trainer, model_args: ModelArguments, tokenizer) -> None:
         tokenizer.save_pretrained(output_dir)
 
 
-def _build_trainer(model_args: ModelArguments, data_args: DataArguments, training_args):
-    """``(trainer, splits, tokenizer)``: the model, the data splits and the SAMTrainer of the run."""
+def build_run(model_args: ModelArguments, data_args: DataArguments, training_args):
+    """``(trainer, splits, tokenizer)`` of the run, seeded with ``training_args.seed``: the model, the data
+    splits and the SAMTrainer (nothing trained yet)."""
+    from transformers import set_seed
+
     from arrcoc_sam.integrations.trainer import SAMTrainer
 
+    set_seed(training_args.seed)
     if model_args.model_name_or_path:  # fail before loading any data
         _local_model_dir(model_args.model_name_or_path, "model_name_or_path")
     tokenizer = None
@@ -408,15 +412,6 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, training_
     return train_and_evaluate(*build_run(model_args, data_args, training_args), model_args)
 
 
-def build_run(model_args: ModelArguments, data_args: DataArguments, training_args):
-    """``(trainer, splits, tokenizer)`` of the run, seeded with ``training_args.seed``: the model, the data
-    splits and the SAMTrainer (nothing trained yet)."""
-    from transformers import set_seed
-
-    set_seed(training_args.seed)
-    return _build_trainer(model_args, data_args, training_args)
-
-
 def train_and_evaluate(trainer, splits, tokenizer, model_args: ModelArguments) -> dict[str, float]:
     """Train, save (before any evaluation, so a failing evaluation loses nothing), then evaluate."""
     trainer.train()
@@ -432,7 +427,8 @@ def train_and_evaluate(trainer, splits, tokenizer, model_args: ModelArguments) -
 
 
 def recipe_to_argv(path: str | Path) -> list[str]:
-    """Flags of a YAML/JSON recipe (a mapping flag -> value) as command-line arguments."""
+    """Flags of a YAML/JSON recipe (a mapping flag -> value) as command-line arguments; ValueError for a file
+    that is not valid YAML/JSON or not a mapping."""
     path = Path(path)
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".json":
@@ -440,7 +436,10 @@ def recipe_to_argv(path: str | Path) -> list[str]:
     else:
         import yaml
 
-        recipe = yaml.safe_load(text)
+        try:
+            recipe = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ValueError(f"not valid YAML ({err})") from err
     if not isinstance(recipe, dict):
         raise ValueError(f"{path}: a recipe must be a mapping of flag names to values, got {type(recipe).__name__}")
     argv: list[str] = []
@@ -487,12 +486,8 @@ def parse_args(argv: Sequence[str] | None = None):
     if argv and Path(argv[0]).suffix.lower() in (".yaml", ".yml", ".json") and not argv[0].startswith("-"):
         try:
             argv = recipe_to_argv(argv[0]) + argv[1:]
-        except (OSError, ValueError) as err:  # missing file, bad YAML/JSON (yaml's errors are not ValueErrors)
+        except (OSError, ValueError) as err:  # a missing file, invalid YAML/JSON, not a mapping
             parser.error(f"recipe {argv[0]}: {err}")
-        except Exception as err:  # noqa: BLE001 - yaml.YAMLError, without importing yaml for the check
-            if type(err).__module__.split(".")[0] != "yaml":
-                raise
-            parser.error(f"recipe {argv[0]}: not valid YAML ({err})")
     try:
         return parser.parse_args_into_dataclasses(args=argv)
     except ValueError as err:  # a bad flag value, found by a dataclass's __post_init__: usage error, exit 2
