@@ -283,6 +283,9 @@ class SAM(Optimizer):
             norm = layout.ascent_norm(targets, grads, [s["adaptive"] for s in settings], [s["eta"] for s in settings])
         self.stats["grad_norm"] = norm.detach().float()
         self.stats["rho"] = torch.tensor(max(g["rho"] for g in self.param_groups), dtype=torch.float32)
+        # The copies are dispatched before the host waits for the norm, so on an accelerator the host queues
+        # them while the device still finishes the backward pass; a skipped ascent drops them unused.
+        backups = [perturbation.clone_all(group.params) for group in groups]
         norm_value = float(norm)  # the one host sync of the step
         if not math.isfinite(norm_value) or norm_value == 0.0:
             self.skipped_steps += 1
@@ -298,7 +301,6 @@ class SAM(Optimizer):
                 logger.info("SAM: zero gradient norm; no ascent this step")
             return False
         self._warn_low_precision(groups)
-        backups = [perturbation.clone_all(group.params) for group in groups]
         self._restore_pairs = [(group.params, backup) for group, backup in zip(groups, backups, strict=True)]
         self._backup = _in_original_order(groups, backups, len(targets))
         self._perturbed, self._targets, self._layout = params, targets, layout
@@ -347,7 +349,8 @@ class SAM(Optimizer):
     def _copy_back_clean_weights(self) -> None:
         for group_targets, group_backup in self._restore_pairs:
             torch._foreach_copy_(group_targets, group_backup)
-        perturbation.copy_(*self._stats_snapshot)
+        if self._stats_snapshot[0]:
+            perturbation.copy_(*self._stats_snapshot)
         self._perturbed, self._targets, self._backup, self._layout = [], [], [], None
         self._restore_pairs = []
         self._stats_snapshot = ([], [])

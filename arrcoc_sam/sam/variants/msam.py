@@ -88,17 +88,11 @@ class MomentumSAM(VariantSAM):
     def after_first_pass(self) -> None:
         self.restore()
 
-    def _momentum(self, p: Tensor) -> Tensor | None:
-        state = self.state.get(p)
-        if not state:
-            return None
-        buffer = next((state[k] for k in _MOMENTUM_KEYS if state.get(k) is not None), None)
-        if buffer is None:
-            raise TypeError(
-                f"msam found no momentum in the state of {type(self.base_optimizer).__name__} (keys "
-                f"{sorted(state)}); it needs SGD with momentum > 0 or an Adam-family optimizer (exp_avg)"
-            )
-        return buffer
+    def _missing_momentum(self, state: dict[str, Any]) -> TypeError:
+        return TypeError(
+            f"msam found no momentum in the state of {type(self.base_optimizer).__name__} (keys "
+            f"{sorted(state)}); it needs SGD with momentum > 0 or an Adam-family optimizer (exp_avg)"
+        )
 
     def _ascent_directions(self) -> tuple[list[Tensor], list[Tensor], list[dict[str, Any]]]:
         """What :meth:`perturb` moves against (w ← w − ρ m/‖m‖): the tensors of ρ > 0 groups that have a
@@ -106,15 +100,23 @@ class MomentumSAM(VariantSAM):
         params: list[Tensor] = []
         momenta: list[Tensor] = []
         groups: list[dict[str, Any]] = []
+        states = self.state
+        first_key, second_key = _MOMENTUM_KEYS
         for group in self.param_groups:
             if group["rho"] == 0:
                 continue
             for p in group["params"]:
-                momentum = self._momentum(p)
-                if momentum is not None:
-                    params.append(p)
-                    momenta.append(momentum)
-                    groups.append(group)
+                state = states.get(p)
+                if not state:
+                    continue
+                momentum = state.get(first_key)
+                if momentum is None:
+                    momentum = state.get(second_key)
+                    if momentum is None:
+                        raise self._missing_momentum(state)
+                params.append(p)
+                momenta.append(momentum)
+            groups.extend([group] * (len(params) - len(groups)))
         return params, momenta, groups
 
     def eval(self) -> None:
