@@ -52,7 +52,7 @@ _LAUNCHED = {
         "from arrcoc_sam import SAMTrainer, SAMTrainingArguments\n"
         "args = SAMTrainingArguments(output_dir=sys.argv[1], report_to='none', use_cpu=together)\n"
         "SAMTrainer(model=torch.nn.Linear(2, 2), args=args)\n"
-        "print('built with world size', args.world_size)\n"
+        "print(f'built with world size {args.world_size}', flush=True)  # one write: the ranks share stdout\n"
     ),
     "accelerate": (
         "from accelerate import Accelerator\n"
@@ -61,7 +61,7 @@ _LAUNCHED = {
         "model = torch.nn.Linear(2, 2)\n"
         "model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))\n"
         "AcceleratedSAM(accelerator, model, optimizer)\n"
-        "print('built with world size', accelerator.num_processes)\n"
+        "print(f'built with world size {accelerator.num_processes}', flush=True)\n"
     ),
 }
 
