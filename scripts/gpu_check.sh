@@ -3,7 +3,8 @@
 # the engine, variants and robustness benchmarks on CUDA, and the FSDP2 Trainer check. Uses the machine's own
 # python3 (with torch); wheels for missing pure-Python packages may be carried in .whl/. Each step has its own
 # time limit so one slow step cannot eat the others. Results go to $OUT (or bench_results/gpu): gpu_check.log
-# and one JSON per benchmark.
+# and one JSON per benchmark (8 files at most). FSDP=0, ROBUSTNESS=0, TOKEN_PRECISION=0 and VARIANTS_GPU_BOUND=0
+# leave out those steps. About 3 minutes on an H200 with FSDP=0, 4 with the FSDP2 check.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT_DIR="${OUT:-bench_results/gpu}"
@@ -31,15 +32,22 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$
     '_foreach_clone', hasattr(torch, '_foreach_clone'))" | tee -a "$LOG"
 step 60 cuda-tests "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_sam_engine.py \
     tests/test_multi_tensor.py tests/test_variants.py
-step 60 bench-sam-step "$PY" scripts/bench/sam_step.py --device cuda --repeats 20 --profile-ops \
+step 100 bench-sam-step "$PY" scripts/bench/sam_step.py --device cuda --repeats 50 --profile-ops \
     --out "$OUT_DIR/sam_step.json"
 step 50 bench-step-profile "$PY" scripts/bench/step_profile.py --device cuda --methods base sam msam looksam_k5 \
     --out "$OUT_DIR/step_profile.json"
 [ "${ROBUSTNESS:-1}" = 1 ] && step 35 bench-robustness "$PY" scripts/bench/robustness.py --device cuda \
     --out "$OUT_DIR/robustness.json"
-step 40 bench-token-precision "$PY" scripts/bench/token_precision.py --device cuda \
-    --models arrcoc_g8_d32_tests arrcoc_g32_d384 --out "$OUT_DIR/token_precision.json"
+# the looped reference is host-bound on a GPU (~3 s per hutchinson call at B=16): one batch size, one repeat
+[ "${TOKEN_PRECISION:-1}" = 1 ] && step 60 bench-token-precision "$PY" scripts/bench/token_precision.py \
+    --device cuda --batch-sizes 16 --repeats 1 --models ${TOKEN_PRECISION_MODELS:-arrcoc_g32_d384} \
+    --out "$OUT_DIR/token_precision.json"
 step 60 bench-variants "$PY" scripts/bench/variants.py --device cuda --parts throughput --out "$OUT_DIR/variants.json"
+# the default variants model is host-bound on an H200 (15 of ~20 ms per base step are kernels); this batch makes
+# the kernels dominate, so the ratios approach the passes each method costs
+[ "${VARIANTS_GPU_BOUND:-1}" = 1 ] && step 90 bench-variants-gpu-bound "$PY" scripts/bench/variants.py \
+    --device cuda --parts throughput --batch-size 64 --seq-len 256 --rounds 3 \
+    --out "$OUT_DIR/variants_gpu_bound.json"
 if [ "${FSDP:-1}" = 1 ]; then  # two single-GPU Trainer runs (plain and FSDP2); about two minutes
     step 180 fsdp2-check "$PY" scripts/fsdp_check.py --report "$OUT_DIR/fsdp_check.json"
 fi
