@@ -135,12 +135,14 @@ def test_readme_python_block_runs_as_written(block, tmp_path):
 def test_readme_torchrun_block_runs_and_every_rank_prints_the_same(block, tmp_path):
     script = tmp_path / f"{block.id}.py"
     script.write_text(block.source, encoding="utf-8")
+    logs = tmp_path / "logs"  # each rank's stdout in its own file: on a shared pipe their writes interleave
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc_per_node={block.nproc}", str(script)], cwd=tmp_path, env=ENV,
-                          capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S)
+                           f"--nproc_per_node={block.nproc}", f"--log-dir={logs}", "--redirects=1", str(script)],
+                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S)
     if proc.returncode != 0:
         pytest.fail(f"README.md block {block.id} (code starts at line {block.line}) exited {proc.returncode} under "
                     f"torchrun\n--- stderr ---\n{proc.stderr[-6000:]}", pytrace=False)
-    printed = proc.stdout.splitlines()
-    assert printed and len(printed) % block.nproc == 0, proc.stdout
-    assert len(set(printed)) == len(printed) // block.nproc, f"ranks printed different lines:\n{proc.stdout}"
+    printed = {path.parent.name: path.read_text(encoding="utf-8") for path in logs.rglob("stdout.log")}
+    assert sorted(printed) == [str(rank) for rank in range(block.nproc)], printed
+    assert printed["0"].strip(), "rank 0 printed nothing"
+    assert len(set(printed.values())) == 1, f"ranks printed different lines: {printed}"
