@@ -4,7 +4,8 @@
 # python3 (with torch); wheels for missing pure-Python packages may be carried in .whl/. Each step has its own
 # time limit so one slow step cannot eat the others. Results go to $OUT (or bench_results/gpu): gpu_check.log
 # and one JSON per benchmark (8 files at most). FSDP=0, ROBUSTNESS=0, TOKEN_PRECISION=0 and VARIANTS_GPU_BOUND=0
-# leave out those steps. About 3 minutes on an H200 with FSDP=0, 4 with the FSDP2 check.
+# leave out those steps. On an H200: 167 s with FSDP=0 before the GPU-bound variants step (limit 90 s) was added;
+# the FSDP2 check adds about a minute.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT_DIR="${OUT:-bench_results/gpu}"
