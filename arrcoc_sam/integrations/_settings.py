@@ -88,11 +88,14 @@ class SAMSettings:
         if self.interval is not None and self.interval < 1:
             raise ValueError(f"sam_interval must be >= 1, got {self.interval!r}")
         self._check_knobs_taken()
-        for key, flag, value in (("rho", "rho", self.rho), ("eta", "sam_eta", self.eta),
-                                 ("interval", "sam_interval", self.interval)):
+        for key, flag, value in self._flag_knobs():
             if value is not None and key in self.extra:
                 raise ValueError(f"{key} is given twice, as {flag}={value!r} and in sam_args as {key}="
                                  f"{self.extra[key]!r}; give it once")
+
+    def _flag_knobs(self) -> tuple[tuple[str, str, Any], ...]:
+        """(knob, command-line flag, value) of the knobs that have flags of their own."""
+        return ("rho", "rho", self.rho), ("eta", "sam_eta", self.eta), ("interval", "sam_interval", self.interval)
 
     def _check_knobs_taken(self) -> None:
         """ValueError naming the knobs (``sam_args`` keys, ``--rho``, ``--sam_eta``, ``--sam_interval``) the method
@@ -101,8 +104,7 @@ class SAMSettings:
         if accepted is None:
             return
         unknown = sorted(set(self.extra) - accepted) + [
-            name for name, value in (("rho", self.rho), ("eta", self.eta), ("interval", self.interval))
-            if value is not None and name not in accepted
+            key for key, _, value in self._flag_knobs() if value is not None and key not in accepted
         ]
         if unknown:
             raise ValueError(

@@ -143,11 +143,15 @@ def kendall_tau_b(a: Tensor, b: Tensor) -> Tensor:
     return torch.where(denominator > 0, numerator / denominator, math.nan).reshape(lead)
 
 
+def _check_k(x: Tensor, k: int) -> None:
+    if not 1 <= k <= x.shape[-1]:
+        raise ValueError(f"k must be in [1, N={x.shape[-1]}], got {k}")
+
+
 def top_k_indices(x: Tensor, k: int) -> Tensor:
     """Indices ``[..., k]`` of the ``k`` largest values along the last dimension, largest first; equal values
     in ascending index order (the module's tie policy: a stable descending sort). NaN sorts as the largest."""
-    if not 1 <= k <= x.shape[-1]:
-        raise ValueError(f"k must be in [1, N={x.shape[-1]}], got {k}")
+    _check_k(x, k)
     return torch.sort(x, dim=-1, descending=True, stable=True).indices[..., :k]
 
 
@@ -161,8 +165,7 @@ def topk_jaccard(a: Tensor, b: Tensor, k: int) -> Tensor:
     Ties at the K-th place go to the lower token index (`top_k_indices`).
     """
     _check_pair(a, b)
-    if not 1 <= k <= a.shape[-1]:
-        raise ValueError(f"k must be in [1, N={a.shape[-1]}], got {k}")
+    _check_k(a, k)
     ma, mb = _topk_mask(a, k), _topk_mask(b, k)
     inter = (ma & mb).sum(dim=-1).double()
     return inter / (2 * k - inter)
@@ -175,8 +178,7 @@ def ndcg_at_k(prediction: Tensor, gains: Tensor, k: int) -> Tensor:
     value is the mean NDCG@k over all orders of the ties (McSherry & Najork 2008), whatever the token order.
     """
     _check_pair(prediction, gains)
-    if not 1 <= k <= prediction.shape[-1]:
-        raise ValueError(f"k must be in [1, N={prediction.shape[-1]}], got {k}")
+    _check_k(prediction, k)
     gains = gains.double()
     discount = 1.0 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64, device=gains.device))
     values, order = torch.sort(prediction, dim=-1, descending=True, stable=True)

@@ -309,15 +309,15 @@ class RelevanceRobustness:
         """Relevance under perturbation ``name`` at ``level``: ``[D, B, N]`` (D = 1 for adversarial)."""
         with torch.no_grad():
             if name == "feature_noise":
-                noise = self._per_sample_randn(name, features.shape[1:], features, offset)
+                noise = self._per_sample_noise(torch.randn, name, features.shape[1:], features, offset)
                 scale = features.std(dim=1, unbiased=False, keepdim=True) if self.feature_noise_scale == "relative" else 1.0
                 return self._relevance_rows(call, features + level * scale * noise, query)
             if name == "token_dropout":
-                uniform = self._per_sample_rand(name, features.shape[1:2], features, offset)
+                uniform = self._per_sample_noise(torch.rand, name, features.shape[1:2], features, offset)
                 dropped = (uniform < level).unsqueeze(-1)
                 return self._relevance_rows(call, torch.where(dropped, features.mean(dim=1, keepdim=True), features), query)
             if name == "input_noise":
-                noise = self._per_sample_randn(name, images.shape[1:], images, offset)
+                noise = self._per_sample_noise(torch.randn, name, images.shape[1:], images, offset)
                 noisy = (images + level * noise).flatten(0, 1)
                 rows = self.chunk_rows if self.batched else images.shape[0]
                 noisy_features = torch.cat([call.model.token_features(pixel_values=chunk, token_features=None)
@@ -327,16 +327,11 @@ class RelevanceRobustness:
                 return self._relevance_weight_draws(call, weights, features, query)
         return self._relevance_adversarial(call, trainable, level, features, query, target)
 
-    def _per_sample_randn(self, name: str, shape, like: Tensor, offset: int) -> Tensor:
-        """Standard normal noise ``[D, B, *shape]``, each sample's drawn from its own seeded generator."""
-        return torch.stack([torch.randn((self.num_draws, *shape), device=like.device,
-                                        generator=sample_generator(self.seed, name, offset + i, like.device))
-                            for i in range(like.shape[0])], dim=1).to(like)
-
-    def _per_sample_rand(self, name: str, shape, like: Tensor, offset: int) -> Tensor:
-        """Uniform [0, 1) noise ``[D, B, *shape]``, each sample's drawn from its own seeded generator."""
-        return torch.stack([torch.rand((self.num_draws, *shape), device=like.device,
-                                       generator=sample_generator(self.seed, name, offset + i, like.device))
+    def _per_sample_noise(self, draw: Callable[..., Tensor], name: str, shape, like: Tensor, offset: int) -> Tensor:
+        """Noise ``[D, B, *shape]`` from ``draw`` (``torch.randn`` or ``torch.rand``), each sample's drawn from its
+        own seeded generator."""
+        return torch.stack([draw((self.num_draws, *shape), device=like.device,
+                                 generator=sample_generator(self.seed, name, offset + i, like.device))
                             for i in range(like.shape[0])], dim=1).to(like)
 
     def _relevance_rows(self, call: _RelevanceCall, features: Tensor, query: Tensor) -> Tensor:
