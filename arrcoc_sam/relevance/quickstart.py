@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import tempfile
 import time
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from arrcoc_sam.relevance.robustness_cli import non_negative_float, non_negative_int, positive_int
+from arrcoc_sam.relevance.training import set_offline
 
 METRICS = (("mse", "MSE", "lower"), ("spearman", "Spearman", "higher"), ("top_k_recall", "top-K recall", "higher"),
            ("ndcg", "NDCG@K", "higher"))
@@ -294,9 +294,7 @@ Raw metrics: `metrics.json`. Reproduce this report (wall times will differ):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the comparison; prints the held-out table and the report path. Returns 0."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    set_offline()
     args = parse_args(argv)
     from arrcoc_sam.relevance.scenes import make_scene_dataset
 
