@@ -182,7 +182,7 @@ def test_esam_masks_follow_parameter_order_across_dtype_runs_and_keep_unmasked_c
         p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
     clean = [p.detach().clone() for p in params]
     beta, rho, seed = 0.4, 0.05, 3
-    opt = ESAM(params, torch.optim.SGD, lr=0.1, rho=rho, beta=beta, gamma=1.0, seed=seed)
+    opt = ESAM(params, torch.optim.SGD, lr=0.1, rho=rho, beta=beta, gamma=1.0, seed=seed, swp="coordinate")
     assert opt.perturb()
     masks_gen = torch.Generator().manual_seed(seed * 1_000_003 + 0)
     masks = [torch.rand(p.shape, generator=masks_gen) < beta for p in params]  # one draw per tensor, in order

@@ -128,10 +128,10 @@ def test_looksam_reuses_global_orthogonal_direction_matches_reference():
 
 
 @pytest.mark.parametrize("beta, gamma", [(0.5, 0.5), (1.0, 0.5), (0.5, 1.0)], ids=["swp+sds", "sds", "swp"])
-def test_esam_weight_masks_and_data_selection_match_reference(beta, gamma):
+def test_esam_coordinate_weight_masks_and_data_selection_match_reference(beta, gamma):
     model = make_mlp()
     ref = Flat(make_mlp())
-    opt = sgd_variant(ESAM, model, rho=RHO, beta=beta, gamma=gamma, seed=7)
+    opt = sgd_variant(ESAM, model, rho=RHO, beta=beta, gamma=gamma, seed=7, swp="coordinate")
     for t, batch in enumerate(make_batches(10)):
         opt.step(per_example_closure(model, opt, batch))
         g = ref.grad(ref.w, batch)
@@ -144,6 +144,126 @@ def test_esam_weight_masks_and_data_selection_match_reference(beta, gamma):
             idx = torch.topk(rise.detach(), math.ceil(gamma * len(rise))).indices
         ref.sgd(ref.grad(w_adv, batch, idx))
     ref.assert_matches(model)
+
+
+def tensor_swp_mask(ref: Flat, beta: float, seed: int, t: int) -> torch.Tensor:
+    """Tensor SWP's coordinate mask at step t, from its per-tensor draw (the smallest uniform if none is kept)."""
+    draw = torch.rand(len(ref.named), generator=torch.Generator().manual_seed(seed * 1_000_003 + t))
+    chosen = draw < beta
+    if not chosen.any():
+        chosen[draw.argmin()] = True
+    return torch.cat([torch.full((math.prod(s),), float(c), dtype=torch.float64) for c, (_, s) in zip(chosen, ref.named)])
+
+
+@pytest.mark.parametrize("beta, gamma", [(0.5, 0.5), (0.5, 1.0), (0.2, 1.0)], ids=["swp+sds", "swp", "one-tensor"])
+def test_esam_tensor_swp_perturbs_whole_tensors_with_their_own_norm_matches_reference(beta, gamma):
+    model = make_mlp()
+    ref = Flat(make_mlp())
+    opt = sgd_variant(ESAM, model, rho=RHO, beta=beta, gamma=gamma, seed=7, swp="tensor")
+    kept = []
+    for t, batch in enumerate(make_batches(10)):
+        opt.step(per_example_closure(model, opt, batch))
+        mask = tensor_swp_mask(ref, beta, 7, t)
+        kept.append(int(mask.sum()))
+        g_s = mask * ref.grad(ref.w, batch)
+        w_adv = ref.w + (RHO / beta) * unit(g_s)
+        idx = None
+        if gamma < 1:
+            rise = ref.per_example(w_adv, batch) - ref.per_example(ref.w, batch)
+            idx = torch.topk(rise.detach(), math.ceil(gamma * len(rise))).indices
+        ref.sgd(ref.grad(w_adv, batch, idx))
+    ref.assert_matches(model)
+    assert min(kept) > 0 and len(set(kept)) > 1  # the draw varies by step and never keeps nothing
+
+
+def test_esam_tensor_swp_computes_pass_one_gradients_of_the_chosen_tensors_only_and_the_update_is_unchanged():
+    model, manual = make_mlp(), make_mlp()
+    opt = sgd_variant(ESAM, model, rho=RHO, beta=0.5, gamma=0.5, seed=2, swp="tensor")
+    manual_opt = sgd_variant(ESAM, manual, rho=RHO, beta=0.5, gamma=0.5, seed=2, swp="tensor")
+    names = [n for n, _ in model.named_parameters()]
+    accumulated: list[str] = []
+    for name, p in model.named_parameters():
+        p.register_post_accumulate_grad_hook(lambda p, name=name: accumulated.append(name))
+    for batch in make_batches(6):
+        accumulated.clear()
+        chosen = [names[i] for i, p in enumerate(model.parameters()) if any(p is q for q in opt.swp_tensors())]
+        opt.step(per_example_closure(model, opt, batch))
+        assert sorted(accumulated) == sorted(chosen + names)  # pass 1: the chosen tensors; pass 2: all
+        assert all(p.requires_grad for p in model.parameters())
+        # the same step from a loop that computes every pass-1 gradient (the ascent ignores the others)
+        x, y = batch
+        manual_opt.before_first_pass()
+        manual_opt.zero_grad()
+        clean = ((manual(x) - y) ** 2).mean(dim=1)
+        clean.mean().backward()
+        assert all(p.grad is not None for p in manual.parameters())
+        with manual_opt.perturbed() as ok:
+            assert ok
+            with torch.no_grad():
+                rise = ((manual(x) - y) ** 2).mean(dim=1) - clean.detach()
+            idx = manual_opt.select_examples(torch.zeros_like(rise), rise)
+            manual_opt.zero_grad()
+            ((manual(x[idx]) - y[idx]) ** 2).mean(dim=1).mean().backward()
+        manual_opt.step()
+    assert max_abs_diff(model, manual) <= 1e-12
+
+
+class _DeadTensor(nn.Module):
+    """y = x·a, plus a tensor b whose gradient is always zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor([1.5, -0.5], dtype=torch.float64))
+        self.b = nn.Parameter(torch.tensor([2.0], dtype=torch.float64))
+
+    def forward(self, x):
+        return x * self.a + 0.0 * self.b
+
+
+def test_esam_tensor_swp_with_a_zero_norm_still_runs_pass_two_so_unchosen_tensors_get_their_update():
+    x, y = torch.tensor([[1.0, 2.0], [3.0, -1.0]], dtype=torch.float64), torch.zeros(2, 2, dtype=torch.float64)
+    # beta so small that no tensor is drawn: the smallest uniform picks one; a seed whose draw picks b
+    seed = next(s for s in range(50) if torch.rand(2, generator=torch.Generator().manual_seed(s * 1_000_003)).argmin() == 1)
+    model, plain = _DeadTensor(), _DeadTensor()
+    opt = ESAM(model.parameters(), torch.optim.SGD, lr=0.1, rho=RHO, beta=1e-9, gamma=1.0, seed=seed, swp="tensor")
+    assert [p is model.b for p in opt.swp_tensors()] == [True]
+    passes = []
+    model.register_forward_hook(lambda *args: passes.append(1))
+
+    def closure():
+        opt.zero_grad()
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert len(passes) == 2 and opt.skipped_steps == 1 and not opt.is_perturbed
+    plain_opt = torch.optim.SGD(plain.parameters(), lr=0.1)
+    ((plain(x) - y) ** 2).mean().backward()
+    plain_opt.step()
+    assert bitwise_equal(model, plain)  # a moved with its full gradient at w
+
+
+def test_esam_tensor_swp_gives_requires_grad_back_when_pass_one_raises_or_is_not_finite():
+    model = make_mlp()
+    opt = sgd_variant(ESAM, model, rho=RHO, beta=0.5, gamma=1.0, seed=4, swp="tensor")
+    clean = copy.deepcopy(model)
+    x, y = make_batches(1)[0]
+
+    def failing(indices=None):
+        assert not all(p.requires_grad for p in model.parameters())  # pass 1 runs pruned
+        raise RuntimeError("data loader died")
+
+    with pytest.raises(RuntimeError, match="data loader died"):
+        opt.step(failing)
+    assert all(p.requires_grad for p in model.parameters())
+
+    def infinite(indices=None):
+        return ((model(x) - y) ** 2).mean(dim=1) * math.inf
+
+    opt.step(infinite)
+    assert all(p.requires_grad for p in model.parameters()) and opt.skipped_steps == 1
+    assert bitwise_equal(model, clean)
 
 
 def test_gsam_surrogate_gap_update_with_rho_following_lr_schedule_matches_reference():
@@ -361,6 +481,7 @@ def test_variants_are_registered_and_knobs_validated():
         (ESAM, {"gamma": 1.5}, "gamma must be"),
         (ESAM, {"beta": "half"}, "beta must be a number in"),  # a non-number is a ValueError too
         (ESAM, {"seed": 1.7}, "seed must be an integer, got 1.7"),
+        (ESAM, {"swp": "layer"}, r"swp must be one of \('coordinate', 'tensor'\), got 'layer'"),
         (GSAM, {"alpha": True}, "alpha must be a finite number >= 0, got True"),
         (GSAM, {"alpha": math.inf}, "alpha must be a finite number >= 0, got inf"),
         (FriendlySAM, {"sigma": -0.5}, "sigma must be a finite number >= 0"),
@@ -383,13 +504,15 @@ def test_every_variant_with_rho_zero_is_the_base_optimizer():
         ref_opt.zero_grad()
         ((ref(batch[0]) - batch[1]) ** 2).mean().backward()
         ref_opt.step()
-    for name in sorted(set(VARIANTS) - {"gsam", "looksam"}):  # gsam/looksam reshape the gradient itself
+    runs = [(name, {}) for name in sorted(set(VARIANTS) - {"gsam", "looksam"})]  # these reshape the gradient
+    runs += [("esam", {"swp": "tensor", "beta": 0.5})]  # no tensor to ascend: pass 1 is not pruned
+    for name, knobs in runs:
         model = make_mlp()
-        knobs = {"gamma": 1.0} if name == "esam" else {}
+        knobs = knobs | ({"gamma": 1.0} if name == "esam" else {})
         opt = build_sam_optimizer(name, model.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM, rho=0.0, **knobs)
         for batch in batches:
             opt.step(sam_closure(model, opt, batch))
-        assert max_abs_diff(model, ref) == 0.0, name
+        assert max_abs_diff(model, ref) == 0.0, (name, knobs)
 
 
 # -- failures, checkpoints of other optimizers, API misuse ---------------------------------------------

@@ -190,11 +190,12 @@ def _bert_forward(model, batch):
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
 
 
-def esam_closure_reference(windows, gamma: float, params_of=lambda model: model.parameters(), **sgd) -> torch.Tensor:
+def esam_closure_reference(windows, gamma: float, params_of=lambda model: model.parameters(), swp="coordinate",
+                           **sgd) -> torch.Tensor:
     """ESAM's own step(per-example closure) on each whole window (micro-batches concatenated), BERT weights."""
     model = tiny_bert()
     opt = build_sam_optimizer("esam", list(params_of(model)), torch.optim.SGD, rho=RHO, beta=0.5, gamma=gamma,
-                              seed=3, **sgd)
+                              seed=3, swp=swp, **sgd)
     for window in windows:
         batch = {k: torch.cat([m[k] for m in window]) for k in window[0]}
 
@@ -206,19 +207,26 @@ def esam_closure_reference(windows, gamma: float, params_of=lambda model: model.
     return flat_params(model)
 
 
-def test_accelerate_esam_data_selection_matches_closure_step_and_trains_on_chosen_examples_only():
+@pytest.mark.parametrize("swp, checkpointing", [("coordinate", False), ("tensor", False), ("tensor", True)])
+def test_accelerate_esam_data_selection_matches_closure_step_and_trains_on_chosen_examples_only(swp, checkpointing):
     steps, micro, accumulation = 3, 4, 2
     windows = bert_windows(steps, micro, accumulation)
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
     model = tiny_bert()
+    if checkpointing:  # reentrant checkpointing tracks a block's inputs only: pass 1 keeps every gradient
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": True})
     model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM))
-    sam = AcceleratedSAM(accelerator, model, optimizer, method="esam", rho=RHO, beta=0.5, gamma=0.5, seed=3)
+    sam = AcceleratedSAM(accelerator, model, optimizer, method="esam", rho=RHO, beta=0.5, gamma=0.5, seed=3, swp=swp)
     examples = {"grad": 0, "no_grad": 0, "grad_perturbed": 0}
+    pruned_forwards = []  # the chosen tensors of a pass-1 forward that leaves the others without gradient
 
     def count(module, args, kwargs):
         size = kwargs["input_ids"].shape[0]
         examples["grad" if torch.is_grad_enabled() else "no_grad"] += size
         examples["grad_perturbed"] += size if torch.is_grad_enabled() and sam.sam_optimizer.is_perturbed else 0
+        if not all(p.requires_grad for p in module.parameters()):
+            pruned_forwards.append({id(p) for p in module.parameters() if p.requires_grad})
 
     model.register_forward_pre_hook(count, with_kwargs=True)
 
@@ -236,9 +244,14 @@ def test_accelerate_esam_data_selection_matches_closure_step_and_trains_on_chose
     # pass 1 on every example; at w + ε one no-grad forward of the window, forward+backward on ⌈γB⌉ examples
     assert examples == {"grad": steps * (window_size + chosen), "no_grad": steps * window_size,
                         "grad_perturbed": steps * chosen}
+    if swp == "tensor" and not checkpointing:  # every pass-1 forward, and no other, is pruned to that step's tensors
+        assert len(pruned_forwards) == steps * accumulation and len({frozenset(f) for f in pruned_forwards}) > 1
+        assert 0 < len(pruned_forwards[0]) < len(list(model.parameters()))
+    else:
+        assert pruned_forwards == []
     got = flat_params(accelerator.unwrap_model(model))
-    gap = (esam_closure_reference(windows, 0.5, lr=LR, momentum=MOMENTUM) - got).abs().max().item()
-    whole_batch_gap = (esam_closure_reference(windows, 1.0, lr=LR, momentum=MOMENTUM) - got).abs().max().item()
+    gap = (esam_closure_reference(windows, 0.5, swp=swp, lr=LR, momentum=MOMENTUM) - got).abs().max().item()
+    whole_batch_gap = (esam_closure_reference(windows, 1.0, swp=swp, lr=LR, momentum=MOMENTUM) - got).abs().max().item()
     assert gap <= 1e-6 and whole_batch_gap > 100 * gap, (gap, whole_batch_gap)
 
 

@@ -26,9 +26,9 @@ def test_every_variant_trains_resumes_and_never_exposes_perturbed_weights_under_
     """One torchrun for all variants (startup dominates); the script asserts, per variant: equal weights on
     both ranks, agreement with the variant's own closure step on the global batch (and not with ρ = 0),
     clean weights at every step boundary, evaluation forward and checkpoint, and a bitwise resume."""
-    proc = run_torchrun(SCRIPT, *sorted(VARIANTS), timeout=400)
+    proc = run_torchrun(SCRIPT, *sorted(VARIANTS), "esam-coordinate", timeout=400)
     done = {line.split()[1] for line in proc.stdout.splitlines() if line.startswith("VARIANT-OK")}
-    assert done == set(VARIANTS)
+    assert done == set(VARIANTS) | {"esam-coordinate"}
 
 
 def _example_mean_loss(window_size: int):
@@ -41,25 +41,28 @@ def _example_mean_loss(window_size: int):
     return loss
 
 
-def test_trainer_esam_data_selection_with_accumulation_matches_closure_step_on_each_window(tmp_path):
+@pytest.mark.parametrize("swp", ["coordinate", "tensor"])
+def test_trainer_esam_data_selection_with_accumulation_matches_closure_step_on_each_window(tmp_path, swp):
     steps, micro, accumulation, lr = 3, 4, 2, 0.05
     args = SAMTrainingArguments(**trainer_kwargs(
-        str(tmp_path / "out"), optimizer="esam", rho=RHO, sam_args="beta=0.5,gamma=0.5,seed=3", learning_rate=lr,
+        str(tmp_path / "out"), optimizer="esam", rho=RHO, sam_args=f"beta=0.5,gamma=0.5,seed=3,swp={swp}", learning_rate=lr,
         per_device_train_batch_size=micro, gradient_accumulation_steps=accumulation, max_steps=steps,
     ))
     model = tiny_bert()
     trainer = SAMTrainer(model=model, args=args, train_dataset=token_dataset(steps * micro * accumulation),
                          compute_loss_func=_example_mean_loss(micro * accumulation))
-    examples = {"grad": 0, "no_grad": 0}
+    examples = {"grad": 0, "no_grad": 0, "pruned": 0}
 
     def count(module, args, kwargs):
         examples["grad" if torch.is_grad_enabled() else "no_grad"] += kwargs["input_ids"].shape[0]
+        examples["pruned"] += not all(p.requires_grad for p in module.parameters())
 
     model.register_forward_pre_hook(count, with_kwargs=True)
     trainer.train()
     window_size = micro * accumulation
     chosen = math.ceil(0.5 * window_size)
-    assert examples == {"grad": steps * (window_size + chosen), "no_grad": steps * window_size}
+    pruned = steps * accumulation if swp == "tensor" else 0  # tensor SWP: pass 1 without the others' gradients
+    assert examples == {"grad": steps * (window_size + chosen), "no_grad": steps * window_size, "pruned": pruned}
 
     names = {id(p): n for n, p in trainer.model.named_parameters()}
     order = [names[id(p)] for group in trainer.optimizer.optimizer.param_groups for p in group["params"]]
@@ -70,8 +73,8 @@ def test_trainer_esam_data_selection_with_accumulation_matches_closure_step_on_e
 
     windows = bert_windows(steps, micro, accumulation)
     got = flat_params(trainer.model)
-    gap = (esam_closure_reference(windows, 0.5, in_trainer_order, lr=lr) - got).abs().max().item()
-    whole_batch_gap = (esam_closure_reference(windows, 1.0, in_trainer_order, lr=lr) - got).abs().max().item()
+    gap = (esam_closure_reference(windows, 0.5, in_trainer_order, swp, lr=lr) - got).abs().max().item()
+    whole_batch_gap = (esam_closure_reference(windows, 1.0, in_trainer_order, swp, lr=lr) - got).abs().max().item()
     assert gap <= 1e-6 and whole_batch_gap > 100 * gap, (gap, whole_batch_gap)
 
 

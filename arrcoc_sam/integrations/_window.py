@@ -34,6 +34,12 @@ window plus forward + backward over ⌈γ·B⌉ examples. Where the per-example 
 (:class:`~arrcoc_sam.sam.variants.esam.PerExampleLossUnavailable`) or under ``microbatch`` scope, the
 replay is the whole window and the optimizer warns once.
 
+Pruned pass 1 (an optimizer whose ``first_pass_tensors()`` names a subset, ESAM's tensor SWP, in the
+``global``/``per_device`` scopes, on a plain or DDP-wrapped model without activation checkpointing): pass 1 runs with ``requires_grad`` off on
+the other tensors, so autograd skips their weight gradients. Under DDP with ``global`` scope it runs under
+``no_sync`` and the window averages the chosen gradients over the ranks itself (one all-reduce per dtype),
+because DDP's buckets expect every gradient. The replay computes every gradient as usual.
+
 Metrics (:class:`SAMMetrics`): ``loss_perturbed`` and ``sharpness`` are per-window sums in the units of the
 clean loss the loop logs; ``grad_norm``/``grad_norm_perturbed``/``grad_cosine``/``rho`` are the optimizer's
 ``stats`` after each ascent (gradient norms divided by the GradScaler scale). Under ``microbatch`` the
@@ -49,9 +55,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.optim import Optimizer
 
 from arrcoc_sam.sam.norm_stats import preserve_running_stats
+from arrcoc_sam.sam.variants._base import gradients_only_for
 from arrcoc_sam.sam.variants.esam import PerExampleLossUnavailable
 
 __all__ = ["ExampleLosses", "SAMMetrics", "SAMWindow"]
@@ -140,6 +148,8 @@ class SAMWindow:
         self._selection_unavailable = False  # the per-example losses raised PerExampleLossUnavailable once
         self._clean_examples: list[Tensor] = []  # [B_m] clean per-example losses of each micro-batch
         self._reapply = False  # the optimizer perturbs for pass 1 (msam) and was restored after a micro-batch
+        self._first_pass_tensors: list[Tensor] | None = None  # pass 1 computes gradients for these only
+        self._average_by_hand = False  # pass 1 runs under no_sync and the window all-reduces those gradients
 
     def micro_step(
         self,
@@ -165,6 +175,7 @@ class SAMWindow:
                 optimizer.before_first_pass()
                 self._ascend = bool(optimizer.ascent_this_step())
                 self._select = self._ascend and self._can_select(optimizer, example_losses)
+                self._plan_first_pass(model, optimizer)
                 self._open = True
             if self._ascend and self.scope == "microbatch":
                 loss = self._microbatch_step(model, optimizer, batch, run_pass, last)
@@ -174,14 +185,19 @@ class SAMWindow:
                 if self._ascend:
                     self._batches.append(batch)
                 # every pass-1 micro-batch, also under Accelerate's sync_each_batch: ε from this rank's own window
-                local = self._ascend and self.scope == "per_device"
-                with self._no_sync(model) if local else contextlib.nullcontext():
+                # (per_device), or from gradients this window averages by hand (a pruned pass 1 under DDP)
+                local = self._ascend and (self.scope == "per_device" or self._average_by_hand)
+                needed = self._first_pass_tensors
+                pruned = gradients_only_for(_params_of(optimizer), needed) if needed else contextlib.nullcontext()
+                with self._no_sync(model) if local else contextlib.nullcontext(), pruned:
                     if self._select:
                         loss = self._pass_recording_examples(model, batch, run_pass, example_losses)
                     else:
                         loss = run_pass(batch)
                 self._clean = loss if self._clean is None else self._clean + loss
                 if last:
+                    if self._average_by_hand:
+                        _average_across_processes(self._first_pass_tensors)
                     optimizer.after_first_pass()
                     if self._ascend:
                         self._ascend_and_replay(model, optimizer, run_pass, example_losses)
@@ -223,6 +239,24 @@ class SAMWindow:
         if ok:
             self._record_losses(clean=self._clean, perturbed=perturbed)
             self._record_stats(optimizer, scale)
+
+    def _plan_first_pass(self, model: nn.Module, optimizer: Optimizer) -> None:
+        """Which tensors pass 1 computes gradients for (``first_pass_tensors``; ``None``: all), and whether the
+        window then averages them over the processes itself. Pruning needs a plain or DDP-wrapped model (other
+        wrappers keep every gradient) and the ``global``/``per_device`` scopes; under DDP with ``global``
+        scope, pass 1 runs under ``no_sync`` and the chosen gradients are averaged by one all-reduce per
+        dtype, since DDP's own buckets expect every gradient. A model with activation checkpointing on
+        (a submodule whose ``gradient_checkpointing`` is True, as transformers marks them) keeps every gradient."""
+        needed = optimizer.first_pass_tensors() if self._ascend and self.scope != "microbatch" else None
+        processes = int(getattr(self.accelerator, "num_processes", 1))
+        wrapped = isinstance(model, nn.parallel.DistributedDataParallel)
+        # reentrant activation checkpointing tracks a block's inputs, not its weights: pruned, a block whose
+        # inputs need no gradient would leave its chosen weights without one
+        checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in _unwrapped(model).modules())
+        if needed is not None and ((processes > 1 and not wrapped) or checkpointing):
+            needed = None
+        self._first_pass_tensors = needed
+        self._average_by_hand = needed is not None and processes > 1 and self.scope == "global"
 
     # -- data selection (ESAM's SDS) over the window ----------------------------------------------------
     def _can_select(self, optimizer: Optimizer, example_losses: ExampleLosses | None) -> bool:
@@ -355,6 +389,8 @@ class SAMWindow:
         self._select = False
         self._clean_examples = []
         self._reapply = False
+        self._first_pass_tensors = None
+        self._average_by_hand = False
 
 
 class _ExampleCapture:
@@ -392,6 +428,27 @@ class _ExampleCapture:
         if result.dim() != 1:
             raise ValueError(f"per-example losses must be a vector [B], got shape {tuple(result.shape)}")
         return result if self.keep_graph else result.detach()
+
+
+def _params_of(optimizer: Optimizer) -> list[Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+@torch.no_grad()
+def _average_across_processes(params: list[Tensor]) -> None:
+    """``p.grad`` ← its mean over the processes (DDP's reduction), one all-reduce per (device, dtype); a rank
+    whose pass left a tensor without gradient contributes zeros."""
+    buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        buckets.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+    world = torch.distributed.get_world_size()
+    for grads in buckets.values():
+        flat = _flatten_dense_tensors(grads)
+        torch.distributed.all_reduce(flat)
+        flat.div_(world)
+        torch._foreach_copy_(grads, _unflatten_dense_tensors(flat, grads))
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:

@@ -218,6 +218,13 @@ class SAM(Optimizer):
     def after_first_pass(self) -> None:
         """Called after the last micro-batch backward of a window, before :meth:`perturb`."""
 
+    def first_pass_tensors(self) -> list[Tensor] | None:
+        """The tensors whose pass-1 gradient the coming ascent reads (valid after :meth:`before_first_pass`),
+        or ``None`` for all of them (SAM). A loop may run pass 1 with ``requires_grad`` off on the others
+        (:func:`~arrcoc_sam.sam.variants.gradients_only_for`) to skip their weight gradients; the result is
+        the same either way, since the ascent ignores them and pass 2 recomputes every gradient."""
+        return None
+
     # -- the ascent ----------------------------------------------------------------------------------
     def _ascent_directions(self) -> tuple[list[Tensor], list[Tensor], list[dict[str, Any]]]:
         """(params, directions, groups) that :meth:`perturb` ascends along: the gradients, for SAM/ASAM."""

@@ -6,6 +6,8 @@ For each variant (run by tests/test_variants_trainer.py under torchrun):
 2. checks both ranks hold the same weights and that rank 0's matches the variant's own closure step on the
    whole global batch in one process (the hook path of the Trainer computes the same algorithm);
 3. resumes from checkpoint-2 in a fresh trainer and checks it lands on the same weights.
+``esam`` runs tensor SWP (pass 1 without the other tensors' gradients, under ``no_sync``, averaged over the
+ranks by the window instead of DDP), ``esam-coordinate`` coordinate SWP (pass 1 synced by DDP).
 """
 
 from __future__ import annotations
@@ -36,11 +38,13 @@ STEPS, MICRO, ACCUMULATION, LR, RHO = 4, 2, 2, 0.02, 0.1
 CONFIGS = {
     "periodic": {"sam_interval": 2},
     "looksam": {"sam_interval": 2, "sam_args": "alpha=0.5"},
-    "esam": {"sam_args": "beta=0.5,gamma=1.0,seed=3"},
+    "esam": {"sam_args": "beta=0.5,gamma=1.0,seed=3"},  # tensor SWP: pass 1 pruned, averaged by hand
+    "esam-coordinate": {"sam_args": "beta=0.5,gamma=1.0,seed=3,swp=coordinate"},
     "gsam": {"sam_args": "alpha=0.3,rho_min=0.02"},
     "fsam": {"sam_args": "sigma=1.0,ema_decay=0.6"},
     "msam": {},
 }
+METHOD = {"esam-coordinate": "esam"}  # config name -> --optimizer
 
 
 class CleanWeightsCheck(TrainerCallback):
@@ -51,6 +55,7 @@ class CleanWeightsCheck(TrainerCallback):
         self.snapshots: dict[int, torch.Tensor] = {}
         self.evaluated = 0
         self.perturbed_training_forwards = 0
+        self.pruned_training_forwards = 0  # training forwards with some parameter's requires_grad off
 
     def attach(self, trainer: SAMTrainer) -> None:
         self.trainer = trainer
@@ -62,6 +67,7 @@ class CleanWeightsCheck(TrainerCallback):
     def _pre_forward(self, module, args):
         if module.training:
             self.perturbed_training_forwards += int(self._sam().is_perturbed)
+            self.pruned_training_forwards += not all(p.requires_grad for p in module.parameters())
             return
         assert not self._sam().is_perturbed, "evaluation forward at perturbed weights"
         assert torch.equal(flat_params(module), self.snapshots[max(self.snapshots)]), "evaluation saw moved weights"
@@ -78,7 +84,7 @@ class CleanWeightsCheck(TrainerCallback):
 
 def make_args(name: str, output_dir: str) -> SAMTrainingArguments:
     return SAMTrainingArguments(**trainer_kwargs(
-        output_dir, optimizer=name, rho=RHO, learning_rate=LR, optim="adamw_torch", weight_decay=0.0,
+        output_dir, optimizer=METHOD.get(name, name), rho=RHO, learning_rate=LR, optim="adamw_torch", weight_decay=0.0,
         lr_scheduler_type="linear", per_device_train_batch_size=MICRO, gradient_accumulation_steps=ACCUMULATION,
         max_steps=STEPS, save_strategy="steps", save_steps=2, eval_strategy="steps", eval_steps=2,
         per_device_eval_batch_size=4, average_tokens_across_devices=True, **CONFIGS[name],
@@ -107,7 +113,7 @@ def closure_reference(name: str, trainer: SAMTrainer, **override: float) -> torc
     ]
     base = torch.optim.AdamW(groups, lr=LR)
     params = [p for g in groups for p in g["params"]]
-    opt = build_sam_optimizer(name, params, base, **(trainer.args.sam_settings().knobs() | override))
+    opt = build_sam_optimizer(METHOD.get(name, name), params, base, **(trainer.args.sam_settings().knobs() | override))
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (STEPS - s) / STEPS)
     data = token_dataset(40)
     global_batch = MICRO * ACCUMULATION * 2
@@ -142,6 +148,9 @@ def main() -> None:
         assert check.evaluated > 0 and sorted(check.snapshots) == list(range(1, STEPS + 1))
         if name == "msam":
             assert check.perturbed_training_forwards > 0, "msam never perturbed a training forward"
+        # tensor SWP runs each pass-1 forward (2 per step) without the other tensors' gradients; nothing else does
+        pruned = STEPS * ACCUMULATION if name == "esam" else 0
+        assert check.pruned_training_forwards == pruned, (name, check.pruned_training_forwards)
         if rank == 0:
             saved = load_file(f"{name}/out/checkpoint-2/model.safetensors")
             saved_flat = torch.cat([saved[n].reshape(-1).double() for n in sorted(saved)])

@@ -13,7 +13,7 @@ msam       :class:`MomentumSAM`                      1
 """
 
 from arrcoc_sam.sam.registry import register_method
-from arrcoc_sam.sam.variants._base import VariantSAM
+from arrcoc_sam.sam.variants._base import VariantSAM, gradients_only_for
 from arrcoc_sam.sam.variants.esam import ESAM
 from arrcoc_sam.sam.variants.fsam import FriendlySAM
 from arrcoc_sam.sam.variants.gsam import GSAM
@@ -21,7 +21,7 @@ from arrcoc_sam.sam.variants.looksam import LookSAM
 from arrcoc_sam.sam.variants.msam import MomentumSAM
 from arrcoc_sam.sam.variants.periodic import PeriodicSAM
 
-__all__ = ["ESAM", "GSAM", "FriendlySAM", "LookSAM", "MomentumSAM", "PeriodicSAM", "VariantSAM", "VARIANTS"]
+__all__ = ["ESAM", "GSAM", "FriendlySAM", "LookSAM", "MomentumSAM", "PeriodicSAM", "VariantSAM", "VARIANTS", "gradients_only_for"]
 
 VARIANTS = {
     "periodic": PeriodicSAM,

@@ -28,7 +28,7 @@ from arrcoc_sam.sam import perturbation
 from arrcoc_sam.sam.optimizer import SAM
 from arrcoc_sam.sam.sharding import is_sharded
 
-__all__ = ["VariantSAM", "grads_replaced"]
+__all__ = ["VariantSAM", "grads_replaced", "gradients_only_for"]
 
 STATE_KEY = "sam_variant"
 
@@ -47,6 +47,27 @@ def grads_replaced(params: Sequence[Tensor], replacements: Sequence[Tensor]) -> 
     finally:
         for p, g in zip(params, saved, strict=True):
             p.grad = g
+
+
+@contextlib.contextmanager
+def gradients_only_for(params: Sequence[Tensor], needed: Sequence[Tensor] | None) -> Iterator[None]:
+    """Within the block, the tensors of ``params`` outside ``needed`` that require grad do not (``None``: all keep it).
+
+    Autograd then skips their weight-gradient computation in the passes run inside the block; their
+    ``requires_grad`` comes back in finally.
+    """
+    if needed is None:
+        yield
+        return
+    keep = {id(p) for p in needed}
+    frozen = [p for p in params if p.requires_grad and id(p) not in keep]
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
 
 
 def _is_number(value: Any) -> bool:

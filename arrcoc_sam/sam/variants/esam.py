@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from torch.optim import Optimizer
 
 from arrcoc_sam.sam import perturbation
-from arrcoc_sam.sam.variants._base import VariantSAM, check_fraction
+from arrcoc_sam.sam.variants._base import VariantSAM, check_fraction, gradients_only_for
 
 __all__ = ["ESAM", "PerExampleLossUnavailable", "per_example_loss"]
 
@@ -26,6 +26,7 @@ _SEED_STRIDE = 1_000_003
 
 PerExampleClosure = Callable[..., Tensor]
 IGNORE_INDEX = -100
+SWP_UNITS = ("coordinate", "tensor")
 
 
 class PerExampleLossUnavailable(ValueError):
@@ -84,7 +85,8 @@ def per_example_loss(outputs: Any, batch: Any, *, shift_labels: bool = False, la
 class ESAM(VariantSAM):
     """Stochastic weight perturbation (SWP) and sharpness-sensitive data selection (SDS).
 
-    SWP — perturb a random β-fraction of the weight coordinates, rescaled by 1/β so E[ε̂] = ε::
+    SWP, ``swp="coordinate"`` (the paper's equation) — perturb a random β-fraction of the weight
+    coordinates, rescaled by 1/β so E[ε̂] = ε::
 
         ε̂ = (ρ/β) · m ⊙ g/‖g‖,   m_i ~ Bernoulli(β) i.i.d.    (‖g‖ over all perturbed tensors)
 
@@ -92,6 +94,22 @@ class ESAM(VariantSAM):
     order (on CPU exactly ``torch.rand(p.shape, generator=G)`` per tensor; on accelerators one draw per run
     of ≤ 4M coordinates), with one ``torch.Generator`` per device seeded ``seed * 1_000_003 + t``:
     identical on every rank, and reproducible after a resume. ``beta=1`` switches SWP off (ε̂ = ε).
+
+    SWP, ``swp="tensor"`` (the default; what the authors' released code does) — perturb a random
+    β-fraction of the parameter *tensors* S, and take the norm over them::
+
+        ε̂ = (ρ/β) · g_S/‖g_S‖,   j ∈ S with probability β, independently per tensor
+
+    over the tensors of the groups with ρ > 0 in ``param_groups`` order, from one CPU draw
+    ``torch.rand(n, generator=G)`` seeded as above (at least one tensor: where the draw picks none, the
+    one with the smallest uniform). Pass 1 then needs no gradient outside S, so SAMTrainer, AcceleratedSAM and
+    :meth:`step` run it with ``requires_grad`` off there (:meth:`first_pass_tensors`): autograd skips those
+    weight gradients, about (1 − β)/3 of pass 1 on a transformer. The update is the same with or without
+    that pruning (a manual loop that computes every pass-1 gradient gets it too). Since the pass-1 gradient
+    of the others is then missing, a zero ‖g_S‖ still runs pass 2, at w (:meth:`perturb` returns True
+    without perturbing), so every tensor gets its gradient. Reentrant activation checkpointing tracks a
+    block's inputs, not its weights, so the integrations do not prune a model with activation checkpointing on;
+    a ``step(closure)`` loop over such a model should use ``swp="coordinate"``.
 
     SDS — pass 2 on the ⌈γ|B|⌉ examples whose loss rises most under the perturbation::
 
@@ -105,13 +123,15 @@ class ESAM(VariantSAM):
     ``gamma=1`` switches SDS off everywhere.
 
     Cost (forward ≈ 1/3 of a forward+backward): ``1 + 1/3 + γ`` passes per step with SDS, 2 without.
-    SWP does not change the cost of a dense backward. Memory: SAM's backup plus transient masks of at most
-    ~4M coordinates (or the largest tensor) while perturbing.
+    Coordinate SWP does not change the cost of a dense backward; tensor SWP takes about (1 − β)/3 off pass 1.
+    Memory: SAM's backup plus, for coordinate SWP, transient masks of at most ~4M coordinates (or the
+    largest tensor) while perturbing.
 
     Args:
-        beta: β in (0, 1], the fraction of coordinates perturbed.
+        beta: β in (0, 1], the fraction of coordinates (or tensors) perturbed.
         gamma: γ in (0, 1], the fraction of examples in pass 2.
         seed: seed of the SWP masks.
+        swp: ``"tensor"`` or ``"coordinate"``, the unit SWP draws (above).
         rho, adaptive, eta, base_kwargs: as for :class:`~arrcoc_sam.sam.optimizer.SAM`.
     """
 
@@ -123,6 +143,7 @@ class ESAM(VariantSAM):
         beta: float = 0.5,
         gamma: float = 0.5,
         seed: int = 0,
+        swp: str = "tensor",
         adaptive: bool = False,
         eta: float = 0.01,
         **base_kwargs: Any,
@@ -133,10 +154,13 @@ class ESAM(VariantSAM):
             seed = operator.index(seed)
         except TypeError:
             raise ValueError(f"seed must be an integer, got {seed!r}") from None
+        if swp not in SWP_UNITS:
+            raise ValueError(f"swp must be one of {SWP_UNITS}, got {swp!r}")
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, eta=eta, **base_kwargs)
         self.beta = float(beta)
         self.gamma = float(gamma)
         self.seed = int(seed)
+        self.swp = swp
         self._selection_provided = False
         self._warned_no_sds = False
 
@@ -163,6 +187,33 @@ class ESAM(VariantSAM):
         """The seed of this step's SWP masks (see the class docstring)."""
         return self.seed * _SEED_STRIDE + self.optimizer_steps
 
+    def swp_tensors(self) -> list[Tensor]:
+        """Tensor SWP: this step's perturbed tensors S (class docstring), in ``param_groups`` order."""
+        candidates = [p for group in self.param_groups if group["rho"] != 0 for p in group["params"]]
+        if self.beta == 1 or not candidates:
+            return candidates
+        draw = torch.rand(len(candidates), generator=torch.Generator().manual_seed(self.mask_seed()))
+        chosen = draw < self.beta
+        if not bool(chosen.any()):
+            chosen[int(draw.argmin())] = True
+        return [p for p, keep in zip(candidates, chosen.tolist(), strict=True) if keep]
+
+    def first_pass_tensors(self) -> list[Tensor] | None:
+        """Tensor SWP: :meth:`swp_tensors`, the only pass-1 gradients the ascent reads; otherwise, and where no
+        group has ρ > 0 (pass 1's gradient is then the update), ``None`` (all)."""
+        if self.swp != "tensor" or self.beta == 1:
+            return None
+        return self.swp_tensors() or None
+
+    def _ascent_directions(self) -> tuple[list[Tensor], list[Tensor], list[dict[str, Any]]]:
+        params, grads, groups = super()._ascent_directions()
+        needed = self.first_pass_tensors()
+        if needed is None:
+            return params, grads, groups
+        chosen = {id(p) for p in needed}
+        kept = [i for i, p in enumerate(params) if id(p) in chosen]
+        return [params[i] for i in kept], [grads[i] for i in kept], [groups[i] for i in kept]
+
     def select_examples(self, loss_clean: Tensor, loss_perturbed: Tensor) -> Tensor:
         """SDS: indices (``[⌈γB⌉]``, int64) of the examples with the largest ``loss_perturbed − loss_clean``.
 
@@ -179,7 +230,9 @@ class ESAM(VariantSAM):
 
     @torch.no_grad()
     def perturb(self) -> bool:
-        """SAM's ascent with ρ/β, then the coordinates outside this step's Bernoulli(β) masks put back."""
+        """SAM's ascent with ρ/β; coordinate SWP then puts back the coordinates outside this step's masks,
+        tensor SWP ascends on :meth:`swp_tensors` only. Tensor SWP returns True unless the norm is non-finite
+        (pass 2 then runs at w after a zero norm, see the class docstring)."""
         if self.gamma < 1 and not self._selection_provided and not self._warned_no_sds:
             self._warned_no_sds = True
             logger.warning(
@@ -198,6 +251,8 @@ class ESAM(VariantSAM):
         finally:
             for group, rho in zip(self.param_groups, radii, strict=True):
                 group["rho"] = rho
+        if self.swp == "tensor":  # pass 1 may have left the others without gradient: pass 2 must run
+            return ok or (self.first_pass_tensors() is not None and not self._skip_next_step)
         if ok:
             self._mask_perturbation()
         return ok
@@ -235,17 +290,18 @@ class ESAM(VariantSAM):
 
     def _closure_step(self, closure: PerExampleClosure) -> Tensor:
         with self.closure_window():
-            with torch.enable_grad():
+            with gradients_only_for(self._all_params(), self.first_pass_tensors()), torch.enable_grad():
                 losses = closure()
-            per_example = losses.dim() > 0
-            if not per_example and self.gamma < 1:
-                raise ValueError(
-                    f"esam with gamma={self.gamma} selects examples, so its closure must return per-example "
-                    "losses [B] without calling backward; this closure returned a 0-dim loss (set gamma=1 to use it)"
-                )
-            if per_example:
-                self.zero_grad()
-                losses.mean().backward()
+                per_example = losses.dim() > 0
+                if not per_example and self.gamma < 1:
+                    raise ValueError(
+                        f"esam with gamma={self.gamma} selects examples, so its closure must return per-example "
+                        "losses [B] without calling backward; this closure returned a 0-dim loss (set gamma=1 "
+                        "to use it)"
+                    )
+                if per_example:
+                    self.zero_grad()
+                    losses.mean().backward()
             self.after_first_pass()
             with self.perturbed() as ok:
                 if ok:
