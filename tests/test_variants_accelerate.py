@@ -19,6 +19,8 @@ from arrcoc_sam.sam.variants.esam import per_example_loss
 sys.path.insert(0, str(Path(__file__).parent / "dist_scripts"))
 from trainer_common import flat_params, tiny_bert, token_dataset  # noqa: E402
 
+from arrcoc_sam.integrations._window import _may_prune  # noqa: E402
+
 LR, MOMENTUM, RHO = 0.05, 0.9, 0.1
 KNOBS = {
     "periodic": {"interval": 2},
@@ -300,3 +302,37 @@ def test_accelerate_esam_with_own_per_example_loss_on_tuple_batches_matches_clos
     got = accelerator.unwrap_model(model)
     assert max_abs_diff(got, reference(0.25)) <= 1e-12
     assert max_abs_diff(got, reference(1.0)) > 1e-4
+
+
+def test_accelerate_esam_keeps_every_pass_one_gradient_of_a_compiled_model_and_matches_the_closure_step():
+    """torch.compile guards on requires_grad, so a pruned pass 1 would recompile for each new tensor draw."""
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    batches = make_batches(6)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    inner = make_mlp()
+    model, optimizer = accelerator.prepare(torch.compile(inner, backend=backend),
+                                           torch.optim.SGD(inner.parameters(), lr=LR, momentum=MOMENTUM))
+    sam = AcceleratedSAM(accelerator, model, optimizer, method="esam", rho=RHO, beta=0.5, gamma=1.0)
+    train_in_halves(accelerator, model, optimizer, sam, batches)
+    assert len(graphs) == 1  # one graph for every pass of every step
+
+    ref = make_mlp()
+    ref_opt = build_sam_optimizer("esam", ref.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM, rho=RHO,
+                                  beta=0.5, gamma=1.0)
+    for batch in batches:
+        sam_closure_step(ref, ref_opt, batch)
+    assert max_abs_diff(inner, ref) <= 1e-12
+
+
+def test_pass_one_is_not_pruned_on_models_compiled_in_place_or_checkpointing():
+    plain, in_place, checkpointing = make_mlp(), make_mlp(), tiny_bert()
+    in_place.compile()
+    (getattr(checkpointing, "activation_checkpointing_enable", None) or checkpointing.gradient_checkpointing_enable)()
+    assert _may_prune(plain) and _may_prune(tiny_bert())
+    assert not _may_prune(in_place) and not _may_prune(checkpointing)
+    assert not _may_prune(torch.compile(make_mlp()))

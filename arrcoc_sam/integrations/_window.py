@@ -35,7 +35,7 @@ window plus forward + backward over ⌈γ·B⌉ examples. Where the per-example 
 replay is the whole window and the optimizer warns once.
 
 Pruned pass 1 (an optimizer whose ``first_pass_tensors()`` names a subset, ESAM's tensor SWP, in the
-``global``/``per_device`` scopes, on a plain or DDP-wrapped model without activation checkpointing): pass 1 runs with ``requires_grad`` off on
+``global``/``per_device`` scopes, on a plain or DDP-wrapped model without activation checkpointing or ``torch.compile``): pass 1 runs with ``requires_grad`` off on
 the other tensors, so autograd skips their weight gradients. Under DDP with ``global`` scope it runs under
 ``no_sync`` and the window averages the chosen gradients over the ranks itself (one all-reduce per dtype),
 because DDP's buckets expect every gradient. The replay computes every gradient as usual.
@@ -245,15 +245,12 @@ class SAMWindow:
         window then averages them over the processes itself. Pruning needs a plain or DDP-wrapped model (other
         wrappers keep every gradient) and the ``global``/``per_device`` scopes; under DDP with ``global``
         scope, pass 1 runs under ``no_sync`` and the chosen gradients are averaged by one all-reduce per
-        dtype, since DDP's own buckets expect every gradient. A model with activation checkpointing on
-        (a submodule whose ``gradient_checkpointing`` is True, as transformers marks them) keeps every gradient."""
+        dtype, since DDP's own buckets expect every gradient. A model with activation checkpointing or
+        ``torch.compile`` keeps every gradient (:func:`_may_prune`)."""
         needed = optimizer.first_pass_tensors() if self._ascend and self.scope != "microbatch" else None
         processes = int(getattr(self.accelerator, "num_processes", 1))
         wrapped = isinstance(model, nn.parallel.DistributedDataParallel)
-        # reentrant activation checkpointing tracks a block's inputs, not its weights: pruned, a block whose
-        # inputs need no gradient would leave its chosen weights without one
-        checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in _unwrapped(model).modules())
-        if needed is not None and ((processes > 1 and not wrapped) or checkpointing):
+        if needed is not None and ((processes > 1 and not wrapped) or not _may_prune(model)):
             needed = None
         self._first_pass_tensors = needed
         self._average_by_hand = needed is not None and processes > 1 and self.scope == "global"
@@ -428,6 +425,21 @@ class _ExampleCapture:
         if result.dim() != 1:
             raise ValueError(f"per-example losses must be a vector [B], got shape {tuple(result.shape)}")
         return result if self.keep_graph else result.detach()
+
+
+def _may_prune(model: nn.Module) -> bool:
+    """Whether pass 1 may run with some weights' ``requires_grad`` off. Not under reentrant activation
+    checkpointing, which tracks a block's inputs and not its weights (a block whose inputs need no gradient
+    would leave its chosen weights without one; transformers marks such submodules ``gradient_checkpointing``),
+    and not under ``torch.compile``, which guards on ``requires_grad`` and would recompile for every new draw."""
+    if hasattr(model, "_orig_mod"):  # torch.compile(model)
+        return False
+    for module in _unwrapped(model).modules():
+        if getattr(module, "gradient_checkpointing", False) is True or hasattr(module, "_orig_mod"):
+            return False
+        if getattr(module, "_compiled_call_impl", None) is not None:  # module.compile()
+            return False
+    return True
 
 
 def _params_of(optimizer: Optimizer) -> list[Tensor]:

@@ -107,9 +107,10 @@ class ESAM(VariantSAM):
     weight gradients, about (1 − β)/3 of pass 1 on a transformer. The update is the same with or without
     that pruning (a manual loop that computes every pass-1 gradient gets it too). Since the pass-1 gradient
     of the others is then missing, a zero ‖g_S‖ still runs pass 2, at w (:meth:`perturb` returns True
-    without perturbing), so every tensor gets its gradient. Reentrant activation checkpointing tracks a
-    block's inputs, not its weights, so the integrations do not prune a model with activation checkpointing on;
-    a ``step(closure)`` loop over such a model should use ``swp="coordinate"``.
+    without perturbing), so every tensor gets its gradient. The integrations do not prune a model with
+    activation checkpointing (reentrant checkpointing tracks a block's inputs, not its weights) or under
+    ``torch.compile`` (it guards on ``requires_grad`` and would recompile for each new draw); a
+    ``step(closure)`` loop over such a model should use ``swp="coordinate"``.
 
     SDS — pass 2 on the ⌈γ|B|⌉ examples whose loss rises most under the perturbation::
 
