@@ -137,13 +137,17 @@ def test_esam_coordinate_weight_masks_and_data_selection_match_reference(beta, g
         g = ref.grad(ref.w, batch)
         gen = torch.Generator().manual_seed(7 * 1_000_003 + t)
         mask = torch.cat([(torch.rand(s, generator=gen) < beta).reshape(-1) for _, s in ref.named]).double()
-        w_adv = ref.w + (RHO / beta) * mask * unit(g)
-        idx = None
-        if gamma < 1:
-            rise = ref.per_example(w_adv, batch) - ref.per_example(ref.w, batch)
-            idx = torch.topk(rise.detach(), math.ceil(gamma * len(rise))).indices
-        ref.sgd(ref.grad(w_adv, batch, idx))
+        ref.sgd(selected_gradient(ref, ref.w + (RHO / beta) * mask * unit(g), batch, gamma))
     ref.assert_matches(model)
+
+
+def selected_gradient(ref: Flat, w_adv: torch.Tensor, batch, gamma: float) -> torch.Tensor:
+    """ESAM's pass 2: the gradient at w_adv of the mean loss over the ⌈γB⌉ examples whose loss rose most."""
+    idx = None
+    if gamma < 1:
+        rise = ref.per_example(w_adv, batch) - ref.per_example(ref.w, batch)
+        idx = torch.topk(rise.detach(), math.ceil(gamma * len(rise))).indices
+    return ref.grad(w_adv, batch, idx)
 
 
 def tensor_swp_mask(ref: Flat, beta: float, seed: int, t: int) -> torch.Tensor:
@@ -166,12 +170,7 @@ def test_esam_tensor_swp_perturbs_whole_tensors_with_their_own_norm_matches_refe
         mask = tensor_swp_mask(ref, beta, 7, t)
         kept.append(int(mask.sum()))
         g_s = mask * ref.grad(ref.w, batch)
-        w_adv = ref.w + (RHO / beta) * unit(g_s)
-        idx = None
-        if gamma < 1:
-            rise = ref.per_example(w_adv, batch) - ref.per_example(ref.w, batch)
-            idx = torch.topk(rise.detach(), math.ceil(gamma * len(rise))).indices
-        ref.sgd(ref.grad(w_adv, batch, idx))
+        ref.sgd(selected_gradient(ref, ref.w + (RHO / beta) * unit(g_s), batch, gamma))
     ref.assert_matches(model)
     assert min(kept) > 0 and len(set(kept)) > 1  # the draw varies by step and never keeps nothing
 
