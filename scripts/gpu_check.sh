@@ -4,8 +4,8 @@
 # python3 (with torch); wheels for missing pure-Python packages may be carried in .whl/. Each step has its own
 # time limit so one slow step cannot eat the others. Results go to $OUT (or bench_results/gpu): gpu_check.log
 # and one JSON per benchmark (8 files at most). FSDP=0, ROBUSTNESS=0, TOKEN_PRECISION=0 and VARIANTS_GPU_BOUND=0
-# leave out those steps. On an H200: 167 s with FSDP=0 before the GPU-bound variants step (limit 90 s) was added;
-# the FSDP2 check adds about a minute.
+# leave out those steps. On an H200: 167 s with FSDP=0 before the GPU-bound variants step (limit 110 s) and the
+# coordinate-SWP ESAM row were added; the FSDP2 check adds about a minute.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT_DIR="${OUT:-bench_results/gpu}"
@@ -43,10 +43,10 @@ step 50 bench-step-profile "$PY" scripts/bench/step_profile.py --device cuda --m
 [ "${TOKEN_PRECISION:-1}" = 1 ] && step 60 bench-token-precision "$PY" scripts/bench/token_precision.py \
     --device cuda --batch-sizes 16 --repeats 1 --models ${TOKEN_PRECISION_MODELS:-arrcoc_g32_d384} \
     --out "$OUT_DIR/token_precision.json"
-step 60 bench-variants "$PY" scripts/bench/variants.py --device cuda --parts throughput --out "$OUT_DIR/variants.json"
+step 75 bench-variants "$PY" scripts/bench/variants.py --device cuda --parts throughput --out "$OUT_DIR/variants.json"
 # the default variants model is host-bound on an H200 (15 of ~20 ms per base step are kernels); this batch makes
 # the kernels dominate, so the ratios approach the passes each method costs
-[ "${VARIANTS_GPU_BOUND:-1}" = 1 ] && step 90 bench-variants-gpu-bound "$PY" scripts/bench/variants.py \
+[ "${VARIANTS_GPU_BOUND:-1}" = 1 ] && step 110 bench-variants-gpu-bound "$PY" scripts/bench/variants.py \
     --device cuda --parts throughput --batch-size 64 --seq-len 256 --rounds 3 \
     --out "$OUT_DIR/variants_gpu_bound.json"
 if [ "${FSDP:-1}" = 1 ]; then  # two single-GPU Trainer runs (plain and FSDP2); about two minutes
