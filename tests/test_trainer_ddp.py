@@ -1,6 +1,7 @@
 """SAMTrainer and AcceleratedSAM across 2 real gloo processes (one torchrun run): global scope = one process on
 the doubled batch; per_device scope keeps replicas bitwise identical and takes each rank's ascent from its own
-shard."""
+shard; every cheaper variant through AcceleratedSAM keeps the replicas identical and matches its own closure step
+on the global batch."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from arrcoc_sam import SAMTrainer, SAMTrainingArguments
+from arrcoc_sam.sam.variants import VARIANTS
 
 DIST = Path(__file__).parent / "dist_scripts"
 sys.path.insert(0, str(DIST))
@@ -47,3 +49,8 @@ def test_two_processes_match_one_process_and_per_device_ascent_is_local(run_torc
         assert rank_result["global_replicas_equal"]
         assert rank_result["per_device_replicas_equal"]
         assert rank_result["per_device_differs_from_global"] > 1e-6
+        assert set(rank_result["variants"]) == set(VARIANTS) | {"esam-coordinate"}
+        for name, variant in rank_result["variants"].items():  # the Accelerate loop under DDP, every variant
+            assert variant["replicas_equal"], name
+            assert variant["reference_diff"] < 1e-6 and variant["rho0_diff"] > 100 * variant["reference_diff"], (
+                name, variant)

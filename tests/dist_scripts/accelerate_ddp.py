@@ -1,7 +1,9 @@
 """Two-process checks of AcceleratedSAM in a plain Accelerate loop (run inside dist_scripts/trainer_ddp.py).
 
 Global scope with 2 × (GA 2 × batch 2) must match one full-batch SAM reference of 8; per_device scope must
-keep the replicas bitwise identical.
+keep the replicas bitwise identical. Every cheaper variant (SGD with momentum, global scope) must keep the
+replicas bitwise identical and match its own ``step(closure)`` on each global batch of 8 in one process
+(ESAM with both SWP units and γ = 1: data selection is per rank by design).
 """
 
 from __future__ import annotations
@@ -18,9 +20,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from accelerate_common import LR, batches, flat, mse, reference_sam, regression_data, tiny_mlp  # noqa: E402
 
 from arrcoc_sam.integrations.accelerate import AcceleratedSAM  # noqa: E402
+from arrcoc_sam.sam.registry import build_sam_optimizer  # noqa: E402
 
 torch.set_num_threads(1)
 STEPS = 5
+MOMENTUM, RHO = 0.9, 0.1
+# run name -> (method, knobs)
+VARIANT_RUNS = {
+    "periodic": ("periodic", {"interval": 2}),
+    "looksam": ("looksam", {"interval": 2, "alpha": 0.5}),
+    "esam": ("esam", {"beta": 0.5, "gamma": 1.0, "seed": 3}),  # tensor SWP: pass 1 pruned and averaged by hand
+    "esam-coordinate": ("esam", {"beta": 0.5, "gamma": 1.0, "seed": 3, "swp": "coordinate"}),
+    "gsam": ("gsam", {"alpha": 0.3}),
+    "fsam": ("fsam", {"sigma": 1.0}),
+    "msam": ("msam", {}),
+}
 
 
 def _run(accelerator: Accelerator, scope: str) -> torch.nn.Module:
@@ -35,6 +49,49 @@ def _run(accelerator: Accelerator, scope: str) -> torch.nn.Module:
             optimizer.zero_grad()
     sam.metrics()
     return accelerator.unwrap_model(model)
+
+
+def _run_variant(accelerator: Accelerator, method: str, knobs: dict) -> torch.nn.Module:
+    model = tiny_mlp()
+    loader = DataLoader(regression_data(8 * STEPS), batch_size=2)
+    base = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    model, optimizer, loader = accelerator.prepare(model, base, loader)
+    sam = AcceleratedSAM(accelerator, model, optimizer, method=method, rho=RHO, **knobs)
+    for batch in loader:
+        with accelerator.accumulate(model):
+            sam.backward(mse, batch)
+            optimizer.step()
+            optimizer.zero_grad()
+    return accelerator.unwrap_model(model)
+
+
+def _variant_reference(method: str, knobs: dict, rho: float) -> torch.nn.Module:
+    """The variant's own step(closure) on each global batch of 8, in this process."""
+    model = tiny_mlp()
+    opt = build_sam_optimizer(method, model.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM, rho=rho, **knobs)
+    for batch in batches(regression_data(8 * STEPS), 8):
+
+        def closure(batch=batch):
+            opt.zero_grad()
+            loss = mse(model, batch)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    return model
+
+
+def variant_checks(accelerator: Accelerator) -> dict:
+    result = {}
+    for name, (method, knobs) in VARIANT_RUNS.items():
+        got = flat(_run_variant(accelerator, method, knobs))
+        no_ascent = {"rho_min": 0.0} if method == "gsam" else {}
+        result[name] = {
+            "reference_diff": float((got - flat(_variant_reference(method, knobs, RHO))).abs().max()),
+            "rho0_diff": float((got - flat(_variant_reference(method, knobs | no_ascent, 0.0))).abs().max()),
+            "replicas_equal": _same_on_all_ranks(got),
+        }
+    return result
 
 
 def _same_on_all_ranks(vector: torch.Tensor) -> bool:
@@ -55,4 +112,5 @@ def accelerate_checks() -> dict:
     local_model = _run(accelerator, "per_device")
     result["per_device_replicas_equal"] = _same_on_all_ranks(flat(local_model))
     result["per_device_differs_from_global"] = float((flat(local_model) - flat(global_model)).abs().max())
+    result["variants"] = variant_checks(accelerator)
     return result
