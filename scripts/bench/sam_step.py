@@ -8,6 +8,10 @@
 (c) extra peak memory of a SAM step over a base step, in trainable-parameter bytes   target ≤ 1.0,
     and extra memory kept between steps                                               target 0
 
+The functions are timed in interleaved rounds (each round runs every one once). A ratio is the median over
+rounds of the two functions' times in that round, so drift of the machine's speed between rounds (a shared
+CPU's load, a GPU host's clock) cancels; the ratio of the medians is in the JSON too (``*_of_medians``).
+
 Models: a 10-layer BERT with hidden size 64 (167 small tensors) and the 22.7 M-parameter MiniLM
 configuration (random weights; the configuration only). Run::
 
@@ -89,7 +93,8 @@ def loop_restore(params: list[torch.Tensor], backup: list[torch.Tensor]) -> None
         p.data.copy_(b)
 
 
-def time_interleaved(fns: dict[str, callable], repeats: int, device: torch.device) -> dict[str, float]:
+def time_rounds(fns: dict[str, callable], repeats: int, device: torch.device) -> dict[str, list[float]]:
+    """Seconds of each function in each of ``repeats`` interleaved rounds."""
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
@@ -98,7 +103,17 @@ def time_interleaved(fns: dict[str, callable], repeats: int, device: torch.devic
             fn()
             sync(device)
             samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples
+
+
+def time_interleaved(fns: dict[str, callable], repeats: int, device: torch.device) -> dict[str, float]:
+    """Median seconds of each function over interleaved rounds."""
+    return {name: statistics.median(values) for name, values in time_rounds(fns, repeats, device).items()}
+
+
+def paired_ratio(samples: dict[str, list[float]], numerator: str, denominator: str) -> float:
+    """Median over rounds of numerator ÷ denominator timed in the same round."""
+    return statistics.median(a / b for a, b in zip(samples[numerator], samples[denominator], strict=True))
 
 
 def op_table(fn, device: torch.device, rows: int = 15) -> str:
@@ -177,9 +192,10 @@ def bench_model(name: str, device: torch.device, batch_size: int, seq_len: int, 
     for _ in range(2):
         baseline_step()
         sam_step()
-    step_times = time_interleaved(
+    step_rounds = time_rounds(
         {"baseline": baseline_step, "sam": sam_step, "sam_no_stats": sam_step_without_statistics}, repeats, device
     )
+    step_times = {name: statistics.median(values) for name, values in step_rounds.items()}
 
     sam.zero_grad()
     forward_backward()
@@ -193,7 +209,8 @@ def bench_model(name: str, device: torch.device, batch_size: int, seq_len: int, 
     # perturb+restore takes ~1 ms on the small model: as many rounds as fit in ~5 s, for a stable median
     round_seconds = time_interleaved({"loop": loop_perturb_restore}, 3, device)["loop"] * len(pr_fns)
     pr_repeats = max(repeats * 4, min(500, int(5.0 / max(round_seconds, 1e-6))))
-    pr_times = time_interleaved(pr_fns, pr_repeats, device)
+    pr_rounds = time_rounds(pr_fns, pr_repeats, device)
+    pr_times = {name: statistics.median(values) for name, values in pr_rounds.items()}
 
     ops = op_table(foreach_perturb_restore_with_stats, device) if profile_ops else None
     if ops:
@@ -224,11 +241,14 @@ def bench_model(name: str, device: torch.device, batch_size: int, seq_len: int, 
         "perturb_restore_repeats": pr_repeats,
         "sam_step_s": step_times["sam"],
         "baseline_2fb_plus_step_s": step_times["baseline"],
-        "ratio_sam_over_baseline": step_times["sam"] / step_times["baseline"],
-        "ratio_sam_without_statistics_over_baseline": step_times["sam_no_stats"] / step_times["baseline"],
+        "ratio_sam_over_baseline": paired_ratio(step_rounds, "sam", "baseline"),
+        "ratio_sam_without_statistics_over_baseline": paired_ratio(step_rounds, "sam_no_stats", "baseline"),
+        "ratio_sam_over_baseline_of_medians": step_times["sam"] / step_times["baseline"],
+        "ratio_sam_without_statistics_over_baseline_of_medians": step_times["sam_no_stats"] / step_times["baseline"],
         "perturb_restore_foreach_s": pr_times["foreach"],
         "perturb_restore_loop_s": pr_times["loop"],
-        "ratio_foreach_over_loop": pr_times["foreach"] / pr_times["loop"],
+        "ratio_foreach_over_loop": paired_ratio(pr_rounds, "foreach", "loop"),
+        "ratio_foreach_over_loop_of_medians": pr_times["foreach"] / pr_times["loop"],
         "perturb_restore_foreach_with_stats_s": pr_times["foreach_stats"],
         "flatten_limit_by_default": perturbation._flatten_limit(device),
         "perturb_restore_with_stats_per_tensor_reductions_s": pr_times["stats_per_tensor"],
@@ -253,7 +273,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--profile-ops", action="store_true",
                         help="also print torch.profiler's per-op table of perturb + restore (with statistics)")
     args = parser.parse_args()
