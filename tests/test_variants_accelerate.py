@@ -61,12 +61,18 @@ def test_accelerate_loop_with_accumulation_matches_closure_step_on_whole_batch(n
     if name in ("periodic", "looksam"):
         assert sam.sam_optimizer.optimizer_steps == len(batches) - 1  # the last step is counted by the next window
 
+    ref = closure_reference(name, batches)
+    assert max_abs_diff(accelerator.unwrap_model(model), ref) <= 1e-12
+    assert max_abs_diff(ref, make_mlp()) > 1e-3
+
+
+def closure_reference(name: str, batches) -> torch.nn.Module:
+    """The MLP after ``name``'s own step(closure) with its ``KNOBS`` on each whole batch of 8."""
     ref = make_mlp()
     ref_opt = build_sam_optimizer(name, ref.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM, rho=RHO, **KNOBS[name])
     for batch in batches:
         sam_closure_step(ref, ref_opt, batch)
-    assert max_abs_diff(accelerator.unwrap_model(model), ref) <= 1e-12
-    assert max_abs_diff(ref, make_mlp()) > 1e-3
+    return ref
 
 
 def test_accelerate_save_state_round_trips_the_variant_state(tmp_path):
@@ -317,16 +323,10 @@ def test_accelerate_esam_keeps_every_pass_one_gradient_of_a_compiled_model_and_m
     inner = make_mlp()
     model, optimizer = accelerator.prepare(torch.compile(inner, backend=backend),
                                            torch.optim.SGD(inner.parameters(), lr=LR, momentum=MOMENTUM))
-    sam = AcceleratedSAM(accelerator, model, optimizer, method="esam", rho=RHO, beta=0.5, gamma=1.0)
+    sam = AcceleratedSAM(accelerator, model, optimizer, method="esam", rho=RHO, **KNOBS["esam"])
     train_in_halves(accelerator, model, optimizer, sam, batches)
     assert len(graphs) == 1  # one graph for every pass of every step
-
-    ref = make_mlp()
-    ref_opt = build_sam_optimizer("esam", ref.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM, rho=RHO,
-                                  beta=0.5, gamma=1.0)
-    for batch in batches:
-        sam_closure_step(ref, ref_opt, batch)
-    assert max_abs_diff(inner, ref) <= 1e-12
+    assert max_abs_diff(inner, closure_reference("esam", batches)) <= 1e-12
 
 
 def test_pass_one_is_not_pruned_on_models_compiled_in_place_or_checkpointing():

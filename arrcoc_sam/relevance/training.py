@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import inspect
 import json
 import os
 import sys
@@ -182,8 +183,6 @@ def check_overrides(overrides: dict[str, Any], config_class) -> dict[str, Any]:
     otherwise be stored as stray attributes and silently ignored)."""
     unknown = sorted(set(overrides) - config_fields(config_class))
     if unknown:
-        import inspect
-
         own = sorted(name for name in inspect.signature(config_class.__init__).parameters
                      if name not in ("self", "kwargs") and not name.startswith("_"))
         raise ValueError(f"config_overrides: unknown field(s) {unknown} for {config_class.__name__}; its fields: "

@@ -106,9 +106,9 @@ def time_rounds(fns: dict[str, callable], repeats: int, device: torch.device) ->
     return samples
 
 
-def time_interleaved(fns: dict[str, callable], repeats: int, device: torch.device) -> dict[str, float]:
-    """Median seconds of each function over interleaved rounds."""
-    return {name: statistics.median(values) for name, values in time_rounds(fns, repeats, device).items()}
+def medians(rounds: dict[str, list[float]]) -> dict[str, float]:
+    """Median seconds of each function over its rounds."""
+    return {name: statistics.median(values) for name, values in rounds.items()}
 
 
 def paired_ratio(samples: dict[str, list[float]], numerator: str, denominator: str) -> float:
@@ -195,7 +195,7 @@ def bench_model(name: str, device: torch.device, batch_size: int, seq_len: int, 
     step_rounds = time_rounds(
         {"baseline": baseline_step, "sam": sam_step, "sam_no_stats": sam_step_without_statistics}, repeats, device
     )
-    step_times = {name: statistics.median(values) for name, values in step_rounds.items()}
+    step_times = medians(step_rounds)
 
     sam.zero_grad()
     forward_backward()
@@ -207,10 +207,10 @@ def bench_model(name: str, device: torch.device, batch_size: int, seq_len: int, 
         "loop": loop_perturb_restore,
     }
     # perturb+restore takes ~1 ms on the small model: as many rounds as fit in ~5 s, for a stable median
-    round_seconds = time_interleaved({"loop": loop_perturb_restore}, 3, device)["loop"] * len(pr_fns)
+    round_seconds = medians(time_rounds({"loop": loop_perturb_restore}, 3, device))["loop"] * len(pr_fns)
     pr_repeats = max(repeats * 4, min(500, int(5.0 / max(round_seconds, 1e-6))))
     pr_rounds = time_rounds(pr_fns, pr_repeats, device)
-    pr_times = {name: statistics.median(values) for name, values in pr_rounds.items()}
+    pr_times = medians(pr_rounds)
 
     ops = op_table(foreach_perturb_restore_with_stats, device) if profile_ops else None
     if ops:

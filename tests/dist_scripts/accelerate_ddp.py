@@ -37,24 +37,11 @@ VARIANT_RUNS = {
 }
 
 
-def _run(accelerator: Accelerator, scope: str) -> torch.nn.Module:
+def _run(accelerator: Accelerator, method: str = "sam", momentum: float = 0.0, **knobs) -> torch.nn.Module:
+    """The tiny MLP trained by ``method`` through AcceleratedSAM, SGD with ``momentum``, ρ = RHO."""
     model = tiny_mlp()
     loader = DataLoader(regression_data(8 * STEPS), batch_size=2)  # sharded: rank r gets batches r, r + 2, ...
-    model, optimizer, loader = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR), loader)
-    sam = AcceleratedSAM(accelerator, model, optimizer, method="sam", rho=0.1, scope=scope)
-    for batch in loader:
-        with accelerator.accumulate(model):
-            sam.backward(mse, batch)
-            optimizer.step()
-            optimizer.zero_grad()
-    sam.metrics()
-    return accelerator.unwrap_model(model)
-
-
-def _run_variant(accelerator: Accelerator, method: str, knobs: dict) -> torch.nn.Module:
-    model = tiny_mlp()
-    loader = DataLoader(regression_data(8 * STEPS), batch_size=2)
-    base = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    base = torch.optim.SGD(model.parameters(), lr=LR, momentum=momentum)
     model, optimizer, loader = accelerator.prepare(model, base, loader)
     sam = AcceleratedSAM(accelerator, model, optimizer, method=method, rho=RHO, **knobs)
     for batch in loader:
@@ -62,6 +49,7 @@ def _run_variant(accelerator: Accelerator, method: str, knobs: dict) -> torch.nn
             sam.backward(mse, batch)
             optimizer.step()
             optimizer.zero_grad()
+    sam.metrics()
     return accelerator.unwrap_model(model)
 
 
@@ -84,7 +72,7 @@ def _variant_reference(method: str, knobs: dict, rho: float) -> torch.nn.Module:
 def variant_checks(accelerator: Accelerator) -> dict:
     result = {}
     for name, (method, knobs) in VARIANT_RUNS.items():
-        got = flat(_run_variant(accelerator, method, knobs))
+        got = flat(_run(accelerator, method, MOMENTUM, **knobs))
         no_ascent = {"rho_min": 0.0} if method == "gsam" else {}
         result[name] = {
             "reference_diff": float((got - flat(_variant_reference(method, knobs, RHO))).abs().max()),
@@ -103,13 +91,13 @@ def _same_on_all_ranks(vector: torch.Tensor) -> bool:
 def accelerate_checks() -> dict:
     """This rank's measurements (every rank must call it)."""
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
-    global_model = _run(accelerator, "global")
-    reference = reference_sam(tiny_mlp(), batches(regression_data(8 * STEPS), 8), rho=0.1)
+    global_model = _run(accelerator, scope="global")
+    reference = reference_sam(tiny_mlp(), batches(regression_data(8 * STEPS), 8), rho=RHO)
     result = {
         "global_reference_diff": float((flat(global_model) - flat(reference)).abs().max()),
         "global_replicas_equal": _same_on_all_ranks(flat(global_model)),
     }
-    local_model = _run(accelerator, "per_device")
+    local_model = _run(accelerator, scope="per_device")
     result["per_device_replicas_equal"] = _same_on_all_ranks(flat(local_model))
     result["per_device_differs_from_global"] = float((flat(local_model) - flat(global_model)).abs().max())
     result["variants"] = variant_checks(accelerator)
