@@ -245,6 +245,10 @@ def test_batchnorm_running_stats_move_once_per_micro_batch(tmp_path):
         ({"sam_scope": "microbatch"}, "gradient_accumulation_steps=1"),
         ({"fsdp": "full_shard", "fsdp_config": {"version": 1}}, "FSDP1"),
         ({"fsdp": "full_shard", "sam_scope": "per_device"}, "sam_scope='per_device' has no meaning under FSDP"),
+        ({"ddp_static_graph": True, "gradient_accumulation_steps": 2},
+         "static_graph=True cannot run the unsynchronised backward passes that gradient_accumulation_steps=2 needs"),
+        ({"ddp_static_graph": True, "gradient_accumulation_steps": 2, "sam_scope": "per_device"},
+         "gradient_accumulation_steps=2 and sam_scope=per_device need"),
     ],
 )
 def test_refuses_runs_sam_cannot_serve(tmp_path, overrides, match):
@@ -256,6 +260,13 @@ def test_refuses_runs_sam_cannot_serve(tmp_path, overrides, match):
 def test_optimizer_none_is_stock_training_and_refuses_nothing(tmp_path, overrides):
     args = SAMTrainingArguments(**trainer_kwargs(str(tmp_path), optimizer="none", **overrides))
     assert not args.sam_settings().enabled
+
+
+def test_a_static_ddp_graph_is_accepted_where_every_pass_synchronises(tmp_path):
+    args = SAMTrainingArguments(**trainer_kwargs(str(tmp_path), ddp_static_graph=True, gradient_accumulation_steps=1))
+    assert args.sam_settings().scope == "global"
+    SAMTrainingArguments(**trainer_kwargs(str(tmp_path), optimizer="none", ddp_static_graph=True,
+                                          gradient_accumulation_steps=2))
 
 
 def test_a_knob_given_once_in_sam_args_reaches_the_builder(tmp_path):

@@ -54,3 +54,9 @@ def test_two_processes_match_one_process_and_per_device_ascent_is_local(run_torc
             assert variant["replicas_equal"], name
             assert variant["reference_diff"] < 1e-6 and variant["rho0_diff"] > 100 * variant["reference_diff"], (
                 name, variant)
+        static = rank_result["static_graph"]  # DDP(static_graph=True), GA 1: exact, and per_device refused
+        assert set(static["reference_diffs"]) == set(rank_result["variants"]) | {"sam"}
+        assert max(static["reference_diffs"].values()) < 1e-6, static
+        assert static["replicas_equal"]
+        assert "static_graph=True" in static["per_device_refused"] and "sam_scope=per_device" in static[
+            "per_device_refused"]

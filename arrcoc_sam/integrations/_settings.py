@@ -25,6 +25,7 @@ __all__ = [
     "SAMSettings",
     "check_launched_processes_join",
     "check_run_compatible",
+    "check_static_graph",
     "deepspeed_zero_stage",
     "fsdp_version_of",
     "parse_sam_args",
@@ -189,6 +190,7 @@ def check_run_compatible(
     optim: Any,
     zero_stage: int | None,
     fsdp_version: int | None,
+    ddp_static_graph: bool | None = None,
 ) -> None:
     """Refuse runs where the ascent cannot be computed correctly, naming the argument to change.
 
@@ -197,7 +199,8 @@ def check_run_compatible(
             DeepSpeed at any ZeRO stage (Accelerate steps its engine inside backward; ZeRO >= 2 also keeps
             gradients outside ``p.grad``), FSDP1 or a non-global scope under FSDP2
             (:func:`arrcoc_sam.sam.sharding.check_fsdp_run`; ``fsdp_version`` is None without FSDP), or
-            ``sam_scope=microbatch`` with ``gradient_accumulation_steps=1``.
+            ``sam_scope=microbatch`` with ``gradient_accumulation_steps=1``, or DDP with ``static_graph``
+            where a pass must run unsynchronised (:func:`check_static_graph`).
     """
     if not settings.enabled:
         return
@@ -219,4 +222,32 @@ def check_run_compatible(
         raise ValueError(
             "sam_scope=microbatch takes one ascent per micro-batch of an accumulation window, but "
             "gradient_accumulation_steps=1 (then it is plain SAM): raise gradient_accumulation_steps or use sam_scope=global"
+        )
+    check_static_graph(ddp_static_graph, settings.scope, gradient_accumulation_steps)
+
+
+def check_static_graph(static_graph: bool | None, scope: str, gradient_accumulation_steps: int) -> None:
+    """Refuse DDP with ``static_graph=True`` where the window needs a backward pass that does not synchronise.
+
+    Such a DDP cannot run one: under ``no_sync`` torch fails with an internal assert
+    (``expect_autograd_hooks_``), and a backward through the unwrapped module leaves wrong gradients.
+    Gradient accumulation needs one for every micro-batch but the last (plain training fails the same way),
+    and the ``per_device``/``microbatch`` scopes for their rank-local pass 1. ``global`` scope with
+    ``gradient_accumulation_steps=1`` synchronises every pass and runs under a static graph (ESAM's tensor SWP
+    then keeps every pass-1 gradient, see :class:`~arrcoc_sam.integrations._window.SAMWindow`).
+    """
+    if not static_graph:
+        return
+    needs_local_pass = []
+    if gradient_accumulation_steps > 1:
+        needs_local_pass.append(f"gradient_accumulation_steps={gradient_accumulation_steps}")
+    if scope != "global":
+        needs_local_pass.append(f"sam_scope={scope}")
+    if needs_local_pass:
+        raise ValueError(
+            f"DDP with static_graph=True cannot run the unsynchronised backward passes that "
+            f"{' and '.join(needs_local_pass)} need{'' if len(needs_local_pass) > 1 else 's'} (under no_sync torch "
+            "fails with an internal assert); set "
+            "ddp_static_graph=False (DistributedDataParallelKwargs(static_graph=False)), or use "
+            "gradient_accumulation_steps=1 with sam_scope=global"
         )

@@ -38,7 +38,8 @@ Pruned pass 1 (an optimizer whose ``first_pass_tensors()`` names a subset, ESAM'
 ``global``/``per_device`` scopes, on a plain or DDP-wrapped model without activation checkpointing or ``torch.compile``): pass 1 runs with ``requires_grad`` off on
 the other tensors, so autograd skips their weight gradients. Under DDP with ``global`` scope it runs under
 ``no_sync`` and the window averages the chosen gradients over the ranks itself (one all-reduce per dtype),
-because DDP's buckets expect every gradient. The replay computes every gradient as usual.
+because DDP's buckets expect every gradient; DDP with ``static_graph`` cannot run that, so there pass 1 keeps every
+gradient. The replay computes every gradient as usual.
 
 Metrics (:class:`SAMMetrics`): ``loss_perturbed`` and ``sharpness`` are per-window sums in the units of the
 clean loss the loop logs; ``grad_norm``/``grad_norm_perturbed``/``grad_cosine``/``rho`` are the optimizer's
@@ -58,6 +59,7 @@ from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.optim import Optimizer
 
+from arrcoc_sam.integrations._settings import check_static_graph
 from arrcoc_sam.sam.norm_stats import preserve_running_stats
 from arrcoc_sam.sam.variants._base import gradients_only_for
 from arrcoc_sam.sam.variants.esam import PerExampleLossUnavailable
@@ -172,6 +174,8 @@ class SAMWindow:
                 self._reapply = False
                 optimizer.perturb()  # the same ε again: nothing it depends on moves within a window
             if not self._open:
+                steps = int(getattr(self.accelerator, "gradient_accumulation_steps", 1))
+                check_static_graph(uses_static_graph(model), self.scope, steps)
                 optimizer.before_first_pass()
                 self._ascend = bool(optimizer.ascent_this_step())
                 self._select = self._ascend and self._can_select(optimizer, example_losses)
@@ -246,11 +250,13 @@ class SAMWindow:
         wrappers keep every gradient) and the ``global``/``per_device`` scopes; under DDP with ``global``
         scope, pass 1 runs under ``no_sync`` and the chosen gradients are averaged by one all-reduce per
         dtype, since DDP's own buckets expect every gradient. A model with activation checkpointing or
-        ``torch.compile`` keeps every gradient (:func:`_may_prune`)."""
+        ``torch.compile`` keeps every gradient (:func:`_may_prune`), and so does DDP with ``static_graph``, which
+        cannot run pass 1 under ``no_sync`` (:func:`~arrcoc_sam.integrations._settings.check_static_graph`)."""
         needed = optimizer.first_pass_tensors() if self._ascend and self.scope != "microbatch" else None
         processes = int(getattr(self.accelerator, "num_processes", 1))
         wrapped = isinstance(model, nn.parallel.DistributedDataParallel)
-        if needed is not None and ((processes > 1 and not wrapped) or not _may_prune(model)):
+        keep_all = (processes > 1 and not wrapped) or not _may_prune(model) or uses_static_graph(model)
+        if needed is not None and keep_all:
             needed = None
         self._first_pass_tensors = needed
         self._average_by_hand = needed is not None and processes > 1 and self.scope == "global"
@@ -461,6 +467,11 @@ def _average_across_processes(params: list[Tensor]) -> None:
         torch.distributed.all_reduce(flat)
         flat.div_(world)
         torch._foreach_copy_(grads, _unflatten_dense_tensors(flat, grads))
+
+
+def uses_static_graph(model: nn.Module) -> bool:
+    """Whether ``model`` is wrapped in DDP with ``static_graph=True``."""
+    return isinstance(model, nn.parallel.DistributedDataParallel) and bool(getattr(model, "static_graph", False))
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:

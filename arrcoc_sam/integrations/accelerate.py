@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from arrcoc_sam.curvature._data import shifts_labels
 from arrcoc_sam.integrations._settings import SAMSettings, check_launched_processes_join, check_run_compatible
-from arrcoc_sam.integrations._window import ExampleLosses, SAMWindow
+from arrcoc_sam.integrations._window import ExampleLosses, SAMWindow, uses_static_graph
 from arrcoc_sam.sam.sharding import check_model_supported, is_sharded
 from arrcoc_sam.sam.variants.esam import per_example_loss
 
@@ -100,6 +100,7 @@ class AcceleratedSAM:
             optim="",
             zero_stage=plugin.zero_stage if plugin is not None else None,
             fsdp_version=fsdp_version,
+            ddp_static_graph=uses_static_graph(model),
         )
         self.accelerator = accelerator
         self.model = model

@@ -124,6 +124,7 @@ class SAMTrainingArguments(TrainingArguments, SAMArguments):
             optim=self.optim,
             zero_stage=deepspeed_zero_stage(self.deepspeed),
             fsdp_version=fsdp_version_of(self.fsdp, self.fsdp_config),
+            ddp_static_graph=getattr(self, "ddp_static_graph", None),
         )
         super().__post_init__()
 

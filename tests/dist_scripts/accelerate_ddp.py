@@ -3,7 +3,9 @@
 Global scope with 2 × (GA 2 × batch 2) must match one full-batch SAM reference of 8; per_device scope must
 keep the replicas bitwise identical. Every cheaper variant (SGD with momentum, global scope) must keep the
 replicas bitwise identical and match its own ``step(closure)`` on each global batch of 8 in one process
-(ESAM with both SWP units and γ = 1: data selection is per rank by design).
+(ESAM with both SWP units and γ = 1: data selection is per rank by design). Under DDP with
+``static_graph=True`` (GA 1, global scope: 2 × batch 2) SAM and every variant (ESAM's tensor SWP then keeps every
+pass-1 gradient) must match their references on each global batch of 4, and ``per_device`` must be refused.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedDataParallelKwargs
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -53,11 +55,11 @@ def _run(accelerator: Accelerator, method: str = "sam", momentum: float = 0.0, *
     return accelerator.unwrap_model(model)
 
 
-def _variant_reference(method: str, knobs: dict, rho: float) -> torch.nn.Module:
-    """The variant's own step(closure) on each global batch of 8, in this process."""
+def _variant_reference(method: str, knobs: dict, rho: float, global_batch: int = 8) -> torch.nn.Module:
+    """The variant's own step(closure) on each global batch of ``global_batch``, in this process."""
     model = tiny_mlp()
     opt = build_sam_optimizer(method, model.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM, rho=rho, **knobs)
-    for batch in batches(regression_data(8 * STEPS), 8):
+    for batch in batches(regression_data(8 * STEPS), global_batch):
 
         def closure(batch=batch):
             opt.zero_grad()
@@ -82,6 +84,27 @@ def variant_checks(accelerator: Accelerator) -> dict:
     return result
 
 
+def static_graph_checks() -> dict:
+    """SAM and every variant under DDP(static_graph=True), GA 1 (ESAM's tensor SWP then keeps every pass-1
+    gradient); per_device scope refused at construction."""
+    accelerator = Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(static_graph=True)])
+    sam_model = flat(_run(accelerator, scope="global"))
+    reference = reference_sam(tiny_mlp(), batches(regression_data(8 * STEPS), 4), rho=RHO)
+    diffs = {"sam": float((sam_model - flat(reference)).abs().max())}
+    replicas_equal = _same_on_all_ranks(sam_model)
+    for name, (method, knobs) in VARIANT_RUNS.items():
+        got = flat(_run(accelerator, method, MOMENTUM, **knobs))
+        diffs[name] = float((got - flat(_variant_reference(method, knobs, RHO, 4))).abs().max())
+        replicas_equal = replicas_equal and _same_on_all_ranks(got)
+    result = {"reference_diffs": diffs, "replicas_equal": replicas_equal}
+    try:
+        _run(accelerator, scope="per_device")
+        result["per_device_refused"] = ""
+    except ValueError as error:
+        result["per_device_refused"] = str(error)
+    return result
+
+
 def _same_on_all_ranks(vector: torch.Tensor) -> bool:
     gathered = [torch.empty_like(vector) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, vector)
@@ -101,4 +124,5 @@ def accelerate_checks() -> dict:
     result["per_device_replicas_equal"] = _same_on_all_ranks(flat(local_model))
     result["per_device_differs_from_global"] = float((flat(local_model) - flat(global_model)).abs().max())
     result["variants"] = variant_checks(accelerator)
+    result["static_graph"] = static_graph_checks()
     return result
