@@ -58,5 +58,10 @@ def test_two_processes_match_one_process_and_per_device_ascent_is_local(run_torc
         assert set(static["reference_diffs"]) == set(rank_result["variants"]) | {"sam"}
         assert max(static["reference_diffs"].values()) < 1e-6, static
         assert static["replicas_equal"]
+        closure_step = rank_result["esam_closure_step_ddp"]  # ESAM.step(closure) on a DDP model
+        assert closure_step["reference_diff"] < 1e-6 and closure_step["replicas_equal"], closure_step
+        checkpointed = rank_result["esam_checkpointed"]  # reentrant checkpointing found: pass 1 never pruned
+        assert checkpointed["reference_diff"] < 1e-6 and checkpointed["replicas_equal"], checkpointed
+        assert checkpointed["pruning_off"]
         assert "static_graph=True" in static["per_device_refused"] and "sam_scope=per_device" in static[
             "per_device_refused"]

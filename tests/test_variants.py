@@ -183,11 +183,12 @@ def test_esam_tensor_swp_computes_pass_one_gradients_of_the_chosen_tensors_only_
     accumulated: list[str] = []
     for name, p in model.named_parameters():
         p.register_post_accumulate_grad_hook(lambda p, name=name: accumulated.append(name))
-    for batch in make_batches(6):
+    for t, batch in enumerate(make_batches(6)):
         accumulated.clear()
         chosen = [names[i] for i, p in enumerate(model.parameters()) if any(p is q for q in opt.swp_tensors())]
         opt.step(per_example_closure(model, opt, batch))
-        assert sorted(accumulated) == sorted(chosen + names)  # pass 1: the chosen tensors; pass 2: all
+        # pass 1: the chosen tensors (all at step 0, which probes for checkpointing); pass 2: all
+        assert sorted(accumulated) == sorted((chosen if t > 0 else names) + names)
         assert all(p.requires_grad for p in model.parameters())
         # the same step from a loop that computes every pass-1 gradient (the ascent ignores the others)
         x, y = batch
@@ -246,8 +247,9 @@ def test_esam_tensor_swp_with_a_zero_norm_still_runs_pass_two_so_unchosen_tensor
 def test_esam_tensor_swp_gives_requires_grad_back_when_pass_one_raises_or_is_not_finite():
     model = make_mlp()
     opt = sgd_variant(ESAM, model, rho=RHO, beta=0.5, gamma=1.0, seed=4, swp="tensor")
-    clean = copy.deepcopy(model)
     x, y = make_batches(1)[0]
+    opt.step(per_example_closure(model, opt, (x, y)))  # step 0 runs pass 1 in full (the checkpointing probe)
+    clean = copy.deepcopy(model)
 
     def failing(indices=None):
         assert not all(p.requires_grad for p in model.parameters())  # pass 1 runs pruned
@@ -263,6 +265,50 @@ def test_esam_tensor_swp_gives_requires_grad_back_when_pass_one_raises_or_is_not
     opt.step(infinite)
     assert all(p.requires_grad for p in model.parameters()) and opt.skipped_steps == 1
     assert bitwise_equal(model, clean)
+
+
+class CheckpointedMLP(nn.Module):
+    """make_mlp's shape with a middle layer under reentrant activation checkpointing, which tracks the block's
+    input and not its weights: pass 1 pruned to tensors that leave that input without gradient loses theirs."""
+
+    def __init__(self, checkpointed: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.block, self.head = nn.Linear(5, 7), nn.Linear(7, 7), nn.Linear(7, 3)
+        self.to(torch.float64)
+        self.checkpointed = checkpointed
+
+    def forward(self, x):
+        h = torch.tanh(self.first(x))
+        block = lambda t: torch.tanh(self.block(t))  # noqa: E731
+        h = torch.utils.checkpoint.checkpoint(block, h, use_reentrant=True) if self.checkpointed else block(h)
+        return self.head(h)
+
+
+def swp_draw(seed: int, t: int, n: int, beta: float = 0.5) -> list[bool]:
+    return (torch.rand(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + t)) < beta).tolist()
+
+
+def test_esam_closure_step_probes_its_first_step_for_reentrant_checkpointing_that_pruning_would_break(caplog):
+    # a seed whose step-1 draw takes the checkpointed block's tensors but neither of the layer before it
+    seed = next(s for s in range(200) if (d := swp_draw(s, 1, 6)) and not any(d[:2]) and any(d[2:4]))
+    models = {flag: CheckpointedMLP(checkpointed=flag) for flag in (True, False)}
+    opts = {flag: sgd_variant(ESAM, m, rho=RHO, beta=0.5, gamma=0.5, seed=seed) for flag, m in models.items()}
+    pruned_passes = {True: [], False: []}
+    for flag, model in models.items():
+        def record(module, args, flag=flag):
+            if torch.is_grad_enabled():
+                pruned_passes[flag].append(not all(p.requires_grad for p in module.parameters()))
+        model.register_forward_pre_hook(record)
+    with caplog.at_level("INFO", logger="arrcoc_sam.sam.variants.esam"):
+        for batch in make_batches(6):
+            for flag, model in models.items():
+                opts[flag].step(per_example_closure(model, opts[flag], batch))
+    assert max_abs_diff(models[True], models[False]) <= 1e-12  # the same steps as without checkpointing
+    assert len([r for r in caplog.records if "reentrant activation checkpointing" in r.message]) == 1
+    assert not any(pruned_passes[True])  # step 0 found the checkpointing: pass 1 in full throughout
+    # without: step 0 is the probe, then each pass 1 (every other forward with grad) is pruned to its draw
+    assert pruned_passes[False][::2] == [False] + [not all(swp_draw(seed, t, 6)) for t in range(1, 6)]
 
 
 def test_gsam_surrogate_gap_update_with_rho_following_lr_schedule_matches_reference():

@@ -10,6 +10,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from test_sam_engine import make_batches, make_mlp, max_abs_diff, mse, sam_closure_step
+from test_variants import CheckpointedMLP, swp_draw
 
 from arrcoc_sam.integrations.accelerate import AcceleratedSAM
 from arrcoc_sam.sam.registry import build_sam_optimizer
@@ -252,8 +253,9 @@ def test_accelerate_esam_data_selection_matches_closure_step_and_trains_on_chose
     # pass 1 on every example; at w + ε one no-grad forward of the window, forward+backward on ⌈γB⌉ examples
     assert examples == {"grad": steps * (window_size + chosen), "no_grad": steps * window_size,
                         "grad_perturbed": steps * chosen}
-    if swp == "tensor" and not checkpointing:  # every pass-1 forward, and no other, is pruned to that step's tensors
-        assert len(pruned_forwards) == steps * accumulation and len({frozenset(f) for f in pruned_forwards}) > 1
+    if swp == "tensor" and not checkpointing:  # each pass-1 forward after the first window (the checkpointing
+        # probe, in full), and no other, is pruned to that step's tensors
+        assert len(pruned_forwards) == (steps - 1) * accumulation and len({frozenset(f) for f in pruned_forwards}) > 1
         assert 0 < len(pruned_forwards[0]) < len(list(model.parameters()))
     else:
         assert pruned_forwards == []
@@ -336,3 +338,35 @@ def test_pass_one_is_not_pruned_on_models_compiled_in_place_or_checkpointing():
     assert _may_prune(plain) and _may_prune(tiny_bert())
     assert not _may_prune(in_place) and not _may_prune(checkpointing)
     assert not _may_prune(torch.compile(make_mlp()))
+
+
+
+def _pass_one_records(model) -> list[bool]:
+    """Per forward with grad enabled: whether some parameter had ``requires_grad`` off (a pruned pass 1)."""
+    records: list[bool] = []
+    model.register_forward_pre_hook(lambda module, args: records.append(
+        not all(p.requires_grad for p in module.parameters())) if torch.is_grad_enabled() else None)
+    return records
+
+
+def test_accelerate_esam_probes_the_first_window_for_reentrant_checkpointing_that_pruning_would_break(caplog):
+    """Reentrant checkpointing inside a plain module (no flag _may_prune could read) would drop the block's
+    chosen weights from a pruned pass 1 whenever the block's input needs no gradient; the first window that
+    could prune runs pass 1 in full and finds it in the graph, so pass 1 is never pruned for that model."""
+    seed = next(s for s in range(200) if (d := swp_draw(s, 1, 6)) and not any(d[:2]) and any(d[2:4]))
+    batches, models, records = make_batches(4), {}, {}
+    with caplog.at_level("INFO", logger="arrcoc_sam.integrations._window"):
+        for checkpointed in (True, False):
+            accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+            inner = CheckpointedMLP(checkpointed)
+            records[checkpointed] = _pass_one_records(inner)
+            model, optimizer = accelerator.prepare(inner, torch.optim.SGD(inner.parameters(), lr=LR, momentum=MOMENTUM))
+            sam = AcceleratedSAM(accelerator, model, optimizer, method="esam", rho=RHO, seed=seed, **KNOBS["esam"])
+            train_in_halves(accelerator, model, optimizer, sam, batches)
+            models[checkpointed] = inner
+    assert max_abs_diff(models[True], models[False]) <= 1e-12  # the same steps as without checkpointing
+    assert len([r for r in caplog.records if "reentrant activation checkpointing" in r.message]) == 1
+    assert len(records[True]) == len(records[False]) == 4 * len(batches)  # 2 micro-batches: pass 1 and replay
+    assert not any(records[True])
+    # without checkpointing: window 0 is the probe, then pass 1 is pruned to each step's draw
+    assert records[False][0::4] == [False] + [not all(swp_draw(seed, t, 6)) for t in range(1, len(batches))]

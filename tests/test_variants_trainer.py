@@ -61,7 +61,8 @@ def test_trainer_esam_data_selection_with_accumulation_matches_closure_step_on_e
     trainer.train()
     window_size = micro * accumulation
     chosen = math.ceil(0.5 * window_size)
-    pruned = steps * accumulation if swp == "tensor" else 0  # tensor SWP: pass 1 without the others' gradients
+    # tensor SWP: pass 1 without the others' gradients, after the first window (the checkpointing probe)
+    pruned = (steps - 1) * accumulation if swp == "tensor" else 0
     assert examples == {"grad": steps * (window_size + chosen), "no_grad": steps * window_size, "pruned": pruned}
 
     names = {id(p): n for n, p in trainer.model.named_parameters()}

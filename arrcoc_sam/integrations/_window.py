@@ -39,7 +39,10 @@ Pruned pass 1 (an optimizer whose ``first_pass_tensors()`` names a subset, ESAM'
 the other tensors, so autograd skips their weight gradients. Under DDP with ``global`` scope it runs under
 ``no_sync`` and the window averages the chosen gradients over the ranks itself (one all-reduce per dtype),
 because DDP's buckets expect every gradient; DDP with ``static_graph`` cannot run that, so there pass 1 keeps every
-gradient. The replay computes every gradient as usual.
+gradient. The first window that could prune runs pass 1 in full instead and searches its graph for reentrant
+activation checkpointing (which tracks a block's inputs, not its weights, so pruning could leave chosen weights
+without gradient); where any rank finds it, pass 1 keeps every gradient from then on. The replay computes every
+gradient as usual.
 
 Metrics (:class:`SAMMetrics`): ``loss_perturbed`` and ``sharpness`` are per-window sums in the units of the
 clean loss the loop logs; ``grad_norm``/``grad_norm_perturbed``/``grad_cosine``/``rho`` are the optimizer's
@@ -50,6 +53,7 @@ second-pass figures are measured on the gradient accumulated so far in the windo
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -61,10 +65,12 @@ from torch.optim import Optimizer
 
 from arrcoc_sam.integrations._settings import check_static_graph
 from arrcoc_sam.sam.norm_stats import preserve_running_stats
-from arrcoc_sam.sam.variants._base import gradients_only_for
+from arrcoc_sam.sam.variants._base import gradients_only_for, uses_reentrant_checkpointing
 from arrcoc_sam.sam.variants.esam import PerExampleLossUnavailable
 
 __all__ = ["ExampleLosses", "SAMMetrics", "SAMWindow"]
+
+logger = logging.getLogger(__name__)
 
 RunPass = Callable[[Any], Tensor]
 
@@ -152,6 +158,8 @@ class SAMWindow:
         self._reapply = False  # the optimizer perturbs for pass 1 (msam) and was restored after a micro-batch
         self._first_pass_tensors: list[Tensor] | None = None  # pass 1 computes gradients for these only
         self._average_by_hand = False  # pass 1 runs under no_sync and the window all-reduces those gradients
+        self._may_prune_first_pass: bool | None = None  # None until a probe window has run pass 1 in full
+        self._probe: _CheckpointProbe | None = None  # this window's pass 1 is that probe
 
     def micro_step(
         self,
@@ -193,13 +201,16 @@ class SAMWindow:
                 local = self._ascend and (self.scope == "per_device" or self._average_by_hand)
                 needed = self._first_pass_tensors
                 pruned = gradients_only_for(_params_of(optimizer), needed) if needed else contextlib.nullcontext()
-                with self._no_sync(model) if local else contextlib.nullcontext(), pruned:
+                probe = self._probe.watching(_unwrapped(model)) if self._probe else contextlib.nullcontext()
+                with self._no_sync(model) if local else contextlib.nullcontext(), pruned, probe:
                     if self._select:
                         loss = self._pass_recording_examples(model, batch, run_pass, example_losses)
                     else:
                         loss = run_pass(batch)
                 self._clean = loss if self._clean is None else self._clean + loss
                 if last:
+                    if self._probe is not None:
+                        self._decide_pruning(self._probe.found, _params_of(optimizer)[0].device)
                     if self._average_by_hand:
                         _average_across_processes(self._first_pass_tensors)
                     optimizer.after_first_pass()
@@ -255,11 +266,29 @@ class SAMWindow:
         needed = optimizer.first_pass_tensors() if self._ascend and self.scope != "microbatch" else None
         processes = int(getattr(self.accelerator, "num_processes", 1))
         wrapped = isinstance(model, nn.parallel.DistributedDataParallel)
-        keep_all = (processes > 1 and not wrapped) or not _may_prune(model) or uses_static_graph(model)
+        keep_all = (
+            (processes > 1 and not wrapped)
+            or self._may_prune_first_pass is False
+            or not _may_prune(model)
+            or uses_static_graph(model)
+        )
         if needed is not None and keep_all:
             needed = None
+        if needed is not None and self._may_prune_first_pass is None:
+            self._probe, needed = _CheckpointProbe(), None
         self._first_pass_tensors = needed
         self._average_by_hand = needed is not None and processes > 1 and self.scope == "global"
+
+    def _decide_pruning(self, found_checkpointing: bool, device: torch.device) -> None:
+        """After the probe window: prune pass 1 from now on unless its graph held reentrant activation
+        checkpointing on any rank (one all-reduce of a flag across processes, once per run)."""
+        if int(getattr(self.accelerator, "num_processes", 1)) > 1:
+            flag = torch.tensor([float(found_checkpointing)], device=device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            found_checkpointing = bool(flag.item())
+        self._may_prune_first_pass = not found_checkpointing
+        if found_checkpointing:
+            logger.info("the model uses reentrant activation checkpointing: pass 1 keeps every gradient")
 
     # -- data selection (ESAM's SDS) over the window ----------------------------------------------------
     def _can_select(self, optimizer: Optimizer, example_losses: ExampleLosses | None) -> bool:
@@ -394,6 +423,39 @@ class SAMWindow:
         self._reapply = False
         self._first_pass_tensors = None
         self._average_by_hand = False
+        self._probe = None
+
+
+class _CheckpointProbe:
+    """Whether any forward of a watched module returned a tensor whose graph holds reentrant activation
+    checkpointing (:func:`~arrcoc_sam.sam.variants.uses_reentrant_checkpointing`), searched on the window that
+    would first have pruned pass 1 and ran it in full instead."""
+
+    def __init__(self) -> None:
+        self.found = False
+
+    @contextlib.contextmanager
+    def watching(self, module: nn.Module):
+        def inspect_output(_module: nn.Module, _args: Any, output: Any) -> None:
+            if not self.found:
+                self.found = uses_reentrant_checkpointing(_tensors_in(output))
+
+        handle = module.register_forward_hook(inspect_output)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
+def _tensors_in(value: Any) -> list[Tensor]:
+    """The tensors in a model output: a tensor, or mappings/sequences (ModelOutput included) of them, nested."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in _tensors_in(item)]
+    return []
 
 
 class _ExampleCapture:

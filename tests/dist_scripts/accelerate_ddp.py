@@ -6,12 +6,15 @@ replicas bitwise identical and match its own ``step(closure)`` on each global ba
 (ESAM with both SWP units and γ = 1: data selection is per rank by design). Under DDP with
 ``static_graph=True`` (GA 1, global scope: 2 × batch 2) SAM and every variant (ESAM's tensor SWP then keeps every
 pass-1 gradient) must match their references on each global batch of 4, and ``per_device`` must be refused.
+ESAM's own ``step(closure)`` on a DDP model (tensor SWP, which prunes pass 1 in one process only) must match
+the closure step on the global batch too.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -105,6 +108,70 @@ def static_graph_checks() -> dict:
     return result
 
 
+def ddp_closure_checks() -> dict:
+    """ESAM.step(closure) on a DDP-wrapped model, each rank on its half of every global batch of 4."""
+    model = tiny_mlp()
+    wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    method, knobs = VARIANT_RUNS["esam"]
+    opt = build_sam_optimizer(method, model.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM, rho=RHO, **knobs)
+    rank = dist.get_rank()
+    for batch in batches(regression_data(8 * STEPS), 2)[rank::2]:
+
+        def closure(batch=batch):
+            opt.zero_grad()
+            loss = mse(wrapped, batch)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    got = flat(model)
+    return {
+        "reference_diff": float((got - flat(_variant_reference(method, knobs, RHO, 4))).abs().max()),
+        "replicas_equal": _same_on_all_ranks(got),
+    }
+
+
+class _CheckpointedTinyMLP(torch.nn.Module):
+    """tiny_mlp with its output layer under reentrant activation checkpointing (a pruned pass 1 whose chosen
+    tensors leave the layer's input without gradient loses the layer's gradients)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_mlp()
+
+    def forward(self, x):
+        hidden = self.net[1](self.net[0](x))
+        return torch.utils.checkpoint.checkpoint(self.net[2], hidden, use_reentrant=True)
+
+
+def checkpointed_checks() -> dict:
+    """Tensor-SWP ESAM through AcceleratedSAM on the checkpointed MLP (GA 2): the first window runs pass 1 in full,
+    both ranks find the checkpointing in its graph and never prune, and the run matches the closure step (with a
+    step-1 draw that a pruned pass 1 would have broken: the output layer chosen, the layer before it not)."""
+    draws = lambda seed: (torch.rand(4, generator=torch.Generator().manual_seed(seed * 1_000_003 + 1)) < 0.5).tolist()  # noqa: E731
+    seed = next(s for s in range(200) if not any(draws(s)[:2]) and any(draws(s)[2:]))
+    knobs = {"beta": 0.5, "gamma": 1.0, "seed": seed}
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)  # (a later Accelerator resets the shared GA)
+    model = _CheckpointedTinyMLP()
+    loader = DataLoader(regression_data(8 * STEPS), batch_size=2)
+    base = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    model, optimizer, loader = accelerator.prepare(model, base, loader)
+    sam = AcceleratedSAM(accelerator, model, optimizer, method="esam", rho=RHO, **knobs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # checkpoint: "None of the inputs have requires_grad"
+        for batch in loader:
+            with accelerator.accumulate(model):
+                sam.backward(mse, batch)
+                optimizer.step()
+                optimizer.zero_grad()
+    got = flat(accelerator.unwrap_model(model))
+    return {
+        "reference_diff": float((got - flat(_variant_reference("esam", knobs, RHO))).abs().max()),
+        "replicas_equal": _same_on_all_ranks(got),
+        "pruning_off": sam._window._may_prune_first_pass is False,
+    }
+
+
 def _same_on_all_ranks(vector: torch.Tensor) -> bool:
     gathered = [torch.empty_like(vector) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, vector)
@@ -125,4 +192,6 @@ def accelerate_checks() -> dict:
     result["per_device_differs_from_global"] = float((flat(local_model) - flat(global_model)).abs().max())
     result["variants"] = variant_checks(accelerator)
     result["static_graph"] = static_graph_checks()
+    result["esam_closure_step_ddp"] = ddp_closure_checks()
+    result["esam_checkpointed"] = checkpointed_checks()
     return result

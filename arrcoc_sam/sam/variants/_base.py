@@ -28,7 +28,7 @@ from arrcoc_sam.sam import perturbation
 from arrcoc_sam.sam.optimizer import SAM
 from arrcoc_sam.sam.sharding import is_sharded
 
-__all__ = ["VariantSAM", "grads_replaced", "gradients_only_for"]
+__all__ = ["VariantSAM", "grads_replaced", "gradients_only_for", "uses_reentrant_checkpointing"]
 
 STATE_KEY = "sam_variant"
 
@@ -68,6 +68,28 @@ def gradients_only_for(params: Sequence[Tensor], needed: Sequence[Tensor] | None
     finally:
         for p in frozen:
             p.requires_grad_(True)
+
+
+def uses_reentrant_checkpointing(roots: Iterable[Any]) -> bool:
+    """Whether the autograd graph behind the tensors in ``roots`` holds a reentrant activation-checkpoint node.
+
+    Such a node (``torch.utils.checkpoint.checkpoint(use_reentrant=True)``, and wrappers built the same way,
+    whose backward node names contain "Checkpoint") recomputes a block in backward and tracks the block's
+    inputs, not its weights: under :func:`gradients_only_for`, a block whose inputs need no gradient leaves its
+    chosen weights without one. The graph is walked once through ``next_functions`` (it survives backward).
+    Non-tensors in ``roots`` and tensors without a graph are ignored.
+    """
+    stack = [t.grad_fn for t in roots if isinstance(t, Tensor) and t.grad_fn is not None]
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if "Checkpoint" in type(node).__name__:
+            return True
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
 
 
 def _is_number(value: Any) -> bool:

@@ -15,7 +15,12 @@ from torch.nn import functional as F
 from torch.optim import Optimizer
 
 from arrcoc_sam.sam import perturbation
-from arrcoc_sam.sam.variants._base import VariantSAM, check_fraction, gradients_only_for
+from arrcoc_sam.sam.variants._base import (
+    VariantSAM,
+    check_fraction,
+    gradients_only_for,
+    uses_reentrant_checkpointing,
+)
 
 __all__ = ["ESAM", "PerExampleLossUnavailable", "per_example_loss"]
 
@@ -82,6 +87,11 @@ def per_example_loss(outputs: Any, batch: Any, *, shift_labels: bool = False, la
     return tokens.sum(dim=1) / counts
 
 
+def _one_process() -> bool:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return not distributed or torch.distributed.get_world_size() == 1
+
+
 class ESAM(VariantSAM):
     """Stochastic weight perturbation (SWP) and sharpness-sensitive data selection (SDS).
 
@@ -107,10 +117,14 @@ class ESAM(VariantSAM):
     weight gradients, about (1 − β)/3 of pass 1 on a transformer. The update is the same with or without
     that pruning (a manual loop that computes every pass-1 gradient gets it too). Since the pass-1 gradient
     of the others is then missing, a zero ‖g_S‖ still runs pass 2, at w (:meth:`perturb` returns True
-    without perturbing), so every tensor gets its gradient. The integrations do not prune a model with
-    activation checkpointing (reentrant checkpointing tracks a block's inputs, not its weights) or under
-    ``torch.compile`` (it guards on ``requires_grad`` and would recompile for each new draw); a
-    ``step(closure)`` loop over such a model should use ``swp="coordinate"``.
+    without perturbing), so every tensor gets its gradient. Pruning is unsafe under reentrant activation
+    checkpointing (it tracks a block's inputs, not its weights, so a block whose inputs need no gradient
+    would leave its chosen weights without one) and slow under ``torch.compile`` (it guards on
+    ``requires_grad`` and would recompile for each new draw). So the first step that could prune runs pass 1
+    in full and its graph is searched for reentrant checkpointing, which keeps every gradient from then on;
+    the integrations also read the modules' checkpointing flags and skip compiled models (a ``step(closure)``
+    loop over a compiled model should use ``swp="coordinate"``), and :meth:`step` prunes in one process only
+    (a DDP reducer waits for every gradient; the integrations average the chosen ones themselves).
 
     SDS — pass 2 on the ⌈γ|B|⌉ examples whose loss rises most under the perturbation::
 
@@ -164,6 +178,7 @@ class ESAM(VariantSAM):
         self.swp = swp
         self._selection_provided = False
         self._warned_no_sds = False
+        self._prune_in_closure: bool | None = None  # step(closure) prunes pass 1; None until probed
 
     @property
     def passes_per_step(self) -> float:
@@ -291,24 +306,47 @@ class ESAM(VariantSAM):
 
     def _closure_step(self, closure: PerExampleClosure) -> Tensor:
         with self.closure_window():
-            with gradients_only_for(self._all_params(), self.first_pass_tensors()), torch.enable_grad():
-                losses = closure()
-                per_example = losses.dim() > 0
-                if not per_example and self.gamma < 1:
-                    raise ValueError(
-                        f"esam with gamma={self.gamma} selects examples, so its closure must return per-example "
-                        "losses [B] without calling backward; this closure returned a 0-dim loss (set gamma=1 "
-                        "to use it)"
-                    )
-                if per_example:
-                    self.zero_grad()
-                    losses.mean().backward()
+            losses, per_example = self._first_pass(closure, self._closure_first_pass_tensors())
+            self._probe_pruning(losses)
             self.after_first_pass()
             with self.perturbed() as ok:
                 if ok:
                     self._second_pass(closure, losses.detach(), per_example)
         self.step()
         return losses.detach().mean()
+
+    def _first_pass(self, closure: PerExampleClosure, needed: list[Tensor] | None) -> tuple[Tensor, bool]:
+        """Pass 1 at w, with gradients for ``needed`` only (None: all); (losses, whether per example)."""
+        with gradients_only_for(self._all_params(), needed), torch.enable_grad():
+            losses = closure()
+            per_example = losses.dim() > 0
+            if not per_example and self.gamma < 1:
+                raise ValueError(
+                    f"esam with gamma={self.gamma} selects examples, so its closure must return per-example "
+                    "losses [B] without calling backward; this closure returned a 0-dim loss (set gamma=1 "
+                    "to use it)"
+                )
+            if per_example:
+                self.zero_grad()
+                losses.mean().backward()
+        return losses, per_example
+
+    def _closure_first_pass_tensors(self) -> list[Tensor] | None:
+        """:meth:`first_pass_tensors` where :meth:`step` may prune pass 1: in one process (a DDP model's reducer
+        waits for every gradient, and this optimizer cannot see the model to average them itself; SAMTrainer and
+        AcceleratedSAM can, and prune there), once the first such step ran in full and its graph showed no
+        reentrant activation checkpointing (:meth:`_probe_pruning`)."""
+        return self.first_pass_tensors() if self._prune_in_closure and _one_process() else None
+
+    def _probe_pruning(self, losses: Tensor) -> None:
+        """After the first step that could have pruned pass 1 (it ran in full): prune from now on unless the graph
+        of the closure's loss holds reentrant activation checkpointing, which tracks a block's inputs and not its
+        weights, so a pruned pass could leave chosen weights without gradient."""
+        if self._prune_in_closure is not None or self.first_pass_tensors() is None or not _one_process():
+            return
+        self._prune_in_closure = not uses_reentrant_checkpointing([losses])
+        if not self._prune_in_closure:
+            logger.info("esam: the model uses reentrant activation checkpointing; pass 1 keeps every gradient")
 
     def _second_pass(self, closure: PerExampleClosure, clean: Tensor, per_example: bool) -> None:
         if not per_example:
