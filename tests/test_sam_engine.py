@@ -703,3 +703,49 @@ def test_cosine_statistic_stays_exact_for_a_tiny_second_pass_gradient():
     got, norm = perturbation.cosine([eps], [grad])
     assert abs(float(got) - reference) < 1e-5
     assert float(norm) == pytest.approx(float(g64.norm()), rel=1e-5)
+
+
+def _perturbed_weights(opt: SAM, params: list[nn.Parameter]) -> list[torch.Tensor]:
+    """w + ε as ``opt`` perturbs from the current gradients, the weights restored afterwards."""
+    assert opt.perturb()
+    moved = [p.detach().clone() for p in params]
+    opt.restore()
+    return moved
+
+
+def test_the_remembered_grouping_follows_every_change_of_tensors_dtypes_and_settings():
+    """perturb() reuses the last step's grouping of its tensors; each change below must regroup, so that ε
+    equals, bitwise, the one a new optimizer over the same groups computes from scratch."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(40, 40)), nn.Parameter(torch.randn(2000)), nn.Parameter(torch.randn(7))]
+    opt = SAM([{"params": params[:2]}, {"params": params[2:], "adaptive": True}], torch.optim.SGD, lr=0.1, rho=0.1)
+
+    def set_grads(present=(0, 1, 2)):
+        for i, p in enumerate(params):
+            p.grad = torch.randn_like(p) if i in present else None
+
+    def check():
+        fresh = SAM(opt.param_groups, opt.base_optimizer)  # shares the groups live, no remembered grouping
+        assert all(torch.equal(a, b) for a, b in zip(_perturbed_weights(opt, params),
+                                                     _perturbed_weights(fresh, params), strict=True))
+
+    set_grads()
+    check()
+    check()  # the remembered grouping
+    set_grads(present=(0, 2))  # a tensor without gradient this step
+    check()
+    opt.param_groups[0]["rho"] = 0.3  # a new radius for a group
+    set_grads()
+    check()
+    opt.param_groups[1]["eta"] = 0.5  # a new ASAM η
+    check()
+    with torch.no_grad():  # tensors change dtype in place (as module.double() does), size class, storage
+        params[1].data = params[1].data.double()  # now its own (device, dtype) group
+        set_grads()
+        check()
+        params[2].data = torch.randn(3000, dtype=torch.float64)  # a large tensor now: reduced on its own
+        set_grads()
+        check()
+    assert opt._plans._key is not None and opt._plans._plans is not None
+    twin = copy.deepcopy(opt)  # the remembered grouping is not part of the optimizer's state
+    assert twin._plans._key is None

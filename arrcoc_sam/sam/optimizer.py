@@ -146,6 +146,7 @@ class SAM(Optimizer):
         self._warned_low_precision = False
         self._stats_model: nn.Module | None = None
         self._stats_snapshot: tuple[list[Tensor], list[Tensor]] = ([], [])  # (buffers, clean copies)
+        self._plans = perturbation.AscentPlans()  # the grouping of the last ascent's tensors, reused while valid
 
     @staticmethod
     def _check_instance_params(params: list[Any], base: Optimizer) -> None:
@@ -231,7 +232,8 @@ class SAM(Optimizer):
         return self._ascent_candidates()
 
     def _ascent_candidates(self) -> tuple[list[Tensor], list[Tensor], list[dict[str, Any]]]:
-        """(params, grads, param group of each) over the groups with ρ > 0 and the tensors that have a grad."""
+        """(params, grads, param group of each) over the groups with ρ > 0 and the tensors that have a grad.
+        (Complex tensors are refused where the ascent groups them: :func:`perturbation.check_real`.)"""
         params: list[Tensor] = []
         grads: list[Tensor] = []
         groups: list[dict[str, Any]] = []
@@ -245,10 +247,6 @@ class SAM(Optimizer):
                 group_params, group_grads = [group_params[i] for i in kept], [group_grads[i] for i in kept]
             if any(map(_IS_SPARSE, group_grads)):
                 raise RuntimeError("SAM does not support sparse gradients")
-            if any(map(torch.is_complex, group_grads)):
-                raise TypeError(
-                    "SAM does not support complex parameters: optimise torch.view_as_real views of them instead"
-                )
             params.extend(group_params)
             grads.extend(group_grads)
             groups.extend([group] * len(group_params))
@@ -279,12 +277,16 @@ class SAM(Optimizer):
         params, grads, settings = self._ascent_directions()
         if not params:
             return False
-        layout = ShardLayout.of(params, grads)
+        groups = self._plans.groups(params, grads, settings, admit=lambda: ShardLayout.of(params, grads) is None)
+        layout = None if groups is not None else ShardLayout.of(params, grads)
         if layout is None:
             targets = params
-            groups = perturbation.ascent_groups(params, grads, settings)
+            if groups is None:  # tensors the remembered grouping cannot key (no storage), not sharded either
+                perturbation.check_real({g.dtype for g in grads})
+                groups = perturbation.ascent_groups(params, grads, settings)
             norm = perturbation.groups_sum_of_squares(groups, grads[0].device).sqrt()
         else:  # DTensor shards (FSDP2): local pieces, one all-reduce for the full-gradient norm
+            perturbation.check_real({g.dtype for g in grads})
             targets, grads = layout.local(params), layout.local(grads)
             groups = perturbation.ascent_groups(targets, grads, settings)
             norm = layout.ascent_norm(targets, grads, [s["adaptive"] for s in settings], [s["eta"] for s in settings])
@@ -501,10 +503,13 @@ class SAM(Optimizer):
 
     # torch.optim.Optimizer pickles only defaults/state/param_groups, which here live on the base optimizer.
     def __getstate__(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        state = dict(self.__dict__)
+        state.pop("_plans", None)  # a cache keyed on object identities, rebuilt on the next ascent
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self._plans = perturbation.AscentPlans()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(rho={self.defaults['rho']}, adaptive={self.defaults['adaptive']}, base={self.base_optimizer!r})"

@@ -19,7 +19,7 @@ import itertools
 import math
 import operator
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,8 @@ __all__ = [
     "ascent_norm",
     "ascent_sum_of_squares",
     "AscentGroup",
+    "AscentPlans",
+    "check_real",
     "chunks",
     "clone_all",
     "copy_",
@@ -141,6 +143,8 @@ class AscentGroup:
         rho: the radius ρ; :func:`apply_groups_` moves these tensors by ρ/‖T g‖ along T²g.
         params, grads: the weights and their ascent directions (gradients), pairwise of one shape.
         indices: the positions of these tensors in the lists they were split from.
+        sizes: the split of these tensors for reductions (:class:`SizeSplit`), when already known (an
+            :class:`AscentPlans` group); None: computed from the tensors when needed.
     """
 
     adaptive: bool
@@ -149,6 +153,7 @@ class AscentGroup:
     params: list[Tensor]
     grads: list[Tensor]
     indices: list[int]
+    sizes: SizeSplit | None = None
 
 
 def ascent_groups(
@@ -199,6 +204,123 @@ def _group_with_indices(params: list[Tensor], grads: list[Tensor]):
             for (group_params,), indices in grouped.values()]
 
 
+def check_real(dtypes: Iterable[torch.dtype]) -> None:
+    """Raise TypeError if any of ``dtypes`` is complex (the ascent's norms and products assume real tensors)."""
+    if any(dtype.is_complex for dtype in dtypes):
+        raise TypeError("SAM does not support complex parameters: optimise torch.view_as_real views of them instead")
+
+
+@dataclass(frozen=True, slots=True)
+class SizeSplit:
+    """Which tensors of one (device, dtype) group :func:`_flatten_limit` calls small, and how those split into
+    flattened chunks: ``small``/``large`` are masks over the group (None: all small), ``small_chunks`` the
+    ``[start, stop)`` ranges of the chunks over the small tensors."""
+
+    small: list[bool] | None
+    large: list[bool] | None
+    small_chunks: list[tuple[int, int]]
+
+    @classmethod
+    def of(cls, tensors: Sequence[Tensor]) -> SizeSplit:
+        limit = _flatten_limit(tensors[0].device)
+        sizes = list(map(Tensor.numel, tensors))
+        small = None if limit == math.inf else [size <= limit for size in sizes]
+        if small is not None and all(small):
+            small = None
+        small_sizes = sizes if small is None else list(itertools.compress(sizes, small))
+        ranges, start, numel = [], 0, 0
+        for index, size in enumerate(small_sizes):
+            if index > start and numel + size > CHUNK_NUMEL:
+                ranges.append((start, index))
+                start, numel = index, 0
+            numel += size
+        if small_sizes:
+            ranges.append((start, len(small_sizes)))
+        return cls(small, None if small is None else [not flag for flag in small], ranges)
+
+    def split(self, *tensor_lists: Sequence[Tensor]) -> tuple[tuple[list[Tensor], ...], tuple[list[Tensor], ...]]:
+        """Parallel lists over the group split into (small, large) parts, as :func:`_split_by_size` does."""
+        if self.small is None:
+            return tuple(list(lst) for lst in tensor_lists), tuple([] for _ in tensor_lists)
+        return (tuple(list(itertools.compress(lst, self.small)) for lst in tensor_lists),
+                tuple(list(itertools.compress(lst, self.large)) for lst in tensor_lists))
+
+    def flat_chunks(self, *small_lists: Sequence[Tensor], dtype: torch.dtype | None = None):
+        """:func:`_flat_chunks` over the small parts, along the precomputed ranges."""
+        for start, stop in self.small_chunks:
+            flats = (lst[start].reshape(-1) if stop - start == 1 else _flatten_dense_tensors(lst[start:stop])
+                     for lst in small_lists)
+            yield tuple(flat if dtype is None else flat.to(dtype) for flat in flats)
+
+
+@dataclass(frozen=True, slots=True)
+class _GroupPlan:
+    setting: Mapping[str, Any] | None  # the one param group every tensor belongs to (ρ read each step), or None
+    adaptive: bool
+    eta: float
+    rho: float
+    params: list[Tensor]
+    indices: list[int]
+    identity: bool  # indices are 0..n-1: the group takes the gradient list as it is
+    sizes: SizeSplit
+
+
+class AscentPlans:
+    """:func:`ascent_groups` that remembers its grouping (and each group's :class:`SizeSplit`) for the last list
+    of tensors, so a step over the same tensors, dtypes, devices and settings only slots in its new gradients.
+
+    The cache key holds the tensors' identities, storage addresses (new whenever ``.data``, the device, dtype
+    or size of a tensor changes) and dtypes, and their settings (the param-group dict and its
+    ``adaptive``/``eta`` when one group holds every tensor, whose ``rho`` is then read each step; every
+    setting otherwise). One entry: the last list. Tensors without storage (DTensor) are not grouped here.
+    """
+
+    __slots__ = ("_key", "_plans")
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._plans: list[_GroupPlan] | None = []
+
+    def groups(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        settings: Sequence[Mapping[str, Any]],
+        admit: Callable[[], bool] | None = None,
+    ) -> list[AscentGroup] | None:
+        """:func:`ascent_groups` of these lists. ``admit`` is asked once per new key whether the lists may be
+        grouped here at all (e.g. not sharded); where it says no, and for tensors without storage, this
+        returns None."""
+        first = settings[0]
+        shared = all(map(operator.is_, settings, itertools.repeat(first)))
+        setting_key = (id(first), bool(first["adaptive"]), float(first["eta"])) if shared else tuple(
+            map(_setting_key, settings))
+        try:
+            storages = tuple(map(Tensor.data_ptr, params))
+        except RuntimeError:  # a tensor subclass without storage (a DTensor): nothing to key on
+            return None
+        dtypes = tuple(map(_DTYPE, params))
+        key = (tuple(map(id, params)), storages, dtypes, setting_key, _flatten_limit(params[0].device))
+        if key != self._key:
+            self._key, self._plans = key, None
+            check_real(set(dtypes))  # a gradient has its parameter's dtype (autograd checks every assignment)
+            if admit is not None and not admit():
+                return None
+            self._plans = [
+                _GroupPlan(first if shared else None, g.adaptive, g.eta, g.rho, g.params, g.indices,
+                           g.indices == list(range(len(params))), SizeSplit.of(g.params))
+                for g in ascent_groups(params, grads, settings)
+            ]
+        if self._plans is None:
+            return None
+        groups = []
+        for plan in self._plans:
+            rho = plan.rho if plan.setting is None else float(plan.setting["rho"])
+            group_grads = list(grads) if plan.identity else [grads[i] for i in plan.indices]
+            groups.append(AscentGroup(plan.adaptive, plan.eta, rho, plan.params, group_grads, plan.indices, plan.sizes))
+        return groups
+
+
 def groups_sum_of_squares(groups: Sequence[AscentGroup], device: torch.device | None = None) -> Tensor:
     """‖T g‖² over all groups: a 0-dim float32 (float64 if any gradient is) tensor on ``device`` (default:
     that of the first group's gradients). A SAM group costs one reduction per flattened chunk of small tensors
@@ -209,12 +331,13 @@ def groups_sum_of_squares(groups: Sequence[AscentGroup], device: torch.device | 
     device = groups[0].grads[0].device if device is None else device
     norms: list[Tensor] = []
     for group in groups:
+        sizes = group.sizes or SizeSplit.of(group.params)
         if not group.adaptive:
-            norms.append(_tensor_norms(group.grads, out_dtype, device))
+            norms.append(_tensor_norms(group.grads, out_dtype, device, sizes))
             continue
-        (small_params, small_grads), (large_params, large_grads) = _split_by_size(group.params, group.grads)
+        (small_params, small_grads), (large_params, large_grads) = sizes.split(group.params, group.grads)
         if small_params:
-            norms.append(_flat_scaled_norms(small_params, small_grads, group.eta, out_dtype, device))
+            norms.append(_flat_scaled_norms(small_params, small_grads, group.eta, out_dtype, device, sizes))
         for chunk_params, chunk_grads in _size_chunks(large_params, large_grads):
             accumulate = accumulation_dtype(chunk_grads[0].dtype)  # T g in float32, as the flattened path
             chunk_params, chunk_grads = _in_dtype(chunk_params, accumulate), _in_dtype(chunk_grads, accumulate)
@@ -225,13 +348,14 @@ def groups_sum_of_squares(groups: Sequence[AscentGroup], device: torch.device | 
 
 
 def _flat_scaled_norms(
-    params: list[Tensor], grads: list[Tensor], eta: float, out_dtype: torch.dtype, device: torch.device
+    params: list[Tensor], grads: list[Tensor], eta: float, out_dtype: torch.dtype, device: torch.device,
+    sizes: SizeSplit,
 ) -> Tensor:
-    """‖T g‖ per flattened chunk of ASAM tensors (T g formed in the accumulation dtype), as a 1-D ``out_dtype``
-    tensor on ``device``."""
+    """‖T g‖ per flattened chunk of the small ASAM tensors of a group split by ``sizes`` (T g formed in the
+    accumulation dtype), as a 1-D ``out_dtype`` tensor on ``device``."""
     accumulate = accumulation_dtype(grads[0].dtype)
     norms = []
-    for flat_params, flat_grads in _flat_chunks(params, grads, dtype=accumulate):
+    for flat_params, flat_grads in sizes.flat_chunks(params, grads, dtype=accumulate):
         scaled = flat_params.abs().add_(eta).mul_(flat_grads)
         norms.append(torch.linalg.vector_norm(scaled))
     return torch.stack(norms).to(device=device, dtype=out_dtype)
@@ -257,13 +381,16 @@ def apply_groups_(groups: Sequence[AscentGroup], norm: float, sign: float = 1.0)
             torch._foreach_add_(chunk_params, direction, alpha=step)
 
 
-def _tensor_norms(tensors: list[Tensor], out_dtype: torch.dtype, device: torch.device) -> Tensor:
+def _tensor_norms(
+    tensors: list[Tensor], out_dtype: torch.dtype, device: torch.device, sizes: SizeSplit | None = None
+) -> Tensor:
     """L2 norms of pieces that cover one (device, dtype) group, whose squares sum to Σ_i ‖t_i‖²: one per
-    flattened chunk of small tensors and one per large tensor (see :func:`_flatten_limit`). A 1-D
-    ``out_dtype`` tensor on ``device``."""
-    (small,), (large,) = _split_by_size(tensors)
+    flattened chunk of small tensors and one per large tensor (see :func:`_flatten_limit`; ``sizes``: that
+    split, if known). A 1-D ``out_dtype`` tensor on ``device``."""
+    sizes = sizes or SizeSplit.of(tensors)
+    (small,), (large,) = sizes.split(tensors)
     accumulate = accumulation_dtype(tensors[0].dtype)
-    norms = [torch.linalg.vector_norm(flat, dtype=accumulate) for (flat,) in _flat_chunks(small)]
+    norms = [torch.linalg.vector_norm(flat, dtype=accumulate) for (flat,) in sizes.flat_chunks(small)]
     if large:
         norms.extend(torch._foreach_norm(large, 2, dtype=accumulate))
     return torch.stack(norms).to(device=device, dtype=out_dtype)

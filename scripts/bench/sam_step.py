@@ -177,11 +177,14 @@ def bench_model(name: str, device: torch.device, batch_size: int, seq_len: int, 
         sam.restore()
 
     def with_flatten_limit(limit: float):
+        own = SAM(params, base, rho=0.05)  # its own grouping cache, keyed on the limit as well
+
         def run():
             default = perturbation._flatten_limit
             perturbation._flatten_limit = lambda device: limit
             try:
-                foreach_perturb_restore_with_stats()
+                own.perturb()
+                own.restore()
             finally:
                 perturbation._flatten_limit = default
         return run
