@@ -97,6 +97,29 @@ def test_microbatch_scope_takes_one_ascent_per_micro_batch(tmp_path):
     assert (flat_params(trainer.model) - flat_params(window_reference)).abs().max() > 1e-5
 
 
+def test_bf16_autocast_on_cpu_matches_the_reference_under_autocast_and_rho_zero_is_stock(tmp_path):
+    """--bf16 on CPU: the Trainer runs forward and loss under torch.autocast(bfloat16) with fp32 weights; SAM
+    perturbs the fp32 weights, so the run equals the hand-written reference with its forward under autocast."""
+    data = token_dataset(24)
+    run = _train(tmp_path / "bf16", rho=0.05, per_device_train_batch_size=8, max_steps=3, bf16=True)
+    fp32 = _train(tmp_path / "fp32", rho=0.05, per_device_train_batch_size=8, max_steps=3)
+    model = tiny_bert()
+    forward = model.forward
+
+    def forward_under_autocast(*args, **kwargs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return forward(*args, **kwargs)
+
+    model.forward = forward_under_autocast
+    reference = _reference_sam(model, _windows(data, 8, 1, 3), rho=0.05, adaptive=False)
+    gap = (flat_params(run.model) - flat_params(reference)).abs().max()
+    assert gap < 1e-6 and (flat_params(run.model) - flat_params(fp32.model)).abs().max() > 100 * gap
+    rho_zero = _train(tmp_path / "zero", rho=0.0, per_device_train_batch_size=8, max_steps=3, bf16=True)
+    stock = _train(tmp_path / "stock", trainer_cls=Trainer, args_cls=TrainingArguments, per_device_train_batch_size=8,
+                   max_steps=3, bf16=True)
+    assert torch.equal(flat_params(rho_zero.model), flat_params(stock.model))
+
+
 @pytest.mark.parametrize("sam_overrides", [{"optimizer": "none"}, {"optimizer": "sam", "rho": 0.0}])
 def test_none_and_rho_zero_reproduce_stock_trainer_bitwise(tmp_path, sam_overrides):
     common = {"optim": "adamw_torch", "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,

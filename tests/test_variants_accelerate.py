@@ -370,3 +370,42 @@ def test_accelerate_esam_probes_the_first_window_for_reentrant_checkpointing_tha
     assert not any(records[True])
     # without checkpointing: window 0 is the probe, then pass 1 is pruned to each step's draw
     assert records[False][0::4] == [False] + [not all(swp_draw(seed, t, 6)) for t in range(1, len(batches))]
+
+
+@pytest.mark.parametrize("name", ["sam", *sorted(VARIANTS)])
+def test_accelerate_bf16_mixed_precision_on_cpu_equals_the_closure_step_under_autocast(name):
+    """Accelerator(mixed_precision="bf16") runs the forward under torch.autocast with fp32 weights: every pass
+    of the step (ESAM's pruned pass 1 included) must be the closure step's with its forward under autocast."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)  # the precision is process-wide state
+    GradientState._reset_state()
+    knobs = KNOBS.get(name, {})
+    batches = make_batches(6, dtype=torch.float32)
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    model = make_mlp(dtype=torch.float32)
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM))
+    sam = AcceleratedSAM(accelerator, model, optimizer, method=name, rho=RHO, **knobs)
+    for batch in batches:
+        with accelerator.accumulate(model):
+            sam.backward(mse, batch)
+            optimizer.step()
+            optimizer.zero_grad()
+
+    def reference(autocast: bool) -> torch.nn.Module:
+        ref = make_mlp(dtype=torch.float32)
+        forward = ref.forward
+        ref.forward = lambda x: _under_bf16_autocast(forward, x) if autocast else forward(x)
+        ref_opt = build_sam_optimizer(name, ref.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM, rho=RHO, **knobs)
+        for batch in batches:
+            sam_closure_step(ref, ref_opt, batch)
+        return ref
+
+    got = accelerator.unwrap_model(model)
+    assert max_abs_diff(got, reference(autocast=True)) == 0
+    assert max_abs_diff(got, reference(autocast=False)) > 1e-5
+
+
+def _under_bf16_autocast(forward, x):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return forward(x)
