@@ -204,6 +204,15 @@ def _group_with_indices(params: list[Tensor], grads: list[Tensor]):
             for (group_params,), indices in grouped.values()]
 
 
+def _runs_key(settings: Sequence[Mapping[str, Any]]) -> tuple:
+    """(identity, length, setting) of each run of consecutive tensors that share one param-group dict."""
+    key = []
+    for _, run in itertools.groupby(settings, key=id):
+        members = list(run)
+        key.append((id(members[0]), len(members), _setting_key(members[0])))
+    return tuple(key)
+
+
 def check_real(dtypes: Iterable[torch.dtype]) -> None:
     """Raise TypeError if any of ``dtypes`` is complex (the ascent's norms and products assume real tensors)."""
     if any(dtype.is_complex for dtype in dtypes):
@@ -293,8 +302,7 @@ class AscentPlans:
         returns None."""
         first = settings[0]
         shared = all(map(operator.is_, settings, itertools.repeat(first)))
-        setting_key = (id(first), bool(first["adaptive"]), float(first["eta"])) if shared else tuple(
-            map(_setting_key, settings))
+        setting_key = (id(first), bool(first["adaptive"]), float(first["eta"])) if shared else _runs_key(settings)
         try:
             storages = tuple(map(Tensor.data_ptr, params))
         except RuntimeError:  # a tensor subclass without storage (a DTensor): nothing to key on
