@@ -203,3 +203,34 @@ def test_trainer_esam_warns_once_that_selection_cannot_follow_a_custom_compute_l
     with caplog.at_level("WARNING"):
         SAMTrainer(model=model, args=args, train_dataset=rows, compute_loss_func=custom_loss).train()
     assert caplog.text.count("not on the customised compute_loss") == 1
+
+
+def test_trainer_esam_prunes_pass_one_of_a_lora_model_without_changing_its_update(tmp_path, monkeypatch):
+    """LoRA: only the adapters are trainable; pruning pass 1 to this step's chosen adapters (the frozen base
+    needs no gradient either way) must give the very same update as computing every adapter's gradient."""
+    peft = pytest.importorskip("peft")
+    from test_trainer import _train
+
+    from arrcoc_sam.integrations import _window
+
+    def lora_model():
+        config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], lora_dropout=0.0)
+        return peft.get_peft_model(tiny_bert(), config)
+
+    pruned_windows = []
+    plan = _window.SAMWindow._plan_first_pass
+
+    def recording_plan(self, model, optimizer):
+        plan(self, model, optimizer)
+        pruned_windows.append(self._first_pass_tensors is not None)
+
+    monkeypatch.setattr(_window.SAMWindow, "_plan_first_pass", recording_plan)
+    kwargs = {"optimizer": "esam", "sam_args": "beta=0.5,gamma=0.5,seed=1", "per_device_train_batch_size": 4,
+              "gradient_accumulation_steps": 2, "max_steps": 4, "optim": "adamw_torch", "learning_rate": 0.02}
+    pruned = _train(tmp_path / "pruned", model=lora_model(), **kwargs)
+    assert pruned_windows == [False, True, True, True]  # the first window probes for checkpointing
+    monkeypatch.setattr(_window, "_may_prune", lambda model: False)
+    full = _train(tmp_path / "full", model=lora_model(), **kwargs)
+    assert pruned_windows[4:] == [False] * 4
+    assert torch.equal(flat_params(pruned.model), flat_params(full.model))
+    assert (flat_params(pruned.model) - flat_params(lora_model())).abs().max() > 1e-3
