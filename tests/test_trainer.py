@@ -268,10 +268,6 @@ def test_batchnorm_running_stats_move_once_per_micro_batch(tmp_path):
         ({"sam_scope": "microbatch"}, "gradient_accumulation_steps=1"),
         ({"fsdp": "full_shard", "fsdp_config": {"version": 1}}, "FSDP1"),
         ({"fsdp": "full_shard", "sam_scope": "per_device"}, "sam_scope='per_device' has no meaning under FSDP"),
-        ({"ddp_static_graph": True, "gradient_accumulation_steps": 2},
-         "static_graph=True cannot run the unsynchronised backward passes that gradient_accumulation_steps=2 needs"),
-        ({"ddp_static_graph": True, "gradient_accumulation_steps": 2, "sam_scope": "per_device"},
-         "gradient_accumulation_steps=2 and sam_scope=per_device need"),
     ],
 )
 def test_refuses_runs_sam_cannot_serve(tmp_path, overrides, match):
@@ -285,11 +281,31 @@ def test_optimizer_none_is_stock_training_and_refuses_nothing(tmp_path, override
     assert not args.sam_settings().enabled
 
 
-def test_a_static_ddp_graph_is_accepted_where_every_pass_synchronises(tmp_path):
-    args = SAMTrainingArguments(**trainer_kwargs(str(tmp_path), ddp_static_graph=True, gradient_accumulation_steps=1))
-    assert args.sam_settings().scope == "global"
-    SAMTrainingArguments(**trainer_kwargs(str(tmp_path), optimizer="none", ddp_static_graph=True,
-                                          gradient_accumulation_steps=2))
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"gradient_accumulation_steps": 2},
+         "static_graph=True cannot run the unsynchronised backward passes that gradient_accumulation_steps=2 needs"),
+        ({"gradient_accumulation_steps": 2, "sam_scope": "per_device"},
+         "gradient_accumulation_steps=2 and sam_scope=per_device need"),
+    ],
+)
+def test_a_static_ddp_graph_is_refused_in_a_launch_where_a_pass_must_not_synchronise(
+        tmp_path, monkeypatch, overrides, match):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=match):
+        SAMTrainingArguments(**trainer_kwargs(str(tmp_path), ddp_static_graph=True, **overrides))
+
+
+def test_a_static_ddp_graph_is_accepted_where_every_pass_synchronises_or_without_ddp(tmp_path, monkeypatch):
+    from arrcoc_sam.integrations._settings import check_static_graph
+
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: no DDP wrapper, the flag has no effect
+    SAMTrainingArguments(**trainer_kwargs(str(tmp_path), ddp_static_graph=True, gradient_accumulation_steps=2))
+    check_static_graph(True, "global", 1)  # every pass synchronises (the 2-process run is in test_trainer_ddp)
+    check_static_graph(False, "per_device", 4)
+    with pytest.raises(ValueError, match="sam_scope=microbatch needs"):
+        check_static_graph(True, "microbatch", 1)
 
 
 def test_a_knob_given_once_in_sam_args_reaches_the_builder(tmp_path):

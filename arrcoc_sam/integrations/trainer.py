@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -113,8 +114,9 @@ class SAMTrainingArguments(TrainingArguments, SAMArguments):
     ``HfArgumentParser``.
 
     Refuses (ValueError) unknown methods and runs SAM cannot serve: LOMO/AdaLomo/layer-wise ``--optim``,
-    DeepSpeed (any ZeRO stage), FSDP1 or a non-global scope under FSDP2, and ``sam_scope=microbatch`` with
-    ``gradient_accumulation_steps=1``.
+    DeepSpeed (any ZeRO stage), FSDP1 or a non-global scope under FSDP2, ``sam_scope=microbatch`` with
+    ``gradient_accumulation_steps=1``, and, in a launch of several processes, ``--ddp_static_graph`` with
+    accumulation or a non-global scope.
     """
 
     def __post_init__(self) -> None:
@@ -124,7 +126,8 @@ class SAMTrainingArguments(TrainingArguments, SAMArguments):
             optim=self.optim,
             zero_stage=deepspeed_zero_stage(self.deepspeed),
             fsdp_version=fsdp_version_of(self.fsdp, self.fsdp_config),
-            ddp_static_graph=getattr(self, "ddp_static_graph", None),
+            # only a launch of several processes wraps the model in DDP (the window checks the model itself too)
+            ddp_static_graph=bool(getattr(self, "ddp_static_graph", None)) and int(os.environ.get("WORLD_SIZE", "1")) > 1,
         )
         super().__post_init__()
 
