@@ -45,6 +45,15 @@ def train_in_halves(accelerator, model, optimizer, sam, batches) -> None:
         assert not sam.sam_optimizer.is_perturbed
 
 
+def train_whole_batches(accelerator, model, optimizer, sam, batches) -> None:
+    """The documented Accelerate loop, one batch per optimizer step (no accumulation)."""
+    for batch in batches:
+        with accelerator.accumulate(model):
+            sam.backward(mse, batch)
+            optimizer.step()
+            optimizer.zero_grad()
+
+
 def prepared(name: str):
     """``(accelerator, model, optimizer, sam)``: the MLP and SGD with momentum prepared for accumulation 2, ``name``
     with its ``KNOBS``."""
@@ -386,11 +395,7 @@ def test_accelerate_bf16_mixed_precision_on_cpu_equals_the_closure_step_under_au
     model = make_mlp(dtype=torch.float32)
     model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM))
     sam = AcceleratedSAM(accelerator, model, optimizer, method=name, rho=RHO, **knobs)
-    for batch in batches:
-        with accelerator.accumulate(model):
-            sam.backward(mse, batch)
-            optimizer.step()
-            optimizer.zero_grad()
+    train_whole_batches(accelerator, model, optimizer, sam, batches)
 
     def reference(autocast: bool) -> torch.nn.Module:
         ref = make_mlp(dtype=torch.float32)

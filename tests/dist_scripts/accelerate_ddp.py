@@ -44,7 +44,11 @@ VARIANT_RUNS = {
 
 def _run(accelerator: Accelerator, method: str = "sam", momentum: float = 0.0, **knobs) -> torch.nn.Module:
     """The tiny MLP trained by ``method`` through AcceleratedSAM, SGD with ``momentum``, ρ = RHO."""
-    model = tiny_mlp()
+    return accelerator.unwrap_model(_train(accelerator, tiny_mlp(), method, momentum, **knobs).model)
+
+
+def _train(accelerator: Accelerator, model: torch.nn.Module, method: str, momentum: float, **knobs) -> AcceleratedSAM:
+    """``model`` trained by ``method`` through AcceleratedSAM on the sharded regression data; the helper."""
     loader = DataLoader(regression_data(8 * STEPS), batch_size=2)  # sharded: rank r gets batches r, r + 2, ...
     base = torch.optim.SGD(model.parameters(), lr=LR, momentum=momentum)
     model, optimizer, loader = accelerator.prepare(model, base, loader)
@@ -55,14 +59,20 @@ def _run(accelerator: Accelerator, method: str = "sam", momentum: float = 0.0, *
             optimizer.step()
             optimizer.zero_grad()
     sam.metrics()
-    return accelerator.unwrap_model(model)
+    return sam
 
 
 def _variant_reference(method: str, knobs: dict, rho: float, global_batch: int = 8) -> torch.nn.Module:
     """The variant's own step(closure) on each global batch of ``global_batch``, in this process."""
     model = tiny_mlp()
     opt = build_sam_optimizer(method, model.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM, rho=rho, **knobs)
-    for batch in batches(regression_data(8 * STEPS), global_batch):
+    _closure_steps(opt, model, batches(regression_data(8 * STEPS), global_batch))
+    return model
+
+
+def _closure_steps(opt: torch.optim.Optimizer, model: torch.nn.Module, step_batches: list) -> None:
+    """``opt.step(closure)`` on each batch, the closure back-propagating the MSE of ``model``."""
+    for batch in step_batches:
 
         def closure(batch=batch):
             opt.zero_grad()
@@ -71,7 +81,6 @@ def _variant_reference(method: str, knobs: dict, rho: float, global_batch: int =
             return loss
 
         opt.step(closure)
-    return model
 
 
 def variant_checks(accelerator: Accelerator) -> dict:
@@ -114,16 +123,7 @@ def ddp_closure_checks() -> dict:
     wrapped = torch.nn.parallel.DistributedDataParallel(model)
     method, knobs = VARIANT_RUNS["esam"]
     opt = build_sam_optimizer(method, model.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM, rho=RHO, **knobs)
-    rank = dist.get_rank()
-    for batch in batches(regression_data(8 * STEPS), 2)[rank::2]:
-
-        def closure(batch=batch):
-            opt.zero_grad()
-            loss = mse(wrapped, batch)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+    _closure_steps(opt, wrapped, batches(regression_data(8 * STEPS), 2)[dist.get_rank()::2])
     got = flat(model)
     return {
         "reference_diff": float((got - flat(_variant_reference(method, knobs, RHO, 4))).abs().max()),
@@ -152,19 +152,10 @@ def checkpointed_checks() -> dict:
     seed = next(s for s in range(200) if not any(draws(s)[:2]) and any(draws(s)[2:]))
     knobs = {"beta": 0.5, "gamma": 1.0, "seed": seed}
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)  # (a later Accelerator resets the shared GA)
-    model = _CheckpointedTinyMLP()
-    loader = DataLoader(regression_data(8 * STEPS), batch_size=2)
-    base = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
-    model, optimizer, loader = accelerator.prepare(model, base, loader)
-    sam = AcceleratedSAM(accelerator, model, optimizer, method="esam", rho=RHO, **knobs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # checkpoint: "None of the inputs have requires_grad"
-        for batch in loader:
-            with accelerator.accumulate(model):
-                sam.backward(mse, batch)
-                optimizer.step()
-                optimizer.zero_grad()
-    got = flat(accelerator.unwrap_model(model))
+        sam = _train(accelerator, _CheckpointedTinyMLP(), "esam", MOMENTUM, **knobs)
+    got = flat(accelerator.unwrap_model(sam.model))
     return {
         "reference_diff": float((got - flat(_variant_reference("esam", knobs, RHO))).abs().max()),
         "replicas_equal": _same_on_all_ranks(got),
