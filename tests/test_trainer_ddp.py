@@ -35,6 +35,16 @@ def test_two_processes_match_one_process_and_per_device_ascent_is_local(run_torc
     two_process = torch.load(tmp_path / "global.pt", weights_only=True)
     assert (two_process - flat_params(single.model)).abs().max() < 1e-5
     assert result["global_replicas_equal"]
+    # --ddp_static_graph with accumulation 1: ESAM (tensor SWP) on 2 x 4 = one process on 8
+    args = SAMTrainingArguments(**trainer_kwargs(str(tmp_path / "single_esam"), max_steps=3, per_device_train_batch_size=8,
+                                                 rho=0.05, optimizer="esam", sam_args="beta=0.5,gamma=1.0,seed=3"))
+    single_esam = SAMTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset(24),
+                             compute_loss_func=token_sum_loss)
+    single_esam.train()
+    static = torch.load(tmp_path / "static_esam.pt", weights_only=True)
+    assert (static - flat_params(single_esam.model)).abs().max() < 1e-5
+    assert (static - two_process).abs().max() > 1e-4  # ESAM, not SAM
+    assert result["static_graph_replicas_equal"]
     assert {"sam/loss_perturbed", "sam/sharpness", "sam/grad_norm", "sam/grad_norm_perturbed", "sam/grad_cosine",
             "sam/rho", "sam/skipped_steps"} <= set(result["global_log_keys"])
 

@@ -49,12 +49,12 @@ class _RecordingTrainer(SAMTrainer):
         return optimizer
 
 
-def _train(scope: str, steps: int, out: str, sync_each_batch: bool = False) -> _RecordingTrainer:
-    args = SAMTrainingArguments(**trainer_kwargs(
-        out, max_steps=steps, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-        sam_scope=scope, rho=0.05, ddp_find_unused_parameters=False,
-        accelerator_config={"gradient_accumulation_kwargs": {"sync_each_batch": sync_each_batch}},
-    ))
+def _train(scope: str, steps: int, out: str, sync_each_batch: bool = False, **overrides) -> _RecordingTrainer:
+    args = SAMTrainingArguments(**trainer_kwargs(out, **{
+        "max_steps": steps, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
+        "sam_scope": scope, "rho": 0.05, "ddp_find_unused_parameters": False,
+        "accelerator_config": {"gradient_accumulation_kwargs": {"sync_each_batch": sync_each_batch}}, **overrides,
+    }))
     trainer = _RecordingTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset(8 * steps),
                                 compute_loss_func=token_sum_loss)
     trainer.train()
@@ -89,6 +89,13 @@ def main() -> None:
         torch.save(flat_params(global_run.model), "global.pt")
         result["global_log_keys"] = sorted(next(h for h in global_run.state.log_history if "loss" in h))
 
+    # DDP(static_graph=True), accumulation 1: ESAM's tensor SWP (pass 1 then keeps every gradient) on 2 x 4
+    static_run = _train("global", 3, "out_static", per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                        ddp_static_graph=True, optimizer="esam", sam_args="beta=0.5,gamma=1.0,seed=3")
+    result["static_graph_replicas_equal"] = _same_on_all_ranks(flat_params(static_run.model))
+    if rank == 0:
+        torch.save(flat_params(static_run.model), "static_esam.pt")
+
     local_run = _train("per_device", 20, "out_local")
     result["per_device_replicas_equal"] = _same_on_all_ranks(flat_params(local_run.model))
     used = local_run.first_ascent_grad / local_run.first_ascent_grad.norm()
@@ -109,6 +116,7 @@ def main() -> None:
         merged = {k: v for r in results for k, v in r.items() if k.startswith("rank")}
         merged["global_replicas_equal"] = all(r["global_replicas_equal"] for r in results)
         merged["per_device_replicas_equal"] = all(r["per_device_replicas_equal"] for r in results)
+        merged["static_graph_replicas_equal"] = all(r["static_graph_replicas_equal"] for r in results)
         merged["global_log_keys"] = result["global_log_keys"]
         merged["accelerate"] = [r["accelerate"] for r in results]
         with open("ddp_result.json", "w") as handle:
