@@ -131,6 +131,26 @@ def test_none_and_rho_zero_reproduce_stock_trainer_bitwise(tmp_path, sam_overrid
     assert [h.get("loss") for h in stock.state.log_history] == [h.get("loss") for h in sam.state.log_history]
 
 
+@pytest.mark.parametrize("optim", ["adafactor", "adamw_torch_fused", "sgd"])
+def test_rho_zero_reproduces_the_stock_trainer_bitwise_with_other_base_optimizers(tmp_path, optim):
+    """HF's Adafactor (relative steps, no momentum), fused AdamW and SGD as the base: ρ = 0 is the stock run."""
+    common = {"optim": optim, "learning_rate": 0.01, "per_device_train_batch_size": 8, "max_steps": 3}
+    stock = _train(tmp_path / "stock", Trainer, TrainingArguments, **common)
+    rho_zero = _train(tmp_path / "zero", rho=0.0, **common)
+    sam = _train(tmp_path / "sam", rho=0.05, **common)
+    assert torch.equal(flat_params(rho_zero.model), flat_params(stock.model))
+    assert (flat_params(sam.model) - flat_params(stock.model)).abs().max() > 1e-3
+
+
+def test_torch_compile_trains_the_same_weights_as_the_eager_model(tmp_path):
+    """--torch_compile (dynamo with its eager backend: the same kernels) must not change a SAM step."""
+    common = {"rho": 0.05, "per_device_train_batch_size": 8, "max_steps": 3}
+    compiled = _train(tmp_path / "compiled", torch_compile=True, torch_compile_backend="eager", **common)
+    eager = _train(tmp_path / "eager", **common)
+    assert torch.equal(flat_params(compiled.model), flat_params(eager.model))
+    assert hasattr(compiled.model_wrapped, "_orig_mod") or hasattr(compiled.model, "_orig_mod")
+
+
 def test_sam_metrics_are_window_averages_and_clipping_sees_the_sam_gradient(tmp_path):
     kwargs = {"rho": 0.05, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": 4,
               "max_grad_norm": 1.0}
