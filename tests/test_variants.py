@@ -492,6 +492,19 @@ def _with_state(state):
 def test_msam_rejects_base_without_momentum():
     with pytest.raises(ValueError, match="momentum=0"):
         MomentumSAM(make_mlp().parameters(), torch.optim.SGD, lr=0.1)
+    from transformers.optimization import Adafactor
+
+    with pytest.raises(ValueError, match="Adafactor runs with beta1=None"):
+        MomentumSAM(make_mlp().parameters(), Adafactor, lr=0.1, relative_step=False, scale_parameter=False)
+    models = {}
+    for rho in (0.0, RHO):  # with beta1 Adafactor keeps a first moment (exp_avg), and msam perturbs along it
+        model = models[rho] = make_mlp()
+        opt = MomentumSAM(model.parameters(), Adafactor, lr=0.1, rho=rho, beta1=0.9, relative_step=False,
+                          scale_parameter=False)
+        for batch in make_batches(3):
+            opt.step(sam_closure(model, opt, batch))
+        assert not opt.is_perturbed
+    assert max_abs_diff(models[0.0], models[RHO]) > 1e-4
 
 
 def test_esam_without_per_example_losses_on_hook_path_warns_once_and_uses_whole_batch(caplog):

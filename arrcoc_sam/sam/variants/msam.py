@@ -61,6 +61,12 @@ class MomentumSAM(VariantSAM):
         """SAM's checks, and a momentum to perturb along for ρ > 0 (a new group's own, else the base default)."""
         super()._check_group(group, where)
         momentum = group.get("momentum", self.base_optimizer.defaults.get("momentum"))
+        if group["rho"] > 0 and "beta1" in group and group["beta1"] is None:
+            raise ValueError(
+                f"{where}msam takes its perturbation from the first moment, but the base optimizer "
+                f"{type(self.base_optimizer).__name__} runs with beta1=None and keeps none; set beta1 (e.g. 0.9) "
+                "or use SGD with momentum or an Adam-family optimizer"
+            )
         if group["rho"] > 0 and momentum is not None and not momentum and "betas" not in group:
             raise ValueError(
                 f"{where}msam takes its perturbation from the momentum buffer, but the base optimizer "
