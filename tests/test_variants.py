@@ -311,6 +311,34 @@ def test_esam_closure_step_probes_its_first_step_for_reentrant_checkpointing_tha
     assert pruned_passes[False][::2] == [False] + [not all(swp_draw(seed, t, 6)) for t in range(1, 6)]
 
 
+def test_esam_closure_step_keeps_every_gradient_when_the_closure_returns_a_loss_without_graph(caplog):
+    """A SAM-style closure that returns its loss detached leaves no graph to search for checkpointing."""
+    model = make_mlp()
+    opt = sgd_variant(ESAM, model, rho=RHO, beta=0.5, gamma=1.0, seed=5)
+    pruned = []
+    model.register_forward_pre_hook(lambda module, args: pruned.append(
+        not all(p.requires_grad for p in module.parameters())) if torch.is_grad_enabled() else None)
+
+    def detached_closure(batch):
+        def closure():
+            opt.zero_grad()
+            loss = ((model(batch[0]) - batch[1]) ** 2).mean()
+            loss.backward()
+            return loss.detach()
+        return closure
+
+    with caplog.at_level("INFO", logger="arrcoc_sam.sam.variants.esam"):
+        for batch in make_batches(4):
+            opt.step(detached_closure(batch))
+    assert len(pruned) == 8 and not any(pruned)
+    assert any("no graph to search" in r.message for r in caplog.records)
+    reference = make_mlp()
+    ref_opt = sgd_variant(ESAM, reference, rho=RHO, beta=0.5, gamma=1.0, seed=5)
+    for batch in make_batches(4):
+        ref_opt.step(sam_closure(reference, ref_opt, batch))  # returns its loss with graph: pruned from step 1
+    assert max_abs_diff(model, reference) <= 1e-12  # the same update either way
+
+
 def test_gsam_surrogate_gap_update_with_rho_following_lr_schedule_matches_reference():
     model = make_mlp()
     ref = Flat(make_mlp())

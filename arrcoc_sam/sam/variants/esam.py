@@ -341,8 +341,14 @@ class ESAM(VariantSAM):
     def _probe_pruning(self, losses: Tensor) -> None:
         """After the first step that could have pruned pass 1 (it ran in full): prune from now on unless the graph
         of the closure's loss holds reentrant activation checkpointing, which tracks a block's inputs and not its
-        weights, so a pruned pass could leave chosen weights without gradient."""
+        weights, so a pruned pass could leave chosen weights without gradient, or the loss has no graph to
+        search (a SAM-style closure that returned it detached)."""
         if self._prune_in_closure is not None or self.first_pass_tensors() is None or not _one_process():
+            return
+        if losses.grad_fn is None:
+            self._prune_in_closure = False
+            logger.info("esam: the closure's loss has no graph to search for reentrant activation checkpointing "
+                        "(return it undetached to let pass 1 skip unchosen gradients); pass 1 keeps every gradient")
             return
         self._prune_in_closure = not uses_reentrant_checkpointing([losses])
         if not self._prune_in_closure:
