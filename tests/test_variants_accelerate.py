@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -414,3 +415,31 @@ def test_accelerate_bf16_mixed_precision_on_cpu_equals_the_closure_step_under_au
 def _under_bf16_autocast(forward, x):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         return forward(x)
+
+
+class _OutputInAnObject(torch.nn.Module):
+    """make_mlp whose forward returns its output inside a plain object, where no probe can look."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = make_mlp()
+
+    def forward(self, x):
+        return types.SimpleNamespace(prediction=self.mlp(x))
+
+
+def test_accelerate_esam_keeps_every_pass_one_gradient_when_the_outputs_show_no_graph_to_search():
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    inner = _OutputInAnObject()
+    records = _pass_one_records(inner)
+    model, optimizer = accelerator.prepare(inner, torch.optim.SGD(inner.parameters(), lr=LR, momentum=MOMENTUM))
+    sam = AcceleratedSAM(accelerator, model, optimizer, method="esam", rho=RHO, **KNOBS["esam"])
+    batches = make_batches(4)
+    for x, y in batches:
+        for micro in ((x[:4], y[:4]), (x[4:], y[4:])):
+            with accelerator.accumulate(model):
+                sam.backward(lambda m, b: ((m(b[0]).prediction - b[1]) ** 2).mean(), micro)
+                optimizer.step()
+                optimizer.zero_grad()
+    assert len(records) == 4 * len(batches) and not any(records)
+    assert max_abs_diff(inner.mlp, closure_reference("esam", batches)) <= 1e-12

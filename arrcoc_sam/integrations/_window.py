@@ -210,7 +210,7 @@ class SAMWindow:
                 self._clean = loss if self._clean is None else self._clean + loss
                 if last:
                     if self._probe is not None:
-                        self._decide_pruning(self._probe.found, _params_of(optimizer)[0].device)
+                        self._decide_pruning(self._probe.unsafe, _params_of(optimizer)[0].device)
                     if self._average_by_hand:
                         _average_across_processes(self._first_pass_tensors)
                     optimizer.after_first_pass()
@@ -279,16 +279,17 @@ class SAMWindow:
         self._first_pass_tensors = needed
         self._average_by_hand = needed is not None and processes > 1 and self.scope == "global"
 
-    def _decide_pruning(self, found_checkpointing: bool, device: torch.device) -> None:
-        """After the probe window: prune pass 1 from now on unless its graph held reentrant activation
-        checkpointing on any rank (one all-reduce of a flag across processes, once per run)."""
+    def _decide_pruning(self, unsafe: bool, device: torch.device) -> None:
+        """After the probe window: prune pass 1 from now on unless the probe found it unsafe on any rank (one
+        all-reduce of a flag across processes, once per run)."""
         if int(getattr(self.accelerator, "num_processes", 1)) > 1:
-            flag = torch.tensor([float(found_checkpointing)], device=device)
+            flag = torch.tensor([float(unsafe)], device=device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            found_checkpointing = bool(flag.item())
-        self._may_prune_first_pass = not found_checkpointing
-        if found_checkpointing:
-            logger.info("the model uses reentrant activation checkpointing: pass 1 keeps every gradient")
+            unsafe = bool(flag.item())
+        self._may_prune_first_pass = not unsafe
+        if unsafe:
+            logger.info("the model uses reentrant activation checkpointing (or its outputs carry no graph to search "
+                        "for it): pass 1 keeps every gradient")
 
     # -- data selection (ESAM's SDS) over the window ----------------------------------------------------
     def _can_select(self, optimizer: Optimizer, example_losses: ExampleLosses | None) -> bool:
@@ -427,18 +428,26 @@ class SAMWindow:
 
 
 class _CheckpointProbe:
-    """Whether any forward of a watched module returned a tensor whose graph holds reentrant activation
-    checkpointing (:func:`~arrcoc_sam.sam.variants.uses_reentrant_checkpointing`), searched on the window that
-    would first have pruned pass 1 and ran it in full instead."""
+    """Whether pruning pass 1 is unsafe for a watched module: one of its forwards returned a tensor whose graph
+    holds reentrant activation checkpointing (:func:`~arrcoc_sam.sam.variants.uses_reentrant_checkpointing`), or
+    none returned a tensor with a graph to search. Watches the window that would first have pruned pass 1 and
+    ran it in full instead."""
 
     def __init__(self) -> None:
         self.found = False
+        self.saw_graph = False
+
+    @property
+    def unsafe(self) -> bool:
+        return self.found or not self.saw_graph
 
     @contextlib.contextmanager
     def watching(self, module: nn.Module):
         def inspect_output(_module: nn.Module, _args: Any, output: Any) -> None:
+            tensors = [t for t in _tensors_in(output) if t.grad_fn is not None]
+            self.saw_graph = self.saw_graph or bool(tensors)
             if not self.found:
-                self.found = uses_reentrant_checkpointing(_tensors_in(output))
+                self.found = uses_reentrant_checkpointing(tensors)
 
         handle = module.register_forward_hook(inspect_output)
         try:
