@@ -41,7 +41,8 @@ the other tensors, so autograd skips their weight gradients. Under DDP with ``gl
 because DDP's buckets expect every gradient; DDP with ``static_graph`` cannot run that, so there pass 1 keeps every
 gradient. The first window that could prune runs pass 1 in full instead and searches its graph for reentrant
 activation checkpointing (which tracks a block's inputs, not its weights, so pruning could leave chosen weights
-without gradient); where any rank finds it, pass 1 keeps every gradient from then on. The replay computes every
+without gradient); where any rank finds it, or finds no output with a graph to search, pass 1 keeps every
+gradient from then on. The replay computes every
 gradient as usual.
 
 Metrics (:class:`SAMMetrics`): ``loss_perturbed`` and ``sharpness`` are per-window sums in the units of the
