@@ -113,18 +113,23 @@ def chunks(*tensor_lists: Sequence[Tensor]):
 
 def _size_chunks(*tensor_lists: Sequence[Tensor]):
     """:func:`chunks` for lists whose first list's tensors already share one device and dtype."""
-    sizes = list(map(Tensor.numel, tensor_lists[0]))
+    for start, stop in _chunk_ranges(list(map(Tensor.numel, tensor_lists[0]))):
+        yield tuple(list(lst[start:stop]) for lst in tensor_lists)
+
+
+def _chunk_ranges(sizes: list[int]) -> list[tuple[int, int]]:
+    """``[start, stop)`` ranges over consecutive tensors of these sizes (elements) holding at most ~CHUNK_NUMEL
+    elements together (a single larger tensor forms its own range)."""
     if sum(sizes) <= CHUNK_NUMEL:
-        if sizes:
-            yield tuple(list(lst) for lst in tensor_lists)
-        return
-    start, numel = 0, 0
+        return [(0, len(sizes))] if sizes else []
+    ranges, start, numel = [], 0, 0
     for index, size in enumerate(sizes):
         if index > start and numel + size > CHUNK_NUMEL:
-            yield tuple(list(lst[start:index]) for lst in tensor_lists)
+            ranges.append((start, index))
             start, numel = index, 0
         numel += size
-    yield tuple(list(lst[start:]) for lst in tensor_lists)
+    ranges.append((start, len(sizes)))
+    return ranges
 
 
 def _scaling_operator(params: list[Tensor], eta: float) -> list[Tensor]:
@@ -237,15 +242,7 @@ class SizeSplit:
         if small is not None and all(small):
             small = None
         small_sizes = sizes if small is None else list(itertools.compress(sizes, small))
-        ranges, start, numel = [], 0, 0
-        for index, size in enumerate(small_sizes):
-            if index > start and numel + size > CHUNK_NUMEL:
-                ranges.append((start, index))
-                start, numel = index, 0
-            numel += size
-        if small_sizes:
-            ranges.append((start, len(small_sizes)))
-        return cls(small, None if small is None else [not flag for flag in small], ranges)
+        return cls(small, None if small is None else [not flag for flag in small], _chunk_ranges(small_sizes))
 
     def split(self, *tensor_lists: Sequence[Tensor]) -> tuple[tuple[list[Tensor], ...], tuple[list[Tensor], ...]]:
         """Parallel lists over the group split into (small, large) parts, as :func:`_split_by_size` does."""
@@ -432,14 +429,7 @@ def _flatten_limit(device: torch.device) -> float:
 def _split_by_size(*tensor_lists: Sequence[Tensor]) -> tuple[tuple[list[Tensor], ...], tuple[list[Tensor], ...]]:
     """Parallel lists split into (small, large) by the first list's tensors against :func:`_flatten_limit`,
     order preserved within each part."""
-    first_list = tensor_lists[0]
-    limit = _flatten_limit(first_list[0].device)
-    is_small = None if limit == math.inf else [t.numel() <= limit for t in first_list]
-    if is_small is None or all(is_small):
-        return tuple(list(lst) for lst in tensor_lists), tuple([] for _ in tensor_lists)
-    small = tuple(list(itertools.compress(lst, is_small)) for lst in tensor_lists)
-    is_large = [not flag for flag in is_small]
-    return small, tuple(list(itertools.compress(lst, is_large)) for lst in tensor_lists)
+    return SizeSplit.of(tensor_lists[0]).split(*tensor_lists)
 
 
 def _flat_chunks(*tensor_lists: Sequence[Tensor], dtype: torch.dtype | None = None):
