@@ -151,6 +151,20 @@ def test_torch_compile_trains_the_same_weights_as_the_eager_model(tmp_path):
     assert hasattr(compiled.model_wrapped, "_orig_mod") or hasattr(compiled.model, "_orig_mod")
 
 
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+@pytest.mark.parametrize("method, knobs", [("sam", {}), ("esam", {"sam_args": "beta=0.5,gamma=0.5,seed=2"})])
+def test_gradient_checkpointing_trains_bitwise_the_weights_of_a_run_without_it(tmp_path, method, knobs, reentrant):
+    """--gradient_checkpointing recomputes each block in backward, in pass 1 and in the replay; ESAM keeps every
+    pass-1 gradient there (a reentrant block tracks its inputs, not its weights)."""
+    common = {"optimizer": method, "rho": 0.05, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
+              "max_steps": 3, **knobs}
+    checkpointed = _train(tmp_path / "checkpointed", gradient_checkpointing=True,
+                          gradient_checkpointing_kwargs={"use_reentrant": reentrant}, **common)
+    plain = _train(tmp_path / "plain", **common)
+    assert torch.equal(flat_params(checkpointed.model), flat_params(plain.model))
+    assert (flat_params(plain.model) - flat_params(tiny_bert())).abs().max() > 1e-3
+
+
 def test_sam_metrics_are_window_averages_and_clipping_sees_the_sam_gradient(tmp_path):
     kwargs = {"rho": 0.05, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": 4,
               "max_grad_norm": 1.0}
