@@ -165,6 +165,27 @@ def test_gradient_checkpointing_trains_bitwise_the_weights_of_a_run_without_it(t
     assert (flat_params(plain.model) - flat_params(tiny_bert())).abs().max() > 1e-3
 
 
+def test_the_lr_schedule_steps_once_per_optimizer_step_and_gsam_rho_follows_it(tmp_path):
+    """Cosine with warm-up, accumulation 2: every method logs the stock run's learning rates (one scheduler step
+    per optimizer step, never one per pass), ρ = 0 trains the stock weights bitwise, and GSAM's ρ_t follows
+    the schedule (ρ_t = ρ · lr_t / lr_max with the default rho_min = 0)."""
+    common = {"optim": "adamw_torch", "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
+              "max_steps": 6, "lr_scheduler_type": "cosine", "warmup_steps": 2, "logging_steps": 1}
+
+    def learning_rates(trainer):
+        return [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
+
+    stock = _train(tmp_path / "stock", Trainer, TrainingArguments, **common)
+    assert len(set(learning_rates(stock))) == 5 and stock.lr_scheduler.last_epoch == 6
+    assert torch.equal(flat_params(_train(tmp_path / "zero", rho=0.0, **common).model), flat_params(stock.model))
+    for method in ("sam", "looksam", "msam", "gsam"):
+        run = _train(tmp_path / method, optimizer=method, rho=0.05, **common)
+        assert learning_rates(run) == learning_rates(stock) and run.lr_scheduler.last_epoch == 6, method
+    rho_logs = [(h["learning_rate"], h["sam/rho"]) for h in run.state.log_history if "sam/rho" in h]
+    assert len(rho_logs) == 5  # the first step's lr is 0 (warm-up), so is its ρ: no ascent, no figures
+    assert all(rho == pytest.approx(0.05 * lr / LR) for lr, rho in rho_logs)
+
+
 def test_sam_metrics_are_window_averages_and_clipping_sees_the_sam_gradient(tmp_path):
     kwargs = {"rho": 0.05, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": 4,
               "max_grad_norm": 1.0}
