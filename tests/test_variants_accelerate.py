@@ -14,6 +14,7 @@ from test_sam_engine import make_batches, make_mlp, max_abs_diff, mse, sam_closu
 from test_variants import CheckpointedMLP, swp_draw
 
 from arrcoc_sam.integrations.accelerate import AcceleratedSAM
+from arrcoc_sam.sam.optimizer import SAM
 from arrcoc_sam.sam.registry import build_sam_optimizer
 from arrcoc_sam.sam.variants import VARIANTS
 from arrcoc_sam.sam.variants.esam import per_example_loss
@@ -443,3 +444,42 @@ def test_accelerate_esam_keeps_every_pass_one_gradient_when_the_outputs_show_no_
                 optimizer.zero_grad()
     assert len(records) == 4 * len(batches) and not any(records)
     assert max_abs_diff(inner.mlp, closure_reference("esam", batches)) <= 1e-12
+
+
+def test_accelerate_loop_with_clipping_and_a_scheduler_matches_the_perturb_restore_reference():
+    """The documented loop with accelerator.clip_grad_norm_ and a prepared scheduler (accumulation 2): clipping
+    sees the sharpness-aware gradient of the window, the schedule steps once per optimizer step."""
+    batches, max_norm = make_batches(6), 0.05
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = make_mlp()
+    base = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(base, lambda step: 1.0 / (1 + step))
+    model, optimizer, scheduler = accelerator.prepare(model, base, scheduler)
+    sam = AcceleratedSAM(accelerator, model, optimizer, method="sam", rho=RHO)
+    norms = []
+    for x, y in batches:
+        for micro in ((x[:4], y[:4]), (x[4:], y[4:])):
+            with accelerator.accumulate(model):
+                sam.backward(mse, micro)
+                if accelerator.sync_gradients:
+                    norms.append(float(accelerator.clip_grad_norm_(model.parameters(), max_norm)))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+
+    reference = make_mlp()
+    ref_opt = SAM(reference.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM, rho=RHO)
+    ref_scheduler = torch.optim.lr_scheduler.LambdaLR(ref_opt, lambda step: 1.0 / (1 + step))
+    ref_norms = []
+    for batch in batches:
+        ref_opt.zero_grad()
+        mse(reference, batch).backward()
+        with ref_opt.perturbed():
+            ref_opt.zero_grad()
+            mse(reference, batch).backward()
+        ref_norms.append(float(torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm)))
+        ref_opt.step()
+        ref_scheduler.step()
+    assert max_abs_diff(accelerator.unwrap_model(model), reference) <= 1e-12
+    assert norms == pytest.approx(ref_norms, rel=1e-12) and min(norms) > max_norm  # every step clipped
+    assert scheduler.scheduler.last_epoch == ref_scheduler.last_epoch == len(batches)
