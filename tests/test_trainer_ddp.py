@@ -73,5 +73,8 @@ def test_two_processes_match_one_process_and_per_device_ascent_is_local(run_torc
         checkpointed = rank_result["esam_checkpointed"]  # reentrant checkpointing found: pass 1 never pruned
         assert checkpointed["reference_diff"] < 1e-6 and checkpointed["replicas_equal"], checkpointed
         assert checkpointed["pruning_off"]
+        selection = rank_result["esam_selection"]  # ESAM's data selection per rank, gradients averaged by DDP
+        assert selection["reference_diff"] < 1e-6 and selection["replicas_equal"], selection
+        assert selection["whole_window_diff"] > 100 * selection["reference_diff"], selection
         assert "static_graph=True" in static["per_device_refused"] and "sam_scope=per_device" in static[
             "per_device_refused"]
