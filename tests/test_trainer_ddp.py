@@ -76,5 +76,9 @@ def test_two_processes_match_one_process_and_per_device_ascent_is_local(run_torc
         selection = rank_result["esam_selection"]  # ESAM's data selection per rank, gradients averaged by DDP
         assert selection["reference_diff"] < 1e-6 and selection["replicas_equal"], selection
         assert selection["whole_window_diff"] > 100 * selection["reference_diff"], selection
+        scopes = rank_result["asam_and_microbatch"]  # ASAM; mSAM's per-micro-batch ascent on each rank
+        assert scopes["asam_reference_diff"] < 1e-6 and scopes["asam_plain_sam_diff"] > 1e-3, scopes
+        assert scopes["microbatch_reference_diff"] < 1e-6 and scopes["microbatch_global_diff"] > 1e-3, scopes
+        assert scopes["replicas_equal"]
         assert "static_graph=True" in static["per_device_refused"] and "sam_scope=per_device" in static[
             "per_device_refused"]

@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from accelerate_common import LR, batches, flat, mse, reference_sam, regression_data, tiny_mlp  # noqa: E402
 
 from arrcoc_sam.integrations.accelerate import AcceleratedSAM  # noqa: E402
+from arrcoc_sam.sam.optimizer import SAM  # noqa: E402
 from arrcoc_sam.sam.registry import build_sam_optimizer  # noqa: E402
 
 torch.set_num_threads(1)
@@ -186,6 +187,7 @@ def accelerate_checks() -> dict:
     result["esam_closure_step_ddp"] = ddp_closure_checks()
     result["esam_checkpointed"] = checkpointed_checks()
     result["esam_selection"] = sds_checks()
+    result["asam_and_microbatch"] = scope_and_asam_checks()
     return result
 
 
@@ -234,5 +236,43 @@ def _sds_reference(knobs: dict) -> torch.nn.Module:
             chosen = rows[opt.select_examples(clean.detach()[rows], perturbed[rows])]
             (per_example({k: v[chosen] for k, v in batch.items()}).mean() / 2).backward()
         opt.restore()
+        opt.base_optimizer.step()
+    return model
+
+
+def scope_and_asam_checks() -> dict:
+    """ASAM (global scope) and SAM with ``microbatch`` scope (mSAM: each rank's micro-batch its own ascent, the
+    pass-2 gradients summed over the window and averaged by DDP) through AcceleratedSAM, GA 2."""
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    asam = flat(_run(accelerator, "asam", MOMENTUM))
+    msam_scope = flat(_run(accelerator, scope="microbatch"))
+    return {
+        "asam_reference_diff": float((asam - flat(_variant_reference("asam", {}, RHO))).abs().max()),
+        "asam_plain_sam_diff": float((asam - flat(_variant_reference("sam", {}, RHO))).abs().max()),
+        "microbatch_reference_diff": float((msam_scope - flat(_microbatch_reference())).abs().max()),
+        "microbatch_global_diff": float((msam_scope - flat(_run(accelerator, scope="global"))).abs().max()),
+        "replicas_equal": _same_on_all_ranks(asam) and _same_on_all_ranks(msam_scope),
+    }
+
+
+def _microbatch_reference() -> torch.nn.Module:
+    """mSAM by hand in one process: an ascent per micro-batch of 2 from its own gradient, the four micro-batches'
+    pass-2 gradients (two per rank) summed, divided by the accumulation steps and averaged over the two ranks."""
+    model = tiny_mlp()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=LR, rho=RHO)
+    params = list(model.parameters())
+    for batch in batches(regression_data(8 * STEPS), 8):
+        window = [torch.zeros_like(p) for p in params]
+        for rows in ([0, 1], [4, 5], [2, 3], [6, 7]):
+            micro = {k: v[rows] for k, v in batch.items()}
+            opt.zero_grad()
+            mse(model, micro).backward()
+            with opt.perturbed():
+                opt.zero_grad()
+                mse(model, micro).backward()
+            for total, p in zip(window, params, strict=True):
+                total.add_(p.grad / 4)
+        for total, p in zip(window, params, strict=True):
+            p.grad = total
         opt.base_optimizer.step()
     return model
