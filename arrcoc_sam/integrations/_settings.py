@@ -26,6 +26,7 @@ __all__ = [
     "check_launched_processes_join",
     "check_run_compatible",
     "check_static_graph",
+    "launched_processes",
     "deepspeed_zero_stage",
     "fsdp_version_of",
     "parse_sam_args",
@@ -164,6 +165,11 @@ def fsdp_version_of(fsdp: Any, fsdp_config: dict | str | None) -> int | None:
     return int(_load_config(fsdp_config).get("version", 2)) if fsdp_config else 2
 
 
+def launched_processes() -> int:
+    """How many processes the launcher started (``WORLD_SIZE``; 1 outside ``torchrun``/``accelerate launch``)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def check_launched_processes_join(num_processes: int, seen_as: str, fix: str) -> None:
     """Refuse a launch of several processes (``WORLD_SIZE`` > 1) that the run sees as ``num_processes`` == 1:
     each process would train its own copy of the model (and write to the same output). On a machine without
@@ -174,7 +180,7 @@ def check_launched_processes_join(num_processes: int, seen_as: str, fix: str) ->
         seen_as: how the run sees itself, for the message (e.g. the Trainer's parallel mode).
         fix: what to pass so the processes train together, for the message.
     """
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    launched = launched_processes()
     if launched > 1 and num_processes == 1:
         raise ValueError(
             f"{launched} processes were launched (WORLD_SIZE={launched}) but each trains on its own ({seen_as}, "

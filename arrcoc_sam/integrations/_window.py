@@ -267,13 +267,12 @@ class SAMWindow:
         needed = optimizer.first_pass_tensors() if self._ascend and self.scope != "microbatch" else None
         processes = int(getattr(self.accelerator, "num_processes", 1))
         wrapped = isinstance(model, nn.parallel.DistributedDataParallel)
-        keep_all = (
+        if needed is not None and (  # (only then: _may_prune walks every module)
             (processes > 1 and not wrapped)
             or self._may_prune_first_pass is False
             or not _may_prune(model)
             or uses_static_graph(model)
-        )
-        if needed is not None and keep_all:
+        ):
             needed = None
         if needed is not None and self._may_prune_first_pass is None:
             self._probe, needed = _CheckpointProbe(), None

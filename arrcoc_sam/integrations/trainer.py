@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +43,7 @@ from arrcoc_sam.integrations._settings import (
     check_run_compatible,
     deepspeed_zero_stage,
     fsdp_version_of,
+    launched_processes,
     parse_sam_args,
 )
 from arrcoc_sam.integrations._window import ExampleLosses, SAMWindow
@@ -127,7 +127,7 @@ class SAMTrainingArguments(TrainingArguments, SAMArguments):
             zero_stage=deepspeed_zero_stage(self.deepspeed),
             fsdp_version=fsdp_version_of(self.fsdp, self.fsdp_config),
             # only a launch of several processes wraps the model in DDP (the window checks the model itself too)
-            ddp_static_graph=bool(getattr(self, "ddp_static_graph", None)) and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+            ddp_static_graph=bool(getattr(self, "ddp_static_graph", None)) and launched_processes() > 1,
         )
         super().__post_init__()
 

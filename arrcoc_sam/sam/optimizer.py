@@ -278,15 +278,16 @@ class SAM(Optimizer):
         if not params:
             return False
         groups = self._plans.groups(params, grads, settings, admit=lambda: ShardLayout.of(params, grads) is None)
-        layout = None if groups is not None else ShardLayout.of(params, grads)
+        layout = None
+        if groups is None:  # not remembered (the plans check dtypes themselves): sharded, or without storage
+            perturbation.check_real({g.dtype for g in grads})
+            layout = ShardLayout.of(params, grads)
         if layout is None:
             targets = params
-            if groups is None:  # tensors the remembered grouping cannot key (no storage), not sharded either
-                perturbation.check_real({g.dtype for g in grads})
+            if groups is None:
                 groups = perturbation.ascent_groups(params, grads, settings)
             norm = perturbation.groups_sum_of_squares(groups, grads[0].device).sqrt()
         else:  # DTensor shards (FSDP2): local pieces, one all-reduce for the full-gradient norm
-            perturbation.check_real({g.dtype for g in grads})
             targets, grads = layout.local(params), layout.local(grads)
             groups = perturbation.ascent_groups(targets, grads, settings)
             norm = layout.ascent_norm(targets, grads, [s["adaptive"] for s in settings], [s["eta"] for s in settings])

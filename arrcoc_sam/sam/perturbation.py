@@ -253,10 +253,7 @@ class SizeSplit:
 
     def flat_chunks(self, *small_lists: Sequence[Tensor], dtype: torch.dtype | None = None):
         """:func:`_flat_chunks` over the small parts, along the precomputed ranges."""
-        for start, stop in self.small_chunks:
-            flats = (lst[start].reshape(-1) if stop - start == 1 else _flatten_dense_tensors(lst[start:stop])
-                     for lst in small_lists)
-            yield tuple(flat if dtype is None else flat.to(dtype) for flat in flats)
+        return _flat_ranges(small_lists, self.small_chunks, dtype)
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,8 +433,15 @@ def _flat_chunks(*tensor_lists: Sequence[Tensor], dtype: torch.dtype | None = No
     """Per chunk of parallel lists of one device and dtype (see :func:`chunks`), one 1-D tensor per list holding
     the chunk's elements in order, cast to ``dtype`` if given: a new buffer of at most ~CHUNK_NUMEL elements, or
     a view of a single contiguous tensor."""
-    for chunk in _size_chunks(*tensor_lists):
-        flats = (t[0].reshape(-1) if len(t) == 1 else _flatten_dense_tensors(t) for t in chunk)
+    return _flat_ranges(tensor_lists, _chunk_ranges(list(map(Tensor.numel, tensor_lists[0]))), dtype)
+
+
+def _flat_ranges(tensor_lists: Sequence[Sequence[Tensor]], ranges: list[tuple[int, int]], dtype: torch.dtype | None):
+    """Per ``[start, stop)`` range, one 1-D tensor per list holding those tensors' elements in order, cast to
+    ``dtype`` if given: a view of a single contiguous tensor, or a new flattened buffer."""
+    for start, stop in ranges:
+        flats = (lst[start].reshape(-1) if stop - start == 1 else _flatten_dense_tensors(lst[start:stop])
+                 for lst in tensor_lists)
         yield tuple(flat if dtype is None else flat.to(dtype) for flat in flats)
 
 
