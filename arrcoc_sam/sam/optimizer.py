@@ -15,9 +15,11 @@ weights is transient; it lives between :meth:`SAM.perturb` and :meth:`SAM.restor
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import logging
 import math
+import numbers
 import operator
 import warnings
 from collections import OrderedDict
@@ -43,14 +45,33 @@ _GRAD = operator.attrgetter("grad")
 _LOW_PRECISION = frozenset((torch.float16, torch.bfloat16))
 
 
+def _is_real(value: Any) -> bool:
+    """A real number (Python or NumPy), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_"
+
+
 def check_rho(rho: Any, where: str) -> None:
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho < 0:
+    if not _is_real(rho) or not math.isfinite(rho) or rho < 0:
         raise ValueError(f"{where}rho must be a finite number >= 0, got {rho!r}")
 
 
 def check_eta(eta: Any, where: str) -> None:
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+    if not _is_real(eta) or not math.isfinite(eta) or eta < 0:
         raise ValueError(f"{where}eta must be a finite number >= 0, got {eta!r}")
+
+
+def check_adaptive(adaptive: Any, where: str) -> None:
+    if isinstance(adaptive, str) or adaptive not in (True, False):
+        raise ValueError(f"{where}adaptive must be True or False, got {adaptive!r}")
+
+
+def _requires_closure(optimizer: Optimizer) -> bool:
+    """Whether ``optimizer.step`` cannot run without a closure (LBFGS and the like)."""
+    try:
+        closure = inspect.signature(optimizer.step).parameters.get("closure")
+    except (TypeError, ValueError):
+        return False
+    return closure is not None and closure.default is inspect.Parameter.empty
 
 
 class SAM(Optimizer):
@@ -81,6 +102,10 @@ class SAM(Optimizer):
 
     #: +1: :meth:`perturb` moves along the direction of :meth:`_ascent_directions` (the gradient); −1: against it
     _direction_sign: float = 1.0
+    #: whether a group whose base optimizer maximises (``maximize=True``, objective −loss) ascends against the
+    #: directions of :meth:`_ascent_directions`: True for gradients of the loss; False for directions that already
+    #: carry the objective's sign (msam's momentum)
+    _ascent_follows_maximize: bool = True
     #: whether the integrations' ``sam_scope=microbatch`` (one ascent and pass 2 per micro-batch, onto the
     #: window's accumulated gradient) gives this method's update
     supports_microbatch_scope: bool = True
@@ -98,7 +123,8 @@ class SAM(Optimizer):
     ) -> None:
         check_rho(rho, "")
         check_eta(eta, "")
-        param_list = list(params)
+        check_adaptive(adaptive, "")
+        param_list = [_listed(item) if isinstance(item, dict) else item for item in params]
         if not param_list:
             raise ValueError("SAM got an empty parameter list: pass the model's (trainable) parameters")
 
@@ -109,16 +135,24 @@ class SAM(Optimizer):
                     "set them on the instance instead"
                 )
             self._check_instance_params(param_list, base_optimizer)
+            self._check_clashes(base_optimizer)
+            self._take_group_settings(param_list, base_optimizer)
             self.base_optimizer = base_optimizer
         elif isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer):
             groups = param_list if isinstance(param_list[0], dict) else [{"params": param_list}]
             self.base_optimizer = base_optimizer(groups, **base_kwargs)
+            self._check_clashes(self.base_optimizer)
         else:
             raise TypeError(
                 f"base_optimizer must be a torch.optim.Optimizer subclass or instance, got {base_optimizer!r}"
             )
 
-        sam_defaults = {"rho": rho, "adaptive": bool(adaptive), "eta": eta}
+        if _requires_closure(self.base_optimizer):
+            raise TypeError(
+                f"{type(self.base_optimizer).__name__} cannot step without a closure, and a sharpness-aware step "
+                "calls the base step once, on the gradient at w + ε: use a first-order optimizer such as SGD or AdamW"
+            )
+        sam_defaults = {"rho": float(rho), "adaptive": bool(adaptive), "eta": float(eta)}
         for index, group in enumerate(self.base_optimizer.param_groups):
             for key, value in sam_defaults.items():
                 group.setdefault(key, value)
@@ -147,6 +181,43 @@ class SAM(Optimizer):
         self._stats_model: nn.Module | None = None
         self._stats_snapshot: tuple[list[Tensor], list[Tensor]] = ([], [])  # (buffers, clean copies)
         self._plans = perturbation.AscentPlans()  # the grouping of the last ascent's tensors, reused while valid
+
+    def _check_clashes(self, base: Optimizer) -> None:
+        """Refuse a base optimizer that has a hyperparameter of the same name as one of this wrapper's per-group
+        settings (Adadelta's ``rho``): both would read and write the one entry of each param group."""
+        clashes = [key for key in self._group_keys if key in base.defaults]
+        if clashes:
+            own = ", ".join(f"{key}={base.defaults[key]!r}" for key in clashes)
+            raise ValueError(
+                f"{type(base).__name__} has its own hyperparameter(s) {own}, named like {type(self).__name__}'s "
+                f"per-group setting(s) {clashes}; the two cannot be told apart in a param group: use another base "
+                "optimizer"
+            )
+
+    def _take_group_settings(self, params: list[Any], base: Optimizer) -> None:
+        """With a base optimizer instance: copy the per-group settings of the given group dicts (``rho``,
+        ``adaptive``, ``eta``, ...) onto the instance's group holding exactly the same tensors. A dict whose
+        tensors match no group, or that sets a base hyperparameter to another value than the instance holds,
+        is refused: the instance's groups are the ones that run."""
+        by_tensors = {frozenset(map(id, group["params"])): group for group in base.param_groups}
+        for index, given in enumerate(params):
+            settings = {key: value for key, value in given.items() if key != "params"} if isinstance(given, dict) else {}
+            if not settings:
+                continue
+            target = by_tensors.get(frozenset(map(id, given["params"])))
+            if target is None:
+                raise ValueError(
+                    f"param group {index} sets {sorted(settings)}, but no group of the base_optimizer instance holds "
+                    "exactly its tensors: build the instance over the same groups, or pass the class instead"
+                )
+            for key, value in settings.items():
+                if key in self._group_keys:
+                    target[key] = value
+                elif key not in target or not _equal(target[key], value):
+                    raise ValueError(
+                        f"param group {index} sets {key}={value!r}, but the base_optimizer instance's group holds "
+                        f"{key}={target.get(key)!r}: set base-optimizer hyperparameters on the instance"
+                    )
 
     @staticmethod
     def _check_instance_params(params: list[Any], base: Optimizer) -> None:
@@ -315,7 +386,7 @@ class SAM(Optimizer):
         self._backup = _in_original_order(groups, backups, len(targets))
         self._perturbed, self._targets, self._layout = params, targets, layout
         try:
-            perturbation.apply_groups_(groups, norm_value, self._direction_sign)
+            perturbation.apply_groups_(groups, norm_value, self._direction_sign, self._ascent_follows_maximize)
             if self._stats_model is not None:
                 buffers = running_stat_buffers(self._stats_model)
                 self._stats_snapshot = (buffers, perturbation.clone_all(buffers))
@@ -417,6 +488,7 @@ class SAM(Optimizer):
                 return None
             self.base_optimizer.step()
             return None
+        self.zero_grad()  # also a closure that does not zero them itself (davda54's) then sees one pass's gradient
         with torch.enable_grad():
             loss = closure()
         if not self.ascent_this_step():
@@ -424,6 +496,7 @@ class SAM(Optimizer):
             return loss
         with self.perturbed() as ok:
             if ok:
+                self.zero_grad()
                 with torch.enable_grad():
                     closure()
         self.step()
@@ -456,6 +529,10 @@ class SAM(Optimizer):
         wrapper that the checkpoint lacks (e.g. ``rho`` when resuming a plain AdamW run with SAM) keeps its
         current value. The loaded settings are validated like constructor arguments."""
         own = [{key: group[key] for key in self._group_keys if key in group} for group in self.param_groups]
+        for index, (group, settings) in enumerate(zip(state_dict.get("param_groups", []), own)):
+            # validated before anything loads, so a refused checkpoint leaves this optimizer as it was
+            self._check_group({**settings, **{k: v for k, v in group.items() if k != "params"}},
+                              f"loaded param group {index}: ")
         self.base_optimizer.load_state_dict(state_dict)
         for index, (group, settings) in enumerate(zip(self.param_groups, own, strict=True)):
             for key, value in settings.items():
@@ -469,9 +546,12 @@ class SAM(Optimizer):
         self.base_optimizer.add_param_group(param_group)
 
     def _check_group(self, group: dict[str, Any], where: str) -> None:
-        """Raise ValueError naming ``where`` and the setting if a group's SAM settings are invalid."""
+        """Raise ValueError naming ``where`` and the setting if a group's SAM settings are invalid; otherwise
+        store them as plain ``float``/``bool`` (a NumPy scalar would not load with ``weights_only=True``)."""
         check_rho(group["rho"], where)
         check_eta(group["eta"], where)
+        check_adaptive(group["adaptive"], where)
+        group["rho"], group["eta"], group["adaptive"] = float(group["rho"]), float(group["eta"]), bool(group["adaptive"])
 
     # -- hooks: registered on the base optimizer, whose step and state_dict are the ones that run -------
     def register_step_pre_hook(self, hook: Callable[..., Any]) -> RemovableHandle:
@@ -503,9 +583,12 @@ class SAM(Optimizer):
         return getattr(self.base_optimizer, method)(on_wrapper, **kwargs)
 
     # torch.optim.Optimizer pickles only defaults/state/param_groups, which here live on the base optimizer.
+    # An LR scheduler puts a ``step`` wrapper bound to this very object (and ``_opt_called``) on the instance;
+    # a copy must not carry them, or its step() would step the original.
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.pop("_plans", None)  # a cache keyed on object identities, rebuilt on the next ascent
+        for key in ("_plans", "step", "_opt_called"):  # _plans: a cache keyed on identities, rebuilt on demand
+            state.pop(key, None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -514,6 +597,19 @@ class SAM(Optimizer):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(rho={self.defaults['rho']}, adaptive={self.defaults['adaptive']}, base={self.base_optimizer!r})"
+
+
+def _listed(group: dict[str, Any]) -> dict[str, Any]:
+    """A param-group dict with its ``params`` as a list (torch also takes one tensor or a generator)."""
+    params = group["params"]
+    return {**group, "params": [params] if isinstance(params, Tensor) else list(params)}
+
+
+def _equal(a: Any, b: Any) -> bool:
+    try:
+        return a is b or bool(a == b)
+    except (RuntimeError, TypeError, ValueError):  # tensors of several elements, incomparable objects
+        return False
 
 
 def _in_original_order(

@@ -150,6 +150,9 @@ class AscentGroup:
         indices: the positions of these tensors in the lists they were split from.
         sizes: the split of these tensors for reductions (:class:`SizeSplit`), when already known (an
             :class:`AscentPlans` group); None: computed from the tensors when needed.
+        maximize: the group's base optimizer maximises (``maximize=True``): the objective is −loss, so
+            :func:`apply_groups_` moves against the gradient of the loss (unless told the directions already
+            carry that sign).
     """
 
     adaptive: bool
@@ -159,6 +162,7 @@ class AscentGroup:
     grads: list[Tensor]
     indices: list[int]
     sizes: SizeSplit | None = None
+    maximize: bool = False
 
 
 def ascent_groups(
@@ -175,9 +179,10 @@ def ascent_groups(
     return _split(params, grads, list(dict.fromkeys(keys)), keys)
 
 
-def _setting_key(setting: Mapping[str, Any]) -> tuple[bool, float, float]:
+def _setting_key(setting: Mapping[str, Any]) -> tuple[bool, float, float, bool]:
+    """(adaptive, eta, rho, maximize) of a param group (η is 0.0 when not adaptive)."""
     adaptive = bool(setting["adaptive"])
-    return adaptive, float(setting["eta"]) if adaptive else 0.0, float(setting["rho"])
+    return adaptive, float(setting["eta"]) if adaptive else 0.0, float(setting["rho"]), bool(setting.get("maximize"))
 
 
 def _split(params, grads, distinct_keys, keys) -> list[AscentGroup]:
@@ -192,7 +197,8 @@ def _split(params, grads, distinct_keys, keys) -> list[AscentGroup]:
         for group_params, group_grads, indices in _group_with_indices(key_params, key_grads):
             if positions is not None:
                 indices = [positions[i] for i in indices]
-            groups.append(AscentGroup(*key, group_params, group_grads, indices))
+            adaptive, eta, rho, maximize = key
+            groups.append(AscentGroup(adaptive, eta, rho, group_params, group_grads, indices, maximize=maximize))
     return groups
 
 
@@ -262,6 +268,7 @@ class _GroupPlan:
     adaptive: bool
     eta: float
     rho: float
+    maximize: bool
     params: list[Tensor]
     indices: list[int]
     identity: bool  # indices are 0..n-1: the group takes the gradient list as it is
@@ -296,7 +303,8 @@ class AscentPlans:
         returns None."""
         first = settings[0]
         shared = all(map(operator.is_, settings, itertools.repeat(first)))
-        setting_key = (id(first), bool(first["adaptive"]), float(first["eta"])) if shared else _runs_key(settings)
+        setting_key = ((id(first), bool(first["adaptive"]), float(first["eta"]), bool(first.get("maximize")))
+                       if shared else _runs_key(settings))
         try:
             storages = tuple(map(Tensor.data_ptr, params))
         except RuntimeError:  # a tensor subclass without storage (a DTensor): nothing to key on
@@ -309,7 +317,7 @@ class AscentPlans:
             if admit is not None and not admit():
                 return None
             self._plans = [
-                _GroupPlan(first if shared else None, g.adaptive, g.eta, g.rho, g.params, g.indices,
+                _GroupPlan(first if shared else None, g.adaptive, g.eta, g.rho, g.maximize, g.params, g.indices,
                            g.indices == list(range(len(params))), SizeSplit.of(g.params))
                 for g in ascent_groups(params, grads, settings)
             ]
@@ -319,7 +327,8 @@ class AscentPlans:
         for plan in self._plans:
             rho = plan.rho if plan.setting is None else float(plan.setting["rho"])
             group_grads = list(grads) if plan.identity else [grads[i] for i in plan.indices]
-            groups.append(AscentGroup(plan.adaptive, plan.eta, rho, plan.params, group_grads, plan.indices, plan.sizes))
+            groups.append(AscentGroup(plan.adaptive, plan.eta, rho, plan.params, group_grads, plan.indices, plan.sizes,
+                                      plan.maximize))
         return groups
 
 
@@ -363,14 +372,16 @@ def _flat_scaled_norms(
     return torch.stack(norms).to(device=device, dtype=out_dtype)
 
 
-def apply_groups_(groups: Sequence[AscentGroup], norm: float, sign: float = 1.0) -> None:
+def apply_groups_(groups: Sequence[AscentGroup], norm: float, sign: float = 1.0, follow_maximize: bool = True) -> None:
     """In place: w += sign · (ρ/norm) · T² g for every group (T = |w| + η for ASAM groups, 1 for SAM groups).
 
-    ``sign`` is +1 for an ascent along g and −1 for a move against it. SAM groups need no temporary at all;
-    ASAM builds T in chunks of at most ~4M elements.
+    ``sign`` is +1 for an ascent along g and −1 for a move against it. With ``follow_maximize`` a group whose
+    base optimizer maximises moves the other way (its objective is −loss, whose ascent is −g); directions that
+    already carry the objective's sign (a maximising optimizer's momentum) pass False. SAM groups need no
+    temporary at all; ASAM builds T in chunks of at most ~4M elements.
     """
     for group in groups:
-        step = sign * group.rho / norm
+        step = (-sign if follow_maximize and group.maximize else sign) * group.rho / norm
         params, grads = group.params, group.grads
         grads = _in_dtype(grads, params[0].dtype)
         if not group.adaptive:
@@ -452,7 +463,7 @@ def _sum_of_squares(norms: list[Tensor]) -> Tensor:
 
 
 def _per_tensor_groups(params, grads, adaptive, eta, radius) -> list[AscentGroup]:
-    keys = [(bool(a), float(e) if a else 0.0, float(r)) for a, e, r in zip(adaptive, eta, radius, strict=True)]
+    keys = [(bool(a), float(e) if a else 0.0, float(r), False) for a, e, r in zip(adaptive, eta, radius, strict=True)]
     distinct = list(dict.fromkeys(keys))
     return _split(params, grads, distinct, None if len(distinct) == 1 else keys)
 

@@ -186,12 +186,14 @@ class VariantSAM(SAM):
             return super().step()
         with self.closure_window():
             ascend = self.ascent_this_step()
+            self.zero_grad()  # as SAM.step: a closure that does not zero the gradients sees one pass's
             with torch.enable_grad():
                 loss = closure()
             self.after_first_pass()
             if ascend:
                 with self.perturbed() as ok:
                     if ok:
+                        self.zero_grad()
                         with torch.enable_grad():
                             closure()
         self.step()

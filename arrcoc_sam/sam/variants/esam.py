@@ -242,7 +242,16 @@ class ESAM(VariantSAM):
                 f"{tuple(loss_clean.shape)} and {tuple(loss_perturbed.shape)}"
             )
         keep = max(1, math.ceil(self.gamma * loss_clean.numel()))
-        return torch.topk(loss_perturbed.detach() - loss_clean.detach(), keep, sorted=False).indices
+        rise = loss_perturbed.detach() - loss_clean.detach()
+        return torch.topk(-rise if self._maximizes() else rise, keep, sorted=False).indices
+
+    def _maximizes(self) -> bool:
+        """Whether the perturbed groups' base optimizer maximises (the objective is −loss, so the sharpest
+        examples are those whose loss falls most at w + ε̂). Groups that disagree are refused."""
+        flags = {bool(group.get("maximize")) for group in self.param_groups if group["rho"] != 0}
+        if len(flags) > 1:
+            raise ValueError("esam's data selection needs every perturbed param group to agree on maximize")
+        return flags == {True}
 
     @torch.no_grad()
     def perturb(self) -> bool:
@@ -317,6 +326,7 @@ class ESAM(VariantSAM):
 
     def _first_pass(self, closure: PerExampleClosure, needed: list[Tensor] | None) -> tuple[Tensor, bool]:
         """Pass 1 at w, with gradients for ``needed`` only (None: all); (losses, whether per example)."""
+        self.zero_grad()
         with gradients_only_for(self._all_params(), needed), torch.enable_grad():
             losses = closure()
             per_example = losses.dim() > 0
@@ -356,6 +366,7 @@ class ESAM(VariantSAM):
 
     def _second_pass(self, closure: PerExampleClosure, clean: Tensor, per_example: bool) -> None:
         if not per_example:
+            self.zero_grad()
             with torch.enable_grad():
                 closure()
             return

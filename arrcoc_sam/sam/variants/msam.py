@@ -28,7 +28,9 @@ class MomentumSAM(VariantSAM):
 
     −m is the direction the optimizer has been descending: w + ε lies ahead on its own trajectory, where
     Nesterov momentum evaluates its gradient, but at the fixed radius ρ instead of an lr-sized step. That is
-    the sign of the paper's Algorithm 1; it is not SAM's direction (+g) with g swapped for m.
+    the sign of the paper's Algorithm 1; it is not SAM's direction (+g) with g swapped for m. RMSprop with
+    momentum keeps the *preconditioned* step (μ·buf + g/√v) in its ``momentum_buffer``; msam then moves against
+    that, the direction RMSprop descends, rather than against a plain mean of gradients.
 
     ``before_first_pass`` perturbs and ``after_first_pass`` restores, so outside an accumulation window
     (evaluation, checkpointing, logging) the weights are always the clean ones; :meth:`eval` restores and
@@ -42,6 +44,7 @@ class MomentumSAM(VariantSAM):
     """
 
     _direction_sign = -1.0
+    _ascent_follows_maximize = False  # a maximising optimizer's momentum already averages −∇loss
 
     def __init__(
         self,

@@ -1,0 +1,193 @@
+"""The raw optimizer API against torch.optim conventions: copies with a scheduler attached, base optimizers whose
+hyperparameters clash or that need a closure, per-group settings with an instance, ``maximize=True``, argument
+types, refused checkpoints, and closures that do not zero the gradients."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from test_sam_engine import bitwise_equal, make_batches, make_mlp, max_abs_diff, mse, reference_sam_step
+from torch import nn
+
+from arrcoc_sam.sam import build_sam_optimizer
+from arrcoc_sam.sam.optimizer import SAM
+
+
+def _closure(model, opt, batch, sign: float = 1.0):
+    def closure():
+        opt.zero_grad()
+        loss = sign * mse(model, batch)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def test_a_copy_made_after_a_scheduler_is_attached_steps_its_own_model_and_pickles():
+    model = make_mlp()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    torch.optim.lr_scheduler.StepLR(opt, step_size=1)  # puts a step wrapper on the optimizer instance
+    twin_model, twin_opt = copy.deepcopy((model, opt))
+    before = copy.deepcopy(model)
+    batch = make_batches(1)[0]
+    twin_opt.step(_closure(twin_model, twin_opt, batch))
+    assert bitwise_equal(model, before)  # the original did not move
+    assert max_abs_diff(twin_model, before) > 1e-4  # the copy did
+    restored = pickle.loads(pickle.dumps(opt))
+    assert isinstance(restored, SAM)
+
+
+def test_a_base_optimizer_whose_hyperparameter_shares_a_sam_setting_name_is_refused():
+    model = make_mlp()
+    with pytest.raises(ValueError, match=r"Adadelta has its own hyperparameter\(s\) rho=0.9"):
+        SAM(model.parameters(), torch.optim.Adadelta, rho=0.05)
+    with pytest.raises(ValueError, match="rho=0.95"):
+        SAM(model.parameters(), torch.optim.Adadelta(model.parameters(), rho=0.95))
+    with pytest.raises(ValueError, match="Adadelta has its own"):
+        build_sam_optimizer("periodic", model.parameters(), torch.optim.Adadelta, interval=5)
+
+
+def test_an_optimizer_that_needs_a_closure_is_refused_at_construction():
+    model = make_mlp()
+    with pytest.raises(TypeError, match="LBFGS cannot step without a closure"):
+        SAM(model.parameters(), torch.optim.LBFGS)
+
+
+def test_group_settings_given_with_an_optimizer_instance_reach_its_groups():
+    model, reference = make_mlp(), make_mlp()
+    first, second = list(model[0].parameters()), list(model[2].parameters())
+    base = torch.optim.SGD([{"params": first}, {"params": second}], lr=0.1)
+    opt = SAM([{"params": first, "rho": 0.0}, {"params": iter(second), "rho": 0.2, "adaptive": True}], base)
+    assert [(g["rho"], g["adaptive"]) for g in opt.param_groups] == [(0.0, False), (0.2, True)]
+    ref_first, ref_second = list(reference[0].parameters()), list(reference[2].parameters())
+    ref = SAM([{"params": ref_first, "rho": 0.0}, {"params": ref_second, "rho": 0.2, "adaptive": True}],
+              torch.optim.SGD, lr=0.1)
+    batch = make_batches(1)[0]
+    opt.zero_grad()
+    mse(model, batch).backward()
+    clean = [p.detach().clone() for p in first]
+    assert opt.perturb()
+    assert all(torch.equal(p, c) for p, c in zip(first, clean))  # the rho=0 group stayed put
+    opt.restore()
+    opt.step(_closure(model, opt, batch))
+    ref.step(_closure(reference, ref, batch))
+    assert bitwise_equal(model, reference)
+
+
+def test_group_settings_an_instance_cannot_honour_are_refused():
+    model = make_mlp()
+    first, second = list(model[0].parameters()), list(model[2].parameters())
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="param group 0 sets \\['rho'\\], but no group of the base_optimizer"):
+        SAM([{"params": first, "rho": 0.0}, {"params": second}], base)
+    with pytest.raises(ValueError, match="param group 0 sets lr=0.5, but the base_optimizer instance's group holds lr=0.1"):
+        SAM([{"params": list(model.parameters()), "lr": 0.5}], base)
+
+
+@pytest.mark.parametrize("method, knobs", [
+    ("sam", {}), ("asam", {}), ("gsam", {"alpha": 0.3}), ("fsam", {}), ("looksam", {"interval": 2}),
+    ("periodic", {"interval": 2}), ("esam", {"swp": "coordinate", "beta": 0.5, "gamma": 1.0}),
+    ("esam", {"beta": 0.5, "gamma": 1.0}), ("msam", {}),
+])
+@pytest.mark.parametrize("base_cls, base_kwargs", [
+    (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}), (torch.optim.Adam, {"lr": 0.01}),
+])
+def test_maximize_equals_the_same_method_minimising_the_negated_loss(method, knobs, base_cls, base_kwargs):
+    """A maximising base optimizer's objective is −loss: the ascent must be that of −loss (ε = −ρ g/‖g‖), so
+    the run equals the same method with maximize=False on −loss."""
+    maximizing, reference = make_mlp(), make_mlp()
+    opt = build_sam_optimizer(method, maximizing.parameters(), base_cls, maximize=True, **base_kwargs, **knobs)
+    ref = build_sam_optimizer(method, reference.parameters(), base_cls, **base_kwargs, **knobs)
+    for batch in make_batches(4):
+        opt.step(_closure(maximizing, opt, batch))
+        ref.step(_closure(reference, ref, batch, sign=-1.0))
+    assert max_abs_diff(maximizing, reference) < 1e-12
+    unperturbed = make_mlp()
+    plain = torch.optim.SGD(unperturbed.parameters(), lr=0.1, momentum=0.9, maximize=True)
+    for batch in make_batches(4):
+        plain.zero_grad()
+        mse(unperturbed, batch).backward()
+        plain.step()
+    assert max_abs_diff(maximizing, unperturbed) > 1e-6  # the test can tell SAM from the base step
+
+
+def test_esam_selects_the_examples_whose_objective_rises_most_when_maximizing():
+    model = make_mlp()
+    opt = build_sam_optimizer("esam", model.parameters(), torch.optim.SGD, lr=0.1, maximize=True, gamma=0.5)
+    clean, perturbed = torch.tensor([1.0, 1.0, 1.0, 1.0]), torch.tensor([1.5, 0.2, 1.1, 0.9])
+    assert sorted(opt.select_examples(clean, perturbed).tolist()) == [1, 3]  # −loss rises most there
+    minimizing = build_sam_optimizer("esam", make_mlp().parameters(), torch.optim.SGD, lr=0.1, gamma=0.5)
+    assert sorted(minimizing.select_examples(clean, perturbed).tolist()) == [0, 2]
+
+
+def test_numpy_settings_are_accepted_and_stored_as_python_numbers():
+    model = make_mlp()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=np.float32(0.05), eta=np.float64(0.02),
+              adaptive=np.bool_(True), lr=0.1)
+    group = opt.param_groups[0]
+    assert (type(group["rho"]), type(group["eta"]), type(group["adaptive"])) == (float, float, bool)
+    assert group["rho"] == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("bad", ["false", "no", 2, None])
+def test_adaptive_must_be_a_boolean(bad):
+    model = make_mlp()
+    with pytest.raises(ValueError, match=f"adaptive must be True or False, got {bad!r}"):
+        SAM(model.parameters(), torch.optim.SGD, adaptive=bad, lr=0.1)
+    with pytest.raises(ValueError, match="param group 0: adaptive must be True or False"):
+        SAM([{"params": list(model.parameters()), "adaptive": bad}], torch.optim.SGD, lr=0.1)
+
+
+def test_a_refused_checkpoint_leaves_the_optimizer_as_it_was():
+    model = make_mlp()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    state = opt.state_dict()
+    state["param_groups"][0].update(rho=-0.3, lr=7.0)
+    with pytest.raises(ValueError, match="loaded param group 0: rho must be a finite number >= 0, got -0.3"):
+        opt.load_state_dict(state)
+    assert (opt.param_groups[0]["rho"], opt.param_groups[0]["lr"]) == (0.05, 0.1)
+
+
+def test_a_closure_that_does_not_zero_the_gradients_takes_the_sam_step():
+    """davda54's closure (backward only, one backward already done before step) gives the SAM step."""
+    model, reference = make_mlp(), make_mlp()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for batch in make_batches(3):
+        def closure(batch=batch):
+            loss = mse(model, batch)
+            loss.backward()
+            return loss
+
+        mse(model, batch).backward()
+        opt.step(closure)
+        opt.zero_grad()
+        reference_sam_step(reference, ref_opt, batch, rho=0.05)
+    assert max_abs_diff(model, reference) < 1e-12
+
+
+def test_variant_closure_steps_also_zero_the_gradients_between_passes():
+    model, reference = make_mlp(), make_mlp()
+    opt = build_sam_optimizer("gsam", model.parameters(), torch.optim.SGD, lr=0.1, alpha=0.2)
+    ref = build_sam_optimizer("gsam", reference.parameters(), torch.optim.SGD, lr=0.1, alpha=0.2)
+    for batch in make_batches(3):
+        def closure(batch=batch):
+            loss = mse(model, batch)
+            loss.backward()
+            return loss
+
+        mse(model, batch).backward()  # stale: must not enter either pass
+        opt.step(closure)
+        ref.step(_closure(reference, ref, batch))
+    assert max_abs_diff(model, reference) < 1e-12
+
+
+def test_sam_settings_clash_check_leaves_ordinary_optimizers_alone():
+    model = make_mlp()
+    for base in (torch.optim.SGD, torch.optim.AdamW, torch.optim.RMSprop, torch.optim.Adagrad, torch.optim.NAdam):
+        SAM(model.parameters(), base, lr=0.01)
+    SAM(model.parameters(), torch.optim.SGD(nn.ModuleList([model]).parameters(), lr=0.1))
