@@ -29,13 +29,20 @@ def _loop(accumulation: int, micro_size: int, steps: int, scaler: torch.amp.Grad
     loader = DataLoader(regression_data(micro_size * accumulation * steps), batch_size=micro_size)
     model, optimizer, loader = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR), loader)
     sam = AcceleratedSAM(accelerator, model, optimizer, **sam_kwargs)
+    return model, sam, _train_epoch(accelerator, model, optimizer, loader, sam)
+
+
+def _train_epoch(accelerator, model, optimizer, loader, sam, loss_fn=mse, after_backward=None, set_to_none=True):
+    """The README loop over ``loader``; ``after_backward(batch)`` runs after each ``sam.backward``. The losses."""
     losses = []
     for batch in loader:
         with accelerator.accumulate(model):
-            losses.append(sam.backward(mse, batch))
+            losses.append(sam.backward(loss_fn, batch))
+            if after_backward is not None:
+                after_backward(batch)
             optimizer.step()
-            optimizer.zero_grad()
-    return model, sam, losses
+            optimizer.zero_grad(set_to_none=set_to_none)
+    return losses
 
 
 def test_accumulated_loop_matches_full_batch_sam_reference():
@@ -197,3 +204,99 @@ def test_metrics_are_pooled_over_ranks_and_skipped_ascents_averaged():
         metrics.add("sharpness", torch.tensor(value))
     metrics.add_skipped(1)
     assert metrics.read(two_ranks) == {"sam/sharpness": 2.0, "sam/skipped_steps": 1.0}
+
+
+def test_refuses_an_optimizer_that_updates_none_of_the_models_parameters():
+    accelerator = Accelerator(cpu=True)
+    model, other = tiny_mlp(), tiny_mlp()
+    with pytest.raises(ValueError, match="the optimizer updates none of the model's parameters"):
+        AcceleratedSAM(accelerator, model, torch.optim.SGD(other.parameters(), lr=LR), method="sam")
+
+
+def test_accumulating_by_hand_over_several_calls_is_refused_and_zeroed_gradients_are_not():
+    """Without ``accelerator.accumulate`` every call is a whole window; gradients left by the previous call would
+    enter the next ascent and be dropped by its replay. Zeros left by ``zero_grad(set_to_none=False)`` are fine."""
+    data = batches(regression_data(16), 4)
+    accelerator = Accelerator(cpu=True)
+    model = tiny_mlp()
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR))
+    sam = AcceleratedSAM(accelerator, model, optimizer, method="sam", rho=0.1)
+    sam.backward(mse, data[0])
+    before = flat(model)
+    with pytest.raises(RuntimeError, match="window opened with gradients already in .grad"):
+        sam.backward(mse, data[1])
+    assert torch.equal(flat(model), before)  # the refused call left the clean weights
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = tiny_mlp()
+    loader = DataLoader(regression_data(16), batch_size=4)
+    model, optimizer, loader = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR), loader)
+    sam = AcceleratedSAM(accelerator, model, optimizer, method="sam", rho=0.1)
+    _train_epoch(accelerator, model, optimizer, loader, sam, set_to_none=False)
+    reference = reference_sam(tiny_mlp(), batches(regression_data(16), 8), rho=0.1)
+    assert (flat(model) - flat(reference)).abs().max() < 1e-6
+
+
+def test_a_loss_function_that_pops_from_its_batch_trains_as_one_that_does_not():
+    def popping_mse(model, batch):
+        target = batch.pop("y")
+        return nn.functional.mse_loss(model(batch["x"]), target)
+
+    plain, _, _ = _loop(accumulation=2, micro_size=4, steps=2, method="sam", rho=0.1)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = tiny_mlp()
+    loader = DataLoader(regression_data(16), batch_size=4)
+    model, optimizer, loader = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR), loader)
+    sam = AcceleratedSAM(accelerator, model, optimizer, method="sam", rho=0.1)
+    kept = []
+    _train_epoch(accelerator, model, optimizer, loader, sam, popping_mse, lambda batch: kept.append(sorted(batch)))
+    assert all(keys == ["x", "y"] for keys in kept)  # the caller's batch is untouched
+    assert torch.equal(flat(model), flat(plain))
+
+
+def test_metrics_of_a_window_the_end_of_the_data_closes_early_average_its_own_micro_batches():
+    """Windows of 3, 3 and 1 micro-batches (7 per epoch, accumulation 3): at a vanishing radius the perturbed
+    loss of each window is the mean clean loss of its micro-batches."""
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=3)
+    model = tiny_mlp()
+    loader = DataLoader(regression_data(28), batch_size=4)
+    model, optimizer, loader = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR), loader)
+    sam = AcceleratedSAM(accelerator, model, optimizer, method="sam", rho=1e-12)
+    figures, seen = [], [0]
+
+    def read_window_end(_batch):
+        if accelerator.sync_gradients:
+            figures.append((sam.metrics()["sam/loss_perturbed"], float(torch.stack(losses[seen[0]:]).mean())))
+            seen[0] = len(losses)
+
+    losses = []
+    for batch in loader:  # the losses so far are needed inside the loop, so not _train_epoch
+        with accelerator.accumulate(model):
+            losses.append(sam.backward(mse, batch))
+            read_window_end(batch)
+            optimizer.step()
+            optimizer.zero_grad()
+    assert len(figures) == 3
+    for logged, expected in figures:
+        assert logged == pytest.approx(expected, rel=1e-5)
+
+
+def test_esam_selection_regroups_the_chosen_examples_of_a_window_into_full_sub_batches():
+    """ESAM (γ = 0.5) with accumulation 2 on a BatchNorm model: the 4 chosen of each window's 8 examples run as
+    one sub-batch of 4 (never a lone example, which BatchNorm cannot normalise in training mode), one forward
+    with gradient per window after pass 1's two."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 1))
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    loader = DataLoader(regression_data(64), batch_size=4)
+    model, optimizer, loader = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR), loader)
+    sam = AcceleratedSAM(accelerator, model, optimizer, method="esam", rho=0.1, gamma=0.5,
+                         per_example_loss_fn=lambda outputs, batch: ((outputs - batch["y"]) ** 2).mean(dim=1))
+    sizes = []
+    hook = model.register_forward_hook(lambda module, args, output: sizes.append(
+        (args[0].shape[0], torch.is_grad_enabled())) if module.training else None)
+    _train_epoch(accelerator, model, optimizer, loader, sam)
+    hook.remove()
+    windows = len(loader) // 2
+    assert sizes == [(4, True), (4, True), (4, False), (4, False), (4, True)] * windows
+    assert torch.isfinite(flat(model)).all()

@@ -323,6 +323,14 @@ def test_batchnorm_running_stats_move_once_per_micro_batch(tmp_path):
         ({"sam_scope": "microbatch"}, "gradient_accumulation_steps=1"),
         ({"fsdp": "full_shard", "fsdp_config": {"version": 1}}, "FSDP1"),
         ({"fsdp": "full_shard", "sam_scope": "per_device"}, "sam_scope='per_device' has no meaning under FSDP"),
+        # knob values the method itself refuses, at parse time rather than when train() builds the optimizer
+        ({"optimizer": "looksam", "sam_args": "alpha=-1"},
+         r"--optimizer looksam \(alpha=-1, sam_scope=global\): alpha must be a finite number >= 0, got -1"),
+        ({"optimizer": "esam", "sam_args": "gamma=0"}, r"--optimizer esam \(gamma=0, .*gamma must be a number in \(0, 1\]"),
+        ({"optimizer": "esam", "sam_args": "swp=bogus"}, "--optimizer esam .*swp must be one of"),
+        ({"optimizer": "gsam", "rho": 0.05, "sam_args": "rho_min=0.1"}, "--optimizer gsam .*rho_min must be in"),
+        ({"optimizer": "gsam", "sam_scope": "microbatch", "gradient_accumulation_steps": 2},
+         "--optimizer gsam .*sam_scope=microbatch splits"),
     ],
 )
 def test_refuses_runs_sam_cannot_serve(tmp_path, overrides, match):
@@ -667,3 +675,73 @@ def test_sam_metrics_are_only_read_by_training_loss_logs(tmp_path):  # kills T2
     logs = _train_logging(tmp_path, optimizer="sam", rho=0.05)
     assert any("sam/sharpness" in entry for entry in logs if "loss" in entry)
     assert not [entry for entry in logs if "loss" not in entry and any(k.startswith("sam/") for k in entry)]
+
+
+class _OwnTrainingStep(SAMTrainer):
+    """A subclass whose training_step does its own forward and backward, without super()."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        model.train()
+        loss = self.compute_loss(model, self._prepare_inputs(inputs), num_items_in_batch=num_items_in_batch)
+        self.accelerator.backward(loss)
+        return loss.detach()
+
+
+class _SuperTrainingStep(SAMTrainer):
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+def test_a_training_step_override_that_bypasses_the_sam_passes_is_refused_at_the_first_step(tmp_path):
+    with pytest.raises(RuntimeError, match="_OwnTrainingStep.training_step does not run SAMTrainer's"):
+        _train(tmp_path / "own", trainer_cls=_OwnTrainingStep, rho=0.05, max_steps=2)
+    calling_super = _train(tmp_path / "super", trainer_cls=_SuperTrainingStep, rho=0.05, max_steps=2)
+    plain = _train(tmp_path / "plain", rho=0.05, max_steps=2)
+    assert torch.equal(flat_params(calling_super.model), flat_params(plain.model))
+
+
+@pytest.mark.parametrize("saved, resumed, expected", [
+    ({"optimizer": "sam", "rho": 0.05}, {"optimizer": "sam", "rho": 0.2}, {"rho": 0.2, "adaptive": False}),
+    ({"optimizer": "asam", "rho": 0.5}, {"optimizer": "sam", "rho": 0.05}, {"rho": 0.05, "adaptive": False}),
+])
+def test_resuming_keeps_the_runs_own_sharpness_aware_settings_and_says_which_changed(tmp_path, caplog, saved,
+                                                                                     resumed, expected):
+    common = {"per_device_train_batch_size": 4, "save_strategy": "steps", "save_steps": 2}
+    _train(tmp_path / "first", max_steps=2, **common, **saved)
+    checkpoint = next((tmp_path / "first" / "out").glob("checkpoint-*"))
+    model = tiny_bert()
+    args = SAMTrainingArguments(**trainer_kwargs(str(tmp_path / "second"), learning_rate=LR, max_steps=3, **common,
+                                                 **resumed))
+    trainer = SAMTrainer(model=model, args=args, train_dataset=token_dataset(24), compute_loss_func=token_sum_loss)
+    with caplog.at_level("WARNING", logger="arrcoc_sam.integrations.trainer"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    groups = trainer.optimizer.optimizer.param_groups
+    assert all(group[key] == value for group in groups for key, value in expected.items())
+    assert "this run keeps its own" in caplog.text and f"rho: {saved['rho']!r} -> {expected['rho']!r}" in caplog.text
+
+
+class _StopAfterFirstMicroBatch(TrainerCallback):
+    def __init__(self):
+        self.armed = True
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        if self.armed:
+            self.armed = False
+            control.should_training_stop = True
+
+
+def test_a_window_an_earlier_train_left_open_is_not_replayed_by_the_next(tmp_path):
+    """Training stopped after the first micro-batch of a window of 3; the next train() on the same trainer starts a
+    fresh window: at a vanishing radius its perturbed loss is the clean loss of its own 3 micro-batches, not 4."""
+    args = SAMTrainingArguments(**trainer_kwargs(str(tmp_path / "out"), learning_rate=LR, max_steps=1,
+                                                 per_device_train_batch_size=2, gradient_accumulation_steps=3,
+                                                 logging_steps=1, rho=1e-9))
+    trainer = SAMTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset(24), compute_loss_func=token_sum_loss,
+                         callbacks=[_StopAfterFirstMicroBatch()])
+    trainer.train()
+    assert trainer.state.global_step == 0
+    grab = _Logs()
+    trainer.add_callback(grab)
+    trainer.train()
+    log = next(entry for entry in grab.logs if "sam/loss_perturbed" in entry)
+    assert log["sam/loss_perturbed"] == pytest.approx(log["loss"], rel=1e-4)

@@ -73,6 +73,8 @@ def test_two_processes_match_one_process_and_per_device_ascent_is_local(run_torc
         checkpointed = rank_result["esam_checkpointed"]  # reentrant checkpointing found: pass 1 never pruned
         assert checkpointed["reference_diff"] < 1e-6 and checkpointed["replicas_equal"], checkpointed
         assert checkpointed["pruning_off"]
+        refusals = rank_result["unwrapped_model_refusals"]  # a bare module in a 2-process run: no silent copies
+        assert len(refusals) == 2 and all("not wrapped in DistributedDataParallel" in m for m in refusals), refusals
         selection = rank_result["esam_selection"]  # ESAM's data selection per rank, gradients averaged by DDP
         assert selection["reference_diff"] < 1e-6 and selection["replicas_equal"], selection
         assert selection["whole_window_diff"] > 100 * selection["reference_diff"], selection

@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch.optim import Optimizer
 
 from arrcoc_sam.sam.registry import available_methods, build_sam_optimizer, method_knobs
@@ -23,6 +24,7 @@ from arrcoc_sam.sam.sharding import check_fsdp_run
 __all__ = [
     "SCOPES",
     "SAMSettings",
+    "check_knob_values",
     "check_launched_processes_join",
     "check_run_compatible",
     "check_static_graph",
@@ -141,6 +143,28 @@ class SAMSettings:
         if not self.statistics:
             optimizer.track_stats = False
         return optimizer
+
+
+# The learning rate of the stand-in optimizer check_knob_values builds: large, so a schedule knob bounded by the
+# run's peak rate (GSAM's lr_min ≤ lr_max, lr_max defaulting to it) is not refused for the stand-in's sake.
+_STAND_IN_LR = 1e30
+
+
+def check_knob_values(settings: SAMSettings) -> None:
+    """Refuse knob values the method's constructor would refuse (``--sam_args alpha=-1``, ESAM's ``gamma=0``,
+    GSAM's ``rho_min`` above ρ, a method that cannot serve ``sam_scope=microbatch``) when the arguments are parsed,
+    instead of when ``train()`` builds the optimizer after loading the model and data. Builds the method once
+    around SGD with momentum over a one-element stand-in parameter; what depends on the run's own ``--optim``
+    (msam's momentum) is still checked when the optimizer is built."""
+    if not settings.enabled:
+        return
+    stand_in = torch.nn.Parameter(torch.zeros(1))
+    try:
+        settings.build(torch.optim.SGD([stand_in], lr=_STAND_IN_LR, momentum=0.9))
+    except (TypeError, ValueError) as error:
+        knobs = ", ".join(f"{key}={value!r}" for key, value in settings.knobs().items())
+        raise ValueError(f"--optimizer {settings.method} ({knobs or 'its defaults'}, sam_scope={settings.scope}): "
+                         f"{error}") from error
 
 
 def _load_config(config: dict | str) -> dict:

@@ -25,10 +25,12 @@ the ``global``/``per_device`` scopes): pass 1 also records the clean per-example
 from its own forward (a forward hook, no extra pass). The replay then runs, per micro-batch, one forward at
 w + ε under ``no_grad`` for the perturbed per-example losses; ``select_examples`` picks the top ⌈γ·B⌉ rises
 over the rank's whole window (B examples, as ESAM's closure step selects over its batch); and only the
-chosen examples of each micro-batch run forward + backward, with the loss ``Σ_{i∈chosen} ℓ_i / ⌈γ·B⌉`` so
+chosen examples run forward + backward, regrouped into as few sub-batches of at most one micro-batch's size as
+hold them where the micro-batches can be concatenated (otherwise micro-batch by micro-batch), with the loss
+``Σ_{i∈chosen} ℓ_i / ⌈γ·B⌉`` so
 the window gradient is exactly ESAM's ``∇ mean_{i∈B⁺} ℓ_i(w + ε)``. Under DDP each rank selects from its own
 window and DDP averages the ranks' gradients. All these forwards go through the unwrapped module except the
-one that back-propagates last, which goes through the DDP wrapper and syncs (a micro-batch with no chosen
+one that back-propagates last, which goes through the DDP wrapper and syncs (a sub-batch with no chosen
 example is skipped; every rank makes exactly one DDP forward in the replay). Cost: one forward over the
 window plus forward + backward over ⌈γ·B⌉ examples. Where the per-example losses are unavailable
 (:class:`~arrcoc_sam.sam.variants.esam.PerExampleLossUnavailable`) or under ``microbatch`` scope, the
@@ -54,8 +56,9 @@ second-pass figures are measured on the gradient accumulated so far in the windo
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,7 +72,7 @@ from arrcoc_sam.sam.norm_stats import preserve_running_stats
 from arrcoc_sam.sam.variants._base import gradients_only_for, uses_reentrant_checkpointing
 from arrcoc_sam.sam.variants.esam import PerExampleLossUnavailable
 
-__all__ = ["ExampleLosses", "SAMMetrics", "SAMWindow"]
+__all__ = ["ExampleLosses", "SAMMetrics", "SAMWindow", "shallow_copy"]
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +164,7 @@ class SAMWindow:
         self._average_by_hand = False  # pass 1 runs under no_sync and the window all-reduces those gradients
         self._may_prune_first_pass: bool | None = None  # None until a probe window has run pass 1 in full
         self._probe: _CheckpointProbe | None = None  # this window's pass 1 is that probe
+        self._micro_batches = 0  # micro-batches of the open window so far
 
     def micro_step(
         self,
@@ -187,9 +191,12 @@ class SAMWindow:
                 check_static_graph(uses_static_graph(model), self.scope, steps)
                 optimizer.before_first_pass()
                 self._ascend = bool(optimizer.ascent_this_step())
+                if self._ascend and self.scope != "microbatch":
+                    _check_no_earlier_gradients(optimizer)
                 self._select = self._ascend and self._can_select(optimizer, example_losses)
                 self._plan_first_pass(model, optimizer)
                 self._open = True
+            self._micro_batches += 1
             if self._ascend and self.scope == "microbatch":
                 loss = self._microbatch_step(model, optimizer, batch, run_pass, last)
                 if last and self._any_ascent:
@@ -227,6 +234,14 @@ class SAMWindow:
             optimizer.restore()  # that stops mid-window (should_training_stop) returns and saves clean weights
             self._reapply = True
         return loss
+
+    def discard(self, optimizer: Optimizer | None) -> None:
+        """Forget a window left open (a run stopped between its micro-batches: the optimizer's
+        ``abort_window()`` puts back clean weights and counts no step) and the figures not yet read."""
+        if self._open and optimizer is not None:
+            optimizer.abort_window()
+        self._close()
+        self.metrics = SAMMetrics()
 
     # -- global / per_device: one ascent from the window gradient, then replay the window -------------
     def _ascend_and_replay(
@@ -335,6 +350,7 @@ class SAMWindow:
             offset += size
             if local.numel() > 0:
                 picks.append((_take(batch, local, size), local.numel()))
+        picks = _repacked(picks, max(clean.numel() for clean in self._clean_examples))
         # In the units of the window's pass 1: the loss run_pass back-propagated, summed over the window, is
         # `units` times the mean clean per-example loss (1 for a loss over num_items_in_batch; the accumulation
         # steps for a Trainer model that ignores it, or under Accelerate, whose backward divides by them again),
@@ -402,8 +418,9 @@ class SAMWindow:
     def _record_losses(self, *, clean: Tensor, perturbed: Tensor) -> None:
         """Window sums of the pass losses, in the units of one micro-batch's loss as the loop sees it: the
         Trainer's per-micro-batch losses are already divided by the accumulation steps (its accelerator
-        accumulates over 1); a plain Accelerate loop's are not."""
-        steps = getattr(self.accelerator, "gradient_accumulation_steps", 1)
+        accumulates over 1); a plain Accelerate loop's are not, and are averaged over the window's micro-batches
+        (fewer than the accumulation steps in a window the end of the data closed early)."""
+        steps = min(int(getattr(self.accelerator, "gradient_accumulation_steps", 1)), max(self._micro_batches, 1))
         self.metrics.add("loss_perturbed", perturbed / steps)
         self.metrics.add("sharpness", (perturbed - clean) / steps)
 
@@ -425,6 +442,7 @@ class SAMWindow:
         self._first_pass_tensors = None
         self._average_by_hand = False
         self._probe = None
+        self._micro_batches = 0
 
 
 class _CheckpointProbe:
@@ -519,6 +537,25 @@ def _may_prune(model: nn.Module) -> bool:
     return True
 
 
+def _check_no_earlier_gradients(optimizer: Optimizer) -> None:
+    """Raise if a window that replays its micro-batches opens with non-zero gradients: they came from a backward
+    outside the window (accumulation by hand, without ``accelerator.accumulate``), would enter the ascent and be
+    dropped by the replay. Gradients that are all zero (``zero_grad(set_to_none=False)``) pass; telling them
+    apart costs a host sync, paid only by loops that leave gradients allocated."""
+    for p in _params_of(optimizer):
+        grad = p.grad
+        if grad is None:
+            continue
+        local = grad.to_local() if hasattr(grad, "to_local") else grad
+        if bool(local.detach().count_nonzero()):
+            raise RuntimeError(
+                "a sharpness-aware accumulation window opened with gradients already in .grad (a backward outside "
+                "it, e.g. accumulating by hand over several calls): the ascent would mix them in and the replay at "
+                "w + ε would drop them. Accumulate with Accelerator(gradient_accumulation_steps=k) and "
+                "`with accelerator.accumulate(model):`, and call optimizer.zero_grad() after each optimizer.step()"
+            )
+
+
 def _params_of(optimizer: Optimizer) -> list[Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
@@ -538,6 +575,20 @@ def _average_across_processes(params: list[Tensor]) -> None:
         torch.distributed.all_reduce(flat)
         flat.div_(world)
         torch._foreach_copy_(grads, _unflatten_dense_tensors(flat, grads))
+
+
+def shallow_copy(batch: Any) -> Any:
+    """A new container for a mapping or list batch, of the same type where it can be copied (a ``BatchEncoding``
+    stays one), holding the same tensors: a loss function or the stock ``training_step`` may pop or add keys,
+    and the replay at w + ε reuses the batch. Other batches (tensors, tuples) as they are."""
+    if isinstance(batch, (MutableMapping, list)) and type(batch) not in (dict, list):
+        try:
+            return copy.copy(batch)
+        except Exception:  # noqa: BLE001 - a container that cannot be copied is handed over as a plain one
+            pass
+    if isinstance(batch, Mapping):
+        return dict(batch)
+    return list(batch) if isinstance(batch, list) else batch
 
 
 def uses_static_graph(model: nn.Module) -> bool:
@@ -561,6 +612,60 @@ def _take(batch: Any, index: Tensor, size: int) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(_take(value, index, size) for value in batch)
     return batch
+
+
+def _repacked(picks: list[tuple[Any, int]], limit: int) -> list[tuple[Any, int]]:
+    """The chosen examples of the window's micro-batches, ``(sub-batch, examples)`` each, regrouped into as few
+    sub-batches of at most ``limit`` examples (the largest micro-batch) as hold them all, of sizes that differ by
+    at most one: fewer forwards, and no lone example that a BatchNorm layer in training mode could not
+    normalise. Sub-batches that cannot be concatenated (tensors padded to other lengths) stay as they are."""
+    if len(picks) < 2:
+        return picks
+    sizes = [size for _, size in picks]
+    merged = _concatenated([subset for subset, _ in picks], sizes)
+    if merged is _UNMERGEABLE:
+        return picks
+    total = sum(sizes)
+    count = -(-total // limit)
+    repacked, start = [], 0
+    for index in range(count):
+        size = total // count + (index < total % count)
+        rows = torch.arange(start, start + size)
+        repacked.append((merged if count == 1 else _take(merged, rows, total), size))
+        start += size
+    return repacked
+
+
+_UNMERGEABLE = object()
+
+
+def _concatenated(parts: list[Any], sizes: list[int]) -> Any:
+    """``parts`` (batches of one structure with ``sizes[i]`` examples) as one batch: tensors whose first dimension
+    is the part's size concatenated along it, anything else kept where every part holds the same object or
+    value; ``_UNMERGEABLE`` where the parts disagree (other shapes, keys or values)."""
+    first = parts[0]
+    if isinstance(first, Tensor):
+        if all(isinstance(p, Tensor) and p.dim() > 0 and p.shape[0] == n and p.shape[1:] == first.shape[1:]
+               and p.dtype == first.dtype and p.device == first.device for p, n in zip(parts, sizes, strict=True)):
+            return torch.cat(parts)
+        return first if all(p is first for p in parts) else _UNMERGEABLE
+    if isinstance(first, Mapping):
+        if not all(isinstance(p, Mapping) and p.keys() == first.keys() for p in parts):
+            return _UNMERGEABLE
+        merged = {key: _concatenated([p[key] for p in parts], sizes) for key in first}
+        return _UNMERGEABLE if any(v is _UNMERGEABLE for v in merged.values()) else merged
+    if isinstance(first, (list, tuple)):
+        if not all(type(p) is type(first) and len(p) == len(first) for p in parts):
+            return _UNMERGEABLE
+        items = [_concatenated([p[i] for p in parts], sizes) for i in range(len(first))]
+        if any(item is _UNMERGEABLE for item in items):
+            return _UNMERGEABLE
+        return type(first)(*items) if hasattr(first, "_fields") else type(first)(items)
+    try:
+        same = all(p is first or bool(p == first) for p in parts)
+    except Exception:  # noqa: BLE001 - values that cannot be compared cannot be shared either
+        same = False
+    return first if same else _UNMERGEABLE
 
 
 @torch.no_grad()

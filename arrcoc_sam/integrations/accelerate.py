@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from arrcoc_sam.curvature._data import shifts_labels
 from arrcoc_sam.integrations._settings import SAMSettings, check_launched_processes_join, check_run_compatible
-from arrcoc_sam.integrations._window import ExampleLosses, SAMWindow, uses_static_graph
+from arrcoc_sam.integrations._window import ExampleLosses, SAMWindow, shallow_copy, uses_static_graph
 from arrcoc_sam.sam.sharding import check_model_supported, is_sharded
 from arrcoc_sam.sam.variants.esam import per_example_loss
 
@@ -92,6 +92,7 @@ class AcceleratedSAM:
         else:  # a model sharded by hand with fully_shard never went through Accelerate's FSDP setup
             fsdp_version = 2 if is_sharded(model.parameters()) else None
         check_model_supported(model)
+        _check_prepared(accelerator, model, optimizer, fsdp_version)
         check_launched_processes_join(accelerator.num_processes, f"the Accelerator's distributed type is "
                                       f"{accelerator.distributed_type.value}", "build Accelerator(cpu=True)")
         check_run_compatible(
@@ -130,12 +131,12 @@ class AcceleratedSAM:
         """
 
         def run_pass(micro_batch: Any) -> Tensor:
-            loss = loss_fn(self.model, micro_batch)
+            loss = loss_fn(self.model, shallow_copy(micro_batch))  # the replay reuses the batch: keep it whole
             self.accelerator.backward(loss)
             return loss.detach()
 
         def forward(module: nn.Module, micro_batch: Any) -> Tensor:
-            return loss_fn(module, micro_batch).detach()
+            return loss_fn(module, shallow_copy(micro_batch)).detach()
 
         example_losses = ExampleLosses(forward, self.per_example_loss_fn)
         return self._window.micro_step(self.model, self.sam_optimizer, batch, run_pass, example_losses)
@@ -143,3 +144,31 @@ class AcceleratedSAM:
     def metrics(self) -> dict[str, float]:
         """``sam/*`` averages since the last call, pooled over ranks (all ranks must call it together)."""
         return self._window.metrics.read(self.accelerator)
+
+
+_DATA_PARALLEL = frozenset(kind for kind in DistributedType if kind.value.startswith("MULTI_"))
+
+
+def _check_prepared(accelerator: Any, model: nn.Module, optimizer: torch.optim.Optimizer, fsdp_version: int | None) -> None:
+    """Refuse a model that ``accelerator.prepare`` did not wrap in a multi-process data-parallel run (the helper
+    runs the model itself, so a bare module would train one unsynchronised copy per process), and an optimizer
+    that updates none of the model's parameters."""
+    processes = int(getattr(accelerator, "num_processes", 1))
+    if processes > 1 and accelerator.distributed_type in _DATA_PARALLEL and not isinstance(
+        model, nn.parallel.DistributedDataParallel
+    ):
+        raise ValueError(
+            f"AcceleratedSAM got a {type(model).__name__} that is not wrapped in DistributedDataParallel, in a run "
+            f"of {processes} processes: nothing would average the gradients across them. Pass the model that "
+            "accelerator.prepare returned (not accelerator.unwrap_model(model), nor the model before prepare)"
+        )
+    if processes > 1 and fsdp_version == 2 and not is_sharded(model.parameters()):
+        raise ValueError("AcceleratedSAM got a model whose parameters are not sharded in an FSDP run: pass the model "
+                         "that accelerator.prepare returned")
+    model_params = {id(p) for p in model.parameters()}
+    optimized = [p for group in optimizer.param_groups for p in group["params"]]
+    if model_params and optimized and not any(id(p) in model_params for p in optimized):
+        raise ValueError(
+            "the optimizer updates none of the model's parameters: build it over model.parameters() of the model "
+            "passed to AcceleratedSAM (after accelerator.prepare, pass the prepared pair)"
+        )

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 
 from transformers.hf_argparser import string_to_bool
 
+from arrcoc_sam.integrations._settings import check_knob_values
 from arrcoc_sam.integrations.trainer import SAMArguments, patched_trainer
 
 __all__ = ["flags_given", "main", "split_argv"]
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     sam_args, script, script_argv = split_argv(argv)
     try:
         settings = sam_args.sam_settings()
+        check_knob_values(settings)
     except ValueError as error:
         print(f"arrcoc_sam.launch: error: {error}", file=sys.stderr)
         return 2

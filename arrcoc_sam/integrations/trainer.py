@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +39,7 @@ from arrcoc_sam.curvature._data import shifts_labels
 from arrcoc_sam.integrations._settings import (
     SCOPES,
     SAMSettings,
+    check_knob_values,
     check_launched_processes_join,
     check_run_compatible,
     deepspeed_zero_stage,
@@ -46,7 +47,7 @@ from arrcoc_sam.integrations._settings import (
     launched_processes,
     parse_sam_args,
 )
-from arrcoc_sam.integrations._window import ExampleLosses, SAMWindow
+from arrcoc_sam.integrations._window import ExampleLosses, SAMWindow, shallow_copy
 from arrcoc_sam.sam.variants.esam import per_example_loss
 
 __all__ = ["SAMArguments", "SAMTrainer", "SAMTrainingArguments", "patched_trainer"]
@@ -120,8 +121,10 @@ class SAMTrainingArguments(TrainingArguments, SAMArguments):
     """
 
     def __post_init__(self) -> None:
+        settings = self.sam_settings()
+        check_knob_values(settings)
         check_run_compatible(
-            self.sam_settings(),
+            settings,
             gradient_accumulation_steps=self.gradient_accumulation_steps,
             optim=self.optim,
             zero_stage=deepspeed_zero_stage(self.deepspeed),
@@ -141,6 +144,11 @@ class _SAMTrainerMethods:
         settings = _run_settings(self)
         if settings.enabled and _sam_inside(optimizer) is None:
             self.optimizer = settings.build(optimizer)
+            _keep_run_settings(self.optimizer)
+            _require_windows(self, self.optimizer)
+        window = self.__dict__.get("_sam_window")
+        if window is not None:  # every train() starts here: nothing of a window an earlier train() left open
+            window.discard(_sam_inside(self.optimizer))
         return self.optimizer
 
     def training_step(
@@ -158,17 +166,21 @@ class _SAMTrainerMethods:
             window = self._sam_window = SAMWindow(self.accelerator, settings.scope)
 
         def run_pass(batch: Any) -> torch.Tensor:
-            return _STOCK_TRAINING_STEP(self, model, _shallow_copy(batch), num_items_in_batch)
+            return _STOCK_TRAINING_STEP(self, model, shallow_copy(batch), num_items_in_batch)
 
         def forward(module: nn.Module, batch: Any) -> torch.Tensor:
-            inputs_ = self._prepare_inputs(_shallow_copy(batch))
+            inputs_ = self._prepare_inputs(shallow_copy(batch))
             with self.compute_loss_context_manager():
                 loss = self.compute_loss(module, inputs_, num_items_in_batch=num_items_in_batch)
             return _in_training_step_units(self, loss, num_items_in_batch)
 
         optimizer = _sam_optimizer(self.optimizer)
         per_example = self.__dict__.get("_sam_per_example_loss_fn") or _default_per_example_loss(self, model, optimizer)
-        return window.micro_step(model, optimizer, _shallow_copy(inputs), run_pass, ExampleLosses(forward, per_example))
+        last = bool(self.accelerator.sync_gradients)
+        loss = window.micro_step(model, optimizer, shallow_copy(inputs), run_pass, ExampleLosses(forward, per_example))
+        if last:
+            self._sam_windows = self.__dict__.get("_sam_windows", 0) + 1
+        return loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the ``sam/*`` averages of the logging window to the training log (all ranks call this together)."""
@@ -203,6 +215,54 @@ class SAMTrainer(_SAMTrainerMethods, Trainer):
         _run_settings(self)
 
 
+def _keep_run_settings(optimizer: torch.optim.Optimizer) -> None:
+    """On resume the run's sharpness-aware settings (``--rho``, ``--sam_eta``, ASAM or not, the variants' group
+    knobs) replace those saved in the checkpoint's param groups, with a warning naming what changed: the flags
+    of the run are what its user asked for."""
+    keys = getattr(optimizer, "_group_keys", ())
+    chosen = [{key: group[key] for key in keys if key in group} for group in optimizer.param_groups]
+
+    def restore_run_settings(sam: torch.optim.Optimizer, *_: Any) -> None:
+        changed = set()
+        for group, settings in zip(sam.param_groups, chosen):
+            for key, value in settings.items():
+                if key in group and not _same_setting(group[key], value):
+                    changed.add(f"{key}: {group[key]!r} -> {value!r}")
+                group[key] = value
+        if changed:
+            logger.warning("the checkpoint's optimizer state was saved with other sharpness-aware settings; this "
+                           "run keeps its own (%s)", ", ".join(sorted(changed)))
+
+    optimizer.register_load_state_dict_post_hook(restore_run_settings)
+
+
+def _same_setting(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except (RuntimeError, TypeError, ValueError):
+        return a is b
+
+
+def _require_windows(trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
+    """Raise at an optimizer step that no sharpness-aware window preceded: a ``training_step`` override that does
+    not call ``super().training_step()`` would otherwise train with the base optimizer alone, silently."""
+    stepped_after, at_step = [0], [None]
+
+    def check(*_: Any) -> None:
+        if trainer.state.global_step == at_step[0]:  # a base optimizer whose step calls its parent's: hooks run twice
+            return
+        windows = trainer.__dict__.get("_sam_windows", 0)
+        if windows == stepped_after[0]:
+            raise RuntimeError(
+                f"the optimizer stepped without a sharpness-aware window: {type(trainer).__name__}.training_step "
+                "does not run SAMTrainer's (call super().training_step(model, inputs, num_items_in_batch) in the "
+                "override, which runs both passes), so this run would train with the base optimizer alone"
+            )
+        stepped_after[0], at_step[0] = windows, trainer.state.global_step
+
+    optimizer.register_step_pre_hook(check)
+
+
 def _default_per_example_loss(trainer: Trainer, model: nn.Module, optimizer: Any) -> Callable[[Any, Any], torch.Tensor]:
     """:func:`per_example_loss` scoring examples as the stock loss does: next-token labels for causal LMs, the
     run's ``label_smoothing_factor``. Warns once where ``compute_loss`` is customised, which it cannot follow."""
@@ -217,12 +277,6 @@ def _default_per_example_loss(trainer: Trainer, model: nn.Module, optimizer: Any
     return functools.partial(
         per_example_loss, shift_labels=shifts_labels(model), label_smoothing=trainer.args.label_smoothing_factor
     )
-
-
-def _shallow_copy(batch: Any) -> Any:
-    """A new dict for a mapping batch (the stock ``training_step`` may add keys to it); other batches as they are
-    (a tuple or list batch, which a custom ``compute_loss`` unpacks)."""
-    return dict(batch) if isinstance(batch, Mapping) else batch
 
 
 def _in_training_step_units(trainer: Trainer, loss: torch.Tensor, num_items_in_batch: Any) -> torch.Tensor:

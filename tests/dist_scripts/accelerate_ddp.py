@@ -188,7 +188,22 @@ def accelerate_checks() -> dict:
     result["esam_checkpointed"] = checkpointed_checks()
     result["esam_selection"] = sds_checks()
     result["asam_and_microbatch"] = scope_and_asam_checks()
+    result["unwrapped_model_refusals"] = unwrapped_model_refusals(accelerator)
     return result
+
+
+def unwrapped_model_refusals(accelerator: Accelerator) -> list[str]:
+    """The messages of AcceleratedSAM given, in a 2-process run, the module inside the DDP wrapper and a model
+    that never went through prepare (each would train an unsynchronised copy per process)."""
+    model = tiny_mlp()
+    prepared, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR))
+    messages = []
+    for candidate in (accelerator.unwrap_model(prepared), tiny_mlp()):
+        try:
+            AcceleratedSAM(accelerator, candidate, torch.optim.SGD(candidate.parameters(), lr=LR), method="sam")
+        except ValueError as error:
+            messages.append(str(error))
+    return messages
 
 
 def _per_example_mse(outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
