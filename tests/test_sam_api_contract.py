@@ -5,12 +5,21 @@ types, refused checkpoints, and closures that do not zero the gradients."""
 from __future__ import annotations
 
 import copy
+import math
 import pickle
 
 import numpy as np
 import pytest
 import torch
-from test_sam_engine import bitwise_equal, make_batches, make_mlp, max_abs_diff, mse, reference_sam_step
+from test_sam_engine import (
+    bitwise_equal,
+    make_batches,
+    make_mlp,
+    max_abs_diff,
+    mse,
+    reference_epsilon,
+    reference_sam_step,
+)
 from torch import nn
 
 from arrcoc_sam.sam import build_sam_optimizer
@@ -191,3 +200,88 @@ def test_sam_settings_clash_check_leaves_ordinary_optimizers_alone():
     for base in (torch.optim.SGD, torch.optim.AdamW, torch.optim.RMSprop, torch.optim.Adagrad, torch.optim.NAdam):
         SAM(model.parameters(), base, lr=0.01)
     SAM(model.parameters(), torch.optim.SGD(nn.ModuleList([model]).parameters(), lr=0.1))
+
+
+@pytest.mark.parametrize("scale", [1e22, 1e-27], ids=["overflow", "underflow"])
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+def test_a_float32_norm_out_of_range_with_finite_gradients_still_ascends(scale, adaptive):
+    """Gradients of float32 weights scaled by 1e22 (a GradScaler's scale after long growth) overflow the float32
+    sum of squares, by 1e-27 underflow it to zero; every element is finite and non-zero, so ε must still be the
+    formula's (the direction is scale-free), and the step must not be skipped."""
+    model = make_mlp(dtype=torch.float32)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, adaptive=adaptive, lr=0.1)
+    batch = make_batches(1, dtype=torch.float32)[0]
+    mse(model, batch).backward()
+    params = list(model.parameters())
+    grads = [p.grad.double() for p in params]
+    with torch.no_grad():
+        for p in params:
+            p.grad.mul_(scale)
+    assert all(torch.isfinite(p.grad).all() for p in params)
+    clean = [p.detach().double() for p in params]
+    assert opt.perturb()
+    eps = reference_epsilon([c for c in clean], grads, 0.05, adaptive, 0.01)
+    for p, c, e in zip(params, clean, eps):
+        torch.testing.assert_close(p.detach().double() - c, e.view_as(c), rtol=1e-3, atol=1e-7)
+    opt.restore()
+    assert opt.skipped_steps == 0
+    assert 0 < float(opt.stats["grad_norm"]) < math.inf
+
+
+def test_gradients_with_an_inf_are_still_skipped():
+    model = make_mlp(dtype=torch.float32)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    mse(model, make_batches(1, dtype=torch.float32)[0]).backward()
+    next(model.parameters()).grad[0, 0] = math.inf
+    assert not opt.perturb() and opt.skipped_steps == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+def test_half_precision_weights_take_the_float32_ascent_rounded_once(dtype, adaptive):
+    """ε for float16/bfloat16 weights is ρ T²g/‖T g‖ formed in float32 and rounded once: neither the step size ρ/‖g‖
+    (below float16's range for ‖g‖ > 1.7e6) nor T²g (above it for |g|(|w|+η)² > 65504) is formed in half precision."""
+    if adaptive:  # T²g ≈ 9·3e4 at w = 3: beyond float16
+        weight = nn.Parameter(torch.tensor([3.0, -2.0, 0.5, 0.0], dtype=dtype))
+        grad = torch.tensor([3e4, -4e4, 1e3, 2e4], dtype=dtype)
+    else:  # ‖g‖ ≈ 1.9e6: ρ/‖g‖ ≈ 2.6e-8 rounds to zero in float16
+        weight = nn.Parameter(torch.linspace(0.5, 1.0, 1024, dtype=dtype))
+        grad = torch.full((1024,), 6e4, dtype=dtype) * torch.tensor([1.0, -1.0], dtype=dtype).repeat(512)
+    opt = SAM([weight], torch.optim.SGD, rho=0.5 if adaptive else 0.05, adaptive=adaptive, lr=0.1)
+    weight.grad = grad
+    clean = weight.detach().clone()
+    with pytest.warns(UserWarning, match="float16/bfloat16"):
+        assert opt.perturb()
+    expected = reference_epsilon([clean.double()], [grad.double()], opt.param_groups[0]["rho"], adaptive, 0.01)[0]
+    exact = clean.double() + expected
+    assert torch.isfinite(weight).all() and not torch.equal(weight.detach(), clean)
+    # one rounding of w + ε: within a unit in the last place of the weight's precision (subnormals included)
+    info = torch.finfo(dtype)
+    torch.testing.assert_close(weight.detach().double(), exact, rtol=info.eps, atol=info.tiny * info.eps)
+    opt.restore()
+    assert torch.equal(weight.detach(), clean)
+
+
+def test_the_two_call_api_keeps_running_stats_to_one_update_when_the_ascent_is_skipped():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1).hold_running_stats(model)
+    x = torch.randn(8, 3)
+    model(x).sum().mul(0).backward()  # a zero gradient: the ascent is skipped
+    assert not opt.first_step(zero_grad=True)
+    after_pass_one = model[1].running_mean.clone()
+    model(x).sum().mul(0).backward()  # the davda54 loop runs pass 2 anyway
+    opt.second_step(zero_grad=True)
+    assert torch.equal(model[1].running_mean, after_pass_one) and int(model[1].num_batches_tracked) == 1
+
+
+def test_a_parameter_given_twice_is_refused():
+    model = make_mlp()
+    weight = model[0].weight
+    with pytest.raises(ValueError, match=r"parameter 1 \(shape \(7, 5\)\) is given twice"):
+        SAM([weight, weight], torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match="is given twice"):
+        SAM([{"params": [weight]}, {"params": [model[0].bias, weight]}], torch.optim.SGD, lr=0.1)
+    opt = SAM([weight], torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match="is given twice"):
+        opt.add_param_group({"params": [model[2].weight, model[2].weight]})

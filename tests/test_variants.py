@@ -577,6 +577,8 @@ def test_variants_are_registered_and_knobs_validated():
         (GSAM, {"lr_min": -1.0}, r"need 0 <= lr_min <= lr_max, got lr_min=-1.0"),
         (GSAM, {"lr_max": math.inf}, "lr_max must be a finite number, got inf"),
         (FriendlySAM, {"ema_decay": 1.0}, "ema_decay must be < 1"),
+        (FriendlySAM, {"ema_decay": 0.0, "sigma": 1.0}, r"sigma=1.0 leaves an ascent direction of \(1 − sigma\)·g"),
+        (GSAM, {"lr_min": 0.5, "lr_max": 0.1}, r"need 0 <= lr_min <= lr_max, got lr_min=0.5, lr_max=0.1"),
     ]:
         with pytest.raises(ValueError, match=match):
             cls(params, torch.optim.SGD, lr=0.1, momentum=0.9, **kwargs)
@@ -693,7 +695,7 @@ def test_gsam_add_param_group_gets_the_schedule_keys_and_is_validated():
     opt = GSAM(model.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM, rho=RHO, rho_min=0.01, lr_min=0.001)
     opt.add_param_group({"params": extra.parameters(), "lr": 0.2})
     group = opt.param_groups[-1]
-    assert (group["rho_min"], group["lr_min"], group["lr_max"]) == (0.01, 0.001, 0.2)
+    assert (group["rho_min"], group["lr_min"], group["lr_max"], GSAM.lr_max_of(group)) == (0.01, 0.001, None, 0.2)
     opt.step(sam_closure(model, opt, make_batches(1)[0]))  # the new group has no grad: no KeyError, nothing perturbed
     with pytest.raises(ValueError, match="new param group: rho_min must be in"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "rho": 0.01, "rho_min": 0.5})
@@ -711,7 +713,7 @@ def test_loaded_checkpoint_without_sam_settings_keeps_them_and_bad_ones_fail_at_
     sam.step(sam_closure(model, sam, make_batches(1)[0]))
     gsam = GSAM(model.parameters(), torch.optim.AdamW, lr=1e-2, rho=0.2)
     gsam.load_state_dict(sam.state_dict())  # a SAM checkpoint lacks GSAM's schedule keys
-    assert gsam.param_groups[0]["lr_max"] == 1e-2
+    assert GSAM.lr_max_of(gsam.param_groups[0]) == 1e-2
     gsam.step(sam_closure(model, gsam, make_batches(1)[0]))
     broken = sam.state_dict()
     broken["param_groups"][0]["rho"] = -1.0
@@ -756,19 +758,35 @@ def test_gsam_after_a_warmup_or_one_cycle_scheduler_spans_the_peak_learning_rate
     base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=MOMENTUM)
     torch.optim.lr_scheduler.LinearLR(base, start_factor=0.01, total_iters=10)  # lr is 0.001 now
     gsam = GSAM(model.parameters(), base, rho=RHO, rho_min=0.0)
-    assert gsam.param_groups[0]["lr_max"] == pytest.approx(0.1)
+    assert GSAM.lr_max_of(gsam.param_groups[0]) == pytest.approx(0.1)
     assert gsam.scheduled_rho(gsam.param_groups[0]) == pytest.approx(RHO * 0.01)
 
     base = torch.optim.SGD(make_mlp().parameters(), lr=0.1, momentum=MOMENTUM)
     one_cycle = torch.optim.lr_scheduler.OneCycleLR(base, max_lr=0.4, total_steps=20)
     gsam = GSAM([p for g in base.param_groups for p in g["params"]], base, rho=RHO, rho_min=0.01)
-    assert gsam.param_groups[0]["lr_max"] == pytest.approx(0.4)
+    assert GSAM.lr_max_of(gsam.param_groups[0]) == pytest.approx(0.4)
     radii = []
     for _ in range(19):
         radii.append(gsam.scheduled_rho(gsam.param_groups[0]))
         base.step()
         one_cycle.step()
     assert max(radii) == pytest.approx(RHO, rel=1e-3) and min(radii) >= 0.01
+
+
+def test_gsam_follows_a_one_cycle_schedule_attached_after_it():
+    """OneCycleLR built on GSAM itself (the plain PyTorch order): ρ_t = ρ·lr_t/max_lr along the cycle, not ρ
+    from the first steps on (lr_max read when GSAM was built, 0.01, would put every later step above it)."""
+    model = make_mlp()
+    gsam = GSAM(model.parameters(), torch.optim.SGD, lr=0.01, rho=0.1)
+    one_cycle = torch.optim.lr_scheduler.OneCycleLR(gsam, max_lr=0.1, total_steps=20)
+    for _ in range(15):
+        group = gsam.param_groups[0]
+        assert GSAM.scheduled_rho(group) == pytest.approx(0.1 * group["lr"] / 0.1)
+        gsam.step(sam_closure(model, gsam, make_batches(1)[0]))
+        one_cycle.step()
+    assert gsam.param_groups[0]["lr"] < 0.05  # the cycle came down again
+    with pytest.raises(ValueError, match=r"gsam: lr_min=0.5 is above the peak learning rate 0.1"):
+        GSAM.scheduled_rho({**gsam.param_groups[0], "lr_min": 0.5})
 
 
 def test_esam_selects_ceil_gamma_b_examples_with_the_largest_rise():  # kills V6

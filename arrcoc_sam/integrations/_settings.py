@@ -145,11 +145,6 @@ class SAMSettings:
         return optimizer
 
 
-# The learning rate of the stand-in optimizer check_knob_values builds: large, so a schedule knob bounded by the
-# run's peak rate (GSAM's lr_min ≤ lr_max, lr_max defaulting to it) is not refused for the stand-in's sake.
-_STAND_IN_LR = 1e30
-
-
 def check_knob_values(settings: SAMSettings) -> None:
     """Refuse knob values the method's constructor would refuse (``--sam_args alpha=-1``, ESAM's ``gamma=0``,
     GSAM's ``rho_min`` above ρ, a method that cannot serve ``sam_scope=microbatch``) when the arguments are parsed,
@@ -160,7 +155,7 @@ def check_knob_values(settings: SAMSettings) -> None:
         return
     stand_in = torch.nn.Parameter(torch.zeros(1))
     try:
-        settings.build(torch.optim.SGD([stand_in], lr=_STAND_IN_LR, momentum=0.9))
+        settings.build(torch.optim.SGD([stand_in], lr=0.1, momentum=0.9))
     except (TypeError, ValueError) as error:
         knobs = ", ".join(f"{key}={value!r}" for key, value in settings.knobs().items())
         raise ValueError(f"--optimizer {settings.method} ({knobs or 'its defaults'}, sam_scope={settings.scope}): "

@@ -140,6 +140,7 @@ class SAM(Optimizer):
             self.base_optimizer = base_optimizer
         elif isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer):
             groups = param_list if isinstance(param_list[0], dict) else [{"params": param_list}]
+            _check_no_duplicates([p for group in groups for p in group["params"]])
             self.base_optimizer = base_optimizer(groups, **base_kwargs)
             self._check_clashes(self.base_optimizer)
         else:
@@ -225,6 +226,7 @@ class SAM(Optimizer):
         for item in params:
             given.extend(item["params"] if isinstance(item, dict) else [item])
         wrapped = [p for group in base.param_groups for p in group["params"]]
+        _check_no_duplicates(wrapped)
         if {id(p) for p in given} != {id(p) for p in wrapped} or len(given) != len(wrapped):
             raise ValueError(
                 f"the base_optimizer instance holds {len(wrapped)} tensors that differ from the {len(given)} "
@@ -368,6 +370,8 @@ class SAM(Optimizer):
         # them while the device still finishes the backward pass; a skipped ascent drops them unused.
         backups = [perturbation.clone_all(group.params) for group in groups]
         norm_value = float(norm)  # the one host sync of the step
+        if layout is None and (math.isinf(norm_value) or norm_value == 0.0):
+            norm_value = self._norm_out_of_float32_range(groups, norm_value, norm.device)
         if not math.isfinite(norm_value) or norm_value == 0.0:
             self.skipped_steps += 1
             if not math.isfinite(norm_value):
@@ -394,6 +398,19 @@ class SAM(Optimizer):
             self._copy_back_clean_weights()
             raise
         return True
+
+    def _norm_out_of_float32_range(self, groups: list[perturbation.AscentGroup], norm_value: float,
+                                   device: torch.device) -> float:
+        """The ascent norm where the float32 one came out inf or 0 although every gradient element is finite and
+        not all are zero: its sum of squares left float32's range (a norm above ~1.8e19, e.g. gradients under a
+        large GradScaler scale, or elements below ~1e-23). Recomputed in float64; ``norm_value`` unchanged where
+        the gradients are non-finite or all zero (one foreach max-norm and one host sync decide)."""
+        largest = perturbation.largest_magnitude(groups)
+        if not math.isfinite(largest) or largest == 0.0:
+            return norm_value
+        norm_value = perturbation.norm_in_float64(groups)
+        self.stats["grad_norm"] = torch.tensor(norm_value, dtype=torch.float32, device=device)
+        return norm_value
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -461,14 +478,23 @@ class SAM(Optimizer):
 
     # -- the torch.optim surface ---------------------------------------------------------------------
     def first_step(self, zero_grad: bool = False) -> bool:
-        """Ascent from the current gradients (davda54-style API). Returns whether it perturbed."""
+        """Ascent from the current gradients (davda54-style API). Returns whether it perturbed.
+
+        A skipped ascent under :meth:`hold_running_stats` still snapshots the running statistics: a loop of this
+        API runs pass 2 anyway, and :meth:`second_step` puts them back, so they move once per step."""
         ok = self.perturb()
+        if not ok and self._stats_model is not None:
+            buffers = running_stat_buffers(self._stats_model)
+            self._stats_snapshot = (buffers, perturbation.clone_all(buffers))
         if zero_grad:
             self.zero_grad()
         return ok
 
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore the clean weights and take the base step with the current (perturbed-point) gradients."""
+        if not self._perturbed and self._stats_snapshot[0]:  # first_step skipped its ascent
+            perturbation.copy_(*self._stats_snapshot)
+            self._stats_snapshot = ([], [])
         self.restore()
         self.step()
         if zero_grad:
@@ -540,6 +566,8 @@ class SAM(Optimizer):
             self._check_group(group, f"loaded param group {index}: ")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        param_group["params"] = _listed(param_group)["params"]
+        _check_no_duplicates(param_group["params"])
         for key in _SAM_GROUP_KEYS:
             param_group.setdefault(key, self.defaults[key])
         self._check_group(param_group, "new param group: ")
@@ -597,6 +625,16 @@ class SAM(Optimizer):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(rho={self.defaults['rho']}, adaptive={self.defaults['adaptive']}, base={self.base_optimizer!r})"
+
+
+def _check_no_duplicates(params: list[Any]) -> None:
+    """Refuse a tensor given twice (torch only warns): the ascent would count and move it twice."""
+    seen: set[int] = set()
+    for index, param in enumerate(params):
+        if id(param) in seen:
+            raise ValueError(f"parameter {index} (shape {tuple(getattr(param, 'shape', ()))}) is given twice; the "
+                             "ascent would count and perturb it twice: pass each tensor once")
+        seen.add(id(param))
 
 
 def _listed(group: dict[str, Any]) -> dict[str, Any]:

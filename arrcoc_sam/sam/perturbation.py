@@ -46,6 +46,8 @@ __all__ = [
     "dot_and_squared_norms",
     "group_by_device_and_dtype",
     "groups_sum_of_squares",
+    "largest_magnitude",
+    "norm_in_float64",
     "squared_norm",
     "sum_dtype",
 ]
@@ -383,6 +385,9 @@ def apply_groups_(groups: Sequence[AscentGroup], norm: float, sign: float = 1.0,
     for group in groups:
         step = (-sign if follow_maximize and group.maximize else sign) * group.rho / norm
         params, grads = group.params, group.grads
+        if params[0].dtype in _HALF_PRECISION:
+            _apply_in_float32_(group, step)
+            continue
         grads = _in_dtype(grads, params[0].dtype)
         if not group.adaptive:
             torch._foreach_add_(params, grads, alpha=step)
@@ -392,6 +397,47 @@ def apply_groups_(groups: Sequence[AscentGroup], norm: float, sign: float = 1.0,
             torch._foreach_mul_(direction, direction)
             torch._foreach_mul_(direction, chunk_grads)
             torch._foreach_add_(chunk_params, direction, alpha=step)
+
+
+_HALF_PRECISION = frozenset((torch.float16, torch.bfloat16))
+
+
+def _apply_in_float32_(group: AscentGroup, step: float) -> None:
+    """:func:`apply_groups_` for float16/bfloat16 weights: ``step`` · T²g formed in float32 and rounded once into
+    the weights (in half precision the scalar ``step`` itself could round to zero, and T²g overflow), chunk by
+    chunk."""
+    for chunk_params, chunk_grads in _size_chunks(group.params, group.grads):
+        direction = [g.to(torch.float32, copy=True) for g in chunk_grads]
+        if group.adaptive:
+            scaling = _scaling_operator(_in_dtype(chunk_params, torch.float32), group.eta)
+            torch._foreach_mul_(scaling, scaling)
+            torch._foreach_mul_(direction, scaling)
+        torch._foreach_mul_(direction, step)
+        torch._foreach_add_(chunk_params, direction)
+
+
+def largest_magnitude(groups: Sequence[AscentGroup]) -> float:
+    """max |g| over the gradients of all groups (inf or nan if any is non-finite): one foreach max-norm per group,
+    one host sync."""
+    peaks = [torch.stack(torch._foreach_norm(group.grads, math.inf)).max().float() for group in groups]
+    device = peaks[0].device
+    return float(torch.stack([peak.to(device) for peak in peaks]).max())
+
+
+def norm_in_float64(groups: Sequence[AscentGroup]) -> float:
+    """‖T g‖ over all groups accumulated in float64, tensor by tensor: the slow, range-safe recomputation for a
+    float32 norm that overflowed (a global norm above ~1.8e19, e.g. gradients under a large GradScaler scale) or
+    underflowed to zero (elements below ~1e-23) while every element is finite. Non-finite gradients give a
+    non-finite result. One float64 temporary of one tensor at a time; one host sync."""
+    total = None
+    for group in groups:
+        for param, grad in zip(group.params, group.grads, strict=True):
+            value = grad.detach().to(torch.float64)
+            if group.adaptive:
+                value = value * (param.detach().to(torch.float64).abs() + group.eta)
+            square = torch.linalg.vecdot(value.reshape(-1), value.reshape(-1))
+            total = square if total is None else total + square.to(total.device)
+    return math.sqrt(float(total)) if total is not None else 0.0
 
 
 def _tensor_norms(

@@ -26,7 +26,9 @@ class FriendlySAM(VariantSAM):
         update with ∇L(w_t + ε_t)            (pass 2), as SAM
 
     Norms are global over the perturbed tensors. m is committed only when the ascent is finite, so one
-    overflowing step does not poison it.
+    overflowing step does not poison it. This is the paper's formula; the authors' released code differs: it
+    starts m at g_0 and removes the previous average (d_t = g_t − σ m_{t−1}), which for σ = 1 differs only by a
+    start-up bias decaying like λ^t.
 
     Cost: two forward+backward passes per step. Memory: one persistent gradient-sized buffer (m, saved in
     the checkpoint) plus one transient one (d) beside SAM's backup. Under an fp16 GradScaler m averages the
@@ -56,6 +58,11 @@ class FriendlySAM(VariantSAM):
         check_fraction(ema_decay, "ema_decay", allow_zero=True)
         if ema_decay == 1:
             raise ValueError("ema_decay must be < 1 (λ = 1 never lets a gradient into the average), got 1")
+        if ema_decay == 0 and sigma >= 1:
+            raise ValueError(
+                f"ema_decay=0 makes the average the current gradient, so sigma={sigma} leaves an ascent direction of "
+                f"(1 − sigma)·g: zero or against the gradient; use sigma < 1 or ema_decay > 0"
+            )
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, eta=eta, **base_kwargs)
         self.sigma = float(sigma)
         self.ema_decay = float(ema_decay)

@@ -16,14 +16,13 @@ from arrcoc_sam.sam.variants._base import VariantSAM, check_nonnegative
 __all__ = ["GSAM"]
 
 
-def _peak_lr(group: dict[str, Any], defaults: dict[str, Any]) -> float:
+def _peak_lr(group: dict[str, Any]) -> float:
     """The learning rate a group's schedule peaks at, as torch's schedulers record it: OneCycleLR's ``max_lr``,
-    else ``initial_lr`` (set by every scheduler: the lr before a warm-up lowered it), else the lr now (a new
-    group may have none yet: the base optimizer's default)."""
-    for key in ("max_lr", "initial_lr", "lr"):
+    else ``initial_lr`` (set by every scheduler: the lr before a warm-up lowered it), else the lr now."""
+    for key in ("max_lr", "initial_lr"):
         if key in group:
             return float(group[key])
-    return float(defaults["lr"])
+    return float(group["lr"])
 
 
 class GSAM(VariantSAM):
@@ -39,10 +38,11 @@ class GSAM(VariantSAM):
         ρ_t = ρ_min + (ρ − ρ_min) (lr_t − lr_min) / (lr_max − lr_min)     (ρ_t = ρ when lr_max = lr_min)
 
     ``rho_min``, ``lr_min`` and ``lr_max`` are per-group keys (set here as defaults, saved in the checkpoint).
-    ``lr_max`` defaults to each group's peak learning rate as torch's schedulers record it (OneCycleLR's
-    ``max_lr``, else ``initial_lr``), so a scheduler built before GSAM (the usual HF order, whose warm-up has
-    already lowered ``lr``) does not shift the schedule; without a scheduler, the learning rate now. Outside
-    [lr_min, lr_max], ρ_t stays at rho_min or rho.
+    ``lr_max=None`` (the default) reads each group's peak learning rate at every ascent, as torch's schedulers
+    record it in the group (OneCycleLR's ``max_lr``, else ``initial_lr``, else the lr now), so a scheduler
+    built before GSAM (the usual HF order, whose warm-up has already lowered ``lr``) or after it (OneCycleLR
+    attached to the optimizer) does not shift the schedule (:meth:`lr_max_of`). Outside [lr_min, lr_max], ρ_t
+    stays at rho_min or rho.
 
     Cost: two forward+backward passes per step. Memory: SAM's backup plus one transient copy of g.
 
@@ -50,7 +50,8 @@ class GSAM(VariantSAM):
         alpha: α ≥ 0 (the paper searches 0.01–0.3). α = 0 is SAM with the scheduled ρ_t.
         rho: ρ_max, the radius at the peak learning rate.
         rho_min: ρ at ``lr_min`` (0 ≤ rho_min ≤ rho).
-        lr_max, lr_min: the learning-rate range the schedule spans (``lr_max`` None: each group's peak lr, see above).
+        lr_max, lr_min: the learning-rate range the schedule spans (``lr_max`` None: each group's peak lr as its
+            scheduler records it, read at each ascent; see above).
         adaptive, eta, base_kwargs: as for :class:`~arrcoc_sam.sam.optimizer.SAM`.
     """
 
@@ -77,28 +78,42 @@ class GSAM(VariantSAM):
         self.alpha = float(alpha)
 
     def _check_group(self, group: dict[str, Any], where: str) -> None:
-        """SAM's checks plus the schedule's: 0 ≤ rho_min ≤ rho and finite 0 ≤ lr_min ≤ lr_max. Missing schedule
-        keys are filled from the constructor's (``lr_max``: the group's peak learning rate)."""
+        """SAM's checks plus the schedule's: 0 ≤ rho_min ≤ rho and finite 0 ≤ lr_min ≤ lr_max (``lr_max`` None:
+        read at each ascent, checked there). Missing schedule keys are filled from the constructor's."""
         for key, value in self._schedule_defaults.items():
-            if key == "lr_max" and value is None:
-                value = _peak_lr(group, self.base_optimizer.defaults)
             group.setdefault(key, value)
         super()._check_group(group, where)
         for key in self._schedule_defaults:
             value = group[key]
+            if key == "lr_max" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{where}{key} must be a finite number, got {value!r}")
         if not 0 <= group["rho_min"] <= group["rho"]:
             raise ValueError(f"{where}rho_min must be in [0, rho={group['rho']}], got {group['rho_min']!r}")
-        if not 0 <= group["lr_min"] <= group["lr_max"]:
+        if not 0 <= group["lr_min"] <= (math.inf if group["lr_max"] is None else group["lr_max"]):
             raise ValueError(
                 f"{where}need 0 <= lr_min <= lr_max, got lr_min={group['lr_min']!r}, lr_max={group['lr_max']!r}"
             )
 
     @staticmethod
-    def scheduled_rho(group: dict[str, Any]) -> float:
-        """ρ_t of ``group`` at its current learning rate, held within [rho_min, rho] outside [lr_min, lr_max]."""
-        span = group["lr_max"] - group["lr_min"]
+    def lr_max_of(group: dict[str, Any]) -> float:
+        """The ``lr_max`` ρ_t is scheduled against: the group's own, or (None) the peak learning rate its scheduler
+        records now (OneCycleLR's ``max_lr``, else ``initial_lr``, else the lr now)."""
+        return _peak_lr(group) if group["lr_max"] is None else float(group["lr_max"])
+
+    @classmethod
+    def scheduled_rho(cls, group: dict[str, Any]) -> float:
+        """ρ_t of ``group`` at its current learning rate, held within [rho_min, rho] outside [lr_min, lr_max].
+
+        Raises:
+            ValueError: lr_min lies above the peak learning rate the group's scheduler records (``lr_max`` None).
+        """
+        lr_max = cls.lr_max_of(group)
+        span = lr_max - group["lr_min"]
+        if span < 0:
+            raise ValueError(f"gsam: lr_min={group['lr_min']!r} is above the peak learning rate {lr_max!r} of the "
+                             "group's schedule; lower lr_min or set lr_max")
         if span == 0:
             return float(group["rho"])
         fraction = min(max((float(group["lr"]) - group["lr_min"]) / span, 0.0), 1.0)
