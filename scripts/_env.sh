@@ -1,4 +1,5 @@
-# Sourced by quickstart.sh and test.sh: a local .venv with torch (CPU build when missing) and the package.
+# Sourced by quickstart.sh and test.sh: a local .venv with torch (torch==2.13.0 when missing; these machines' pip
+# finds its CPU build) and the package.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -6,6 +7,10 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_
 export HF_HOME="${HF_HOME:-$ROOT/.cache/huggingface}"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 if [ ! -x .venv/bin/python ]; then
+    if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
+        echo "[setup] arrcoc_sam needs Python >= 3.10; python3 is $(python3 -V 2>&1)" >&2
+        exit 1
+    fi
     echo "[setup] creating .venv"
     python3 -m venv .venv
 fi

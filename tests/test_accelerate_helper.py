@@ -300,3 +300,19 @@ def test_esam_selection_regroups_the_chosen_examples_of_a_window_into_full_sub_b
     windows = len(loader) // 2
     assert sizes == [(4, True), (4, True), (4, False), (4, False), (4, True)] * windows
     assert torch.isfinite(flat(model)).all()
+
+
+def test_arguments_of_the_wrong_kind_are_refused_by_name():
+    accelerator = Accelerator(cpu=True)
+    model = tiny_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    with pytest.raises(TypeError, match="accelerator must be an accelerate.Accelerator, got Sequential"):
+        AcceleratedSAM(model, accelerator, optimizer)
+    with pytest.raises(TypeError, match="model must be the torch.nn.Module accelerator.prepare returned, got NoneType"):
+        AcceleratedSAM(accelerator, None, optimizer)
+    with pytest.raises(TypeError, match="optimizer must be the optimizer accelerator.prepare returned"):
+        AcceleratedSAM(accelerator, model, model)
+    with pytest.raises(TypeError, match="per_example_loss_fn must be callable"):
+        AcceleratedSAM(accelerator, model, optimizer, method="esam", per_example_loss_fn=1)
+    with pytest.raises(ValueError, match="sam_statistics must be True or False, got 'no'"):
+        AcceleratedSAM(accelerator, model, optimizer, statistics="no")

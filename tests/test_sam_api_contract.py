@@ -285,3 +285,11 @@ def test_a_parameter_given_twice_is_refused():
     opt = SAM([weight], torch.optim.SGD, lr=0.1)
     with pytest.raises(ValueError, match="is given twice"):
         opt.add_param_group({"params": [model[2].weight, model[2].weight]})
+
+
+def test_a_module_or_a_single_tensor_as_params_is_refused_by_name():
+    model = make_mlp()
+    with pytest.raises(TypeError, match="got a Sequential$"):
+        SAM(model, torch.optim.SGD, lr=0.1)
+    with pytest.raises(TypeError, match="got a Parameter: wrap it in a list"):
+        SAM(model[0].weight, torch.optim.SGD, lr=0.1)

@@ -309,6 +309,10 @@ def test_batchnorm_running_stats_move_once_per_micro_batch(tmp_path):
         ({"optimizer": "looksam", "sam_args": "alpha=0.7,bogus=1"},
          r"--optimizer looksam does not take bogus \(it takes adaptive, alpha, eta, interval, rho\)"),
         ({"optimizer": "sam", "sam_interval": 2}, r"--optimizer sam does not take interval \(it takes adaptive, eta, rho\)"),
+        ({"rho": "0.05"}, r"rho must be a finite number >= 0, got '0.05' \(str\)"),
+        ({"optimizer": "periodic", "sam_interval": "5"}, r"sam_interval must be an integer >= 1, got '5' \(str\)"),
+        ({"sam_statistics": "false"}, "sam_statistics must be True or False, got 'false'"),
+        ({"sam_args": 3}, "sam_args must be a string 'name=value,name=value' or a dict, got 3"),
         ({"sam_eta": 0.0, "sam_args": "eta=0.01"}, "eta is given twice"),
         ({"optimizer": "periodic", "sam_interval": 2, "sam_args": "interval=3"}, "interval is given twice"),
         ({"rho": float("inf")}, "rho must be a finite number >= 0"),
@@ -336,6 +340,11 @@ def test_batchnorm_running_stats_move_once_per_micro_batch(tmp_path):
 def test_refuses_runs_sam_cannot_serve(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
         SAMTrainingArguments(**trainer_kwargs(str(tmp_path), **overrides))
+
+
+def test_sam_args_may_be_a_dict_in_code(tmp_path):
+    args = SAMTrainingArguments(**trainer_kwargs(str(tmp_path), optimizer="looksam", sam_args={"alpha": 0.5}))
+    assert args.sam_settings().extra == {"alpha": 0.5}
 
 
 @pytest.mark.parametrize("overrides", [{"sam_scope": "microbatch"}, {"optim": "lomo"}, {"optim": "galore_adamw_layerwise"}])
@@ -387,10 +396,10 @@ def test_grad_scaler_path_matches_unscaled_run_and_skips_overflow(tmp_path):
     kwargs = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": 2, "rho": 0.05}
     plain = _train(tmp_path / "plain", **kwargs)
 
-    def scaled_trainer(path, init_scale, max_steps):
+    def scaled_trainer(path, init_scale, max_steps, loss_factor=1.0):
         args = SAMTrainingArguments(**trainer_kwargs(str(path), learning_rate=LR, **{**kwargs, "max_steps": max_steps}))
         trainer = SAMTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset(24),
-                             compute_loss_func=token_sum_loss)
+                             compute_loss_func=lambda *a, **k: token_sum_loss(*a, **k) * loss_factor)
         trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=1000)
         trainer.train()
         return trainer
@@ -403,7 +412,7 @@ def test_grad_scaler_path_matches_unscaled_run_and_skips_overflow(tmp_path):
     for key in ("sam/grad_norm", "sam/grad_norm_perturbed", "sam/grad_cosine", "sam/rho"):
         assert log[key] == pytest.approx(plain_log[key], rel=1e-5), key
 
-    overflow = scaled_trainer(tmp_path / "overflow", 3e38, 2)
+    overflow = scaled_trainer(tmp_path / "overflow", 3e38, 2, loss_factor=1e3)  # inf in the pass-1 gradients
     assert torch.equal(flat_params(overflow.model), flat_params(tiny_bert()))
     assert overflow.accelerator.scaler.get_scale() < 3e38
     # each step's log counts the ascents skipped since the previous log, not the run's total

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,10 +40,17 @@ SCOPES = ("global", "per_device", "microbatch")
 _FUSED_BACKWARD_OPTIMS = ("lomo", "adalomo")
 
 
-def parse_sam_args(text: str | None) -> dict[str, Any]:
-    """``"alpha=0.7,k=5,name=x"`` -> ``{"alpha": 0.7, "k": 5, "name": "x"}`` (values are Python literals or strings)."""
+def parse_sam_args(text: str | dict[str, Any] | None) -> dict[str, Any]:
+    """``"alpha=0.7,k=5,name=x"`` -> ``{"alpha": 0.7, "k": 5, "name": "x"}`` (values are Python literals or strings).
+    A dict (``SAMTrainingArguments(sam_args={"alpha": 0.7})`` in code) is taken as it is."""
+    if isinstance(text, dict):
+        if not all(isinstance(key, str) and key.isidentifier() for key in text):
+            raise ValueError(f"sam_args keys must be knob names, got {sorted(map(repr, text))}")
+        return dict(text)
     if not text:
         return {}
+    if not isinstance(text, str):
+        raise ValueError(f"sam_args must be a string 'name=value,name=value' or a dict, got {text!r}")
     knobs: dict[str, Any] = {}
     for item in text.split(","):
         key, sep, raw = item.partition("=")
@@ -81,6 +89,13 @@ class SAMSettings:
     statistics: bool = True
 
     def __post_init__(self) -> None:
+        for name, value in (("rho", self.rho), ("sam_eta", self.eta)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r} ({type(value).__name__})")
+        if self.interval is not None and (isinstance(self.interval, bool) or not isinstance(self.interval, numbers.Integral)):
+            raise ValueError(f"sam_interval must be an integer >= 1, got {self.interval!r} ({type(self.interval).__name__})")
+        if not isinstance(self.statistics, bool):
+            raise ValueError(f"sam_statistics must be True or False, got {self.statistics!r}")
         methods = available_methods()
         if self.method not in methods:
             raise ValueError(f"optimizer must be one of {', '.join(methods)}; got {self.method!r}")

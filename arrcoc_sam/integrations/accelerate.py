@@ -81,6 +81,7 @@ class AcceleratedSAM:
         statistics: bool = True,
         **knobs: Any,
     ) -> None:
+        _check_types(accelerator, model, optimizer, per_example_loss_fn)
         settings = SAMSettings(method=method, rho=rho, eta=eta, scope=scope, interval=interval, extra=knobs,
                                statistics=statistics)
         if not settings.enabled:
@@ -144,6 +145,19 @@ class AcceleratedSAM:
     def metrics(self) -> dict[str, float]:
         """``sam/*`` averages since the last call, pooled over ranks (all ranks must call it together)."""
         return self._window.metrics.read(self.accelerator)
+
+
+def _check_types(accelerator: Any, model: Any, optimizer: Any, per_example_loss_fn: Any) -> None:
+    """TypeError naming the argument for arguments of the wrong kind (swapped, or None)."""
+    if not all(hasattr(accelerator, name) for name in ("backward", "sync_gradients", "no_sync")):
+        raise TypeError(f"accelerator must be an accelerate.Accelerator, got {type(accelerator).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be the torch.nn.Module accelerator.prepare returned, got {type(model).__name__}")
+    if not isinstance(getattr(optimizer, "optimizer", optimizer), torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be the optimizer accelerator.prepare returned (or a torch.optim.Optimizer), "
+                        f"got {type(optimizer).__name__}")
+    if per_example_loss_fn is not None and not callable(per_example_loss_fn):
+        raise TypeError(f"per_example_loss_fn must be callable fn(outputs, batch) -> Tensor [B], got {per_example_loss_fn!r}")
 
 
 _DATA_PARALLEL = frozenset(kind for kind in DistributedType if kind.value.startswith("MULTI_"))

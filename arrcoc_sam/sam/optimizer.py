@@ -124,6 +124,11 @@ class SAM(Optimizer):
         check_rho(rho, "")
         check_eta(eta, "")
         check_adaptive(adaptive, "")
+        if isinstance(params, (Tensor, nn.Module)):
+            raise TypeError(
+                f"params must be an iterable of tensors or param-group dicts, e.g. model.parameters(); got a "
+                f"{type(params).__name__}" + (": wrap it in a list" if isinstance(params, Tensor) else "")
+            )
         param_list = [_listed(item) if isinstance(item, dict) else item for item in params]
         if not param_list:
             raise ValueError("SAM got an empty parameter list: pass the model's (trainable) parameters")
