@@ -316,3 +316,33 @@ def test_arguments_of_the_wrong_kind_are_refused_by_name():
         AcceleratedSAM(accelerator, model, optimizer, method="esam", per_example_loss_fn=1)
     with pytest.raises(ValueError, match="sam_statistics must be True or False, got 'no'"):
         AcceleratedSAM(accelerator, model, optimizer, statistics="no")
+
+
+@pytest.mark.parametrize("temperatures", [(2.0, 2.0), (2.0, 3.0)], ids=["shared", "per-micro-batch"])
+def test_esam_regrouping_keeps_a_per_batch_tensor_as_it_is(temperatures):
+    """A micro-batch may carry a per-batch tensor (here a [1] temperature) beside its per-example ones. Regrouping
+    the chosen examples keeps it whole where every micro-batch holds the same value and does not regroup where
+    they differ; it is never concatenated into a per-example tensor, even when each micro-batch contributes
+    exactly one chosen example (whose per-example tensors are then [1]-shaped too)."""
+    seen = []
+
+    def tempered_mse(model, batch):
+        seen.append((batch["x"].shape[0], tuple(batch["temperature"].shape), float(batch["temperature"][0])))
+        return nn.functional.mse_loss(model(batch["x"]) / batch["temperature"], batch["y"])
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = tiny_mlp()
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR))
+    sam = AcceleratedSAM(accelerator, model, optimizer, method="esam", rho=0.1, gamma=0.25,
+                         per_example_loss_fn=lambda outputs, batch: ((outputs - batch["y"]) ** 2).mean(dim=1))
+    sam.sam_optimizer.select_examples = lambda clean, perturbed: torch.tensor([1, 6])  # one of each micro-batch
+    micro_batches = [{**b, "temperature": torch.tensor([t])} for b, t in zip(batches(regression_data(8), 4), temperatures)]
+    for batch in micro_batches:
+        with accelerator.accumulate(model):
+            sam.backward(tempered_mse, batch)
+    assert all(shape == (1,) for _, shape, _ in seen)
+    replay = seen[4:]  # after pass 1 (2 forwards) and the perturbed losses of the window (2 no-grad forwards)
+    if temperatures[0] == temperatures[1]:
+        assert replay == [(2, (1,), 2.0)]  # regrouped: one forward of both chosen examples
+    else:
+        assert replay == [(1, (1,), 2.0), (1, (1,), 3.0)]  # each with its own micro-batch's temperature

@@ -116,7 +116,7 @@ def test_maximize_equals_the_same_method_minimising_the_negated_loss(method, kno
         ref.step(_closure(reference, ref, batch, sign=-1.0))
     assert max_abs_diff(maximizing, reference) < 1e-12
     unperturbed = make_mlp()
-    plain = torch.optim.SGD(unperturbed.parameters(), lr=0.1, momentum=0.9, maximize=True)
+    plain = base_cls(unperturbed.parameters(), maximize=True, **base_kwargs)
     for batch in make_batches(4):
         plain.zero_grad()
         mse(unperturbed, batch).backward()
@@ -293,3 +293,43 @@ def test_a_module_or_a_single_tensor_as_params_is_refused_by_name():
         SAM(model, torch.optim.SGD, lr=0.1)
     with pytest.raises(TypeError, match="got a Parameter: wrap it in a list"):
         SAM(model[0].weight, torch.optim.SGD, lr=0.1)
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+def test_float16_ascent_of_a_tensor_larger_than_a_chunk_is_taken_in_slices(monkeypatch, adaptive):
+    """The float32 temporaries of the float16 ascent stay within CHUNK_NUMEL elements: a tensor of 100 elements
+    under a 16-element chunk is taken in slices, with the same ε as in one piece."""
+    from arrcoc_sam.sam import perturbation
+
+    def perturbed(chunk: int) -> torch.Tensor:
+        monkeypatch.setattr(perturbation, "CHUNK_NUMEL", chunk)
+        weight = nn.Parameter(torch.linspace(-1.0, 1.0, 100, dtype=torch.float16).view(10, 10))
+        weight.grad = torch.linspace(-3e4, 5e4, 100).to(torch.float16).view(10, 10)
+        opt = SAM([weight], torch.optim.SGD, rho=0.5, adaptive=adaptive, lr=0.1)
+        with pytest.warns(UserWarning, match="float16/bfloat16"):
+            assert opt.perturb()
+        return weight.detach().clone()
+
+    whole, sliced = perturbed(1 << 22), perturbed(16)
+    assert torch.isfinite(whole).all() and torch.equal(whole, sliced)
+
+
+def test_the_callers_group_dicts_are_the_optimizers_groups_as_in_torch():
+    model = make_mlp()
+    groups = [{"params": model[0].parameters(), "rho": 0.1}, {"params": model[2].weight}]
+    opt = SAM(groups, torch.optim.SGD, lr=0.1)
+    assert opt.param_groups[0] is groups[0] and opt.param_groups[1] is groups[1]
+    groups[0]["rho"] = 0.0  # editing one's own dict reaches the optimizer, as with torch.optim
+    assert opt.param_groups[0]["rho"] == 0.0
+
+
+def test_keep_settings_on_load_keeps_the_current_settings_over_the_checkpoints(caplog):
+    model = make_mlp()
+    saved = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1).state_dict()
+    resumed = build_sam_optimizer("gsam", model.parameters(), torch.optim.SGD, lr=0.1, rho=0.2, rho_min=0.1)
+    with pytest.raises(ValueError, match="rho_min must be in"):  # the checkpoint's ρ is below this run's rho_min
+        resumed.load_state_dict(saved)
+    assert resumed.param_groups[0]["rho"] == 0.2  # refused before anything loaded
+    with caplog.at_level("WARNING", logger="arrcoc_sam.sam.optimizer"):
+        resumed.keep_settings_on_load().load_state_dict(saved)
+    assert resumed.param_groups[0]["rho"] == 0.2 and "rho: 0.05 -> 0.2" in caplog.text

@@ -712,6 +712,9 @@ def test_a_training_step_override_that_bypasses_the_sam_passes_is_refused_at_the
 @pytest.mark.parametrize("saved, resumed, expected", [
     ({"optimizer": "sam", "rho": 0.05}, {"optimizer": "sam", "rho": 0.2}, {"rho": 0.2, "adaptive": False}),
     ({"optimizer": "asam", "rho": 0.5}, {"optimizer": "sam", "rho": 0.05}, {"rho": 0.05, "adaptive": False}),
+    # the checkpoint's ρ (0.05) is below the run's rho_min: only the run's own ρ makes the groups valid
+    ({"optimizer": "sam", "rho": 0.05}, {"optimizer": "gsam", "rho": 0.2, "sam_args": "rho_min=0.1"},
+     {"rho": 0.2, "rho_min": 0.1}),
 ])
 def test_resuming_keeps_the_runs_own_sharpness_aware_settings_and_says_which_changed(tmp_path, caplog, saved,
                                                                                      resumed, expected):
@@ -722,7 +725,7 @@ def test_resuming_keeps_the_runs_own_sharpness_aware_settings_and_says_which_cha
     args = SAMTrainingArguments(**trainer_kwargs(str(tmp_path / "second"), learning_rate=LR, max_steps=3, **common,
                                                  **resumed))
     trainer = SAMTrainer(model=model, args=args, train_dataset=token_dataset(24), compute_loss_func=token_sum_loss)
-    with caplog.at_level("WARNING", logger="arrcoc_sam.integrations.trainer"):
+    with caplog.at_level("WARNING", logger="arrcoc_sam.sam.optimizer"):
         trainer.train(resume_from_checkpoint=str(checkpoint))
     groups = trainer.optimizer.optimizer.param_groups
     assert all(group[key] == value for group in groups for key, value in expected.items())

@@ -789,6 +789,29 @@ def test_gsam_follows_a_one_cycle_schedule_attached_after_it():
         GSAM.scheduled_rho({**gsam.param_groups[0], "lr_min": 0.5})
 
 
+def test_gsam_follows_a_learning_rate_no_scheduler_records_a_peak_for():
+    """ReduceLROnPlateau (and a loop setting the lr by hand) record no peak: ρ_t follows the lr down from the
+    largest the group has had, and that peak rides in the checkpoint."""
+    model = make_mlp()
+    gsam = GSAM(model.parameters(), torch.optim.SGD, lr=0.1, rho=0.1, lr_min=0.0)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(gsam, factor=0.1, patience=0)
+    batch = make_batches(1)[0]
+    gsam.step(sam_closure(model, gsam, batch))
+    for loss in (1.0, 2.0, 3.0):
+        plateau.step(loss)  # no improvement after the first: the lr falls to 0.01, then 0.001
+    group = gsam.param_groups[0]
+    assert group["lr"] == pytest.approx(0.001) and GSAM.lr_max_of(group) == pytest.approx(0.1)
+    assert GSAM.scheduled_rho(group) == pytest.approx(0.001)
+    resumed = GSAM(make_mlp().parameters(), torch.optim.SGD, lr=0.001, rho=0.1)
+    resumed.load_state_dict(gsam.state_dict())
+    assert GSAM.scheduled_rho(resumed.param_groups[0]) == pytest.approx(0.001)
+    with pytest.raises(ValueError, match=r"lr_min=0.5, lr_max=0.1 \(the group's peak learning rate\)"):
+        GSAM(model.parameters(), torch.optim.SGD, lr=0.1, lr_min=0.5)
+    numpy = pytest.importorskip("numpy")
+    stored = GSAM(model.parameters(), torch.optim.SGD, lr=0.1, rho_min=numpy.float32(0.01), lr_min=numpy.float64(0.0))
+    assert {type(stored.param_groups[0][key]) for key in ("rho_min", "lr_min")} == {float}
+
+
 def test_esam_selects_ceil_gamma_b_examples_with_the_largest_rise():  # kills V6
     opt = ESAM([nn.Parameter(torch.ones(2))], torch.optim.SGD, lr=0.1, gamma=0.5)
     chosen = opt.select_examples(torch.zeros(5), torch.tensor([0.1, 0.5, 0.2, 0.9, 0.3]))

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from arrcoc_sam.sam.registry import available_methods, build_sam_optimizer, method_knobs
+from arrcoc_sam.sam.registry import available_methods, build_sam_optimizer, is_builtin_method, method_knobs
 from arrcoc_sam.sam.sharding import check_fsdp_run
 
 __all__ = [
@@ -160,17 +160,23 @@ class SAMSettings:
         return optimizer
 
 
+# The stand-in optimizer's learning rate: large, so a knob bounded by the run's peak learning rate (GSAM's lr_min,
+# with lr_max defaulting to that peak) is not refused for the stand-in's sake.
+_STAND_IN_LR = 1e30
+
+
 def check_knob_values(settings: SAMSettings) -> None:
     """Refuse knob values the method's constructor would refuse (``--sam_args alpha=-1``, ESAM's ``gamma=0``,
     GSAM's ``rho_min`` above ρ, a method that cannot serve ``sam_scope=microbatch``) when the arguments are parsed,
     instead of when ``train()`` builds the optimizer after loading the model and data. Builds the method once
     around SGD with momentum over a one-element stand-in parameter; what depends on the run's own ``--optim``
-    (msam's momentum) is still checked when the optimizer is built."""
-    if not settings.enabled:
+    (msam's momentum) is still checked when the optimizer is built. Methods a user registered are left to that
+    build too (they may need another base optimizer than the stand-in)."""
+    if not settings.enabled or not is_builtin_method(settings.method):
         return
     stand_in = torch.nn.Parameter(torch.zeros(1))
     try:
-        settings.build(torch.optim.SGD([stand_in], lr=0.1, momentum=0.9))
+        settings.build(torch.optim.SGD([stand_in], lr=_STAND_IN_LR, momentum=0.9))
     except (TypeError, ValueError) as error:
         knobs = ", ".join(f"{key}={value!r}" for key, value in settings.knobs().items())
         raise ValueError(f"--optimizer {settings.method} ({knobs or 'its defaults'}, sam_scope={settings.scope}): "

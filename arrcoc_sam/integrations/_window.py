@@ -58,7 +58,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from collections.abc import Callable, Mapping, MutableMapping
+from collections import UserDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +70,7 @@ from torch.optim import Optimizer
 
 from arrcoc_sam.integrations._settings import check_static_graph
 from arrcoc_sam.sam.norm_stats import preserve_running_stats
+from arrcoc_sam.sam.perturbation import largest_magnitude
 from arrcoc_sam.sam.variants._base import gradients_only_for, uses_reentrant_checkpointing
 from arrcoc_sam.sam.variants.esam import PerExampleLossUnavailable
 
@@ -343,14 +345,14 @@ class SAMWindow:
                 perturbed = loss if perturbed is None else perturbed + loss
         chosen = optimizer.select_examples(torch.cat(self._clean_examples), torch.cat(perturbed_examples))
         count = chosen.numel()
-        picks, offset = [], 0
+        choices, offset = [], 0
         for batch, clean in zip(self._batches, self._clean_examples, strict=True):
             size = clean.numel()
             local = chosen[(chosen >= offset) & (chosen < offset + size)] - offset
             offset += size
             if local.numel() > 0:
-                picks.append((_take(batch, local, size), local.numel()))
-        picks = _repacked(picks, max(clean.numel() for clean in self._clean_examples))
+                choices.append((batch, local, size))
+        picks = _chosen_sub_batches(choices, max(clean.numel() for clean in self._clean_examples))
         # In the units of the window's pass 1: the loss run_pass back-propagated, summed over the window, is
         # `units` times the mean clean per-example loss (1 for a loss over num_items_in_batch; the accumulation
         # steps for a Trainer model that ignores it, or under Accelerate, whose backward divides by them again),
@@ -541,19 +543,17 @@ def _check_no_earlier_gradients(optimizer: Optimizer) -> None:
     """Raise if a window that replays its micro-batches opens with non-zero gradients: they came from a backward
     outside the window (accumulation by hand, without ``accelerator.accumulate``), would enter the ascent and be
     dropped by the replay. Gradients that are all zero (``zero_grad(set_to_none=False)``) pass; telling them
-    apart costs a host sync, paid only by loops that leave gradients allocated."""
-    for p in _params_of(optimizer):
-        grad = p.grad
-        if grad is None:
-            continue
-        local = grad.to_local() if hasattr(grad, "to_local") else grad
-        if bool(local.detach().count_nonzero()):
-            raise RuntimeError(
-                "a sharpness-aware accumulation window opened with gradients already in .grad (a backward outside "
-                "it, e.g. accumulating by hand over several calls): the ascent would mix them in and the replay at "
-                "w + ε would drop them. Accumulate with Accelerator(gradient_accumulation_steps=k) and "
-                "`with accelerator.accumulate(model):`, and call optimizer.zero_grad() after each optimizer.step()"
-            )
+    apart costs one foreach max-norm per (device, dtype) and one host sync, paid only by loops that leave
+    gradients allocated."""
+    grads = [p.grad for p in _params_of(optimizer) if p.grad is not None]
+    local = [grad.to_local() if hasattr(grad, "to_local") else grad for grad in grads]
+    if largest_magnitude(local) != 0.0:  # nan compares unequal too
+        raise RuntimeError(
+            "a sharpness-aware accumulation window opened with gradients already in .grad (a backward outside "
+            "it, e.g. accumulating by hand over several calls): the ascent would mix them in and the replay at "
+            "w + ε would drop them. Accumulate with Accelerator(gradient_accumulation_steps=k) and "
+            "`with accelerator.accumulate(model):`, and call optimizer.zero_grad() after each optimizer.step()"
+        )
 
 
 def _params_of(optimizer: Optimizer) -> list[Tensor]:
@@ -578,14 +578,12 @@ def _average_across_processes(params: list[Tensor]) -> None:
 
 
 def shallow_copy(batch: Any) -> Any:
-    """A new container for a mapping or list batch, of the same type where it can be copied (a ``BatchEncoding``
-    stays one), holding the same tensors: a loss function or the stock ``training_step`` may pop or add keys,
-    and the replay at w + ε reuses the batch. Other batches (tensors, tuples) as they are."""
-    if isinstance(batch, (MutableMapping, list)) and type(batch) not in (dict, list):
-        try:
-            return copy.copy(batch)
-        except Exception:  # noqa: BLE001 - a container that cannot be copied is handed over as a plain one
-            pass
+    """A new container for a mapping or list batch holding the same tensors (a ``UserDict`` such as a
+    ``BatchEncoding`` keeps its type; other mappings become a ``dict``): a loss function or the stock
+    ``training_step`` may pop or add keys, and the replay at w + ε reuses the batch. Other batches (tensors,
+    tuples) as they are."""
+    if isinstance(batch, UserDict):  # its copy copies the data dict too
+        return copy.copy(batch)
     if isinstance(batch, Mapping):
         return dict(batch)
     return list(batch) if isinstance(batch, list) else batch
@@ -614,50 +612,62 @@ def _take(batch: Any, index: Tensor, size: int) -> Any:
     return batch
 
 
-def _repacked(picks: list[tuple[Any, int]], limit: int) -> list[tuple[Any, int]]:
-    """The chosen examples of the window's micro-batches, ``(sub-batch, examples)`` each, regrouped into as few
-    sub-batches of at most ``limit`` examples (the largest micro-batch) as hold them all, of sizes that differ by
-    at most one: fewer forwards, and no lone example that a BatchNorm layer in training mode could not
-    normalise. Sub-batches that cannot be concatenated (tensors padded to other lengths) stay as they are."""
-    if len(picks) < 2:
-        return picks
-    sizes = [size for _, size in picks]
-    merged = _concatenated([subset for subset, _ in picks], sizes)
-    if merged is _UNMERGEABLE:
-        return picks
-    total = sum(sizes)
-    count = -(-total // limit)
-    repacked, start = [], 0
+def _chosen_sub_batches(choices: list[tuple[Any, Tensor, int]], limit: int) -> list[tuple[Any, int]]:
+    """``(sub-batch, examples)`` pairs holding the chosen examples of the window: ``choices`` gives each
+    micro-batch with chosen examples as ``(micro-batch, chosen rows, its size)``. Regrouped into as few sub-batches
+    of at most ``limit`` examples (the largest micro-batch) as hold them all, of sizes that differ by at most
+    one: fewer forwards, and no lone example that a BatchNorm layer in training mode could not normalise. Where
+    the micro-batches cannot be concatenated (tensors padded to other lengths, per-batch values that differ),
+    one sub-batch per micro-batch."""
+    per_micro_batch = [(_take(batch, rows, size), rows.numel()) for batch, rows, size in choices]
+    if len(choices) < 2:
+        return per_micro_batch
+    if _concatenated([subset for subset, _ in per_micro_batch], [batch for batch, _, _ in choices]) is _UNMERGEABLE:
+        return per_micro_batch
+    # (micro-batch, row) of every chosen example in window order, cut into balanced runs
+    flat = [(position, row) for position, (_, rows, _) in enumerate(choices) for row in rows.tolist()]
+    count = -(-len(flat) // limit)
+    grouped, start = [], 0
     for index in range(count):
-        size = total // count + (index < total % count)
-        rows = torch.arange(start, start + size)
-        repacked.append((merged if count == 1 else _take(merged, rows, total), size))
-        start += size
-    return repacked
+        stop = start + len(flat) // count + (index < len(flat) % count)
+        positions = sorted({position for position, _ in flat[start:stop]})
+        parts = [_take(choices[p][0], torch.tensor([row for q, row in flat[start:stop] if q == p]), choices[p][2])
+                 for p in positions]
+        originals = [choices[p][0] for p in positions]
+        grouped.append((parts[0] if len(parts) == 1 else _concatenated(parts, originals), stop - start))
+        start = stop
+    return grouped
 
 
 _UNMERGEABLE = object()
 
 
-def _concatenated(parts: list[Any], sizes: list[int]) -> Any:
-    """``parts`` (batches of one structure with ``sizes[i]`` examples) as one batch: tensors whose first dimension
-    is the part's size concatenated along it, anything else kept where every part holds the same object or
-    value; ``_UNMERGEABLE`` where the parts disagree (other shapes, keys or values)."""
+def _concatenated(parts: list[Any], originals: list[Any]) -> Any:
+    """``parts`` (sub-batches :func:`_take` cut from the micro-batches ``originals``) as one batch: the tensors it
+    indexed (per-example ones) concatenated along the first dimension; the others (per-batch values it kept as
+    they were) kept where every micro-batch holds the same one; ``_UNMERGEABLE`` where the parts disagree (other
+    shapes, keys or per-batch values)."""
     first = parts[0]
     if isinstance(first, Tensor):
-        if all(isinstance(p, Tensor) and p.dim() > 0 and p.shape[0] == n and p.shape[1:] == first.shape[1:]
-               and p.dtype == first.dtype and p.device == first.device for p, n in zip(parts, sizes, strict=True)):
-            return torch.cat(parts)
-        return first if all(p is first for p in parts) else _UNMERGEABLE
+        indexed = [p is not o for p, o in zip(parts, originals, strict=True)]
+        if all(indexed):
+            if all(isinstance(p, Tensor) and p.shape[1:] == first.shape[1:] and p.dtype == first.dtype
+                   and p.device == first.device for p in parts):
+                return torch.cat(parts)
+            return _UNMERGEABLE
+        if not any(indexed) and all(isinstance(p, Tensor) and p.shape == first.shape and p.dtype == first.dtype
+                                    and (p is first or torch.equal(p, first)) for p in parts):
+            return first
+        return _UNMERGEABLE
     if isinstance(first, Mapping):
         if not all(isinstance(p, Mapping) and p.keys() == first.keys() for p in parts):
             return _UNMERGEABLE
-        merged = {key: _concatenated([p[key] for p in parts], sizes) for key in first}
+        merged = {key: _concatenated([p[key] for p in parts], [o[key] for o in originals]) for key in first}
         return _UNMERGEABLE if any(v is _UNMERGEABLE for v in merged.values()) else merged
     if isinstance(first, (list, tuple)):
         if not all(type(p) is type(first) and len(p) == len(first) for p in parts):
             return _UNMERGEABLE
-        items = [_concatenated([p[i] for p in parts], sizes) for i in range(len(first))]
+        items = [_concatenated([p[i] for p in parts], [o[i] for o in originals]) for i in range(len(first))]
         if any(item is _UNMERGEABLE for item in items):
             return _UNMERGEABLE
         return type(first)(*items) if hasattr(first, "_fields") else type(first)(items)

@@ -168,8 +168,9 @@ def _check_prepared(accelerator: Any, model: nn.Module, optimizer: torch.optim.O
     runs the model itself, so a bare module would train one unsynchronised copy per process), and an optimizer
     that updates none of the model's parameters."""
     processes = int(getattr(accelerator, "num_processes", 1))
+    wrapper = getattr(model, "_orig_mod", model)  # Accelerator(dynamo_backend=...) compiles the DDP wrapper
     if processes > 1 and accelerator.distributed_type in _DATA_PARALLEL and not isinstance(
-        model, nn.parallel.DistributedDataParallel
+        wrapper, nn.parallel.DistributedDataParallel
     ):
         raise ValueError(
             f"AcceleratedSAM got a {type(model).__name__} that is not wrapped in DistributedDataParallel, in a run "

@@ -144,7 +144,8 @@ class _SAMTrainerMethods:
         settings = _run_settings(self)
         if settings.enabled and _sam_inside(optimizer) is None:
             self.optimizer = settings.build(optimizer)
-            _keep_run_settings(self.optimizer)
+            if hasattr(self.optimizer, "keep_settings_on_load"):  # on resume the run's flags win over the checkpoint's
+                self.optimizer.keep_settings_on_load()
             _require_windows(self, self.optimizer)
         window = self.__dict__.get("_sam_window")
         if window is not None:  # every train() starts here: nothing of a window an earlier train() left open
@@ -213,34 +214,6 @@ class SAMTrainer(_SAMTrainerMethods, Trainer):
         super().__init__(*args, **kwargs)
         self._sam_per_example_loss_fn = per_example_loss_fn
         _run_settings(self)
-
-
-def _keep_run_settings(optimizer: torch.optim.Optimizer) -> None:
-    """On resume the run's sharpness-aware settings (``--rho``, ``--sam_eta``, ASAM or not, the variants' group
-    knobs) replace those saved in the checkpoint's param groups, with a warning naming what changed: the flags
-    of the run are what its user asked for."""
-    keys = getattr(optimizer, "_group_keys", ())
-    chosen = [{key: group[key] for key in keys if key in group} for group in optimizer.param_groups]
-
-    def restore_run_settings(sam: torch.optim.Optimizer, *_: Any) -> None:
-        changed = set()
-        for group, settings in zip(sam.param_groups, chosen):
-            for key, value in settings.items():
-                if key in group and not _same_setting(group[key], value):
-                    changed.add(f"{key}: {group[key]!r} -> {value!r}")
-                group[key] = value
-        if changed:
-            logger.warning("the checkpoint's optimizer state was saved with other sharpness-aware settings; this "
-                           "run keeps its own (%s)", ", ".join(sorted(changed)))
-
-    optimizer.register_load_state_dict_post_hook(restore_run_settings)
-
-
-def _same_setting(a: Any, b: Any) -> bool:
-    try:
-        return bool(a == b)
-    except (RuntimeError, TypeError, ValueError):
-        return a is b
 
 
 def _require_windows(trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
@@ -369,7 +342,9 @@ def patched_trainer(settings: SAMSettings, *, explicit: bool = True) -> Iterator
     """Within the block, every ``transformers.Trainer`` (and subclass, e.g. ``Seq2SeqTrainer``) trains with ``settings``.
 
     Patches ``training_step``, ``create_optimizer`` and ``log`` on the ``Trainer`` class object and
-    restores the originals on exit. A subclass that overrides ``training_step`` itself keeps its own.
+    restores the originals on exit. A subclass that overrides ``training_step`` must call
+    ``super().training_step(...)``, which runs both passes; one that does not is refused at its first optimizer
+    step.
     A Trainer whose ``args`` are :class:`SAMTrainingArguments` keeps their settings; with ``explicit``
     (``settings`` came from flags the user gave) one that differs from ``settings`` is refused.
     """

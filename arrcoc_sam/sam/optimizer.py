@@ -45,18 +45,18 @@ _GRAD = operator.attrgetter("grad")
 _LOW_PRECISION = frozenset((torch.float16, torch.bfloat16))
 
 
-def _is_real(value: Any) -> bool:
+def is_real(value: Any) -> bool:
     """A real number (Python or NumPy), not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_"
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_rho(rho: Any, where: str) -> None:
-    if not _is_real(rho) or not math.isfinite(rho) or rho < 0:
+    if not is_real(rho) or not math.isfinite(rho) or rho < 0:
         raise ValueError(f"{where}rho must be a finite number >= 0, got {rho!r}")
 
 
 def check_eta(eta: Any, where: str) -> None:
-    if not _is_real(eta) or not math.isfinite(eta) or eta < 0:
+    if not is_real(eta) or not math.isfinite(eta) or eta < 0:
         raise ValueError(f"{where}eta must be a finite number >= 0, got {eta!r}")
 
 
@@ -187,6 +187,7 @@ class SAM(Optimizer):
         self._stats_model: nn.Module | None = None
         self._stats_snapshot: tuple[list[Tensor], list[Tensor]] = ([], [])  # (buffers, clean copies)
         self._plans = perturbation.AscentPlans()  # the grouping of the last ascent's tensors, reused while valid
+        self._kept_settings: list[dict[str, Any]] | None = None  # per group, kept over a checkpoint's on load
 
     def _check_clashes(self, base: Optimizer) -> None:
         """Refuse a base optimizer that has a hyperparameter of the same name as one of this wrapper's per-group
@@ -410,7 +411,7 @@ class SAM(Optimizer):
         not all are zero: its sum of squares left float32's range (a norm above ~1.8e19, e.g. gradients under a
         large GradScaler scale, or elements below ~1e-23). Recomputed in float64; ``norm_value`` unchanged where
         the gradients are non-finite or all zero (one foreach max-norm and one host sync decide)."""
-        largest = perturbation.largest_magnitude(groups)
+        largest = perturbation.largest_magnitude([grad for group in groups for grad in group.grads])
         if not math.isfinite(largest) or largest == 0.0:
             return norm_value
         norm_value = perturbation.norm_in_float64(groups)
@@ -555,10 +556,35 @@ class SAM(Optimizer):
             raise RuntimeError("state_dict() while the weights are perturbed: call restore() first")
         return self.base_optimizer.state_dict()
 
+    def keep_settings_on_load(self) -> SAM:
+        """From now on :meth:`load_state_dict` keeps this optimizer's current per-group settings (``rho``,
+        ``adaptive``, ``eta`` and the method's own, e.g. GSAM's schedule) over those a checkpoint holds, and logs a
+        warning naming each that differs: the settings a run starts with win over those of the run it resumes
+        (SAMTrainer and the launcher call this). Returns ``self``."""
+        self._kept_settings = [{key: group[key] for key in self._group_keys if key in group}
+                               for group in self.param_groups]
+        return self
+
+    def _with_kept_settings(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """``state_dict`` with :meth:`keep_settings_on_load`'s settings in place of its groups' own (a copy)."""
+        changed, groups = set(), []
+        for index, group in enumerate(state_dict.get("param_groups", [])):
+            kept = self._kept_settings[index] if index < len(self._kept_settings) else {}
+            changed.update(f"{key}: {group[key]!r} -> {value!r}" for key, value in kept.items()
+                           if key in group and not _equal(group[key], value))
+            groups.append({**group, **kept})
+        if changed:
+            logger.warning("the checkpoint's optimizer state was saved with other sharpness-aware settings; this "
+                           "run keeps its own (%s)", ", ".join(sorted(changed)))
+        return {**state_dict, "param_groups": groups}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load the base optimizer's state dict. Each group takes the checkpoint's settings; a setting of this
-        wrapper that the checkpoint lacks (e.g. ``rho`` when resuming a plain AdamW run with SAM) keeps its
-        current value. The loaded settings are validated like constructor arguments."""
+        """Load the base optimizer's state dict. Each group takes the checkpoint's settings (unless
+        :meth:`keep_settings_on_load` was called); a setting of this wrapper that the checkpoint lacks (e.g.
+        ``rho`` when resuming a plain AdamW run with SAM) keeps its current value. The loaded settings are
+        validated like constructor arguments, before anything loads."""
+        if self._kept_settings is not None:
+            state_dict = self._with_kept_settings(state_dict)
         own = [{key: group[key] for key in self._group_keys if key in group} for group in self.param_groups]
         for index, (group, settings) in enumerate(zip(state_dict.get("param_groups", []), own)):
             # validated before anything loads, so a refused checkpoint leaves this optimizer as it was
@@ -643,9 +669,11 @@ def _check_no_duplicates(params: list[Any]) -> None:
 
 
 def _listed(group: dict[str, Any]) -> dict[str, Any]:
-    """A param-group dict with its ``params`` as a list (torch also takes one tensor or a generator)."""
+    """``group`` (the caller's own dict, as torch.optim keeps it) with its ``params`` made a list (torch also takes
+    one tensor or a generator)."""
     params = group["params"]
-    return {**group, "params": [params] if isinstance(params, Tensor) else list(params)}
+    group["params"] = [params] if isinstance(params, Tensor) else list(params)
+    return group
 
 
 def _equal(a: Any, b: Any) -> bool:

@@ -385,7 +385,7 @@ def apply_groups_(groups: Sequence[AscentGroup], norm: float, sign: float = 1.0,
     for group in groups:
         step = (-sign if follow_maximize and group.maximize else sign) * group.rho / norm
         params, grads = group.params, group.grads
-        if params[0].dtype in _HALF_PRECISION:
+        if params[0].dtype == torch.float16:
             _apply_in_float32_(group, step)
             continue
         grads = _in_dtype(grads, params[0].dtype)
@@ -399,14 +399,12 @@ def apply_groups_(groups: Sequence[AscentGroup], norm: float, sign: float = 1.0,
             torch._foreach_add_(chunk_params, direction, alpha=step)
 
 
-_HALF_PRECISION = frozenset((torch.float16, torch.bfloat16))
-
-
 def _apply_in_float32_(group: AscentGroup, step: float) -> None:
-    """:func:`apply_groups_` for float16/bfloat16 weights: ``step`` · T²g formed in float32 and rounded once into
-    the weights (in half precision the scalar ``step`` itself could round to zero, and T²g overflow), chunk by
-    chunk."""
-    for chunk_params, chunk_grads in _size_chunks(group.params, group.grads):
+    """:func:`apply_groups_` for float16 weights: ``step`` · T²g formed in float32 and rounded once into the
+    weights, since in float16 the scalar ``step`` itself can round to zero (ρ/‖g‖ below ~6e-8) and T²g overflow
+    (above 65504). bfloat16 has float32's range and takes the plain path. Temporaries hold at most ~CHUNK_NUMEL
+    float32 elements: larger contiguous tensors are taken in slices."""
+    for chunk_params, chunk_grads in _bounded_slices(group.params, group.grads):
         direction = [g.to(torch.float32, copy=True) for g in chunk_grads]
         if group.adaptive:
             scaling = _scaling_operator(_in_dtype(chunk_params, torch.float32), group.eta)
@@ -416,12 +414,29 @@ def _apply_in_float32_(group: AscentGroup, step: float) -> None:
         torch._foreach_add_(chunk_params, direction)
 
 
-def largest_magnitude(groups: Sequence[AscentGroup]) -> float:
-    """max |g| over the gradients of all groups (inf or nan if any is non-finite): one foreach max-norm per group,
-    one host sync."""
-    peaks = [torch.stack(torch._foreach_norm(group.grads, math.inf)).max().float() for group in groups]
+def largest_magnitude(tensors: Sequence[Tensor]) -> float:
+    """max |t| over all elements of ``tensors`` (nan if any is nan, inf if any is infinite, 0.0 for none): one
+    foreach max-norm per (device, dtype), one host sync."""
+    if not tensors:
+        return 0.0
+    peaks = [torch.stack(torch._foreach_norm(group, math.inf)).amax().float()
+             for (group,) in group_by_device_and_dtype(tensors)]
     device = peaks[0].device
-    return float(torch.stack([peak.to(device) for peak in peaks]).max())
+    return float(torch.stack([peak.to(device) for peak in peaks]).amax())
+
+
+def _bounded_slices(params: list[Tensor], grads: list[Tensor]):
+    """Parallel lists of (views of) ``params`` and ``grads`` holding at most ~CHUNK_NUMEL elements together: a
+    contiguous tensor larger than that is cut into flat slices of it (a non-contiguous one stays whole)."""
+    pieces: list[tuple[Tensor, Tensor]] = []
+    for param, grad in zip(params, grads, strict=True):
+        if param.numel() <= CHUNK_NUMEL or not param.is_contiguous():
+            pieces.append((param, grad))
+            continue
+        flat_param, flat_grad = param.view(-1), grad.reshape(-1)
+        pieces.extend((flat_param[start:start + CHUNK_NUMEL], flat_grad[start:start + CHUNK_NUMEL])
+                      for start in range(0, param.numel(), CHUNK_NUMEL))
+    yield from _size_chunks([p for p, _ in pieces], [g for _, g in pieces])
 
 
 def norm_in_float64(groups: Sequence[AscentGroup]) -> float:

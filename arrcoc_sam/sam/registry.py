@@ -15,7 +15,7 @@ from typing import Any
 
 from torch.optim import Optimizer
 
-__all__ = ["available_methods", "build_sam_optimizer", "method_knobs", "register_method"]
+__all__ = ["available_methods", "build_sam_optimizer", "is_builtin_method", "method_knobs", "register_method"]
 
 Builder = Callable[..., Optimizer]
 
@@ -63,6 +63,13 @@ def build_sam_optimizer(name: str, params: Any, base_optimizer: Any, **knobs: An
             f"unknown sharpness-aware method {name!r}; choose one of {', '.join(available_methods())}"
         )
     return _BUILDERS[name](params, base_optimizer, **knobs)
+
+
+def is_builtin_method(name: str) -> bool:
+    """Whether ``name`` is one of this package's methods (its builder is defined in ``arrcoc_sam``), not one a
+    user registered."""
+    _load_providers()
+    return getattr(_BUILDERS.get(name), "__module__", "").startswith("arrcoc_sam.")
 
 
 def method_knobs(name: str) -> frozenset[str] | None:

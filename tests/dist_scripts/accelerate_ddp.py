@@ -194,9 +194,11 @@ def accelerate_checks() -> dict:
 
 def unwrapped_model_refusals(accelerator: Accelerator) -> list[str]:
     """The messages of AcceleratedSAM given, in a 2-process run, the module inside the DDP wrapper and a model
-    that never went through prepare (each would train an unsynchronised copy per process)."""
+    that never went through prepare (each would train an unsynchronised copy per process). The prepared model
+    compiled (as Accelerator(dynamo_backend=...) returns it) is accepted."""
     model = tiny_mlp()
     prepared, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR))
+    AcceleratedSAM(accelerator, torch.compile(prepared, backend="eager"), optimizer, method="sam")
     messages = []
     for candidate in (accelerator.unwrap_model(prepared), tiny_mlp()):
         try:

@@ -248,10 +248,11 @@ class ESAM(VariantSAM):
     def _maximizes(self) -> bool:
         """Whether the perturbed groups' base optimizer maximises (the objective is −loss, so the sharpest
         examples are those whose loss falls most at w + ε̂). Groups that disagree are refused."""
-        flags = {bool(group.get("maximize")) for group in self.param_groups if group["rho"] != 0}
-        if len(flags) > 1:
-            raise ValueError("esam's data selection needs every perturbed param group to agree on maximize")
-        return flags == {True}
+        flags = {index: bool(group.get("maximize")) for index, group in enumerate(self.param_groups) if group["rho"] != 0}
+        if len(set(flags.values())) > 1:
+            raise ValueError(f"esam's data selection ranks examples by one objective, but the perturbed param groups "
+                             f"disagree on maximize (group: maximize {flags})")
+        return set(flags.values()) == {True}
 
     @torch.no_grad()
     def perturb(self) -> bool:

@@ -11,18 +11,25 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from arrcoc_sam.sam import perturbation
+from arrcoc_sam.sam.optimizer import is_real
 from arrcoc_sam.sam.variants._base import VariantSAM, check_nonnegative
 
 __all__ = ["GSAM"]
 
 
+# The largest learning rate a group has had since GSAM took it (kept in the group, so it rides in checkpoints).
+LR_SEEN_KEY = "gsam_lr_seen"
+
+
 def _peak_lr(group: dict[str, Any]) -> float:
-    """The learning rate a group's schedule peaks at, as torch's schedulers record it: OneCycleLR's ``max_lr``,
-    else ``initial_lr`` (set by every scheduler: the lr before a warm-up lowered it), else the lr now."""
+    """The learning rate a group's schedule peaks at: OneCycleLR's ``max_lr``, else ``initial_lr`` (set by every
+    ``LRScheduler``: the lr before a warm-up lowered it), and at least the largest lr the group has had since GSAM
+    took it (what remains where no scheduler records a peak: ReduceLROnPlateau, a loop setting the lr by hand)."""
+    seen = max(float(group.get(LR_SEEN_KEY, group["lr"])), float(group["lr"]))
     for key in ("max_lr", "initial_lr"):
         if key in group:
-            return float(group[key])
-    return float(group["lr"])
+            return max(float(group[key]), seen)
+    return seen
 
 
 class GSAM(VariantSAM):
@@ -39,10 +46,11 @@ class GSAM(VariantSAM):
 
     ``rho_min``, ``lr_min`` and ``lr_max`` are per-group keys (set here as defaults, saved in the checkpoint).
     ``lr_max=None`` (the default) reads each group's peak learning rate at every ascent, as torch's schedulers
-    record it in the group (OneCycleLR's ``max_lr``, else ``initial_lr``, else the lr now), so a scheduler
-    built before GSAM (the usual HF order, whose warm-up has already lowered ``lr``) or after it (OneCycleLR
-    attached to the optimizer) does not shift the schedule (:meth:`lr_max_of`). Outside [lr_min, lr_max], ρ_t
-    stays at rho_min or rho.
+    record it in the group (OneCycleLR's ``max_lr``, else ``initial_lr``), and at least the largest lr the group
+    has had since GSAM took it (kept in the group as ``gsam_lr_seen``; all there is under ReduceLROnPlateau or a
+    loop that sets the lr by hand). So a scheduler built before GSAM (the usual HF order, whose warm-up has
+    already lowered ``lr``) or after it (OneCycleLR attached to the optimizer) does not shift the schedule
+    (:meth:`lr_max_of`). Outside [lr_min, lr_max], ρ_t stays at rho_min or rho.
 
     Cost: two forward+backward passes per step. Memory: SAM's backup plus one transient copy of g.
 
@@ -87,19 +95,20 @@ class GSAM(VariantSAM):
             value = group[key]
             if key == "lr_max" and value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if not is_real(value) or not math.isfinite(value):
                 raise ValueError(f"{where}{key} must be a finite number, got {value!r}")
+            group[key] = float(value)  # a NumPy scalar would not load with weights_only=True
         if not 0 <= group["rho_min"] <= group["rho"]:
             raise ValueError(f"{where}rho_min must be in [0, rho={group['rho']}], got {group['rho_min']!r}")
-        if not 0 <= group["lr_min"] <= (math.inf if group["lr_max"] is None else group["lr_max"]):
-            raise ValueError(
-                f"{where}need 0 <= lr_min <= lr_max, got lr_min={group['lr_min']!r}, lr_max={group['lr_max']!r}"
-            )
+        lr_max = group["lr_max"] if group["lr_max"] is not None else _peak_lr(group) if "lr" in group else math.inf
+        if not 0 <= group["lr_min"] <= lr_max:
+            raise ValueError(f"{where}need 0 <= lr_min <= lr_max, got lr_min={group['lr_min']!r}, lr_max={lr_max!r}"
+                             + (" (the group's peak learning rate)" if group["lr_max"] is None else ""))
 
     @staticmethod
     def lr_max_of(group: dict[str, Any]) -> float:
-        """The ``lr_max`` ρ_t is scheduled against: the group's own, or (None) the peak learning rate its scheduler
-        records now (OneCycleLR's ``max_lr``, else ``initial_lr``, else the lr now)."""
+        """The ``lr_max`` ρ_t is scheduled against: the group's own, or (None) its peak learning rate as its
+        scheduler records it and at least the largest it has had (see the class docstring)."""
         return _peak_lr(group) if group["lr_max"] is None else float(group["lr_max"])
 
     @classmethod
@@ -125,6 +134,7 @@ class GSAM(VariantSAM):
         radii = [group["rho"] for group in self.param_groups]
         try:
             for group in self.param_groups:
+                group[LR_SEEN_KEY] = max(float(group.get(LR_SEEN_KEY, group["lr"])), float(group["lr"]))
                 if group["rho"] > 0:
                     group["rho"] = max(self.scheduled_rho(group), 0.0)
             return super().perturb()
