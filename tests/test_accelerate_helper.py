@@ -90,9 +90,11 @@ def test_refuses_microbatch_scope_for_methods_defined_on_the_window_gradient(met
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
     model = tiny_mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    with pytest.raises(ValueError, match=f"--optimizer {method} .* use sam_scope=global or per_device"):
+    with pytest.raises(ValueError, match=f"--optimizer {method} .* use sam_scope=global"):
         AcceleratedSAM(accelerator, model, optimizer, method=method, scope="microbatch")
-    AcceleratedSAM(accelerator, model, optimizer, method=method, scope="per_device")
+    with pytest.raises(ValueError, match=f"--optimizer {method} .*sam_scope=per_device leaves local to each rank"):
+        AcceleratedSAM(accelerator, model, optimizer, method=method, scope="per_device")
+    AcceleratedSAM(accelerator, model, optimizer, method=method, scope="global")
 
 
 def _microbatch_sam():

@@ -266,7 +266,7 @@ def test_microbatch_scope_is_refused_only_for_methods_that_say_so(monkeypatch):
     monkeypatch.setitem(registry._BUILDERS, "undeclared", lambda params, base, **knobs: SimpleNamespace())
     base = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=LR)
     assert SAMSettings(method="undeclared", scope="microbatch").build(base) is not None
-    with pytest.raises(ValueError, match="--optimizer looksam .* use sam_scope=global or per_device"):
+    with pytest.raises(ValueError, match="--optimizer looksam .* use sam_scope=global"):
         SAMSettings(method="looksam", scope="microbatch").build(base)
 
 
@@ -335,11 +335,24 @@ def test_batchnorm_running_stats_move_once_per_micro_batch(tmp_path):
         ({"optimizer": "gsam", "rho": 0.05, "sam_args": "rho_min=0.1"}, "--optimizer gsam .*rho_min must be in"),
         ({"optimizer": "gsam", "sam_scope": "microbatch", "gradient_accumulation_steps": 2},
          "--optimizer gsam .*sam_scope=microbatch splits"),
+        # a rank-local clean gradient in the update or the kept state: the replicas would drift apart
+        ({"optimizer": "gsam", "sam_scope": "per_device"}, "--optimizer gsam .*sam_scope=per_device leaves local"),
+        ({"optimizer": "looksam", "sam_scope": "per_device"}, "--optimizer looksam .*use sam_scope=global"),
+        ({"optimizer": "fsam", "sam_scope": "per_device"}, "--optimizer fsam .*only"),
     ],
 )
 def test_refuses_runs_sam_cannot_serve(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
         SAMTrainingArguments(**trainer_kwargs(str(tmp_path), **overrides))
+
+
+@pytest.mark.parametrize("method, knobs", [("gsam", {"alpha": 0.0}), ("looksam", {"interval": 1}), ("fsam", {"sigma": 0.0}),
+                                           ("periodic", {}), ("esam", {}), ("msam", {})])
+def test_per_device_scope_is_taken_where_no_rank_local_gradient_reaches_the_update(tmp_path, method, knobs):
+    sam_args = ",".join(f"{key}={value}" for key, value in knobs.items()) or None
+    args = SAMTrainingArguments(**trainer_kwargs(str(tmp_path), optimizer=method, sam_scope="per_device",
+                                                 sam_args=sam_args))
+    assert args.sam_settings().scope == "per_device"
 
 
 def test_sam_args_may_be_a_dict_in_code(tmp_path):

@@ -153,7 +153,13 @@ class SAMSettings:
             raise ValueError(
                 f"--optimizer {self.method} combines each step's clean and perturbed gradients (or keeps an average "
                 "of them) over the whole window, which sam_scope=microbatch splits into per-micro-batch ascents; "
-                "use sam_scope=global or per_device"
+                "use sam_scope=global"
+            )
+        if self.scope == "per_device" and not getattr(optimizer, "supports_per_device_scope", True):
+            raise ValueError(
+                f"--optimizer {self.method} builds its update or its kept state from each step's clean gradient, "
+                "which sam_scope=per_device leaves local to each rank: the replicas would drift apart (or a "
+                "checkpoint would keep rank 0's state only); use sam_scope=global"
             )
         if not self.statistics:
             optimizer.track_stats = False

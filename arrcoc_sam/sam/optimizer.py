@@ -109,6 +109,13 @@ class SAM(Optimizer):
     #: whether the integrations' ``sam_scope=microbatch`` (one ascent and pass 2 per micro-batch, onto the
     #: window's accumulated gradient) gives this method's update
     supports_microbatch_scope: bool = True
+
+    @property
+    def supports_per_device_scope(self) -> bool:
+        """Whether the integrations' ``sam_scope=per_device`` (each rank's ascent from its own pass-1 gradient,
+        pass 2 all-reduced) keeps the replicas equal and the checkpoint complete: not where the method combines
+        the rank's own clean gradient into the update or into state it keeps (GSAM, LookSAM, Friendly-SAM)."""
+        return True
     #: the per-group settings this wrapper adds to the base optimizer's groups (kept by :meth:`load_state_dict`)
     _group_keys: tuple[str, ...] = _SAM_GROUP_KEYS
 

@@ -43,6 +43,10 @@ class FriendlySAM(VariantSAM):
     buffer_names = ("ema",)
     supports_microbatch_scope = False  # its combination is defined on the window gradient
 
+    @property
+    def supports_per_device_scope(self) -> bool:
+        return self.sigma == 0  # each rank would average its own gradients; a checkpoint keeps rank 0's only
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],

@@ -65,6 +65,10 @@ class GSAM(VariantSAM):
 
     stashes_clean_gradient = True
     supports_microbatch_scope = False  # its combination is defined on the window gradient
+
+    @property
+    def supports_per_device_scope(self) -> bool:
+        return self.alpha == 0  # g_p − α g_⊥ with a rank-local g would differ between replicas
     _group_keys = (*VariantSAM._group_keys, "rho_min", "lr_min", "lr_max")
 
     def __init__(

@@ -47,6 +47,10 @@ class LookSAM(VariantSAM):
     stashes_clean_gradient = True
     supports_microbatch_scope = False  # its combination is defined on the window gradient
 
+    @property
+    def supports_per_device_scope(self) -> bool:
+        return self.interval == 1  # a direction stored from a rank-local g would differ between replicas
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
