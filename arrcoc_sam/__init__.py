@@ -9,6 +9,8 @@ _EXPORTS = {
     "ASAM": "arrcoc_sam.sam.optimizer",
     "SAMTrainer": "arrcoc_sam.integrations.trainer",
     "SAMTrainingArguments": "arrcoc_sam.integrations.trainer",
+    "SAMSeq2SeqTrainer": "arrcoc_sam.integrations.trainer",
+    "SAMSeq2SeqTrainingArguments": "arrcoc_sam.integrations.trainer",
 }
 __all__ = list(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)

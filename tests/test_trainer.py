@@ -770,3 +770,29 @@ def test_a_window_an_earlier_train_left_open_is_not_replayed_by_the_next(tmp_pat
     trainer.train()
     log = next(entry for entry in grab.logs if "sam/loss_perturbed" in entry)
     assert log["sam/loss_perturbed"] == pytest.approx(log["loss"], rel=1e-4)
+
+
+def test_seq2seq_trainer_with_sam_trains_like_sam_trainer_and_generates(tmp_path):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from arrcoc_sam import SAMSeq2SeqTrainer, SAMSeq2SeqTrainingArguments
+
+    def t5():
+        torch.manual_seed(0)
+        return T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                                   num_decoder_layers=1, num_heads=2, decoder_start_token_id=0,
+                                                   pad_token_id=0, eos_token_id=1))
+
+    gen = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(2, 32, (6,), generator=gen), "labels": torch.randint(2, 32, (4,), generator=gen)}
+            for _ in range(8)]
+    common = trainer_kwargs(str(tmp_path / "out"), optimizer="sam", rho=0.05, max_steps=2, per_device_train_batch_size=4)
+    seq2seq = SAMSeq2SeqTrainer(model=t5(), args=SAMSeq2SeqTrainingArguments(**common, predict_with_generate=True,
+                                                                             generation_max_length=5),
+                                train_dataset=data, eval_dataset=data[:4])
+    seq2seq.train()
+    plain = SAMTrainer(model=t5(), args=SAMTrainingArguments(**common), train_dataset=data)
+    plain.train()
+    assert torch.equal(flat_params(seq2seq.model), flat_params(plain.model))
+    assert all("sam/rho" in h for h in seq2seq.state.log_history if "loss" in h)
+    assert "eval_loss" in seq2seq.evaluate(max_length=5)

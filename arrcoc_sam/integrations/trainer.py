@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainingArguments
 
 from arrcoc_sam.curvature._data import shifts_labels
 from arrcoc_sam.integrations._settings import (
@@ -50,7 +50,14 @@ from arrcoc_sam.integrations._settings import (
 from arrcoc_sam.integrations._window import ExampleLosses, SAMWindow, shallow_copy
 from arrcoc_sam.sam.variants.esam import per_example_loss
 
-__all__ = ["SAMArguments", "SAMTrainer", "SAMTrainingArguments", "patched_trainer"]
+__all__ = [
+    "SAMArguments",
+    "SAMSeq2SeqTrainer",
+    "SAMSeq2SeqTrainingArguments",
+    "SAMTrainer",
+    "SAMTrainingArguments",
+    "patched_trainer",
+]
 
 # The stock implementations, captured before any patching; SAM code calls these, never super(), so the
 # same functions serve SAMTrainer and a patched transformers.Trainer.
@@ -214,6 +221,17 @@ class SAMTrainer(_SAMTrainerMethods, Trainer):
         super().__init__(*args, **kwargs)
         self._sam_per_example_loss_fn = per_example_loss_fn
         _run_settings(self)
+
+
+@dataclass
+class SAMSeq2SeqTrainingArguments(SAMTrainingArguments, Seq2SeqTrainingArguments):
+    """``Seq2SeqTrainingArguments`` (``--predict_with_generate``, ``--generation_*``) plus the flags of
+    :class:`SAMTrainingArguments`, for :class:`SAMSeq2SeqTrainer`."""
+
+
+class SAMSeq2SeqTrainer(SAMTrainer, Seq2SeqTrainer):
+    """``transformers.Seq2SeqTrainer`` with sharpness-aware minimisation (:class:`SAMTrainer`); takes
+    :class:`SAMSeq2SeqTrainingArguments`."""
 
 
 def _require_windows(trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
