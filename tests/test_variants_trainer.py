@@ -119,10 +119,28 @@ def _sequence_classifier():
     return model, rows
 
 
+def _uneven_causal_lm():
+    """causal_lm with 0 to 6 of each row's tokens unlabelled (-100): examples hold different numbers of labels,
+    which the stock token-mean loss weights and an example mean would not."""
+    model, rows = causal_lm()
+    for index, row in enumerate(rows):
+        row["labels"] = row["labels"].clone()
+        row["labels"][: index % 7] = -100
+    return model, rows
+
+
+def _uneven_token_classifier():
+    """tiny_bert (its own loss: a token mean over each micro-batch, ignoring num_items_in_batch) on rows of 2 to 8
+    labelled tokens."""
+    return tiny_bert(), token_dataset(8)
+
+
 @pytest.mark.parametrize(
     ("build", "accumulation", "smoothing"),
-    [(_sequence_classifier, 2, 0.0), (_sequence_classifier, 1, 0.2), (causal_lm, 2, 0.0)],
-    ids=["seq_cls_accumulation_2", "label_smoothing", "causal_lm_accumulation_2"],
+    [(_sequence_classifier, 2, 0.0), (_sequence_classifier, 1, 0.2), (causal_lm, 2, 0.0), (_uneven_causal_lm, 2, 0.0),
+     (_uneven_causal_lm, 2, 0.1), (_uneven_token_classifier, 2, 0.0)],
+    ids=["seq_cls_accumulation_2", "label_smoothing", "causal_lm_accumulation_2", "uneven_labels_causal_lm",
+         "uneven_labels_label_smoothing", "uneven_labels_micro_batch_mean"],
 )
 def test_trainer_esam_selecting_every_example_updates_like_the_whole_batch_replay(tmp_path, build, accumulation,
                                                                                    smoothing):

@@ -24,7 +24,8 @@ Data selection (ESAM's SDS, an optimizer with ``selects_examples`` true, given :
 the ``global``/``per_device`` scopes): pass 1 also records the clean per-example losses of each micro-batch
 from its own forward (a forward hook, no extra pass). The replay then runs, per micro-batch, one forward at
 w + ε under ``no_grad`` for the perturbed per-example losses; ``select_examples`` picks the top ⌈γ·B⌉ rises
-over the rank's whole window (B examples, as ESAM's closure step selects over its batch); and only the
+over the rank's whole window (B examples, as ESAM's closure step selects over its batch; weighted where
+:class:`ExampleLosses` gives weights, the mean below is weighted alike); and only the
 chosen examples run forward + backward, regrouped into as few sub-batches of at most one micro-batch's size as
 hold them where the micro-batches can be concatenated (otherwise micro-batch by micro-batch), with the loss
 ``Σ_{i∈chosen} ℓ_i / ⌈γ·B⌉`` so
@@ -90,10 +91,17 @@ class ExampleLosses:
             does (input preparation, autocast), without backward, and returns the loss in the units
             ``run_pass`` returns (for the ``sam/*`` metrics).
         per_example: ``per_example(outputs, batch) -> [B]`` per-example losses from the module's outputs.
+        weights: ``weights(micro_batch) -> [B] | None``, each example's share within its micro-batch of the loss
+            the loop's pass takes (its labelled tokens for a token-mean loss). Pass 1 scales them per micro-batch
+            so that Σ wᵢ ℓᵢ is the loss that micro-batch's pass returned (which also settles whether the loss is a
+            mean over the window or over each micro-batch); pass 2 trains on the chosen examples' Σ wᵢ ℓᵢ, scaled
+            to the window, so choosing every example gives the stock loss. None (the function, or its value):
+            every example alike.
     """
 
     forward: Callable[[nn.Module, Any], Tensor]
     per_example: Callable[[Any, Any], Tensor]
+    weights: Callable[[Any], Tensor] | None = None
 _STAT_KEYS = ("grad_norm", "grad_norm_perturbed", "grad_cosine", "rho")
 _SCALED_STATS = ("grad_norm", "grad_norm_perturbed")
 METRIC_KEYS = ("loss_perturbed", "sharpness", *_STAT_KEYS)
@@ -161,6 +169,7 @@ class SAMWindow:
         self._select = False  # this window runs data selection
         self._selection_unavailable = False  # the per-example losses raised PerExampleLossUnavailable once
         self._clean_examples: list[Tensor] = []  # [B_m] clean per-example losses of each micro-batch
+        self._clean_weights: list[Tensor] = []  # [B_m] their weights in the loss (ExampleLosses.weights)
         self._reapply = False  # the optimizer perturbs for pass 1 (msam) and was restored after a micro-batch
         self._first_pass_tensors: list[Tensor] | None = None  # pass 1 computes gradients for these only
         self._average_by_hand = False  # pass 1 runs under no_sync and the window all-reduces those gradients
@@ -324,10 +333,13 @@ class SAMWindow:
         with _ExampleCapture(_unwrapped(model), example_losses.per_example, batch, keep_graph=False) as capture:
             loss = run_pass(batch)
         try:
-            self._clean_examples.append(capture.losses())
+            losses = capture.losses()
         except PerExampleLossUnavailable:
             self._select = False
             self._selection_unavailable = True
+            return loss
+        self._clean_examples.append(losses)
+        self._clean_weights.append(_example_weights(example_losses, batch, losses, loss))
         return loss
 
     def _selective_replay(self, model: nn.Module, optimizer: Any, example_losses: ExampleLosses) -> Tensor:
@@ -344,26 +356,28 @@ class SAMWindow:
                 perturbed_examples.append(capture.losses())
                 perturbed = loss if perturbed is None else perturbed + loss
         chosen = optimizer.select_examples(torch.cat(self._clean_examples), torch.cat(perturbed_examples))
-        count = chosen.numel()
         choices, offset = [], 0
         for batch, clean in zip(self._batches, self._clean_examples, strict=True):
             size = clean.numel()
             local = chosen[(chosen >= offset) & (chosen < offset + size)] - offset
-            offset += size
             if local.numel() > 0:
-                choices.append((batch, local, size))
+                choices.append((batch, local, size, offset))
+            offset += size
         picks = _chosen_sub_batches(choices, max(clean.numel() for clean in self._clean_examples))
         # In the units of the window's pass 1: the loss run_pass back-propagated, summed over the window, is
-        # `units` times the mean clean per-example loss (1 for a loss over num_items_in_batch; the accumulation
-        # steps for a Trainer model that ignores it, or under Accelerate, whose backward divides by them again),
-        # so the chosen examples' mean gets the same factor and γ < 1 keeps the scale of γ = 1.
+        # `units` times the weighted mean clean per-example loss (1 for a loss over num_items_in_batch; the
+        # accumulation steps for a Trainer model that ignores it, or under Accelerate, whose backward divides by
+        # them again), so the chosen examples' weighted mean gets the same factor: γ < 1 keeps the scale of
+        # γ = 1, and choosing every example trains on the stock loss itself where the weights are its own.
         clean_examples = torch.cat(self._clean_examples)
         dtype = torch.promote_types(torch.promote_types(self._clean.dtype, clean_examples.dtype), torch.float32)
-        units = self._clean.to(dtype) / clean_examples.to(dtype).mean()
+        weights = torch.cat(self._clean_weights).to(device=clean_examples.device, dtype=dtype)
+        units = self._clean.to(dtype) / ((weights * clean_examples.to(dtype)).sum() / weights.sum())
         fallback = float(getattr(self.accelerator, "gradient_accumulation_steps", 1))
-        factor = torch.where(torch.isfinite(units) & (units != 0), units, fallback).detach() / count
+        chosen_weight = weights[chosen.to(weights.device)].sum().clamp_min(torch.finfo(dtype).tiny)
+        factor = torch.where(torch.isfinite(units) & (units != 0), units, fallback).detach() / chosen_weight
         model.zero_grad(set_to_none=True)
-        for index, (subset, size) in enumerate(picks):
+        for index, (subset, size, rows) in enumerate(picks):
             module = model if index == len(picks) - 1 else inner  # only the last backward goes through DDP
             with torch.enable_grad():
                 with _ExampleCapture(inner, example_losses.per_example, subset, keep_graph=True) as capture:
@@ -371,7 +385,8 @@ class SAMWindow:
                 losses = capture.losses()
                 if losses.numel() != size:
                     raise ValueError(f"per_example_loss_fn returned {losses.numel()} losses for {size} examples")
-                self.accelerator.backward(losses.sum() * factor)
+                subset_weights = weights[rows.to(weights.device)].to(device=losses.device, dtype=losses.dtype)
+                self.accelerator.backward((subset_weights * losses).sum() * factor.to(losses.device))
         return perturbed
 
     # -- microbatch (mSAM): an ascent per micro-batch from its own gradient ---------------------------
@@ -440,6 +455,7 @@ class SAMWindow:
         self._any_ascent = False
         self._select = False
         self._clean_examples = []
+        self._clean_weights = []
         self._reapply = False
         self._first_pass_tensors = None
         self._average_by_hand = False
@@ -612,31 +628,49 @@ def _take(batch: Any, index: Tensor, size: int) -> Any:
     return batch
 
 
-def _chosen_sub_batches(choices: list[tuple[Any, Tensor, int]], limit: int) -> list[tuple[Any, int]]:
-    """``(sub-batch, examples)`` pairs holding the chosen examples of the window: ``choices`` gives each
-    micro-batch with chosen examples as ``(micro-batch, chosen rows, its size)``. Regrouped into as few sub-batches
-    of at most ``limit`` examples (the largest micro-batch) as hold them all, of sizes that differ by at most
-    one: fewer forwards, and no lone example that a BatchNorm layer in training mode could not normalise. Where
-    the micro-batches cannot be concatenated (tensors padded to other lengths, per-batch values that differ),
-    one sub-batch per micro-batch."""
-    per_micro_batch = [(_take(batch, rows, size), rows.numel()) for batch, rows, size in choices]
+def _chosen_sub_batches(choices: list[tuple[Any, Tensor, int, int]], limit: int) -> list[tuple[Any, int, Tensor]]:
+    """``(sub-batch, examples, window rows)`` triples holding the chosen examples of the window (``window rows``:
+    their positions in the window, in the sub-batch's order): ``choices`` gives each micro-batch with chosen
+    examples as ``(micro-batch, chosen rows, its size, its first row in the window)``. Regrouped into as few
+    sub-batches of at most ``limit`` examples (the largest micro-batch) as hold them all, of sizes that differ by
+    at most one: fewer forwards, and no lone example that a BatchNorm layer in training mode could not normalise.
+    Where the micro-batches cannot be concatenated (tensors padded to other lengths, per-batch values that
+    differ), one sub-batch per micro-batch."""
+    per_micro_batch = [(_take(batch, rows, size), rows.numel(), rows + offset) for batch, rows, size, offset in choices]
     if len(choices) < 2:
         return per_micro_batch
-    if _concatenated([subset for subset, _ in per_micro_batch], [batch for batch, _, _ in choices]) is _UNMERGEABLE:
+    if _concatenated([subset for subset, _, _ in per_micro_batch], [choice[0] for choice in choices]) is _UNMERGEABLE:
         return per_micro_batch
     # (micro-batch, row) of every chosen example in window order, cut into balanced runs
-    flat = [(position, row) for position, (_, rows, _) in enumerate(choices) for row in rows.tolist()]
+    flat = [(position, row) for position, (_, rows, _, _) in enumerate(choices) for row in rows.tolist()]
     count = -(-len(flat) // limit)
     grouped, start = [], 0
     for index in range(count):
         stop = start + len(flat) // count + (index < len(flat) % count)
-        positions = sorted({position for position, _ in flat[start:stop]})
-        parts = [_take(choices[p][0], torch.tensor([row for q, row in flat[start:stop] if q == p]), choices[p][2])
-                 for p in positions]
-        originals = [choices[p][0] for p in positions]
-        grouped.append((parts[0] if len(parts) == 1 else _concatenated(parts, originals), stop - start))
+        run = flat[start:stop]
+        positions = sorted({position for position, _ in run})
+        rows = {p: [row for q, row in run if q == p] for p in positions}
+        parts = [_take(choices[p][0], torch.tensor(rows[p]), choices[p][2]) for p in positions]
+        window_rows = torch.tensor([choices[p][3] + row for p in positions for row in rows[p]])
+        merged = parts[0] if len(parts) == 1 else _concatenated(parts, [choices[p][0] for p in positions])
+        grouped.append((merged, stop - start, window_rows))
         start = stop
     return grouped
+
+
+def _example_weights(example_losses: ExampleLosses, batch: Any, losses: Tensor, loss: Tensor) -> Tensor:
+    """The weights of a micro-batch's examples in pass 2's loss: ones without :attr:`ExampleLosses.weights`;
+    otherwise those, scaled so that Σ wᵢ ℓᵢ equals ``loss``, the loss the micro-batch's pass returned (left as
+    they are where that sum is 0 or the scale not finite). float32 (float64 for float64 losses)."""
+    dtype = torch.promote_types(losses.dtype, torch.float32)
+    weights = None if example_losses.weights is None else example_losses.weights(batch)
+    if weights is None:
+        return torch.ones_like(losses, dtype=dtype)
+    weights = torch.as_tensor(weights).to(device=losses.device, dtype=dtype)
+    if weights.shape != losses.shape:
+        raise ValueError(f"example weights must be a vector [{losses.numel()}], got shape {tuple(weights.shape)}")
+    scale = loss.detach().to(device=losses.device, dtype=dtype) / (weights * losses.detach().to(dtype)).sum()
+    return weights * torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
 
 
 _UNMERGEABLE = object()

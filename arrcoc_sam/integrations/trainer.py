@@ -13,7 +13,8 @@ ESAM's data selection (``--optimizer esam`` with ``gamma < 1``) needs per-exampl
 :func:`~arrcoc_sam.sam.variants.esam.per_example_loss` on the model outputs' ``logits`` and the batch's
 ``labels``, or ``SAMTrainer(per_example_loss_fn=...)``. Pass 1 stays the stock ``training_step``; the replay
 runs ``compute_loss`` at w + ε on the window under ``no_grad``, then forward + backward on the chosen
-examples only, with ESAM's loss ``Σ_{i∈B⁺} ℓ_i / ⌈γ·B⌉`` (see ``arrcoc_sam.integrations._window``).
+examples only, with ESAM's mean of their losses; with the stock (token-mean) loss each is weighted by its
+labelled tokens, so choosing every example trains on the stock loss (see ``arrcoc_sam.integrations._window``).
 
 The sharpness-aware optimizer wraps the base optimizer that ``--optim`` (or ``optimizers=``) builds; its
 ``state_dict`` is the base optimizer's, so checkpoints and ``resume_from_checkpoint`` work unchanged.
@@ -48,7 +49,7 @@ from arrcoc_sam.integrations._settings import (
     parse_sam_args,
 )
 from arrcoc_sam.integrations._window import ExampleLosses, SAMWindow, shallow_copy
-from arrcoc_sam.sam.variants.esam import per_example_loss
+from arrcoc_sam.sam.variants.esam import label_counts, per_example_loss
 
 __all__ = [
     "SAMArguments",
@@ -183,9 +184,15 @@ class _SAMTrainerMethods:
             return _in_training_step_units(self, loss, num_items_in_batch)
 
         optimizer = _sam_optimizer(self.optimizer)
-        per_example = self.__dict__.get("_sam_per_example_loss_fn") or _default_per_example_loss(self, model, optimizer)
+        own = self.__dict__.get("_sam_per_example_loss_fn")
+        per_example = own or _default_per_example_loss(self, model, optimizer)
+        # the stock loss is a token mean (over the window, or over each micro-batch where the model ignores
+        # num_items_in_batch: the window calibrates which): weight each example by its labelled tokens
+        weights = None if own is not None or _custom_loss(self) else functools.partial(
+            label_counts, shift_labels=shifts_labels(model)
+        )
         last = bool(self.accelerator.sync_gradients)
-        loss = window.micro_step(model, optimizer, shallow_copy(inputs), run_pass, ExampleLosses(forward, per_example))
+        loss = window.micro_step(model, optimizer, shallow_copy(inputs), run_pass, ExampleLosses(forward, per_example, weights))
         if last:
             self._sam_windows = self.__dict__.get("_sam_windows", 0) + 1
         return loss
@@ -254,11 +261,14 @@ def _require_windows(trainer: Trainer, optimizer: torch.optim.Optimizer) -> None
     optimizer.register_step_pre_hook(check)
 
 
+def _custom_loss(trainer: Trainer) -> bool:
+    return trainer.compute_loss_func is not None or type(trainer).compute_loss is not Trainer.compute_loss
+
+
 def _default_per_example_loss(trainer: Trainer, model: nn.Module, optimizer: Any) -> Callable[[Any, Any], torch.Tensor]:
     """:func:`per_example_loss` scoring examples as the stock loss does: next-token labels for causal LMs, the
     run's ``label_smoothing_factor``. Warns once where ``compute_loss`` is customised, which it cannot follow."""
-    custom = trainer.compute_loss_func is not None or type(trainer).compute_loss is not Trainer.compute_loss
-    if custom and getattr(optimizer, "selects_examples", False) and not trainer.__dict__.get("_sam_warned_loss"):
+    if _custom_loss(trainer) and getattr(optimizer, "selects_examples", False) and not trainer.__dict__.get("_sam_warned_loss"):
         trainer._sam_warned_loss = True
         logger.warning(
             "ESAM's data selection ranks and trains on per_example_loss (cross-entropy of logits and labels), "

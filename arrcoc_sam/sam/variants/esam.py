@@ -22,7 +22,7 @@ from arrcoc_sam.sam.variants._base import (
     uses_reentrant_checkpointing,
 )
 
-__all__ = ["ESAM", "PerExampleLossUnavailable", "per_example_loss"]
+__all__ = ["ESAM", "PerExampleLossUnavailable", "label_counts", "per_example_loss"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,18 @@ def per_example_loss(outputs: Any, batch: Any, *, shift_labels: bool = False, la
     )
     counts = labels.ne(IGNORE_INDEX).sum(dim=1).clamp_min(1)
     return tokens.sum(dim=1) / counts
+
+
+def label_counts(batch: Any, *, shift_labels: bool = False) -> Tensor | None:
+    """The labelled items of each example in ``batch``, ``[B]`` float32: 1 for integer labels ``[B]``, the
+    non-``-100`` tokens for integer labels ``[B, T]`` (from the second token on with ``shift_labels``, as
+    :func:`per_example_loss` scores them). None where the batch has no such ``labels``."""
+    labels = batch.get("labels") if isinstance(batch, Mapping) else None
+    if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.dim() not in (1, 2):
+        return None
+    if labels.dim() == 1:
+        return torch.ones(labels.shape[0], device=labels.device)
+    return (labels[:, 1:] if shift_labels else labels).ne(IGNORE_INDEX).sum(dim=1).float()
 
 
 def _one_process() -> bool:
