@@ -335,6 +335,9 @@ def test_batchnorm_running_stats_move_once_per_micro_batch(tmp_path):
         ({"optimizer": "gsam", "rho": 0.05, "sam_args": "rho_min=0.1"}, "--optimizer gsam .*rho_min must be in"),
         ({"optimizer": "gsam", "sam_scope": "microbatch", "gradient_accumulation_steps": 2},
          "--optimizer gsam .*sam_scope=microbatch splits"),
+        ({"optimizer": "msam", "optim": "sgd"}, r"--optimizer msam perturbs .* --optim sgd keeps none .* momentum=0.9"),
+        ({"optimizer": "msam", "optim": "adafactor"}, "--optim adafactor keeps none .* beta1=0.9"),
+        ({"optimizer": "msam", "optim": "adagrad"}, "--optim adagrad keeps none"),
         # a rank-local clean gradient in the update or the kept state: the replicas would drift apart
         ({"optimizer": "gsam", "sam_scope": "per_device"}, "--optimizer gsam .*sam_scope=per_device leaves local"),
         ({"optimizer": "looksam", "sam_scope": "per_device"}, "--optimizer looksam .*use sam_scope=global"),
@@ -351,8 +354,14 @@ def test_refuses_runs_sam_cannot_serve(tmp_path, overrides, match):
 def test_per_device_scope_is_taken_where_no_rank_local_gradient_reaches_the_update(tmp_path, method, knobs):
     sam_args = ",".join(f"{key}={value}" for key, value in knobs.items()) or None
     args = SAMTrainingArguments(**trainer_kwargs(str(tmp_path), optimizer=method, sam_scope="per_device",
-                                                 sam_args=sam_args))
+                                                 sam_args=sam_args, optim="adamw_torch"))
     assert args.sam_settings().scope == "per_device"
+
+
+def test_msam_with_a_momentum_given_in_optim_args_is_taken(tmp_path):
+    for optim, optim_args in (("sgd", "momentum=0.9"), ("adafactor", "beta1=0.9"), ("adamw_torch", None)):
+        args = SAMTrainingArguments(**trainer_kwargs(str(tmp_path), optimizer="msam", optim=optim, optim_args=optim_args))
+        assert args.sam_settings().method == "msam"
 
 
 def test_sam_args_may_be_a_dict_in_code(tmp_path):

@@ -102,6 +102,8 @@ class ExampleLosses:
     forward: Callable[[nn.Module, Any], Tensor]
     per_example: Callable[[Any, Any], Tensor]
     weights: Callable[[Any], Tensor] | None = None
+
+
 _STAT_KEYS = ("grad_norm", "grad_norm_perturbed", "grad_cosine", "rho")
 _SCALED_STATS = ("grad_norm", "grad_norm_perturbed")
 METRIC_KEYS = ("loss_perturbed", "sharpness", *_STAT_KEYS)

@@ -78,7 +78,8 @@ class SAMArguments:
 
     optimizer: str = field(
         default="sam",
-        metadata={"help": "Sharpness-aware method: none, sam, asam, or any registered variant. "
+        metadata={"help": "Sharpness-aware method: none, sam, asam, periodic, looksam, esam, gsam, fsam (Friendly-SAM), "
+                  "msam (Momentum-SAM), or any method registered with arrcoc_sam.sam.register_method. "
                   "HF's --optim stays the base optimizer."},
     )
     rho: float | None = field(
@@ -131,6 +132,7 @@ class SAMTrainingArguments(TrainingArguments, SAMArguments):
     def __post_init__(self) -> None:
         settings = self.sam_settings()
         check_knob_values(settings)
+        _check_momentum_for_msam(settings, self.optim, self.optim_args)
         check_run_compatible(
             settings,
             gradient_accumulation_steps=self.gradient_accumulation_steps,
@@ -141,6 +143,25 @@ class SAMTrainingArguments(TrainingArguments, SAMArguments):
             ddp_static_graph=bool(getattr(self, "ddp_static_graph", None)) and launched_processes() > 1,
         )
         super().__post_init__()
+
+
+# HF --optim values whose optimizer keeps no running mean of the gradients unless --optim_args asks for one
+_WITHOUT_MOMENTUM = {"sgd": "momentum", "rmsprop": "momentum", "adagrad": None, "adafactor": "beta1"}
+
+
+def _check_momentum_for_msam(settings: SAMSettings, optim: Any, optim_args: str | None) -> None:
+    """Refuse msam with an ``--optim`` that keeps no momentum for it to perturb along (SGD and RMSprop without
+    ``--optim_args momentum=...``, Adafactor without ``beta1``, Adagrad), when the arguments are parsed."""
+    name = str(getattr(optim, "value", optim))
+    if settings.method != "msam" or name not in _WITHOUT_MOMENTUM:
+        return
+    key = _WITHOUT_MOMENTUM[name]
+    given = dict(item.split("=", 1) for item in (optim_args or "").replace(" ", "").split(",") if "=" in item)
+    if key is not None and given.get(key) not in (None, "0", "0.0", "None"):
+        return
+    fix = f"--optim_args {key}=0.9" if key else "an Adam-family --optim"
+    raise ValueError(f"--optimizer msam perturbs along the base optimizer's momentum, but --optim {name} keeps none "
+                     f"as configured; add {fix} (or use an Adam-family --optim such as adamw_torch)")
 
 
 class _SAMTrainerMethods:
