@@ -246,6 +246,8 @@ class VariantSAM(SAM):
         """The base optimizer's state dict plus ``"sam_variant"``: the step counter and the persistent buffers.
 
         Transient state (the weight backup, pass-1 gradient stashes) is never included; raises while perturbed.
+        State-dict hooks (``register_state_dict_post_hook``, ``register_load_state_dict_pre_hook``) run on the base
+        optimizer's part only: ``"sam_variant"`` is added after them, and taken off before loading.
         """
         state = super().state_dict()
         state[STATE_KEY] = self.variant_state_dict()
