@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from arrcoc_sam.sam.optimizer import is_real
 from arrcoc_sam.sam.registry import available_methods, build_sam_optimizer, is_builtin_method, method_knobs
 from arrcoc_sam.sam.sharding import check_fsdp_run
 
@@ -90,7 +91,7 @@ class SAMSettings:
 
     def __post_init__(self) -> None:
         for name, value in (("rho", self.rho), ("sam_eta", self.eta)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+            if value is not None and not is_real(value):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r} ({type(value).__name__})")
         if self.interval is not None and (isinstance(self.interval, bool) or not isinstance(self.interval, numbers.Integral)):
             raise ValueError(f"sam_interval must be an integer >= 1, got {self.interval!r} ({type(self.interval).__name__})")

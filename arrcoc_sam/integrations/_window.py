@@ -24,12 +24,11 @@ Data selection (ESAM's SDS, an optimizer with ``selects_examples`` true, given :
 the ``global``/``per_device`` scopes): pass 1 also records the clean per-example losses of each micro-batch
 from its own forward (a forward hook, no extra pass). The replay then runs, per micro-batch, one forward at
 w + ε under ``no_grad`` for the perturbed per-example losses; ``select_examples`` picks the top ⌈γ·B⌉ rises
-over the rank's whole window (B examples, as ESAM's closure step selects over its batch; weighted where
-:class:`ExampleLosses` gives weights, the mean below is weighted alike); and only the
-chosen examples run forward + backward, regrouped into as few sub-batches of at most one micro-batch's size as
-hold them where the micro-batches can be concatenated (otherwise micro-batch by micro-batch), with the loss
-``Σ_{i∈chosen} ℓ_i / ⌈γ·B⌉`` so
-the window gradient is exactly ESAM's ``∇ mean_{i∈B⁺} ℓ_i(w + ε)``. Under DDP each rank selects from its own
+over the rank's whole window (B examples, as ESAM's closure step selects over its batch); and only the chosen
+examples run forward + backward, regrouped into as few sub-batches of at most one micro-batch's size as hold
+them where the micro-batches can be concatenated (otherwise micro-batch by micro-batch), with the loss
+``Σ_{i∈chosen} ℓ_i / ⌈γ·B⌉`` (weighted alike where :class:`ExampleLosses` gives weights) so the window gradient
+is exactly ESAM's ``∇ mean_{i∈B⁺} ℓ_i(w + ε)``. Under DDP each rank selects from its own
 window and DDP averages the ranks' gradients. All these forwards go through the unwrapped module except the
 one that back-propagates last, which goes through the DDP wrapper and syncs (a sub-batch with no chosen
 example is skipped; every rank makes exactly one DDP forward in the replay). Cost: one forward over the
@@ -641,11 +640,15 @@ def _chosen_sub_batches(choices: list[tuple[Any, Tensor, int, int]], limit: int)
     per_micro_batch = [(_take(batch, rows, size), rows.numel(), rows + offset) for batch, rows, size, offset in choices]
     if len(choices) < 2:
         return per_micro_batch
-    if _concatenated([subset for subset, _, _ in per_micro_batch], [choice[0] for choice in choices]) is _UNMERGEABLE:
+    merged = _concatenated([subset for subset, _, _ in per_micro_batch], [choice[0] for choice in choices])
+    if merged is _UNMERGEABLE:
         return per_micro_batch
+    total = sum(size for _, size, _ in per_micro_batch)
+    count = -(-total // limit)
+    if count == 1:  # all of them in one sub-batch: the concatenation just made
+        return [(merged, total, torch.cat([rows for _, _, rows in per_micro_batch]))]
     # (micro-batch, row) of every chosen example in window order, cut into balanced runs
     flat = [(position, row) for position, (_, rows, _, _) in enumerate(choices) for row in rows.tolist()]
-    count = -(-len(flat) // limit)
     grouped, start = [], 0
     for index in range(count):
         stop = start + len(flat) // count + (index < len(flat) % count)

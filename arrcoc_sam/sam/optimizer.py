@@ -109,6 +109,8 @@ class SAM(Optimizer):
     #: whether the integrations' ``sam_scope=microbatch`` (one ascent and pass 2 per micro-batch, onto the
     #: window's accumulated gradient) gives this method's update
     supports_microbatch_scope: bool = True
+    #: the per-group settings this wrapper adds to the base optimizer's groups (kept by :meth:`load_state_dict`)
+    _group_keys: tuple[str, ...] = _SAM_GROUP_KEYS
 
     @property
     def supports_per_device_scope(self) -> bool:
@@ -116,8 +118,6 @@ class SAM(Optimizer):
         pass 2 all-reduced) keeps the replicas equal and the checkpoint complete: not where the method combines
         the rank's own clean gradient into the update or into state it keeps (GSAM, LookSAM, Friendly-SAM)."""
         return True
-    #: the per-group settings this wrapper adds to the base optimizer's groups (kept by :meth:`load_state_dict`)
-    _group_keys: tuple[str, ...] = _SAM_GROUP_KEYS
 
     def __init__(
         self,
@@ -404,9 +404,7 @@ class SAM(Optimizer):
         self._perturbed, self._targets, self._layout = params, targets, layout
         try:
             perturbation.apply_groups_(groups, norm_value, self._direction_sign, self._ascent_follows_maximize)
-            if self._stats_model is not None:
-                buffers = running_stat_buffers(self._stats_model)
-                self._stats_snapshot = (buffers, perturbation.clone_all(buffers))
+            self._snapshot_running_stats()
         except BaseException:  # e.g. out of memory while ASAM builds T for a later chunk: undo the part applied
             self._copy_back_clean_weights()
             raise
@@ -460,10 +458,20 @@ class SAM(Optimizer):
     def _copy_back_clean_weights(self) -> None:
         for group_targets, group_backup in self._restore_pairs:
             torch._foreach_copy_(group_targets, group_backup)
-        if self._stats_snapshot[0]:
-            perturbation.copy_(*self._stats_snapshot)
+        self._put_back_running_stats()
         self._perturbed, self._targets, self._backup, self._layout = [], [], [], None
         self._restore_pairs = []
+
+    def _snapshot_running_stats(self) -> None:
+        """Keep clean copies of :meth:`hold_running_stats`'s model's running statistics (none without one)."""
+        if self._stats_model is not None:
+            buffers = running_stat_buffers(self._stats_model)
+            self._stats_snapshot = (buffers, perturbation.clone_all(buffers))
+
+    def _put_back_running_stats(self) -> None:
+        """Copy :meth:`_snapshot_running_stats`' copies back, bitwise, and drop them."""
+        if self._stats_snapshot[0]:
+            perturbation.copy_(*self._stats_snapshot)
         self._stats_snapshot = ([], [])
 
     def _record_second_pass_stats(self, params: list[Tensor], backup: list[Tensor], grads: list[Tensor]) -> None:
@@ -496,18 +504,16 @@ class SAM(Optimizer):
         A skipped ascent under :meth:`hold_running_stats` still snapshots the running statistics: a loop of this
         API runs pass 2 anyway, and :meth:`second_step` puts them back, so they move once per step."""
         ok = self.perturb()
-        if not ok and self._stats_model is not None:
-            buffers = running_stat_buffers(self._stats_model)
-            self._stats_snapshot = (buffers, perturbation.clone_all(buffers))
+        if not ok:
+            self._snapshot_running_stats()
         if zero_grad:
             self.zero_grad()
         return ok
 
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore the clean weights and take the base step with the current (perturbed-point) gradients."""
-        if not self._perturbed and self._stats_snapshot[0]:  # first_step skipped its ascent
-            perturbation.copy_(*self._stats_snapshot)
-            self._stats_snapshot = ([], [])
+        if not self._perturbed:  # first_step skipped its ascent
+            self._put_back_running_stats()
         self.restore()
         self.step()
         if zero_grad:
@@ -604,8 +610,7 @@ class SAM(Optimizer):
             self._check_group(group, f"loaded param group {index}: ")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        param_group["params"] = _listed(param_group)["params"]
-        _check_no_duplicates(param_group["params"])
+        _check_no_duplicates(_listed(param_group)["params"])
         for key in _SAM_GROUP_KEYS:
             param_group.setdefault(key, self.defaults[key])
         self._check_group(param_group, "new param group: ")
