@@ -159,12 +159,18 @@ def test_data_arguments_refuse_bad_values_at_construction(field, value):
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_text_entry_runs_under_torchrun_with_two_processes(run_torchrun, tmp_path):
+    """The script trains, saves and evaluates under torchrun, then destroys the process group that parsing its
+    flags created, once its DDP model is unreferenced (it left the group alive, and gloo aborted some runs at
+    interpreter exit: "terminate called without an active exception")."""
     out = tmp_path / "ddp"
-    proc = run_torchrun(REPO / "scripts" / "train_relevance.py", "--model_kind", "text", "--backbone", "tiny",
-                        "--data_source", "files", *text_files(tmp_path), "--optimizer", "sam",
+    proc = run_torchrun(REPO / "tests" / "dist_scripts" / "entry_shutdown.py", "--model_kind", "text",
+                        "--backbone", "tiny", "--data_source", "files", *text_files(tmp_path), "--optimizer", "sam",
                         "--max_steps", "2", "--output_dir", str(out), *COMMON)
     assert '"heldout_f1"' in proc.stdout
     assert (out / "model.safetensors").is_file()
+    for rank in (0, 1):
+        ending = json.loads((tmp_path / f"shutdown_rank{rank}.json").read_text())
+        assert ending == {"status": 0, "live_ddp_at_destroy": [0], "initialized_at_exit": False}
 
 
 def _feature_rows(n_tokens: int, query_dim: int | None, count: int = 4) -> str:

@@ -498,14 +498,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     set_offline()
     from arrcoc_sam.integrations.launch import owned_process_group
 
-    model_args, data_args, training_args = parse_args(argv)
-    with owned_process_group():
-        try:
-            run = build_run(model_args, data_args, training_args)
-        except (OSError, ValueError) as err:  # a bad input met while setting up: a usage error, exit 2
-            parser = _parser()
-            parser.exit(2, f"{parser.prog}: error: {err}\n")
-        results = train_and_evaluate(*run, model_args)
+    with owned_process_group():  # entered first: parsing the training arguments creates the process group
+        model_args, data_args, training_args = parse_args(argv)
+        results = _build_train_evaluate(model_args, data_args, training_args)
     if training_args.process_index == 0:
         print(json.dumps(results, indent=2, sort_keys=True))
     return 0
+
+
+def _build_train_evaluate(model_args: ModelArguments, data_args: DataArguments, training_args) -> dict[str, float]:
+    """Build, train and evaluate; returns the metrics only, so the Trainer and its DDP model are unreferenced by
+    the time the caller shuts the process group down (a DDP reducer freed after that aborts the process)."""
+    try:
+        run = build_run(model_args, data_args, training_args)
+    except (OSError, ValueError) as err:  # a bad input met while setting up: a usage error, exit 2
+        parser = _parser()
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    return train_and_evaluate(*run, model_args)

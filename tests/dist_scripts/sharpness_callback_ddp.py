@@ -38,4 +38,5 @@ rank = dist.get_rank()
 params = flat_params(trainer.model)
 with open(f"sharpness_rank{rank}.json", "w") as handle:
     json.dump({"log_history": trainer.state.log_history, "weights": params.tolist()}, handle)
+del trainer, callback  # the DDP model must be unreferenced before the group goes
 shutdown_process_group()  # barrier, then destroy the group
