@@ -286,7 +286,8 @@ class CheckpointedMLP(nn.Module):
 
 
 def swp_draw(seed: int, t: int, n: int, beta: float = 0.5) -> list[bool]:
-    return (torch.rand(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + t)) < beta).tolist()
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + t)
+    return (torch.rand(n, generator=generator, dtype=torch.float32) < beta).tolist()
 
 
 def test_esam_closure_step_probes_its_first_step_for_reentrant_checkpointing_that_pruning_would_break(caplog):
@@ -871,3 +872,62 @@ def test_a_pending_window_count_survives_a_checkpoint():  # kills V16
     resumed.before_first_pass()
     assert resumed.optimizer_steps == live.optimizer_steps == 1
     assert resumed.ascent_this_step() == live.ascent_this_step() is False
+
+
+# -- tensors without gradient: frozen ones are never drawn or perturbed -------------------------------------
+def test_esam_tensor_swp_draws_among_trainable_tensors_so_a_frozen_one_in_the_optimizer_changes_nothing():
+    """A frozen layer handed to the optimizer with ``model.parameters()``: the draws are taken among the tensors
+    that require grad, so the run equals one whose optimizer never held the frozen layer (it crashed once a
+    pruned pass 1 drew only frozen tensors: the loss had no graph)."""
+    batches = make_batches(8)
+    runs = {}
+    for holds_frozen in (True, False):
+        model = make_mlp()
+        model[0].requires_grad_(False)
+        params = model.parameters() if holds_frozen else model[2].parameters()
+        opt = ESAM(params, torch.optim.SGD, lr=LR, momentum=MOMENTUM, rho=RHO, beta=0.5, gamma=1.0, seed=3)
+        for x, y in batches:
+            def closure(indices=None, model=model, x=x, y=y):
+                return ((model(x) - y) ** 2).mean(dim=1)
+            opt.step(closure)
+        runs[holds_frozen] = model
+    assert bitwise_equal(runs[True], runs[False])
+    assert torch.equal(runs[True][0].weight, make_mlp()[0].weight)
+    assert max_abs_diff(runs[True], make_mlp()) > 1e-3
+
+
+def test_msam_never_perturbs_a_tensor_frozen_after_it_gained_momentum():
+    """SAM perturbs no tensor without gradient; msam perturbed a frozen tensor along the momentum its base
+    optimizer no longer updates (and that stale momentum shrank everyone else's ε)."""
+    model = make_mlp()
+    opt = sgd_variant(MomentumSAM, model, rho=0.5)
+    seen = []
+    model[0].register_forward_pre_hook(lambda module, args: seen.append(module.weight.detach().clone()))
+    batches = make_batches(5)
+    for index, batch in enumerate(batches):
+        if index == 2:
+            model[0].requires_grad_(False)
+            clean = model[0].weight.detach().clone()
+            seen.clear()
+        opt.zero_grad()
+        opt.before_first_pass()
+        ((model(batch[0]) - batch[1]) ** 2).mean().backward()
+        opt.after_first_pass()
+        opt.step()
+    assert len(seen) == 3 and all(torch.equal(weight, clean) for weight in seen)
+    assert opt.stats["grad_norm"] > 0  # the trainable layer was still perturbed
+
+
+def test_gsam_takes_rho_min_above_a_rho_zero_group_it_never_perturbs():
+    model = make_mlp()
+
+    def groups():
+        return [{"params": [model[0].weight, model[2].weight]}, {"params": [model[0].bias, model[2].bias], "rho": 0.0}]
+
+    opt = GSAM(groups(), torch.optim.SGD, lr=LR, rho=RHO, rho_min=0.02, alpha=0.1)
+    assert [group["rho_min"] for group in opt.param_groups] == [0.02, 0.02]
+    with pytest.raises(ValueError, match=r"rho_min must be in \[0, rho=0.1\], got 0.2"):
+        GSAM(groups(), torch.optim.SGD, lr=LR, rho=RHO, rho_min=0.2)
+    with pytest.raises(ValueError, match="rho_min must be in"):
+        GSAM([{"params": [model[0].weight]}, {"params": [model[0].bias], "rho": 0.0, "rho_min": -0.1}],
+             torch.optim.SGD, lr=LR, rho=RHO)

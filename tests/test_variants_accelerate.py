@@ -483,3 +483,57 @@ def test_accelerate_loop_with_clipping_and_a_scheduler_matches_the_perturb_resto
     assert max_abs_diff(accelerator.unwrap_model(model), reference) <= 1e-12
     assert norms == pytest.approx(ref_norms, rel=1e-12) and min(norms) > max_norm  # every step clipped
     assert scheduler.scheduler.last_epoch == ref_scheduler.last_epoch == len(batches)
+
+
+class _BranchNet(torch.nn.Module):
+    """Two heads; each batch ``(x, y, use_side)`` goes through one of them only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Linear(5, 3).double()
+        self.side = torch.nn.Linear(5, 3).double()
+
+    def forward(self, x, use_side):
+        return self.side(x) if use_side else self.body(x)
+
+
+def _branch_mse(model, batch):
+    x, y, use_side = batch
+    return ((model(x, use_side) - y) ** 2).mean()
+
+
+def test_accelerate_esam_pruned_pass_one_skips_a_micro_batch_that_reaches_no_drawn_tensor():
+    """Tensor SWP drew only the side head's tensors for a window whose batch takes the body: the pruned pass 1
+    has no graph. Its backward is skipped (it raised), and the run equals a manual perturb/restore loop that
+    computes every pass-1 gradient."""
+    # a seed whose draw at some step t >= 1 (step 0 probes for checkpointing, unpruned) holds side tensors only,
+    # on a body batch (even steps)
+    steps = 6
+    seed = next(s for s in range(500) if any(
+        (d := swp_draw(s, t, 4)) and not any(d[:2]) and any(d[2:]) for t in range(2, steps, 2)))
+    batches = [(*batch, index % 2 == 1) for index, batch in enumerate(make_batches(steps))]
+    knobs = {"rho": RHO, "beta": 0.5, "gamma": 1.0, "seed": seed}
+
+    accelerator = Accelerator(cpu=True)
+    model = _BranchNet()
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM))
+    sam = AcceleratedSAM(accelerator, model, optimizer, method="esam", **knobs)
+    for batch in batches:
+        with accelerator.accumulate(model):
+            sam.backward(_branch_mse, batch)
+            optimizer.step()
+            optimizer.zero_grad()
+
+    ref = _BranchNet()
+    ref_opt = build_sam_optimizer("esam", ref.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM, **knobs)
+    for batch in batches:
+        ref_opt.zero_grad()
+        _branch_mse(ref, batch).backward()
+        if ref_opt.perturb():
+            ref_opt.zero_grad()
+            _branch_mse(ref, batch).backward()
+        ref_opt.restore()
+        ref_opt.step()
+    assert max_abs_diff(accelerator.unwrap_model(model), ref) <= 1e-15
+    assert max_abs_diff(ref, _BranchNet()) > 1e-3

@@ -59,7 +59,7 @@ import contextlib
 import copy
 import logging
 from collections import UserDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -220,7 +220,7 @@ class SAMWindow:
                 # (per_device), or from gradients this window averages by hand (a pruned pass 1 under DDP)
                 local = self._ascend and (self.scope == "per_device" or self._average_by_hand)
                 needed = self._first_pass_tensors
-                pruned = gradients_only_for(_params_of(optimizer), needed) if needed else contextlib.nullcontext()
+                pruned = _pruned_first_pass(self.accelerator, _params_of(optimizer), needed)
                 probe = self._probe.watching(_unwrapped(model)) if self._probe else contextlib.nullcontext()
                 with self._no_sync(model) if local else contextlib.nullcontext(), pruned, probe:
                     if self._select:
@@ -575,6 +575,33 @@ def _check_no_earlier_gradients(optimizer: Optimizer) -> None:
 
 def _params_of(optimizer: Optimizer) -> list[Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+@contextlib.contextmanager
+def _pruned_first_pass(accelerator: Any, params: list[Tensor], needed: list[Tensor] | None) -> Iterator[None]:
+    """Pass 1 with gradients for ``needed`` only (``None``: all, and nothing changes). A micro-batch whose forward
+    reaches none of them (a branch it does not take) then returns a loss without graph: the accelerator's
+    backward skips it, and those tensors get no gradient from it, as a full pass would give them."""
+    if not needed:
+        yield
+        return
+    own = accelerator.__dict__.get("backward")  # an attribute set on the instance, put back afterwards
+    backward = accelerator.backward
+
+    def backward_where_graph(loss: Any, **kwargs: Any) -> Any:
+        if isinstance(loss, Tensor) and not loss.requires_grad:
+            return None
+        return backward(loss, **kwargs)
+
+    accelerator.backward = backward_where_graph
+    try:
+        with gradients_only_for(params, needed):
+            yield
+    finally:
+        if own is None:
+            del accelerator.backward
+        else:
+            accelerator.backward = own
 
 
 @torch.no_grad()

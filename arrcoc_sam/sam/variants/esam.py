@@ -113,7 +113,7 @@ class ESAM(VariantSAM):
         ε̂ = (ρ/β) · m ⊙ g/‖g‖,   m_i ~ Bernoulli(β) i.i.d.    (‖g‖ over all perturbed tensors)
 
     The masks of optimizer step t are ``U < β`` for uniforms U drawn coordinate by coordinate in parameter
-    order (on CPU exactly ``torch.rand(p.shape, generator=G)`` per tensor; on accelerators one draw per run
+    order (on CPU exactly ``torch.rand(p.shape, generator=G, dtype=torch.float32)`` per tensor; on accelerators one draw per run
     of ≤ 4M coordinates), with one ``torch.Generator`` per device seeded ``seed * 1_000_003 + t``:
     identical on every rank, and reproducible after a resume. ``beta=1`` switches SWP off (ε̂ = ε).
 
@@ -122,8 +122,9 @@ class ESAM(VariantSAM):
 
         ε̂ = (ρ/β) · g_S/‖g_S‖,   j ∈ S with probability β, independently per tensor
 
-    over the tensors of the groups with ρ > 0 in ``param_groups`` order, from one CPU draw
-    ``torch.rand(n, generator=G)`` seeded as above (at least one tensor: where the draw picks none, the
+    over the tensors of the groups with ρ > 0 that require grad (a frozen tensor has no gradient to ascend
+    along), in ``param_groups`` order, from one CPU draw ``torch.rand(n, generator=G, dtype=torch.float32)``
+    seeded as above (at least one tensor: where the draw picks none, the
     one with the smallest uniform). Pass 1 then needs no gradient outside S, so SAMTrainer, AcceleratedSAM and
     :meth:`step` run it with ``requires_grad`` off there (:meth:`first_pass_tensors`): autograd skips those
     weight gradients, about (1 − β)/3 of pass 1 on a transformer. The update is the same with or without
@@ -217,10 +218,11 @@ class ESAM(VariantSAM):
 
     def swp_tensors(self) -> list[Tensor]:
         """Tensor SWP: this step's perturbed tensors S (class docstring), in ``param_groups`` order."""
-        candidates = [p for group in self.param_groups if group["rho"] != 0 for p in group["params"]]
+        candidates = [p for group in self.param_groups if group["rho"] != 0 for p in group["params"] if p.requires_grad]
         if self.beta == 1 or not candidates:
             return candidates
-        draw = torch.rand(len(candidates), generator=torch.Generator().manual_seed(self.mask_seed()))
+        generator = torch.Generator().manual_seed(self.mask_seed())
+        draw = torch.rand(len(candidates), generator=generator, dtype=torch.float32)
         chosen = draw < self.beta
         if not bool(chosen.any()):
             chosen[int(draw.argmin())] = True
@@ -299,7 +301,7 @@ class ESAM(VariantSAM):
         """Put back the coordinates outside this step's masks: w_i ← lerp(w_i + ε_i, w_i, 1 − m_i), bitwise w_i.
 
         The uniforms are drawn for runs of consecutive perturbed tensors sharing device and dtype, at most
-        ~4M coordinates per draw; on CPU this equals one ``torch.rand(p.shape)`` per tensor in order.
+        ~4M coordinates per draw; on CPU this equals one float32 ``torch.rand(p.shape)`` per tensor in order.
         """
         generators: dict[torch.device, torch.Generator] = {}
         for chunk_params, chunk_backup in perturbation.chunks(self._perturbed, self._backup):
@@ -307,7 +309,7 @@ class ESAM(VariantSAM):
             if device not in generators:
                 generators[device] = torch.Generator(device=device).manual_seed(self.mask_seed())
             numels = [p.numel() for p in chunk_params]
-            draw = torch.rand(sum(numels), generator=generators[device], device=device)
+            draw = torch.rand(sum(numels), generator=generators[device], device=device, dtype=torch.float32)
             keep_clean = draw.ge_(self.beta).to(chunk_params[0].dtype)  # 1 − m
             weights = [w.view(p.shape) for w, p in zip(keep_clean.split(numels), chunk_params, strict=True)]
             torch._foreach_lerp_(chunk_params, chunk_backup, weights)
@@ -351,7 +353,8 @@ class ESAM(VariantSAM):
                 )
             if per_example:
                 self.zero_grad()
-                losses.mean().backward()
+                if losses.requires_grad:  # a pruned pass that reached none of the chosen tensors leaves no graph
+                    losses.mean().backward()
         return losses, per_example
 
     def _closure_first_pass_tensors(self) -> list[Tensor] | None:

@@ -52,12 +52,17 @@ class GSAM(VariantSAM):
     already lowered ``lr``) or after it (OneCycleLR attached to the optimizer) does not shift the schedule
     (:meth:`lr_max_of`). Outside [lr_min, lr_max], ρ_t stays at rho_min or rho.
 
+    A tensor with a pass-1 gradient and none from pass 2 (a branch only the clean forward took) has g_p = 0 in
+    these vectors, so its update direction is −α g_⊥ = −α g: it moves, unlike under SAM, where it gets no
+    gradient and the base optimizer skips it.
+
     Cost: two forward+backward passes per step. Memory: SAM's backup plus one transient copy of g.
 
     Args:
         alpha: α ≥ 0 (the paper searches 0.01–0.3). α = 0 is SAM with the scheduled ρ_t.
         rho: ρ_max, the radius at the peak learning rate.
-        rho_min: ρ at ``lr_min`` (0 ≤ rho_min ≤ rho).
+        rho_min: ρ at ``lr_min`` (0 ≤ rho_min ≤ rho; a group with ρ = 0 is never perturbed and may keep any
+            rho_min ≥ 0).
         lr_max, lr_min: the learning-rate range the schedule spans (``lr_max`` None: each group's peak lr as its
             scheduler records it, read at each ascent; see above).
         adaptive, eta, base_kwargs: as for :class:`~arrcoc_sam.sam.optimizer.SAM`.
@@ -102,7 +107,7 @@ class GSAM(VariantSAM):
             if not is_real(value) or not math.isfinite(value):
                 raise ValueError(f"{where}{key} must be a finite number, got {value!r}")
             group[key] = float(value)  # a NumPy scalar would not load with weights_only=True
-        if not 0 <= group["rho_min"] <= group["rho"]:
+        if group["rho_min"] < 0 or (group["rho"] > 0 and group["rho_min"] > group["rho"]):  # ρ = 0: never perturbed
             raise ValueError(f"{where}rho_min must be in [0, rho={group['rho']}], got {group['rho_min']!r}")
         lr_max = group["lr_max"] if group["lr_max"] is not None else _peak_lr(group) if "lr" in group else math.inf
         if not 0 <= group["lr_min"] <= lr_max:

@@ -104,8 +104,10 @@ class MomentumSAM(VariantSAM):
         )
 
     def _ascent_directions(self) -> tuple[list[Tensor], list[Tensor], list[dict[str, Any]]]:
-        """What :meth:`perturb` moves against (w ← w − ρ m/‖m‖): the tensors of ρ > 0 groups that have a
-        momentum, their momenta and their groups; none before the first step."""
+        """What :meth:`perturb` moves against (w ← w − ρ m/‖m‖): the tensors of ρ > 0 groups that require grad
+        and have a momentum, their momenta and their groups; none before the first step. (A tensor frozen
+        after some steps keeps a momentum its base optimizer no longer updates: it is not perturbed, as SAM
+        perturbs no tensor without gradient.)"""
         params: list[Tensor] = []
         momenta: list[Tensor] = []
         groups: list[dict[str, Any]] = []
@@ -116,7 +118,7 @@ class MomentumSAM(VariantSAM):
                 continue
             for p in group["params"]:
                 state = states.get(p)
-                if not state:
+                if not state or not p.requires_grad:
                     continue
                 momentum = state.get(first_key)
                 if momentum is None:
