@@ -348,3 +348,44 @@ def test_esam_regrouping_keeps_a_per_batch_tensor_as_it_is(temperatures):
         assert replay == [(2, (1,), 2.0)]  # regrouped: one forward of both chosen examples
     else:
         assert replay == [(1, (1,), 2.0), (1, (1,), 3.0)]  # each with its own micro-batch's temperature
+
+
+@pytest.mark.parametrize(("saved_with", "resumed_with"), [
+    ({"method": "asam", "rho": 0.5}, {"method": "sam", "rho": 0.05}),
+    ({"method": "sam", "rho": 0.05}, {"method": "sam", "rho": 0.2}),
+    (None, {"method": "sam", "rho": 0.05}),  # a plain AdamW run resumed with SAM
+])
+def test_accelerate_load_state_keeps_the_helpers_own_settings(tmp_path, caplog, saved_with, resumed_with):
+    """load_state loads the base optimizer: the checkpoint's ρ/adaptive silently won (an ASAM checkpoint resumed
+    with method='sam' trained ASAM), and a plain checkpoint dropped `rho` (KeyError at the first ascent)."""
+    def build(settings):
+        accelerator = Accelerator(cpu=True)
+        model = tiny_mlp()
+        model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=LR))
+        sam = AcceleratedSAM(accelerator, model, optimizer, **settings) if settings else None
+        return accelerator, model, optimizer, sam
+
+    accelerator, model, optimizer, sam = build(saved_with)
+    for batch in batches(regression_data(8), 4):
+        with accelerator.accumulate(model):
+            if sam is None:
+                accelerator.backward(mse(model, batch))
+            else:
+                sam.backward(mse, batch)
+            optimizer.step()
+            optimizer.zero_grad()
+    accelerator.save_state(str(tmp_path / "ckpt"))
+
+    accelerator, model, optimizer, sam = build(resumed_with)
+    with caplog.at_level("WARNING", logger="arrcoc_sam.sam.optimizer"):
+        accelerator.load_state(str(tmp_path / "ckpt"))
+    group = sam.sam_optimizer.param_groups[0]
+    assert (group["rho"], group["adaptive"]) == (resumed_with["rho"], False)
+    assert optimizer.optimizer.state_dict()["state"], "the base optimizer's moments were loaded"
+    if saved_with is not None:
+        assert "this run keeps its own" in caplog.text
+    for batch in batches(regression_data(4), 4):
+        with accelerator.accumulate(model):
+            sam.backward(mse, batch)
+            optimizer.step()
+            optimizer.zero_grad()

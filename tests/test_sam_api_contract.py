@@ -333,3 +333,49 @@ def test_keep_settings_on_load_keeps_the_current_settings_over_the_checkpoints(c
     with caplog.at_level("WARNING", logger="arrcoc_sam.sam.optimizer"):
         resumed.keep_settings_on_load().load_state_dict(saved)
     assert resumed.param_groups[0]["rho"] == 0.2 and "rho: 0.05 -> 0.2" in caplog.text
+
+
+def test_a_new_wrapper_over_a_held_instance_replaces_the_earlier_wrappers_settings_and_keeps_the_users():
+    """The first wrapper's defaults sat in the instance's groups, so a second wrapper (ASAM at ρ=0.5) kept
+    training plain SAM at 0.05, and periodic's ρ scaling compounded (0.1 x4 -> 0.4 -> 1.6)."""
+    model = make_mlp()
+    base = torch.optim.SGD([{"params": [model[0].weight, model[2].weight]},
+                            {"params": [model[0].bias, model[2].bias], "rho": 0.0}], lr=0.1)
+    SAM(model.parameters(), base, rho=0.05)
+    asam = build_sam_optimizer("asam", model.parameters(), base, rho=0.5, eta=0.02)
+    assert [(g["rho"], g["adaptive"], g["eta"]) for g in asam.param_groups] == [(0.5, True, 0.02), (0.0, True, 0.02)]
+    for _ in range(2):
+        periodic = build_sam_optimizer("periodic", model.parameters(), base, rho=0.1, interval=4, rho_scaling="linear")
+        assert [g["rho"] for g in periodic.param_groups] == [0.4, 0.0]
+    # per-group settings given to a wrapper are that wrapper's: the next one starts from the base's groups
+    groups = [{"params": base.param_groups[0]["params"], "rho": 0.3}, {"params": base.param_groups[1]["params"]}]
+    assert [g["rho"] for g in SAM(groups, base, rho=0.05).param_groups] == [0.3, 0.0]
+    gsam = build_sam_optimizer("gsam", model.parameters(), base, rho=0.2, rho_min=0.1)
+    assert [g["rho"] for g in gsam.param_groups] == [0.2, 0.0]
+    plain = SAM(model.parameters(), base, rho=0.05)
+    assert [g["rho"] for g in plain.param_groups] == [0.05, 0.0]
+    assert all(key not in group for group in plain.param_groups for key in ("rho_min", "lr_min", "lr_max"))
+
+
+def test_loading_the_base_optimizer_directly_goes_through_the_wrappers_checks_and_kept_settings(caplog):
+    """Accelerate's load_state loads the base optimizer: the checkpoint's ρ/adaptive silently won, and a plain
+    AdamW checkpoint dropped `rho` (KeyError at the next ascent)."""
+    model = make_mlp()
+    saved_asam = build_sam_optimizer("asam", model.parameters(), torch.optim.SGD, lr=0.1, rho=0.5).state_dict()
+    saved_plain = torch.optim.SGD(model.parameters(), lr=0.1).state_dict()
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = SAM(model.parameters(), base, rho=0.05)
+    base.load_state_dict(saved_plain)
+    assert opt.param_groups[0]["rho"] == 0.05 and opt.param_groups[0]["adaptive"] is False
+    with caplog.at_level("WARNING", logger="arrcoc_sam.sam.optimizer"):
+        opt.keep_settings_on_load()
+        base.load_state_dict(saved_asam)
+    assert (opt.param_groups[0]["rho"], opt.param_groups[0]["adaptive"]) == (0.05, False)
+    assert "adaptive: True -> False" in caplog.text and "rho: 0.5 -> 0.05" in caplog.text
+    bad = copy.deepcopy(saved_plain)
+    bad["param_groups"][0]["rho"] = -1.0
+    twin = copy.deepcopy(opt)  # a copy routes its base's loads through itself, not through the original
+    twin._kept_settings = None
+    with pytest.raises(ValueError, match=r"loaded param group 0: rho must be"):
+        twin.base_optimizer.load_state_dict(bad)
+    assert twin.param_groups[0]["rho"] == 0.05

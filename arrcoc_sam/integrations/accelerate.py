@@ -107,7 +107,9 @@ class AcceleratedSAM:
         self.accelerator = accelerator
         self.model = model
         base = getattr(optimizer, "optimizer", optimizer)
-        self.sam_optimizer = settings.build(base)
+        # the loop loads the base optimizer (accelerator.load_state), whose load hooks the wrapper owns: as in
+        # SAMTrainer, the settings this run was started with win over a checkpoint's, with a warning
+        self.sam_optimizer = settings.build(base).keep_settings_on_load()
         self.per_example_loss_fn = per_example_loss_fn or functools.partial(
             per_example_loss, shift_labels=shifts_labels(model)
         )

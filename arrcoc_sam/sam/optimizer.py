@@ -22,6 +22,7 @@ import math
 import numbers
 import operator
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -40,6 +41,8 @@ __all__ = ["SAM", "ASAM"]
 logger = logging.getLogger(__name__)
 
 _SAM_GROUP_KEYS = ("rho", "adaptive", "eta")
+# On a base optimizer: what the SAM wrapper around it changed (_Wrapping), so that a later wrapper can undo it.
+_WRAPPING_ATTR = "_arrcoc_sam_wrapping"
 _IS_SPARSE = operator.attrgetter("is_sparse")
 _GRAD = operator.attrgetter("grad")
 _LOW_PRECISION = frozenset((torch.float16, torch.bfloat16))
@@ -111,6 +114,8 @@ class SAM(Optimizer):
     supports_microbatch_scope: bool = True
     #: the per-group settings this wrapper adds to the base optimizer's groups (kept by :meth:`load_state_dict`)
     _group_keys: tuple[str, ...] = _SAM_GROUP_KEYS
+    #: further per-group entries the method writes and reads (bookkeeping, not settings)
+    _bookkeeping_keys: tuple[str, ...] = ()
 
     @property
     def supports_per_device_scope(self) -> bool:
@@ -148,6 +153,8 @@ class SAM(Optimizer):
                 )
             self._check_instance_params(param_list, base_optimizer)
             self._check_clashes(base_optimizer)
+            _undo_earlier_wrapper(base_optimizer)
+            unwrapped = _Wrapping.of(base_optimizer)
             self._take_group_settings(param_list, base_optimizer)
             self.base_optimizer = base_optimizer
         elif isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer):
@@ -155,6 +162,7 @@ class SAM(Optimizer):
             _check_no_duplicates([p for group in groups for p in group["params"]])
             self.base_optimizer = base_optimizer(groups, **base_kwargs)
             self._check_clashes(self.base_optimizer)
+            unwrapped = _Wrapping.of(self.base_optimizer)
         else:
             raise TypeError(
                 f"base_optimizer must be a torch.optim.Optimizer subclass or instance, got {base_optimizer!r}"
@@ -195,6 +203,9 @@ class SAM(Optimizer):
         self._stats_snapshot: tuple[list[Tensor], list[Tensor]] = ([], [])  # (buffers, clean copies)
         self._plans = perturbation.AscentPlans()  # the grouping of the last ascent's tensors, reused while valid
         self._kept_settings: list[dict[str, Any]] | None = None  # per group, kept over a checkpoint's on load
+        self._settings_before_load: list[dict[str, Any]] = []  # between the base optimizer's load hooks
+        unwrapped.keys = (*self._group_keys, *self._bookkeeping_keys)
+        unwrapped.own_loading(self)
 
     def _check_clashes(self, base: Optimizer) -> None:
         """Refuse a base optimizer that has a hyperparameter of the same name as one of this wrapper's per-group
@@ -595,7 +606,12 @@ class SAM(Optimizer):
         """Load the base optimizer's state dict. Each group takes the checkpoint's settings (unless
         :meth:`keep_settings_on_load` was called); a setting of this wrapper that the checkpoint lacks (e.g.
         ``rho`` when resuming a plain AdamW run with SAM) keeps its current value. The loaded settings are
-        validated like constructor arguments, before anything loads."""
+        validated like constructor arguments, before anything loads. The same holds when a loop loads the base
+        optimizer itself (``accelerator.load_state``): the wrapper does this in the base's load hooks."""
+        self.base_optimizer.load_state_dict(state_dict)
+
+    def _before_base_load(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """The base optimizer's load pre-hook: the kept settings in, then every group's settings validated."""
         if self._kept_settings is not None:
             state_dict = self._with_kept_settings(state_dict)
         own = [{key: group[key] for key in self._group_keys if key in group} for group in self.param_groups]
@@ -603,14 +619,20 @@ class SAM(Optimizer):
             # validated before anything loads, so a refused checkpoint leaves this optimizer as it was
             self._check_group({**settings, **{k: v for k, v in group.items() if k != "params"}},
                               f"loaded param group {index}: ")
-        self.base_optimizer.load_state_dict(state_dict)
-        for index, (group, settings) in enumerate(zip(self.param_groups, own, strict=True)):
+        self._settings_before_load = own
+        return state_dict
+
+    def _after_base_load(self) -> None:
+        """The base optimizer's load post-hook: settings the checkpoint lacked keep their values."""
+        own, self._settings_before_load = self._settings_before_load, []
+        for index, (group, settings) in enumerate(zip(self.param_groups, own)):
             for key, value in settings.items():
                 group.setdefault(key, value)
             self._check_group(group, f"loaded param group {index}: ")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         _check_no_duplicates(_listed(param_group)["params"])
+        _Wrapping.of(self.base_optimizer).remember_new_group(param_group)
         for key in _SAM_GROUP_KEYS:
             param_group.setdefault(key, self.defaults[key])
         self._check_group(param_group, "new param group: ")
@@ -660,14 +682,100 @@ class SAM(Optimizer):
         state = dict(self.__dict__)
         for key in ("_plans", "step", "_opt_called"):  # _plans: a cache keyed on identities, rebuilt on demand
             state.pop(key, None)
+        # the base optimizer pickles its groups and state only: carry what this wrapper changed on it
+        state["_base_before_wrapping"] = _Wrapping.of(self.base_optimizer).before
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        before = state.pop("_base_before_wrapping", None)
         self.__dict__.update(state)
         self._plans = perturbation.AscentPlans()
+        record = _Wrapping.of(self.base_optimizer)
+        if before is not None:
+            record.before = before
+        record.keys = (*self._group_keys, *self._bookkeeping_keys)
+        record.own_loading(self)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(rho={self.defaults['rho']}, adaptive={self.defaults['adaptive']}, base={self.base_optimizer!r})"
+
+
+class _Wrapping:
+    """What a SAM wrapper changed on its base optimizer: the wrapper-owned entries of each param group as they
+    were before (``before``, absent keys left out), the keys the wrapper owns, and its load hooks on the base.
+
+    A later wrapper over the same instance (a method switched mid-run, a notebook cell run again) first puts
+    those entries back (:func:`_undo_earlier_wrapper`), so it starts from the user's groups, not from the earlier
+    wrapper's defaults (which it could not tell from per-group settings, and periodic's ρ scaling would compound).
+    """
+
+    def __init__(self, before: list[dict[str, Any]]) -> None:
+        self.before = before
+        self.keys: tuple[str, ...] = ()
+        self.hooks: list[RemovableHandle] = []
+
+    @classmethod
+    def of(cls, base: Optimizer) -> _Wrapping:
+        """The record on ``base``; a new one (the groups' entries as they are now) where none is there yet."""
+        record = base.__dict__.get(_WRAPPING_ATTR)
+        if record is None:
+            record = cls([_owned_entries(group) for group in base.param_groups])
+            setattr(base, _WRAPPING_ATTR, record)
+        return record
+
+    def remember_new_group(self, group: dict[str, Any]) -> None:
+        self.before.append(_owned_entries(group))
+
+    def own_loading(self, wrapper: SAM) -> None:
+        """Route every load of the base optimizer's state through ``wrapper`` (held weakly): its checks, kept
+        settings and defaults apply also where a loop loads the base itself (``accelerator.load_state``)."""
+        for handle in self.hooks:
+            handle.remove()
+        reference = weakref.ref(wrapper)
+
+        def before_load(_base: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any] | None:
+            owner = reference()
+            return owner._before_base_load(state_dict) if owner is not None else None
+
+        def after_load(_base: Optimizer) -> None:
+            owner = reference()
+            if owner is not None:
+                owner._after_base_load()
+
+        base = wrapper.base_optimizer
+        self.hooks = [base.register_load_state_dict_pre_hook(before_load),
+                      base.register_load_state_dict_post_hook(after_load)]
+
+
+def _owned_entries(group: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``group`` that any SAM wrapper could own (every method's group keys)."""
+    return {key: value for key, value in group.items() if key in _all_owned_keys()}
+
+
+def _all_owned_keys() -> frozenset[str]:
+    classes, keys = [SAM], set()
+    while classes:
+        cls = classes.pop()
+        keys.update(cls._group_keys, cls._bookkeeping_keys)
+        classes.extend(cls.__subclasses__())
+    return frozenset(keys)
+
+
+def _undo_earlier_wrapper(base: Optimizer) -> None:
+    """Put back the group entries an earlier SAM wrapper of ``base`` wrote (see :class:`_Wrapping`); drop its
+    load hooks and its record. A no-op for an instance no wrapper has held."""
+    record = base.__dict__.pop(_WRAPPING_ATTR, None)
+    if record is None:
+        return
+    for handle in record.hooks:
+        handle.remove()
+    for group, before in zip(base.param_groups, record.before):
+        for key in record.keys:
+            if key in before:
+                group[key] = before[key]
+            else:
+                group.pop(key, None)
 
 
 def _check_no_duplicates(params: list[Any]) -> None:

@@ -75,6 +75,7 @@ class GSAM(VariantSAM):
     def supports_per_device_scope(self) -> bool:
         return self.alpha == 0  # g_p − α g_⊥ with a rank-local g would differ between replicas
     _group_keys = (*VariantSAM._group_keys, "rho_min", "lr_min", "lr_max")
+    _bookkeeping_keys = (LR_SEEN_KEY,)
 
     def __init__(
         self,
