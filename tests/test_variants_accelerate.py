@@ -537,3 +537,29 @@ def test_accelerate_esam_pruned_pass_one_skips_a_micro_batch_that_reaches_no_dra
         ref_opt.step()
     assert max_abs_diff(accelerator.unwrap_model(model), ref) <= 1e-15
     assert max_abs_diff(ref, _BranchNet()) > 1e-3
+
+
+@pytest.mark.parametrize(("accumulation", "batch_size", "examples"), [(3, 2, 8), (1, 4, 10)])
+def test_accelerate_esam_selection_never_runs_a_lone_example_through_batchnorm(accumulation, batch_size, examples):
+    """γ=0.5 chose one example of a last batch of 2, or 3 of a window of micro-batches of 2 (run as 2 + 1): the
+    lone example crashed BatchNorm ("Expected more than 1 value per channel"). With BatchNorm in training mode
+    at least two are chosen, and no regrouped sub-batch holds fewer."""
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.BatchNorm1d(7), torch.nn.Tanh(),
+                                torch.nn.Linear(7, 3)).double()
+    start = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.randn(examples, 5, dtype=torch.float64), torch.randn(examples, 3, dtype=torch.float64)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size)
+    model, optimizer, loader = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR), loader)
+    sam = AcceleratedSAM(accelerator, model, optimizer, method="esam", rho=RHO, beta=1.0, gamma=0.5,
+                         per_example_loss_fn=lambda outputs, batch: ((outputs - batch[1]) ** 2).mean(dim=1))
+    forward_sizes = []
+    accelerator.unwrap_model(model).register_forward_pre_hook(lambda module, args: forward_sizes.append(len(args[0])))
+    for batch in loader:
+        with accelerator.accumulate(model):
+            sam.backward(lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), batch)
+            optimizer.step()
+            optimizer.zero_grad()
+    assert min(forward_sizes) >= 2 and not sam.sam_optimizer.is_perturbed
+    assert not torch.equal(accelerator.unwrap_model(model)[3].weight, start[-2])  # it trained

@@ -69,7 +69,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.optim import Optimizer
 
 from arrcoc_sam.integrations._settings import check_static_graph
-from arrcoc_sam.sam.norm_stats import preserve_running_stats
+from arrcoc_sam.sam.norm_stats import normalises_batches, preserve_running_stats
 from arrcoc_sam.sam.perturbation import largest_magnitude
 from arrcoc_sam.sam.variants._base import gradients_only_for, uses_reentrant_checkpointing
 from arrcoc_sam.sam.variants.esam import PerExampleLossUnavailable
@@ -356,7 +356,8 @@ class SAMWindow:
                     loss = example_losses.forward(inner, batch)
                 perturbed_examples.append(capture.losses())
                 perturbed = loss if perturbed is None else perturbed + loss
-        chosen = optimizer.select_examples(torch.cat(self._clean_examples), torch.cat(perturbed_examples))
+        at_least = 2 if normalises_batches(inner) else 1  # BatchNorm cannot normalise a lone example
+        chosen = optimizer.select_examples(torch.cat(self._clean_examples), torch.cat(perturbed_examples), at_least)
         choices, offset = [], 0
         for batch, clean in zip(self._batches, self._clean_examples, strict=True):
             size = clean.numel()
@@ -364,7 +365,7 @@ class SAMWindow:
             if local.numel() > 0:
                 choices.append((batch, local, size, offset))
             offset += size
-        picks = _chosen_sub_batches(choices, max(clean.numel() for clean in self._clean_examples))
+        picks = _chosen_sub_batches(choices, max(clean.numel() for clean in self._clean_examples), at_least)
         # In the units of the window's pass 1: the loss run_pass back-propagated, summed over the window, is
         # `units` times the weighted mean clean per-example loss (1 for a loss over num_items_in_batch; the
         # accumulation steps for a Trainer model that ignores it, or under Accelerate, whose backward divides by
@@ -656,14 +657,18 @@ def _take(batch: Any, index: Tensor, size: int) -> Any:
     return batch
 
 
-def _chosen_sub_batches(choices: list[tuple[Any, Tensor, int, int]], limit: int) -> list[tuple[Any, int, Tensor]]:
+def _chosen_sub_batches(
+    choices: list[tuple[Any, Tensor, int, int]], limit: int, at_least: int = 1
+) -> list[tuple[Any, int, Tensor]]:
     """``(sub-batch, examples, window rows)`` triples holding the chosen examples of the window (``window rows``:
     their positions in the window, in the sub-batch's order): ``choices`` gives each micro-batch with chosen
     examples as ``(micro-batch, chosen rows, its size, its first row in the window)``. Regrouped into as few
     sub-batches of at most ``limit`` examples (the largest micro-batch) as hold them all, of sizes that differ by
-    at most one: fewer forwards, and no lone example that a BatchNorm layer in training mode could not normalise.
-    Where the micro-batches cannot be concatenated (tensors padded to other lengths, per-batch values that
-    differ), one sub-batch per micro-batch."""
+    at most one: fewer forwards. None holds fewer than ``at_least`` examples where the window chose that many
+    (2 where a BatchNorm layer in training mode could not normalise a lone example; a sub-batch may then
+    exceed ``limit``: 3 chosen from micro-batches of 2 run together). Where the micro-batches cannot be
+    concatenated (tensors padded to other lengths, per-batch values that differ), one sub-batch per
+    micro-batch."""
     per_micro_batch = [(_take(batch, rows, size), rows.numel(), rows + offset) for batch, rows, size, offset in choices]
     if len(choices) < 2:
         return per_micro_batch
@@ -671,7 +676,7 @@ def _chosen_sub_batches(choices: list[tuple[Any, Tensor, int, int]], limit: int)
     if merged is _UNMERGEABLE:
         return per_micro_batch
     total = sum(size for _, size, _ in per_micro_batch)
-    count = -(-total // limit)
+    count = max(1, min(-(-total // limit), total // at_least))
     if count == 1:  # all of them in one sub-batch: the concatenation just made
         return [(merged, total, torch.cat([rows for _, _, rows in per_micro_batch]))]
     # (micro-batch, row) of every chosen example in window order, cut into balanced runs

@@ -14,12 +14,12 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.parameter import is_lazy
 
 from arrcoc_sam.sam import perturbation
 
-__all__ = ["preserve_running_stats", "running_stat_buffers"]
+__all__ = ["normalises_batches", "preserve_running_stats", "running_stat_buffers"]
 
 
 def running_stat_buffers(model: nn.Module) -> list[torch.Tensor]:
@@ -30,6 +30,12 @@ def running_stat_buffers(model: nn.Module) -> list[torch.Tensor]:
         if isinstance(module, _NormBase) and module.track_running_stats:
             buffers.extend(b for b in module.buffers(recurse=False) if b is not None and not is_lazy(b))
     return buffers
+
+
+def normalises_batches(model: nn.Module) -> bool:
+    """Whether ``model`` holds a BatchNorm layer in training mode, which normalises over the batch and so cannot
+    take a batch of one example (of one value per channel)."""
+    return any(isinstance(module, _BatchNorm) and module.training for module in model.modules())
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from torch.nn import functional as F
 from torch.optim import Optimizer
 
 from arrcoc_sam.sam import perturbation
+from arrcoc_sam.sam.norm_stats import normalises_batches
 from arrcoc_sam.sam.variants._base import (
     VariantSAM,
     check_fraction,
@@ -244,18 +245,21 @@ class ESAM(VariantSAM):
         kept = [i for i, p in enumerate(params) if id(p) in chosen]
         return [params[i] for i in kept], [grads[i] for i in kept], [groups[i] for i in kept]
 
-    def select_examples(self, loss_clean: Tensor, loss_perturbed: Tensor) -> Tensor:
-        """SDS: indices (``[⌈γB⌉]``, int64) of the examples with the largest ``loss_perturbed − loss_clean``.
+    def select_examples(self, loss_clean: Tensor, loss_perturbed: Tensor, at_least: int = 1) -> Tensor:
+        """SDS: indices (``[max(⌈γB⌉, at_least)]``, at most B; int64) of the examples with the largest
+        ``loss_perturbed − loss_clean``.
 
         Args:
             loss_clean, loss_perturbed: per-example losses ``[B]`` at w and at w + ε̂.
+            at_least: the fewest examples to choose (2 for a model with BatchNorm in training mode, which
+                cannot normalise a lone example; the integrations pass it).
         """
         if loss_clean.shape != loss_perturbed.shape or loss_clean.dim() != 1:
             raise ValueError(
                 f"select_examples needs two per-example loss vectors [B] of one shape, got "
                 f"{tuple(loss_clean.shape)} and {tuple(loss_perturbed.shape)}"
             )
-        keep = max(1, math.ceil(self.gamma * loss_clean.numel()))
+        keep = min(max(1, at_least, math.ceil(self.gamma * loss_clean.numel())), loss_clean.numel())
         rise = loss_perturbed.detach() - loss_clean.detach()
         return torch.topk(-rise if self._maximizes() else rise, keep, sorted=False).indices
 
@@ -390,7 +394,8 @@ class ESAM(VariantSAM):
             with torch.no_grad():
                 perturbed = closure()
             with torch.enable_grad():
-                losses = closure(self.select_examples(clean, perturbed))
+                at_least = 2 if self._stats_model is not None and normalises_batches(self._stats_model) else 1
+                losses = closure(self.select_examples(clean, perturbed, at_least))
         else:
             with torch.enable_grad():
                 losses = closure()
