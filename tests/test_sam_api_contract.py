@@ -379,3 +379,77 @@ def test_loading_the_base_optimizer_directly_goes_through_the_wrappers_checks_an
     with pytest.raises(ValueError, match=r"loaded param group 0: rho must be"):
         twin.base_optimizer.load_state_dict(bad)
     assert twin.param_groups[0]["rho"] == 0.05
+
+
+def test_step_inside_the_perturbed_block_is_refused_instead_of_losing_the_update():
+    """`scaler.step(opt)` indented into `with opt.perturbed():` stepped at w + ε, and the restore then copied the
+    clean weights back over the update: nothing trained, silently."""
+    model = make_mlp()
+    for opt in (SAM(model.parameters(), torch.optim.SGD, lr=0.1),
+                build_sam_optimizer("looksam", model.parameters(), torch.optim.SGD, lr=0.1, interval=2)):
+        mse(model, make_batches(1)[0]).backward()
+        steps = getattr(opt, "optimizer_steps", None)
+        with opt.perturbed() as ok:
+            assert ok
+            with pytest.raises(RuntimeError, match=r"step\(\) while the weights are perturbed"):
+                opt.step()
+        assert getattr(opt, "optimizer_steps", None) == steps
+        opt.zero_grad()
+
+
+def test_named_parameters_are_checked_for_duplicates_and_match_an_instance():
+    model = make_mlp()
+    weight = model[0].weight
+    with pytest.raises(ValueError, match="is given twice"):
+        SAM([("a", weight), ("b", weight)], torch.optim.SGD, lr=0.1)
+    opt = SAM(model.named_parameters(), torch.optim.AdamW(model.named_parameters(), lr=0.1))
+    assert opt.param_groups[0]["param_names"][0] == "0.weight"
+
+
+def test_sparse_adam_is_refused_at_construction():
+    with pytest.raises(TypeError, match="SparseAdam steps on sparse gradients only"):
+        SAM(make_mlp().parameters(), torch.optim.SparseAdam, lr=0.1)
+
+
+@pytest.mark.parametrize("bad", [-0.05, math.nan, math.inf, "0.05", None])
+def test_rho_set_in_place_is_checked_at_the_next_ascent(bad):
+    """A hand-written ρ schedule wrote a bad value: a negative one silently descended, NaN/inf made the weights
+    NaN, and the run's checkpoint could not be loaded afterwards."""
+    model = make_mlp()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    mse(model, make_batches(1)[0]).backward()
+    opt.param_groups[0]["rho"] = bad
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"param group 0: rho must be a finite number >= 0"):
+        opt.perturb()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+def test_tiny_gradients_give_the_formulas_epsilon(adaptive):
+    """float32 gradients of 1e-41 (subnormal): ρ/‖g‖ exceeds float32's range (perturb raised); float32 and
+    float64 tensors with gradients of 1e-30: the float32 share of the norm underflowed (ε 41 % off)."""
+    for dtypes, scale in (((torch.float32, torch.float32), 1e-41), ((torch.float64, torch.float32), 1e-30)):
+        params = [nn.Parameter(torch.linspace(-1, 1, 6, dtype=dtype) + index) for index, dtype in enumerate(dtypes)]
+        for p in params:
+            p.grad = torch.full_like(p, scale)
+        clean = [p.detach().double().clone() for p in params]
+        opt = SAM(params, torch.optim.SGD, lr=0.1, rho=0.05, adaptive=adaptive)
+        assert opt.perturb()
+        grads = [p.grad.double() for p in params]
+        expected = reference_epsilon(clean, grads, 0.05, adaptive, 0.01)
+        for p, c, e in zip(params, clean, expected):
+            assert torch.allclose(p.detach().double() - c, e, rtol=1e-5, atol=1e-8)
+        opt.restore()
+
+
+def test_zero_size_parameters_do_not_break_a_skipped_ascent():
+    """A zero-element tensor made the float64 check of a zero or infinite norm raise (`_foreach_norm cannot
+    compute the infinity norm on an empty tensor`)."""
+    params = [nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(0))]
+    opt = SAM(params, torch.optim.SGD, lr=0.1)
+    for fill in (0.0, math.inf):
+        for p in params:
+            p.grad = torch.full_like(p, fill)
+        assert opt.perturb() is False
+    assert opt.skipped_steps == 2

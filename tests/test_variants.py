@@ -931,3 +931,35 @@ def test_gsam_takes_rho_min_above_a_rho_zero_group_it_never_perturbs():
     with pytest.raises(ValueError, match="rho_min must be in"):
         GSAM([{"params": [model[0].weight]}, {"params": [model[0].bias], "rho": 0.0, "rho_min": -0.1}],
              torch.optim.SGD, lr=LR, rho=RHO)
+
+
+def test_looksam_stores_and_reuses_its_direction_in_float32_for_float16_weights():
+    """1/‖g_v‖ was cast to float16, which overflows below ‖g_v‖ ≈ 1.5e-5 (a pass-2 gradient nearly parallel to
+    the clean one): the stored direction became inf/NaN after the finiteness check, and the next reuse step fed
+    NaN to the base optimizer."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(64, dtype=torch.float16)), nn.Parameter(torch.randn(32, dtype=torch.float16))]
+    opt = LookSAM(params, torch.optim.SGD, lr=0.0, rho=RHO, interval=2, alpha=0.5)
+    clean = [torch.randn(p.shape) * 1e-3 for p in params]
+    perturbed = [(g + torch.randn(g.shape) * 2e-7).half() for g in clean]  # ‖g_v‖ ≈ 1e-6
+    clean = [g.half() for g in clean]
+    reuse = [(torch.randn(p.shape) * 1e-3).half() for p in params]
+    opt.before_first_pass()
+    for p, g in zip(params, clean):
+        p.grad = g.clone()
+    opt.after_first_pass()
+    assert opt.perturb()
+    for p, g in zip(params, perturbed):
+        p.grad = g.clone()
+    opt.restore()
+    opt.step()
+    direction = torch.cat([opt.buffers["direction"][p].double() for p in params])
+    assert torch.isfinite(direction).all() and abs(direction.norm().item() - 1) < 1e-2
+
+    opt.before_first_pass()
+    for p, r in zip(params, reuse):
+        p.grad = r.clone()
+    opt.after_first_pass()
+    r = torch.cat([t.double() for t in reuse])
+    got = torch.cat([p.grad.double() for p in params])
+    assert torch.isfinite(got).all() and torch.allclose(got, r + 0.5 * r.norm() * direction, rtol=1e-2, atol=1e-6)

@@ -357,7 +357,8 @@ class SAMWindow:
                 perturbed_examples.append(capture.losses())
                 perturbed = loss if perturbed is None else perturbed + loss
         at_least = 2 if normalises_batches(inner) else 1  # BatchNorm cannot normalise a lone example
-        chosen = optimizer.select_examples(torch.cat(self._clean_examples), torch.cat(perturbed_examples), at_least)
+        chosen = optimizer.select_examples(torch.cat(self._clean_examples), torch.cat(perturbed_examples),
+                                           **({"at_least": at_least} if at_least > 1 else {}))
         choices, offset = [], 0
         for batch, clean in zip(self._batches, self._clean_examples, strict=True):
             size = clean.numel()

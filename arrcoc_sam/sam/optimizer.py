@@ -173,6 +173,11 @@ class SAM(Optimizer):
                 f"{type(self.base_optimizer).__name__} cannot step without a closure, and a sharpness-aware step "
                 "calls the base step once, on the gradient at w + ε: use a first-order optimizer such as SGD or AdamW"
             )
+        if isinstance(self.base_optimizer, torch.optim.SparseAdam):
+            raise TypeError(
+                "SparseAdam steps on sparse gradients only, and a sharpness-aware ascent needs dense ones (the "
+                "norm over all of them): use a dense optimizer such as AdamW, or leave the sparse embedding out"
+            )
         sam_defaults = {"rho": float(rho), "adaptive": bool(adaptive), "eta": float(eta)}
         for index, group in enumerate(self.base_optimizer.param_groups):
             for key, value in sam_defaults.items():
@@ -249,6 +254,7 @@ class SAM(Optimizer):
         given = []
         for item in params:
             given.extend(item["params"] if isinstance(item, dict) else [item])
+        given = [_tensor_of(item) for item in given]
         wrapped = [p for group in base.param_groups for p in group["params"]]
         _check_no_duplicates(wrapped)
         if {id(p) for p in given} != {id(p) for p in wrapped} or len(given) != len(wrapped):
@@ -369,6 +375,8 @@ class SAM(Optimizer):
         if self._perturbed:
             raise RuntimeError("perturb() called twice without restore(): the weights are already at w + ε")
         self._skip_next_step = False
+        for index, group in enumerate(self.param_groups):  # a ρ schedule may set them in place: checked here
+            SAM._check_group(self, group, f"param group {index}: ")
         self.stats.pop("grad_norm_perturbed", None)  # the previous step's; restore() records this step's
         self.stats.pop("grad_cosine", None)
         params, grads, settings = self._ascent_directions()
@@ -537,7 +545,12 @@ class SAM(Optimizer):
         at w, the ascent, the closure at w + ε, restore, base step. Returns the loss at the clean weights.
         Never route a closure through ``GradScaler.step``: it would skip unscaling; use the
         :meth:`perturbed` loop shown in the README instead.
+
+        Raises:
+            RuntimeError: the weights are perturbed (a step inside a ``perturbed()`` block, or between
+                ``perturb()`` and ``restore()``): the restore would overwrite the update.
         """
+        self._check_not_perturbed("step()")
         if closure is None:
             if self._skip_next_step:
                 self._skip_next_step = False
@@ -561,6 +574,13 @@ class SAM(Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
+    def _check_not_perturbed(self, call: str) -> None:
+        if self._perturbed:
+            raise RuntimeError(
+                f"{call} while the weights are perturbed: restore() first (step after the `with opt.perturbed()` "
+                "block, not inside it), or the restore would overwrite the update"
+            )
+
     def train(self) -> None:
         """The base optimizer's ``train()`` where it has one (schedule-free optimizers; Accelerate and the HF
         Trainer call it around evaluation)."""
@@ -576,8 +596,7 @@ class SAM(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict (SAM's ρ/η/adaptive ride along in its param groups)."""
-        if self._perturbed:
-            raise RuntimeError("state_dict() while the weights are perturbed: call restore() first")
+        self._check_not_perturbed("state_dict()")
         return self.base_optimizer.state_dict()
 
     def keep_settings_on_load(self) -> SAM:
@@ -778,10 +797,15 @@ def _undo_earlier_wrapper(base: Optimizer) -> None:
                 group.pop(key, None)
 
 
+def _tensor_of(param: Any) -> Any:
+    """The tensor of a ``(name, tensor)`` pair (torch optimizers take named parameters), else ``param``."""
+    return param[1] if isinstance(param, tuple) and len(param) == 2 and isinstance(param[0], str) else param
+
+
 def _check_no_duplicates(params: list[Any]) -> None:
     """Refuse a tensor given twice (torch only warns): the ascent would count and move it twice."""
     seen: set[int] = set()
-    for index, param in enumerate(params):
+    for index, param in enumerate(map(_tensor_of, params)):
         if id(param) in seen:
             raise ValueError(f"parameter {index} (shape {tuple(getattr(param, 'shape', ()))}) is given twice; the "
                              "ascent would count and perturb it twice: pass each tensor once")

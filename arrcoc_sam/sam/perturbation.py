@@ -352,7 +352,8 @@ def groups_sum_of_squares(groups: Sequence[AscentGroup], device: torch.device | 
         if small_params:
             norms.append(_flat_scaled_norms(small_params, small_grads, group.eta, out_dtype, device, sizes))
         for chunk_params, chunk_grads in _size_chunks(large_params, large_grads):
-            accumulate = accumulation_dtype(chunk_grads[0].dtype)  # T g in float32, as the flattened path
+            # T g in float32 (float64 beside float64 groups), as the flattened path
+            accumulate = torch.promote_types(accumulation_dtype(chunk_grads[0].dtype), out_dtype)
             chunk_params, chunk_grads = _in_dtype(chunk_params, accumulate), _in_dtype(chunk_grads, accumulate)
             scaled = _scaling_operator(chunk_params, group.eta)
             torch._foreach_mul_(scaled, chunk_grads)
@@ -365,8 +366,8 @@ def _flat_scaled_norms(
     sizes: SizeSplit,
 ) -> Tensor:
     """‖T g‖ per flattened chunk of the small ASAM tensors of a group split by ``sizes`` (T g formed in the
-    accumulation dtype), as a 1-D ``out_dtype`` tensor on ``device``."""
-    accumulate = accumulation_dtype(grads[0].dtype)
+    accumulation dtype, or ``out_dtype`` if wider), as a 1-D ``out_dtype`` tensor on ``device``."""
+    accumulate = torch.promote_types(accumulation_dtype(grads[0].dtype), out_dtype)
     norms = []
     for flat_params, flat_grads in sizes.flat_chunks(params, grads, dtype=accumulate):
         scaled = flat_params.abs().add_(eta).mul_(flat_grads)
@@ -385,8 +386,11 @@ def apply_groups_(groups: Sequence[AscentGroup], norm: float, sign: float = 1.0,
     for group in groups:
         step = (-sign if follow_maximize and group.maximize else sign) * group.rho / norm
         params, grads = group.params, group.grads
+        if abs(step) > _FLOAT32_MAX and params[0].dtype != torch.float64:  # ‖g‖ subnormal: ρ/‖g‖ > float32's range
+            _apply_widened_(group, step, torch.float64)
+            continue
         if params[0].dtype == torch.float16:
-            _apply_in_float32_(group, step)
+            _apply_widened_(group, step, torch.float32)
             continue
         grads = _in_dtype(grads, params[0].dtype)
         if not group.adaptive:
@@ -399,15 +403,19 @@ def apply_groups_(groups: Sequence[AscentGroup], norm: float, sign: float = 1.0,
             torch._foreach_add_(chunk_params, direction, alpha=step)
 
 
-def _apply_in_float32_(group: AscentGroup, step: float) -> None:
-    """:func:`apply_groups_` for float16 weights: ``step`` · T²g formed in float32 and rounded once into the
-    weights, since in float16 the scalar ``step`` itself can round to zero (ρ/‖g‖ below ~6e-8) and T²g overflow
-    (above 65504). bfloat16 has float32's range and takes the plain path. Temporaries hold at most ~CHUNK_NUMEL
-    float32 elements: larger contiguous tensors are taken in slices."""
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def _apply_widened_(group: AscentGroup, step: float, wide: torch.dtype) -> None:
+    """:func:`apply_groups_` with ``step`` · T²g formed in the ``wide`` dtype and rounded once into the weights:
+    float32 for float16 weights, where the scalar ``step`` itself can round to zero (ρ/‖g‖ below ~6e-8) and
+    T²g overflow (above 65504); float64 where ``step`` exceeds float32's range (a subnormal ‖g‖). bfloat16 has
+    float32's range and otherwise takes the plain path. Temporaries hold at most ~CHUNK_NUMEL ``wide``
+    elements: larger contiguous tensors are taken in slices."""
     for chunk_params, chunk_grads in _bounded_slices(group.params, group.grads):
-        direction = [g.to(torch.float32, copy=True) for g in chunk_grads]
+        direction = [g.to(wide, copy=True) for g in chunk_grads]
         if group.adaptive:
-            scaling = _scaling_operator(_in_dtype(chunk_params, torch.float32), group.eta)
+            scaling = _scaling_operator(_in_dtype(chunk_params, wide), group.eta)
             torch._foreach_mul_(scaling, scaling)
             torch._foreach_mul_(direction, scaling)
         torch._foreach_mul_(direction, step)
@@ -416,7 +424,9 @@ def _apply_in_float32_(group: AscentGroup, step: float) -> None:
 
 def largest_magnitude(tensors: Sequence[Tensor]) -> float:
     """max |t| over all elements of ``tensors`` (nan if any is nan, inf if any is infinite, 0.0 for none): one
-    foreach max-norm per (device, dtype), one host sync."""
+    foreach max-norm per (device, dtype), one host sync. Tensors without elements are left out (their max-norm
+    is undefined)."""
+    tensors = [t for t in tensors if t.numel() > 0]
     if not tensors:
         return 0.0
     peaks = [torch.stack(torch._foreach_norm(group, math.inf)).amax().float()
@@ -460,10 +470,12 @@ def _tensor_norms(
 ) -> Tensor:
     """L2 norms of pieces that cover one (device, dtype) group, whose squares sum to Σ_i ‖t_i‖²: one per
     flattened chunk of small tensors and one per large tensor (see :func:`_flatten_limit`; ``sizes``: that
-    split, if known). A 1-D ``out_dtype`` tensor on ``device``."""
+    split, if known). A 1-D ``out_dtype`` tensor on ``device``. Reduced in ``out_dtype`` where that is wider
+    than the tensors' accumulation dtype (float32 gradients beside float64 ones), so that float32 gradients
+    below ~1e-19, whose squares underflow in float32, still count."""
     sizes = sizes or SizeSplit.of(tensors)
     (small,), (large,) = sizes.split(tensors)
-    accumulate = accumulation_dtype(tensors[0].dtype)
+    accumulate = torch.promote_types(accumulation_dtype(tensors[0].dtype), out_dtype)
     norms = [torch.linalg.vector_norm(flat, dtype=accumulate) for (flat,) in sizes.flat_chunks(small)]
     if large:
         norms.extend(torch._foreach_norm(large, 2, dtype=accumulate))
@@ -471,8 +483,9 @@ def _tensor_norms(
 
 
 def _per_tensor_norms(tensors: list[Tensor], out_dtype: torch.dtype, device: torch.device) -> Tensor:
-    """‖t_i‖ for every tensor, one foreach call: a 1-D ``out_dtype`` tensor on ``device``."""
-    norms = torch._foreach_norm(tensors, 2, dtype=accumulation_dtype(tensors[0].dtype))
+    """‖t_i‖ for every tensor, one foreach call: a 1-D ``out_dtype`` tensor on ``device`` (reduced in
+    ``out_dtype`` where that is wider than the tensors' accumulation dtype)."""
+    norms = torch._foreach_norm(tensors, 2, dtype=torch.promote_types(accumulation_dtype(tensors[0].dtype), out_dtype))
     return torch.stack(norms).to(device=device, dtype=out_dtype)
 
 

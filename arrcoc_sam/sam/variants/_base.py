@@ -180,6 +180,7 @@ class VariantSAM(SAM):
 
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
         """Without a closure: the base step (counted). With one: the hook-ordered step in the module docstring."""
+        self._check_not_perturbed("step()")
         if closure is None:
             self.optimizer_steps += 1
             self._window_open = False

@@ -92,8 +92,14 @@ class LookSAM(VariantSAM):
         if not pairs:
             return
         targets = [g for g, _ in pairs]
-        # g + α‖g‖ĝ_v = ‖g‖·(g/‖g‖ + α ĝ_v): three in-place foreach ops, no temporary and no host sync
         for group_grads, group_dirs in perturbation.group_by_device_and_dtype(targets, [d for _, d in pairs]):
+            if group_grads[0].dtype in _LOW_PRECISION:  # ‖g‖ and 1/‖g‖ may leave float16's range: in float32
+                wide, step = [g.float() for g in group_grads], [d.float() for d in group_dirs]
+                torch._foreach_mul_(step, (self.alpha * norm).to(device=group_grads[0].device, dtype=torch.float32))
+                torch._foreach_add_(wide, step)
+                torch._foreach_copy_(group_grads, wide)
+                continue
+            # g + α‖g‖ĝ_v = ‖g‖·(g/‖g‖ + α ĝ_v): three in-place foreach ops, no temporary and no host sync
             scale = norm.to(device=group_grads[0].device, dtype=group_grads[0].dtype)
             torch._foreach_mul_(group_grads, scale.clamp_min(torch.finfo(scale.dtype).tiny).reciprocal())
             torch._foreach_add_(group_grads, group_dirs, alpha=self.alpha)
@@ -110,8 +116,7 @@ class LookSAM(VariantSAM):
         ratio = perturbation.dot(clean, perturbed) / perturbation.squared_norm(clean)
         # g_v = g_s − ratio·g, computed in the stash (which becomes the stored direction)
         for group_clean, group_perturbed in perturbation.group_by_device_and_dtype(clean, perturbed):
-            coef = ratio.to(device=group_clean[0].device, dtype=group_clean[0].dtype)
-            torch._foreach_mul_(group_clean, -coef)
+            _scale_(group_clean, -ratio)
             torch._foreach_add_(group_clean, group_perturbed)
         squared = perturbation.squared_norm(clean)
         if not bool(torch.isfinite(ratio) & torch.isfinite(squared)):  # one host sync per SAM step (every k)
@@ -121,5 +126,19 @@ class LookSAM(VariantSAM):
             return
         inv_norm = squared.sqrt().clamp_min(1e-30).reciprocal()
         for (group_clean,) in perturbation.group_by_device_and_dtype(clean):
-            torch._foreach_mul_(group_clean, inv_norm.to(device=group_clean[0].device, dtype=group_clean[0].dtype))
+            _scale_(group_clean, inv_norm)
         self.buffers["direction"] = dict(zip(params, clean, strict=True))
+
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _scale_(tensors: list[Tensor], factor: Tensor) -> None:
+    """``tensors *= factor`` (a 0-dim tensor; the list on one device and dtype). float16/bfloat16 tensors are
+    scaled in float32 and rounded once: the factor itself (1/‖g_v‖ above ~6.5e4) may not fit their range."""
+    if tensors[0].dtype in _LOW_PRECISION:
+        wide = [t.float() for t in tensors]
+        torch._foreach_mul_(wide, factor.to(device=tensors[0].device, dtype=torch.float32))
+        torch._foreach_copy_(tensors, wide)
+    else:
+        torch._foreach_mul_(tensors, factor.to(device=tensors[0].device, dtype=tensors[0].dtype))
