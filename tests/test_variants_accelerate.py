@@ -563,3 +563,31 @@ def test_accelerate_esam_selection_never_runs_a_lone_example_through_batchnorm(a
             optimizer.zero_grad()
     assert min(forward_sizes) >= 2 and not sam.sam_optimizer.is_perturbed
     assert not torch.equal(accelerator.unwrap_model(model)[3].weight, start[-2])  # it trained
+
+
+def test_accelerate_fsam_takes_a_short_windows_gradient_in_mean_gradient_units():
+    """Accelerate divides every loss by the k accumulation steps, so a last window of m < k micro-batches holds
+    m/k of its mean gradient, while Friendly-SAM's average is over full windows: its ascent went downhill there
+    (cos(ε, g) −0.5 to −0.7). Reference: F-SAM's closure step on each whole window, lr scaled by m/k."""
+    x, y = (torch.cat(parts) for parts in zip(*make_batches(4)))
+    x, y = x[:28], y[:28]  # 7 micro-batches of 4: windows of 3, 3 and 1
+    knobs = {"rho": 0.5, "sigma": 1.0, "ema_decay": 0.6}
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=3)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    model = make_mlp()
+    model, optimizer, loader = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR), loader)
+    sam = AcceleratedSAM(accelerator, model, optimizer, method="fsam", **knobs)
+    for _ in range(2):
+        for batch in loader:
+            with accelerator.accumulate(model):
+                sam.backward(mse, batch)
+                optimizer.step()
+                optimizer.zero_grad()
+
+    ref = make_mlp()
+    ref_opt = build_sam_optimizer("fsam", ref.parameters(), torch.optim.SGD, lr=LR, **knobs)
+    for _ in range(2):
+        for start, stop in ((0, 12), (12, 24), (24, 28)):
+            ref_opt.param_groups[0]["lr"] = LR * min((stop - start) / 12, 1.0)
+            sam_closure_step(ref, ref_opt, (x[start:stop], y[start:stop]))
+    assert max_abs_diff(accelerator.unwrap_model(model), ref) <= 1e-12

@@ -261,6 +261,8 @@ class SAMWindow:
     ) -> None:
         skipped_before = getattr(optimizer, "skipped_steps", 0)
         perturbed = None
+        if hasattr(optimizer, "gradient_units"):  # Friendly-SAM compares g with an average of past windows' g
+            optimizer.gradient_units = self._grad_scale() * self._window_fraction()
         with preserve_running_stats(model):  # a pass that raises reaches micro_step's abort_window()
             with optimizer.selection_provided() if self._select else contextlib.nullcontext():
                 ok = optimizer.perturb()
@@ -434,6 +436,13 @@ class SAMWindow:
         """The GradScaler's current scale (1.0 without one): pass-1/2 gradients carry it."""
         scaler = getattr(self.accelerator, "scaler", None)
         return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+
+    def _window_fraction(self) -> float:
+        """The window's gradient per unit of its mean gradient, GradScaler aside: m/k for a plain Accelerate loop
+        whose window closed after m < k micro-batches (its backward divides every loss by k), else 1 (the
+        Trainer's losses are normalised over the window; its accelerator accumulates over 1)."""
+        steps = int(getattr(self.accelerator, "gradient_accumulation_steps", 1))
+        return min(steps, max(self._micro_batches, 1)) / steps
 
     def _record_losses(self, *, clean: Tensor, perturbed: Tensor) -> None:
         """Window sums of the pass losses, in the units of one micro-batch's loss as the loop sees it: the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -30,9 +31,14 @@ class FriendlySAM(VariantSAM):
     starts m at g_0 and removes the previous average (d_t = g_t − σ m_{t−1}), which for σ = 1 differs only by a
     start-up bias decaying like λ^t.
 
+    g and m must be in the same units: :attr:`gradient_units` is what ``.grad`` holds per unit of the window's
+    mean gradient, and g is divided by it. SAMTrainer and AcceleratedSAM set it each window (a GradScaler's
+    scale, times m/k for a short last window of m < k micro-batches, whose gradient Accelerate divides by the k
+    accumulation steps); a loop of one's own leaves it at 1, and under an fp16 GradScaler m then averages the
+    *scaled* gradients (a change of scale is absorbed within ~1/(1 − λ) steps).
+
     Cost: two forward+backward passes per step. Memory: one persistent gradient-sized buffer (m, saved in
-    the checkpoint) plus one transient one (d) beside SAM's backup. Under an fp16 GradScaler m averages the
-    *scaled* gradients; a change of scale is absorbed within ~1/(1 − λ) steps.
+    the checkpoint) plus one transient one (d) beside SAM's backup.
 
     Args:
         sigma: σ ≥ 0, how much of the EMA to remove (the paper's experiments use 1). σ = 0 is SAM.
@@ -70,6 +76,8 @@ class FriendlySAM(VariantSAM):
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, eta=eta, **base_kwargs)
         self.sigma = float(sigma)
         self.ema_decay = float(ema_decay)
+        #: ``.grad`` per unit of the window's mean gradient at the next ascent (see the class docstring)
+        self.gradient_units = 1.0
 
     @torch.no_grad()
     def perturb(self) -> bool:
@@ -79,18 +87,24 @@ class FriendlySAM(VariantSAM):
             return False
         ema = self.buffers["ema"]
         previous = [ema[p] if p in ema else torch.zeros_like(p) for p in params]
-        lam, sigma = self.ema_decay, self.sigma
+        lam, sigma, units = self.ema_decay, self.sigma, float(self.gradient_units)
+        if not (math.isfinite(units) and units > 0):
+            raise ValueError(f"gradient_units must be a finite number > 0, got {self.gradient_units!r}")
         if all(g.dtype == p.dtype for p, g in zip(params, grads, strict=True)):
             direction = perturbation.clone_all(grads)
         else:
             direction = [g.to(p.dtype, copy=True) for p, g in zip(params, grads, strict=True)]
         for group_dir, group_prev in perturbation.group_by_device_and_dtype(direction, previous):
-            torch._foreach_mul_(group_dir, 1.0 - sigma * (1.0 - lam))
+            torch._foreach_mul_(group_dir, (1.0 - sigma * (1.0 - lam)) / units)
             torch._foreach_add_(group_dir, group_prev, alpha=-sigma * lam)
         with grads_replaced(params, direction):
             ok = super().perturb()
         if ok or not self._skip_next_step:
             for group_prev, group_grads in perturbation.group_by_device_and_dtype(previous, list(grads)):
-                torch._foreach_lerp_(group_prev, group_grads, 1.0 - lam)
+                if units == 1.0:
+                    torch._foreach_lerp_(group_prev, group_grads, 1.0 - lam)
+                else:  # m ← λ m + (1 − λ) g/u
+                    torch._foreach_mul_(group_prev, lam)
+                    torch._foreach_add_(group_prev, group_grads, alpha=(1.0 - lam) / units)
             self.buffers["ema"] = {**ema, **dict(zip(params, previous, strict=True))}
         return ok
