@@ -865,6 +865,7 @@ def test_a_pending_window_count_survives_a_checkpoint():  # kills V16
 
     live = build(nn.Parameter(torch.ones(2)))
     live.before_first_pass()
+    live.after_first_pass()
     live.base_optimizer.step()  # the Accelerate helper steps the base optimizer directly
     resumed = build(nn.Parameter(torch.ones(2)))
     resumed.load_state_dict(live.state_dict())
@@ -872,6 +873,19 @@ def test_a_pending_window_count_survives_a_checkpoint():  # kills V16
     resumed.before_first_pass()
     assert resumed.optimizer_steps == live.optimizer_steps == 1
     assert resumed.ascent_this_step() == live.ascent_this_step() is False
+
+
+def test_a_window_stopped_before_its_last_micro_batch_is_not_counted_by_a_checkpoint():
+    """A callback stopped training between micro-batches and the Trainer saved: the checkpoint counted the
+    abandoned window as a pending step, and periodic/LookSAM/ESAM resumed one step out of phase."""
+    opt = PeriodicSAM([nn.Parameter(torch.ones(2))], torch.optim.SGD, lr=0.1, interval=2)
+    opt.before_first_pass()  # first micro-batch of a window of several; training stops here
+    saved = opt.state_dict()
+    assert saved["sam_variant"]["window_open"] is False
+    resumed = PeriodicSAM([nn.Parameter(torch.ones(2))], torch.optim.SGD, lr=0.1, interval=2)
+    resumed.load_state_dict(saved)
+    resumed.before_first_pass()
+    assert resumed.optimizer_steps == 0 and resumed.ascent_this_step()
 
 
 # -- tensors without gradient: frozen ones are never drawn or perturbed -------------------------------------

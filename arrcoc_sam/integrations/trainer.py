@@ -146,12 +146,13 @@ class SAMTrainingArguments(TrainingArguments, SAMArguments):
 
 
 # HF --optim values whose optimizer keeps no running mean of the gradients unless --optim_args asks for one
-_WITHOUT_MOMENTUM = {"sgd": "momentum", "rmsprop": "momentum", "adagrad": None, "adafactor": "beta1"}
+# (None: no --optim_args can; transformers builds its Adafactor without passing --optim_args on)
+_WITHOUT_MOMENTUM = {"sgd": "momentum", "rmsprop": "momentum", "adagrad": None, "adafactor": None}
 
 
 def _check_momentum_for_msam(settings: SAMSettings, optim: Any, optim_args: str | None) -> None:
     """Refuse msam with an ``--optim`` that keeps no momentum for it to perturb along (SGD and RMSprop without
-    ``--optim_args momentum=...``, Adafactor without ``beta1``, Adagrad), when the arguments are parsed."""
+    ``--optim_args momentum=...``, Adafactor and Adagrad), when the arguments are parsed."""
     name = str(getattr(optim, "value", optim))
     if settings.method != "msam" or name not in _WITHOUT_MOMENTUM:
         return

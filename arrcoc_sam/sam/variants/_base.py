@@ -152,7 +152,10 @@ class VariantSAM(SAM):
         self._clean_grads: list[Tensor] = []
         self.optimizer_steps = 0
         self.buffers: dict[str, dict[Tensor, Tensor]] = {name: {} for name in self.buffer_names}
-        self._window_open = False  # a window began (before_first_pass) and its step() has not been seen
+        # a window reached its last micro-batch (after_first_pass) and its step() has not been seen: the next
+        # window counts that step (a loop that steps the base optimizer itself). A window stopped before its
+        # last micro-batch is not counted (its checkpoint would otherwise resume one step out of phase).
+        self._window_open = False
 
     @property
     def needs_window_hooks(self) -> bool:
@@ -176,6 +179,12 @@ class VariantSAM(SAM):
         super().before_first_pass()
         if self._window_open:
             self.optimizer_steps += 1
+        self._window_open = False
+
+    def after_first_pass(self) -> None:
+        """The window reached its last micro-batch: its step counts from here on, also where the loop steps the
+        base optimizer itself. Overrides must call ``super().after_first_pass()``."""
+        super().after_first_pass()
         self._window_open = True
 
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]

@@ -82,6 +82,7 @@ class LookSAM(VariantSAM):
     @torch.no_grad()
     def after_first_pass(self) -> None:
         """On a reuse step: g ← g + α‖g‖ĝ_v over the tensors that have a stored direction."""
+        super().after_first_pass()
         if self.ascent_this_step() or not self.buffers["direction"]:
             return
         params, grads, _ = self._ascent_candidates()

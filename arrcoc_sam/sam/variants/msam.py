@@ -95,6 +95,7 @@ class MomentumSAM(VariantSAM):
         self.perturb()
 
     def after_first_pass(self) -> None:
+        super().after_first_pass()
         self.restore()
 
     def _missing_momentum(self, state: dict[str, Any]) -> TypeError:
