@@ -591,3 +591,27 @@ def test_accelerate_fsam_takes_a_short_windows_gradient_in_mean_gradient_units()
             ref_opt.param_groups[0]["lr"] = LR * min((stop - start) / 12, 1.0)
             sam_closure_step(ref, ref_opt, (x[start:stop], y[start:stop]))
     assert max_abs_diff(accelerator.unwrap_model(model), ref) <= 1e-12
+
+
+def test_accelerate_esam_choosing_every_example_of_uneven_micro_batches_takes_the_stock_step():
+    """Micro-batches of 4, 4 and 2 in one window: the chosen examples were weighted alike and scaled by a
+    loss-dependent factor (2.94-3.27 for 3), so γ just below 1 stepped 0.80-1.06x as far as γ = 1. Now each
+    micro-batch weighs as its own loss does, and γ → 1 is the stock step."""
+    x, y = (torch.cat(parts) for parts in zip(*make_batches(2)))
+    x[8:] *= 3.0  # the short micro-batch's losses differ from the others'
+
+    def train(gamma):
+        accelerator = Accelerator(cpu=True, gradient_accumulation_steps=3)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:10], y[:10]), batch_size=4)
+        model = make_mlp()
+        model, optimizer, loader = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR), loader)
+        sam = AcceleratedSAM(accelerator, model, optimizer, method="esam", rho=RHO, beta=1.0, gamma=gamma,
+                             per_example_loss_fn=lambda outputs, batch: ((outputs - batch[1]) ** 2).mean(dim=1))
+        for batch in loader:
+            with accelerator.accumulate(model):
+                sam.backward(mse, batch)
+                optimizer.step()
+                optimizer.zero_grad()
+        return accelerator.unwrap_model(model)
+
+    assert max_abs_diff(train(0.9999), train(1.0)) <= 1e-14

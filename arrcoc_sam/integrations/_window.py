@@ -27,8 +27,10 @@ w + ε under ``no_grad`` for the perturbed per-example losses; ``select_examples
 over the rank's whole window (B examples, as ESAM's closure step selects over its batch); and only the chosen
 examples run forward + backward, regrouped into as few sub-batches of at most one micro-batch's size as hold
 them where the micro-batches can be concatenated (otherwise micro-batch by micro-batch), with the loss
-``Σ_{i∈chosen} ℓ_i / ⌈γ·B⌉`` (weighted alike where :class:`ExampleLosses` gives weights) so the window gradient
-is exactly ESAM's ``∇ mean_{i∈B⁺} ℓ_i(w + ε)``. Under DDP each rank selects from its own
+``Σ_{i∈chosen} w_i ℓ_i / Σ_{i∈chosen} w_i`` in the units of pass 1's loss, with each micro-batch's weights
+(:class:`ExampleLosses`, ones by default) scaled so that its Σ w_i ℓ_i is the loss its pass returned: with equal
+micro-batches and a mean loss, exactly ESAM's ``∇ mean_{i∈B⁺} ℓ_i(w + ε)``, and choosing every example gives the
+stock window gradient. Under DDP each rank selects from its own
 window and DDP averages the ranks' gradients. All these forwards go through the unwrapped module except the
 one that back-propagates last, which goes through the DDP wrapper and syncs (a sub-batch with no chosen
 example is skipped; every rank makes exactly one DDP forward in the replay). Cost: one forward over the
@@ -95,7 +97,7 @@ class ExampleLosses:
             so that Σ wᵢ ℓᵢ is the loss that micro-batch's pass returned (which also settles whether the loss is a
             mean over the window or over each micro-batch); pass 2 trains on the chosen examples' Σ wᵢ ℓᵢ, scaled
             to the window, so choosing every example gives the stock loss. None (the function, or its value):
-            every example alike.
+            every example of a micro-batch alike (scaled the same way).
     """
 
     forward: Callable[[nn.Module, Any], Tensor]
@@ -171,6 +173,7 @@ class SAMWindow:
         self._selection_unavailable = False  # the per-example losses raised PerExampleLossUnavailable once
         self._clean_examples: list[Tensor] = []  # [B_m] clean per-example losses of each micro-batch
         self._clean_weights: list[Tensor] = []  # [B_m] their weights in the loss (ExampleLosses.weights)
+        self._clean_losses: list[Tensor] = []  # the loss each micro-batch's pass 1 returned
         self._reapply = False  # the optimizer perturbs for pass 1 (msam) and was restored after a micro-batch
         self._first_pass_tensors: list[Tensor] | None = None  # pass 1 computes gradients for these only
         self._average_by_hand = False  # pass 1 runs under no_sync and the window all-reduces those gradients
@@ -343,6 +346,7 @@ class SAMWindow:
             return loss
         self._clean_examples.append(losses)
         self._clean_weights.append(_example_weights(example_losses, batch, losses, loss))
+        self._clean_losses.append(loss)
         return loss
 
     def _selective_replay(self, model: nn.Module, optimizer: Any, example_losses: ExampleLosses) -> Tensor:
@@ -369,15 +373,20 @@ class SAMWindow:
                 choices.append((batch, local, size, offset))
             offset += size
         picks = _chosen_sub_batches(choices, max(clean.numel() for clean in self._clean_examples), at_least)
-        # In the units of the window's pass 1: the loss run_pass back-propagated, summed over the window, is
-        # `units` times the weighted mean clean per-example loss (1 for a loss over num_items_in_batch; the
-        # accumulation steps for a Trainer model that ignores it, or under Accelerate, whose backward divides by
-        # them again), so the chosen examples' weighted mean gets the same factor: γ < 1 keeps the scale of
-        # γ = 1, and choosing every example trains on the stock loss itself where the weights are its own.
+        # In the units of the window's pass 1: the loss run_pass back-propagated for micro-batch j is r_j times
+        # its weighted mean clean per-example loss, and `units` = Σ_j r_j (with calibrated weights, Σ of all
+        # weights; with plain ones, the micro-batches under Accelerate, whose backward divides by k again; about
+        # 1 for a Trainer loss over num_items_in_batch). The chosen examples' weighted mean gets that factor: γ < 1
+        # keeps the scale of γ = 1 whatever the losses (a ratio of window sums would not, for micro-batches of
+        # unequal sizes), and choosing every example trains on the stock loss itself where the weights are its own.
         clean_examples = torch.cat(self._clean_examples)
         dtype = torch.promote_types(torch.promote_types(self._clean.dtype, clean_examples.dtype), torch.float32)
         weights = torch.cat(self._clean_weights).to(device=clean_examples.device, dtype=dtype)
-        units = self._clean.to(dtype) / ((weights * clean_examples.to(dtype)).sum() / weights.sum())
+        units = sum(
+            loss.to(device=clean_examples.device, dtype=dtype) * w.to(clean_examples.device, dtype).sum()
+            / (w.to(clean_examples.device, dtype) * losses.to(dtype)).sum()
+            for loss, w, losses in zip(self._clean_losses, self._clean_weights, self._clean_examples, strict=True)
+        )
         fallback = float(getattr(self.accelerator, "gradient_accumulation_steps", 1))
         chosen_weight = weights[chosen.to(weights.device)].sum().clamp_min(torch.finfo(dtype).tiny)
         factor = torch.where(torch.isfinite(units) & (units != 0), units, fallback).detach() / chosen_weight
@@ -468,6 +477,7 @@ class SAMWindow:
         self._select = False
         self._clean_examples = []
         self._clean_weights = []
+        self._clean_losses = []
         self._reapply = False
         self._first_pass_tensors = None
         self._average_by_hand = False
@@ -706,13 +716,14 @@ def _chosen_sub_batches(
 
 
 def _example_weights(example_losses: ExampleLosses, batch: Any, losses: Tensor, loss: Tensor) -> Tensor:
-    """The weights of a micro-batch's examples in pass 2's loss: ones without :attr:`ExampleLosses.weights`;
-    otherwise those, scaled so that Σ wᵢ ℓᵢ equals ``loss``, the loss the micro-batch's pass returned (left as
-    they are where that sum is 0 or the scale not finite). float32 (float64 for float64 losses)."""
+    """The weights of a micro-batch's examples in pass 2's loss: :attr:`ExampleLosses.weights` (ones without
+    them: the examples of a micro-batch alike), scaled so that Σ wᵢ ℓᵢ equals ``loss``, the loss the micro-batch's
+    pass returned (left as they are where that sum is 0 or the scale not finite). So micro-batches weigh as the
+    loop's own losses do (a short one's mean counts like a full one's). float32 (float64 for float64 losses)."""
     dtype = torch.promote_types(losses.dtype, torch.float32)
     weights = None if example_losses.weights is None else example_losses.weights(batch)
     if weights is None:
-        return torch.ones_like(losses, dtype=dtype)
+        weights = torch.ones_like(losses, dtype=dtype)
     weights = torch.as_tensor(weights).to(device=losses.device, dtype=dtype)
     if weights.shape != losses.shape:
         raise ValueError(f"example weights must be a vector [{losses.numel()}], got shape {tuple(weights.shape)}")
