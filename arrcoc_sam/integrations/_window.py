@@ -73,6 +73,7 @@ from torch.optim import Optimizer
 from arrcoc_sam.integrations._settings import check_static_graph
 from arrcoc_sam.sam.norm_stats import normalises_batches, preserve_running_stats
 from arrcoc_sam.sam.perturbation import largest_magnitude
+from arrcoc_sam.sam.random_state import RandomState
 from arrcoc_sam.sam.variants._base import gradients_only_for, uses_reentrant_checkpointing
 from arrcoc_sam.sam.variants.esam import PerExampleLossUnavailable
 
@@ -174,6 +175,7 @@ class SAMWindow:
         self._clean_examples: list[Tensor] = []  # [B_m] clean per-example losses of each micro-batch
         self._clean_weights: list[Tensor] = []  # [B_m] their weights in the loss (ExampleLosses.weights)
         self._clean_losses: list[Tensor] = []  # the loss each micro-batch's pass 1 returned
+        self._random_states: list[RandomState] = []  # the generators before each micro-batch's pass 1
         self._reapply = False  # the optimizer perturbs for pass 1 (msam) and was restored after a micro-batch
         self._first_pass_tensors: list[Tensor] | None = None  # pass 1 computes gradients for these only
         self._average_by_hand = False  # pass 1 runs under no_sync and the window all-reduces those gradients
@@ -335,7 +337,9 @@ class SAMWindow:
     def _pass_recording_examples(
         self, model: nn.Module, batch: Any, run_pass: RunPass, example_losses: ExampleLosses
     ) -> Tensor:
-        """``run_pass(batch)``, keeping the clean per-example losses of its forward (no_grad, no extra pass)."""
+        """``run_pass(batch)``, keeping the clean per-example losses of its forward (no_grad, no extra pass) and
+        the random generators' states it started from."""
+        random_state = RandomState.capture(_params_device(model))
         with _ExampleCapture(_unwrapped(model), example_losses.per_example, batch, keep_graph=False) as capture:
             loss = run_pass(batch)
         try:
@@ -347,6 +351,7 @@ class SAMWindow:
         self._clean_examples.append(losses)
         self._clean_weights.append(_example_weights(example_losses, batch, losses, loss))
         self._clean_losses.append(loss)
+        self._random_states.append(random_state)
         return loss
 
     def _selective_replay(self, model: nn.Module, optimizer: Any, example_losses: ExampleLosses) -> Tensor:
@@ -357,8 +362,12 @@ class SAMWindow:
         inner = _unwrapped(model)
         perturbed, perturbed_examples = None, []
         with torch.no_grad():
-            for batch in self._batches:
-                with _ExampleCapture(inner, example_losses.per_example, batch, keep_graph=False) as capture:
+            # each forward replays the random draws of its pass 1 (dropout masks): the rise ℓ(w + ε) − ℓ(w) then
+            # compares the same sub-network, not two dropout samples (whose noise swamps it at p = 0.1)
+            for batch, random_state in zip(self._batches, self._random_states, strict=True):
+                with random_state.replayed(), _ExampleCapture(
+                    inner, example_losses.per_example, batch, keep_graph=False
+                ) as capture:
                     loss = example_losses.forward(inner, batch)
                 perturbed_examples.append(capture.losses())
                 perturbed = loss if perturbed is None else perturbed + loss
@@ -478,6 +487,7 @@ class SAMWindow:
         self._clean_examples = []
         self._clean_weights = []
         self._clean_losses = []
+        self._random_states = []
         self._reapply = False
         self._first_pass_tensors = None
         self._average_by_hand = False
@@ -596,6 +606,10 @@ def _check_no_earlier_gradients(optimizer: Optimizer) -> None:
 
 def _params_of(optimizer: Optimizer) -> list[Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _params_device(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 @contextlib.contextmanager
