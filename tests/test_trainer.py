@@ -807,3 +807,11 @@ def test_seq2seq_trainer_with_sam_trains_like_sam_trainer_and_generates(tmp_path
     assert torch.equal(flat_params(seq2seq.model), flat_params(plain.model))
     assert all("sam/rho" in h for h in seq2seq.state.log_history if "loss" in h)
     assert "eval_loss" in seq2seq.evaluate(max_length=5)
+
+
+@pytest.mark.parametrize(("sam_args", "expected"), [(None, 7), ("seed=3", 3)])
+def test_esam_masks_follow_the_run_seed_unless_given(tmp_path, sam_args, expected):
+    """ESAM's SWP seed ignored --seed, so a seed sweep drew the same masks in every run."""
+    args = SAMTrainingArguments(**trainer_kwargs(str(tmp_path), optimizer="esam", seed=7, sam_args=sam_args))
+    trainer = SAMTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset(8), compute_loss_func=token_sum_loss)
+    assert trainer.create_optimizer().seed == expected

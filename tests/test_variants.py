@@ -992,3 +992,28 @@ def test_esam_closure_step_selects_under_pass_one_dropout_masks():
         opt.step(lambda indices=None, x=x, y=y: ((model(x if indices is None else x[indices])
                                                   - (y if indices is None else y[indices])) ** 2).mean(dim=1))
     assert len(rises) == 3 and max(rise.abs().max().item() for rise in rises) < 1e-6
+
+
+def test_a_run_that_keeps_its_settings_drops_another_methods_checkpoint_state(caplog):
+    """Resumed with another --optimizer (SAMTrainer keeps the run's settings): LookSAM's direction in an F-SAM
+    run was refused ("checkpoint holds buffers ['direction']"), while LookSAM -> SAM dropped it silently."""
+    model = make_mlp()
+    looksam = sgd_variant(LookSAM, model, rho=RHO, interval=2)
+    for batch in make_batches(2):
+        looksam.step(lambda batch=batch: _closure_loss(looksam, model, batch))
+    saved = looksam.state_dict()
+    assert saved["sam_variant"]["buffers"]["direction"]
+    with pytest.raises(ValueError, match=r"holds buffers \['direction'\]"):
+        sgd_variant(FriendlySAM, make_mlp(), rho=RHO).load_state_dict(saved)
+    fsam = sgd_variant(FriendlySAM, make_mlp(), rho=RHO).keep_settings_on_load()
+    with caplog.at_level("WARNING", logger="arrcoc_sam.sam.variants._base"):
+        fsam.load_state_dict(saved)
+    assert "drops it" in caplog.text and fsam.optimizer_steps == 2 and not fsam.buffers["ema"]
+
+
+def _closure_loss(opt, model, batch):
+    opt.zero_grad()
+    loss = ((model(batch[0]) - batch[1]) ** 2).mean()
+    loss.backward()
+    return loss
+

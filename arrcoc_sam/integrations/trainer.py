@@ -29,7 +29,7 @@ import contextlib
 import functools
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -172,6 +172,8 @@ class _SAMTrainerMethods:
         """Build the base optimizer as the stock Trainer does (``--optim``), then wrap it in the chosen method."""
         optimizer = _STOCK_CREATE_OPTIMIZER(self, model)
         settings = _run_settings(self)
+        if settings.method == "esam" and "seed" not in settings.extra:  # a seed sweep draws other SWP masks too
+            settings = replace(settings, extra={**settings.extra, "seed": int(self.args.seed)})
         if settings.enabled and _sam_inside(optimizer) is None:
             self.optimizer = settings.build(optimizer)
             if hasattr(self.optimizer, "keep_settings_on_load"):  # on resume the run's flags win over the checkpoint's

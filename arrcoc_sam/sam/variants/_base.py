@@ -16,6 +16,7 @@ those integrations, so a variant behaves identically on the three entry points::
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -29,6 +30,8 @@ from arrcoc_sam.sam.optimizer import SAM
 from arrcoc_sam.sam.sharding import is_sharded
 
 __all__ = ["VariantSAM", "grads_replaced", "gradients_only_for", "uses_reentrant_checkpointing"]
+
+logger = logging.getLogger(__name__)
 
 STATE_KEY = "sam_variant"
 
@@ -286,7 +289,11 @@ class VariantSAM(SAM):
         """Load what :meth:`variant_state_dict` returned."""
         params = self._all_params()
         unknown = set(extra["buffers"]) - set(self.buffer_names)
-        if unknown:
+        if unknown and self._kept_settings is not None:  # the run's own method wins (keep_settings_on_load)
+            logger.warning("the checkpoint holds state of another sharpness-aware method (%s) that %s does not "
+                           "keep; this run drops it", ", ".join(sorted(unknown)), type(self).__name__)
+            extra = {**extra, "buffers": {k: v for k, v in extra["buffers"].items() if k not in unknown}}
+        elif unknown:
             raise ValueError(
                 f"checkpoint holds buffers {sorted(unknown)} that {type(self).__name__} does not keep "
                 f"(it keeps {list(self.buffer_names)}): was it saved by another method?"
