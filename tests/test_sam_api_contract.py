@@ -453,3 +453,53 @@ def test_zero_size_parameters_do_not_break_a_skipped_ascent():
             p.grad = torch.full_like(p, fill)
         assert opt.perturb() is False
     assert opt.skipped_steps == 2
+
+
+class _HooklessSGD(torch.optim.SGD):
+    """A base optimizer whose load_state_dict skips torch's load hooks (as bitsandbytes' 8-bit ones do)."""
+
+    def load_state_dict(self, state_dict):
+        hooks = (self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks)
+        self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = {}, {}
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = hooks
+
+
+def test_the_wrappers_own_load_checks_and_keeps_settings_without_the_base_optimizers_hooks():
+    model = make_mlp()
+    saved_asam = build_sam_optimizer("asam", model.parameters(), torch.optim.SGD, lr=0.1, rho=0.5).state_dict()
+    opt = SAM(model.parameters(), _HooklessSGD, lr=0.1, rho=0.05).keep_settings_on_load()
+    opt.load_state_dict(saved_asam)
+    assert (opt.param_groups[0]["rho"], opt.param_groups[0]["adaptive"]) == (0.05, False)
+    plain = SAM(model.parameters(), _HooklessSGD, lr=0.1, rho=0.05)
+    plain.load_state_dict(torch.optim.SGD(model.parameters(), lr=0.1).state_dict())
+    assert plain.param_groups[0]["rho"] == 0.05
+
+
+def test_a_refused_new_wrapper_leaves_the_earlier_one_working():
+    model = make_mlp()
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    first = SAM(model.parameters(), base, rho=0.05)
+    with pytest.raises(ValueError, match="rho_min must be in"):
+        build_sam_optimizer("gsam", model.parameters(), base, rho=0.2, rho_min=0.5)
+    assert first.param_groups[0]["rho"] == 0.05 and "rho_min" not in first.param_groups[0]
+    with pytest.raises(ValueError, match="loaded param group 0: rho must be"):  # its load hooks are back
+        bad = base.state_dict()
+        bad["param_groups"][0]["rho"] = -1.0
+        base.load_state_dict(bad)
+
+
+def test_a_refused_param_group_is_not_recorded_and_named_groups_match_an_instance():
+    model = make_mlp()
+    base = torch.optim.SGD([{"params": [model[0].weight]}], lr=0.1)
+    opt = SAM([{"params": [model[0].weight]}], base, rho=0.05)
+    with pytest.raises(ValueError, match="new param group: rho must be"):
+        opt.add_param_group({"params": [model[0].bias], "rho": -1.0})
+    opt.add_param_group({"params": [model[2].weight], "rho": 0.1})
+    again = SAM([model[0].weight, model[2].weight], base, rho=0.2)
+    assert [group["rho"] for group in again.param_groups] == [0.2, 0.1]
+    named = torch.optim.SGD([{"params": list(model.named_parameters())}], lr=0.1)
+    SAM([{"params": list(model.named_parameters()), "rho": 0.1}], named)
+    assert named.param_groups[0]["rho"] == 0.1

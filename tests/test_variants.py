@@ -1017,3 +1017,37 @@ def _closure_loss(opt, model, batch):
     loss.backward()
     return loss
 
+
+
+def test_a_subclass_override_of_after_first_pass_without_super_still_counts_its_windows():
+    """Counting moved into after_first_pass: a third-party override that does not call super() never advanced
+    the step counter in a loop that steps the base optimizer itself (6 windows: 0 steps, an ascent each)."""
+    class Quiet(PeriodicSAM):
+        def after_first_pass(self) -> None:
+            pass
+
+    model = make_mlp()
+    opt = Quiet(model.parameters(), torch.optim.SGD, lr=LR, interval=2)
+    ascents = 0
+    for x, y in make_batches(6):
+        opt.before_first_pass()
+        ascend = opt.ascent_this_step()
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.after_first_pass()
+        if ascend:
+            ascents += 1
+            with opt.perturbed():
+                opt.zero_grad()
+                ((model(x) - y) ** 2).mean().backward()
+        opt.base_optimizer.step()  # as the Accelerate helper's loop does
+    opt.before_first_pass()
+    assert (opt.optimizer_steps, ascents) == (6, 3)
+
+
+def test_esam_closure_with_detached_per_example_losses_is_refused_not_silently_skipped():
+    model = make_mlp()
+    opt = ESAM(model.parameters(), torch.optim.SGD, lr=LR, rho=RHO, beta=1.0, gamma=0.5)
+    x, y = make_batches(1)[0]
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        opt.step(lambda indices=None: ((model(x) - y) ** 2).mean(dim=1).detach())

@@ -23,7 +23,8 @@ The replay runs under :func:`preserve_running_stats`, so BatchNorm-style statist
 Data selection (ESAM's SDS, an optimizer with ``selects_examples`` true, given :class:`ExampleLosses`, in
 the ``global``/``per_device`` scopes): pass 1 also records the clean per-example losses of each micro-batch
 from its own forward (a forward hook, no extra pass). The replay then runs, per micro-batch, one forward at
-w + ε under ``no_grad`` for the perturbed per-example losses; ``select_examples`` picks the top ⌈γ·B⌉ rises
+w + ε under ``no_grad`` for the perturbed per-example losses (replaying that micro-batch's pass-1 random draws, so
+its dropout masks); ``select_examples`` picks the top ⌈γ·B⌉ rises (at least two under BatchNorm in training mode)
 over the rank's whole window (B examples, as ESAM's closure step selects over its batch); and only the chosen
 examples run forward + backward, regrouped into as few sub-batches of at most one micro-batch's size as hold
 them where the micro-batches can be concatenated (otherwise micro-batch by micro-batch), with the loss
@@ -174,7 +175,6 @@ class SAMWindow:
         self._selection_unavailable = False  # the per-example losses raised PerExampleLossUnavailable once
         self._clean_examples: list[Tensor] = []  # [B_m] clean per-example losses of each micro-batch
         self._clean_weights: list[Tensor] = []  # [B_m] their weights in the loss (ExampleLosses.weights)
-        self._clean_losses: list[Tensor] = []  # the loss each micro-batch's pass 1 returned
         self._random_states: list[RandomState] = []  # the generators before each micro-batch's pass 1
         self._reapply = False  # the optimizer perturbs for pass 1 (msam) and was restored after a micro-batch
         self._first_pass_tensors: list[Tensor] | None = None  # pass 1 computes gradients for these only
@@ -350,7 +350,6 @@ class SAMWindow:
             return loss
         self._clean_examples.append(losses)
         self._clean_weights.append(_example_weights(example_losses, batch, losses, loss))
-        self._clean_losses.append(loss)
         self._random_states.append(random_state)
         return loss
 
@@ -382,20 +381,15 @@ class SAMWindow:
                 choices.append((batch, local, size, offset))
             offset += size
         picks = _chosen_sub_batches(choices, max(clean.numel() for clean in self._clean_examples), at_least)
-        # In the units of the window's pass 1: the loss run_pass back-propagated for micro-batch j is r_j times
-        # its weighted mean clean per-example loss, and `units` = Σ_j r_j (with calibrated weights, Σ of all
-        # weights; with plain ones, the micro-batches under Accelerate, whose backward divides by k again; about
-        # 1 for a Trainer loss over num_items_in_batch). The chosen examples' weighted mean gets that factor: γ < 1
-        # keeps the scale of γ = 1 whatever the losses (a ratio of window sums would not, for micro-batches of
-        # unequal sizes), and choosing every example trains on the stock loss itself where the weights are its own.
+        # In the units of the window's pass 1: each micro-batch's weights are scaled so that its Σ wᵢ ℓᵢ is the loss
+        # its pass back-propagated, so Σ of all weights is the window's loss in units of the weighted mean clean
+        # per-example loss (the micro-batches under Accelerate, whose backward divides by k again; about 1 for a
+        # Trainer loss over num_items_in_batch). The chosen examples' weighted mean gets that factor: γ < 1 keeps
+        # the scale of γ = 1 whatever the losses, and choosing every example trains on the stock loss itself.
         clean_examples = torch.cat(self._clean_examples)
         dtype = torch.promote_types(torch.promote_types(self._clean.dtype, clean_examples.dtype), torch.float32)
         weights = torch.cat(self._clean_weights).to(device=clean_examples.device, dtype=dtype)
-        units = sum(
-            loss.to(device=clean_examples.device, dtype=dtype) * w.to(clean_examples.device, dtype).sum()
-            / (w.to(clean_examples.device, dtype) * losses.to(dtype)).sum()
-            for loss, w, losses in zip(self._clean_losses, self._clean_weights, self._clean_examples, strict=True)
-        )
+        units = weights.sum()
         fallback = float(getattr(self.accelerator, "gradient_accumulation_steps", 1))
         chosen_weight = weights[chosen.to(weights.device)].sum().clamp_min(torch.finfo(dtype).tiny)
         factor = torch.where(torch.isfinite(units) & (units != 0), units, fallback).detach() / chosen_weight
@@ -486,7 +480,6 @@ class SAMWindow:
         self._select = False
         self._clean_examples = []
         self._clean_weights = []
-        self._clean_losses = []
         self._random_states = []
         self._reapply = False
         self._first_pass_tensors = None

@@ -23,8 +23,9 @@ without it would each be a whole window, and each replay would start from zeroed
 ESAM's data selection (``method="esam"``, ``gamma < 1``) reads per-example losses from the outputs of the
 model's forward inside ``loss_fn`` (:func:`~arrcoc_sam.sam.variants.esam.per_example_loss` by default, or
 ``per_example_loss_fn``); ``loss_fn`` must call the model exactly once. The replay runs ``loss_fn`` at
-w + ε on the window under ``no_grad``, then on the chosen examples only, back-propagating ESAM's loss
-``Σ_{i∈B⁺} ℓ_i / ⌈γ·B⌉`` instead of ``loss_fn``'s (see ``arrcoc_sam.integrations._window``).
+w + ε on the window under ``no_grad`` (replaying pass 1's dropout masks), then on the chosen examples only
+(at least two under BatchNorm), back-propagating ESAM's mean over them, each micro-batch weighted as its own
+loss is and put in pass 1's units, instead of ``loss_fn``'s (see ``arrcoc_sam.integrations._window``).
 """
 
 from __future__ import annotations
@@ -114,9 +115,10 @@ class AcceleratedSAM:
             per_example_loss, shift_labels=shifts_labels(model)
         )
         self._window = SAMWindow(accelerator, settings.scope)
-        if hasattr(self.sam_optimizer, "variant_state_dict"):
-            # The loop steps the base optimizer, so accelerator.save_state() would miss the variant's own
-            # state (LookSAM's direction, Friendly-SAM's average, the step counter) without this.
+        if hasattr(self.sam_optimizer, "variant_state_dict") and fsdp_version is not None:
+            # The variant's own state (periodic's step counter) rides in the base optimizer's state dict, which
+            # the wrapper hooks; FSDP saves the optimizer through torch.distributed.checkpoint, which keeps only
+            # "state" and "param_groups", so there it is saved as a custom checkpoint object instead.
             accelerator.register_for_checkpointing(self)
 
     def state_dict(self) -> dict[str, Any]:

@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 _SAM_GROUP_KEYS = ("rho", "adaptive", "eta")
 # On a base optimizer: what the SAM wrapper around it changed (_Wrapping), so that a later wrapper can undo it.
 _WRAPPING_ATTR = "_arrcoc_sam_wrapping"
+# In a state dict: the method's own state beyond the base optimizer's (a variant's step counter and buffers).
+EXTRA_STATE_KEY = "sam_variant"
 _IS_SPARSE = operator.attrgetter("is_sparse")
 _GRAD = operator.attrgetter("grad")
 _LOW_PRECISION = frozenset((torch.float16, torch.bfloat16))
@@ -133,6 +135,17 @@ class SAM(Optimizer):
         eta: float = 0.01,
         **base_kwargs: Any,
     ) -> None:
+        try:
+            self._build(params, base_optimizer, rho, adaptive, eta, base_kwargs)
+        except BaseException:
+            if self.__dict__.get("_redo_earlier") is not None:  # a refused wrapper leaves the earlier one working
+                self._redo_earlier()
+            raise
+        finally:
+            self.__dict__.pop("_redo_earlier", None)
+
+    def _build(self, params: Any, base_optimizer: Any, rho: float, adaptive: bool, eta: float,
+               base_kwargs: dict[str, Any]) -> None:
         check_rho(rho, "")
         check_eta(eta, "")
         check_adaptive(adaptive, "")
@@ -153,7 +166,7 @@ class SAM(Optimizer):
                 )
             self._check_instance_params(param_list, base_optimizer)
             self._check_clashes(base_optimizer)
-            _undo_earlier_wrapper(base_optimizer)
+            self._redo_earlier = _undo_earlier_wrapper(base_optimizer)
             unwrapped = _Wrapping.of(base_optimizer)
             self._take_group_settings(param_list, base_optimizer)
             self.base_optimizer = base_optimizer
@@ -209,6 +222,8 @@ class SAM(Optimizer):
         self._plans = perturbation.AscentPlans()  # the grouping of the last ascent's tensors, reused while valid
         self._kept_settings: list[dict[str, Any]] | None = None  # per group, kept over a checkpoint's on load
         self._settings_before_load: list[dict[str, Any]] = []  # between the base optimizer's load hooks
+        self._extra_before_load: dict[str, Any] | None = None  # the method's state, between those hooks
+        self._own_call = False  # state_dict/load_state_dict of this wrapper run: its hooks on the base stand down
         unwrapped.keys = (*self._group_keys, *self._bookkeeping_keys)
         unwrapped.own_loading(self)
 
@@ -234,7 +249,7 @@ class SAM(Optimizer):
             settings = {key: value for key, value in given.items() if key != "params"} if isinstance(given, dict) else {}
             if not settings:
                 continue
-            target = by_tensors.get(frozenset(map(id, given["params"])))
+            target = by_tensors.get(frozenset(id(_tensor_of(p)) for p in given["params"]))
             if target is None:
                 raise ValueError(
                     f"param group {index} sets {sorted(settings)}, but no group of the base_optimizer instance holds "
@@ -254,7 +269,7 @@ class SAM(Optimizer):
         given = []
         for item in params:
             given.extend(item["params"] if isinstance(item, dict) else [item])
-        given = [_tensor_of(item) for item in given]
+        given = [_tensor_of(item) for item in given]  # (name, tensor) pairs, also inside group dicts
         wrapped = [p for group in base.param_groups for p in group["params"]]
         _check_no_duplicates(wrapped)
         if {id(p) for p in given} != {id(p) for p in wrapped} or len(given) != len(wrapped):
@@ -376,7 +391,8 @@ class SAM(Optimizer):
             raise RuntimeError("perturb() called twice without restore(): the weights are already at w + ε")
         self._skip_next_step = False
         for index, group in enumerate(self.param_groups):  # a ρ schedule may set them in place: checked here
-            SAM._check_group(self, group, f"param group {index}: ")
+            if not _plainly_valid(group):
+                SAM._check_group(self, group, f"param group {index}: ")
         self.stats.pop("grad_norm_perturbed", None)  # the previous step's; restore() records this step's
         self.stats.pop("grad_cosine", None)
         params, grads, settings = self._ascent_directions()
@@ -595,9 +611,40 @@ class SAM(Optimizer):
             mode()
 
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state dict (SAM's ρ/η/adaptive ride along in its param groups)."""
+        """The base optimizer's state dict (SAM's ρ/η/adaptive ride along in its param groups), plus the method's
+        own state under ``"sam_variant"`` where it keeps any (the variants). The same holds for the base
+        optimizer's own ``state_dict()`` (``accelerator.save_state``), which this wrapper hooks."""
         self._check_not_perturbed("state_dict()")
-        return self.base_optimizer.state_dict()
+        with self._hooks_standing_down():
+            state = self.base_optimizer.state_dict()
+        return self._with_extra_state(state)
+
+    def _with_extra_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        extra = self._extra_state()
+        if extra is not None:
+            state[EXTRA_STATE_KEY] = extra
+        return state
+
+    def _extra_state(self) -> dict[str, Any] | None:
+        """The method's own checkpoint state beyond the base optimizer's (None: none; SAM and ASAM)."""
+        return None
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        """Load what :meth:`_extra_state` returned; SAM keeps none, so another method's is dropped."""
+        logger.warning("the checkpoint holds the state of another sharpness-aware method (%s) that %s does not keep; "
+                       "it is dropped", ", ".join(sorted(extra.get("buffers", {}))) or "its step counter",
+                       type(self).__name__)
+
+    @contextlib.contextmanager
+    def _hooks_standing_down(self) -> Iterator[None]:
+        """Within the block this wrapper's hooks on the base optimizer do nothing: the wrapper's own
+        state_dict/load_state_dict do their work themselves (so it also happens with a base optimizer whose
+        overridden load_state_dict never runs torch's hooks, e.g. bitsandbytes' 8-bit ones)."""
+        saved, self._own_call = self._own_call, True
+        try:
+            yield
+        finally:
+            self._own_call = saved
 
     def keep_settings_on_load(self) -> SAM:
         """From now on :meth:`load_state_dict` keeps this optimizer's current per-group settings (``rho``,
@@ -627,10 +674,16 @@ class SAM(Optimizer):
         ``rho`` when resuming a plain AdamW run with SAM) keeps its current value. The loaded settings are
         validated like constructor arguments, before anything loads. The same holds when a loop loads the base
         optimizer itself (``accelerator.load_state``): the wrapper does this in the base's load hooks."""
-        self.base_optimizer.load_state_dict(state_dict)
+        state_dict = self._before_base_load(state_dict)
+        with self._hooks_standing_down():
+            self.base_optimizer.load_state_dict(state_dict)
+        self._after_base_load()
 
     def _before_base_load(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        """The base optimizer's load pre-hook: the kept settings in, then every group's settings validated."""
+        """Before the base optimizer loads: the method's own state taken out, the kept settings put in, then every
+        group's settings validated."""
+        state_dict = dict(state_dict)
+        self._extra_before_load = state_dict.pop(EXTRA_STATE_KEY, None)
         if self._kept_settings is not None:
             state_dict = self._with_kept_settings(state_dict)
         own = [{key: group[key] for key in self._group_keys if key in group} for group in self.param_groups]
@@ -642,20 +695,25 @@ class SAM(Optimizer):
         return state_dict
 
     def _after_base_load(self) -> None:
-        """The base optimizer's load post-hook: settings the checkpoint lacked keep their values."""
+        """After the base optimizer loaded: settings the checkpoint lacked keep their values; then the method's
+        own state loads."""
         own, self._settings_before_load = self._settings_before_load, []
+        extra, self._extra_before_load = self._extra_before_load, None
         for index, (group, settings) in enumerate(zip(self.param_groups, own)):
             for key, value in settings.items():
                 group.setdefault(key, value)
             self._check_group(group, f"loaded param group {index}: ")
+        if extra is not None:
+            self._load_extra_state(extra)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         _check_no_duplicates(_listed(param_group)["params"])
-        _Wrapping.of(self.base_optimizer).remember_new_group(param_group)
+        before = _owned_entries(param_group)
         for key in _SAM_GROUP_KEYS:
             param_group.setdefault(key, self.defaults[key])
         self._check_group(param_group, "new param group: ")
         self.base_optimizer.add_param_group(param_group)
+        _Wrapping.of(self.base_optimizer).before.append(before)
 
     def _check_group(self, group: dict[str, Any], where: str) -> None:
         """Raise ValueError naming ``where`` and the setting if a group's SAM settings are invalid; otherwise
@@ -702,7 +760,8 @@ class SAM(Optimizer):
         for key in ("_plans", "step", "_opt_called"):  # _plans: a cache keyed on identities, rebuilt on demand
             state.pop(key, None)
         # the base optimizer pickles its groups and state only: carry what this wrapper changed on it
-        state["_base_before_wrapping"] = _Wrapping.of(self.base_optimizer).before
+        record = self.base_optimizer.__dict__.get(_WRAPPING_ATTR)
+        state["_base_before_wrapping"] = record.before if record is not None else None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -731,6 +790,7 @@ class _Wrapping:
 
     def __init__(self, before: list[dict[str, Any]]) -> None:
         self.before = before
+        self.owner: weakref.ref[SAM] = lambda: None  # the wrapper whose hooks these are
         self.keys: tuple[str, ...] = ()
         self.hooks: list[RemovableHandle] = []
 
@@ -743,27 +803,34 @@ class _Wrapping:
             setattr(base, _WRAPPING_ATTR, record)
         return record
 
-    def remember_new_group(self, group: dict[str, Any]) -> None:
-        self.before.append(_owned_entries(group))
-
     def own_loading(self, wrapper: SAM) -> None:
-        """Route every load of the base optimizer's state through ``wrapper`` (held weakly): its checks, kept
-        settings and defaults apply also where a loop loads the base itself (``accelerator.load_state``)."""
+        """Route every save and load of the base optimizer's state through ``wrapper`` (held weakly): its
+        checks, kept settings, defaults and the method's own state apply also where a loop saves or loads the
+        base itself (``accelerator.save_state``/``load_state``)."""
         for handle in self.hooks:
             handle.remove()
-        reference = weakref.ref(wrapper)
+        reference = self.owner = weakref.ref(wrapper)
+
+        def acting() -> SAM | None:
+            owner = reference()
+            return owner if owner is not None and not owner._own_call else None
+
+        def after_state_dict(_base: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any] | None:
+            owner = acting()
+            return owner._with_extra_state(state_dict) if owner is not None else None
 
         def before_load(_base: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any] | None:
-            owner = reference()
+            owner = acting()
             return owner._before_base_load(state_dict) if owner is not None else None
 
         def after_load(_base: Optimizer) -> None:
-            owner = reference()
+            owner = acting()
             if owner is not None:
                 owner._after_base_load()
 
         base = wrapper.base_optimizer
-        self.hooks = [base.register_load_state_dict_pre_hook(before_load),
+        self.hooks = [base.register_state_dict_post_hook(after_state_dict),
+                      base.register_load_state_dict_pre_hook(before_load),
                       base.register_load_state_dict_post_hook(after_load)]
 
 
@@ -781,12 +848,24 @@ def _all_owned_keys() -> frozenset[str]:
     return frozenset(keys)
 
 
-def _undo_earlier_wrapper(base: Optimizer) -> None:
+def _undo_earlier_wrapper(base: Optimizer) -> Callable[[], None] | None:
     """Put back the group entries an earlier SAM wrapper of ``base`` wrote (see :class:`_Wrapping`); drop its
-    load hooks and its record. A no-op for an instance no wrapper has held."""
+    hooks and its record. Returns a function that redoes all of it (for a new wrapper that is then refused), or
+    None for an instance no wrapper has held."""
     record = base.__dict__.pop(_WRAPPING_ATTR, None)
     if record is None:
-        return
+        return None
+    entries = [dict(group) for group in base.param_groups]
+    earlier = record.owner()
+
+    def redo() -> None:
+        for group, saved in zip(base.param_groups, entries):
+            group.clear()
+            group.update(saved)
+        setattr(base, _WRAPPING_ATTR, record)
+        if earlier is not None:
+            record.own_loading(earlier)
+
     for handle in record.hooks:
         handle.remove()
     for group, before in zip(base.param_groups, record.before):
@@ -795,6 +874,15 @@ def _undo_earlier_wrapper(base: Optimizer) -> None:
                 group[key] = before[key]
             else:
                 group.pop(key, None)
+    return redo
+
+
+def _plainly_valid(group: dict[str, Any]) -> bool:
+    """The common case of a group's SAM settings, checked in a few comparisons: float ρ and η in [0, inf), a bool
+    adaptive (anything else goes through the full check, which names what is wrong)."""
+    rho, eta, adaptive = group["rho"], group["eta"], group["adaptive"]
+    return (type(rho) is float and 0.0 <= rho < math.inf and type(eta) is float and 0.0 <= eta < math.inf
+            and (adaptive is True or adaptive is False))
 
 
 def _tensor_of(param: Any) -> Any:

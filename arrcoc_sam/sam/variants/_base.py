@@ -16,6 +16,7 @@ those integrations, so a variant behaves identically on the three entry points::
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -33,7 +34,6 @@ __all__ = ["VariantSAM", "grads_replaced", "gradients_only_for", "uses_reentrant
 
 logger = logging.getLogger(__name__)
 
-STATE_KEY = "sam_variant"
 
 
 @contextlib.contextmanager
@@ -186,9 +186,23 @@ class VariantSAM(SAM):
 
     def after_first_pass(self) -> None:
         """The window reached its last micro-batch: its step counts from here on, also where the loop steps the
-        base optimizer itself. Overrides must call ``super().after_first_pass()``."""
+        base optimizer itself (a subclass's override is wrapped to do so too, whether or not it calls super())."""
         super().after_first_pass()
         self._window_open = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("after_first_pass")
+        if own is None or getattr(own, "_marks_window_complete", False):
+            return
+
+        @functools.wraps(own)
+        def after_first_pass(self: VariantSAM) -> None:
+            own(self)
+            self._window_open = True
+
+        after_first_pass._marks_window_complete = True  # type: ignore[attr-defined]
+        cls.after_first_pass = after_first_pass  # type: ignore[method-assign]
 
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
         """Without a closure: the base step (counted). With one: the hook-ordered step in the module docstring."""
@@ -255,16 +269,11 @@ class VariantSAM(SAM):
     def _all_params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
-    def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state dict plus ``"sam_variant"``: the step counter and the persistent buffers.
+    def _extra_state(self) -> dict[str, Any]:
+        return self.variant_state_dict()
 
-        Transient state (the weight backup, pass-1 gradient stashes) is never included; raises while perturbed.
-        State-dict hooks (``register_state_dict_post_hook``, ``register_load_state_dict_pre_hook``) run on the base
-        optimizer's part only: ``"sam_variant"`` is added after them, and taken off before loading.
-        """
-        state = super().state_dict()
-        state[STATE_KEY] = self.variant_state_dict()
-        return state
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        self.load_variant_state_dict(extra)
 
     def variant_state_dict(self) -> dict[str, Any]:
         """The variant's own checkpoint state (step counter, buffers), without the base optimizer's."""
@@ -276,14 +285,6 @@ class VariantSAM(SAM):
                 name: {index[p]: t for p, t in by_param.items()} for name, by_param in self.buffers.items()
             },
         }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict`; a plain base-optimizer dict (no ``"sam_variant"``) keeps counter and buffers."""
-        state_dict = dict(state_dict)
-        extra = state_dict.pop(STATE_KEY, None)
-        super().load_state_dict(state_dict)
-        if extra is not None:
-            self.load_variant_state_dict(extra)
 
     def load_variant_state_dict(self, extra: dict[str, Any]) -> None:
         """Load what :meth:`variant_state_dict` returned."""

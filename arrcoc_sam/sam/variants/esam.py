@@ -364,7 +364,7 @@ class ESAM(VariantSAM):
                 )
             if per_example:
                 self.zero_grad()
-                if losses.requires_grad:  # a pruned pass that reached none of the chosen tensors leaves no graph
+                if losses.requires_grad or needed is None:  # a pruned pass may reach none of the chosen tensors
                     losses.mean().backward()
         return losses, per_example
 

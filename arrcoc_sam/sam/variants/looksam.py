@@ -94,7 +94,7 @@ class LookSAM(VariantSAM):
             return
         targets = [g for g, _ in pairs]
         for group_grads, group_dirs in perturbation.group_by_device_and_dtype(targets, [d for _, d in pairs]):
-            if group_grads[0].dtype in _LOW_PRECISION:  # ‖g‖ and 1/‖g‖ may leave float16's range: in float32
+            if group_grads[0].dtype == torch.float16:  # ‖g‖ and 1/‖g‖ may leave float16's range: in float32
                 wide, step = [g.float() for g in group_grads], [d.float() for d in group_dirs]
                 torch._foreach_mul_(step, (self.alpha * norm).to(device=group_grads[0].device, dtype=torch.float32))
                 torch._foreach_add_(wide, step)
@@ -131,13 +131,11 @@ class LookSAM(VariantSAM):
         self.buffers["direction"] = dict(zip(params, clean, strict=True))
 
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
 def _scale_(tensors: list[Tensor], factor: Tensor) -> None:
-    """``tensors *= factor`` (a 0-dim tensor; the list on one device and dtype). float16/bfloat16 tensors are
-    scaled in float32 and rounded once: the factor itself (1/‖g_v‖ above ~6.5e4) may not fit their range."""
-    if tensors[0].dtype in _LOW_PRECISION:
+    """``tensors *= factor`` (a 0-dim tensor; the list on one device and dtype). float16 tensors are scaled in
+    float32 and rounded once, since the factor itself (1/‖g_v‖ above 65504) may not fit float16's range; the
+    float32 copies exist for one group at a time (bfloat16 has float32's range and is scaled in place)."""
+    if tensors[0].dtype == torch.float16:
         wide = [t.float() for t in tensors]
         torch._foreach_mul_(wide, factor.to(device=tensors[0].device, dtype=torch.float32))
         torch._foreach_copy_(tensors, wide)
