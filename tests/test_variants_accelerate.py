@@ -47,11 +47,12 @@ def train_in_halves(accelerator, model, optimizer, sam, batches) -> None:
         assert not sam.sam_optimizer.is_perturbed
 
 
-def train_whole_batches(accelerator, model, optimizer, sam, batches) -> None:
-    """The documented Accelerate loop, one batch per optimizer step (no accumulation)."""
+def train_whole_batches(accelerator, model, optimizer, sam, batches, loss_fn=mse) -> None:
+    """The documented Accelerate loop over ``batches`` (a list, or a prepared DataLoader whose end closes a short
+    last window)."""
     for batch in batches:
         with accelerator.accumulate(model):
-            sam.backward(mse, batch)
+            sam.backward(loss_fn, batch)
             optimizer.step()
             optimizer.zero_grad()
 
@@ -519,11 +520,7 @@ def test_accelerate_esam_pruned_pass_one_skips_a_micro_batch_that_reaches_no_dra
     model = _BranchNet()
     model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM))
     sam = AcceleratedSAM(accelerator, model, optimizer, method="esam", **knobs)
-    for batch in batches:
-        with accelerator.accumulate(model):
-            sam.backward(_branch_mse, batch)
-            optimizer.step()
-            optimizer.zero_grad()
+    train_whole_batches(accelerator, model, optimizer, sam, batches, _branch_mse)
 
     ref = _BranchNet()
     ref_opt = build_sam_optimizer("esam", ref.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM, **knobs)
@@ -556,11 +553,7 @@ def test_accelerate_esam_selection_never_runs_a_lone_example_through_batchnorm(a
                          per_example_loss_fn=lambda outputs, batch: ((outputs - batch[1]) ** 2).mean(dim=1))
     forward_sizes = []
     accelerator.unwrap_model(model).register_forward_pre_hook(lambda module, args: forward_sizes.append(len(args[0])))
-    for batch in loader:
-        with accelerator.accumulate(model):
-            sam.backward(lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), batch)
-            optimizer.step()
-            optimizer.zero_grad()
+    train_whole_batches(accelerator, model, optimizer, sam, loader)
     assert min(forward_sizes) >= 2 and not sam.sam_optimizer.is_perturbed
     assert not torch.equal(accelerator.unwrap_model(model)[3].weight, start[-2])  # it trained
 
@@ -578,11 +571,7 @@ def test_accelerate_fsam_takes_a_short_windows_gradient_in_mean_gradient_units()
     model, optimizer, loader = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR), loader)
     sam = AcceleratedSAM(accelerator, model, optimizer, method="fsam", **knobs)
     for _ in range(2):
-        for batch in loader:
-            with accelerator.accumulate(model):
-                sam.backward(mse, batch)
-                optimizer.step()
-                optimizer.zero_grad()
+        train_whole_batches(accelerator, model, optimizer, sam, loader)
 
     ref = make_mlp()
     ref_opt = build_sam_optimizer("fsam", ref.parameters(), torch.optim.SGD, lr=LR, **knobs)
@@ -607,11 +596,7 @@ def test_accelerate_esam_choosing_every_example_of_uneven_micro_batches_takes_th
         model, optimizer, loader = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR), loader)
         sam = AcceleratedSAM(accelerator, model, optimizer, method="esam", rho=RHO, beta=1.0, gamma=gamma,
                              per_example_loss_fn=lambda outputs, batch: ((outputs - batch[1]) ** 2).mean(dim=1))
-        for batch in loader:
-            with accelerator.accumulate(model):
-                sam.backward(mse, batch)
-                optimizer.step()
-                optimizer.zero_grad()
+        train_whole_batches(accelerator, model, optimizer, sam, loader)
         return accelerator.unwrap_model(model)
 
     assert max_abs_diff(train(0.9999), train(1.0)) <= 1e-14
