@@ -503,3 +503,24 @@ def test_a_refused_param_group_is_not_recorded_and_named_groups_match_an_instanc
     named = torch.optim.SGD([{"params": list(model.named_parameters())}], lr=0.1)
     SAM([{"params": list(model.named_parameters()), "rho": 0.1}], named)
     assert named.param_groups[0]["rho"] == 0.1
+
+
+def test_a_refused_wrapper_leaves_no_settings_on_the_instance_even_after_construction():
+    """A refused first wrapper left ρ/η and GSAM's keys in the base's groups (the next SAM then ran at the refused
+    ρ), and a refusal after construction (SAMSettings' scope check) left the refused wrapper's settings and took
+    the earlier wrapper's hooks."""
+    from arrcoc_sam.integrations._settings import SAMSettings
+
+    model = make_mlp()
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="rho_min must be in"):
+        build_sam_optimizer("gsam", model.parameters(), base, rho=0.01, rho_min=0.5)
+    assert set(base.param_groups[0]) == set(torch.optim.SGD(model.parameters(), lr=0.1).param_groups[0])
+    first = SAM(model.parameters(), base, rho=0.2)
+    with pytest.raises(ValueError, match="sam_scope=per_device"):
+        SAMSettings(method="looksam", rho=0.5, scope="per_device").build(base)
+    assert first.param_groups[0]["rho"] == 0.2 and "sam_variant" not in base.state_dict()
+    bad = base.state_dict()
+    bad["param_groups"][0]["rho"] = -1.0
+    with pytest.raises(ValueError, match="loaded param group 0: rho must be"):  # the first wrapper's hooks
+        base.load_state_dict(bad)

@@ -1051,3 +1051,15 @@ def test_esam_closure_with_detached_per_example_losses_is_refused_not_silently_s
     x, y = make_batches(1)[0]
     with pytest.raises(RuntimeError, match="does not require grad"):
         opt.step(lambda indices=None: ((model(x) - y) ** 2).mean(dim=1).detach())
+
+
+def test_a_checkpoint_of_another_method_is_refused_before_anything_loads():
+    model = make_mlp()
+    looksam = sgd_variant(LookSAM, model, rho=RHO, interval=2)
+    for batch in make_batches(2):
+        looksam.step(lambda batch=batch: _closure_loss(looksam, model, batch))
+    saved = looksam.state_dict()
+    fsam = FriendlySAM(make_mlp().parameters(), torch.optim.SGD, lr=0.5, momentum=MOMENTUM, rho=RHO)
+    with pytest.raises(ValueError, match=r"holds buffers \['direction'\]"):
+        fsam.load_state_dict(saved)
+    assert fsam.param_groups[0]["lr"] == 0.5 and not fsam.state and fsam._extra_before_load is None

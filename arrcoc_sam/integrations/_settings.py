@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from arrcoc_sam.sam.optimizer import is_real
+from arrcoc_sam.sam.optimizer import is_real, snapshot_wrapping
 from arrcoc_sam.sam.registry import available_methods, build_sam_optimizer, is_builtin_method, method_knobs
 from arrcoc_sam.sam.sharding import check_fsdp_run
 
@@ -146,10 +146,21 @@ class SAMSettings:
         """Wrap an existing optimizer instance in the configured sharpness-aware method."""
         params = [p for group in base_optimizer.param_groups for p in group["params"]]
         knobs = self.knobs()
+        restore = snapshot_wrapping(base_optimizer)  # a refusal below leaves the instance as it was
         try:
             optimizer = build_sam_optimizer(self.method, params, base_optimizer, **knobs)
         except TypeError as error:  # a builder whose signature _check_knobs_taken could not read
             raise ValueError(f"--optimizer {self.method} refused the knobs {sorted(knobs)}: {error}") from error
+        try:
+            self._check_scope_supported(optimizer)
+        except ValueError:
+            restore()
+            raise
+        if not self.statistics:
+            optimizer.track_stats = False
+        return optimizer
+
+    def _check_scope_supported(self, optimizer: Optimizer) -> None:
         if self.scope == "microbatch" and not getattr(optimizer, "supports_microbatch_scope", True):
             raise ValueError(
                 f"--optimizer {self.method} combines each step's clean and perturbed gradients (or keeps an average "
@@ -162,9 +173,6 @@ class SAMSettings:
                 "which sam_scope=per_device leaves local to each rank: the replicas would drift apart (or a "
                 "checkpoint would keep rank 0's state only); use sam_scope=global"
             )
-        if not self.statistics:
-            optimizer.track_stats = False
-        return optimizer
 
 
 # The stand-in optimizer's learning rate: large, so a knob bounded by the run's peak learning rate (GSAM's lr_min,

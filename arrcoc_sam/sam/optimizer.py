@@ -135,14 +135,13 @@ class SAM(Optimizer):
         eta: float = 0.01,
         **base_kwargs: Any,
     ) -> None:
+        restore = snapshot_wrapping(base_optimizer) if isinstance(base_optimizer, Optimizer) else None
         try:
             self._build(params, base_optimizer, rho, adaptive, eta, base_kwargs)
         except BaseException:
-            if self.__dict__.get("_redo_earlier") is not None:  # a refused wrapper leaves the earlier one working
-                self._redo_earlier()
+            if restore is not None:  # a refused wrapper leaves the instance (and an earlier wrapper) as they were
+                restore()
             raise
-        finally:
-            self.__dict__.pop("_redo_earlier", None)
 
     def _build(self, params: Any, base_optimizer: Any, rho: float, adaptive: bool, eta: float,
                base_kwargs: dict[str, Any]) -> None:
@@ -166,7 +165,7 @@ class SAM(Optimizer):
                 )
             self._check_instance_params(param_list, base_optimizer)
             self._check_clashes(base_optimizer)
-            self._redo_earlier = _undo_earlier_wrapper(base_optimizer)
+            _undo_earlier_wrapper(base_optimizer)
             unwrapped = _Wrapping.of(base_optimizer)
             self._take_group_settings(param_list, base_optimizer)
             self.base_optimizer = base_optimizer
@@ -615,9 +614,8 @@ class SAM(Optimizer):
         own state under ``"sam_variant"`` where it keeps any (the variants). The same holds for the base
         optimizer's own ``state_dict()`` (``accelerator.save_state``), which this wrapper hooks."""
         self._check_not_perturbed("state_dict()")
-        with self._hooks_standing_down():
-            state = self.base_optimizer.state_dict()
-        return self._with_extra_state(state)
+        state = self.base_optimizer.state_dict()  # the hook adds the method's state, before hooks registered later
+        return state if EXTRA_STATE_KEY in state else self._with_extra_state(state)  # a base that skips hooks
 
     def _with_extra_state(self, state: dict[str, Any]) -> dict[str, Any]:
         extra = self._extra_state()
@@ -630,10 +628,14 @@ class SAM(Optimizer):
         return None
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
-        """Load what :meth:`_extra_state` returned; SAM keeps none, so another method's is dropped."""
+        """Load what :meth:`_extra_state` returned (checked by :meth:`_check_extra_state` before the base optimizer
+        loaded); SAM keeps none, so another method's is dropped."""
         logger.warning("the checkpoint holds the state of another sharpness-aware method (%s) that %s does not keep; "
                        "it is dropped", ", ".join(sorted(extra.get("buffers", {}))) or "its step counter",
                        type(self).__name__)
+
+    def _check_extra_state(self, extra: dict[str, Any]) -> None:
+        """Raise before anything loads if the method cannot take ``extra`` (SAM drops any)."""
 
     @contextlib.contextmanager
     def _hooks_standing_down(self) -> Iterator[None]:
@@ -675,15 +677,22 @@ class SAM(Optimizer):
         validated like constructor arguments, before anything loads. The same holds when a loop loads the base
         optimizer itself (``accelerator.load_state``): the wrapper does this in the base's load hooks."""
         state_dict = self._before_base_load(state_dict)
-        with self._hooks_standing_down():
-            self.base_optimizer.load_state_dict(state_dict)
+        try:
+            with self._hooks_standing_down():
+                self.base_optimizer.load_state_dict(state_dict)
+        except BaseException:
+            self._settings_before_load, self._extra_before_load = [], None  # keep no checkpoint tensors alive
+            raise
         self._after_base_load()
 
     def _before_base_load(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """Before the base optimizer loads: the method's own state taken out, the kept settings put in, then every
         group's settings validated."""
         state_dict = dict(state_dict)
-        self._extra_before_load = state_dict.pop(EXTRA_STATE_KEY, None)
+        extra = state_dict.pop(EXTRA_STATE_KEY, None)
+        if extra is not None:
+            self._check_extra_state(extra)
+        self._extra_before_load = extra
         if self._kept_settings is not None:
             state_dict = self._with_kept_settings(state_dict)
         own = [{key: group[key] for key in self._group_keys if key in group} for group in self.param_groups]
@@ -765,7 +774,7 @@ class SAM(Optimizer):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state = dict(state)
+        state = {"_own_call": False, "_extra_before_load": None, "_settings_before_load": [], **state}  # older pickles
         before = state.pop("_base_before_wrapping", None)
         self.__dict__.update(state)
         self._plans = perturbation.AscentPlans()
@@ -848,24 +857,12 @@ def _all_owned_keys() -> frozenset[str]:
     return frozenset(keys)
 
 
-def _undo_earlier_wrapper(base: Optimizer) -> Callable[[], None] | None:
+def _undo_earlier_wrapper(base: Optimizer) -> None:
     """Put back the group entries an earlier SAM wrapper of ``base`` wrote (see :class:`_Wrapping`); drop its
-    hooks and its record. Returns a function that redoes all of it (for a new wrapper that is then refused), or
-    None for an instance no wrapper has held."""
+    hooks and its record. A no-op for an instance no wrapper has held."""
     record = base.__dict__.pop(_WRAPPING_ATTR, None)
     if record is None:
-        return None
-    entries = [dict(group) for group in base.param_groups]
-    earlier = record.owner()
-
-    def redo() -> None:
-        for group, saved in zip(base.param_groups, entries):
-            group.clear()
-            group.update(saved)
-        setattr(base, _WRAPPING_ATTR, record)
-        if earlier is not None:
-            record.own_loading(earlier)
-
+        return
     for handle in record.hooks:
         handle.remove()
     for group, before in zip(base.param_groups, record.before):
@@ -874,7 +871,32 @@ def _undo_earlier_wrapper(base: Optimizer) -> Callable[[], None] | None:
                 group[key] = before[key]
             else:
                 group.pop(key, None)
-    return redo
+
+
+def snapshot_wrapping(base: Optimizer) -> Callable[[], None]:
+    """A function that puts ``base`` back as it is now: its groups' entries, the wrapper record and the hooks of
+    the wrapper that holds it. For a new wrapper that is refused (during or after its construction): the
+    instance and an earlier wrapper then go on as if it had never been built."""
+    entries = [dict(group) for group in base.param_groups]
+    record = base.__dict__.get(_WRAPPING_ATTR)
+    owner = record.owner() if record is not None else None
+
+    def restore() -> None:
+        current = base.__dict__.get(_WRAPPING_ATTR)
+        if current is not None and current is not record:
+            for handle in current.hooks:
+                handle.remove()
+        for group, saved in zip(base.param_groups, entries):
+            group.clear()
+            group.update(saved)
+        if record is None:
+            base.__dict__.pop(_WRAPPING_ATTR, None)
+            return
+        setattr(base, _WRAPPING_ATTR, record)
+        if owner is not None:
+            record.own_loading(owner)
+
+    return restore
 
 
 def _plainly_valid(group: dict[str, Any]) -> bool:

@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from arrcoc_sam.sam import perturbation
-from arrcoc_sam.sam.optimizer import SAM
+from arrcoc_sam.sam.optimizer import SAM, snapshot_wrapping
 from arrcoc_sam.sam.sharding import is_sharded
 
 __all__ = ["VariantSAM", "grads_replaced", "gradients_only_for", "uses_reentrant_checkpointing"]
@@ -146,8 +146,11 @@ class VariantSAM(SAM):
         eta: float = 0.01,
         **base_kwargs: Any,
     ) -> None:
+        restore = snapshot_wrapping(base_optimizer) if isinstance(base_optimizer, Optimizer) else None
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, eta=eta, **base_kwargs)
         if not self.supports_sharding and is_sharded(self._all_params()):
+            if restore is not None:  # the instance (and an earlier wrapper of it) as they were
+                restore()
             raise NotImplementedError(
                 f"{type(self).__name__} does not support sharded (FSDP2/DTensor) parameters yet: "
                 "use sam, asam or periodic"
@@ -275,6 +278,14 @@ class VariantSAM(SAM):
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
         self.load_variant_state_dict(extra)
 
+    def _check_extra_state(self, extra: dict[str, Any]) -> None:
+        unknown = set(extra.get("buffers", {})) - set(self.buffer_names)
+        if unknown and self._kept_settings is None:
+            raise ValueError(
+                f"checkpoint holds buffers {sorted(unknown)} that {type(self).__name__} does not keep "
+                f"(it keeps {list(self.buffer_names)}): was it saved by another method?"
+            )
+
     def variant_state_dict(self) -> dict[str, Any]:
         """The variant's own checkpoint state (step counter, buffers), without the base optimizer's."""
         index = {p: i for i, p in enumerate(self._all_params())}
@@ -294,11 +305,8 @@ class VariantSAM(SAM):
             logger.warning("the checkpoint holds state of another sharpness-aware method (%s) that %s does not "
                            "keep; this run drops it", ", ".join(sorted(unknown)), type(self).__name__)
             extra = {**extra, "buffers": {k: v for k, v in extra["buffers"].items() if k not in unknown}}
-        elif unknown:
-            raise ValueError(
-                f"checkpoint holds buffers {sorted(unknown)} that {type(self).__name__} does not keep "
-                f"(it keeps {list(self.buffer_names)}): was it saved by another method?"
-            )
+        else:
+            self._check_extra_state(extra)
         self.optimizer_steps = int(extra["optimizer_steps"])
         self._window_open = bool(extra.get("window_open", False))
         for name, by_index in extra["buffers"].items():
