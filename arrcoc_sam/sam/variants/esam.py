@@ -340,7 +340,8 @@ class ESAM(VariantSAM):
 
     def _closure_step(self, closure: PerExampleClosure) -> Tensor:
         with self.closure_window():
-            random_state = RandomState.capture(self._all_params()[0].device)
+            first = self.param_groups[0]["params"][0]
+            random_state = RandomState.capture(first.device) if self.gamma < 1 else None
             losses, per_example = self._first_pass(closure, self._closure_first_pass_tensors())
             self._probe_pruning(losses)
             self.after_first_pass()
@@ -392,14 +393,15 @@ class ESAM(VariantSAM):
             logger.info("esam: the model uses reentrant activation checkpointing; pass 1 keeps every gradient")
 
     def _second_pass(self, closure: PerExampleClosure, clean: Tensor, per_example: bool,
-                     random_state: RandomState) -> None:
+                     random_state: RandomState | None) -> None:
         if not per_example:
             self.zero_grad()
             with torch.enable_grad():
                 closure()
             return
         if self.gamma < 1:
-            with torch.no_grad(), random_state.replayed():  # pass 1's dropout masks: the rise, not their noise
+            replay = random_state.replayed() if random_state is not None else contextlib.nullcontext()
+            with torch.no_grad(), replay:  # pass 1's dropout masks: the rise, not their noise
                 perturbed = closure()
             with torch.enable_grad():
                 at_least = 2 if self._stats_model is not None and normalises_batches(self._stats_model) else 1
