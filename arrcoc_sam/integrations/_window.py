@@ -72,11 +72,11 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.optim import Optimizer
 
 from arrcoc_sam.integrations._settings import check_static_graph
-from arrcoc_sam.sam.norm_stats import normalises_batches, preserve_running_stats
+from arrcoc_sam.sam.norm_stats import fewest_examples_per_batch, preserve_running_stats
 from arrcoc_sam.sam.perturbation import largest_magnitude
 from arrcoc_sam.sam.random_state import RandomState
 from arrcoc_sam.sam.variants._base import gradients_only_for, uses_reentrant_checkpointing
-from arrcoc_sam.sam.variants.esam import PerExampleLossUnavailable
+from arrcoc_sam.sam.variants.esam import PerExampleLossUnavailable, select_at_least
 
 __all__ = ["ExampleLosses", "SAMMetrics", "SAMWindow", "shallow_copy"]
 
@@ -370,9 +370,8 @@ class SAMWindow:
                     loss = example_losses.forward(inner, batch)
                 perturbed_examples.append(capture.losses())
                 perturbed = loss if perturbed is None else perturbed + loss
-        at_least = 2 if normalises_batches(inner) else 1  # BatchNorm cannot normalise a lone example
-        chosen = optimizer.select_examples(torch.cat(self._clean_examples), torch.cat(perturbed_examples),
-                                           **({"at_least": at_least} if at_least > 1 else {}))
+        at_least = fewest_examples_per_batch(inner)  # BatchNorm cannot normalise a lone example
+        chosen = select_at_least(optimizer, torch.cat(self._clean_examples), torch.cat(perturbed_examples), at_least)
         choices, offset = [], 0
         for batch, clean in zip(self._batches, self._clean_examples, strict=True):
             size = clean.numel()

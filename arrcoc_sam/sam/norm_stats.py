@@ -19,7 +19,7 @@ from torch.nn.parameter import is_lazy
 
 from arrcoc_sam.sam import perturbation
 
-__all__ = ["normalises_batches", "preserve_running_stats", "running_stat_buffers"]
+__all__ = ["fewest_examples_per_batch", "preserve_running_stats", "running_stat_buffers"]
 
 
 def running_stat_buffers(model: nn.Module) -> list[torch.Tensor]:
@@ -32,10 +32,12 @@ def running_stat_buffers(model: nn.Module) -> list[torch.Tensor]:
     return buffers
 
 
-def normalises_batches(model: nn.Module) -> bool:
-    """Whether ``model`` holds a BatchNorm layer in training mode, which normalises over the batch and so cannot
-    take a batch of one example (of one value per channel)."""
-    return any(isinstance(module, _BatchNorm) and module.training for module in model.modules())
+def fewest_examples_per_batch(model: nn.Module | None) -> int:
+    """2 where ``model`` holds a BatchNorm layer in training mode, which normalises over the batch and so cannot
+    take a batch of one example (of one value per channel); 1 otherwise (also for no model)."""
+    if model is None:
+        return 1
+    return 2 if any(isinstance(module, _BatchNorm) and module.training for module in model.modules()) else 1
 
 
 @contextlib.contextmanager

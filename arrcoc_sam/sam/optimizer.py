@@ -222,8 +222,7 @@ class SAM(Optimizer):
         self._kept_settings: list[dict[str, Any]] | None = None  # per group, kept over a checkpoint's on load
         self._settings_before_load: list[dict[str, Any]] = []  # between the base optimizer's load hooks
         self._extra_before_load: dict[str, Any] | None = None  # the method's state, between those hooks
-        self._own_call = False  # state_dict/load_state_dict of this wrapper run: its hooks on the base stand down
-        unwrapped.keys = (*self._group_keys, *self._bookkeeping_keys)
+        self._own_call = False  # this wrapper's load_state_dict runs: its hooks on the base stand down
         unwrapped.own_loading(self)
 
     def _check_clashes(self, base: Optimizer) -> None:
@@ -640,8 +639,8 @@ class SAM(Optimizer):
     @contextlib.contextmanager
     def _hooks_standing_down(self) -> Iterator[None]:
         """Within the block this wrapper's hooks on the base optimizer do nothing: the wrapper's own
-        state_dict/load_state_dict do their work themselves (so it also happens with a base optimizer whose
-        overridden load_state_dict never runs torch's hooks, e.g. bitsandbytes' 8-bit ones)."""
+        load_state_dict does their work itself (so it also happens with a base optimizer whose overridden
+        load_state_dict never runs torch's hooks, e.g. bitsandbytes' 8-bit ones)."""
         saved, self._own_call = self._own_call, True
         try:
             yield
@@ -781,7 +780,6 @@ class SAM(Optimizer):
         record = _Wrapping.of(self.base_optimizer)
         if before is not None:
             record.before = before
-        record.keys = (*self._group_keys, *self._bookkeeping_keys)
         record.own_loading(self)
 
     def __repr__(self) -> str:
@@ -813,11 +811,13 @@ class _Wrapping:
         return record
 
     def own_loading(self, wrapper: SAM) -> None:
-        """Route every save and load of the base optimizer's state through ``wrapper`` (held weakly): its
-        checks, kept settings, defaults and the method's own state apply also where a loop saves or loads the
-        base itself (``accelerator.save_state``/``load_state``)."""
+        """Make ``wrapper`` (held weakly) the owner of the record: its keys are the ones a later wrapper puts
+        back, and every save and load of the base optimizer's state goes through it, so its checks, kept
+        settings, defaults and the method's own state apply also where a loop saves or loads the base itself
+        (``accelerator.save_state``/``load_state``)."""
         for handle in self.hooks:
             handle.remove()
+        self.keys = (*wrapper._group_keys, *wrapper._bookkeeping_keys)
         reference = self.owner = weakref.ref(wrapper)
 
         def acting() -> SAM | None:
@@ -845,7 +845,8 @@ class _Wrapping:
 
 def _owned_entries(group: dict[str, Any]) -> dict[str, Any]:
     """The entries of ``group`` that any SAM wrapper could own (every method's group keys)."""
-    return {key: value for key, value in group.items() if key in _all_owned_keys()}
+    owned = _all_owned_keys()
+    return {key: value for key, value in group.items() if key in owned}
 
 
 def _all_owned_keys() -> frozenset[str]:

@@ -58,6 +58,12 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _reduction_dtype(dtype: torch.dtype, out_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a norm of ``dtype`` tensors is reduced in: its accumulation dtype, or ``out_dtype`` where that is
+    wider (float32 gradients beside float64 ones, whose squares could underflow in float32)."""
+    return torch.promote_types(accumulation_dtype(dtype), out_dtype)
+
+
 def sum_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
     """The dtype of a sum over all ``tensors``: float32, or float64 when any of them is float64."""
     dtype = torch.float32
@@ -353,7 +359,7 @@ def groups_sum_of_squares(groups: Sequence[AscentGroup], device: torch.device | 
             norms.append(_flat_scaled_norms(small_params, small_grads, group.eta, out_dtype, device, sizes))
         for chunk_params, chunk_grads in _size_chunks(large_params, large_grads):
             # T g in float32 (float64 beside float64 groups), as the flattened path
-            accumulate = torch.promote_types(accumulation_dtype(chunk_grads[0].dtype), out_dtype)
+            accumulate = _reduction_dtype(chunk_grads[0].dtype, out_dtype)
             chunk_params, chunk_grads = _in_dtype(chunk_params, accumulate), _in_dtype(chunk_grads, accumulate)
             scaled = _scaling_operator(chunk_params, group.eta)
             torch._foreach_mul_(scaled, chunk_grads)
@@ -367,7 +373,7 @@ def _flat_scaled_norms(
 ) -> Tensor:
     """‖T g‖ per flattened chunk of the small ASAM tensors of a group split by ``sizes`` (T g formed in the
     accumulation dtype, or ``out_dtype`` if wider), as a 1-D ``out_dtype`` tensor on ``device``."""
-    accumulate = torch.promote_types(accumulation_dtype(grads[0].dtype), out_dtype)
+    accumulate = _reduction_dtype(grads[0].dtype, out_dtype)
     norms = []
     for flat_params, flat_grads in sizes.flat_chunks(params, grads, dtype=accumulate):
         scaled = flat_params.abs().add_(eta).mul_(flat_grads)
@@ -475,7 +481,7 @@ def _tensor_norms(
     below ~1e-19, whose squares underflow in float32, still count."""
     sizes = sizes or SizeSplit.of(tensors)
     (small,), (large,) = sizes.split(tensors)
-    accumulate = torch.promote_types(accumulation_dtype(tensors[0].dtype), out_dtype)
+    accumulate = _reduction_dtype(tensors[0].dtype, out_dtype)
     norms = [torch.linalg.vector_norm(flat, dtype=accumulate) for (flat,) in sizes.flat_chunks(small)]
     if large:
         norms.extend(torch._foreach_norm(large, 2, dtype=accumulate))
@@ -485,7 +491,7 @@ def _tensor_norms(
 def _per_tensor_norms(tensors: list[Tensor], out_dtype: torch.dtype, device: torch.device) -> Tensor:
     """‖t_i‖ for every tensor, one foreach call: a 1-D ``out_dtype`` tensor on ``device`` (reduced in
     ``out_dtype`` where that is wider than the tensors' accumulation dtype)."""
-    norms = torch._foreach_norm(tensors, 2, dtype=torch.promote_types(accumulation_dtype(tensors[0].dtype), out_dtype))
+    norms = torch._foreach_norm(tensors, 2, dtype=_reduction_dtype(tensors[0].dtype, out_dtype))
     return torch.stack(norms).to(device=device, dtype=out_dtype)
 
 

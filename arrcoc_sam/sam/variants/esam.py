@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from torch.optim import Optimizer
 
 from arrcoc_sam.sam import perturbation
-from arrcoc_sam.sam.norm_stats import normalises_batches
+from arrcoc_sam.sam.norm_stats import fewest_examples_per_batch
 from arrcoc_sam.sam.random_state import RandomState
 from arrcoc_sam.sam.variants._base import (
     VariantSAM,
@@ -24,7 +24,7 @@ from arrcoc_sam.sam.variants._base import (
     uses_reentrant_checkpointing,
 )
 
-__all__ = ["ESAM", "PerExampleLossUnavailable", "label_counts", "per_example_loss"]
+__all__ = ["ESAM", "PerExampleLossUnavailable", "label_counts", "per_example_loss", "select_at_least"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +99,14 @@ def label_counts(batch: Any, *, shift_labels: bool = False) -> Tensor | None:
     if labels.dim() == 1:
         return torch.ones(labels.shape[0], device=labels.device)
     return (labels[:, 1:] if shift_labels else labels).ne(IGNORE_INDEX).sum(dim=1).float()
+
+
+def select_at_least(optimizer: Any, loss_clean: Tensor, loss_perturbed: Tensor, at_least: int) -> Tensor:
+    """``optimizer.select_examples(loss_clean, loss_perturbed)``, choosing at least ``at_least`` examples; an
+    optimizer's own two-argument ``select_examples`` is called as it is where one example may stand alone."""
+    if at_least > 1:
+        return optimizer.select_examples(loss_clean, loss_perturbed, at_least=at_least)
+    return optimizer.select_examples(loss_clean, loss_perturbed)
 
 
 def _one_process() -> bool:
@@ -404,9 +412,8 @@ class ESAM(VariantSAM):
             with torch.no_grad(), replay:  # pass 1's dropout masks: the rise, not their noise
                 perturbed = closure()
             with torch.enable_grad():
-                at_least = 2 if self._stats_model is not None and normalises_batches(self._stats_model) else 1
-                chosen = self.select_examples(clean, perturbed, **({"at_least": at_least} if at_least > 1 else {}))
-                losses = closure(chosen)
+                at_least = fewest_examples_per_batch(self._stats_model)
+                losses = closure(select_at_least(self, clean, perturbed, at_least))
         else:
             with torch.enable_grad():
                 losses = closure()
