@@ -14,6 +14,7 @@ from torch.func import functional_call
 from arrcoc_sam.sam import SAM
 from arrcoc_sam.sam.registry import available_methods, build_sam_optimizer
 from arrcoc_sam.sam.variants import ESAM, GSAM, VARIANTS, FriendlySAM, LookSAM, MomentumSAM, PeriodicSAM
+from arrcoc_sam.sam.variants._base import uses_reentrant_checkpointing
 
 LR, MOMENTUM, RHO = 0.05, 0.9, 0.1
 
@@ -310,6 +311,36 @@ def test_esam_closure_step_probes_its_first_step_for_reentrant_checkpointing_tha
     assert not any(pruned_passes[True])  # step 0 found the checkpointing: pass 1 in full throughout
     # without: step 0 is the probe, then each pass 1 (every other forward with grad) is pruned to its draw
     assert pruned_passes[False][::2] == [False] + [not all(swp_draw(seed, t, 6)) for t in range(1, 6)]
+
+
+class _FreshWrapperNode:
+    """A graph node whose ``next_functions`` hands out a new wrapper on each access, as torch 2.11 does: a wrapper
+    nobody holds is freed, and the next one created can take its id."""
+
+    def __init__(self, depth: int) -> None:
+        self.depth = depth
+
+    @property
+    def next_functions(self):
+        child = CheckpointFunctionBackward(0) if self.depth == 1 else _FreshWrapperNode(self.depth - 1)
+        return ((child, 0),)
+
+
+class CheckpointFunctionBackward(_FreshWrapperNode):
+    @property
+    def next_functions(self):
+        return ()
+
+
+class _FreshWrapperRoot(torch.Tensor):
+    @property
+    def grad_fn(self):
+        return _FreshWrapperNode(4)
+
+
+def test_reentrant_checkpoint_search_reaches_the_node_when_each_visited_wrapper_would_be_freed():
+    root = torch.Tensor._make_subclass(_FreshWrapperRoot, torch.zeros(1))
+    assert uses_reentrant_checkpointing([root])
 
 
 def test_esam_closure_step_keeps_every_gradient_when_the_closure_returns_a_loss_without_graph(caplog):

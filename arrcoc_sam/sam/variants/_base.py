@@ -83,12 +83,14 @@ def uses_reentrant_checkpointing(roots: Iterable[Any]) -> bool:
     Non-tensors in ``roots`` and tensors without a graph are ignored.
     """
     stack = [t.grad_fn for t in roots if isinstance(t, Tensor) and t.grad_fn is not None]
-    seen: set[int] = set()
+    # Each visited node is held: torch may hand out a fresh Python wrapper per access and free it once
+    # unreferenced (2.11 does), and the next wrapper can take a freed one's id and be wrongly "seen".
+    seen: dict[int, Any] = {}
     while stack:
         node = stack.pop()
         if node is None or id(node) in seen:
             continue
-        seen.add(id(node))
+        seen[id(node)] = node
         if "Checkpoint" in type(node).__name__:
             return True
         stack.extend(next_node for next_node, _ in node.next_functions)
