@@ -3,9 +3,10 @@
 # the engine, variants and robustness benchmarks on CUDA, and the FSDP2 Trainer check. Uses the machine's own
 # python3 (with torch); wheels for missing pure-Python packages may be carried in .whl/. Each step has its own
 # time limit so one slow step cannot eat the others. Results go to $OUT (or bench_results/gpu): gpu_check.log
-# and one JSON per benchmark (8 files at most). FSDP=0, ROBUSTNESS=0, TOKEN_PRECISION=0 and VARIANTS_GPU_BOUND=0
-# leave out those steps. On an H200: 167 s with FSDP=0 before the GPU-bound variants step (limit 110 s) and the
-# coordinate-SWP ESAM row were added; the FSDP2 check adds about a minute.
+# and one JSON per benchmark (9 files with every step on). FSDP=0, ROBUSTNESS=0, TOKEN_PRECISION=0,
+# STEP_PROFILE=0, SAM_STEP_GPU_BOUND=0 and VARIANTS_GPU_BOUND=0 leave out those steps. On an H200 (2026-11-28),
+# FSDP=0 ROBUSTNESS=0 TOKEN_PRECISION=0 took 185 s before the GPU-bound SAM-step step was added; the FSDP2 check
+# adds about two minutes.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT_DIR="${OUT:-bench_results/gpu}"
@@ -35,8 +36,12 @@ step 60 cuda-tests "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tes
     tests/test_multi_tensor.py tests/test_variants.py
 step 100 bench-sam-step "$PY" scripts/bench/sam_step.py --device cuda --repeats 50 --profile-ops \
     --out "$OUT_DIR/sam_step.json"
-step 50 bench-step-profile "$PY" scripts/bench/step_profile.py --device cuda --methods base sam msam looksam_k5 \
-    --out "$OUT_DIR/step_profile.json"
+# the default batch leaves MiniLM host-bound on an H200 (a step's host time exceeds its kernels'); this one makes
+# the kernels dominate, as in training at a realistic batch
+[ "${SAM_STEP_GPU_BOUND:-1}" = 1 ] && step 100 bench-sam-step-gpu-bound "$PY" scripts/bench/sam_step.py --device cuda \
+    --batch-size 64 --seq-len 256 --repeats 20 --out "$OUT_DIR/sam_step_gpu_bound.json"
+[ "${STEP_PROFILE:-1}" = 1 ] && step 50 bench-step-profile "$PY" scripts/bench/step_profile.py --device cuda \
+    --methods base sam msam looksam_k5 --out "$OUT_DIR/step_profile.json"
 [ "${ROBUSTNESS:-1}" = 1 ] && step 35 bench-robustness "$PY" scripts/bench/robustness.py --device cuda \
     --out "$OUT_DIR/robustness.json"
 # the looped reference is host-bound on a GPU (~3 s per hutchinson call at B=16): one batch size, one repeat

@@ -157,3 +157,77 @@ def test_cuda_restore_with_statistics_dispatches_a_constant_number_of_ops():
 
     few, many = launches(2), launches(40)
     assert few[0] == many[0], (few[1], many[1])
+
+
+@pytest.mark.parametrize("name", ["esam", "fsam", "gsam", "looksam", "msam", "periodic"])
+def test_cuda_variant_float64_steps_match_cpu_float64(name):
+    """Each variant's closure step on CUDA follows the CPU trajectory (float64; ESAM's default tensor SWP draws its
+    masks on CPU, so both devices perturb the same tensors and select the same examples)."""
+    from test_sam_engine import make_batches, make_mlp
+    from test_variants import LR, MOMENTUM, VARIANT_KNOBS, per_example_closure, sam_closure
+
+    from arrcoc_sam.sam.registry import build_sam_optimizer
+
+    trajectories = {}
+    for device in ("cpu", "cuda"):
+        model = make_mlp().to(device)
+        opt = build_sam_optimizer(name, model.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM,
+                                  **VARIANT_KNOBS[name])
+        closure = per_example_closure if name == "esam" else sam_closure
+        for batch in make_batches(6):
+            opt.step(closure(model, opt, tuple(t.to(device) for t in batch)))
+        trajectories[device] = torch.cat([p.detach().cpu().flatten() for p in model.parameters()])
+    assert (trajectories["cuda"] - trajectories["cpu"]).abs().max().item() <= 1e-12
+
+
+def _dropout_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 16), nn.Dropout(0.5), nn.Tanh(), nn.Linear(16, 3)).double().cuda()
+
+
+def _recording_rises(opt) -> list[torch.Tensor]:
+    rises: list[torch.Tensor] = []
+    select = opt.select_examples
+    opt.select_examples = lambda clean, perturbed, **kw: rises.append(perturbed - clean) or select(clean, perturbed, **kw)
+    return rises
+
+
+def test_cuda_esam_closure_step_selects_under_pass_one_dropout_masks():
+    """ESAM.step's no-grad forward at w + ε replays pass 1's CUDA generator state: at a negligible ρ every rise
+    is ~0 (fresh masks at p = 0.5 would move the losses by O(1))."""
+    from test_sam_engine import make_batches
+
+    from arrcoc_sam.sam.variants import ESAM
+
+    model = _dropout_mlp()
+    opt = ESAM(model.parameters(), torch.optim.SGD, lr=0.05, rho=1e-9, beta=1.0, gamma=0.5)
+    rises = _recording_rises(opt)
+    for x, y in make_batches(3):
+        x, y = x.cuda(), y.cuda()
+        opt.step(lambda indices=None, x=x, y=y: ((model(x if indices is None else x[indices])
+                                                  - (y if indices is None else y[indices])) ** 2).mean(dim=1))
+    assert len(rises) == 3 and max(rise.abs().max().item() for rise in rises) < 1e-6
+
+
+def test_cuda_accelerate_esam_selection_replays_each_micro_batch_dropout_masks():
+    """The window's no-grad forwards at w + ε replay each micro-batch's pass-1 CUDA generator state."""
+    from accelerate import Accelerator
+    from test_sam_engine import make_batches, mse
+
+    from arrcoc_sam.integrations.accelerate import AcceleratedSAM
+
+    accelerator = Accelerator(gradient_accumulation_steps=2)
+    assert accelerator.device.type == "cuda"
+    model = _dropout_mlp()
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.05))
+    sam = AcceleratedSAM(accelerator, model, optimizer, method="esam", rho=1e-9, beta=1.0, gamma=0.5,
+                         per_example_loss_fn=lambda outputs, batch: ((outputs - batch[1]) ** 2).mean(dim=1))
+    rises = _recording_rises(sam.sam_optimizer)
+    for x, y in make_batches(3):
+        x, y = x.cuda(), y.cuda()
+        for micro in ((x[:4], y[:4]), (x[4:], y[4:])):
+            with accelerator.accumulate(model):
+                sam.backward(mse, micro)
+                optimizer.step()
+                optimizer.zero_grad()
+    assert len(rises) == 3 and max(rise.abs().max().item() for rise in rises) < 1e-6
