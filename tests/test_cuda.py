@@ -231,3 +231,50 @@ def test_cuda_accelerate_esam_selection_replays_each_micro_batch_dropout_masks()
                 optimizer.step()
                 optimizer.zero_grad()
     assert len(rises) == 3 and max(rise.abs().max().item() for rise in rises) < 1e-6
+
+
+@pytest.mark.parametrize("optimizer, sam_args", [
+    ("sam", ""), ("asam", ""), ("periodic", "interval=2"), ("looksam", "interval=2"),
+    ("esam", "beta=0.5,gamma=1.0,seed=3"), ("gsam", ""), ("fsam", ""), ("msam", ""),
+])
+def test_cuda_trainer_fp16_run_with_a_grad_scaler_tracks_the_fp32_run(tmp_path, optimizer, sam_args):
+    """SAMTrainer with --fp16 on CUDA (autocast, Accelerate's GradScaler: both passes' gradients scaled) follows
+    the fp32 run on the same GPU: the same update direction and size, and the logged norms free of the scale."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "dist_scripts"))
+    from trainer_common import flat_params, tiny_bert, token_dataset, trainer_kwargs
+
+    from arrcoc_sam import SAMTrainer, SAMTrainingArguments
+    from arrcoc_sam.sam.variants.esam import per_example_loss
+
+    micro, accumulation, steps, init_scale = 4, 2, 4, 2.0**8
+
+    def window_mean_loss(outputs, labels, num_items_in_batch=None):
+        return per_example_loss(outputs, {"labels": labels}).sum() / (micro * accumulation)
+
+    def run(fp16: bool):
+        args = SAMTrainingArguments(**trainer_kwargs(
+            str(tmp_path / f"fp16_{fp16}"), use_cpu=False, fp16=fp16, optimizer=optimizer, rho=0.05, optim_args="momentum=0.9",
+            sam_args=sam_args or None, per_device_train_batch_size=micro, gradient_accumulation_steps=accumulation,
+            max_steps=steps))
+        trainer = SAMTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset(micro * accumulation * steps),
+                             compute_loss_func=window_mean_loss)
+        if fp16:
+            trainer.accelerator.scaler = torch.amp.GradScaler("cuda", init_scale=init_scale, growth_interval=1000)
+        trainer.train()
+        return trainer
+
+    start = flat_params(tiny_bert())
+    full, half = run(False), run(True)
+    assert half.accelerator.scaler.get_scale() == init_scale  # no overflow: every step went through
+    moved_full, moved_half = flat_params(full.model).cpu() - start, flat_params(half.model).cpu() - start
+    cosine = float(moved_half @ moved_full / (moved_half.norm() * moved_full.norm()))
+    assert cosine > 0.99 and abs(float(moved_half.norm() / moved_full.norm()) - 1) < 0.02, cosine
+    logged = [[h for h in t.state.log_history if "loss" in h] for t in (full, half)]
+    assert len(logged[0]) == len(logged[1]) == steps
+    for log_full, log_half in zip(*logged):
+        for key in ("sam/grad_norm", "sam/grad_norm_perturbed", "sam/grad_cosine"):
+            if key in log_full:
+                assert log_half[key] == pytest.approx(log_full[key], rel=0.02, abs=1e-3), key
