@@ -278,3 +278,58 @@ def test_cuda_trainer_fp16_run_with_a_grad_scaler_tracks_the_fp32_run(tmp_path, 
         for key in ("sam/grad_norm", "sam/grad_norm_perturbed", "sam/grad_cosine"):
             if key in log_full:
                 assert log_half[key] == pytest.approx(log_full[key], rel=0.02, abs=1e-3), key
+
+
+@pytest.mark.parametrize("method, knobs", [
+    ("sam", {}), ("asam", {}), ("periodic", {"interval": 2}), ("looksam", {"interval": 2}),
+    ("esam", {"beta": 0.5, "gamma": 1.0, "seed": 3}), ("gsam", {}), ("fsam", {}), ("msam", {}),
+])
+def test_cuda_accelerate_fp16_loop_with_a_grad_scaler_tracks_the_fp32_loop(method, knobs):
+    """AcceleratedSAM under Accelerator(mixed_precision="fp16") (autocast, GradScaler) follows the fp32 loop on the
+    same GPU: the same update direction and size, and the metrics' norms free of the scale."""
+    import sys
+    from pathlib import Path
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from torch.utils.data import DataLoader
+
+    sys.path.insert(0, str(Path(__file__).parent / "dist_scripts"))
+    from accelerate_common import flat, mse, regression_data, tiny_mlp
+
+    from arrcoc_sam.integrations.accelerate import AcceleratedSAM
+
+    init_scale = 2.0**8
+
+    def run(precision: str):
+        AcceleratorState._reset_state(True)  # the precision is process-wide state
+        GradientState._reset_state()
+        accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=2)
+        if precision == "fp16":
+            accelerator.scaler = torch.amp.GradScaler("cuda", init_scale=init_scale, growth_interval=1000)
+        model = tiny_mlp()
+        loader = DataLoader(regression_data(32), batch_size=4)
+        model, optimizer, loader = accelerator.prepare(
+            model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), loader)
+        sam = AcceleratedSAM(accelerator, model, optimizer, method=method, rho=0.05, **knobs)
+        norms = []
+        for batch in loader:
+            with accelerator.accumulate(model):
+                sam.backward(mse, batch)
+                optimizer.step()
+                optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                norms.append(sam.metrics().get("sam/grad_norm"))
+        return flat(accelerator.unwrap_model(model)).cpu(), norms, accelerator
+
+    start = flat(tiny_mlp())
+    (full, full_norms, _), (half, half_norms, accelerator) = run("no"), run("fp16")
+    assert accelerator.scaler.get_scale() == init_scale  # no overflow: every step went through
+    moved_full, moved_half = full - start, half - start
+    cosine = float(moved_half @ moved_full / (moved_half.norm() * moved_full.norm()))
+    assert cosine > 0.99 and abs(float(moved_half.norm() / moved_full.norm()) - 1) < 0.02, cosine
+    assert len(full_norms) == len(half_norms) == 4 and any(n is not None for n in full_norms), full_norms
+    for norm_full, norm_half in zip(full_norms, half_norms):
+        assert (norm_full is None) == (norm_half is None)
+        if norm_full is not None:
+            assert norm_half == pytest.approx(norm_full, rel=0.02)
