@@ -328,7 +328,8 @@ def test_cuda_accelerate_fp16_loop_with_a_grad_scaler_tracks_the_fp32_loop(metho
     moved_full, moved_half = full - start, half - start
     cosine = float(moved_half @ moved_full / (moved_half.norm() * moved_full.norm()))
     assert cosine > 0.99 and abs(float(moved_half.norm() / moved_full.norm()) - 1) < 0.02, cosine
-    assert len(full_norms) == len(half_norms) == 4 and any(n is not None for n in full_norms), full_norms
+    assert len(full_norms) == len(half_norms) == 4
+    assert any(n is not None for n in full_norms) or method == "msam", full_norms  # msam: no pass-1 gradient norm
     for norm_full, norm_half in zip(full_norms, half_norms):
         assert (norm_full is None) == (norm_half is None)
         if norm_full is not None:
