@@ -32,7 +32,7 @@ step() {  # step SECONDS NAME COMMAND...
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$LOG"
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__,
     '_foreach_clone', hasattr(torch, '_foreach_clone'))" | tee -a "$LOG"
-step 60 cuda-tests "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_sam_engine.py \
+step 150 cuda-tests "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_sam_engine.py \
     tests/test_multi_tensor.py tests/test_variants.py
 step 100 bench-sam-step "$PY" scripts/bench/sam_step.py --device cuda --repeats 50 --profile-ops \
     --out "$OUT_DIR/sam_step.json"
