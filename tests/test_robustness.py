@@ -306,6 +306,19 @@ def test_adversarial_weights_are_each_samples_normalised_loss_ascent(batched):
     assert min(increases) > 0  # an ascent: each sample's own loss goes up
 
 
+@pytest.mark.parametrize("batched", [True, False])
+def test_adversarial_weights_under_inference_mode_match_the_report_outside_it(batched):
+    """torch.func.grad returns zeros under inference_mode before torch 2.12: the ascent then moved nothing and the
+    model read as perfectly robust (differences ~1e-17 instead of 0.07-0.14)."""
+    model, batch = _model(dtype=torch.float64), _feature_batch()
+    evaluator = RelevanceRobustness(levels=(0.2,), k=8, num_draws=2, perturbations=("weight_adversarial",),
+                                    per_sample=True, batched=batched)
+    outside = evaluator.evaluate(model, batch)["per_sample"]["weight_adversarial"]["0.2"]["mean_abs_diff"]
+    with torch.inference_mode():
+        inside = evaluator.evaluate(model, batch)["per_sample"]["weight_adversarial"]["0.2"]["mean_abs_diff"]
+    assert min(outside) > 1e-3 and inside == pytest.approx(outside, abs=1e-12)
+
+
 def test_random_weight_draws_are_filter_normalised():
     """‖δ_row‖ = ρ‖w_row‖ for every output filter (row of dim 0) of a ≥2-D tensor, ‖δ‖ = ρ‖w‖ for 1-D and 0-D ones."""
     model = _model(dtype=torch.float64)

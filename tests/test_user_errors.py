@@ -80,8 +80,11 @@ def test_torchrun_without_cpu_flag_on_a_cpu_machine_is_refused(tmp_path, entry):
                                str(script), str(tmp_path / "out"), *flags], capture_output=True, text=True,
                               env=env, timeout=240)
 
-    refused = launch()
-    assert refused.returncode != 0 and "2 processes were launched (WORLD_SIZE=2)" in refused.stderr
+    alone = launch()
+    # older stacks (accelerate 1.3 with transformers 5.6) do form the 2-process group on CPU without the flag, so
+    # there is nothing to refuse; newer ones leave each process to train alone, which must be refused
+    formed_group = alone.returncode == 0 and alone.stdout.count("built with world size 2") == 2
+    assert formed_group or (alone.returncode != 0 and "2 processes were launched (WORLD_SIZE=2)" in alone.stderr)
     together = launch("--use_cpu")
     assert together.returncode == 0, together.stderr[-3000:]
     assert together.stdout.count("built with world size 2") == 2

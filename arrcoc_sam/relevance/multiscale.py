@@ -214,6 +214,9 @@ class MultiScaleRelevanceModel(RelevancePreTrainedModel):
         caller's autograd graph: it works under ``torch.no_grad``/``torch.inference_mode`` and inside
         ``vmap``/``functional_call``, and the relevance keeps its own graph to the inputs.
         """
+        if torch.is_inference_mode_enabled():  # torch < 2.12: torch.func.grad returns zeros under inference_mode
+            with torch.inference_mode(False):
+                return self._sharpness(features.clone(), query.clone())
         scale = features.shape[1] ** 0.5
         point = features.detach()
 

@@ -373,6 +373,10 @@ class RelevanceRobustness:
 
     def _relevance_adversarial(self, call, trainable, level, features, query, target) -> Tensor:
         """Relevance at each sample's own SAM-ascent weights: ``[1, B, N]``."""
+        if torch.is_inference_mode_enabled():  # torch < 2.12: torch.func.grad returns zeros under inference_mode
+            with torch.inference_mode(False):
+                return self._relevance_adversarial(call, trainable, level, features.clone(), query.clone(),
+                                                   target.clone())
 
         def sample_loss(params: dict[str, Tensor], f: Tensor, q: Tensor, t: Tensor) -> Tensor:
             return self.loss_fn(functional_call(call, params, (f[None], q[None])), t[None]).sum()

