@@ -253,3 +253,33 @@ def test_trainer_esam_prunes_pass_one_of_a_lora_model_without_changing_its_updat
     assert pruned_windows[4:] == [False] * 4
     assert torch.equal(flat_params(pruned.model), flat_params(full.model))
     assert (flat_params(pruned.model) - flat_params(lora_model())).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("optimizer, sam_args", [
+    ("sam", None), ("asam", None), ("periodic", "interval=2"), ("looksam", "interval=2"),
+    ("esam", "beta=0.5,gamma=0.5,seed=3"), ("gsam", None), ("fsam", None), ("msam", None),
+])
+def test_every_method_logs_the_same_figures_and_weights_under_a_grad_scaler(tmp_path, optimizer, sam_args):
+    """Under fp16's GradScaler both passes' gradients carry the scale; the logged norms must not. Friendly-SAM
+    divided its ascent norm by the scale twice (0.0020 logged for 0.517, found on a GPU)."""
+    micro, accumulation, steps = 4, 2, 3
+
+    def run(path, scale):
+        args = SAMTrainingArguments(**trainer_kwargs(
+            str(path), optimizer=optimizer, rho=0.05, sam_args=sam_args, optim_args="momentum=0.9",
+            per_device_train_batch_size=micro, gradient_accumulation_steps=accumulation, max_steps=steps))
+        trainer = SAMTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset(micro * accumulation * steps),
+                             compute_loss_func=_example_mean_loss(micro * accumulation))
+        if scale is not None:
+            trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=1000)
+        trainer.train()
+        return trainer, [h for h in trainer.state.log_history if "loss" in h]
+
+    (plain, plain_logs), (scaled, scaled_logs) = run(tmp_path / "plain", None), run(tmp_path / "scaled", 2.0**12)
+    assert (flat_params(plain.model) - flat_params(scaled.model)).abs().max() < 1e-6
+    assert len(plain_logs) == len(scaled_logs) == steps
+    for plain_log, scaled_log in zip(plain_logs, scaled_logs, strict=True):
+        for key in ("sam/grad_norm", "sam/grad_norm_perturbed", "sam/grad_cosine", "sam/rho"):
+            assert (key in plain_log) == (key in scaled_log), key
+            if key in plain_log:
+                assert scaled_log[key] == pytest.approx(plain_log[key], rel=1e-5), key

@@ -99,6 +99,8 @@ class FriendlySAM(VariantSAM):
             torch._foreach_add_(group_dir, group_prev, alpha=-sigma * lam)
         with grads_replaced(params, direction):
             ok = super().perturb()
+        if units != 1.0 and "grad_norm" in self.stats:  # ‖d‖ in the units of .grad, as every method reports it
+            self.stats["grad_norm"] = self.stats["grad_norm"] * units
         if ok or not self._skip_next_step:
             for group_prev, group_grads in perturbation.group_by_device_and_dtype(previous, list(grads)):
                 if units == 1.0:
