@@ -35,7 +35,8 @@ class FriendlySAM(VariantSAM):
     mean gradient, and g is divided by it. SAMTrainer and AcceleratedSAM set it each window (a GradScaler's
     scale, times m/k for a short last window of m < k micro-batches, whose gradient Accelerate divides by the k
     accumulation steps); a loop of one's own leaves it at 1, and under an fp16 GradScaler m then averages the
-    *scaled* gradients (a change of scale is absorbed within ~1/(1 − λ) steps).
+    *scaled* gradients (a change of scale is absorbed within ~1/(1 − λ) steps). ``stats["grad_norm"]`` is ‖d‖ in
+    the units of ``.grad`` (times ``gradient_units``), as every method reports it.
 
     Cost: two forward+backward passes per step. Memory: one persistent gradient-sized buffer (m, saved in
     the checkpoint) plus one transient one (d) beside SAM's backup.
