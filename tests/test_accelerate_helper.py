@@ -399,3 +399,36 @@ def test_accelerate_load_state_keeps_the_helpers_own_settings(tmp_path, caplog, 
             sam.backward(mse, batch)
             optimizer.step()
             optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("method, knobs", [
+    ("sam", {}), ("asam", {}), ("periodic", {"interval": 2}), ("looksam", {"interval": 2}),
+    ("esam", {"beta": 0.5, "gamma": 0.5, "seed": 3,
+              "per_example_loss_fn": lambda outputs, batch: (outputs - batch["y"]).square().mean(dim=1)}),
+    ("gsam", {}), ("fsam", {}), ("msam", {}),
+])
+def test_every_method_reports_the_same_metrics_and_weights_under_a_grad_scaler(method, knobs):
+    """Each window's metrics are free of the GradScaler's scale, also for the short last window (7 micro-batches
+    of 4 in windows of 3: m/k = 1/3 in the last). Friendly-SAM's ascent norm was divided by the scale twice."""
+
+    def run(scaler):
+        accelerator = Accelerator(cpu=True, gradient_accumulation_steps=3)
+        accelerator.scaler = scaler
+        model = tiny_mlp()
+        loader = DataLoader(regression_data(28), batch_size=4)
+        model, optimizer, loader = accelerator.prepare(
+            model, torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9), loader)
+        sam = AcceleratedSAM(accelerator, model, optimizer, method=method, rho=0.1, **knobs)
+        windows = []
+        _train_epoch(accelerator, model, optimizer, loader, sam,
+                     after_backward=lambda batch: windows.append(sam.metrics()) if accelerator.sync_gradients else None)
+        return flat(model), windows
+
+    (plain, plain_windows), (scaled, scaled_windows) = run(None), run(
+        torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000))
+    assert (plain - scaled).abs().max() < 1e-6
+    assert len(plain_windows) == len(scaled_windows) == 3
+    for plain_metrics, scaled_metrics in zip(plain_windows, scaled_windows, strict=True):
+        assert plain_metrics.keys() == scaled_metrics.keys()
+        for key, value in plain_metrics.items():
+            assert scaled_metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
