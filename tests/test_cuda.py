@@ -185,51 +185,23 @@ def _dropout_mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(5, 16), nn.Dropout(0.5), nn.Tanh(), nn.Linear(16, 3)).double().cuda()
 
 
-def _recording_rises(opt) -> list[torch.Tensor]:
-    rises: list[torch.Tensor] = []
-    select = opt.select_examples
-    opt.select_examples = lambda clean, perturbed, **kw: rises.append(perturbed - clean) or select(clean, perturbed, **kw)
-    return rises
-
-
 def test_cuda_esam_closure_step_selects_under_pass_one_dropout_masks():
     """ESAM.step's no-grad forward at w + ε replays pass 1's CUDA generator state: at a negligible ρ every rise
     is ~0 (fresh masks at p = 0.5 would move the losses by O(1))."""
-    from test_sam_engine import make_batches
+    from test_variants import esam_closure_rises
 
-    from arrcoc_sam.sam.variants import ESAM
-
-    model = _dropout_mlp()
-    opt = ESAM(model.parameters(), torch.optim.SGD, lr=0.05, rho=1e-9, beta=1.0, gamma=0.5)
-    rises = _recording_rises(opt)
-    for x, y in make_batches(3):
-        x, y = x.cuda(), y.cuda()
-        opt.step(lambda indices=None, x=x, y=y: ((model(x if indices is None else x[indices])
-                                                  - (y if indices is None else y[indices])) ** 2).mean(dim=1))
+    rises = esam_closure_rises(_dropout_mlp())
     assert len(rises) == 3 and max(rise.abs().max().item() for rise in rises) < 1e-6
 
 
 def test_cuda_accelerate_esam_selection_replays_each_micro_batch_dropout_masks():
     """The window's no-grad forwards at w + ε replay each micro-batch's pass-1 CUDA generator state."""
     from accelerate import Accelerator
-    from test_sam_engine import make_batches, mse
-
-    from arrcoc_sam.integrations.accelerate import AcceleratedSAM
+    from test_variants_accelerate import esam_window_rises
 
     accelerator = Accelerator(gradient_accumulation_steps=2)
     assert accelerator.device.type == "cuda"
-    model = _dropout_mlp()
-    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.05))
-    sam = AcceleratedSAM(accelerator, model, optimizer, method="esam", rho=1e-9, beta=1.0, gamma=0.5,
-                         per_example_loss_fn=lambda outputs, batch: ((outputs - batch[1]) ** 2).mean(dim=1))
-    rises = _recording_rises(sam.sam_optimizer)
-    for x, y in make_batches(3):
-        x, y = x.cuda(), y.cuda()
-        for micro in ((x[:4], y[:4]), (x[4:], y[4:])):
-            with accelerator.accumulate(model):
-                sam.backward(mse, micro)
-                optimizer.step()
-                optimizer.zero_grad()
+    rises = esam_window_rises(accelerator, _dropout_mlp())
     assert len(rises) == 3 and max(rise.abs().max().item() for rise in rises) < 1e-6
 
 

@@ -1010,18 +1010,26 @@ def test_looksam_stores_and_reuses_its_direction_in_float32_for_float16_weights(
     assert torch.isfinite(got).all() and torch.allclose(got, r + 0.5 * r.norm() * direction, rtol=1e-2, atol=1e-6)
 
 
-def test_esam_closure_step_selects_under_pass_one_dropout_masks():
-    """ESAM.step's no-grad forward at w + ε drew fresh dropout masks, so the rise it ranks was mostly noise; it
-    now replays pass 1's draws: at a negligible ρ every rise is ~0."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 16), nn.Dropout(0.5), nn.Tanh(), nn.Linear(16, 3)).double()
+def esam_closure_rises(model: nn.Module) -> list[torch.Tensor]:
+    """Each step's perturbed − clean per-example losses that ESAM.step's selection ranks, at a negligible ρ: three
+    closure steps on batches of 8 on the model's device."""
     opt = ESAM(model.parameters(), torch.optim.SGD, lr=LR, rho=1e-9, beta=1.0, gamma=0.5)
     rises = []
     select = opt.select_examples
     opt.select_examples = lambda clean, perturbed, **kw: rises.append(perturbed - clean) or select(clean, perturbed, **kw)
+    device = next(model.parameters()).device
     for x, y in make_batches(3):
+        x, y = x.to(device), y.to(device)
         opt.step(lambda indices=None, x=x, y=y: ((model(x if indices is None else x[indices])
                                                   - (y if indices is None else y[indices])) ** 2).mean(dim=1))
+    return rises
+
+
+def test_esam_closure_step_selects_under_pass_one_dropout_masks():
+    """ESAM.step's no-grad forward at w + ε drew fresh dropout masks, so the rise it ranks was mostly noise; it
+    now replays pass 1's draws: at a negligible ρ every rise is ~0."""
+    torch.manual_seed(0)
+    rises = esam_closure_rises(nn.Sequential(nn.Linear(5, 16), nn.Dropout(0.5), nn.Tanh(), nn.Linear(16, 3)).double())
     assert len(rises) == 3 and max(rise.abs().max().item() for rise in rises) < 1e-6
 
 

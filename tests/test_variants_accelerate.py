@@ -602,14 +602,9 @@ def test_accelerate_esam_choosing_every_example_of_uneven_micro_batches_takes_th
     assert max_abs_diff(train(0.9999), train(1.0)) <= 1e-14
 
 
-def test_accelerate_esam_selection_compares_each_example_under_its_own_pass_one_dropout_masks():
-    """The perturbed losses came from a forward with fresh dropout masks, so at p = 0.1 the "rise" was mostly
-    dropout noise (a top-50 % overlap of 0.59 with the same-mask selection, 0.5 being chance). The no-grad
-    forward at w + ε now replays its pass 1's random draws: at a negligible ρ every rise is ~0."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Dropout(0.5), torch.nn.Tanh(),
-                                torch.nn.Linear(16, 3)).double()
-    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+def esam_window_rises(accelerator: Accelerator, model: torch.nn.Module) -> list[torch.Tensor]:
+    """Each window's perturbed − clean per-example losses that ESAM's selection ranks, at a negligible ρ: three
+    windows of two micro-batches of 4 on ``accelerator``'s device."""
     model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR))
     sam = AcceleratedSAM(accelerator, model, optimizer, method="esam", rho=1e-9, beta=1.0, gamma=0.5,
                          per_example_loss_fn=lambda outputs, batch: ((outputs - batch[1]) ** 2).mean(dim=1))
@@ -618,9 +613,21 @@ def test_accelerate_esam_selection_compares_each_example_under_its_own_pass_one_
     sam.sam_optimizer.select_examples = lambda clean, perturbed, **kw: (
         rises.append(perturbed - clean) or select(clean, perturbed, **kw))
     for x, y in make_batches(3):
+        x, y = x.to(accelerator.device), y.to(accelerator.device)
         for micro in ((x[:4], y[:4]), (x[4:], y[4:])):
             with accelerator.accumulate(model):
                 sam.backward(mse, micro)
                 optimizer.step()
                 optimizer.zero_grad()
+    return rises
+
+
+def test_accelerate_esam_selection_compares_each_example_under_its_own_pass_one_dropout_masks():
+    """The perturbed losses came from a forward with fresh dropout masks, so at p = 0.1 the "rise" was mostly
+    dropout noise (a top-50 % overlap of 0.59 with the same-mask selection, 0.5 being chance). The no-grad
+    forward at w + ε now replays its pass 1's random draws: at a negligible ρ every rise is ~0."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Dropout(0.5), torch.nn.Tanh(),
+                                torch.nn.Linear(16, 3)).double()
+    rises = esam_window_rises(Accelerator(cpu=True, gradient_accumulation_steps=2), model)
     assert len(rises) == 3 and max(rise.abs().max().item() for rise in rises) < 1e-6
