@@ -6,6 +6,7 @@ Its two-process checks run inside tests/test_trainer_ddp.py (one torchrun start-
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -432,3 +433,79 @@ def test_every_method_reports_the_same_metrics_and_weights_under_a_grad_scaler(m
         assert plain_metrics.keys() == scaled_metrics.keys()
         for key, value in plain_metrics.items():
             assert scaled_metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
+
+
+@pytest.mark.parametrize("scope", ["global", "microbatch"])
+def test_a_window_with_non_finite_gradients_takes_no_step_without_a_grad_scaler(scope, caplog):
+    """The loop steps the base optimizer itself, so the skip the ascent asked for never reached it: one micro-batch
+    with a non-finite loss made every weight NaN (global and microbatch scope). Its window now leaves the weights
+    as they were; the next windows train."""
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=3)
+    model = tiny_mlp()
+    loader = DataLoader(regression_data(24), batch_size=4)
+    model, optimizer, loader = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR), loader)
+    sam = AcceleratedSAM(accelerator, model, optimizer, method="sam", rho=0.1, scope=scope)
+    weights = []
+    with caplog.at_level("WARNING"):
+        for index, batch in enumerate(loader):
+            with accelerator.accumulate(model):
+                sam.backward(lambda m, b, index=index: mse(m, b) * (math.inf if index == 1 else 1.0), batch)
+                optimizer.step()
+                optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                weights.append(flat(model).clone())
+    assert torch.equal(weights[0], flat(tiny_mlp())) and torch.isfinite(weights[1]).all()
+    assert not torch.equal(weights[1], weights[0])
+    assert sam.metrics()["sam/skipped_steps"] == 1 and "this step is skipped" in caplog.text
+
+
+def test_microbatch_scope_window_with_an_overflow_logs_the_other_windows_figures_only():
+    """Under a GradScaler one overflowing micro-batch made every sam/* figure of the logging window inf or NaN: the
+    window's later figures were measured on its non-finite gradient sum. Its figures are now left out."""
+    def run(bad_index):
+        accelerator = Accelerator(cpu=True, gradient_accumulation_steps=3)
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+        model = tiny_mlp()
+        loader = DataLoader(regression_data(24), batch_size=4)
+        model, optimizer, loader = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR), loader)
+        sam = AcceleratedSAM(accelerator, model, optimizer, method="sam", rho=0.1, scope="microbatch")
+        for index, batch in enumerate(loader):
+            with accelerator.accumulate(model):
+                factor = math.inf if index == bad_index else 1.0
+                sam.backward(lambda m, b, factor=factor: mse(m, b) * factor, batch)
+                optimizer.step()
+                optimizer.zero_grad()
+            if index == 2:  # after the first window: its figures alone
+                first_window = sam.metrics()
+        return first_window, sam.metrics()
+
+    (clean_first, _), (overflowed_first, second) = run(bad_index=None), run(bad_index=1)
+    assert overflowed_first == {"sam/skipped_steps": 1.0}
+    assert clean_first.keys() > {"sam/loss_perturbed", "sam/sharpness", "sam/grad_norm", "sam/grad_cosine"}
+    assert all(math.isfinite(v) for v in second.values()) and second["sam/skipped_steps"] == 0
+    assert second.keys() == clean_first.keys()
+
+
+def test_a_short_last_window_reports_the_norm_of_its_mean_gradient():
+    """A plain Accelerate backward divides each loss by the accumulation steps k, so a last window of m < k
+    micro-batches holds m/k of its mean gradient; its sam/grad_norm was reported m/k as large (as the Trainer's
+    is not). 7 micro-batches in windows of 3: the last holds one."""
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=3)
+    model = tiny_mlp()
+    data = regression_data(28)
+    loader = DataLoader(data, batch_size=4)
+    model, optimizer, loader = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR), loader)
+    sam = AcceleratedSAM(accelerator, model, optimizer, method="sam", rho=0.1)
+    for index, batch in enumerate(loader):
+        if index == 6:
+            reference = tiny_mlp()
+            reference.load_state_dict(accelerator.unwrap_model(model).state_dict())
+            sam.metrics()  # the earlier windows' figures
+        with accelerator.accumulate(model):
+            sam.backward(mse, batch)
+            optimizer.step()
+            optimizer.zero_grad()
+    last = batches(data, 4)[6]
+    grads = torch.autograd.grad(mse(reference, last), list(reference.parameters()))
+    expected = float(torch.sqrt(sum(g.double().square().sum() for g in grads)))
+    assert sam.metrics()["sam/grad_norm"] == pytest.approx(expected, rel=1e-5)

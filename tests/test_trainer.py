@@ -815,3 +815,28 @@ def test_esam_masks_follow_the_run_seed_unless_given(tmp_path, sam_args, expecte
     args = SAMTrainingArguments(**trainer_kwargs(str(tmp_path), optimizer="esam", seed=7, sam_args=sam_args))
     trainer = SAMTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset(8), compute_loss_func=token_sum_loss)
     assert trainer.create_optimizer().seed == expected
+
+
+@pytest.mark.parametrize("scope", ["global", "microbatch"])
+def test_a_window_with_a_non_finite_loss_takes_no_step(tmp_path, scope):
+    """Under sam_scope=microbatch each micro-batch's ascent started afresh and cleared the skip an earlier
+    micro-batch's non-finite gradients had asked for: the step applied them and every weight became NaN."""
+    calls = []
+
+    def loss_fn(outputs, labels, num_items_in_batch=None):
+        calls.append(None)
+        loss = token_sum_loss(outputs, labels, num_items_in_batch)
+        return loss * float("inf") if len(calls) == 1 else loss
+
+    args = SAMTrainingArguments(**trainer_kwargs(
+        str(tmp_path / "out"), optimizer="sam", rho=0.05, sam_scope=scope, learning_rate=LR,
+        per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=2))
+    trainer = SAMTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset(16), compute_loss_func=loss_fn)
+    first_step = []
+    trainer.add_callback(type("AfterStep", (TrainerCallback,), {
+        "on_step_end": lambda self, a, state, control, model=None, **kw: first_step.append(flat_params(model))})())
+    trainer.train()
+    assert torch.equal(first_step[0], flat_params(tiny_bert()))  # the window with the non-finite loss
+    final = flat_params(trainer.model)
+    assert torch.isfinite(final).all() and not torch.equal(final, first_step[0])
+    assert [h["sam/skipped_steps"] for h in trainer.state.log_history if "loss" in h] == [1, 0]

@@ -631,3 +631,40 @@ def test_accelerate_esam_selection_compares_each_example_under_its_own_pass_one_
                                 torch.nn.Linear(16, 3)).double()
     rises = esam_window_rises(Accelerator(cpu=True, gradient_accumulation_steps=2), model)
     assert len(rises) == 3 and max(rise.abs().max().item() for rise in rises) < 1e-6
+
+
+def test_esam_window_whose_drawn_tensors_have_no_gradient_logs_no_ascent_figures():
+    """Tensor SWP runs pass 2 even when the drawn tensors had no gradient to ascend along (an unused tensor); such
+    a window was logged as an ascent, with sharpness 0 and the previous window's sam/grad_norm and sam/rho."""
+
+    class WithUnusedTensor(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin = torch.nn.Linear(4, 1, dtype=torch.float64)
+            self.unused = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+
+        def forward(self, x):
+            return self.lin(x)
+
+    accelerator = Accelerator(cpu=True)
+    model = WithUnusedTensor()
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR))
+    sam = AcceleratedSAM(accelerator, model, optimizer, method="esam", rho=0.1, beta=0.3, gamma=1.0, seed=0)
+    perturbed_forwards = []
+    model.register_forward_pre_hook(lambda module, args: perturbed_forwards.append(sam.sam_optimizer.is_perturbed))
+    gen = torch.Generator().manual_seed(1)
+    ascended_windows = replays_at_w = 0
+    for _ in range(12):
+        x = torch.randn(8, 4, generator=gen, dtype=torch.float64)
+        perturbed_forwards.clear()
+        with accelerator.accumulate(model):
+            sam.backward(lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]), (x, x.sum(1, keepdim=True)))
+            optimizer.step()
+            optimizer.zero_grad()
+        metrics = sam.metrics()
+        ascended, logged = any(perturbed_forwards), "sam/grad_norm" in metrics
+        assert logged == ascended and ("sam/sharpness" in metrics) == ascended
+        ascended_windows += ascended
+        replays_at_w += len(perturbed_forwards) == 2 and not ascended
+    assert 0 < ascended_windows < 12 and replays_at_w > 0

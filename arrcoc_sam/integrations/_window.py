@@ -52,8 +52,12 @@ gradient as usual.
 
 Metrics (:class:`SAMMetrics`): ``loss_perturbed`` and ``sharpness`` are per-window sums in the units of the
 clean loss the loop logs; ``grad_norm``/``grad_norm_perturbed``/``grad_cosine``/``rho`` are the optimizer's
-``stats`` after each ascent (gradient norms divided by the GradScaler scale). Under ``microbatch`` the
-second-pass figures are measured on the gradient accumulated so far in the window.
+``stats`` after each ascent (gradient norms divided by the GradScaler scale, and in the global and per_device
+scopes by the share of a short last window's mean gradient its ``.grad`` holds). Under ``microbatch`` the
+second-pass figures are measured on the gradient accumulated so far in the window, and a window one of whose
+micro-batches met non-finite gradients records none. A window that meets non-finite gradients takes no step:
+the optimizer skips it, and without a GradScaler its gradients are dropped, for loops that step the base
+optimizer directly.
 """
 
 from __future__ import annotations
@@ -113,21 +117,27 @@ METRIC_KEYS = ("loss_perturbed", "sharpness", *_STAT_KEYS)
 
 
 class SAMMetrics:
-    """On-device running sums of the ``sam/*`` figures between two reads; no host sync until :meth:`read`."""
+    """On-device running sums of the ``sam/*`` figures between two reads; no host sync until :meth:`read`.
+
+    A non-finite observation (a pass that overflowed under an fp16 GradScaler, whose step is skipped) is left out
+    of its mean, on the device, as the Trainer leaves non-finite losses out of its logged ``loss``."""
 
     def __init__(self) -> None:
         self._sums: dict[str, Tensor] = {}
-        self._counts: dict[str, int] = dict.fromkeys(METRIC_KEYS, 0)
+        self._counts: dict[str, Tensor] = {}
         self._skipped = 0
 
     def add(self, key: str, value: Tensor) -> None:
         """Add one observation (a 0-dim tensor on any device) of ``key``."""
         value = value.detach().float()
+        finite = torch.isfinite(value)
+        value = torch.where(finite, value, torch.zeros_like(value))
         if key in self._sums:
-            self._sums[key] = self._sums[key] + value.to(self._sums[key].device, non_blocking=True)
+            device = self._sums[key].device
+            self._sums[key] = self._sums[key] + value.to(device, non_blocking=True)
+            self._counts[key] = self._counts[key] + finite.to(device, non_blocking=True)
         else:
-            self._sums[key] = value.clone()
-        self._counts[key] += 1
+            self._sums[key], self._counts[key] = value, finite.float()
 
     def add_skipped(self, count: int) -> None:
         self._skipped += count
@@ -140,16 +150,17 @@ class SAMMetrics:
         on any rank are left out.
         """
         device = next((t.device for t in self._sums.values()), accelerator.device)
-        sums = [self._sums.get(k, torch.zeros((), device=device)).to(device) for k in METRIC_KEYS]
-        counts = [float(self._counts[k]) for k in METRIC_KEYS]
-        packed = torch.cat([torch.stack(sums), torch.tensor([*counts, float(self._skipped)], device=device)])
+        zero = torch.zeros((), device=device)
+        sums = [self._sums.get(k, zero).to(device) for k in METRIC_KEYS]
+        counts = [self._counts.get(k, zero).to(device) for k in METRIC_KEYS]
+        packed = torch.cat([torch.stack(sums), torch.stack(counts), torch.tensor([float(self._skipped)], device=device)])
         if accelerator.num_processes > 1:
             packed = accelerator.reduce(packed, reduction="sum")
         values = packed.tolist()
         n = len(METRIC_KEYS)
         out = {f"sam/{k}": values[i] / values[n + i] for i, k in enumerate(METRIC_KEYS) if values[n + i] > 0}
         out["sam/skipped_steps"] = values[-1] / accelerator.num_processes
-        self._sums, self._counts, self._skipped = {}, dict.fromkeys(METRIC_KEYS, 0), 0
+        self._sums, self._counts, self._skipped = {}, {}, 0
         return out
 
 
@@ -171,6 +182,8 @@ class SAMWindow:
         self._clean: Tensor | None = None
         self._perturbed_sum: Tensor | None = None  # microbatch scope: Σ pass-2 losses (clean ones where skipped)
         self._any_ascent = False
+        self._pending_stats: list[tuple[dict[str, Tensor], float]] = []  # microbatch scope: recorded at window end
+        self._non_finite = False  # an ascent of this window met non-finite gradients: its step is skipped
         self._select = False  # this window runs data selection
         self._selection_unavailable = False  # the per-example losses raised PerExampleLossUnavailable once
         self._clean_examples: list[Tensor] = []  # [B_m] clean per-example losses of each micro-batch
@@ -216,8 +229,8 @@ class SAMWindow:
             self._micro_batches += 1
             if self._ascend and self.scope == "microbatch":
                 loss = self._microbatch_step(model, optimizer, batch, run_pass, last)
-                if last and self._any_ascent:
-                    self._record_losses(clean=self._clean, perturbed=self._perturbed_sum)
+                if last:
+                    self._end_microbatch_window(optimizer)
             else:
                 if self._ascend:
                     self._batches.append(batch)
@@ -271,7 +284,10 @@ class SAMWindow:
         with preserve_running_stats(model):  # a pass that raises reaches micro_step's abort_window()
             with optimizer.selection_provided() if self._select else contextlib.nullcontext():
                 ok = optimizer.perturb()
-            scale = self._grad_scale() if ok else 1.0
+            self._non_finite = optimizer.next_step_skipped
+            # ESAM's tensor SWP asks for pass 2 although its drawn tensors had no gradient to ascend along
+            ascended = ok and optimizer.is_perturbed
+            units = self._grad_scale() * self._window_fraction() if ascended else 1.0
             # With a rank-local ascent every rank must still join the replay's all-reduce (and, with data
             # selection, make the same single DDP forward: a skipped rank selects at w).
             must_join = self.scope != "global" and self.accelerator.num_processes > 1
@@ -286,9 +302,11 @@ class SAMWindow:
                     perturbed = loss if perturbed is None else perturbed + loss
             optimizer.restore()
         self.metrics.add_skipped(getattr(optimizer, "skipped_steps", 0) - skipped_before)
-        if ok:
+        if ascended:
             self._record_losses(clean=self._clean, perturbed=perturbed)
-            self._record_stats(optimizer, scale)
+            self._record_stats(optimizer.stats, units)
+        if self._non_finite:
+            self._drop_gradients_unless_scaled(optimizer)
 
     def _plan_first_pass(self, model: nn.Module, optimizer: Optimizer) -> None:
         """Which tensors pass 1 computes gradients for (``first_pass_tensors``; ``None``: all), and whether the
@@ -421,7 +439,9 @@ class SAMWindow:
         perturbed = None
         with preserve_running_stats(model):  # a pass that raises reaches micro_step's abort_window()
             ok = optimizer.perturb()
-            scale = self._grad_scale() if ok else 1.0
+            self._non_finite = self._non_finite or optimizer.next_step_skipped
+            ascended = ok and optimizer.is_perturbed
+            scale = self._grad_scale() if ascended else 1.0
             if ok or (last and self.accelerator.num_processes > 1):
                 for p, grad in zip(params, accumulated, strict=True):
                     p.grad = grad  # pass 2 accumulates onto the window's sum (and syncs it when last)
@@ -430,13 +450,13 @@ class SAMWindow:
                 _add_grads_(params, accumulated)
             optimizer.restore()
         self.metrics.add_skipped(getattr(optimizer, "skipped_steps", 0) - skipped_before)
-        if ok:
-            self._record_stats(optimizer, scale)
+        if ascended:
+            self._pending_stats.append((dict(optimizer.stats), scale))
         # Window sums, comparable with the logged loss; a micro-batch without ascent contributes its clean loss.
         contribution = perturbed if ok else loss
         self._clean = loss if self._clean is None else self._clean + loss
         self._perturbed_sum = contribution if self._perturbed_sum is None else self._perturbed_sum + contribution
-        self._any_ascent = self._any_ascent or ok
+        self._any_ascent = self._any_ascent or ascended
         return loss
 
     # -- helpers ---------------------------------------------------------------------------------------
@@ -464,18 +484,49 @@ class SAMWindow:
         self.metrics.add("loss_perturbed", perturbed / steps)
         self.metrics.add("sharpness", (perturbed - clean) / steps)
 
-    def _record_stats(self, optimizer: Optimizer, scale: float) -> None:
-        stats = getattr(optimizer, "stats", {})
+    def _end_microbatch_window(self, optimizer: Optimizer) -> None:
+        """The window's figures, unless one of its micro-batches met non-finite gradients: its gradient sum is then
+        non-finite, every later figure was measured on it, and the step is skipped (each micro-batch's ascent
+        starts afresh, so the skip is asked for again here)."""
+        if self._non_finite:
+            optimizer.skip_next_step()
+            self._drop_gradients_unless_scaled(optimizer)
+            return
+        if self._any_ascent:
+            self._record_losses(clean=self._clean, perturbed=self._perturbed_sum)
+        for stats, scale in self._pending_stats:
+            self._record_stats(stats, scale)
+
+    def _drop_gradients_unless_scaled(self, optimizer: Optimizer) -> None:
+        """A window that met non-finite gradients takes no step. A GradScaler finds them itself and skips its
+        step (and must see them to lower its scale); without one, a loop that steps the base optimizer directly
+        (AcceleratedSAM) would apply them, so the gradients are dropped (``None``: every torch optimizer then leaves
+        the weights and its state as they are)."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            return
+        logger.warning("non-finite gradients: this step is skipped (its gradients are dropped)")
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
+    def _record_stats(self, stats: dict[str, Tensor], units: float) -> None:
+        """An ascent's figures (the optimizer's ``stats``); the gradient norms divided by ``units``, what ``.grad``
+        holds per unit of the gradient they are reported in (the GradScaler's scale; in the global and per_device
+        scopes times :meth:`_window_fraction`, so a short last window reports its mean gradient, as the Trainer
+        does)."""
         for key in _STAT_KEYS:
             if key in stats:
                 value = stats[key]
-                self.metrics.add(key, value / scale if key in _SCALED_STATS else value)
+                self.metrics.add(key, value / units if key in _SCALED_STATS else value)
 
     def _close(self) -> None:
         self._open = False
         self._batches = []
         self._clean = self._perturbed_sum = None
         self._any_ascent = False
+        self._pending_stats = []
+        self._non_finite = False
         self._select = False
         self._clean_examples = []
         self._clean_weights = []

@@ -335,6 +335,16 @@ class SAM(Optimizer):
     def after_first_pass(self) -> None:
         """Called after the last micro-batch backward of a window, before :meth:`perturb`."""
 
+    @property
+    def next_step_skipped(self) -> bool:
+        """Whether the next :meth:`step` skips the base update (the last ascent met non-finite gradients)."""
+        return self._skip_next_step
+
+    def skip_next_step(self) -> None:
+        """Make the next :meth:`step` skip the base update: a window whose earlier micro-batch met non-finite
+        gradients (``sam_scope=microbatch``, where each micro-batch's :meth:`perturb` starts afresh)."""
+        self._skip_next_step = True
+
     def first_pass_tensors(self) -> list[Tensor] | None:
         """The tensors whose pass-1 gradient the coming ascent reads (valid after :meth:`before_first_pass`),
         or ``None`` for all of them (SAM). A loop may run pass 1 with ``requires_grad`` off on the others
@@ -391,8 +401,8 @@ class SAM(Optimizer):
         for index, group in enumerate(self.param_groups):  # a ρ schedule may set them in place: checked here
             if not _plainly_valid(group):
                 SAM._check_group(self, group, f"param group {index}: ")
-        self.stats.pop("grad_norm_perturbed", None)  # the previous step's; restore() records this step's
-        self.stats.pop("grad_cosine", None)
+        for key in ("grad_norm", "rho", "grad_norm_perturbed", "grad_cosine"):  # the previous ascent's
+            self.stats.pop(key, None)
         params, grads, settings = self._ascent_directions()
         if not params:
             return False
