@@ -509,3 +509,17 @@ def test_a_short_last_window_reports_the_norm_of_its_mean_gradient():
     grads = torch.autograd.grad(mse(reference, last), list(reference.parameters()))
     expected = float(torch.sqrt(sum(g.double().square().sum() for g in grads)))
     assert sam.metrics()["sam/grad_norm"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_metrics_leave_non_finite_observations_out_of_their_means():
+    """A pass-2 overflow under fp16 (the GradScaler then skips the step) gave an inf ‖g_SAM‖ and a NaN cosine, and
+    one such window made the logging window's means inf/NaN."""
+    from arrcoc_sam.integrations._window import SAMMetrics
+
+    metrics = SAMMetrics()
+    for norm, cosine in ((1.0, 0.5), (math.inf, math.nan), (3.0, 0.7)):
+        metrics.add("grad_norm_perturbed", torch.tensor(norm))
+        metrics.add("grad_cosine", torch.tensor(cosine))
+    metrics.add("sharpness", torch.tensor(math.nan))
+    read = metrics.read(Accelerator(cpu=True))
+    assert read == {"sam/grad_norm_perturbed": 2.0, "sam/grad_cosine": pytest.approx(0.6), "sam/skipped_steps": 0.0}
