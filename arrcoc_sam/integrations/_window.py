@@ -285,6 +285,8 @@ class SAMWindow:
             with optimizer.selection_provided() if self._select else contextlib.nullcontext():
                 ok = optimizer.perturb()
             self._non_finite = optimizer.next_step_skipped
+            if self.scope == "per_device":  # each rank ascends from its own gradient: all skip if any must
+                self._non_finite = self._on_any_rank(self._non_finite, _params_of(optimizer)[0].device)
             # ESAM's tensor SWP asks for pass 2 although its drawn tensors had no gradient to ascend along
             ascended = ok and optimizer.is_perturbed
             units = self._grad_scale() * self._window_fraction() if ascended else 1.0
@@ -306,6 +308,7 @@ class SAMWindow:
             self._record_losses(clean=self._clean, perturbed=perturbed)
             self._record_stats(optimizer.stats, units)
         if self._non_finite:
+            optimizer.skip_next_step()
             self._drop_gradients_unless_scaled(optimizer)
 
     def _plan_first_pass(self, model: nn.Module, optimizer: Optimizer) -> None:
@@ -331,13 +334,18 @@ class SAMWindow:
         self._first_pass_tensors = needed
         self._average_by_hand = needed is not None and processes > 1 and self.scope == "global"
 
+    def _on_any_rank(self, flag: bool, device: torch.device) -> bool:
+        """Whether ``flag`` holds on any process (one all-reduce of a flag and a host sync when there are several)."""
+        if int(getattr(self.accelerator, "num_processes", 1)) <= 1:
+            return flag
+        tensor = torch.tensor([float(flag)], device=device)
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+        return bool(tensor.item())
+
     def _decide_pruning(self, unsafe: bool, device: torch.device) -> None:
         """After the probe window: prune pass 1 from now on unless the probe found it unsafe on any rank (one
         all-reduce of a flag across processes, once per run)."""
-        if int(getattr(self.accelerator, "num_processes", 1)) > 1:
-            flag = torch.tensor([float(unsafe)], device=device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            unsafe = bool(flag.item())
+        unsafe = self._on_any_rank(unsafe, device)
         self._may_prune_first_pass = not unsafe
         if unsafe:
             logger.info("the model uses reentrant activation checkpointing (or its outputs carry no graph to search "
@@ -488,6 +496,8 @@ class SAMWindow:
         """The window's figures, unless one of its micro-batches met non-finite gradients: its gradient sum is then
         non-finite, every later figure was measured on it, and the step is skipped (each micro-batch's ascent
         starts afresh, so the skip is asked for again here)."""
+        # each micro-batch ascends from this rank's own gradient: all ranks skip if any must
+        self._non_finite = self._on_any_rank(self._non_finite, _params_of(optimizer)[0].device)
         if self._non_finite:
             optimizer.skip_next_step()
             self._drop_gradients_unless_scaled(optimizer)
