@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from packaging.version import Version
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -142,6 +143,8 @@ def test_rho_zero_reproduces_the_stock_trainer_bitwise_with_other_base_optimizer
     assert (flat_params(sam.model) - flat_params(stock.model)).abs().max() > 1e-3
 
 
+@pytest.mark.skipif(Version(torch.__version__).release < (2, 7), reason="upstream: torch 2.6's dynamo cannot trace "
+                    "transformers' capture_outputs wrapper (NameError: name 'torch' is not defined)")
 def test_torch_compile_trains_the_same_weights_as_the_eager_model(tmp_path):
     """--torch_compile (dynamo with its eager backend: the same kernels) must not change a SAM step."""
     common = {"rho": 0.05, "per_device_train_batch_size": 8, "max_steps": 3}
