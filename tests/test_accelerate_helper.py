@@ -526,14 +526,14 @@ def test_metrics_leave_non_finite_observations_out_of_their_means():
 
 
 @pytest.mark.multiprocess
-def test_non_finite_gradients_on_one_of_two_processes_skip_the_step_on_both(run_torchrun):
+def test_non_finite_gradients_on_one_of_two_processes_skip_the_step_on_both(run_torchrun, tmp_path):
     """per_device and microbatch ascend from each rank's own gradient, so only the rank that met the non-finite
     loss skipped: per_device replicas drifted apart, and microbatch ones became NaN."""
     import json
 
-    proc = run_torchrun(Path(__file__).parent / "dist_scripts" / "non_finite_ddp.py", "global", "per_device",
-                        "microbatch", timeout=200)
-    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    run_torchrun(Path(__file__).parent / "dist_scripts" / "non_finite_ddp.py", "global", "per_device", "microbatch",
+                 timeout=200)
+    results = [json.loads(path.read_text(encoding="utf-8")) for path in sorted(tmp_path.glob("non_finite_*.json"))]
     assert len(results) == 6
     for result in results:
         assert result["finite"] and result["replicas_equal"] and result["trained"], result

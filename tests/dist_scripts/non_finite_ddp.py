@@ -1,7 +1,8 @@
 """A micro-batch with a non-finite loss on ONE of 2 gloo processes, through AcceleratedSAM in each scope: its window
 takes no step on any rank, so the replicas stay equal and finite (run by tests/test_accelerate_helper.py).
 
-Prints one JSON line per rank and scope: ``{"scope", "rank", "finite", "replicas_equal", "trained"}``.
+Writes ``non_finite_<scope>_<rank>.json`` (its own file: the ranks' writes to one pipe can interleave) with
+``{"scope", "rank", "finite", "replicas_equal", "trained"}`` into the working directory.
 """
 
 from __future__ import annotations
@@ -51,5 +52,6 @@ def run(scope: str) -> dict:
 
 if __name__ == "__main__":
     for scope in sys.argv[1:]:
-        print(json.dumps(run(scope)), flush=True)
+        result = run(scope)
+        Path(f"non_finite_{scope}_{result['rank']}.json").write_text(json.dumps(result), encoding="utf-8")
     shutdown_process_group()
