@@ -55,9 +55,10 @@ clean loss the loop logs; ``grad_norm``/``grad_norm_perturbed``/``grad_cosine``/
 ``stats`` after each ascent (gradient norms divided by the GradScaler scale, and in the global and per_device
 scopes by the share of a short last window's mean gradient its ``.grad`` holds). Under ``microbatch`` the
 second-pass figures are measured on the gradient accumulated so far in the window, and a window one of whose
-micro-batches met non-finite gradients records none. A window that meets non-finite gradients takes no step:
-the optimizer skips it, and without a GradScaler its gradients are dropped, for loops that step the base
-optimizer directly.
+micro-batches met non-finite gradients records none. A window whose ascent meets non-finite (pass-1) gradients
+takes no step, on every rank: the optimizer skips it, and without a GradScaler its gradients are dropped for loops
+that step the base optimizer directly. Pass-2 gradients, and windows without an ascent, are not checked (a
+GradScaler checks them under fp16).
 """
 
 from __future__ import annotations
@@ -170,11 +171,15 @@ class SAMWindow:
     Args:
         accelerator: the run's ``accelerate.Accelerator`` (``sync_gradients``, ``no_sync``, ``scaler``).
         scope: ``global`` | ``per_device`` | ``microbatch``.
+        loop_steps_base: the loop steps the base optimizer itself (AcceleratedSAM), so a window whose ascent met
+            non-finite gradients drops them (without a GradScaler) for that step to change nothing; False where
+            the step goes through the sharpness-aware optimizer (SAMTrainer), which skips it itself.
     """
 
-    def __init__(self, accelerator: Any, scope: str) -> None:
+    def __init__(self, accelerator: Any, scope: str, loop_steps_base: bool = True) -> None:
         self.accelerator = accelerator
         self.scope = scope
+        self.loop_steps_base = loop_steps_base
         self.metrics = SAMMetrics()
         self._open = False
         self._ascend = False
@@ -509,11 +514,11 @@ class SAMWindow:
 
     def _drop_gradients_unless_scaled(self, optimizer: Optimizer) -> None:
         """A window that met non-finite gradients takes no step. A GradScaler finds them itself and skips its
-        step (and must see them to lower its scale); without one, a loop that steps the base optimizer directly
-        (AcceleratedSAM) would apply them, so the gradients are dropped (``None``: every torch optimizer then leaves
-        the weights and its state as they are)."""
+        step (and must see them to lower its scale), and SAMTrainer's step goes through the optimizer, which skips
+        it; without either, a loop that steps the base optimizer directly (AcceleratedSAM) would apply them, so the
+        gradients are dropped (``None``: every torch optimizer then leaves the weights and its state as they are)."""
         scaler = getattr(self.accelerator, "scaler", None)
-        if scaler is not None and scaler.is_enabled():
+        if not self.loop_steps_base or (scaler is not None and scaler.is_enabled()):
             return
         logger.warning("non-finite gradients: this step is skipped (its gradients are dropped)")
         for group in optimizer.param_groups:

@@ -196,7 +196,7 @@ class _SAMTrainerMethods:
             return _STOCK_TRAINING_STEP(self, model, inputs, num_items_in_batch)
         window = self.__dict__.get("_sam_window")
         if window is None or window.accelerator is not self.accelerator or window.scope != settings.scope:
-            window = self._sam_window = SAMWindow(self.accelerator, settings.scope)
+            window = self._sam_window = SAMWindow(self.accelerator, settings.scope, loop_steps_base=False)
 
         def run_pass(batch: Any) -> torch.Tensor:
             return _STOCK_TRAINING_STEP(self, model, shallow_copy(batch), num_items_in_batch)
