@@ -290,8 +290,6 @@ class SAMWindow:
             with optimizer.selection_provided() if self._select else contextlib.nullcontext():
                 ok = optimizer.perturb()
             self._non_finite = optimizer.next_step_skipped
-            if self.scope == "per_device":  # each rank ascends from its own gradient: all skip if any must
-                self._non_finite = self._on_any_rank(self._non_finite, _params_of(optimizer)[0].device)
             # ESAM's tensor SWP asks for pass 2 although its drawn tensors had no gradient to ascend along
             ascended = ok and optimizer.is_perturbed
             units = self._grad_scale() * self._window_fraction() if ascended else 1.0
@@ -312,9 +310,7 @@ class SAMWindow:
         if ascended:
             self._record_losses(clean=self._clean, perturbed=perturbed)
             self._record_stats(optimizer.stats, units)
-        if self._non_finite:
-            optimizer.skip_next_step()
-            self._drop_gradients_unless_scaled(optimizer)
+        self._skip_step_if_non_finite(optimizer, agree=self.scope == "per_device")
 
     def _plan_first_pass(self, model: nn.Module, optimizer: Optimizer) -> None:
         """Which tensors pass 1 computes gradients for (``first_pass_tensors``; ``None``: all), and whether the
@@ -440,7 +436,7 @@ class SAMWindow:
     def _microbatch_step(
         self, model: nn.Module, optimizer: Optimizer, batch: Any, run_pass: RunPass, last: bool
     ) -> Tensor:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
+        params = _params_of(optimizer)
         accumulated = [p.grad for p in params]
         for p in params:
             p.grad = None
@@ -501,16 +497,23 @@ class SAMWindow:
         """The window's figures, unless one of its micro-batches met non-finite gradients: its gradient sum is then
         non-finite, every later figure was measured on it, and the step is skipped (each micro-batch's ascent
         starts afresh, so the skip is asked for again here)."""
-        # each micro-batch ascends from this rank's own gradient: all ranks skip if any must
-        self._non_finite = self._on_any_rank(self._non_finite, _params_of(optimizer)[0].device)
-        if self._non_finite:
-            optimizer.skip_next_step()
-            self._drop_gradients_unless_scaled(optimizer)
+        if self._skip_step_if_non_finite(optimizer, agree=True):
             return
         if self._any_ascent:
             self._record_losses(clean=self._clean, perturbed=self._perturbed_sum)
         for stats, scale in self._pending_stats:
             self._record_stats(stats, scale)
+
+    def _skip_step_if_non_finite(self, optimizer: Optimizer, agree: bool) -> bool:
+        """Whether this window met non-finite gradients; if so, the optimizer skips its step and, where the loop
+        steps the base optimizer itself, the gradients are dropped. ``agree``: the ranks ascended from their own
+        gradients (per_device, microbatch), so all of them skip if any must (one all-reduce of a flag)."""
+        if agree:
+            self._non_finite = self._on_any_rank(self._non_finite, _params_of(optimizer)[0].device)
+        if self._non_finite:
+            optimizer.skip_next_step()
+            self._drop_gradients_unless_scaled(optimizer)
+        return self._non_finite
 
     def _drop_gradients_unless_scaled(self, optimizer: Optimizer) -> None:
         """A window that met non-finite gradients takes no step. A GradScaler finds them itself and skips its
@@ -521,9 +524,8 @@ class SAMWindow:
         if not self.loop_steps_base or (scaler is not None and scaler.is_enabled()):
             return
         logger.warning("non-finite gradients: this step is skipped (its gradients are dropped)")
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                p.grad = None
+        for p in _params_of(optimizer):
+            p.grad = None
 
     def _record_stats(self, stats: dict[str, Tensor], units: float) -> None:
         """An ascent's figures (the optimizer's ``stats``); the gradient norms divided by ``units``, what ``.grad``
