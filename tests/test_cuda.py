@@ -115,11 +115,16 @@ def test_cuda_step_makes_no_host_sync_beyond_the_one_per_step():
     assert len(syncs) == 1, [str(w.message) for w in syncs]
 
 
-def test_cuda_multi_tensor_statistics_match_float64_and_clones_are_bitwise():
+@pytest.mark.parametrize("chunk", ["default", 3000])
+def test_cuda_multi_tensor_statistics_match_float64_and_clones_are_bitwise(monkeypatch, chunk):
+    """One flattened chunk (the default) and several, with a tensor of a chunk of its own (chunk 3000)."""
     from arrcoc_sam.sam import perturbation
 
+    if chunk != "default":
+        monkeypatch.setattr(perturbation, "ACCELERATOR_FLAT_CHUNK_NUMEL", chunk)
+        assert perturbation.flat_chunk_numel(torch.device("cuda")) == chunk
     gen = torch.Generator().manual_seed(3)
-    a = [torch.randn(s, generator=gen) for s in [(64, 32), (32,), (5, 7, 3), (1000,)] * 10]
+    a = [torch.randn(s, generator=gen) for s in [(64, 32), (32,), (5, 7, 3), (1000,)] * 10 + [(4000,)]]
     b = [torch.randn(t.shape, generator=gen) * (1 if i % 3 else -20) for i, t in enumerate(a)]
     stats = perturbation.dot_and_squared_norms([t.cuda() for t in a], [t.cuda() for t in b]).cpu().double()
     exact = torch.tensor([
