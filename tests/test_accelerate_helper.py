@@ -459,6 +459,35 @@ def test_a_window_with_non_finite_gradients_takes_no_step_without_a_grad_scaler(
     assert sam.metrics()["sam/skipped_steps"] == 1 and "this step is skipped" in caplog.text
 
 
+@pytest.mark.parametrize("scope", ["global", "microbatch"])
+def test_a_window_whose_loss_blows_up_only_at_w_plus_eps_takes_no_step_without_a_grad_scaler(scope, caplog):
+    """A loss finite at w and infinite at w + ε: the ascent saw finite gradients and the loop's own step applied
+    the non-finite sharpness-aware gradient. The window now drops it, so that step leaves the weights as they were."""
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=3)
+    model = tiny_mlp()
+    loader = DataLoader(regression_data(24), batch_size=4)
+    model, optimizer, loader = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR), loader)
+    sam = AcceleratedSAM(accelerator, model, optimizer, method="sam", rho=0.1, scope=scope)
+
+    weights = []
+
+    def loss_fn(m, b):  # every pass at w + ε of the first window
+        blows_up = not weights and sam.sam_optimizer.is_perturbed
+        return mse(m, b) * (math.inf if blows_up else 1.0)
+
+    with caplog.at_level("WARNING"):
+        for batch in loader:
+            with accelerator.accumulate(model):
+                sam.backward(loss_fn, batch)
+                optimizer.step()
+                optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                weights.append(flat(model).clone())
+    assert torch.equal(weights[0], flat(tiny_mlp())) and torch.isfinite(weights[1]).all()
+    assert not torch.equal(weights[1], weights[0])
+    assert sam.metrics()["sam/skipped_steps"] == 0 and "non-finite gradients at w + ε" in caplog.text
+
+
 def test_microbatch_scope_window_with_an_overflow_logs_the_other_windows_figures_only():
     """Under a GradScaler one overflowing micro-batch made every sam/* figure of the logging window inf or NaN: the
     window's later figures were measured on its non-finite gradient sum. Its figures are now left out."""
@@ -528,12 +557,13 @@ def test_metrics_leave_non_finite_observations_out_of_their_means():
 @pytest.mark.multiprocess
 def test_non_finite_gradients_on_one_of_two_processes_skip_the_step_on_both(run_torchrun, tmp_path):
     """per_device and microbatch ascend from each rank's own gradient, so only the rank that met the non-finite
-    loss skipped: per_device replicas drifted apart, and microbatch ones became NaN."""
+    loss skipped: per_device replicas drifted apart, and microbatch ones became NaN. A loss that blows up only at
+    w + ε on one rank: its non-finite gradient reaches every rank through the all-reduce, and no rank steps."""
     import json
 
-    run_torchrun(Path(__file__).parent / "dist_scripts" / "non_finite_ddp.py", "global", "per_device", "microbatch",
-                 timeout=200)
+    arguments = [f"{scope}:{stage}" for scope in ("global", "per_device", "microbatch") for stage in ("pass1", "pass2")]
+    run_torchrun(Path(__file__).parent / "dist_scripts" / "non_finite_ddp.py", *arguments, timeout=300)
     results = [json.loads(path.read_text(encoding="utf-8")) for path in sorted(tmp_path.glob("non_finite_*.json"))]
-    assert len(results) == 6
+    assert len(results) == 12
     for result in results:
         assert result["finite"] and result["replicas_equal"] and result["trained"], result

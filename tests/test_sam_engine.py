@@ -362,6 +362,55 @@ def test_nonfinite_first_pass_gradient_skips_step_and_keeps_weights(caplog):
     assert opt.state_dict()["state"] == {}
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_non_finite_second_pass_gradient_skips_the_step_and_keeps_weights(caplog, bad):
+    """A loss finite at w that blows up at w + ε: the ascent saw finite gradients, so the step applied the
+    non-finite sharpness-aware gradient and every weight became NaN. The step is now skipped, with a warning,
+    and the base optimizer's state stays empty; the next step trains."""
+    model = make_mlp()
+    before = copy.deepcopy(model.state_dict())
+    opt = SAM(model.parameters(), torch.optim.AdamW, lr=0.1)
+    batch = make_batches(1)[0]
+    calls = []
+
+    def closure():
+        calls.append(1)
+        opt.zero_grad()
+        loss = mse(model, batch)
+        (loss * bad if len(calls) == 2 else loss).backward()
+        return loss
+
+    with caplog.at_level("WARNING"):
+        opt.step(closure)
+    assert len(calls) == 2 and opt.skipped_steps == 0  # the ascent itself went ahead
+    assert "non-finite gradients at w + ε" in caplog.text
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert opt.state_dict()["state"] == {}
+    opt.step(closure)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_second_pass_check_is_answered_once_and_ignores_a_norm_that_only_overflowed():
+    """update_non_finite() reads the gradient recorded by the last restore once; finite gradients whose float32
+    norm overflows (elements ~1e20) are not skipped, and without statistics there is nothing to check."""
+    model = make_mlp(dtype=torch.float32)
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=1e-30)
+    mse(model, make_batches(1, dtype=torch.float32)[0]).backward()
+    with opt.perturbed():
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 1e20)
+    assert math.isinf(float(opt.stats["grad_norm_perturbed"]))
+    assert not opt.update_non_finite()
+    with opt.perturbed():
+        model[0].weight.grad[0, 0] = math.nan
+    assert opt.update_non_finite() and not opt.update_non_finite()
+    opt.track_stats = False
+    with opt.perturbed():
+        model[0].weight.grad[0, 0] = math.nan
+    assert not opt.update_non_finite()
+
+
 def test_exception_in_second_pass_leaves_weights_restored():
     model = make_mlp()
     before = copy.deepcopy(model.state_dict())

@@ -722,6 +722,32 @@ def test_looksam_non_finite_second_pass_keeps_the_previous_direction(caplog):
     assert all(torch.equal(direction[p], d) for p, d in opt.buffers["direction"].items())
 
 
+@pytest.mark.parametrize("name", ["periodic", "looksam", "esam", "gsam", "fsam"])
+def test_a_non_finite_second_pass_skips_the_step_of_every_method_with_one(name, caplog):
+    """A loss that is finite at w and infinite at w + ε: each method's closure step leaves the weights and the base
+    optimizer's state as they were (the ascent itself went ahead), and the next step trains."""
+    model = make_mlp()
+    clean = copy.deepcopy(model.state_dict())
+    knobs = {"interval": 1} if name in ("periodic", "looksam") else {"gamma": 1.0} if name == "esam" else {}
+    opt = build_sam_optimizer(name, model.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM, rho=RHO, **knobs)
+    x, y = make_batches(1)[0]
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        opt.zero_grad()
+        loss = ((model(x) - y) ** 2).mean()
+        (loss * (math.inf if calls[0] == 2 else 1.0)).backward()
+        return loss
+
+    with caplog.at_level("WARNING"):
+        opt.step(closure)
+    assert calls[0] == 2 and "non-finite gradients at w + ε" in caplog.text
+    assert bitwise_equal(model, _with_state(clean)) and opt.base_optimizer.state_dict()["state"] == {}
+    opt.step(closure)
+    assert all(torch.isfinite(p).all() for p in model.parameters()) and not bitwise_equal(model, _with_state(clean))
+
+
 def test_gsam_add_param_group_gets_the_schedule_keys_and_is_validated():
     model, extra = make_mlp(), nn.Linear(3, 2, dtype=torch.float64)
     opt = GSAM(model.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM, rho=RHO, rho_min=0.01, lr_min=0.001)

@@ -310,6 +310,7 @@ class SAMWindow:
         if ascended:
             self._record_losses(clean=self._clean, perturbed=perturbed)
             self._record_stats(optimizer.stats, units)
+        self._non_finite = self._non_finite or self._update_non_finite(optimizer)
         self._skip_step_if_non_finite(optimizer, agree=self.scope == "per_device")
 
     def _plan_first_pass(self, model: nn.Module, optimizer: Optimizer) -> None:
@@ -497,6 +498,7 @@ class SAMWindow:
         """The window's figures, unless one of its micro-batches met non-finite gradients: its gradient sum is then
         non-finite, every later figure was measured on it, and the step is skipped (each micro-batch's ascent
         starts afresh, so the skip is asked for again here)."""
+        self._non_finite = self._non_finite or self._update_non_finite(optimizer)
         if self._skip_step_if_non_finite(optimizer, agree=True):
             return
         if self._any_ascent:
@@ -515,13 +517,25 @@ class SAMWindow:
             self._drop_gradients_unless_scaled(optimizer)
         return self._non_finite
 
+    def _update_non_finite(self, optimizer: Optimizer) -> bool:
+        """Whether the window's sharpness-aware gradient holds inf/NaN (the optimizer's
+        ``update_non_finite()``, one host sync), where nothing else would catch it: a loop that steps the base
+        optimizer directly (AcceleratedSAM), without a GradScaler. SAMTrainer's step goes through the optimizer,
+        whose ``step()`` checks it; a GradScaler checks it itself."""
+        if not self.loop_steps_base or self._scaled():
+            return False
+        return optimizer.update_non_finite()
+
+    def _scaled(self) -> bool:
+        scaler = getattr(self.accelerator, "scaler", None)
+        return scaler is not None and scaler.is_enabled()
+
     def _drop_gradients_unless_scaled(self, optimizer: Optimizer) -> None:
         """A window that met non-finite gradients takes no step. A GradScaler finds them itself and skips its
         step (and must see them to lower its scale), and SAMTrainer's step goes through the optimizer, which skips
         it; without either, a loop that steps the base optimizer directly (AcceleratedSAM) would apply them, so the
         gradients are dropped (``None``: every torch optimizer then leaves the weights and its state as they are)."""
-        scaler = getattr(self.accelerator, "scaler", None)
-        if not self.loop_steps_base or (scaler is not None and scaler.is_enabled()):
+        if not self.loop_steps_base or self._scaled():
             return
         logger.warning("non-finite gradients: this step is skipped (its gradients are dropped)")
         for p in _params_of(optimizer):

@@ -64,7 +64,9 @@ class AcceleratedSAM:
         per_example_loss_fn: ``fn(outputs, batch) -> Tensor [B]`` for ESAM's data selection (default
             :func:`~arrcoc_sam.sam.variants.esam.per_example_loss`, on next-token labels for causal LMs).
         statistics: compute the pass-2 statistics (``sam/grad_norm_perturbed``, ``sam/grad_cosine``) each
-            step; ``False`` saves their three reductions.
+            step, and without a GradScaler drop a window's non-finite sharpness-aware gradient so that the loop's
+            step leaves the weights as they are (one host sync); ``False`` saves their three reductions and the
+            check.
     """
 
     def __init__(

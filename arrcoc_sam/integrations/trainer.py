@@ -101,7 +101,8 @@ class SAMArguments:
     sam_statistics: bool = field(
         default=True,
         metadata={"help": "Compute and log sam/grad_norm_perturbed and sam/grad_cosine (three reductions over "
-                  "the parameters per step); false skips them."},
+                  "the parameters per step), and skip a step whose sharpness-aware gradient is non-finite; false "
+                  "skips both."},
     )
 
     def sam_settings(self) -> SAMSettings:

@@ -98,7 +98,8 @@ class SAM(Optimizer):
         base_kwargs: forwarded to ``base_optimizer`` when it is a class.
 
     The hot path costs two foreach passes over the perturbed tensors (norm, apply) plus one copy each way,
-    and one host synchronisation per step (to decide whether the ascent is finite).
+    and one host synchronisation per ascent (to decide whether it is finite), and one more per step when the
+    pass-2 statistics are on (to skip a non-finite sharpness-aware gradient, :meth:`update_non_finite`).
 
     Sharded parameters (DTensors, e.g. FSDP2 ``fully_shard``) are perturbed and restored shard-locally; the
     norm is that of the full gradient, from one fp32 all-reduce per step (:mod:`arrcoc_sam.sam.sharding`).
@@ -215,6 +216,7 @@ class SAM(Optimizer):
         self._restore_pairs: list[tuple[list[Tensor], list[Tensor]]] = []  # (targets, backup) per foreach group
         self._layout: ShardLayout | None = None
         self._skip_next_step = False
+        self._update_check: tuple[Tensor, list[Tensor]] | None = None  # (‖g_SAM‖, the params) from restore()
         self._warned_low_precision = False
         self._stats_model: nn.Module | None = None
         self._stats_snapshot: tuple[list[Tensor], list[Tensor]] = ([], [])  # (buffers, clean copies)
@@ -327,10 +329,12 @@ class SAM(Optimizer):
     def before_first_pass(self) -> None:
         """Called before the first micro-batch forward of an accumulation window.
 
-        Clears a pending skip left by a non-finite ascent whose step a GradScaler already skipped.
-        Overrides must call ``super().before_first_pass()``.
+        Clears a pending skip left by a non-finite ascent whose step a GradScaler already skipped, and the
+        last restore's gradient check (:meth:`update_non_finite`). Overrides must call
+        ``super().before_first_pass()``.
         """
         self._skip_next_step = False
+        self._update_check = None
 
     def after_first_pass(self) -> None:
         """Called after the last micro-batch backward of a window, before :meth:`perturb`."""
@@ -398,6 +402,7 @@ class SAM(Optimizer):
         if self._perturbed:
             raise RuntimeError("perturb() called twice without restore(): the weights are already at w + ε")
         self._skip_next_step = False
+        self._update_check = None
         for index, group in enumerate(self.param_groups):  # a ρ schedule may set them in place: checked here
             if not _plainly_valid(group):
                 SAM._check_group(self, group, f"param group {index}: ")
@@ -425,7 +430,7 @@ class SAM(Optimizer):
         # The copies are dispatched before the host waits for the norm, so on an accelerator the host queues
         # them while the device still finishes the backward pass; a skipped ascent drops them unused.
         backups = [perturbation.clone_all(group.params) for group in groups]
-        norm_value = float(norm)  # the one host sync of the step
+        norm_value = float(norm)  # the ascent's one host sync
         if layout is None and (math.isinf(norm_value) or norm_value == 0.0):
             norm_value = self._norm_out_of_float32_range(groups, norm_value, norm.device)
         if not math.isfinite(norm_value) or norm_value == 0.0:
@@ -527,6 +532,7 @@ class SAM(Optimizer):
             cosine = eps_dot_grad / (eps_sq.sqrt() * grad_norm).clamp_min(1e-30)
         self.stats["grad_norm_perturbed"] = grad_norm.float()
         self.stats["grad_cosine"] = cosine.float()
+        self._update_check = (grad_norm, list(self._perturbed) if self._layout is None else [])
 
     @contextlib.contextmanager
     def perturbed(self) -> Iterator[bool]:
@@ -563,7 +569,8 @@ class SAM(Optimizer):
             self.zero_grad()
 
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
-        """Without a closure: the base optimizer's step (skipped after a non-finite ascent).
+        """Without a closure: the base optimizer's step, skipped after a non-finite ascent and when the
+        sharpness-aware gradient holds inf/NaN (:meth:`update_non_finite`).
 
         With a closure (zero_grad + forward + backward, returning the loss): a full SAM step — the closure
         at w, the ascent, the closure at w + ε, restore, base step. Returns the loss at the clean weights.
@@ -576,7 +583,7 @@ class SAM(Optimizer):
         """
         self._check_not_perturbed("step()")
         if closure is None:
-            if self._skip_next_step:
+            if self._skip_next_step or self.update_non_finite():
                 self._skip_next_step = False
                 return None
             self.base_optimizer.step()
@@ -594,6 +601,29 @@ class SAM(Optimizer):
                     closure()
         self.step()
         return loss
+
+    def update_non_finite(self) -> bool:
+        """Whether the sharpness-aware gradient of the last :meth:`restore` holds inf/NaN; answered once (the
+        next call says False until another restore records a gradient), with a warning when it does.
+
+        Read from ``stats["grad_norm_perturbed"]``, so only after a restore that recorded it (``track_stats``;
+        every perturbed tensor had a pass-2 gradient): one host sync. A float32 norm that overflowed although
+        every element is finite (above ~1.8e19, e.g. under a large GradScaler scale) does not count.
+        :meth:`step` calls it and skips the base update when it says so; the pass-1 check in :meth:`perturb`
+        cannot see a loss that is finite at w and blows up at w + ε.
+        """
+        if self._update_check is None:
+            return False
+        norm, params = self._update_check
+        self._update_check = None
+        value = float(norm)
+        if math.isfinite(value):
+            return False
+        grads = [p.grad for p in params if p.grad is not None]
+        if math.isinf(value) and grads and math.isfinite(perturbation.largest_magnitude(grads)):
+            return False
+        logger.warning("SAM: non-finite gradients at w + ε (‖g_SAM‖ = %s); skipping the optimizer step", value)
+        return True
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)

@@ -1,8 +1,10 @@
 """A micro-batch with a non-finite loss on ONE of 2 gloo processes, through AcceleratedSAM in each scope: its window
 takes no step on any rank, so the replicas stay equal and finite (run by tests/test_accelerate_helper.py).
+Each argument is ``<scope>:<stage>``: ``pass1``, the loss of rank 1's first micro-batch is infinite at w;
+``pass2``, rank 1's losses of the first window are finite at w and infinite at w + ε.
 
-Writes ``non_finite_<scope>_<rank>.json`` (its own file: the ranks' writes to one pipe can interleave) with
-``{"scope", "rank", "finite", "replicas_equal", "trained"}`` into the working directory.
+Writes ``non_finite_<scope>_<stage>_<rank>.json`` (its own file: the ranks' writes to one pipe can interleave) with
+``{"scope", "stage", "rank", "finite", "replicas_equal", "trained"}`` into the working directory.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def same_on_all_ranks(vector: torch.Tensor) -> bool:
     return all(torch.equal(gathered[0], other) for other in gathered)
 
 
-def run(scope: str) -> dict:
+def run(scope: str, stage: str) -> dict:
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
@@ -39,19 +41,30 @@ def run(scope: str) -> dict:
     loader = DataLoader(regression_data(32), batch_size=4)
     model, optimizer, loader = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR), loader)
     sam = AcceleratedSAM(accelerator, model, optimizer, method="sam", rho=0.1, scope=scope)
+    windows = 0
+    rank_one = accelerator.process_index == 1
     for index, batch in enumerate(loader):
-        bad = index == 0 and accelerator.process_index == 1  # rank 1's first micro-batch only
+        def loss_fn(m, b, index=index, first_window=windows == 0):
+            if stage == "pass1":
+                bad = rank_one and index == 0
+            else:
+                bad = rank_one and first_window and sam.sam_optimizer.is_perturbed
+            return mse(m, b) * (math.inf if bad else 1.0)
+
         with accelerator.accumulate(model):
-            sam.backward(lambda m, b, bad=bad: mse(m, b) * (math.inf if bad else 1.0), batch)
+            sam.backward(loss_fn, batch)
             optimizer.step()
             optimizer.zero_grad()
+        windows += int(accelerator.sync_gradients)
     weights = flat(accelerator.unwrap_model(model))
-    return {"scope": scope, "rank": accelerator.process_index, "finite": bool(torch.isfinite(weights).all()),
-            "replicas_equal": same_on_all_ranks(weights), "trained": not torch.equal(weights, flat(tiny_mlp()))}
+    return {"scope": scope, "stage": stage, "rank": accelerator.process_index,
+            "finite": bool(torch.isfinite(weights).all()), "replicas_equal": same_on_all_ranks(weights),
+            "trained": not torch.equal(weights, flat(tiny_mlp()))}
 
 
 if __name__ == "__main__":
-    for scope in sys.argv[1:]:
-        result = run(scope)
-        Path(f"non_finite_{scope}_{result['rank']}.json").write_text(json.dumps(result), encoding="utf-8")
+    for argument in sys.argv[1:]:
+        scope, stage = argument.split(":")
+        result = run(scope, stage)
+        Path(f"non_finite_{scope}_{stage}_{result['rank']}.json").write_text(json.dumps(result), encoding="utf-8")
     shutdown_process_group()
