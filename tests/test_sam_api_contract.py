@@ -50,6 +50,28 @@ def test_a_copy_made_after_a_scheduler_is_attached_steps_its_own_model_and_pickl
     assert isinstance(restored, SAM)
 
 
+def test_a_pickled_optimizer_neither_carries_a_pending_update_check_nor_needs_one_from_an_older_pickle():
+    """update_non_finite()'s record of the last restore is transient: a copy made between restore() and step()
+    steps normally, and a pickle from before the check existed (no ``_update_check``) still steps."""
+    model = make_mlp()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    batch = make_batches(1)[0]
+    _closure(model, opt, batch)()
+    with opt.perturbed():
+        _closure(model, opt, batch)()
+        model[0].weight.grad[0, 0] = math.nan  # the original's pending check would skip its step
+    twin_model, twin_opt = copy.deepcopy((model, opt))
+    _closure(twin_model, twin_opt, batch)()  # finite gradients for the copy's own step
+    before = copy.deepcopy(twin_model)
+    twin_opt.step()
+    assert max_abs_diff(twin_model, before) > 0
+    old_state = opt.__getstate__()
+    del old_state["_update_check"]
+    old = SAM.__new__(SAM)
+    old.__setstate__(old_state)
+    assert not old.update_non_finite()
+
+
 def test_a_base_optimizer_whose_hyperparameter_shares_a_sam_setting_name_is_refused():
     model = make_mlp()
     with pytest.raises(ValueError, match=r"Adadelta has its own hyperparameter\(s\) rho=0.9"):

@@ -807,13 +807,15 @@ class SAM(Optimizer):
         state = dict(self.__dict__)
         for key in ("_plans", "step", "_opt_called"):  # _plans: a cache keyed on identities, rebuilt on demand
             state.pop(key, None)
+        state["_update_check"] = None  # transient: the last restore's gradient check
         # the base optimizer pickles its groups and state only: carry what this wrapper changed on it
         record = self.base_optimizer.__dict__.get(_WRAPPING_ATTR)
         state["_base_before_wrapping"] = record.before if record is not None else None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state = {"_own_call": False, "_extra_before_load": None, "_settings_before_load": [], **state}  # older pickles
+        state = {"_own_call": False, "_extra_before_load": None, "_settings_before_load": [], "_update_check": None,
+                 **state}  # older pickles
         before = state.pop("_base_before_wrapping", None)
         self.__dict__.update(state)
         self._plans = perturbation.AscentPlans()
