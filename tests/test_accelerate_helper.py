@@ -436,56 +436,71 @@ def test_every_method_reports_the_same_metrics_and_weights_under_a_grad_scaler(m
 
 
 @pytest.mark.parametrize("scope", ["global", "microbatch"])
-def test_a_window_with_non_finite_gradients_takes_no_step_without_a_grad_scaler(scope, caplog):
+@pytest.mark.parametrize("where", ["at_w", "at_w_plus_eps"])
+def test_a_window_with_non_finite_gradients_takes_no_step_without_a_grad_scaler(scope, where, caplog):
     """The loop steps the base optimizer itself, so the skip the ascent asked for never reached it: one micro-batch
-    with a non-finite loss made every weight NaN (global and microbatch scope). Its window now leaves the weights
-    as they were; the next windows train."""
+    with a non-finite loss made every weight NaN (global and microbatch scope). A loss finite at w and infinite at
+    w + ε (every pass at w + ε of the first window) was not even seen. Its window now leaves the weights as they
+    were; the next windows train."""
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=3)
     model = tiny_mlp()
     loader = DataLoader(regression_data(24), batch_size=4)
     model, optimizer, loader = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR), loader)
     sam = AcceleratedSAM(accelerator, model, optimizer, method="sam", rho=0.1, scope=scope)
     weights = []
-    with caplog.at_level("WARNING"):
-        for index, batch in enumerate(loader):
-            with accelerator.accumulate(model):
-                sam.backward(lambda m, b, index=index: mse(m, b) * (math.inf if index == 1 else 1.0), batch)
-                optimizer.step()
-                optimizer.zero_grad()
-            if accelerator.sync_gradients:
-                weights.append(flat(model).clone())
-    assert torch.equal(weights[0], flat(tiny_mlp())) and torch.isfinite(weights[1]).all()
-    assert not torch.equal(weights[1], weights[0])
-    assert sam.metrics()["sam/skipped_steps"] == 1 and "this step is skipped" in caplog.text
 
-
-@pytest.mark.parametrize("scope", ["global", "microbatch"])
-def test_a_window_whose_loss_blows_up_only_at_w_plus_eps_takes_no_step_without_a_grad_scaler(scope, caplog):
-    """A loss finite at w and infinite at w + ε: the ascent saw finite gradients and the loop's own step applied
-    the non-finite sharpness-aware gradient. The window now drops it, so that step leaves the weights as they were."""
-    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=3)
-    model = tiny_mlp()
-    loader = DataLoader(regression_data(24), batch_size=4)
-    model, optimizer, loader = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR), loader)
-    sam = AcceleratedSAM(accelerator, model, optimizer, method="sam", rho=0.1, scope=scope)
-
-    weights = []
-
-    def loss_fn(m, b):  # every pass at w + ε of the first window
-        blows_up = not weights and sam.sam_optimizer.is_perturbed
+    def loss_fn(m, b, index):
+        blows_up = index == 1 if where == "at_w" else not weights and sam.sam_optimizer.is_perturbed
         return mse(m, b) * (math.inf if blows_up else 1.0)
 
     with caplog.at_level("WARNING"):
-        for batch in loader:
+        for index, batch in enumerate(loader):
             with accelerator.accumulate(model):
-                sam.backward(loss_fn, batch)
+                sam.backward(lambda m, b, index=index: loss_fn(m, b, index), batch)
                 optimizer.step()
                 optimizer.zero_grad()
             if accelerator.sync_gradients:
                 weights.append(flat(model).clone())
     assert torch.equal(weights[0], flat(tiny_mlp())) and torch.isfinite(weights[1]).all()
     assert not torch.equal(weights[1], weights[0])
-    assert sam.metrics()["sam/skipped_steps"] == 0 and "non-finite gradients at w + ε" in caplog.text
+    assert "this step is skipped" in caplog.text
+    if where == "at_w":
+        assert sam.metrics()["sam/skipped_steps"] == 1
+    else:
+        assert sam.metrics()["sam/skipped_steps"] == 0 and "non-finite gradients at w + ε" in caplog.text
+
+
+@pytest.mark.parametrize("steps_through_sam", [False, True])
+def test_microbatch_scope_checks_every_micro_batch_sharpness_aware_gradient(steps_through_sam):
+    """Micro-batch 1 blows up at w + ε; micro-batch 2's gradient is zero, so its own ascent is skipped and no
+    restore of it recorded a check: the window applied the non-finite sum, both where the loop steps the base
+    optimizer (AcceleratedSAM) and where SAM.step() does (SAMTrainer's window)."""
+    from arrcoc_sam.integrations._window import SAMWindow
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = tiny_mlp()
+    loader = DataLoader(regression_data(16), batch_size=4)
+    model, optimizer, loader = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR), loader)
+    sam = AcceleratedSAM(accelerator, model, optimizer, method="sam", rho=0.1, scope="microbatch")
+    if steps_through_sam:
+        sam._window = SAMWindow(accelerator, "microbatch", loop_steps_base=False)
+    weights = []
+    for index, batch in enumerate(loader):
+        def loss_fn(m, b, index=index):
+            factor = 0.0 if index == 1 else math.inf if index == 0 and sam.sam_optimizer.is_perturbed else 1.0
+            return mse(m, b) * factor
+
+        with accelerator.accumulate(model):
+            sam.backward(loss_fn, batch)
+            if not steps_through_sam:
+                optimizer.step()
+            elif accelerator.sync_gradients:
+                sam.sam_optimizer.step()
+            optimizer.zero_grad()
+        if accelerator.sync_gradients:
+            weights.append(flat(model).clone())
+    assert torch.equal(weights[0], flat(tiny_mlp()))
+    assert torch.isfinite(weights[1]).all() and not torch.equal(weights[1], weights[0])
 
 
 def test_microbatch_scope_window_with_an_overflow_logs_the_other_windows_figures_only():
@@ -562,8 +577,10 @@ def test_non_finite_gradients_on_one_of_two_processes_skip_the_step_on_both(run_
     import json
 
     arguments = [f"{scope}:{stage}" for scope in ("global", "per_device", "microbatch") for stage in ("pass1", "pass2")]
+    # one rank's own ascent skipped (zero gradient): the ranks must still agree, also where SAM.step() decides
+    arguments += [f"{scope}:pass2_alone:{path}" for scope in ("per_device", "microbatch") for path in ("base", "sam_step")]
     run_torchrun(Path(__file__).parent / "dist_scripts" / "non_finite_ddp.py", *arguments, timeout=300)
     results = [json.loads(path.read_text(encoding="utf-8")) for path in sorted(tmp_path.glob("non_finite_*.json"))]
-    assert len(results) == 12
+    assert len(results) == 20
     for result in results:
         assert result["finite"] and result["replicas_equal"] and result["trained"], result

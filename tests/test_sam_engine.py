@@ -411,6 +411,26 @@ def test_the_second_pass_check_is_answered_once_and_ignores_a_norm_that_only_ove
     assert not opt.update_non_finite()
 
 
+def test_a_check_left_by_a_step_the_grad_scaler_skipped_does_not_skip_a_later_finite_step():
+    """A GradScaler skips opt.step() after a pass 2 that overflowed, so the update check was never read; it
+    survived into the next (finite, ascent-free) step and skipped it. zero_grad() now drops it."""
+    model = make_mlp(dtype=torch.float32)
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    batch = make_batches(1, dtype=torch.float32)[0]
+    scaler.scale(mse(model, batch)).backward()
+    with opt.perturbed():
+        opt.zero_grad()
+        scaler.scale(mse(model, batch) * math.inf).backward()
+    scaler.step(opt)  # finds the inf and skips opt.step()
+    scaler.update()
+    opt.zero_grad()
+    before = copy.deepcopy(model.state_dict())
+    scaler.scale(mse(model, batch)).backward()
+    scaler.step(opt)  # a step without an ascent
+    assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_exception_in_second_pass_leaves_weights_restored():
     model = make_mlp()
     before = copy.deepcopy(model.state_dict())

@@ -55,10 +55,11 @@ clean loss the loop logs; ``grad_norm``/``grad_norm_perturbed``/``grad_cosine``/
 ``stats`` after each ascent (gradient norms divided by the GradScaler scale, and in the global and per_device
 scopes by the share of a short last window's mean gradient its ``.grad`` holds). Under ``microbatch`` the
 second-pass figures are measured on the gradient accumulated so far in the window, and a window one of whose
-micro-batches met non-finite gradients records none. A window whose ascent meets non-finite (pass-1) gradients
-takes no step, on every rank: the optimizer skips it, and without a GradScaler its gradients are dropped for loops
-that step the base optimizer directly. Pass-2 gradients, and windows without an ascent, are not checked (a
-GradScaler checks them under fp16).
+micro-batches met non-finite gradients records none. A window whose ascent meets non-finite (pass-1) gradients,
+or whose sharpness-aware gradient is non-finite (read from the largest ‖g_SAM‖ its restores recorded; not without
+the pass-2 statistics), takes no step, on every rank: the optimizer skips it, and without a GradScaler its
+gradients are dropped for loops that step the base optimizer directly. Windows without an ascent are not checked
+(a GradScaler checks them under fp16).
 """
 
 from __future__ import annotations
@@ -171,9 +172,10 @@ class SAMWindow:
     Args:
         accelerator: the run's ``accelerate.Accelerator`` (``sync_gradients``, ``no_sync``, ``scaler``).
         scope: ``global`` | ``per_device`` | ``microbatch``.
-        loop_steps_base: the loop steps the base optimizer itself (AcceleratedSAM), so a window whose ascent met
-            non-finite gradients drops them (without a GradScaler) for that step to change nothing; False where
-            the step goes through the sharpness-aware optimizer (SAMTrainer), which skips it itself.
+        loop_steps_base: the loop steps the base optimizer itself (AcceleratedSAM), so a window that met
+            non-finite gradients (in its ascent or its sharpness-aware gradient) drops them (without a GradScaler)
+            for that step to change nothing; False where the step goes through the sharpness-aware optimizer
+            (SAMTrainer), which the window asks to skip it.
     """
 
     def __init__(self, accelerator: Any, scope: str, loop_steps_base: bool = True) -> None:
@@ -189,6 +191,7 @@ class SAMWindow:
         self._any_ascent = False
         self._pending_stats: list[tuple[dict[str, Tensor], float]] = []  # microbatch scope: recorded at window end
         self._non_finite = False  # an ascent of this window met non-finite gradients: its step is skipped
+        self._update_norm: Tensor | None = None  # the largest ‖g_SAM‖ the window's restores recorded (on device)
         self._select = False  # this window runs data selection
         self._selection_unavailable = False  # the per-example losses raised PerExampleLossUnavailable once
         self._clean_examples: list[Tensor] = []  # [B_m] clean per-example losses of each micro-batch
@@ -310,6 +313,7 @@ class SAMWindow:
         if ascended:
             self._record_losses(clean=self._clean, perturbed=perturbed)
             self._record_stats(optimizer.stats, units)
+        self._take_update_norm(optimizer)
         self._non_finite = self._non_finite or self._update_non_finite(optimizer)
         self._skip_step_if_non_finite(optimizer, agree=self.scope == "per_device")
 
@@ -459,6 +463,7 @@ class SAMWindow:
             else:
                 _add_grads_(params, accumulated)
             optimizer.restore()
+        self._take_update_norm(optimizer)  # every micro-batch's: a later one may skip its ascent (zero norm)
         self.metrics.add_skipped(getattr(optimizer, "skipped_steps", 0) - skipped_before)
         if ascended:
             self._pending_stats.append((dict(optimizer.stats), scale))
@@ -517,14 +522,20 @@ class SAMWindow:
             self._drop_gradients_unless_scaled(optimizer)
         return self._non_finite
 
+    def _take_update_norm(self, optimizer: Optimizer) -> None:
+        """Keep the ‖g_SAM‖ the last restore recorded (the largest over the window's restores; NaN wins), taking
+        the check over from the optimizer's ``step()``, so that it is made once per window and agreed across ranks."""
+        norm = optimizer.take_update_norm()
+        if norm is not None:
+            self._update_norm = norm if self._update_norm is None else torch.maximum(self._update_norm, norm)
+
     def _update_non_finite(self, optimizer: Optimizer) -> bool:
-        """Whether the window's sharpness-aware gradient holds inf/NaN (the optimizer's
-        ``update_non_finite()``, one host sync), where nothing else would catch it: a loop that steps the base
-        optimizer directly (AcceleratedSAM), without a GradScaler. SAMTrainer's step goes through the optimizer,
-        whose ``step()`` checks it; a GradScaler checks it itself."""
-        if not self.loop_steps_base or self._scaled():
+        """Whether the window's sharpness-aware gradient holds inf/NaN (the optimizer's ``update_non_finite`` on
+        the window's largest ‖g_SAM‖: one host sync). Under a GradScaler, which checks it itself, not asked."""
+        norm, self._update_norm = self._update_norm, None
+        if norm is None or self._scaled():
             return False
-        return optimizer.update_non_finite()
+        return optimizer.update_non_finite(norm)
 
     def _scaled(self) -> bool:
         scaler = getattr(self.accelerator, "scaler", None)
@@ -557,6 +568,7 @@ class SAMWindow:
         self._clean = self._perturbed_sum = None
         self._any_ascent = False
         self._pending_stats = []
+        self._update_norm = None
         self._non_finite = False
         self._select = False
         self._clean_examples = []

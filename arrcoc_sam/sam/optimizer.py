@@ -34,7 +34,7 @@ from torch.utils.hooks import RemovableHandle
 
 from arrcoc_sam.sam import perturbation
 from arrcoc_sam.sam.norm_stats import running_stat_buffers
-from arrcoc_sam.sam.sharding import ShardLayout
+from arrcoc_sam.sam.sharding import ShardLayout, is_sharded
 
 __all__ = ["SAM", "ASAM"]
 
@@ -216,7 +216,7 @@ class SAM(Optimizer):
         self._restore_pairs: list[tuple[list[Tensor], list[Tensor]]] = []  # (targets, backup) per foreach group
         self._layout: ShardLayout | None = None
         self._skip_next_step = False
-        self._update_check: tuple[Tensor, list[Tensor]] | None = None  # (‖g_SAM‖, the params) from restore()
+        self._update_check: Tensor | None = None  # ‖g_SAM‖ from the last restore(), for update_non_finite()
         self._warned_low_precision = False
         self._stats_model: nn.Module | None = None
         self._stats_snapshot: tuple[list[Tensor], list[Tensor]] = ([], [])  # (buffers, clean copies)
@@ -532,7 +532,7 @@ class SAM(Optimizer):
             cosine = eps_dot_grad / (eps_sq.sqrt() * grad_norm).clamp_min(1e-30)
         self.stats["grad_norm_perturbed"] = grad_norm.float()
         self.stats["grad_cosine"] = cosine.float()
-        self._update_check = (grad_norm, list(self._perturbed) if self._layout is None else [])
+        self._update_check = grad_norm
 
     @contextlib.contextmanager
     def perturbed(self) -> Iterator[bool]:
@@ -602,30 +602,41 @@ class SAM(Optimizer):
         self.step()
         return loss
 
-    def update_non_finite(self) -> bool:
-        """Whether the sharpness-aware gradient of the last :meth:`restore` holds inf/NaN; answered once (the
-        next call says False until another restore records a gradient), with a warning when it does.
+    def take_update_norm(self) -> Tensor | None:
+        """‖g_SAM‖ (a 0-dim tensor) that the last :meth:`restore` recorded for the update check, handed over once
+        and without a host sync; None when no restore recorded one since the last :meth:`step`, :meth:`zero_grad`,
+        :meth:`perturb` or :meth:`before_first_pass` (``track_stats`` off, or a perturbed tensor without a pass-2
+        gradient). A loop that reads it takes over the check from :meth:`step` (see :meth:`update_non_finite`)."""
+        norm, self._update_check = self._update_check, None
+        return norm
 
-        Read from ``stats["grad_norm_perturbed"]``, so only after a restore that recorded it (``track_stats``;
-        every perturbed tensor had a pass-2 gradient): one host sync. A float32 norm that overflowed although
-        every element is finite (above ~1.8e19, e.g. under a large GradScaler scale) does not count.
+    def update_non_finite(self, norm: Tensor | None = None) -> bool:
+        """Whether the sharpness-aware gradient holds inf/NaN, with a warning when it does.
+
+        ``norm``: a ‖g_SAM‖ taken with :meth:`take_update_norm` (or the largest of several, e.g. one per
+        micro-batch); by default the pending one, which this takes. One host sync, and one more when the norm
+        is inf: a float32 norm that overflowed although every element of the current gradients is finite (above
+        ~1.8e19, e.g. under a large GradScaler scale) does not count, except for sharded (FSDP2) parameters.
         :meth:`step` calls it and skips the base update when it says so; the pass-1 check in :meth:`perturb`
-        cannot see a loss that is finite at w and blows up at w + ε.
+        cannot see a loss that is finite at w and blows up at w + ε. The norm covers the perturbed tensors.
         """
-        if self._update_check is None:
-            return False
-        norm, params = self._update_check
-        self._update_check = None
+        if norm is None:
+            norm = self.take_update_norm()
+            if norm is None:
+                return False
         value = float(norm)
         if math.isfinite(value):
             return False
+        params = [p for group in self.param_groups for p in group["params"]]
         grads = [p.grad for p in params if p.grad is not None]
-        if math.isinf(value) and grads and math.isfinite(perturbation.largest_magnitude(grads)):
+        if math.isinf(value) and grads and not is_sharded(params) and math.isfinite(perturbation.largest_magnitude(grads)):
             return False
         logger.warning("SAM: non-finite gradients at w + ε (‖g_SAM‖ = %s); skipping the optimizer step", value)
         return True
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """The base optimizer's; also drops a pending update check (the gradients it describes are gone)."""
+        self._update_check = None
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
     def _check_not_perturbed(self, call: str) -> None:
@@ -727,6 +738,7 @@ class SAM(Optimizer):
     def _before_base_load(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """Before the base optimizer loads: the method's own state taken out, the kept settings put in, then every
         group's settings validated."""
+        self._update_check = None  # a gradient check of the run before the load means nothing after it
         state_dict = dict(state_dict)
         extra = state_dict.pop(EXTRA_STATE_KEY, None)
         if extra is not None:

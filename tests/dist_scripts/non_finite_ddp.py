@@ -1,7 +1,11 @@
 """A micro-batch with a non-finite loss on ONE of 2 gloo processes, through AcceleratedSAM in each scope: its window
 takes no step on any rank, so the replicas stay equal and finite (run by tests/test_accelerate_helper.py).
 Each argument is ``<scope>:<stage>``: ``pass1``, the loss of rank 1's first micro-batch is infinite at w;
-``pass2``, rank 1's losses of the first window are finite at w and infinite at w + ε.
+``pass2``, rank 1's losses of the first window are finite at w and infinite at w + ε; ``pass2_alone``, as
+``pass2`` but rank 0's gradient of its window's last micro-batch is zero, so its own ascent is skipped and only the
+all-reduced sharpness-aware gradient shows the overflow. An optional ``:sam_step`` steps through the sharpness-aware
+optimizer (``SAM.step()``, as SAMTrainer does: the window built with ``loop_steps_base=False``) instead of the base
+optimizer (AcceleratedSAM's loop).
 
 Writes ``non_finite_<scope>_<stage>_<rank>.json`` (its own file: the ranks' writes to one pipe can interleave) with
 ``{"scope", "stage", "rank", "finite", "replicas_equal", "trained"}`` into the working directory.
@@ -23,6 +27,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).parent))
 from accelerate_common import LR, flat, mse, regression_data, tiny_mlp  # noqa: E402
 
+from arrcoc_sam.integrations._window import SAMWindow  # noqa: E402
 from arrcoc_sam.integrations.accelerate import AcceleratedSAM  # noqa: E402
 from arrcoc_sam.integrations.launch import shutdown_process_group  # noqa: E402
 
@@ -33,7 +38,7 @@ def same_on_all_ranks(vector: torch.Tensor) -> bool:
     return all(torch.equal(gathered[0], other) for other in gathered)
 
 
-def run(scope: str, stage: str) -> dict:
+def run(scope: str, stage: str, path: str) -> dict:
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
@@ -41,30 +46,38 @@ def run(scope: str, stage: str) -> dict:
     loader = DataLoader(regression_data(32), batch_size=4)
     model, optimizer, loader = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR), loader)
     sam = AcceleratedSAM(accelerator, model, optimizer, method="sam", rho=0.1, scope=scope)
+    if path == "sam_step":
+        sam._window = SAMWindow(accelerator, scope, loop_steps_base=False)
     windows = 0
     rank_one = accelerator.process_index == 1
     for index, batch in enumerate(loader):
-        def loss_fn(m, b, index=index, first_window=windows == 0):
+        def loss_fn(m, b, index=index, first_window=windows == 0, last=index % 2 == 1):
             if stage == "pass1":
-                bad = rank_one and index == 0
+                factor = math.inf if rank_one and index == 0 else 1.0
+            elif stage == "pass2_alone" and not rank_one and first_window and (last or scope == "per_device"):
+                factor = 0.0  # rank 0's ascent of this window (or micro-batch) is skipped
             else:
-                bad = rank_one and first_window and sam.sam_optimizer.is_perturbed
-            return mse(m, b) * (math.inf if bad else 1.0)
+                factor = math.inf if rank_one and first_window and sam.sam_optimizer.is_perturbed else 1.0
+            return mse(m, b) * factor
 
         with accelerator.accumulate(model):
             sam.backward(loss_fn, batch)
-            optimizer.step()
+            if path == "sam_step" and accelerator.sync_gradients:
+                sam.sam_optimizer.step()
+            elif path != "sam_step":
+                optimizer.step()
             optimizer.zero_grad()
         windows += int(accelerator.sync_gradients)
     weights = flat(accelerator.unwrap_model(model))
-    return {"scope": scope, "stage": stage, "rank": accelerator.process_index,
+    return {"scope": scope, "stage": stage, "path": path, "rank": accelerator.process_index,
             "finite": bool(torch.isfinite(weights).all()), "replicas_equal": same_on_all_ranks(weights),
             "trained": not torch.equal(weights, flat(tiny_mlp()))}
 
 
 if __name__ == "__main__":
     for argument in sys.argv[1:]:
-        scope, stage = argument.split(":")
-        result = run(scope, stage)
-        Path(f"non_finite_{scope}_{stage}_{result['rank']}.json").write_text(json.dumps(result), encoding="utf-8")
+        scope, stage, path = (argument.split(":") + ["base"])[:3]
+        result = run(scope, stage, path)
+        Path(f"non_finite_{scope}_{stage}_{path}_{result['rank']}.json").write_text(json.dumps(result),
+                                                                                  encoding="utf-8")
     shutdown_process_group()

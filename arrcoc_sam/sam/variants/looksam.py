@@ -120,7 +120,7 @@ class LookSAM(VariantSAM):
             _scale_(group_clean, -ratio)
             torch._foreach_add_(group_clean, group_perturbed)
         squared = perturbation.squared_norm(clean)
-        if not bool(torch.isfinite(ratio) & torch.isfinite(squared)):  # one host sync per SAM step (every k)
+        if not bool(torch.isfinite(ratio) & torch.isfinite(squared)):  # one more host sync per SAM step (every k)
             # e.g. a GradScaler overflow in pass 2: keep the previous direction rather than store inf/NaN,
             # which would poison the k − 1 reuse steps that follow
             logger.warning("looksam: non-finite pass-2 gradient; keeping the previous stored direction")
