@@ -117,7 +117,7 @@ def test_evaluate_robustness_bad_flag_values_are_usage_errors_naming_the_flag(tm
     (["--min-tokens", "50", "--max-tokens", "10"], "--min-tokens/--max-tokens/--total-budget/--k: min_tokens (50)"),
     (["--k", "12", "--min-tokens", "8", "--total-budget", "20"], "total_budget=20 cannot give k=12"),
     (["--k", "65"], "--k 65 exceeds the 64 tokens of --model"),
-    (["--num-probes", "0"], "argument --num-probes: must be >= 1, got 0"),
+    (["--k", "12", "--num-probes", "1"], "argument --num-probes: must be >= 2 (the precision's standard error needs two"),
     (["--beta", "-1"], "argument --beta: must be a finite number >= 0, got -1"),
 ])
 def test_allocate_bad_flag_values_are_usage_errors_naming_the_flag(tmp_path, capsys, flags, message):
@@ -151,3 +151,20 @@ def test_a_missing_model_folder_is_a_usage_error_naming_it(tmp_path, capsys):
     for command in ("evaluate-robustness", "allocate"):
         err = _usage_error([command, "--model", missing, *DATA, "--out", str(tmp_path / "o")], capsys)
         assert f"--model {missing}: no config.json there" in err
+
+
+def test_a_text_relevance_model_is_a_usage_error_naming_its_kind(tmp_path, capsys):
+    from transformers import BertConfig
+
+    from arrcoc_sam.relevance.text import TextRelevanceConfig, TextRelevanceModel
+
+    encoder = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)
+    TextRelevanceModel(TextRelevanceConfig(encoder_config=encoder)).save_pretrained(tmp_path / "text")
+    model = str(tmp_path / "text")
+    for command in ("evaluate-robustness", "allocate"):
+        err = _usage_error([command, "--model", model, *DATA, "--out", str(tmp_path / "o")], capsys)
+        assert f"--model {model}: a text relevance model (TextRelevanceConfig, model_type 'arrcoc_text_relevance'); " \
+               "this command takes vision relevance models: model_type 'arrcoc_relevance' or " \
+               "'arrcoc_multiscale_relevance'" in err, err
+        assert not (tmp_path / "o").exists()

@@ -34,6 +34,14 @@ from arrcoc_sam.relevance.robustness_cli import (
 MODES = ("precision", "plain", "topk")
 
 
+def at_least_two_probes(text: str) -> int:
+    """argparse type of ``--num-probes``: an integer >= 2 (the precision's standard error needs two probes)."""
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be >= 2 (the precision's standard error needs two probes), got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="arrcoc-sam allocate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--target-precision", type=float, default=1.0, help="topk mode")
     group.add_argument("--penalty", type=non_negative_float, default=0.1, help="topk mode")
     group.add_argument("--precision-method", choices=("ggn", "hutchinson", "hutchinson_cv"), default="ggn")
-    group.add_argument("--num-probes", type=positive_int, default=16)
+    group.add_argument("--num-probes", type=at_least_two_probes, default=16)
     group.add_argument("--probe-seed", type=int, default=None,
                        help="seed of the precision probes (default: --seed); each sample's probes depend only on "
                             "this seed and the sample's index, not on --batch-size")

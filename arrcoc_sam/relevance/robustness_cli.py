@@ -69,17 +69,23 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_model(path: str | os.PathLike) -> torch.nn.Module:
-    """A saved relevance checkpoint (``save_pretrained`` folder) in eval mode."""
-    from transformers import AutoModel
+    """A saved vision or multiscale relevance checkpoint (``save_pretrained`` folder) in eval mode; ValueError
+    naming ``--model`` for any other kind of model (a text relevance model scores word pieces, not a grid)."""
+    from transformers import AutoConfig, AutoModel
 
-    import arrcoc_sam.relevance.vision  # noqa: F401  (registers the model with the Auto classes)
+    from arrcoc_sam.relevance.multiscale import MultiScaleRelevanceConfig
+    from arrcoc_sam.relevance.vision import ArrCocRelevanceConfig
 
     if not Path(path, "config.json").is_file():
         raise FileNotFoundError(f"--model {path}: no config.json there; pass a save_pretrained() folder")
-    model = AutoModel.from_pretrained(str(path))
-    if not hasattr(model, "compute_relevance"):
-        raise ValueError(f"--model {path}: {type(model).__name__} has no compute_relevance(token_features, query)")
-    return model.eval()
+    config = AutoConfig.from_pretrained(str(path))
+    if not isinstance(config, ArrCocRelevanceConfig):  # MultiScaleRelevanceConfig is one too
+        kind = {"arrcoc_text_relevance": "a text relevance model"}.get(config.model_type, "not a relevance model")
+        raise ValueError(f"--model {path}: {kind} ({type(config).__name__}, model_type {config.model_type!r}); "
+                         f"this command takes vision relevance models: model_type "
+                         f"{ArrCocRelevanceConfig.model_type!r} or {MultiScaleRelevanceConfig.model_type!r} "
+                         "(trained with --model_kind vision or multiscale)")
+    return AutoModel.from_pretrained(str(path), config=config).eval()
 
 
 def _embedder(choice: str, query_dim: int):

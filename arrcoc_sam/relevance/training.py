@@ -21,6 +21,7 @@ import ast
 import copy
 import inspect
 import json
+import math
 import os
 import sys
 import warnings
@@ -242,7 +243,9 @@ def apply_lora(model, model_args: ModelArguments):
     return get_peft_model(model, config)
 
 
-def _vision_model(model_args: ModelArguments, query_dim: int):
+def _vision_model(model_args: ModelArguments, query_dim: int, grid_size: int | None = None):
+    """A fresh model for ``query_dim`` (and ``grid_size`` when given; a config override wins over both), or the
+    saved start model with the overrides applied."""
     if model_args.model_kind == "vision":
         from arrcoc_sam.relevance.vision import ArrCocRelevanceConfig as Config
         from arrcoc_sam.relevance.vision import ArrCocRelevanceModel as Model
@@ -252,7 +255,40 @@ def _vision_model(model_args: ModelArguments, query_dim: int):
     overrides = check_overrides(parse_overrides(model_args.config_overrides), Config)
     if model_args.model_name_or_path:
         return Model.from_pretrained(_local_model_dir(model_args.model_name_or_path, "model_name_or_path"), **overrides)
-    return Model(Config(**{"query_dim": query_dim, **overrides}))
+    grid = {} if grid_size is None else {"grid_size": grid_size}
+    return Model(Config(**{"query_dim": query_dim, **grid, **overrides}))
+
+
+def _chosen_grid_size(model_args: ModelArguments) -> tuple[int | None, str]:
+    """``(grid_size, where it was set)``: a ``grid_size`` config override, else the start model's; ``(None, "")``
+    when the user set neither (the data decides)."""
+    overrides = parse_overrides(model_args.config_overrides)
+    if "grid_size" in overrides:
+        grid = overrides["grid_size"]
+        if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
+            raise ValueError(f"config_overrides: grid_size must be a positive integer, got {grid!r}")
+        return grid, f"--config_overrides grid_size={grid}"
+    if model_args.model_name_or_path:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(_local_model_dir(model_args.model_name_or_path, "model_name_or_path"))
+        grid = getattr(config, "grid_size", None)
+        if grid is not None:
+            return grid, f"--model_name_or_path {model_args.model_name_or_path} (grid_size={grid})"
+    return None, ""
+
+
+def _data_grid_size(tokens: int, chosen: int | None, set_by: str, source: str) -> int:
+    """G of data with ``tokens`` = N = G² relevance targets per sample; ValueError naming ``source`` (the data)
+    when N is not a square, or when it contradicts the user's ``chosen`` grid (``set_by``: the flag that chose it)."""
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise ValueError(f"{source}: N={tokens} relevance targets per sample is not a G x G grid; vision relevance "
+                         "models score N = grid_size^2 tokens (e.g. 16 for a 4 x 4 grid)")
+    if chosen is not None and chosen != side:
+        raise ValueError(f"{source}: N={tokens} tokens per sample ({side} x {side} grid), but {set_by} gives "
+                         f"{chosen * chosen} tokens; set grid_size={side} or leave it unset to take it from the data")
+    return side
 
 
 def _truncate(dataset, limit: int | None):
@@ -300,8 +336,9 @@ def build_text_data(data_args: DataArguments, tokenizer) -> dict[str, Any]:
     return splits
 
 
-def build_vision_data(data_args: DataArguments) -> dict[str, Any]:
-    """Vision splits: generated query scenes or the user's files."""
+def build_vision_data(data_args: DataArguments, grid_size: int | None = None) -> dict[str, Any]:
+    """Vision splits: generated query scenes (on a ``grid_size`` x ``grid_size`` grid when given, else the
+    scenes' default) or the user's files (their own grid)."""
     source = data_args.data_source or "scenes"
     if source == "scenes":
         from arrcoc_sam.relevance.scenes import make_scene_dataset
@@ -313,6 +350,7 @@ def build_vision_data(data_args: DataArguments) -> dict[str, Any]:
             image_size=data_args.scene_image_size,
             seed=data_args.split_seed,
             embedder=data_args.query_embedder,
+            **({} if grid_size is None else {"grid_size": grid_size}),
         )
     elif source == "files":
         from arrcoc_sam.relevance.data_files import load_relevance_files
@@ -378,9 +416,12 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, training_arg
         from arrcoc_sam.relevance.scenes import SceneCollator
         from arrcoc_sam.relevance.vision_metrics import make_compute_metrics
 
-        splits = build_vision_data(data_args)
+        chosen, set_by = _chosen_grid_size(model_args)
+        splits = build_vision_data(data_args, grid_size=chosen)
         first = splits["train"][0]
-        model = _vision_model(model_args, query_dim=len(first["query_embedding"]))
+        source = f"--train_file {data_args.train_file}" if data_args.data_source == "files" else "the scenes"
+        grid = _data_grid_size(len(first["labels"]), chosen, set_by, source)
+        model = _vision_model(model_args, query_dim=len(first["query_embedding"]), grid_size=grid)
         collator = TokenFeatureCollator() if "token_features" in first else SceneCollator()
         tokens = model.config.grid_size ** 2
         if data_args.top_k > tokens:

@@ -1,0 +1,80 @@
+"""A vision relevance model's grid comes from its training data: a model trained on token-feature files is
+evaluated and allocated on the very same files, and a grid_size that contradicts the data is refused before
+anything trains, naming the file and both sizes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from arrcoc_sam.cli import main as cli_main
+from arrcoc_sam.relevance.training import build_run, parse_args
+
+COMMON = ["--report_to", "none", "--use_cpu", "true", "--save_strategy", "no", "--disable_tqdm", "true",
+          "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--logging_steps", "1"]
+
+
+def _feature_file(path: Path, n_tokens: int = 16, count: int = 4) -> str:
+    rows = [{"query": "red circle", "token_features": torch.rand(n_tokens, 13).tolist(),
+             "relevance": torch.rand(n_tokens).tolist(), "query_embedding": torch.randn(8).tolist()}
+            for _ in range(count)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return str(path)
+
+
+def _train_argv(data: str, out: Path, *extra: str) -> list[str]:
+    return ["--model_kind", "vision", "--data_source", "files", "--train_file", data, "--top_k", "4",
+            "--max_steps", "1", "--output_dir", str(out), *extra, *COMMON]
+
+
+def test_a_model_trained_on_token_feature_files_takes_their_grid_and_runs_on_them(tmp_path):
+    data = _feature_file(tmp_path / "v.jsonl")
+    model = tmp_path / "model"
+    assert cli_main(["train", *_train_argv(data, model)]) == 0
+    assert AutoConfig.from_pretrained(model).grid_size == 4  # N = 16 tokens: 4 x 4, not the default 32
+    flags = ["--model", str(model), "--data", data, "--num-samples", "4", "--k", "4"]
+    assert cli_main(["evaluate-robustness", *flags, "--num-draws", "1", "--levels", "0.1",
+                     "--perturbations", "feature_noise", "--out", str(tmp_path / "rob")]) == 0
+    assert cli_main(["allocate", *flags, "--min-tokens", "1", "--max-tokens", "4", "--num-probes", "2",
+                     "--plot-samples", "0", "--out", str(tmp_path / "alloc")]) == 0
+    assert (tmp_path / "alloc" / "allocation.json").is_file()
+
+
+@pytest.mark.parametrize(("n_tokens", "extra", "message"), [
+    (16, ["--config_overrides", "grid_size=8"],
+     "--train_file {data}: N=16 tokens per sample (4 x 4 grid), but --config_overrides grid_size=8 gives 64 tokens"),
+    (15, [], "--train_file {data}: N=15 relevance targets per sample is not a G x G grid"),
+])
+def test_data_that_fits_no_grid_or_contradicts_the_chosen_one_is_a_usage_error_naming_the_file(
+        tmp_path, capsys, n_tokens, extra, message):
+    data = _feature_file(tmp_path / "v.jsonl", n_tokens=n_tokens)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["train", *_train_argv(data, tmp_path / "out", *extra)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message.format(data=data) in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_start_model_whose_grid_contradicts_the_data_file_is_refused_naming_both(tmp_path):
+    from arrcoc_sam.relevance.vision import ArrCocRelevanceConfig, ArrCocRelevanceModel
+
+    start = tmp_path / "start"
+    ArrCocRelevanceModel(ArrCocRelevanceConfig(grid_size=8, query_dim=8)).save_pretrained(start)
+    data = _feature_file(tmp_path / "v.jsonl")
+    with pytest.raises(ValueError, match=rf"N=16 tokens per sample \(4 x 4 grid\), but --model_name_or_path "
+                                         rf"{start} \(grid_size=8\) gives 64 tokens"):
+        build_run(*parse_args(_train_argv(data, tmp_path / "out", "--model_name_or_path", str(start))))
+
+
+def test_generated_scenes_follow_a_grid_size_override(tmp_path):
+    argv = ["--model_kind", "vision", "--data_source", "scenes", "--num_train_scenes", "2",
+            "--num_validation_scenes", "1", "--num_heldout_scenes", "1", "--query_embedder", "hash",
+            "--config_overrides", "grid_size=8", "--top_k", "4", "--output_dir", str(tmp_path / "out"), *COMMON]
+    trainer, splits, _ = build_run(*parse_args(argv))
+    assert trainer.model.config.grid_size == 8
+    assert all(len(splits[split][0]["labels"]) == 64 for split in ("train", "validation", "heldout"))
