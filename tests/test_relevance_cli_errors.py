@@ -18,8 +18,8 @@ COMMON = ["--report_to", "none", "--use_cpu", "true", "--save_strategy", "no", "
           "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--logging_steps", "1"]
 
 
-def _feature_file(path: Path, n_tokens: int = 16, count: int = 4) -> str:
-    rows = [{"query": "red circle", "token_features": torch.rand(n_tokens, 13).tolist(),
+def _feature_file(path: Path, n_tokens: int = 16, count: int = 4, channels: int = 13) -> str:
+    rows = [{"query": "red circle", "token_features": torch.rand(n_tokens, channels).tolist(),
              "relevance": torch.rand(n_tokens).tolist(), "query_embedding": torch.randn(8).tolist()}
             for _ in range(count)]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
@@ -78,3 +78,16 @@ def test_generated_scenes_follow_a_grid_size_override(tmp_path):
     trainer, splits, _ = build_run(*parse_args(argv))
     assert trainer.model.config.grid_size == 8
     assert all(len(splits[split][0]["labels"]) == 64 for split in ("train", "validation", "heldout"))
+
+
+def test_token_features_with_other_than_the_models_channels_are_a_usage_error_naming_the_file(tmp_path, capsys):
+    """C = 5 channels per token: the model reads the texture array's 13 channels by position, and the run died in
+    its first forward with an IndexError; it now fails before training, naming the file and both counts."""
+    data = _feature_file(tmp_path / "v.jsonl", channels=5)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["train", *_train_argv(data, tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert (f"--train_file {data}: token_features have C=5 channels per token, but the vision relevance model takes "
+            "num_channels=13") in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -379,6 +380,16 @@ def test_sam_args_may_be_a_dict_in_code(tmp_path):
 def test_optimizer_none_is_stock_training_and_refuses_nothing(tmp_path, overrides):
     args = SAMTrainingArguments(**trainer_kwargs(str(tmp_path), optimizer="none", **overrides))
     assert not args.sam_settings().enabled
+
+
+def test_optimizer_none_says_which_given_knobs_it_ignores(tmp_path):
+    """A SAM recipe run as its own baseline (--optimizer none) kept --rho and --sam_args silently."""
+    with pytest.warns(UserWarning, match="--optimizer none runs stock training: ignoring alpha, rho"):
+        args = SAMTrainingArguments(**trainer_kwargs(str(tmp_path), optimizer="none", rho=0.1, sam_args="alpha=0.5"))
+    assert not args.sam_settings().enabled
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SAMTrainingArguments(**trainer_kwargs(str(tmp_path), optimizer="none")).sam_settings()
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ and quickstart options that cannot work together. Runs are reproducible under on
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -169,7 +170,8 @@ def test_arrcoc_sam_train_setup_errors_exit_2_before_training(tmp_path, capsys, 
 def test_a_top_k_above_the_grid_warns_that_recall_is_trivially_one(tmp_path):
     from arrcoc_sam.relevance.training import build_run, parse_args
 
-    row = ('{"query": "red", "token_features": [[0.1, 0.2], [0.3, 0.4], [0.5, 0.6], [0.7, 0.8]], '
+    features = json.dumps([[0.1 * (i + c) for c in range(13)] for i in range(4)])  # 4 tokens x 13 channels
+    row = (f'{{"query": "red", "token_features": {features}, '
            '"relevance": [0.0, 1.0, 0.2, 0.1], "query_embedding": [0.1, 0.2, 0.3, 0.4]}\n')
     (tmp_path / "train.jsonl").write_text(row * 2, encoding="utf-8")
     argv = ["--model_kind", "vision", "--data_source", "files", "--train_file", str(tmp_path / "train.jsonl"),

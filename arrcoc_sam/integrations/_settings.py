@@ -13,6 +13,7 @@ import json
 import math
 import numbers
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,7 +121,12 @@ class SAMSettings:
     def _check_knobs_taken(self) -> None:
         """ValueError naming the knobs (``sam_args`` keys, ``--rho``, ``--sam_eta``, ``--sam_interval``) the method
         does not take, at parse time instead of when the Trainer builds its optimizer."""
-        accepted = method_knobs(self.method) if self.enabled else None
+        if not self.enabled:
+            given = sorted(self.extra) + [key for key, _, value in self._flag_knobs() if value is not None]
+            if given:  # e.g. a SAM recipe run as its baseline with --optimizer none: allowed, but said
+                warnings.warn(f"--optimizer none runs stock training: ignoring {', '.join(given)}", stacklevel=2)
+            return
+        accepted = method_knobs(self.method)
         if accepted is None:
             return
         unknown = sorted(set(self.extra) - accepted) + [

@@ -422,6 +422,11 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, training_arg
         source = f"--train_file {data_args.train_file}" if data_args.data_source == "files" else "the scenes"
         grid = _data_grid_size(len(first["labels"]), chosen, set_by, source)
         model = _vision_model(model_args, query_dim=len(first["query_embedding"]), grid_size=grid)
+        channels = len(first["token_features"][0]) if "token_features" in first else None
+        if channels is not None and channels != model.config.num_channels:
+            raise ValueError(f"{source}: token_features have C={channels} channels per token, but the vision "
+                             f"relevance model takes num_channels={model.config.num_channels} (the texture "
+                             "array's channels, which its scores read by position)")
         collator = TokenFeatureCollator() if "token_features" in first else SceneCollator()
         tokens = model.config.grid_size ** 2
         if data_args.top_k > tokens:
