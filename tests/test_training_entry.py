@@ -104,6 +104,20 @@ def test_recipe_flags_load_and_later_command_line_flags_override_them(tmp_path):
     assert recipe_to_argv(recipe)[:2] == ["--model_kind", "text"]
 
 
+def test_a_recipe_may_give_sam_args_as_a_mapping(tmp_path, capsys):
+    """`sam_args:` written as a YAML mapping reached the parser as a JSON object and was refused as not
+    'name=value,…'; the command line takes one too."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model_kind: vision\noptimizer: looksam\nsam_args:\n  alpha: 0.5\n  interval: 3\n"
+                      "use_cpu: true\noutput_dir: x\n", encoding="utf-8")
+    assert parse_args([str(recipe)])[2].sam_settings().extra == {"alpha": 0.5, "interval": 3}
+    flags = ["--model_kind", "vision", "--optimizer", "looksam", "--use_cpu", "true", "--output_dir", "x"]
+    assert parse_args([*flags, "--sam_args", '{"alpha": 0.25}'])[2].sam_settings().extra == {"alpha": 0.25}
+    with pytest.raises(SystemExit):
+        parse_args([*flags, "--sam_args", "{alpha: 0.25}"])
+    assert "sam_args looks like a JSON object but is not valid JSON" in capsys.readouterr().err
+
+
 RECIPES = sorted((REPO / "recipes").glob("*.yaml")) + sorted((REPO / "recipes").glob("*.json"))
 ACCELERATE_CONFIGS = [r for r in RECIPES if r.name.startswith("accelerate_")]
 

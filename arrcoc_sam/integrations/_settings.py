@@ -44,7 +44,15 @@ _FUSED_BACKWARD_OPTIMS = ("lomo", "adalomo")
 
 def parse_sam_args(text: str | dict[str, Any] | None) -> dict[str, Any]:
     """``"alpha=0.7,k=5,name=x"`` -> ``{"alpha": 0.7, "k": 5, "name": "x"}`` (values are Python literals or strings).
-    A dict (``SAMTrainingArguments(sam_args={"alpha": 0.7})`` in code) is taken as it is."""
+    A dict (``SAMTrainingArguments(sam_args={"alpha": 0.7})`` in code) is taken as it is, and so is a JSON object
+    (``'{"alpha": 0.7}'``: how a recipe's ``sam_args:`` mapping reaches the command line)."""
+    if isinstance(text, str) and text.lstrip().startswith("{"):
+        try:
+            text = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"sam_args looks like a JSON object but is not valid JSON ({error}): {text!r}") from error
+        if not isinstance(text, dict):
+            raise ValueError(f"sam_args must be a JSON object of knobs, got {text!r}")
     if isinstance(text, dict):
         if not all(isinstance(key, str) and key.isidentifier() for key in text):
             raise ValueError(f"sam_args keys must be knob names, got {sorted(map(repr, text))}")
