@@ -60,15 +60,28 @@ def test_data_that_fits_no_grid_or_contradicts_the_chosen_one_is_a_usage_error_n
     assert not (tmp_path / "out").exists()
 
 
-def test_a_start_model_whose_grid_contradicts_the_data_file_is_refused_naming_both(tmp_path):
+def test_a_start_model_of_another_grid_takes_the_data_files_grid_with_a_warning(tmp_path):
+    """A model saved on another grid (a scene-trained one: G = 32) fine-tuned on token-feature files: the grid does
+    not enter its weights, so it takes the data's (a warning says so) and is evaluated on those files afterwards."""
     from arrcoc_sam.relevance.vision import ArrCocRelevanceConfig, ArrCocRelevanceModel
 
     start = tmp_path / "start"
     ArrCocRelevanceModel(ArrCocRelevanceConfig(grid_size=8, query_dim=8)).save_pretrained(start)
     data = _feature_file(tmp_path / "v.jsonl")
-    with pytest.raises(ValueError, match=rf"N=16 tokens per sample \(4 x 4 grid\), but --model_name_or_path "
-                                         rf"{start} \(grid_size=8\) gives 64 tokens"):
-        build_run(*parse_args(_train_argv(data, tmp_path / "out", "--model_name_or_path", str(start))))
+    with pytest.warns(UserWarning, match=rf"--model_name_or_path {start} \(grid_size=8\) does not fit --train_file "
+                                         rf"{data} \(N=16 tokens per sample\): the model takes grid_size=4"):
+        trainer, _, _ = build_run(*parse_args(_train_argv(data, tmp_path / "out", "--model_name_or_path", str(start))))
+    assert trainer.model.config.grid_size == 4
+
+
+def test_a_grid_that_does_not_suit_the_model_names_the_data_it_came_from(tmp_path):
+    """A multiscale model on N = 16 tokens (G = 4, taken from the file) cannot pool 3 levels: the configuration's
+    refusal now names the file and the grid it read there."""
+    data = _feature_file(tmp_path / "v.jsonl")
+    argv = [*_train_argv(data, tmp_path / "out"), "--config_overrides", "num_levels=3"]
+    argv[argv.index("vision")] = "multiscale"
+    with pytest.raises(ValueError, match=rf"--train_file {data}: grid_size=4 \(N=16 tokens per sample\): .*num_levels"):
+        build_run(*parse_args(argv))
 
 
 def test_generated_scenes_follow_a_grid_size_override(tmp_path):
@@ -88,6 +101,17 @@ def test_token_features_with_other_than_the_models_channels_are_a_usage_error_na
         cli_main(["train", *_train_argv(data, tmp_path / "out")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert (f"--train_file {data}: token_features have C=5 channels per token, but the vision relevance model takes "
-            "num_channels=13") in err and "Traceback" not in err, err
+    assert (f"--train_file {data}: token_features have C=5 channels per token, but vision relevance models take "
+            "the texture array's 13") in err and "Traceback" not in err, err
+    with pytest.raises(SystemExit):  # nor can the model be told to take them (its scores read channel 7)
+        cli_main(["train", *_train_argv(data, tmp_path / "out"), "--config_overrides", "num_channels=5"])
+    assert "num_channels must be 13" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_scenes_on_a_grid_their_images_cannot_hold_name_where_the_grid_came_from(tmp_path):
+    argv = ["--model_kind", "vision", "--data_source", "scenes", "--num_train_scenes", "2",
+            "--num_validation_scenes", "1", "--num_heldout_scenes", "1", "--query_embedder", "hash",
+            "--config_overrides", "grid_size=7", "--output_dir", str(tmp_path / "out"), *COMMON]
+    with pytest.raises(ValueError, match=r"^--config_overrides grid_size=7: .*grid_size \(7\)"):
+        build_run(*parse_args(argv))

@@ -253,9 +253,10 @@ def _vision_model(model_args: ModelArguments, query_dim: int, grid_size: int | N
         from arrcoc_sam.relevance.multiscale import MultiScaleRelevanceConfig as Config
         from arrcoc_sam.relevance.multiscale import MultiScaleRelevanceModel as Model
     overrides = check_overrides(parse_overrides(model_args.config_overrides), Config)
-    if model_args.model_name_or_path:
-        return Model.from_pretrained(_local_model_dir(model_args.model_name_or_path, "model_name_or_path"), **overrides)
     grid = {} if grid_size is None else {"grid_size": grid_size}
+    if model_args.model_name_or_path:
+        return Model.from_pretrained(_local_model_dir(model_args.model_name_or_path, "model_name_or_path"),
+                                     **{**grid, **overrides})
     return Model(Config(**{"query_dim": query_dim, **grid, **overrides}))
 
 
@@ -287,7 +288,8 @@ def _data_grid_size(tokens: int, chosen: int | None, set_by: str, source: str) -
                          "models score N = grid_size^2 tokens (e.g. 16 for a 4 x 4 grid)")
     if chosen is not None and chosen != side:
         raise ValueError(f"{source}: N={tokens} tokens per sample ({side} x {side} grid), but {set_by} gives "
-                         f"{chosen * chosen} tokens; set grid_size={side} or leave it unset to take it from the data")
+                         f"{chosen * chosen} tokens; set grid_size={side}, or drop the override to take the grid "
+                         "from the data")
     return side
 
 
@@ -417,16 +419,30 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, training_arg
         from arrcoc_sam.relevance.vision_metrics import make_compute_metrics
 
         chosen, set_by = _chosen_grid_size(model_args)
-        splits = build_vision_data(data_args, grid_size=chosen)
+        scenes = (data_args.data_source or "scenes") == "scenes"
+        try:
+            splits = build_vision_data(data_args, grid_size=chosen)
+        except ValueError as error:  # scenes generated on the chosen grid: say where that grid came from
+            if not scenes or chosen is None:
+                raise
+            raise ValueError(f"{set_by}: {error}") from error
         first = splits["train"][0]
-        source = f"--train_file {data_args.train_file}" if data_args.data_source == "files" else "the scenes"
-        grid = _data_grid_size(len(first["labels"]), chosen, set_by, source)
-        model = _vision_model(model_args, query_dim=len(first["query_embedding"]), grid_size=grid)
+        source = "the scenes" if scenes else f"--train_file {data_args.train_file}"
+        # a start model's grid does not bind: token features carry their own N, and the weights do not depend on G
+        from_start_model = chosen is not None and "grid_size" not in parse_overrides(model_args.config_overrides)
+        grid = _data_grid_size(len(first["labels"]), None if from_start_model else chosen, set_by, source)
+        if from_start_model and grid != chosen:
+            warnings.warn(f"{set_by} does not fit {source} (N={grid * grid} tokens per sample): the model takes "
+                          f"grid_size={grid} from the data", stacklevel=2)
+        try:
+            model = _vision_model(model_args, query_dim=len(first["query_embedding"]), grid_size=grid)
+        except ValueError as error:
+            raise ValueError(f"{source}: grid_size={grid} (N={grid * grid} tokens per sample): {error}") from error
         channels = len(first["token_features"][0]) if "token_features" in first else None
         if channels is not None and channels != model.config.num_channels:
-            raise ValueError(f"{source}: token_features have C={channels} channels per token, but the vision "
-                             f"relevance model takes num_channels={model.config.num_channels} (the texture "
-                             "array's channels, which its scores read by position)")
+            raise ValueError(f"{source}: token_features have C={channels} channels per token, but vision relevance "
+                             f"models take the texture array's {model.config.num_channels} (their scores read them "
+                             "by position)")
         collator = TokenFeatureCollator() if "token_features" in first else SceneCollator()
         tokens = model.config.grid_size ** 2
         if data_args.top_k > tokens:

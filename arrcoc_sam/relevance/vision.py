@@ -42,7 +42,8 @@ class ArrCocRelevanceConfig(PretrainedConfig):
     """Configuration of `ArrCocRelevanceModel`.
 
     Args:
-        num_channels: C, channels of the token features (13 for the texture array).
+        num_channels: C, channels of the token features: the texture array's 13 (the only value taken; the
+            perspectival score reads the Sobel channel by position).
         grid_size: G, cells per side when images are given (N = G*G tokens).
         query_dim: D, size of the query embedding (384 for MiniLM input embeddings).
         coupling_hidden: width of the Conv1x1 13 -> hidden -> D participatory projection.
@@ -81,6 +82,9 @@ class ArrCocRelevanceConfig(PretrainedConfig):
                             ("top_k_tokens", top_k_tokens), ("ranking_pairs", ranking_pairs)):
             if int(value) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if int(num_channels) != NUM_TEXTURE_CHANNELS:
+            raise ValueError(f"num_channels must be {NUM_TEXTURE_CHANNELS} (the texture array's channels, which the "
+                             f"scores read by position), got {num_channels!r}")
         for name, value in (("ranking_weight", ranking_weight), ("ranking_margin", ranking_margin)):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value!r}")
