@@ -51,8 +51,6 @@ def parse_sam_args(text: str | dict[str, Any] | None) -> dict[str, Any]:
             text = json.loads(text)
         except json.JSONDecodeError as error:
             raise ValueError(f"sam_args looks like a JSON object but is not valid JSON ({error}): {text!r}") from error
-        if not isinstance(text, dict):
-            raise ValueError(f"sam_args must be a JSON object of knobs, got {text!r}")
     if isinstance(text, dict):
         if not all(isinstance(key, str) and key.isidentifier() for key in text):
             raise ValueError(f"sam_args keys must be knob names, got {sorted(map(repr, text))}")
