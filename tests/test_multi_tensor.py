@@ -158,7 +158,7 @@ def test_pass_two_statistics_take_a_constant_number_of_ops_off_cpu(opt_cls):
         assert torch.isfinite(opt.stats["grad_cosine"])
         return counter
 
-    few, many = counts(2), counts(40)
+    few, many = counts(5), counts(40)  # ESAM's tensors outside S: several in both (one alone is read as a view)
     assert few.launches() == many.launches(), dict(many.counts - few.counts)
 
 

@@ -391,6 +391,29 @@ def test_a_non_finite_second_pass_gradient_skips_the_step_and_keeps_weights(capl
     assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("case", ["rho_zero_group", "perturbed_tensor_without_pass_two_gradient"])
+def test_the_update_check_covers_gradients_outside_the_ascent(case):
+    """NaN at w + ε in a ρ = 0 group's gradient, or while a perturbed tensor got no pass-2 gradient (no statistics
+    then): the check read only the perturbed tensors' norm, or nothing, and the step made the weights NaN."""
+    a, b = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        second = calls[0] == 2
+        if case == "rho_zero_group":
+            loss = (a * a).sum() + (b * b).sum() * (math.nan if second else 1.0)
+        else:
+            loss = (a * a).sum() + ((a * math.nan).sum() if second else (b * b).sum())
+        loss.backward()
+        return loss
+
+    groups = [{"params": [a]}, {"params": [b], "rho": 0.0}] if case == "rho_zero_group" else [a, b]
+    opt = SAM(groups, torch.optim.SGD, lr=0.1)
+    opt.step(closure)
+    assert calls[0] == 2 and torch.equal(a, torch.ones(3)) and torch.equal(b, torch.ones(3))
+
+
 def test_the_second_pass_check_is_answered_once_and_ignores_a_norm_that_only_overflowed():
     """update_non_finite() reads the gradient recorded by the last restore once; finite gradients whose float32
     norm overflows (elements ~1e20) are not skipped, and without statistics there is nothing to check."""

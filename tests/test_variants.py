@@ -748,6 +748,31 @@ def test_a_non_finite_second_pass_skips_the_step_of_every_method_with_one(name, 
     assert all(torch.isfinite(p).all() for p in model.parameters()) and not bitwise_equal(model, _with_state(clean))
 
 
+@pytest.mark.parametrize("case", ["nan_outside_the_drawn_tensors", "zero_norm_over_the_drawn_tensors"])
+def test_esam_tensor_swp_checks_the_whole_update(case):
+    """ESAM's tensor SWP perturbs the drawn tensors S only: NaN at w + ε in a tensor outside S was not checked, nor
+    was any pass 2 after an ascent with a zero norm over S (perturb() True, nothing perturbed)."""
+    params = [nn.Parameter(torch.ones(3)) for _ in range(8)]
+    opt = ESAM(params, torch.optim.SGD, lr=0.1, beta=0.25, gamma=1.0, swp="tensor")
+    drawn = {id(p) for p in opt.swp_tensors()}
+    outside = [p for p in params if id(p) not in drawn]
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        nan = math.nan if calls[0] == 2 else 1.0
+        opt.zero_grad()
+        if case == "nan_outside_the_drawn_tensors":
+            loss = sum((p * p).sum() for p in params) + (outside[0] * (nan - 1.0)).sum()
+        else:
+            loss = sum((p * p).sum() for p in outside) * nan + sum((p * 0).sum() for p in params if id(p) in drawn)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert calls[0] == 2 and all(torch.equal(p, torch.ones(3)) for p in params)
+
+
 def test_gsam_add_param_group_gets_the_schedule_keys_and_is_validated():
     model, extra = make_mlp(), nn.Linear(3, 2, dtype=torch.float64)
     opt = GSAM(model.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM, rho=RHO, rho_min=0.01, lr_min=0.001)

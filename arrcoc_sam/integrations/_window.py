@@ -56,7 +56,7 @@ clean loss the loop logs; ``grad_norm``/``grad_norm_perturbed``/``grad_cosine``/
 scopes by the share of a short last window's mean gradient its ``.grad`` holds). Under ``microbatch`` the
 second-pass figures are measured on the gradient accumulated so far in the window, and a window one of whose
 micro-batches met non-finite gradients records none. A window whose ascent meets non-finite (pass-1) gradients,
-or whose sharpness-aware gradient is non-finite (read from the largest ‖g_SAM‖ its restores recorded; not without
+or whose sharpness-aware gradient is non-finite (read from the largest gradient norm its restores recorded; not without
 the pass-2 statistics), takes no step, on every rank: the optimizer skips it, and without a GradScaler its
 gradients are dropped for loops that step the base optimizer directly. Windows without an ascent are not checked
 (a GradScaler checks them under fp16).
@@ -191,7 +191,7 @@ class SAMWindow:
         self._any_ascent = False
         self._pending_stats: list[tuple[dict[str, Tensor], float]] = []  # microbatch scope: recorded at window end
         self._non_finite = False  # an ascent of this window met non-finite gradients: its step is skipped
-        self._update_norm: Tensor | None = None  # the largest ‖g_SAM‖ the window's restores recorded (on device)
+        self._update_norm: Tensor | None = None  # the largest gradient norm the window's restores recorded
         self._select = False  # this window runs data selection
         self._selection_unavailable = False  # the per-example losses raised PerExampleLossUnavailable once
         self._clean_examples: list[Tensor] = []  # [B_m] clean per-example losses of each micro-batch
@@ -523,7 +523,7 @@ class SAMWindow:
         return self._non_finite
 
     def _take_update_norm(self, optimizer: Optimizer) -> None:
-        """Keep the ‖g_SAM‖ the last restore recorded (the largest over the window's restores; NaN wins), taking
+        """Keep the gradient norm the last restore recorded (the largest over the window's restores; NaN wins), taking
         the check over from the optimizer's ``step()``, so that it is made once per window and agreed across ranks."""
         norm = optimizer.take_update_norm()
         if norm is not None:
@@ -531,7 +531,8 @@ class SAMWindow:
 
     def _update_non_finite(self, optimizer: Optimizer) -> bool:
         """Whether the window's sharpness-aware gradient holds inf/NaN (the optimizer's ``update_non_finite`` on
-        the window's largest ‖g_SAM‖: one host sync). Under a GradScaler, which checks it itself, not asked."""
+        the window's largest recorded gradient norm: one host sync). Under a GradScaler, which checks it itself,
+        not asked."""
         norm, self._update_norm = self._update_norm, None
         if norm is None or self._scaled():
             return False

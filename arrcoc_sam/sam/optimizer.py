@@ -478,17 +478,37 @@ class SAM(Optimizer):
         Before restoring, records ``stats["grad_norm_perturbed"]`` = ‖g_SAM‖ and ``stats["grad_cosine"]`` =
         cos(ε, g_SAM) from the current gradients (pass 2), when every perturbed tensor has one and
         ``track_stats`` is True (the default; three reductions over the perturbed tensors, and on sharded
-        parameters one all-reduce). Sharded (DTensor) parameters are restored shard by shard, locally.
+        parameters one all-reduce), and, with ``track_stats``, the norm of every current gradient for
+        :meth:`update_non_finite` (one more reduction where tensors outside the ascent have gradients).
+        Sharded (DTensor) parameters are restored shard by shard, locally.
         """
-        if not self._perturbed:
+        if not self._perturbed:  # no ascent (or ESAM's tensor SWP with a zero norm over S): check what pass 2 left
+            if self.track_stats and not self._skip_next_step:  # a non-finite ascent already skips the step
+                self._update_check = self._norm_of_gradients_besides([])
             return
         targets, backup, layout = self._targets, self._backup, self._layout
         try:  # perturb() dropped the previous step's figures, so a step without them reports none
             grads = [p.grad for p in self._perturbed] if self.track_stats else []
             if grads and all(g is not None for g in grads):
                 self._record_second_pass_stats(targets, backup, grads if layout is None else layout.local(grads))
+                if layout is None:
+                    rest = self._norm_of_gradients_besides(self._perturbed)
+                    if rest is not None:
+                        norm = self._update_check
+                        self._update_check = torch.hypot(norm, rest.to(device=norm.device, dtype=norm.dtype))
+            elif grads:  # a perturbed tensor without a pass-2 gradient: no statistics, the update is still checked
+                self._update_check = self._norm_of_gradients_besides([])
         finally:
             self._copy_back_clean_weights()
+
+    def _norm_of_gradients_besides(self, skip: list[Tensor]) -> Tensor | None:
+        """‖g‖ over the current gradients of every parameter not in ``skip`` (ρ = 0 groups, tensors the ascent left
+        alone), as a 0-dim tensor, no host sync; None if there are none. Sharded (DTensor) gradients are left out."""
+        skipped = set(map(id, skip))
+        grads = [p.grad for group in self.param_groups for p in group["params"]
+                 if p.grad is not None and id(p) not in skipped]
+        grads = [g for g in grads if not is_sharded([g])]
+        return perturbation.squared_norm(grads).sqrt() if grads else None
 
     @torch.no_grad()
     def abort_perturbation(self) -> None:
@@ -618,7 +638,8 @@ class SAM(Optimizer):
         is inf: a float32 norm that overflowed although every element of the current gradients is finite (above
         ~1.8e19, e.g. under a large GradScaler scale) does not count, except for sharded (FSDP2) parameters.
         :meth:`step` calls it and skips the base update when it says so; the pass-1 check in :meth:`perturb`
-        cannot see a loss that is finite at w and blows up at w + ε. The norm covers the perturbed tensors.
+        cannot see a loss that is finite at w and blows up at w + ε. The norm covers every gradient present at the
+        restore (for sharded parameters, the perturbed ones).
         """
         if norm is None:
             norm = self.take_update_norm()
