@@ -507,7 +507,8 @@ class SAM(Optimizer):
         skipped = set(map(id, skip))
         grads = [p.grad for group in self.param_groups for p in group["params"]
                  if p.grad is not None and id(p) not in skipped]
-        grads = [g for g in grads if not is_sharded([g])]
+        if grads and is_sharded(grads):
+            grads = [g for g in grads if not is_sharded([g])]
         return perturbation.squared_norm(grads).sqrt() if grads else None
 
     @torch.no_grad()
