@@ -480,8 +480,7 @@ class SAMWindow:
 
     def _grad_scale(self) -> float:
         """The GradScaler's current scale (1.0 without one): pass-1/2 gradients carry it."""
-        scaler = getattr(self.accelerator, "scaler", None)
-        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        return float(self.accelerator.scaler.get_scale()) if self._scaled() else 1.0
 
     def _window_fraction(self) -> float:
         """The window's gradient per unit of its mean gradient, GradScaler aside: m/k for a plain Accelerate loop

@@ -260,23 +260,24 @@ def _vision_model(model_args: ModelArguments, query_dim: int, grid_size: int | N
     return Model(Config(**{"query_dim": query_dim, **grid, **overrides}))
 
 
-def _chosen_grid_size(model_args: ModelArguments) -> tuple[int | None, str]:
-    """``(grid_size, where it was set)``: a ``grid_size`` config override, else the start model's; ``(None, "")``
-    when the user set neither (the data decides)."""
+def _chosen_grid_size(model_args: ModelArguments) -> tuple[int | None, str, bool]:
+    """``(grid_size, where it was set, whether it binds)``: a ``grid_size`` config override (binding), else the
+    start model's (not binding: the data's N may replace it); ``(None, "", False)`` when the user set neither (the
+    data decides)."""
     overrides = parse_overrides(model_args.config_overrides)
     if "grid_size" in overrides:
         grid = overrides["grid_size"]
         if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
             raise ValueError(f"config_overrides: grid_size must be a positive integer, got {grid!r}")
-        return grid, f"--config_overrides grid_size={grid}"
+        return grid, f"--config_overrides grid_size={grid}", True
     if model_args.model_name_or_path:
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(_local_model_dir(model_args.model_name_or_path, "model_name_or_path"))
         grid = getattr(config, "grid_size", None)
         if grid is not None:
-            return grid, f"--model_name_or_path {model_args.model_name_or_path} (grid_size={grid})"
-    return None, ""
+            return grid, f"--model_name_or_path {model_args.model_name_or_path} (grid_size={grid})", False
+    return None, "", False
 
 
 def _data_grid_size(tokens: int, chosen: int | None, set_by: str, source: str) -> int:
@@ -418,7 +419,7 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, training_arg
         from arrcoc_sam.relevance.scenes import SceneCollator
         from arrcoc_sam.relevance.vision_metrics import make_compute_metrics
 
-        chosen, set_by = _chosen_grid_size(model_args)
+        chosen, set_by, binding = _chosen_grid_size(model_args)
         scenes = (data_args.data_source or "scenes") == "scenes"
         try:
             splits = build_vision_data(data_args, grid_size=chosen)
@@ -429,9 +430,8 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, training_arg
         first = splits["train"][0]
         source = "the scenes" if scenes else f"--train_file {data_args.train_file}"
         # a start model's grid does not bind: token features carry their own N, and the weights do not depend on G
-        from_start_model = chosen is not None and "grid_size" not in parse_overrides(model_args.config_overrides)
-        grid = _data_grid_size(len(first["labels"]), None if from_start_model else chosen, set_by, source)
-        if from_start_model and grid != chosen:
+        grid = _data_grid_size(len(first["labels"]), chosen if binding else None, set_by, source)
+        if chosen is not None and grid != chosen:
             warnings.warn(f"{set_by} does not fit {source} (N={grid * grid} tokens per sample): the model takes "
                           f"grid_size={grid} from the data", stacklevel=2)
         try:

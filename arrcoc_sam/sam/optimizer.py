@@ -490,12 +490,11 @@ class SAM(Optimizer):
         try:  # perturb() dropped the previous step's figures, so a step without them reports none
             grads = [p.grad for p in self._perturbed] if self.track_stats else []
             if grads and all(g is not None for g in grads):
-                self._record_second_pass_stats(targets, backup, grads if layout is None else layout.local(grads))
-                if layout is None:
-                    rest = self._norm_of_gradients_besides(self._perturbed)
-                    if rest is not None:
-                        norm = self._update_check
-                        self._update_check = torch.hypot(norm, rest.to(device=norm.device, dtype=norm.dtype))
+                norm = self._record_second_pass_stats(targets, backup, grads if layout is None else layout.local(grads))
+                rest = self._norm_of_gradients_besides(self._perturbed) if layout is None else None
+                if rest is not None:
+                    norm = torch.hypot(norm, rest.to(device=norm.device, dtype=norm.dtype))
+                self._update_check = norm
             elif grads:  # a perturbed tensor without a pass-2 gradient: no statistics, the update is still checked
                 self._update_check = self._norm_of_gradients_besides([])
         finally:
@@ -543,7 +542,9 @@ class SAM(Optimizer):
             perturbation.copy_(*self._stats_snapshot)
         self._stats_snapshot = ([], [])
 
-    def _record_second_pass_stats(self, params: list[Tensor], backup: list[Tensor], grads: list[Tensor]) -> None:
+    def _record_second_pass_stats(self, params: list[Tensor], backup: list[Tensor], grads: list[Tensor]) -> Tensor:
+        """``stats["grad_norm_perturbed"]`` and ``stats["grad_cosine"]`` from the perturbed tensors' pass-2
+        gradients; returns ‖g_SAM‖ (0-dim, in the gradients' accumulation dtype)."""
         torch._foreach_sub_(params, backup)  # params now hold ε exactly as applied; restored right after
         if self._layout is None:
             cosine, grad_norm = perturbation.cosine(params, grads)
@@ -553,7 +554,7 @@ class SAM(Optimizer):
             cosine = eps_dot_grad / (eps_sq.sqrt() * grad_norm).clamp_min(1e-30)
         self.stats["grad_norm_perturbed"] = grad_norm.float()
         self.stats["grad_cosine"] = cosine.float()
-        self._update_check = grad_norm
+        return grad_norm
 
     @contextlib.contextmanager
     def perturbed(self) -> Iterator[bool]:
