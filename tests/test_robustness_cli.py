@@ -153,6 +153,17 @@ def test_a_missing_model_folder_is_a_usage_error_naming_it(tmp_path, capsys):
         assert f"--model {missing}: no config.json there" in err
 
 
+@pytest.mark.parametrize("config", ['{"model_type": "no_such_model"}', "{not json"])
+def test_a_config_that_does_not_load_is_a_usage_error_naming_the_model(tmp_path, capsys, config):
+    """transformers' own error (unknown model_type, broken JSON) came out as a traceback without --model."""
+    model = tmp_path / "odd"
+    model.mkdir()
+    (model / "config.json").write_text(config, encoding="utf-8")
+    for command in ("evaluate-robustness", "allocate"):
+        err = _usage_error([command, "--model", str(model), *DATA, "--out", str(tmp_path / "o")], capsys)
+        assert f"--model {model}: its config.json does not load" in err, err
+
+
 def test_a_text_relevance_model_is_a_usage_error_naming_its_kind(tmp_path, capsys):
     from transformers import BertConfig
 

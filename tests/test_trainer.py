@@ -431,6 +431,15 @@ def test_sam_args_values_are_python_literals_or_else_strings():
         "alpha": 0.7, "k": 5, "flag": True, "items": [1], "name": "x", "path": "a/b", "words": "two words"}
 
 
+@pytest.mark.parametrize("text", ["alpha=0.1,k=5,alpha=0.2", '{"alpha": 0.1, "alpha": 0.2}'])
+def test_a_knob_given_twice_in_sam_args_is_refused(text):
+    """Both forms kept the last value silently."""
+    from arrcoc_sam.integrations._settings import parse_sam_args
+
+    with pytest.raises(ValueError, match="sam_args gives alpha twice"):
+        parse_sam_args(text)
+
+
 def test_grad_scaler_path_matches_unscaled_run_and_skips_overflow(tmp_path):
     kwargs = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": 2, "rho": 0.05}
     plain = _train(tmp_path / "plain", **kwargs)

@@ -48,7 +48,7 @@ def parse_sam_args(text: str | dict[str, Any] | None) -> dict[str, Any]:
     (``'{"alpha": 0.7}'``: how a recipe's ``sam_args:`` mapping reaches the command line)."""
     if isinstance(text, str) and text.lstrip().startswith("{"):
         try:
-            text = json.loads(text)
+            text = json.loads(text, object_pairs_hook=_without_repeated_keys)
         except json.JSONDecodeError as error:
             raise ValueError(f"sam_args looks like a JSON object but is not valid JSON ({error}): {text!r}") from error
     if isinstance(text, dict):
@@ -65,11 +65,23 @@ def parse_sam_args(text: str | dict[str, Any] | None) -> dict[str, Any]:
         key, raw = key.strip(), raw.strip()
         if not sep or not key.isidentifier():
             raise ValueError(f"sam_args must look like 'name=value,name=value', got the item {item!r} in {text!r}")
+        if key in knobs:
+            raise ValueError(f"sam_args gives {key} twice, in {text!r}")
         try:
             knobs[key] = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
             knobs[key] = raw
     return knobs
+
+
+def _without_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's pairs as a dict; ValueError for a key given twice (json keeps the last one silently)."""
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"sam_args gives {key} twice (in a JSON object, whose last value would silently win)")
+        seen[key] = value
+    return seen
 
 
 @dataclass(frozen=True)

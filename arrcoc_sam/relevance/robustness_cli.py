@@ -78,7 +78,10 @@ def load_model(path: str | os.PathLike) -> torch.nn.Module:
 
     if not Path(path, "config.json").is_file():
         raise FileNotFoundError(f"--model {path}: no config.json there; pass a save_pretrained() folder")
-    config = AutoConfig.from_pretrained(str(path))
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (ValueError, KeyError, OSError) as error:  # an unknown model_type, a config.json that is not JSON
+        raise ValueError(f"--model {path}: its config.json does not load ({error})") from error
     if not isinstance(config, ArrCocRelevanceConfig):  # MultiScaleRelevanceConfig is one too
         kind = {"arrcoc_text_relevance": "a text relevance model"}.get(config.model_type, "not a relevance model")
         raise ValueError(f"--model {path}: {kind} ({type(config).__name__}, model_type {config.model_type!r}); "
