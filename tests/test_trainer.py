@@ -387,6 +387,9 @@ def test_optimizer_none_says_which_given_knobs_it_ignores(tmp_path):
     with pytest.warns(UserWarning, match="--optimizer none runs stock training: ignoring alpha, rho"):
         args = SAMTrainingArguments(**trainer_kwargs(str(tmp_path), optimizer="none", rho=0.1, sam_args="alpha=0.5"))
     assert not args.sam_settings().enabled
+    with pytest.warns(UserWarning, match="ignoring sam_scope, sam_statistics"):
+        SAMTrainingArguments(**trainer_kwargs(str(tmp_path), optimizer="none", sam_scope="per_device",
+                                              sam_statistics=False)).sam_settings()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         SAMTrainingArguments(**trainer_kwargs(str(tmp_path), optimizer="none")).sam_settings()

@@ -141,6 +141,7 @@ class SAMSettings:
         does not take, at parse time instead of when the Trainer builds its optimizer."""
         if not self.enabled:
             given = sorted(self.extra) + [key for key, _, value in self._flag_knobs() if value is not None]
+            given += ["sam_scope"] * (self.scope != "global") + ["sam_statistics"] * (not self.statistics)
             if given:  # e.g. a SAM recipe run as its baseline with --optimizer none: allowed, but said
                 warnings.warn(f"--optimizer none runs stock training: ignoring {', '.join(given)}", stacklevel=2)
             return
