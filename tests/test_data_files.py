@@ -62,6 +62,7 @@ def test_csv_accepts_whitespace_separated_tokens_and_labels(tmp_path):
         ({"query": "x", "tokens": ["a", 3], "labels": [0, 1]}, "tokens", "item 1"),
         ({"query": "x", "tokens": [], "labels": []}, "tokens", "non-empty list"),
         ({"query": "x", "tokens": ["a"], "labels": ["yes"]}, "labels", "expected numbers"),
+        ({"query": "x", "tokens": ["a", "b"], "labels": ["1", "0.5"]}, "labels", "got text such as '1'"),
     ],
 )
 def test_a_malformed_text_row_names_file_row_and_field(tmp_path, bad_row, field, message):
@@ -135,6 +136,7 @@ def test_vision_images_load_relative_to_the_data_file(tmp_path):
         ([{**vision_row(), "image": "a.png", "token_features": None}, {**vision_row(), "image": "missing.png",
                                                                       "token_features": None}], "image", "cannot read"),
         ([vision_row(), vision_row(value=float("nan"))], "token_features", "NaN"),
+        ([vision_row(), {**vision_row(), "relevance": [["0.5", 1.0], [0.5, 0.0]]}], "relevance", "quoted numbers"),
         ([vision_row(query_embedding=[1, 2]), vision_row()], "query_embedding", "give it in all or none"),
     ],
 )

@@ -132,6 +132,27 @@ def test_rescale_mode_needs_images():
         _model(mode="rescale")(token_features=torch.randn(1, GRID * GRID, 13), query_embedding=torch.randn(1, 16))
 
 
+def test_a_rescale_model_refuses_token_feature_scoring_clearly_and_leaves_its_weights():
+    """Robustness evaluation and token allocation died inside forward() with 'pass pixel_values'."""
+    from arrcoc_sam.relevance import RelevanceRobustness
+
+    model = _model(mode="rescale")
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="mode='rescale'.*mode='pyramid' model for robustness"):
+        model.compute_relevance(torch.rand(1, GRID * GRID, 13), torch.randn(1, QUERY_DIM))
+    with pytest.raises(ValueError, match="mode='rescale'"):
+        RelevanceRobustness(levels=(0.1,), k=8, num_draws=2, num_bootstrap=10).evaluate(model, _batch(batch_size=2))
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("fusion", ["sharpness", "curvature", "learned"])
+def test_a_bfloat16_model_returns_bfloat16_relevance_from_float32_features(fusion):
+    """The float32 sharpness weights promoted the fused relevance to float32 (the vision model returns bf16)."""
+    model = _model(fusion=fusion, curvature_probes=2).to(torch.bfloat16)
+    out = model(token_features=torch.rand(2, GRID * GRID, 13), query_embedding=torch.randn(2, QUERY_DIM))
+    assert out.combined_relevance.dtype == out.weights.dtype == torch.bfloat16
+
+
 def test_curvature_fusion_estimates_each_samples_input_hessian_frobenius_norm():
     model, batch = _model(fusion="curvature", num_levels=2, curvature_probes=48), _batch(batch_size=2)
     out = model(pixel_values=batch["pixel_values"], query_embedding=batch["query_embedding"])

@@ -60,6 +60,32 @@ def test_constant_map_gives_nan_correlation_like_scipy():
     assert math.isnan(rank_metrics.kendall_tau_b(a, b).item())
 
 
+def test_a_row_holding_nan_gives_nan_like_scipy_and_the_other_rows_are_untouched():
+    """spearman ranked NaN as the largest value (-0.8 where scipy gives NaN)."""
+    a = torch.tensor([[1.0, math.nan, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]])
+    b = torch.tensor([[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 4.0, 3.0]])
+    for metric in (rank_metrics.spearman, rank_metrics.kendall_tau_b):
+        for x, y in ((a, b), (b, a)):
+            values = metric(x, y)
+            assert math.isnan(values[0].item()) and values[1].item() == pytest.approx(metric(x[1], y[1]).item())
+    for x, y in ((a, b), (b, a)):
+        assert math.isnan(rank_metrics.ndcg_at_k(x, y, 2)[0].item())
+
+
+def test_ndcg_of_negative_gains_is_nan():
+    """It returned -1.09: the gains must be >= 0."""
+    prediction, gains = torch.tensor([[0.1, 0.9, 0.5], [0.1, 0.9, 0.5]]), torch.tensor([[1.0, -2.0, 0.5], [1.0, 0.0, 0.5]])
+    values = rank_metrics.ndcg_at_k(prediction, gains, 2)
+    assert math.isnan(values[0].item()) and 0 < values[1].item() < 1
+
+
+def test_kendall_of_integers_beyond_float32_precision_matches_scipy():
+    """Integers were cast to float32, which merged 2**25 and 2**25 + 1 into a tie (-0.548 instead of -1/3)."""
+    a, b = torch.tensor([2**25, 2**25 + 1, 0, 1]), torch.tensor([0, 1, 2, 3])
+    assert rank_metrics.kendall_tau_b(a, b).item() == pytest.approx(stats.kendalltau(a.numpy(), b.numpy())[0])
+    assert rank_metrics.kendall_tau_b(a, b).item() == pytest.approx(-1 / 3)
+
+
 def test_mean_abs_diff_and_topk_jaccard_hand_cases():
     a = torch.tensor([0.9, 0.8, 0.1, 0.2, 0.5])
     b = torch.tensor([0.9, 0.1, 0.8, 0.2, 0.6])

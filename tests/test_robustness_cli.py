@@ -164,6 +164,34 @@ def test_a_config_that_does_not_load_is_a_usage_error_naming_the_model(tmp_path,
         assert f"--model {model}: its config.json does not load" in err, err
 
 
+def test_a_rescale_multiscale_model_is_a_usage_error_naming_it(tmp_path, capsys):
+    """It crashed with a traceback: such a model scores images, not the token features the commands perturb."""
+    from arrcoc_sam.relevance.multiscale import MultiScaleRelevanceConfig, MultiScaleRelevanceModel
+
+    MultiScaleRelevanceModel(MultiScaleRelevanceConfig(grid_size=8, query_dim=32, mode="rescale", coupling_hidden=8,
+                                                       balancer_hidden=16)).save_pretrained(tmp_path / "rescale")
+    model = str(tmp_path / "rescale")
+    for command in ("evaluate-robustness", "allocate"):
+        err = _usage_error([command, "--model", model, *DATA, "--out", str(tmp_path / "o")], capsys)
+        assert f"--model {model}: a multiscale relevance model with mode='rescale'" in err, err
+        assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("mode", ["plain", "topk"])
+def test_allocate_without_precision_mode_runs_on_a_hessian_precision_that_dips_below_zero(tmp_path, mode):
+    """`--mode plain|topk --precision-method hutchinson` died on 'precision must be >= 0' (the clamp was only in
+    precision mode); the budgets are then those of the GGN precision, which these modes ignore."""
+    model = _checkpoint(tmp_path / "model", 0)
+    budgets = {}
+    for method in ("hutchinson", "ggn"):
+        out = tmp_path / f"{mode}_{method}"
+        code = cli_main(["allocate", "--model", model, *DATA, "--k", "12", "--mode", mode, "--precision-method", method,
+                         "--num-probes", "2", "--plot-samples", "0", "--out", str(out)])
+        assert code == 0
+        budgets[method] = json.loads((out / "allocation.json").read_text())["samples"]
+    assert budgets["hutchinson"] == budgets["ggn"]
+
+
 def test_a_text_relevance_model_is_a_usage_error_naming_its_kind(tmp_path, capsys):
     from transformers import BertConfig
 

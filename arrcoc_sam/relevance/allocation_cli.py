@@ -135,10 +135,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         precision, stderr = token_precision(model, {**batch, "token_features": features}, method=args.precision_method,
                                             num_probes=args.num_probes, seed=probe_seed, return_stderr=True,
                                             sample_offset=len(samples))
-        if args.mode == "precision" and args.precision_method != "ggn":
-            precision = precision.clamp_min(0)  # Hessian estimates can dip below zero; the allocator needs >= 0
-        indices, budgets = allocator(relevance, precision)
         relative_stderr.append((stderr / precision.abs().clamp_min(1e-30)).median(dim=1).values)
+        if args.precision_method != "ggn":  # Hessian estimates can dip below zero; the allocator checks >= 0
+            precision = precision.clamp_min(0)  # in every mode (plain and topk show it, and ignore it)
+        indices, budgets = allocator(relevance, precision)
         for i in range(relevance.shape[0]):
             index = len(samples)
             samples.append({"index": index, "query": queries[index], "selected_indices": indices[i].tolist(),

@@ -150,7 +150,11 @@ class _RowChecker:
         return value
 
     def numbers(self, field: str, unit_interval: bool, split_words: bool = False) -> np.ndarray:
+        raw = self.get(field)
+        split = split_words and isinstance(raw, str) and not raw.strip().startswith("[")  # "1 0.5 0" (CSV)
         value = self._list(field, split_words)
+        if not split and _holds_text(value):  # np.asarray would read "0.5" as 0.5 without a word
+            raise self.fail(field, f"expected numbers, got text such as {_first_text(value)!r} (quoted numbers?)")
         try:
             array = np.asarray(value, dtype=np.float64)
         except (TypeError, ValueError) as err:
@@ -299,3 +303,18 @@ def _resolve_embedder(query_embedder) -> Callable[[Sequence[str]], np.ndarray]:
         raise ValueError(f"query_embedder must be 'minilm', 'hash' or a callable, got {query_embedder!r}")
     return factories[query_embedder]()
 
+
+def _first_text(value: Any) -> str | None:
+    """The first string in a nested list of ``value`` (depth first), or None."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            found = _first_text(item)
+            if found is not None:
+                return found
+    return None
+
+
+def _holds_text(value: Any) -> bool:
+    return _first_text(value) is not None

@@ -261,6 +261,7 @@ class MultiScaleRelevanceModel(RelevancePreTrainedModel):
         else:
             sharp = torch.full(per_scale.shape[:2], float("nan"), device=per_scale.device, dtype=per_scale.dtype)
             weights = torch.softmax(self.scale_logits, dim=0).expand(per_scale.shape[0], -1)
+        weights = weights.to(per_scale.dtype)  # the model's dtype (bf16 weights by default would not cast alone)
         combined = (weights.unsqueeze(-1) * per_scale).sum(dim=1)
         coarse_k = min(self.config.coarse_k, side * side // 4)
         k = min(self.config.top_k_tokens, 4 * coarse_k)  # clamped to the candidates (<= N), like top_k_indices
@@ -271,7 +272,15 @@ class MultiScaleRelevanceModel(RelevancePreTrainedModel):
         )
 
     def compute_relevance(self, token_features: torch.Tensor, query_embedding: torch.Tensor) -> torch.Tensor:
-        """token_features [B, G*G, C], query_embedding [B, D] -> combined relevance [B, G*G] in [0, 1]."""
+        """token_features [B, G*G, C], query_embedding [B, D] -> combined relevance [B, G*G] in [0, 1].
+
+        ``mode="pyramid"`` only: a ``"rescale"`` model scores images resized per scale, so token features alone
+        cannot be scored (ValueError)."""
+        if self.config.mode == "rescale":
+            raise ValueError(
+                "compute_relevance scores token features, but this MultiScaleRelevanceModel has mode='rescale', which "
+                "scores images resized per scale; call it with pixel_values, or use a mode='pyramid' model for "
+                "robustness evaluation and token allocation")
         return self.forward(token_features=token_features, query_embedding=query_embedding).combined_relevance
 
 

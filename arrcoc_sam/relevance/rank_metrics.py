@@ -10,7 +10,10 @@ and returns ``[...]`` in float64, with no host synchronisation:
                       O(N log² N) per row (a batched merge sort counts the discordant pairs)
 * ``topk_jaccard``    |S ∩ S̃| / |S ∪ S̃| of the two top-K index sets
 * ``ndcg_at_k``       tie-aware DCG@K of the ranking by the prediction divided by the ideal DCG@K of the
-                      gains; NaN when every gain is 0
+                      gains; NaN when every gain is 0 or one is negative
+
+A row holding a NaN gives NaN in the rank statistics (``spearman``, ``kendall_tau_b``, ``ndcg_at_k``), as scipy's
+default ``nan_policy="propagate"`` does, instead of ranking NaN as the largest value.
 
 Ties. Top-K sets (``top_k_indices``, used by ``topk_jaccard`` here and by top-K recall in
 `arrcoc_sam.relevance.vision_metrics`) break ties by token index: among equal scores the lower index ranks
@@ -84,7 +87,13 @@ def _pearson(a: Tensor, b: Tensor) -> Tensor:
 def spearman(a: Tensor, b: Tensor) -> Tensor:
     """Spearman's ρ along the last dimension: ``[..., N] x [..., N] -> [...]``; NaN if either map is constant."""
     _check_pair(a, b)
-    return _pearson(average_ranks(a), average_ranks(b))
+    return _nan_where_any_nan(_pearson(average_ranks(a), average_ranks(b)), a, b)
+
+
+def _nan_where_any_nan(result: Tensor, *maps: Tensor) -> Tensor:
+    """``result [...]`` with NaN in the rows where any of ``maps [..., N]`` holds a NaN."""
+    holds_nan = torch.stack([m.isnan().any(dim=-1) for m in maps]).any(dim=0)
+    return result.masked_fill(holds_nan.to(result.device), math.nan)
 
 
 def _tie_pairs(sorted_rows: Tensor, same: Tensor) -> Tensor:
@@ -124,7 +133,8 @@ def kendall_tau_b(a: Tensor, b: Tensor) -> Tensor:
     """
     _check_pair(a, b)
     lead, n = a.shape[:-1], a.shape[-1]
-    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    dtype = torch.promote_types(dtype, torch.float32) if dtype.is_floating_point else torch.float64  # ints exactly
     a2, b2 = a.to(dtype).reshape(-1, n), b.to(dtype).reshape(-1, n)
     order_b = b2.argsort(dim=-1, stable=True)
     order = order_b.gather(-1, a2.gather(-1, order_b).argsort(dim=-1, stable=True))  # lexicographic (a, b)
@@ -140,7 +150,7 @@ def kendall_tau_b(a: Tensor, b: Tensor) -> Tensor:
     t_a, t_b, t_ab = _tie_pairs(sa, tie_a), _tie_pairs(sorted_b, tie_b), _tie_pairs(sa, tie_ab)
     numerator = pairs - t_a - t_b + t_ab - 2 * _strict_inversions(sb)
     denominator = ((pairs - t_a) * (pairs - t_b)).sqrt()
-    return torch.where(denominator > 0, numerator / denominator, math.nan).reshape(lead)
+    return _nan_where_any_nan(torch.where(denominator > 0, numerator / denominator, math.nan).reshape(lead), a, b)
 
 
 def _check_k(x: Tensor, k: int) -> None:
@@ -172,7 +182,8 @@ def topk_jaccard(a: Tensor, b: Tensor, k: int) -> Tensor:
 
 
 def ndcg_at_k(prediction: Tensor, gains: Tensor, k: int) -> Tensor:
-    """NDCG@k of the ranking by ``prediction`` with graded ``gains >= 0`` (e.g. target relevance): ``[...]``.
+    """NDCG@k of the ranking by ``prediction`` with graded ``gains >= 0`` (e.g. target relevance): ``[...]``;
+    NaN in a row whose gains are all 0 or hold a negative value (or that holds a NaN).
 
     Tie-aware: each rank i < k of a block of tied predictions is credited with the block's mean gain, so the
     value is the mean NDCG@k over all orders of the ties (McSherry & Najork 2008), whatever the token order.
@@ -185,7 +196,8 @@ def ndcg_at_k(prediction: Tensor, gains: Tensor, k: int) -> Tensor:
     ranked = _block_means(values, gains.gather(-1, order))[..., :k]
     ideal = gains.topk(k, dim=-1).values
     dcg, idcg = (ranked * discount).sum(dim=-1), (ideal * discount).sum(dim=-1)
-    return torch.where(idcg > 0, dcg / idcg, torch.full_like(idcg, math.nan))
+    valid = (idcg > 0) & ~(gains < 0).any(dim=-1)
+    return _nan_where_any_nan(torch.where(valid, dcg / idcg, torch.full_like(idcg, math.nan)), prediction, gains)
 
 
 def bootstrap_ci(

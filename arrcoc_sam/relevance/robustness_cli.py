@@ -88,6 +88,10 @@ def load_model(path: str | os.PathLike) -> torch.nn.Module:
                          f"this command takes vision relevance models: model_type "
                          f"{ArrCocRelevanceConfig.model_type!r} or {MultiScaleRelevanceConfig.model_type!r} "
                          "(trained with --model_kind vision or multiscale)")
+    if getattr(config, "mode", None) == "rescale":
+        raise ValueError(f"--model {path}: a multiscale relevance model with mode='rescale', which scores images "
+                         "resized per scale and not token features; this command perturbs and scores token features: "
+                         "use a mode='pyramid' model")
     return AutoModel.from_pretrained(str(path), config=config).eval()
 
 
