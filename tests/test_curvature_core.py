@@ -532,3 +532,57 @@ def test_bce_ggn_diagonal_is_within_five_stderr_of_the_jacobian_reference(sampli
         estimate = ggn_diagonal(op, num_probes=400, generator=torch.Generator().manual_seed(0))
     assert bool(((estimate.value - exact).abs() <= 5 * estimate.stderr + 1e-12).all()), (estimate.value, exact)
     assert bool((estimate.value > 0.5 * exact).all() and (estimate.value < 2 * exact).all())
+
+
+def _plus_minus_three_with_bulk(seed: int) -> torch.Tensor:
+    """Q diag(3, −3, 48 values in [−1, 1]) Qᵀ, Q seeded: the ± pair has equal magnitude, so unshifted power
+    iteration never separates them."""
+    spectrum = torch.cat([torch.tensor([3.0, -3.0]), torch.linspace(-1, 1, 48)]).double()
+    rotation = torch.linalg.qr(torch.randn(50, 50, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)).Q
+    return rotation @ torch.diag(spectrum) @ rotation.T
+
+
+def test_power_iteration_detects_plus_minus_mixing_at_any_step_not_only_at_step_20():
+    """Starts mostly along u₊ (|c₋/c₊| < 0.07) passed the one-off step-20 test (θ/‖Av‖ ≈ 0.998) and stalled for
+    1000 products: (Q seed, start seed) = (11, 1011), (54, 1054), ... gave up to 0.7% error, converged=False."""
+    tol = 1e-6
+    for seed in range(100):
+        result = power_iteration(MatrixOperator(_plus_minus_three_with_bulk(seed)), k=1, tol=tol, max_iter=200,
+                                 generator=torch.Generator().manual_seed(1000 + seed))
+        assert result.converged and result.num_matvecs <= 200, (seed, result.num_matvecs)
+        assert abs(float(result.values[0]) - 3.0) <= tol * 3.0, (seed, result.values)
+
+
+def test_power_iteration_finds_all_three_eigenpairs_of_the_shifted_3x3_example_within_max_iter():
+    """diag(1, 2, 3) − 1.5 (every entry): eigenvalues ±√7 and 1.5. Start seeds 0 and 2 stalled at 2.6399 / 2.6408
+    (converged=False after 1000 products), and the deflated third value was wrong with them."""
+    matrix = torch.diag(torch.arange(1.0, 4.0, dtype=torch.float64)) - 1.5
+    expected = torch.linalg.eigvalsh(matrix).flip(0)
+    tol = 1e-8
+    for k in (1, 2, 3):
+        for seed in range(4):
+            result = power_iteration(MatrixOperator(matrix), k=k, tol=tol, max_iter=100,
+                                     generator=torch.Generator().manual_seed(seed))
+            assert result.converged and result.num_matvecs <= 100 * k, (k, seed, result.num_matvecs)
+            assert ((result.values - expected[:k]).abs() <= tol * expected[:k].abs()).all(), (k, seed, result.values)
+
+
+def test_power_iteration_max_iter_caps_every_product_of_an_eigenpair_restarts_included():
+    """A run that converges to the dominant −4 restarts on A + 4I; that restart used to get max_iter more steps."""
+    op = _CountingMatrix(_rotated([2.0, 1.0, 0.5, -4.0]))
+    for seed in range(10):
+        op.calls = 0
+        result = power_iteration(op, k=1, tol=1e-2, max_iter=12, generator=torch.Generator().manual_seed(seed))
+        assert op.calls == result.num_matvecs <= 12, (seed, op.calls)
+
+
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_top_eigenvalues_takes_max_matvecs_caps_the_products_and_validates_it_by_name(reference, method):
+    """The README promised max_matvecs; top_eigenvalues raised TypeError (only eigen.lanczos took it)."""
+    model, _ = reference
+    capped = top_eigenvalues(model, _loss, _data(), k=2, method=method, tol=1e-12, max_matvecs=5)
+    assert capped.num_matvecs <= 5 and not capped.converged and capped.values.shape == (2,)
+    with pytest.raises(ValueError, match="max_matvecs=1 is below k=2"):
+        top_eigenvalues(model, _loss, _data(), k=2, method=method, max_matvecs=1)
+    with pytest.raises(ValueError, match=r"max_matvecs must be an integer, got 10.5 \(float\)"):
+        top_eigenvalues(model, _loss, _data(), method=method, max_matvecs=10.5)

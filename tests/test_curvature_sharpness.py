@@ -314,3 +314,33 @@ def test_pac_bayes_bound_is_the_minimum_of_the_formula_over_the_sigma_grid():
     best = min(sigmas, key=bound)
     assert best not in (sigmas[0], sigmas[-1])  # an interior minimum: neither end of the grid
     assert result.sigma == best and result.bound == pytest.approx(bound(best), rel=1e-12)
+
+
+class _Log(nn.Module):
+    """L(w) = −log w at w = 0.01: the ascent step ε = −ρ crosses zero, so L(w + ε) is NaN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor([0.01], dtype=torch.float64))
+
+
+def test_sam_sharpness_is_nan_when_a_perturbed_loss_is_nan():
+    """Python's max(−inf, nan) is −inf: a NaN L(w + ε) gave −inf (steps=1) or 0.0 (steps=3), not NaN."""
+    model = _Log()
+    for steps in (1, 3):
+        assert math.isnan(sam_sharpness(model, lambda m, b: -torch.log(m.weight).sum(), BATCH, rho=0.05, steps=steps))
+    assert math.isnan(adaptive_sharpness(model, lambda m, b: -torch.log(m.weight).sum(), BATCH, rho=10.0))
+    assert torch.equal(model.weight.detach(), torch.tensor([0.01], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("eta", [float("nan"), float("inf"), -1.0])
+def test_eta_must_be_finite_and_non_negative_in_every_sharpness_measure(eta):
+    """eta=nan and eta=inf were accepted by sam_sharpness (and gave −inf); average_sharpness took eta < 0 too."""
+    model = Quadratic(SPECTRUM)
+    message = rf"eta must be >= 0 and finite, got {eta}"
+    with pytest.raises(ValueError, match=message):
+        sam_sharpness(model, _quadratic_loss, BATCH, adaptive=True, eta=eta)
+    with pytest.raises(ValueError, match=message):
+        adaptive_sharpness(model, _quadratic_loss, BATCH, eta=eta)
+    with pytest.raises(ValueError, match=message):
+        average_sharpness(model, _quadratic_loss, BATCH, adaptive=True, eta=eta)

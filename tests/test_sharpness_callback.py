@@ -147,6 +147,22 @@ def test_adaptive_probe_is_asam_sharpness_at_adaptive_rho_with_eta_zero():
     assert adaptive != pytest.approx(sam_sharpness(model, None, batches, rho=0.5), rel=1e-3)
 
 
+def test_eval_batches_that_are_plain_tensors_stay_separate_batches():
+    """The probes read a list of tensors as one batch ([x, y] from a DataLoader), so the callback hands them its
+    list of batches as an iterator."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    batches = [torch.randn(5, 3), torch.randn(2, 3)]
+
+    def loss_fn(module, x):
+        return module(x).pow(2).mean()
+
+    metrics = SharpnessCallback(probes=("sam_sharpness", "trace"), eval_batches=batches, loss_fn=loss_fn,
+                                num_probes=4).measure(model)
+    assert metrics[PROBE_KEYS["sam_sharpness"]] == sam_sharpness(model, loss_fn, iter(batches), rho=0.05)
+    assert metrics[PROBE_KEYS["trace"]] == hessian_trace(model, loss_fn, iter(batches), num_probes=4).value
+
+
 @pytest.mark.parametrize("sharding", [{"fsdp": "full_shard"}, {"deepspeed": "ds_config.json"}])
 def test_callback_refuses_sharded_runs_when_training_begins(sharding):
     from types import SimpleNamespace

@@ -1,15 +1,26 @@
 """Batches, default loss/output functions and the per-batch weights used to average curvature over data.
 
-A *batch* is a tensor, a tuple or list (``(inputs, targets)``, e.g. from ``DataLoader(TensorDataset(x, y))``)
-or a mapping (an HF dict batch). ``data`` is one
-batch or an iterable of batches (list, DataLoader, generator). Tensors, tuples and mappings count as one
-batch; anything else is iterated once and materialised, because every estimator passes over the same
-batches many times (a shuffling DataLoader would otherwise change the matrix between products).
+``data`` is one batch or an iterable of batches. One batch is
+
+* a tensor (``loss_fn(model, x)``);
+* a tuple, or a list whose items are *all* tensors: ``(inputs, targets)`` or ``[inputs, targets]``, what a
+  ``DataLoader(TensorDataset(x, y))`` yields (``next(iter(loader))`` is the list ``[x, y]``);
+* a mapping (an HF dict batch).
+
+Anything else is an iterable of batches: a list of tuples/lists/dicts, a DataLoader, a generator. It is
+iterated once and materialised, because every estimator passes over the same batches many times (a
+shuffling DataLoader would otherwise change the matrix between products). A list of tensors ``[x1, x2]`` is
+one batch of two tensors, so pass several *tensor* batches as an iterator: ``iter([x1, x2])``, a generator,
+or a DataLoader over a tensor dataset.
 
 Multi-batch averaging: the objective is the weighted mean L(θ) = Σ_b w_b L_b(θ) / Σ_b w_b, where L_b is
 the (mean-reduced) loss of batch b. ``weighting`` chooses w_b:
 
-* ``"examples"``: the leading dimension of the batch (its number of examples);
+* ``"examples"``: the number of examples of the batch, read as the leading dimension of one tensor: ``labels``
+  for a dict batch that has it, else the *first tensor in the dict's key order* (put a per-example tensor
+  first, e.g. ``input_ids``, not a shared scalar or a ``[1, ...]`` constant); the first tensor of a tuple or
+  list batch; the tensor itself for a tensor batch. A 0-dim tensor there is refused (it has no examples to
+  count);
 * ``"tokens"``: the number of labels that are not ``-100`` in ``batch["labels"]`` (dict batches);
 * ``"shifted_tokens"``: the number of ``batch["labels"][..., 1:]`` that are not ``-100``: the targets a
   causal LM's loss averages over (position t predicts label t + 1, so the first label of a row is unused);
@@ -17,8 +28,9 @@ the (mean-reduced) loss of batch b. ``weighting`` chooses w_b:
   causal LM (:func:`shifts_labels`) and ``"tokens"`` otherwise; else ``"examples"``. For token
   classification this makes L the mean over all labelled tokens of the data, for a causal LM the mean over
   all predicted tokens, for sequence classification (one label per example) the mean over examples: what
-  one big batch would give. Pass ``weighting`` explicitly for a loss that averages differently;
-* ``"equal"``: w_b = 1.
+  one big mean-reduced batch would give. Pass ``weighting`` explicitly for a loss that averages differently;
+* ``"equal"``: w_b = 1, i.e. L is the plain average of the batch means (batches of different sizes then
+  count alike; for sum-reduced losses it is the big batch's sum divided by the number of batches).
 """
 
 from __future__ import annotations
@@ -37,6 +49,7 @@ __all__ = [
     "batch_weights",
     "default_loss",
     "default_outputs",
+    "is_batch",
     "iter_weighted",
     "shifts_labels",
     "unwrap_model",
@@ -53,25 +66,51 @@ _SHIFTED_LOSS_TYPES = ("ForCausalLM", "ForConditionalGeneration")
 _CAUSAL_CLASS_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
-def as_batches(data: Any) -> list[Any]:
-    """One batch (tensor, tuple, mapping) or an iterable of batches -> a non-empty list of batches."""
+def is_batch(data: Any) -> bool:
+    """Whether ``data`` is one batch (module docstring): a tensor, a tuple, a mapping, or a non-empty list whose
+    items are all tensors (a ``DataLoader(TensorDataset(...))`` batch)."""
     if isinstance(data, (Tensor, tuple, Mapping)):
+        return True
+    return isinstance(data, list) and bool(data) and all(isinstance(item, Tensor) for item in data)
+
+
+def as_batches(data: Any) -> list[Any]:
+    """One batch (:func:`is_batch`) or an iterable of batches -> a non-empty list of batches."""
+    if is_batch(data):
         return [data]
     try:
         batches = list(data)
     except TypeError as err:
-        raise TypeError(f"data must be a batch (tensor, tuple, dict) or an iterable of batches, got {type(data).__name__}") from err
+        raise TypeError(
+            f"data must be a batch (tensor, tuple, list of tensors, dict) or an iterable of batches, got {type(data).__name__}"
+        ) from err
     if not batches:
         raise ValueError("data holds no batches")
     return batches
 
 
-def _first_tensor(batch: Any) -> Tensor:
-    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else [batch]
-    for item in items:
+def _count_examples(batch: Any, index: int) -> int:
+    """The leading dimension of the tensor that counts the examples of batch ``index`` (module docstring,
+    ``"examples"``)."""
+    if isinstance(batch, Mapping) and isinstance(batch.get("labels"), Tensor):
+        items = [("labels", batch["labels"])]
+    elif isinstance(batch, Mapping):
+        items = list(batch.items())
+    elif isinstance(batch, (tuple, list)):
+        items = list(enumerate(batch))
+    else:
+        items = [(None, batch)]
+    for key, item in items:
         if isinstance(item, Tensor):
-            return item
-    raise TypeError(f"batch of type {type(batch).__name__} holds no tensor to count examples from")
+            if item.ndim == 0:
+                where = f"batch {index}" if key is None else f"batch {index}[{key!r}]"
+                raise ValueError(
+                    f"{where} is a 0-dim tensor, but weighting by examples ('examples', or 'auto' without labels) "
+                    "counts them along its leading dimension: give it a batch dimension (e.g. x[None]) or pass "
+                    "weighting='equal'"
+                )
+            return item.shape[0]
+    raise TypeError(f"batch {index} (a {type(batch).__name__}) holds no tensor to count examples from")
 
 
 def unwrap_model(model: nn.Module | None) -> nn.Module | None:
@@ -107,7 +146,7 @@ def shifts_labels(model: nn.Module | None) -> bool:
     return type(model).__name__.endswith(_CAUSAL_CLASS_SUFFIXES)
 
 
-def _batch_weight(batch: Any, weighting: str, shifted: bool) -> Tensor | int:
+def _batch_weight(batch: Any, weighting: str, shifted: bool, index: int) -> Tensor | int:
     if weighting == "equal":
         return 1
     has_labels = isinstance(batch, Mapping) and isinstance(batch.get("labels"), Tensor)
@@ -118,9 +157,7 @@ def _batch_weight(batch: Any, weighting: str, shifted: bool) -> Tensor | int:
             raise ValueError(f'weighting="{weighting}" needs dict batches with a "labels" tensor')
         labels = batch["labels"][..., 1:] if weighting == "shifted_tokens" else batch["labels"]
         return (labels != IGNORE_INDEX).sum()
-    if isinstance(batch, Mapping) and has_labels:
-        return batch["labels"].shape[0]
-    return _first_tensor(batch).shape[0]
+    return _count_examples(batch, index)
 
 
 def batch_weights(batches: list[Any], weighting: str = "auto", model: nn.Module | None = None) -> list[float]:
@@ -129,7 +166,7 @@ def batch_weights(batches: list[Any], weighting: str = "auto", model: nn.Module 
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     shifted = weighting == "auto" and shifts_labels(model)
-    raw = [_batch_weight(batch, weighting, shifted) for batch in batches]
+    raw = [_batch_weight(batch, weighting, shifted, index) for index, batch in enumerate(batches)]
     counts = torch.stack([torch.as_tensor(r, dtype=torch.float64).cpu() for r in raw]).tolist()
     total = sum(counts)
     if total <= 0:

@@ -131,11 +131,14 @@ def top_eigenvalues(
     likelihood: str | None = None,
     weighting: str = "auto",
     seed: int = 0,
+    max_matvecs: int | None = None,
 ) -> EigenResult:
     """The k largest eigenvalues (``.values`` descending, repeated ones as often as their multiplicity),
     eigenvectors ``.vectors [k, P]`` (flat; split with ``curvature_operator(...).unflatten``), ``.num_matvecs``
     and ``.converged``; ``method`` = ``"lanczos"`` | ``"power"``. ``max_iter``: Lanczos steps per run (the basis
-    memory: that many flat vectors; products over all runs ≤ 4·max_iter), or power steps per eigenpair."""
+    memory: that many flat vectors; default ``min(P, max(64, 4k))``), or power products per eigenpair (default
+    1000). ``max_matvecs`` caps the operator products over everything (each costs ~2-3 gradients; default:
+    Lanczos ``4·max_iter``, power ``k·max_iter``); ``.converged`` is False when a cap stopped the solver early."""
     solvers = {"lanczos": lanczos, "power": power_iteration}
     if method not in solvers:
         raise ValueError(f"method must be one of {tuple(solvers)}, got {method!r}")
@@ -143,7 +146,7 @@ def top_eigenvalues(
         model, loss_fn, data, params, curvature=curvature, output_fn=output_fn, likelihood=likelihood, weighting=weighting
     )
     with probe_context(model, op.params):
-        return solvers[method](op, k, tol, max_iter, _generator(op, seed))
+        return solvers[method](op, k, tol, max_iter, _generator(op, seed), max_matvecs)
 
 
 def hessian_trace(
@@ -198,8 +201,11 @@ def hessian_diagonal(
     ``sampler`` (default: one generator seeded with ``seed``, which is then unused) draws every probe:
     feature-space signs for Hutchinson, output-space signs for the GGN factors. A
     :class:`~arrcoc_sam.curvature.probe.BlockSampler` with one generator per sample, on a leaf ``[B, ...]``
-    and a loss that sums or averages independent per-sample losses (block-diagonal curvature), gives each
-    sample the estimate it would get alone with its generator, in one batched pass per probe.
+    and a loss that combines independent per-sample losses (block-diagonal curvature), gives block b of
+    ``.value`` and ``.stderr`` equal to sample b's estimate alone with generator b times the weight w_b of its
+    loss in the batch loss: w_b = 1 for a sum of per-sample losses, 1/B for a mean over the B samples
+    (multiply by B to recover the solo estimate), n_b/Σn for a mean over labelled tokens; in one batched pass
+    per probe.
     """
     methods = ("hutchinson", "ggn", "hutchinson_cv")
     if method not in methods:

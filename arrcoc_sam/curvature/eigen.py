@@ -25,11 +25,16 @@ well-separated λ.
   basis plus the locked ones.
 * Power iteration with deflation (the PyHessian approach, Yao et al. 2020): one product per step, iterates
   kept orthogonal to the eigenvectors found so far. Plain power iteration converges to the largest-*magnitude*
-  eigenvalue and stalls when −λ_min ≈ λ_max (common for Hessians away from a minimum). So after 20 steps, if
-  the Rayleigh quotient θ is below 0.99‖Av‖ (a dominant negative eigenvalue, or ± mixing), it restarts from
-  a fresh random vector on A + ρ̂·I with ρ̂ = ‖Av‖ ≈ the spectral radius, whose dominant eigenvalue is the
-  largest algebraic one (the old iterate, near the negative eigenvector, would pass the residual test at once
-  on the shifted operator); a run that converges to a negative λ restarts on A + |λ|·I.
+  eigenvalue and stalls when −λ_min ≈ λ_max (common for Hessians away from a minimum): the iterate then
+  alternates between u₊ + c·u₋ and u₊ − c·u₋, its Rayleigh quotient θ stalls and its residual stays large.
+  Such an iterate v is nearly an eigenvector of A² but not of A, which is tested at every step for free from
+  the next product (A²v = ‖Av‖·A v_next): ‖A²v − ‖Av‖²v‖ < 0.1·‖Av‖·‖Av − θv‖ means the error of v lies
+  mostly along eigenvalues within 10% of −θ. Then, and also after 20 steps if θ < 0.99‖Av‖ (a dominant
+  negative eigenvalue, or strong mixing), it restarts from a fresh random vector on A + ρ̂·I with ρ̂ = ‖Av‖ ≈
+  the spectral radius, whose dominant eigenvalue is the largest algebraic one (the old iterate, near the
+  negative eigenvector, would pass the residual test at once on the shifted operator); a run that converges
+  to a negative λ restarts on A + |λ|·I. ``max_iter`` counts every product of one eigenpair, restarts
+  included.
 """
 
 from __future__ import annotations
@@ -40,11 +45,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from arrcoc_sam.curvature._checks import check_integer
 from arrcoc_sam.curvature.operators import LinearOperator
 
 __all__ = ["EigenResult", "lanczos", "power_iteration"]
 
 _MIXING_CHECK = 20  # power iteration: step at which a Rayleigh quotient well below ‖Av‖ triggers the shift
+_MIXING_RATIO = 0.1  # power iteration: shift when ‖(A² − ‖Av‖²)v‖ < this · ‖Av‖ · ‖Av − θv‖ (module docstring)
 
 
 @dataclass
@@ -81,13 +88,20 @@ def _floor(op: LinearOperator, tol: float, scale: float) -> float:
     return max(1e-3 * tol, 64 * torch.finfo(op.dtype).eps) * scale
 
 
-def _check_args(op: LinearOperator, k: int, tol: float, max_iter: int | None) -> None:
+def _check_args(op: LinearOperator, k: int, tol: float, max_iter: int | None, max_matvecs: int | None) -> None:
+    check_integer("k", k)
     if not 1 <= k <= op.numel:
         raise ValueError(f"k must be in [1, {op.numel}] (the operator size), got {k}")
     if not (tol > 0 and math.isfinite(tol)):
         raise ValueError(f"tol must be a finite number > 0, got {tol}")
-    if max_iter is not None and max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1 (or None for the default), got {max_iter}")
+    if max_iter is not None:
+        check_integer("max_iter", max_iter)
+        if max_iter < 1:
+            raise ValueError(f"max_iter must be >= 1 (or None for the default), got {max_iter}")
+    if max_matvecs is not None:
+        check_integer("max_matvecs", max_matvecs)
+        if max_matvecs < k:
+            raise ValueError(f"max_matvecs={max_matvecs} is below k={k}: each eigenpair needs at least one product")
 
 
 @dataclass
@@ -166,13 +180,11 @@ def lanczos(
     docstring). ``max_iter`` (default ``min(P, max(64, 4k))``) caps the steps of one run, i.e. the basis
     memory (``max_iter`` flat vectors ``[P]``); ``max_matvecs`` (default ``4·max_iter``) caps the products
     over all runs. ``converged`` is False when a cap stopped it before the top k were settled."""
-    _check_args(op, k, tol, max_iter)
+    _check_args(op, k, tol, max_iter, max_matvecs)
     steps = min(op.numel, max_iter if max_iter is not None else max(64, 4 * k))
     if steps < k:
         raise ValueError(f"max_iter={max_iter} is below k={k}: one Lanczos run needs at least k steps for k eigenpairs")
     budget = max_matvecs if max_matvecs is not None else 4 * steps
-    if budget < k:
-        raise ValueError(f"max_matvecs={max_matvecs} is below k={k}")
     generator = generator or torch.Generator(device=op.device).manual_seed(0)
     basis = torch.empty(steps, op.numel, dtype=op.dtype, device=op.device)
     locked = torch.empty(0, op.numel, dtype=op.dtype, device=op.device)
@@ -217,44 +229,56 @@ def lanczos(
 
 
 def power_iteration(
-    op: LinearOperator, k: int = 1, tol: float = 1e-6, max_iter: int | None = None, generator: torch.Generator | None = None
+    op: LinearOperator,
+    k: int = 1,
+    tol: float = 1e-6,
+    max_iter: int | None = None,
+    generator: torch.Generator | None = None,
+    max_matvecs: int | None = None,
 ) -> EigenResult:
-    """Top-k eigenpairs by power iteration with deflation; ``max_iter`` (default 1000) caps steps per eigenpair."""
-    _check_args(op, k, tol, max_iter)
+    """Top-k eigenpairs by power iteration with deflation (module docstring). ``max_iter`` (default 1000) caps
+    the products spent on one eigenpair, shifted restarts included; ``max_matvecs`` (default ``k·max_iter``)
+    caps them over all k (each later eigenpair keeps at least one). ``converged`` is False when a cap stopped
+    any eigenpair before its residual test passed."""
+    _check_args(op, k, tol, max_iter, max_matvecs)
     limit = 1000 if max_iter is None else max_iter
+    budget = k * limit if max_matvecs is None else min(max_matvecs, k * limit)
     generator = generator or torch.Generator(device=op.device).manual_seed(0)
     found = torch.empty(0, op.numel, dtype=op.dtype, device=op.device)
     values: list[float] = []
     residuals: list[float] = []
     matvecs, scale = 0, 0.0
     converged = True
-    for _ in range(k):
-        shift = 0.0
-        while True:
-            vector = _random_unit(op, generator, found)
-            done = False
-            for step in range(limit):
-                product = op.matvec(vector) + shift * vector
-                matvecs += 1
-                _project_out(product, found)
-                estimate = float(vector @ product)
-                growth = float(product.norm())
-                residual = float((product - estimate * vector).norm())
-                scale = max(scale, abs(estimate - shift))
-                if residual <= max(tol * abs(estimate - shift), _floor(op, tol, scale)):
-                    done = True
+    for index in range(k):
+        allowance = min(limit, budget - matvecs - (k - 1 - index))
+        shift, done = 0.0, False
+        previous: tuple[Tensor, float, float] | None = None  # (v, ‖Av‖, ‖Av − θv‖) of the last unshifted step
+        vector = _random_unit(op, generator, found)
+        for step in range(allowance):
+            product = op.matvec(vector) + shift * vector
+            matvecs += 1
+            _project_out(product, found)
+            estimate = float(vector @ product)
+            growth = float(product.norm())
+            residual = float((product - estimate * vector).norm())
+            scale = max(scale, abs(estimate - shift))
+            if residual <= max(tol * abs(estimate - shift), _floor(op, tol, scale)):
+                done = estimate >= 0 or shift != 0.0
+                if done:
                     break
-                if shift == 0.0 and step + 1 == _MIXING_CHECK and estimate < 0.99 * growth:
-                    # ±λ mixing or a dominant negative λ: iterate on A + ρ̂·I from a fresh start (the current
-                    # iterate is near the negative eigenvector, where the shifted product is ≈ 0)
-                    shift = growth
-                    vector = _random_unit(op, generator, found)
-                    continue
+                restart = -estimate  # converged to a dominant negative λ: the top of A + |λ|·I is the one wanted
+            elif shift == 0.0 and _mixing(step, product, estimate, growth, previous):
+                restart = growth  # ±λ mixing or a dominant negative λ: A + ρ̂·I (module docstring)
+            else:
+                restart = None
+            if step + 1 == allowance:
+                break  # out of products: report v with its own θ and residual (not converged)
+            if restart is None:
+                previous = (vector, growth, residual) if shift == 0.0 else None
                 vector = product / growth
-            if done and estimate < 0 and shift == 0.0:
-                shift = -estimate
-                continue
-            break
+            else:  # a fresh start: the old iterate, near −λ, is ≈ 0 on the shifted operator
+                shift, previous = restart, None
+                vector = _random_unit(op, generator, found)
         converged &= done
         found = torch.cat([found, vector[None]])
         values.append(estimate - shift)
@@ -267,3 +291,16 @@ def power_iteration(
         matvecs,
         converged,
     )
+
+
+def _mixing(step: int, product: Tensor, estimate: float, growth: float, previous: tuple[Tensor, float, float] | None) -> bool:
+    """Whether the unshifted power iterate mixes ±λ (or tends to a dominant negative λ), so that the shift
+    pays: at step ``_MIXING_CHECK`` its Rayleigh quotient lags ‖Av‖ by over 1%, or, at any step, the previous
+    iterate v was nearly an eigenvector of A² but not of A. ``product`` = A v_next with v_next = A v / ‖Av‖, so
+    A²v = ‖Av‖·product and ‖(A² − ‖Av‖²) v‖ / ‖Av‖ = ‖product − ‖Av‖·v‖."""
+    if step + 1 == _MIXING_CHECK and estimate < 0.99 * growth:
+        return True
+    if previous is None:
+        return False
+    vector, previous_growth, previous_residual = previous
+    return float((product - previous_growth * vector).norm()) < _MIXING_RATIO * previous_residual

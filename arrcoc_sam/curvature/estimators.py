@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from arrcoc_sam.curvature._checks import check_integer
 from arrcoc_sam.curvature.operators import GGNOperator, LinearOperator
 from arrcoc_sam.curvature.probe import ProbeSampler, as_sampler
 
@@ -68,6 +69,7 @@ def _rademacher(op: LinearOperator, probes: torch.Generator | ProbeSampler, *sha
 
 
 def _check_probes(num_probes: int, minimum: int = 2, reason: str = "a standard error needs two probes") -> None:
+    check_integer("num_probes", num_probes)
     if num_probes < minimum:
         raise ValueError(f"num_probes must be >= {minimum} ({reason}), got {num_probes}")
 

@@ -45,7 +45,7 @@ from arrcoc_sam.curvature.likelihoods import (
     sample_output_factor,
     select_rows,
 )
-from arrcoc_sam.curvature.probe import ProbeSampler
+from arrcoc_sam.curvature.probe import ProbeSampler, check_params
 
 __all__ = ["LinearOperator", "MatrixOperator", "CurvatureOperator", "HessianOperator", "GGNOperator"]
 
@@ -88,6 +88,7 @@ class CurvatureOperator:
         self.params = list(params)
         if not self.params:
             raise ValueError("params is empty: pass at least one tensor")
+        check_params(self.params)
         self.batches = as_batches(data)
         self.weights = batch_weights(self.batches, weighting, model)
         self.shapes = [p.shape for p in self.params]
@@ -159,6 +160,17 @@ class HessianOperator(CurvatureOperator):
         self.loss_dtype = loss.dtype
         return loss.reshape(())
 
+    def _differentiable_loss(self, batch: Any) -> Tensor:
+        """``_loss`` for the gradient paths: refuses a loss outside the autograd graph with a clear message."""
+        loss = self._loss(batch)
+        if not loss.requires_grad:
+            raise ValueError(
+                "loss_fn returned a loss that does not require grad, so it cannot be differentiated w.r.t. params: "
+                "it was detached (.detach(), .item(), a new tensor) or computed under torch.no_grad() inside "
+                "loss_fn, or it depends on no tensor that requires grad; return the loss tensor the model computed"
+            )
+        return loss
+
     def loss(self) -> float:
         """L(θ) at the current values of ``params`` (no graph kept)."""
         with torch.no_grad():
@@ -170,7 +182,7 @@ class HessianOperator(CurvatureOperator):
         total = torch.zeros((), dtype=torch.float64)
         gradient = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
         for batch, weight in iter_weighted(self.batches, self.weights):
-            loss = self._loss(batch)
+            loss = self._differentiable_loss(batch)
             gradient.add_(self.flatten(_grad(loss, self.params)), alpha=weight)
             total += weight * loss.detach().double().cpu()
         return float(total), gradient
@@ -179,7 +191,7 @@ class HessianOperator(CurvatureOperator):
         vectors = self.unflatten(vector)
         out = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
         for batch, weight in iter_weighted(self.batches, self.weights):
-            grads = _grad(self._loss(batch), self.params, create_graph=True)
+            grads = _grad(self._differentiable_loss(batch), self.params, create_graph=True)
             live = [i for i, g in enumerate(grads) if g.requires_grad]
             if not live:
                 continue
@@ -195,7 +207,7 @@ class HessianOperator(CurvatureOperator):
         units = self.unflatten_batch(eye)
         dense = torch.zeros(self.numel, self.numel, dtype=self.dtype, device=self.device)
         for batch, weight in iter_weighted(self.batches, self.weights):
-            grads = _grad(self._loss(batch), self.params, create_graph=True)
+            grads = _grad(self._differentiable_loss(batch), self.params, create_graph=True)
             live = [i for i, g in enumerate(grads) if g.requires_grad]
             if not live:
                 continue
@@ -236,6 +248,14 @@ class GGNOperator(CurvatureOperator):
 
     def _outputs(self, batch: Any) -> Tensor:
         outputs, targets = self.output_fn(self.model, batch)
+        if not isinstance(outputs, Tensor):
+            raise TypeError(f"output_fn must return (outputs tensor, targets or None), got outputs of type {type(outputs).__name__}")
+        if not outputs.requires_grad:
+            raise ValueError(
+                "output_fn returned outputs that do not require grad, so the GGN cannot differentiate them w.r.t. "
+                "params: they were detached or computed under torch.no_grad() inside output_fn, or depend on no "
+                "tensor that requires grad"
+            )
         # resolved after the first forward: an HF head with problem_type=None sets it there (num_labels=1: regression)
         self.likelihood = resolve_likelihood(self.likelihood, self.model)
         return select_rows(self.likelihood, outputs, targets)

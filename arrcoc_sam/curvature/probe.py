@@ -32,9 +32,41 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["probe_context", "default_params", "ProbeSampler", "GeneratorSampler", "BlockSampler", "as_sampler"]
+__all__ = [
+    "probe_context",
+    "check_params",
+    "default_params",
+    "ProbeSampler",
+    "GeneratorSampler",
+    "BlockSampler",
+    "as_sampler",
+]
 
 _DOUBLE_BACKWARD_ATTENTION = ("eager", "sdpa")
+
+
+def check_params(params: Sequence[Tensor]) -> None:
+    """Refuse probed tensors that are not floating-point tensors, non-leaf tensors without grad, and the same
+    tensor twice (tied weights listed under both names would count its curvature twice: trace and λ_max double)."""
+    positions: dict[int, list[int]] = {}
+    for index, tensor in enumerate(params):
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"params[{index}] must be a floating-point tensor, got {type(tensor).__name__}")
+        if not tensor.is_floating_point():
+            raise TypeError(
+                f"params[{index}] must be a floating-point tensor, got dtype {tensor.dtype} (shape {tuple(tensor.shape)}): "
+                "curvature needs real-valued differentiable tensors"
+            )
+        if not tensor.requires_grad and not tensor.is_leaf:
+            raise ValueError(f"params[{index}] is a non-leaf tensor without grad: probe a leaf tensor instead")
+        positions.setdefault(id(tensor), []).append(index)
+    repeated = [where for where in positions.values() if len(where) > 1]
+    if repeated:
+        listed = "; ".join(" and ".join(f"params[{i}]" for i in where) for where in repeated)
+        raise ValueError(
+            f"params holds the same tensor more than once ({listed}), e.g. tied weights listed under both names: "
+            "its curvature would be counted twice; pass each tensor once"
+        )
 
 
 def default_params(model: nn.Module) -> list[Tensor]:
@@ -124,11 +156,7 @@ def probe_context(
             "curvature probes need autograd, which torch.inference_mode() disables: call them outside the "
             "inference_mode block (torch.no_grad() is fine; the probe re-enables gradients itself)"
         )
-    for index, tensor in enumerate(tensors):
-        if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
-            raise TypeError(f"params[{index}] must be a floating-point tensor, got {type(tensor).__name__}")
-        if not tensor.requires_grad and not tensor.is_leaf:
-            raise ValueError(f"params[{index}] is a non-leaf tensor without grad: probe a leaf tensor instead")
+    check_params(tensors)
     modes = [(module, module.training) for module in model.modules()]
     owners = {id(t): t for t in (*model.parameters(), *tensors)}
     grads = [(t, t.grad) for t in owners.values()]

@@ -8,8 +8,8 @@ tensors, T = |w| + η element-wise for adaptive (ASAM) measures and T = 1 otherw
   the first-order SAM ε = ρ T²∇L/‖T∇L‖; more steps approach the worst case (on a quadratic at its
   minimum, ½ρ²λ_max). Every iterate is a feasible perturbation, so the value returned is the largest
   L(w + ε_i) − L(w) over the iterates i = 1..steps: never below the one-step value (projected ascent need
-  not increase the loss monotonically). Where the gradient vanishes the step goes along a random direction
-  (``seed``).
+  not increase the loss monotonically), and NaN if any of these losses is NaN. Where the gradient vanishes
+  the step goes along a random direction (``seed``).
 * Adaptive sharpness (Kwon et al. 2021; Andriushchenko et al. 2023): the same with η = 0 by default, which
   makes it invariant to rescalings that leave the function unchanged (ReLU layers w₁·α, w₂/α). Weights
   that are exactly zero are then never perturbed; if *all* probed weights are zero (e.g. a zero-initialised
@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from arrcoc_sam.curvature._checks import check_integer, check_non_negative, check_positive
 from arrcoc_sam.curvature._data import LossFn
 from arrcoc_sam.curvature.estimators import Estimate
 from arrcoc_sam.curvature.operators import HessianOperator
@@ -41,12 +42,6 @@ from arrcoc_sam.curvature.probe import default_params, probe_context
 from arrcoc_sam.sam.perturbation import copy_
 
 __all__ = ["sam_sharpness", "adaptive_sharpness", "average_sharpness", "PacBayesBound", "pac_bayes_bound"]
-
-
-def check_positive(name: str, value: float) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` is a finite number > 0."""
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be > 0 and finite, got {value}")
 
 
 def _objective(model, loss_fn, data, params, weighting) -> HessianOperator:
@@ -84,12 +79,14 @@ def sam_sharpness(
     seed: int = 0,
 ) -> float:
     """max_i L(w + ε_i) − L(w) over the ascent iterates ε_1..ε_steps of radius ``rho`` (1 = first-order SAM);
-    0.0 when no weight can be perturbed (``adaptive`` with η = 0 and all probed weights zero)."""
+    0.0 when no weight can be perturbed (``adaptive`` with η = 0 and all probed weights zero). NaN when L(w) or
+    any L(w + ε_i) is NaN (the loss is undefined there; NaN is never dropped by the max), +inf when a
+    perturbed loss is +inf. ``eta`` (used with ``adaptive``) must be finite and >= 0."""
     check_positive("rho", rho)
+    check_integer("steps", steps)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    check_non_negative("eta", eta)
     op = _objective(model, loss_fn, data, params, weighting)
     with probe_context(model, op.params, restore_values=True):
         origin = op.flatten([p.detach() for p in op.params])
@@ -98,22 +95,23 @@ def sam_sharpness(
         base, gradient = op.loss_and_gradient()
         _warn_low_precision(op, "sam_sharpness")
         delta = torch.zeros_like(origin)
-        worst = -math.inf  # the largest loss over the iterates ε_1..ε_steps (ε = 0 is not one of them)
+        losses = []  # L(w + ε_i) over the iterates ε_1..ε_steps (ε = 0 is not one of them)
         for step in range(steps):
             if step:
                 loss, gradient = op.loss_and_gradient()
-                worst = max(worst, loss)
+                losses.append(loss)
             direction = scale * gradient
             norm = direction.norm()
             if float(norm) == 0.0:
                 direction = torch.randn(op.numel, generator=generator, dtype=op.dtype, device=op.device) * (scale > 0)
                 norm = direction.norm()
                 if float(norm) == 0.0:  # every scale is 0: the only feasible perturbation is ε = 0
-                    return 0.0
+                    return base - base  # 0.0 (NaN for a non-finite L(w))
             delta += rho / norm * direction
             delta *= (rho / delta.norm()).clamp(max=1.0)
             _set(op, origin + scale * delta)
-        return max(worst, op.loss()) - base
+        losses.append(op.loss())
+        return float(torch.tensor(losses, dtype=torch.float64).max()) - base  # torch's max keeps NaN; Python's drops it
 
 
 def adaptive_sharpness(
@@ -151,6 +149,8 @@ def average_sharpness(
     docstring): ``.value`` and ``.stderr`` floats, ``.num_matvecs`` = 2·``num_samples`` perturbed forwards
     (plus one at w)."""
     check_positive("sigma", sigma)
+    check_integer("num_samples", num_samples)
+    check_non_negative("eta", eta)
     if num_samples < 2:
         raise ValueError(f"num_samples (antithetic pairs) must be >= 2 for a standard error, got {num_samples}")
     op = _objective(model, loss_fn, data, params, weighting)

@@ -26,8 +26,8 @@ from torch import nn
 from transformers import TrainerCallback
 
 from arrcoc_sam.curvature import hessian_trace, probe_context, sam_sharpness, top_eigenvalues
+from arrcoc_sam.curvature._checks import check_positive
 from arrcoc_sam.curvature._data import LossFn, default_loss
-from arrcoc_sam.curvature.sharpness import check_positive
 
 __all__ = ["SharpnessCallback", "PROBE_KEYS", "SECONDS_KEY", "CONVERGED_KEY", "TRACE_STDERR_KEY"]
 
@@ -168,21 +168,22 @@ class SharpnessCallback(TrainerCallback):
         model = _unwrap(model)
         device = next(model.parameters()).device
         batches = [_to_device(batch, device) for batch in self.eval_batches]
+        # each probe gets an iterator: a plain list of tensors would be read as one batch of several tensors
         start = time.perf_counter()
         metrics: dict[str, float] = {}
         for probe in self.probes:
             if probe == "top_eigenvalue":
-                result = top_eigenvalues(model, self.loss_fn, batches, tol=self.tol, max_iter=self.max_iter, seed=self.seed)
+                result = top_eigenvalues(model, self.loss_fn, iter(batches), tol=self.tol, max_iter=self.max_iter, seed=self.seed)
                 value = float(result.values[0])
                 metrics[CONVERGED_KEY] = float(result.converged)
             elif probe == "trace":
-                trace = hessian_trace(model, self.loss_fn, batches, num_probes=self.num_probes, seed=self.seed)
+                trace = hessian_trace(model, self.loss_fn, iter(batches), num_probes=self.num_probes, seed=self.seed)
                 value = trace.value
                 metrics[TRACE_STDERR_KEY] = trace.stderr
             elif probe == "sam_sharpness":
-                value = sam_sharpness(model, self.loss_fn, batches, rho=self.rho, seed=self.seed)
+                value = sam_sharpness(model, self.loss_fn, iter(batches), rho=self.rho, seed=self.seed)
             else:
-                value = sam_sharpness(model, self.loss_fn, batches, rho=self.adaptive_rho, adaptive=True, eta=0.0, seed=self.seed)
+                value = sam_sharpness(model, self.loss_fn, iter(batches), rho=self.adaptive_rho, adaptive=True, eta=0.0, seed=self.seed)
             metrics[PROBE_KEYS[probe]] = value
         metrics[SECONDS_KEY] = time.perf_counter() - start
         return metrics
