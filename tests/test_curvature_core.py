@@ -131,6 +131,19 @@ def test_power_iteration_finds_largest_algebraic_eigenvalue_when_a_negative_one_
         assert abs(float(result.values[0]) - 2.0) < 1e-9, solver.__name__
 
 
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_eigenvalues_of_a_nan_loss_are_nan_after_one_product_instead_of_an_eigh_failure(method):
+    """Lanczos died with 'linalg.eigh: failed to converge' and power iteration spent max_iter products on NaN;
+    now both stop at the first product and give NaN (as sam_sharpness does), so a monitoring callback logs it."""
+    model = _mlp()
+    with torch.no_grad():
+        model[0].weight[0, 0] = math.nan
+    with pytest.warns(RuntimeWarning, match="operator product 1 is not finite .*the eigenvalues are NaN"):
+        result = top_eigenvalues(model, _loss, _data(), k=2, method=method)
+    assert result.values.isnan().all() and result.values.shape == (2,) and result.vectors.isnan().all()
+    assert result.num_matvecs == 1 and not result.converged
+
+
 def test_lanczos_needs_fewer_products_than_power_iteration(reference):
     _, hessian = reference
     op = MatrixOperator(hessian)

@@ -163,6 +163,18 @@ def test_eval_batches_that_are_plain_tensors_stay_separate_batches():
     assert metrics[PROBE_KEYS["trace"]] == hessian_trace(model, loss_fn, iter(batches), num_probes=4).value
 
 
+def test_a_diverged_model_logs_nan_probes_instead_of_stopping_training():
+    """A NaN weight made the Lanczos probe raise inside torch.linalg.eigh, which ended the training run."""
+    model, batches = tiny_bert(), _held_out()
+    with torch.no_grad():
+        model.classifier.weight[0, 0] = math.nan
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        metrics = SharpnessCallback(probes=("top_eigenvalue", "trace", "sam_sharpness"), eval_batches=batches,
+                                    num_probes=2).measure(model)
+    assert all(math.isnan(metrics[PROBE_KEYS[probe]]) for probe in ("top_eigenvalue", "trace", "sam_sharpness"))
+    assert metrics[CONVERGED_KEY] == 0.0
+
+
 @pytest.mark.parametrize("sharding", [{"fsdp": "full_shard"}, {"deepspeed": "ds_config.json"}])
 def test_callback_refuses_sharded_runs_when_training_begins(sharding):
     from types import SimpleNamespace

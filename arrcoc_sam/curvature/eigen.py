@@ -40,6 +40,7 @@ well-separated λ.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -143,6 +144,7 @@ def _lanczos_run(
             product -= betas[-1] * basis[step - 1]
         _project_out(product, locked, basis[: step + 1])
         beta = float(product.norm())
+        _check_finite(alpha + beta, step + 1)
         alphas.append(alpha)
         tridiagonal = torch.diag(torch.tensor(alphas, dtype=torch.float64))
         if step:
@@ -197,10 +199,13 @@ def lanczos(
             settled = True  # a repeated top eigenvalue is still the top value: no verification run for k = 1
             break
         kth = float(values.topk(k).values[-1]) if verifying else None
-        run = _lanczos_run(
-            op, 1 if verifying else k - values.numel(), locked, basis[: budget - matvecs], tol, scale, generator,
-            below=kth, min_steps=max(1, (first_steps + 1) // 2),
-        )
+        try:
+            run = _lanczos_run(
+                op, 1 if verifying else k - values.numel(), locked, basis[: budget - matvecs], tol, scale, generator,
+                below=kth, min_steps=max(1, (first_steps + 1) // 2),
+            )
+        except _NonFinite as stop:
+            return _undefined(op, k, matvecs + stop.products)
         matvecs += run.steps
         first_steps = first_steps or run.steps
         if run.settled_below:
@@ -261,6 +266,8 @@ def power_iteration(
             estimate = float(vector @ product)
             growth = float(product.norm())
             residual = float((product - estimate * vector).norm())
+            if not math.isfinite(estimate + residual):
+                return _undefined(op, k, matvecs)
             scale = max(scale, abs(estimate - shift))
             if residual <= max(tol * abs(estimate - shift), _floor(op, tol, scale)):
                 done = estimate >= 0 or shift != 0.0
@@ -291,6 +298,31 @@ def power_iteration(
         matvecs,
         converged,
     )
+
+
+class _NonFinite(Exception):
+    """A product of the operator held inf/NaN after ``products`` products of the current run."""
+
+    def __init__(self, products: int) -> None:
+        super().__init__(products)
+        self.products = products
+
+
+def _check_finite(value: float, products: int) -> None:
+    """Raise :class:`_NonFinite` unless ``value`` (a sum of figures of the latest product) is finite."""
+    if not math.isfinite(value):
+        raise _NonFinite(products)
+
+
+def _undefined(op: LinearOperator, k: int, matvecs: int) -> EigenResult:
+    """The result where the operator's products are not finite: NaN pairs, not converged, with a warning."""
+    warnings.warn(
+        f"curvature: operator product {matvecs} is not finite (inf/NaN): the loss or its gradient is non-finite "
+        "at these weights or on this data; the eigenvalues are NaN", RuntimeWarning, stacklevel=3)
+    nan = math.nan
+    return EigenResult(torch.full((k,), nan, dtype=torch.float64),
+                       torch.full((k, op.numel), nan, dtype=op.dtype, device=op.device),
+                       torch.full((k,), nan, dtype=torch.float64), matvecs, False)
 
 
 def _mixing(step: int, product: Tensor, estimate: float, growth: float, previous: tuple[Tensor, float, float] | None) -> bool:
