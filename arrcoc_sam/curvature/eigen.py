@@ -233,14 +233,8 @@ def lanczos(
     return EigenResult(values[order], locked[order.to(op.device)], residuals[order], matvecs, settled)
 
 
-def power_iteration(
-    op: LinearOperator,
-    k: int = 1,
-    tol: float = 1e-6,
-    max_iter: int | None = None,
-    generator: torch.Generator | None = None,
-    max_matvecs: int | None = None,
-) -> EigenResult:
+def power_iteration(op: LinearOperator, k: int = 1, tol: float = 1e-6, max_iter: int | None = None,
+                    generator: torch.Generator | None = None, max_matvecs: int | None = None) -> EigenResult:
     """Top-k eigenpairs by power iteration with deflation (module docstring). ``max_iter`` (default 1000) caps
     the products spent on one eigenpair, shifted restarts included; ``max_matvecs`` (default ``k·max_iter``)
     caps them over all k (each later eigenpair keeps at least one). ``converged`` is False when a cap stopped
