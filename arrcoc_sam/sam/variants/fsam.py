@@ -27,7 +27,8 @@ class FriendlySAM(VariantSAM):
         update with ∇L(w_t + ε_t)            (pass 2), as SAM
 
     Norms are global over the perturbed tensors. m is committed only when the ascent is finite, so one
-    overflowing step does not poison it. This is the paper's formula; the authors' released code differs: it
+    overflowing step does not poison it; a step whose *pass 2* then turns out non-finite (skipped by the update
+    check) keeps the finite g_t it already folded in, as the gradient of the weights it was taken at. This is the paper's formula; the authors' released code differs: it
     starts m at g_0 and removes the previous average (d_t = g_t − σ m_{t−1}), which for σ = 1 differs only by a
     start-up bias decaying like λ^t.
 
