@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -79,3 +81,11 @@ def test_a_score_equal_to_the_threshold_is_predicted_positive():
 def test_a_soft_target_of_exactly_one_half_counts_as_positive():
     metrics = token_relevance_metrics(np.array([0.9, 0.2]), np.array([0.5, 0.0]))
     assert metrics["recall"] == 1.0 and metrics["precision"] == 1.0 and metrics["average_precision"] == 1.0
+
+
+def test_a_nan_score_makes_every_metric_nan_as_a_diverged_model_should_read():
+    """Average precision read 0.583 (NaN sorted last), and F1 counted NaN as a negative prediction."""
+    metrics = token_relevance_metrics(np.array([np.nan, 0.9, 0.1, np.nan]), np.array([1, 0, 1, 0]))
+    assert all(math.isnan(value) for value in metrics.values()) and len(metrics) == 4
+    ignored = token_relevance_metrics(np.array([np.nan, 0.9, 0.1]), np.array([-100, 0, 1]))
+    assert not any(math.isnan(value) for value in ignored.values())  # a NaN without a target is not scored

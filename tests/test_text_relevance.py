@@ -90,6 +90,18 @@ def test_word_labels_go_to_first_word_pieces_only(tokenizer):
     assert pieces[4].startswith("##") and encoded["labels"][4] == -100
 
 
+def test_a_word_the_tokenizer_deletes_keeps_its_label_as_the_unknown_token(tokenizer):
+    """A zero-width space or a soft hyphen has no word piece, so its label silently left the loss and metrics."""
+    words = ["hi", "\u200b", "Obama", "\u00ad"]
+    encoded = encode_token_relevance(tokenizer, "person", words, [0, 1, 1, 1], max_length=32)
+    labels = [y for y in encoded["labels"] if y != -100]
+    assert labels == [0.0, 1.0, 1.0, 1.0]
+    pieces = tokenizer.convert_ids_to_tokens(encoded["input_ids"])
+    assert pieces.count(tokenizer.unk_token) == 2
+    plain = encode_token_relevance(tokenizer, "person", ["hi", "Obama"], [0, 1], max_length=32)
+    assert tokenizer.unk_token not in tokenizer.convert_ids_to_tokens(plain["input_ids"])
+
+
 def test_truncation_keeps_the_query_and_drops_late_word_labels(tokenizer):
     words = ["word"] * 50
     encoded = encode_token_relevance(tokenizer, "sports team", words, [1] * 50, max_length=16)

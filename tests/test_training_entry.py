@@ -73,6 +73,54 @@ def test_vision_entry_trains_on_generated_scenes_and_reports_ranking_metrics(tmp
     assert 0.0 <= results["heldout_mse"] <= 1.0
 
 
+@pytest.mark.parametrize("kind", ["text", "vision", "multiscale"])
+def test_esam_selects_examples_by_the_relevance_models_own_per_example_loss(tmp_path, kind):
+    """ESAM's default per-example loss (cross-entropy on integer labels) does not apply to relevance targets, so
+    its data selection never ran from the command line: pass 2 took the whole batch, with only a warning."""
+    from arrcoc_sam.relevance.training import build_run, train_and_evaluate
+
+    if kind == "text":
+        data = ["--backbone", "tiny", "--data_source", "files", *text_files(tmp_path)]
+    else:
+        data = ["--data_source", "scenes", "--num_train_scenes", "8", "--num_validation_scenes", "4",
+                "--num_heldout_scenes", "4", "--query_embedder", "hash"]
+    argv = ["--model_kind", kind, *data, "--optimizer", "esam", "--sam_args", "gamma=0.5", "--max_steps", "2",
+            "--output_dir", str(tmp_path / kind), *COMMON]
+    parsed = parse_args(argv)
+    trainer, splits, tokenizer = build_run(*parsed)
+    sizes = []
+    hook = trainer.model.register_forward_pre_hook(
+        lambda module, args, kwargs: sizes.append(next(v for v in kwargs.values() if torch.is_tensor(v)).shape[0])
+        if module.training else None, with_kwargs=True)
+    train_and_evaluate(trainer, splits, tokenizer, parsed[0])
+    hook.remove()
+    assert sizes == [4, 4, 2] * 2  # pass 1, the no-grad replay at w + ε, and the chosen half
+
+
+def test_relevance_losses_per_example_are_each_samples_own_loss():
+    from transformers import BertConfig
+
+    from arrcoc_sam.relevance.text import TextRelevanceConfig, text_relevance_loss
+    from arrcoc_sam.relevance.vision import ArrCocRelevanceConfig, relevance_loss
+
+    generator = torch.Generator().manual_seed(0)
+    config = ArrCocRelevanceConfig(grid_size=4, ranking_weight=0.5)
+    relevance, labels = torch.rand(3, 16, generator=generator), torch.rand(3, 4, 4, generator=generator)
+    each = relevance_loss(relevance, labels, config, per_example=True)
+    assert each.shape == (3,) and all(torch.allclose(each[i], relevance_loss(relevance[i:i + 1], labels[i:i + 1], config))
+                                      for i in range(3))
+    text_config = TextRelevanceConfig(encoder_config=BertConfig(hidden_size=8, num_hidden_layers=1,
+                                                                num_attention_heads=1, intermediate_size=8),
+                                      ranking_weight=0.3, loss_type="focal")
+    logits = torch.randn(3, 6, generator=generator)
+    targets = torch.tensor([[-100, 1, 0, 0, -100, -100], [-100, 0, 0, 1, 1, -100], [-100, 0, 0, -100, -100, -100]])
+    mask = targets != -100
+    each = text_relevance_loss(logits, targets.float(), mask, text_config, per_example=True)
+    assert each.shape == (3,) and all(
+        torch.allclose(each[i], text_relevance_loss(logits[i:i + 1], targets[i:i + 1].float(), mask[i:i + 1], text_config))
+        for i in range(3))
+
+
 def test_vision_entry_trains_on_token_feature_files(tmp_path):
     rows = [{"query": "red circle", "token_features": torch.rand(16, 13).tolist(),
              "relevance": torch.rand(16).tolist(), "query_embedding": torch.randn(8).tolist()} for _ in range(6)]
@@ -159,6 +207,41 @@ def test_bad_arguments_fail_with_the_argument_name(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--model_kind", "vision", "--top_k", "0", "--output_dir", str(tmp_path), *COMMON])
     assert exit_info.value.code == 2 and "--top_k" in capsys.readouterr().err
+
+
+def test_resume_from_checkpoint_continues_the_run_bitwise(tmp_path):
+    """The flag was ignored: the 'resumed' run trained again from scratch (and a missing folder said nothing)."""
+    from safetensors.torch import load_file
+
+    def argv(out, *extra):
+        return ["--model_kind", "text", "--backbone", "tiny", "--data_source", "files", *text_files(tmp_path),
+                "--optimizer", "sam", "--max_steps", "4", *COMMON, "--save_strategy", "steps", "--save_steps", "2",
+                "--output_dir", str(out), *extra]
+
+    run_training(*parse_args(argv(tmp_path / "whole")))
+    checkpoint = tmp_path / "whole" / "checkpoint-2"
+    resumed = tmp_path / "resumed"
+    results = run_training(*parse_args(argv(resumed, "--resume_from_checkpoint", str(checkpoint))))
+    whole, again = load_file(tmp_path / "whole" / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert whole.keys() == again.keys() and all(torch.equal(whole[k], again[k]) for k in whole)
+    assert not (resumed / "checkpoint-2").exists() and results["heldout_f1"] >= 0  # steps 3-4 only
+    run_training(*parse_args(argv(tmp_path / "whole", "--resume_from_checkpoint", "true")))  # the last: step 4
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--resume_from_checkpoint", "nowhere"], "--resume_from_checkpoint nowhere: no such checkpoint folder"),
+    (["--resume_from_checkpoint", "true"], "--resume_from_checkpoint true: no checkpoint-N folder in --output_dir"),
+    (["--max_length", "3"], "max_length=3 is too short for the query 'person'"),
+    (["--max_length", "600"], "--max_length 600 exceeds the 512 positions of the backbone (bert)"),
+])
+def test_text_run_settings_that_cannot_work_are_usage_errors_before_training(tmp_path, capsys, flags, message):
+    """--max_length 3 trained on examples without a single text token (every metric 0.0), 6 died in the tokenizer
+    and 600 in the first step; a resume folder that does not exist was ignored."""
+    argv = ["--model_kind", "text", "--backbone", "tiny", "--data_source", "files", *text_files(tmp_path),
+            "--max_steps", "1", *COMMON, "--output_dir", str(tmp_path / "out"), *flags]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("field", "value"), [("top_k", 0), ("top_k", -1), ("query_embedder", "auto"),

@@ -23,21 +23,30 @@ def encode_token_relevance(
     """Encode one (query, words, word labels) example as ``[CLS] query [SEP] words [SEP]``.
 
     Each word's label goes to its first word piece; its other pieces, the query and special tokens get
-    ``-100``. Words cut by ``max_length`` (the text is truncated, never the query) lose their labels.
-    Needs a fast tokenizer (``word_ids``/``sequence_ids``).
+    ``-100``. Words cut by ``max_length`` (the text is truncated, never the query) lose their labels. A word the
+    tokenizer deletes (a zero-width space, a soft hyphen, a lone combining mark) is encoded as the unknown token
+    instead, so it keeps its label. Needs a fast tokenizer (``word_ids``/``sequence_ids``).
+
+    Raises:
+        ValueError: ``max_length`` leaves no room for one word piece of the text after the query and special
+            tokens.
 
     Returns lists of length L: ``input_ids, attention_mask, token_type_ids`` (when the tokenizer makes them),
     ``query_mask, text_mask`` (0/1) and, with ``labels``, ``labels`` (floats, -100 = no target).
     """
     if labels is not None and len(labels) != len(tokens):
         raise ValueError(f"labels must have one entry per token: {len(labels)} labels for {len(tokens)} tokens")
-    encoding = tokenizer(
-        query.split(),
-        list(tokens),
-        is_split_into_words=True,
-        truncation="only_second",
-        max_length=max_length,
-    )
+    words = query.split()
+    needed = len(tokenizer(words, is_split_into_words=True, add_special_tokens=False)["input_ids"]) + \
+        tokenizer.num_special_tokens_to_add(pair=True) + 1
+    if tokens and max_length < needed:
+        raise ValueError(f"max_length={max_length} is too short for the query {query!r}: with the special tokens it "
+                         f"needs at least {needed} word pieces to keep one of the text's (the query is never cut)")
+    encoding = _encode(tokenizer, words, list(tokens), max_length)
+    vanished = _vanished_words(encoding, len(tokens), max_length)
+    if vanished and tokenizer.unk_token is not None:
+        tokens = [tokenizer.unk_token if i in vanished else word for i, word in enumerate(tokens)]
+        encoding = _encode(tokenizer, words, tokens, max_length)
     sequence_ids = encoding.sequence_ids()
     word_ids = encoding.word_ids()
     out: dict[str, list] = {key: list(value) for key, value in encoding.items()}
@@ -52,6 +61,17 @@ def encode_token_relevance(
             previous = word if seq == 1 else None
         out["labels"] = aligned
     return out
+
+
+def _encode(tokenizer, query_words: list[str], tokens: list[str], max_length: int):
+    return tokenizer(query_words, tokens, is_split_into_words=True, truncation="only_second", max_length=max_length)
+
+
+def _vanished_words(encoding, num_words: int, max_length: int) -> set[int]:
+    """Indices of text words with no word piece although truncation did not reach them."""
+    kept = {word for seq, word in zip(encoding.sequence_ids(), encoding.word_ids()) if seq == 1}
+    reached = num_words if len(encoding["input_ids"]) < max_length else max(kept, default=-1) + 1
+    return set(range(reached)) - kept
 
 
 def encode_token_relevance_batch(batch: dict[str, list], tokenizer, max_length: int = 128) -> dict[str, list]:

@@ -279,31 +279,46 @@ class TextRelevanceModel(PreTrainedModel):
         (1 - y_i)``, averaged over tokens with a target. The ranking term averages
         ``softplus(-(s_i - s_j))`` over pairs of the same sample with ``y_i > y_j``.
         """
-        cfg = self.config
-        valid = text_mask & (labels != -100)
-        targets = torch.where(valid, labels.to(logits.dtype), torch.zeros_like(logits))
-        bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-        weight = cfg.pos_weight * targets + (1.0 - targets)
-        if cfg.loss_type == "focal":
-            p = torch.sigmoid(logits)
-            p_t = p * targets + (1.0 - p) * (1.0 - targets)
-            weight = weight * (1.0 - p_t).pow(cfg.focal_gamma)
-        mask = valid.to(logits.dtype)
-        loss = (weight * bce * mask).sum() / mask.sum().clamp_min(1.0)
-        if cfg.ranking_weight > 0:
-            loss = loss + cfg.ranking_weight * pairwise_ranking_loss(logits, targets, valid)
-        return loss
+        return text_relevance_loss(logits, labels, text_mask, self.config)
 
 
-def pairwise_ranking_loss(scores: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def text_relevance_loss(logits: torch.Tensor, labels: torch.Tensor, text_mask: torch.Tensor,
+                        config: TextRelevanceConfig, per_example: bool = False) -> torch.Tensor:
+    """:meth:`TextRelevanceModel.loss`: a scalar over the batch's tokens with a target; with ``per_example``, each
+    sample's own loss ``[B]`` (its tokens' mean, plus the ranking term over its own pairs; 0 for a sample without
+    targets), what ESAM's data selection ranks."""
+    cfg = config
+    valid = text_mask & (labels != -100)
+    targets = torch.where(valid, labels.to(logits.dtype), torch.zeros_like(logits))
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    weight = cfg.pos_weight * targets + (1.0 - targets)
+    if cfg.loss_type == "focal":
+        p = torch.sigmoid(logits)
+        p_t = p * targets + (1.0 - p) * (1.0 - targets)
+        weight = weight * (1.0 - p_t).pow(cfg.focal_gamma)
+    mask = valid.to(logits.dtype)
+    loss = _total(weight * bce * mask, per_example) / _total(mask, per_example).clamp_min(1.0)
+    if cfg.ranking_weight > 0:
+        loss = loss + cfg.ranking_weight * pairwise_ranking_loss(logits, targets, valid, per_example)
+    return loss
+
+
+def pairwise_ranking_loss(scores: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
+                          per_example: bool = False) -> torch.Tensor:
     """Mean of ``softplus(-(s_i - s_j))`` over pairs ``(i, j)`` of one sample with ``y_i > y_j``, both valid.
 
-    ``scores, targets, valid: [B, N]``; returns 0 when no such pair exists.
+    ``scores, targets, valid: [B, N]``; returns 0 when no such pair exists; with ``per_example``, each sample's
+    mean over its own pairs, ``[B]``.
     """
     pairs = (targets.unsqueeze(2) > targets.unsqueeze(1)) & valid.unsqueeze(2) & valid.unsqueeze(1)
     margins = scores.unsqueeze(2) - scores.unsqueeze(1)
-    count = pairs.sum()
-    return (F.softplus(-margins) * pairs.to(scores.dtype)).sum() / count.clamp_min(1).to(scores.dtype)
+    count = _total(pairs, per_example)
+    return _total(F.softplus(-margins) * pairs.to(scores.dtype), per_example) / count.clamp_min(1).to(scores.dtype)
+
+
+def _total(values: torch.Tensor, per_example: bool) -> torch.Tensor:
+    """The sum of ``values [B, ...]``: over everything (a scalar), or per sample (``[B]``)."""
+    return values.flatten(1).sum(dim=1) if per_example else values.sum()
 
 
 def register_text_relevance_auto_classes() -> None:

@@ -15,10 +15,13 @@ def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
     """Average precision ``Σ_k (R_k - R_{k-1}) P_k`` over the distinct score thresholds, descending.
 
     ``scores``: ``[M]`` real; ``targets``: ``[M]`` in {0, 1}. Tied scores form one threshold (as in
-    scikit-learn's ``average_precision_score``). Returns 0.0 when there is no positive.
+    scikit-learn's ``average_precision_score``). Returns 0.0 when there is no positive, NaN when a score is NaN
+    (a diverged model has no ranking).
     """
     scores = np.asarray(scores, dtype=np.float64).ravel()
     targets = np.asarray(targets, dtype=np.float64).ravel()
+    if np.isnan(scores).any():
+        return float("nan")
     positives = targets.sum()
     if positives == 0:
         return 0.0
@@ -38,6 +41,7 @@ def token_relevance_metrics(scores, labels, threshold: float = 0.5) -> dict[str,
 
     ``scores``: relevance in [0, 1], any shape; ``labels``: same shape, targets in [0, 1] (binarised at
     0.5) and -100 for "no target". Micro-averaged over all tokens; 0.0 where a ratio has a zero denominator.
+    Every metric is NaN when a scored token's relevance is NaN (a diverged model), as the vision metrics are.
     """
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.float64)
@@ -45,6 +49,8 @@ def token_relevance_metrics(scores, labels, threshold: float = 0.5) -> dict[str,
         raise ValueError(f"scores and labels must have the same shape, got {scores.shape} and {labels.shape}")
     valid = labels != IGNORE_INDEX
     scores, targets = scores[valid], (labels[valid] >= 0.5).astype(np.float64)
+    if np.isnan(scores).any():
+        return dict.fromkeys(("f1", "precision", "recall", "average_precision"), float("nan"))
     predicted = scores >= threshold
     tp = float(np.sum(predicted * targets))
     precision = tp / float(predicted.sum()) if predicted.any() else 0.0

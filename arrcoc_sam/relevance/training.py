@@ -218,7 +218,13 @@ def _text_model_and_tokenizer(model_args: ModelArguments):
     if model_args.tokenizer_name_or_path and not Path(model_args.tokenizer_name_or_path).is_dir():
         raise FileNotFoundError(f"tokenizer_name_or_path: no local tokenizer directory at "
                                 f"{model_args.tokenizer_name_or_path!r} (nothing is downloaded)")
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path or (source if has_tokenizer else minilm_path()))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path or (source if has_tokenizer else minilm_path()))
+    except (OSError, ValueError, TypeError) as error:
+        if not model_args.tokenizer_name_or_path:
+            raise
+        raise ValueError(f"--tokenizer_name_or_path {model_args.tokenizer_name_or_path}: no tokenizer loads from "
+                         f"there ({type(error).__name__}: {str(error)[:200]})") from error
     if model_args.lora_r:
         model = apply_lora(model, model_args)
     return model, tokenizer
@@ -240,7 +246,10 @@ def apply_lora(model, model_args: ModelArguments):
         target_modules=targets,
         modules_to_save=["head"],
     )
-    return get_peft_model(model, config)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as error:  # e.g. no module of the backbone matches a target name
+        raise ValueError(f"--lora_target_modules {model_args.lora_target_modules}: {error}") from error
 
 
 def _vision_model(model_args: ModelArguments, query_dim: int, grid_size: int | None = None):
@@ -312,18 +321,22 @@ def build_text_data(data_args: DataArguments, tokenizer) -> dict[str, Any]:
     if source == "wnut":
         from arrcoc_sam.relevance.wnut import load_wnut16_relevance
 
-        raw = load_wnut16_relevance(
-            seed=data_args.split_seed,
-            validation_tweets=data_args.wnut_validation_tweets,
-            heldout_tweets=data_args.wnut_heldout_tweets,
-            negatives_per_tweet=data_args.wnut_negatives_per_tweet,
-        )
+        try:
+            raw = load_wnut16_relevance(
+                seed=data_args.split_seed,
+                validation_tweets=data_args.wnut_validation_tweets,
+                heldout_tweets=data_args.wnut_heldout_tweets,
+                negatives_per_tweet=data_args.wnut_negatives_per_tweet,
+            )
+        except ValueError as error:  # the split sizes do not fit the corpus
+            raise ValueError(f"--wnut_validation_tweets {data_args.wnut_validation_tweets} / --wnut_heldout_tweets "
+                             f"{data_args.wnut_heldout_tweets}: {error}") from error
     elif source == "files":
         from arrcoc_sam.relevance.data_files import load_relevance_files
 
         raw = load_relevance_files(_file_splits(data_args), kind="text")
     else:
-        raise ValueError(f"the text model takes data_source 'wnut' or 'files', got {source!r}")
+        raise ValueError(f"--data_source: the text model takes 'wnut' or 'files', got {source!r}")
     splits = {}
     for split, dataset in raw.items():
         if len(dataset) == 0:
@@ -402,7 +415,8 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, training_arg
     from arrcoc_sam.integrations.trainer import SAMTrainer
 
     set_seed(training_args.seed)
-    if model_args.model_name_or_path:  # fail before loading any data
+    checkpoint_to_resume(training_args)  # fail before loading any data
+    if model_args.model_name_or_path:
         _local_model_dir(model_args.model_name_or_path, "model_name_or_path")
     tokenizer = None
     if model_args.model_kind == "text":
@@ -410,6 +424,10 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, training_arg
         from arrcoc_sam.relevance.text_metrics import TextRelevanceMetrics
 
         model, tokenizer = _text_model_and_tokenizer(model_args)
+        positions = getattr(model.config.encoder_config, "max_position_embeddings", None)
+        if positions is not None and data_args.max_length > positions:
+            raise ValueError(f"--max_length {data_args.max_length} exceeds the {positions} positions of the backbone "
+                             f"({model.config.encoder_config.model_type}); pass --max_length <= {positions}")
         splits = build_text_data(data_args, tokenizer)
         collator = TextRelevanceCollator(tokenizer)
         metrics = TextRelevanceMetrics()
@@ -458,6 +476,7 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, training_arg
         data_collator=collator,
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=preprocess,
+        per_example_loss_fn=per_example_loss_fn(model),
     )
     _add_sharpness_callback(trainer, model_args, splits, collator)
     return trainer, splits, tokenizer
@@ -473,9 +492,48 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, training_
     return train_and_evaluate(*build_run(model_args, data_args, training_args), model_args)
 
 
+def per_example_loss_fn(model):
+    """``fn(outputs, batch) -> [B]``: the relevance model's own loss per sample, which ESAM's data selection ranks
+    and trains on (its default, cross-entropy on integer labels, does not apply to relevance targets)."""
+    from arrcoc_sam.relevance.text import TextRelevanceConfig, text_relevance_loss
+    from arrcoc_sam.relevance.vision import relevance_loss
+
+    config = model.config
+    if isinstance(config, TextRelevanceConfig):
+        return lambda outputs, batch: text_relevance_loss(outputs.logits, batch["labels"], batch["text_mask"], config,
+                                                          per_example=True)
+
+    def vision_losses(outputs, batch):  # a multiscale model's output holds combined_relevance, a vision one relevance
+        relevance = getattr(outputs, "combined_relevance", None)
+        return relevance_loss(outputs.relevance if relevance is None else relevance, batch["labels"], config,
+                              per_example=True)
+
+    return vision_losses
+
+
+def checkpoint_to_resume(training_args) -> str | None:
+    """The checkpoint folder ``--resume_from_checkpoint`` names: a ``checkpoint-N`` folder, or ``true`` for the last
+    one in ``--output_dir``; None without the flag. ValueError naming the flag where there is no such folder."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    value = training_args.resume_from_checkpoint
+    if value is None or value is False or (isinstance(value, str) and not value.strip()):
+        return None
+    if value is True or (isinstance(value, str) and value.strip().lower() == "true"):
+        output_dir = training_args.output_dir
+        last = get_last_checkpoint(output_dir) if output_dir and Path(output_dir).is_dir() else None
+        if last is None:
+            raise ValueError(f"--resume_from_checkpoint true: no checkpoint-N folder in --output_dir {output_dir}")
+        return last
+    if not Path(value).is_dir():
+        raise ValueError(f"--resume_from_checkpoint {value}: no such checkpoint folder")
+    return str(value)
+
+
 def train_and_evaluate(trainer, splits, tokenizer, model_args: ModelArguments) -> dict[str, float]:
-    """Train, save (before any evaluation, so a failing evaluation loses nothing), then evaluate."""
-    trainer.train()
+    """Train (from ``--resume_from_checkpoint`` when given), save (before any evaluation, so a failing
+    evaluation loses nothing), then evaluate."""
+    trainer.train(resume_from_checkpoint=checkpoint_to_resume(trainer.args))
     _save(trainer, model_args, tokenizer)
     results: dict[str, float] = {}
     for split, prefix in (("validation", "eval"), ("heldout", "heldout")):

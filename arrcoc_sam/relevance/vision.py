@@ -230,12 +230,13 @@ def _check_inputs(token_features: torch.Tensor, query_embedding: torch.Tensor, c
 
 
 def pairwise_ranking_loss(relevance: torch.Tensor, targets: torch.Tensor, num_pairs: int = 16,
-                          margin: float = 0.05, scale: float = 10.0) -> torch.Tensor:
+                          margin: float = 0.05, scale: float = 10.0, per_example: bool = False) -> torch.Tensor:
     """Logistic pairwise ranking loss over fixed token pairs (i, i + offset mod N), per sample.
 
     For each pair with |t_i - t_j| > margin: softplus(-scale * sign(t_i - t_j) * (r_i - r_j)), averaged over
-    the valid pairs of the batch (0 when there are none). Offsets 1 + k*N // num_pairs (k < num_pairs) mix
-    neighbouring and distant tokens; the loss is deterministic. Cost O(B * N * num_pairs).
+    the valid pairs of the batch (0 when there are none); with ``per_example``, over each sample's own valid
+    pairs, ``[B]``. Offsets 1 + k*N // num_pairs (k < num_pairs) mix neighbouring and distant tokens; the loss
+    is deterministic. Cost O(B * N * num_pairs).
     """
     n = relevance.shape[1]
     offsets = sorted({1 + (k * n) // num_pairs for k in range(num_pairs)} - {n})
@@ -245,18 +246,24 @@ def pairwise_ranking_loss(relevance: torch.Tensor, targets: torch.Tensor, num_pa
     score_gap = relevance.unsqueeze(1) - relevance[:, partner]
     valid = (target_gap.abs() > margin).to(relevance.dtype)
     losses = F.softplus(-scale * torch.sign(target_gap) * score_gap) * valid
+    if per_example:
+        return losses.sum(dim=(1, 2)) / valid.sum(dim=(1, 2)).clamp_min(1.0)
     return losses.sum() / valid.sum().clamp_min(1.0)
 
 
-def relevance_loss(relevance: torch.Tensor, labels: torch.Tensor, config: ArrCocRelevanceConfig) -> torch.Tensor:
-    """MSE(relevance, labels) + config.ranking_weight * pairwise ranking loss. Both [B, N] (labels may be [B, G, G])."""
+def relevance_loss(relevance: torch.Tensor, labels: torch.Tensor, config: ArrCocRelevanceConfig,
+                   per_example: bool = False) -> torch.Tensor:
+    """MSE(relevance, labels) + config.ranking_weight * pairwise ranking loss. Both [B, N] (labels may be [B, G, G]).
+
+    A scalar over the batch; with ``per_example``, each sample's own loss ``[B]`` (what ESAM's data selection
+    ranks; the batch loss is their mean when the ranking term is off)."""
     targets = labels.reshape(relevance.shape[0], -1).to(relevance.dtype)
     if targets.shape != relevance.shape:
         raise ValueError(f"labels must hold {relevance.shape[1]} values per sample, got shape {tuple(labels.shape)}")
-    loss = F.mse_loss(relevance, targets)
+    loss = (relevance - targets).square().mean(dim=1) if per_example else F.mse_loss(relevance, targets)
     if config.ranking_weight > 0:
         loss = loss + config.ranking_weight * pairwise_ranking_loss(
-            relevance, targets, config.ranking_pairs, config.ranking_margin, config.ranking_scale
+            relevance, targets, config.ranking_pairs, config.ranking_margin, config.ranking_scale, per_example
         )
     return loss
 
