@@ -35,6 +35,11 @@ def test_tiny_quickstart_writes_report_figures_and_prints_the_table(tmp_path, ca
         assert {"heldout_mse", "heldout_spearman", "heldout_top_k_recall", "heldout_ndcg"} <= set(metrics[run])
         assert 0 <= metrics[run]["heldout_top_k_recall"] <= 1
     assert metrics["adamw"] != metrics["sam"], "SAM and AdamW runs must differ"
+    # the comparison says what it is: equal steps, one seed, and by how much the better run leads
+    assert "equal steps, not equal compute" in report and "One run per optimizer (seed 0)" in report
+    gap = abs(metrics["adamw"]["heldout_mse"] - metrics["sam"]["heldout_mse"])
+    mse_row = next(line for line in report.splitlines() if line.startswith("| MSE"))
+    assert mse_row.endswith(f"({gap:.4f}) |")
 
 
 def test_saved_quickstart_models_load_with_automodel_in_a_fresh_process(tmp_path):
