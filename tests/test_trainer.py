@@ -411,6 +411,21 @@ def test_a_static_ddp_graph_is_refused_in_a_launch_where_a_pass_must_not_synchro
         SAMTrainingArguments(**trainer_kwargs(str(tmp_path), ddp_static_graph=True, **overrides))
 
 
+def test_a_static_ddp_graph_is_refused_with_plain_training_arguments_too(tmp_path, monkeypatch):
+    """The launcher builds plain TrainingArguments, which do not check it: torchrun died on torch's internal assert
+    (expect_autograd_hooks_) at the first accumulated micro-batch."""
+    from transformers import TrainingArguments
+
+    from arrcoc_sam.integrations import trainer as trainer_module
+
+    args = TrainingArguments(**trainer_kwargs(str(tmp_path), gradient_accumulation_steps=2))
+    trainer = SAMTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset(8))
+    args.ddp_static_graph = True
+    monkeypatch.setattr(trainer_module, "launched_processes", lambda: 2)  # as under torchrun with 2 processes
+    with pytest.raises(ValueError, match="static_graph=True cannot run .* gradient_accumulation_steps=2 needs"):
+        trainer_module._run_settings(trainer)
+
+
 def test_a_static_ddp_graph_is_accepted_where_every_pass_synchronises_or_without_ddp(tmp_path, monkeypatch):
     from arrcoc_sam.integrations._settings import check_static_graph
 

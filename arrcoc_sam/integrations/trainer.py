@@ -339,7 +339,9 @@ def _run_settings(trainer: Trainer) -> SAMSettings:
     """The trainer's settings, checked against its run once per configuration (cached on the trainer; a
     hyper-parameter search that sets ``rho`` or ``optimizer`` on ``trainer.args`` per trial gets new ones)."""
     settings = _settings_for(trainer)
-    key = (settings, trainer.args.gradient_accumulation_steps, str(trainer.args.optim))
+    # SAMTrainingArguments checks this itself; plain TrainingArguments (the launcher, SAMTrainer(args=...)) do not
+    static_graph = bool(getattr(trainer.args, "ddp_static_graph", None)) and launched_processes() > 1
+    key = (settings, trainer.args.gradient_accumulation_steps, str(trainer.args.optim), static_graph)
     cached = trainer.__dict__.get("_sam_settings")
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -355,6 +357,7 @@ def _run_settings(trainer: Trainer) -> SAMSettings:
         optim=trainer.args.optim,
         zero_stage=zero_stage,
         fsdp_version=fsdp_version,
+        ddp_static_graph=static_graph,
     )
     trainer._sam_settings = (key, settings)
     return settings
