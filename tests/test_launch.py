@@ -241,3 +241,34 @@ def test_a_script_ending_in_sys_exit_zero_still_shuts_its_process_group_down(tmp
         dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
         raise SystemExit(0)
     assert not dist.is_initialized()
+
+
+_OWN_FLAGS_SCRIPT = """
+import argparse, json, sys
+from dataclasses import dataclass
+from transformers import HfArgumentParser
+
+@dataclass
+class Own:
+    rho: float = -1.0
+    optimizer: str = "script-default"
+
+own, rest = HfArgumentParser(Own).parse_args_into_dataclasses(return_remaining_strings=True)
+with open(sys.argv[-1], "w") as handle:
+    json.dump({"rho": own.rho, "optimizer": own.optimizer}, handle)
+"""
+
+
+def test_a_script_flag_the_launcher_took_stops_the_script_naming_it(tmp_path, capsys):
+    """The script's own --rho and --optimizer silently parsed their defaults (the launcher had taken them)."""
+    script = tmp_path / "own_flags.py"
+    script.write_text(_OWN_FLAGS_SCRIPT)
+    seen = tmp_path / "seen.json"
+    assert main([str(script), "--optimizer", "sam", "--rho", "0.05", str(seen)]) == 2
+    assert "--optimizer, --rho: the script defines these flags itself" in capsys.readouterr().err
+    assert not seen.exists()
+    assert main([str(script), "--sam_scope", "global", str(seen)]) == 0  # flags the script does not define: fine
+    assert json.loads(seen.read_text()) == {"rho": -1.0, "optimizer": "script-default"}
+    import argparse
+
+    assert argparse.ArgumentParser.parse_known_args.__module__ == "argparse"  # the guard is undone

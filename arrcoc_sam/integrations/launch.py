@@ -8,7 +8,9 @@ and everything else goes to the script, in order, as its ``sys.argv``. While the
 with SAM. Works the same under ``torchrun ... -m arrcoc_sam.launch`` and ``accelerate launch ... -m
 arrcoc_sam.launch``: every process patches its own Trainer. A script that builds its own
 ``SAMTrainingArguments`` keeps its settings when no SAM flag is given to the launcher; a launcher flag it
-would never see (the launcher took it off the command line) is refused unless both agree.
+would never see (the launcher took it off the command line) is refused unless both agree. A script whose own
+argument parser defines a flag the launcher took (its own ``--rho``, say) would silently parse its default
+instead: the script's parser then stops with a usage error naming the flag.
 """
 
 from __future__ import annotations
@@ -94,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     saved_argv, saved_path = sys.argv[:], sys.path[:]
     sys.argv = [script, *script_argv]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    given = flags_given(argv)
     try:
-        with patched_trainer(settings, explicit=bool(flags_given(argv))), owned_process_group():
+        with patched_trainer(settings, explicit=bool(given)), _refusing_flags_taken_from(given), owned_process_group():
             runpy.run_path(script, run_name="__main__")
     except SystemExit as exit_:
         if exit_.code is None or isinstance(exit_.code, int):
@@ -105,6 +108,32 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
     return 0
+
+
+@contextlib.contextmanager
+def _refusing_flags_taken_from(given: list[str]) -> Iterator[None]:
+    """While the script runs, an argument parser of its own that defines one of the launcher's ``given`` flags
+    stops with a usage error naming it: the launcher took that flag off the command line, so the script would
+    silently get its default. Parsers of SAM arguments (``SAMTrainingArguments``) are left to the Trainer's check,
+    which refuses a launcher setting they disagree with."""
+    original = argparse.ArgumentParser.parse_known_args
+    taken = [f"--{name}" for name in given]
+
+    def parse_known_args(parser: argparse.ArgumentParser, *args, **kwargs):
+        parses_sam_arguments = any(isinstance(kind, type) and issubclass(kind, SAMArguments)
+                                   for kind in getattr(parser, "dataclass_types", ()))
+        clashes = [flag for flag in taken if flag in parser._option_string_actions]
+        if clashes and not parses_sam_arguments:
+            parser.error(f"{', '.join(clashes)}: the script defines {'these flags' if len(clashes) > 1 else 'this flag'} "
+                         "itself, but python -m arrcoc_sam.launch took them as its SAM settings, so the script would "
+                         "only see its default; rename the script's flag, or run the script without the launcher")
+        return original(parser, *args, **kwargs)
+
+    argparse.ArgumentParser.parse_known_args = parse_known_args  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.parse_known_args = original  # type: ignore[method-assign]
 
 
 def _process_group_initialized() -> bool:

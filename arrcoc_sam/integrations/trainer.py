@@ -387,8 +387,10 @@ def _sam_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     inner = _sam_inside(optimizer)
     if inner is None:
         raise TypeError(
-            f"the Trainer's optimizer {type(optimizer).__name__} has no sharpness-aware hooks: SAMTrainer wraps "
-            "it in create_optimizer, so a subclass overriding create_optimizer must call super().create_optimizer()"
+            f"the Trainer's optimizer {type(optimizer).__name__} has no sharpness-aware hooks: SAMTrainer (and every "
+            "Trainer under python -m arrcoc_sam.launch) wraps it in create_optimizer, so a subclass overriding "
+            "create_optimizer must call super().create_optimizer() (which wraps an optimizer it set on "
+            "self.optimizer first) or hand its optimizer in as Trainer(optimizers=(optimizer, scheduler))"
         )
     return inner
 
