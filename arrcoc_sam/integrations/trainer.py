@@ -297,8 +297,9 @@ def _default_per_example_loss(trainer: Trainer, model: nn.Module, optimizer: Any
         trainer._sam_warned_loss = True
         logger.warning(
             "ESAM's data selection ranks and trains on per_example_loss (cross-entropy of logits and labels), "
-            "not on the customised compute_loss / compute_loss_func of this Trainer: pass "
-            "SAMTrainer(per_example_loss_fn=...) that computes your loss per example"
+            "not on the customised compute_loss / compute_loss_func of this Trainer (whose weighting pass 2 then "
+            "drops): pass SAMTrainer(per_example_loss_fn=...) that computes your loss per example, or, where the "
+            "Trainer is not yours to build (python -m arrcoc_sam.launch), --sam_args gamma=1 (no data selection)"
         )
     return functools.partial(
         per_example_loss, shift_labels=shifts_labels(model), label_smoothing=trainer.args.label_smoothing_factor
