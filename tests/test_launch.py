@@ -272,3 +272,9 @@ def test_a_script_flag_the_launcher_took_stops_the_script_naming_it(tmp_path, ca
     import argparse
 
     assert argparse.ArgumentParser.parse_known_args.__module__ == "argparse"  # the guard is undone
+    explicit = tmp_path / "explicit.py"  # a parse of a list of the script's own reads no command line: left alone
+    explicit.write_text(_OWN_FLAGS_SCRIPT.replace(
+        "own, rest = HfArgumentParser(Own).parse_args_into_dataclasses(return_remaining_strings=True)",
+        "(own,) = HfArgumentParser(Own).parse_args_into_dataclasses(args=['--rho', '0.3'])"))
+    assert main([str(explicit), "--rho", "0.05", str(seen)]) == 0
+    assert json.loads(seen.read_text()) == {"rho": 0.3, "optimizer": "script-default"}

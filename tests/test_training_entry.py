@@ -97,7 +97,7 @@ def test_esam_selects_examples_by_the_relevance_models_own_per_example_loss(tmp_
     assert sizes == [4, 4, 2] * 2  # pass 1, the no-grad replay at w + ε, and the chosen half
 
 
-def test_relevance_losses_per_example_are_each_samples_own_loss():
+def test_relevance_losses_per_example_split_the_batch_loss_and_rank_a_single_sample_as_its_own():
     from transformers import BertConfig
 
     from arrcoc_sam.relevance.text import TextRelevanceConfig, text_relevance_loss
@@ -106,9 +106,11 @@ def test_relevance_losses_per_example_are_each_samples_own_loss():
     generator = torch.Generator().manual_seed(0)
     config = ArrCocRelevanceConfig(grid_size=4, ranking_weight=0.5)
     relevance, labels = torch.rand(3, 16, generator=generator), torch.rand(3, 4, 4, generator=generator)
+    labels[2] = 0.3  # a sample without valid ranking pairs: the split must still add up to the batch loss
     each = relevance_loss(relevance, labels, config, per_example=True)
-    assert each.shape == (3,) and all(torch.allclose(each[i], relevance_loss(relevance[i:i + 1], labels[i:i + 1], config))
-                                      for i in range(3))
+    assert each.shape == (3,) and torch.allclose(each.mean(), relevance_loss(relevance, labels, config))
+    assert torch.allclose(relevance_loss(relevance[:1], labels[:1], config, per_example=True)[0],
+                          relevance_loss(relevance[:1], labels[:1], config))
     text_config = TextRelevanceConfig(encoder_config=BertConfig(hidden_size=8, num_hidden_layers=1,
                                                                 num_attention_heads=1, intermediate_size=8),
                                       ranking_weight=0.3, loss_type="focal")
@@ -116,9 +118,12 @@ def test_relevance_losses_per_example_are_each_samples_own_loss():
     targets = torch.tensor([[-100, 1, 0, 0, -100, -100], [-100, 0, 0, 1, 1, -100], [-100, 0, 0, -100, -100, -100]])
     mask = targets != -100
     each = text_relevance_loss(logits, targets.float(), mask, text_config, per_example=True)
-    assert each.shape == (3,) and all(
-        torch.allclose(each[i], text_relevance_loss(logits[i:i + 1], targets[i:i + 1].float(), mask[i:i + 1], text_config))
-        for i in range(3))
+    assert each.shape == (3,) and torch.allclose(each.mean(), text_relevance_loss(logits, targets.float(), mask,
+                                                                                  text_config))
+    assert torch.allclose(text_relevance_loss(logits[1:2], targets[1:2].float(), mask[1:2], text_config,
+                                              per_example=True)[0],
+                          text_relevance_loss(logits[1:2], targets[1:2].float(), mask[1:2], text_config))
+    assert not torch.allclose(each, each.mean())  # samples with more labelled tokens carry more of it
 
 
 def test_vision_entry_trains_on_token_feature_files(tmp_path):
@@ -226,6 +231,21 @@ def test_resume_from_checkpoint_continues_the_run_bitwise(tmp_path):
     assert whole.keys() == again.keys() and all(torch.equal(whole[k], again[k]) for k in whole)
     assert not (resumed / "checkpoint-2").exists() and results["heldout_f1"] >= 0  # steps 3-4 only
     run_training(*parse_args(argv(tmp_path / "whole", "--resume_from_checkpoint", "true")))  # the last: step 4
+
+
+def test_usable_positions_leave_out_robertas_padding_offset_and_resume_false_means_no_resume(tmp_path):
+    """RoBERTa's position ids start after the padding index, so --max_length 512 passed the check and then failed
+    with 'index out of range' (514 positions, pad 1); a recipe's resume_from_checkpoint: false was refused."""
+    from types import SimpleNamespace
+
+    from transformers import BertConfig, RobertaConfig
+
+    from arrcoc_sam.relevance.training import _usable_positions, checkpoint_to_resume
+
+    assert _usable_positions(RobertaConfig(max_position_embeddings=514, pad_token_id=1)) == 512
+    assert _usable_positions(BertConfig(max_position_embeddings=512)) == 512
+    for value in (None, False, "", "false", "False"):
+        assert checkpoint_to_resume(SimpleNamespace(resume_from_checkpoint=value, output_dir=str(tmp_path))) is None
 
 
 @pytest.mark.parametrize(("flags", "message"), [

@@ -85,3 +85,15 @@ def test_ndcg_and_top_k_recall_clamp_k_to_the_number_of_tokens():
     ideal = 1.0 / math.log2(2) + 1.0 / math.log2(3) + 0.5 / math.log2(4) + 0.0 / math.log2(5)
     assert ndcg_at_k(pred, target, k=200) == pytest.approx(dcg / ideal)
     assert top_k_recall(pred, target, k=200) == 1.0
+
+
+def test_a_nan_prediction_makes_every_metric_nan_instead_of_dropping_its_sample():
+    """A NaN row gave NaN Spearman/NDCG for that sample, which the per-sample mean then left out: a partly diverged
+    model read 0.21 Spearman and 0.68 NDCG."""
+    generator = torch.Generator().manual_seed(0)
+    predictions, targets = torch.rand(3, 16, generator=generator), (torch.rand(3, 16, generator=generator) > 0.6).double()
+    predictions[1, 4] = math.nan
+    metrics = relevance_metrics(predictions, targets, k=4)
+    assert all(math.isnan(value) for value in metrics.values()), metrics
+    healthy = relevance_metrics(predictions[[0, 2]], targets[[0, 2]], k=4)
+    assert not any(math.isnan(value) for value in healthy.values())

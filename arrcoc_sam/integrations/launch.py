@@ -119,15 +119,17 @@ def _refusing_flags_taken_from(given: list[str]) -> Iterator[None]:
     original = argparse.ArgumentParser.parse_known_args
     taken = [f"--{name}" for name in given]
 
-    def parse_known_args(parser: argparse.ArgumentParser, *args, **kwargs):
+    def parse_known_args(parser: argparse.ArgumentParser, args=None, namespace=None, *rest, **kwargs):
+        reads_command_line = args is None or list(args) == sys.argv[1:]  # not a parse of a list of its own
         parses_sam_arguments = any(isinstance(kind, type) and issubclass(kind, SAMArguments)
                                    for kind in getattr(parser, "dataclass_types", ()))
         clashes = [flag for flag in taken if flag in parser._option_string_actions]
-        if clashes and not parses_sam_arguments:
+        if clashes and reads_command_line and not parses_sam_arguments:
             parser.error(f"{', '.join(clashes)}: the script defines {'these flags' if len(clashes) > 1 else 'this flag'} "
-                         "itself, but python -m arrcoc_sam.launch took them as its SAM settings, so the script would "
-                         "only see its default; rename the script's flag, or run the script without the launcher")
-        return original(parser, *args, **kwargs)
+                         f"itself, but python -m arrcoc_sam.launch took {'them' if len(clashes) > 1 else 'it'} as its "
+                         "SAM settings, so the script would only see its default; rename the script's flag, or run "
+                         "the script without the launcher")
+        return original(parser, args, namespace, *rest, **kwargs)
 
     argparse.ArgumentParser.parse_known_args = parse_known_args  # type: ignore[method-assign]
     try:

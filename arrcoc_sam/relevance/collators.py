@@ -25,7 +25,7 @@ def encode_token_relevance(
     Each word's label goes to its first word piece; its other pieces, the query and special tokens get
     ``-100``. Words cut by ``max_length`` (the text is truncated, never the query) lose their labels. A word the
     tokenizer deletes (a zero-width space, a soft hyphen, a lone combining mark) is encoded as the unknown token
-    instead, so it keeps its label. Needs a fast tokenizer (``word_ids``/``sequence_ids``).
+    instead, so it keeps its label (with a tokenizer that has no unknown token it loses it, as a cut word does). Needs a fast tokenizer (``word_ids``/``sequence_ids``).
 
     Raises:
         ValueError: ``max_length`` leaves no room for one word piece of the text after the query and special
@@ -37,8 +37,8 @@ def encode_token_relevance(
     if labels is not None and len(labels) != len(tokens):
         raise ValueError(f"labels must have one entry per token: {len(labels)} labels for {len(tokens)} tokens")
     words = query.split()
-    needed = len(tokenizer(words, is_split_into_words=True, add_special_tokens=False)["input_ids"]) + \
-        tokenizer.num_special_tokens_to_add(pair=True) + 1
+    query_pieces = len(tokenizer(words, is_split_into_words=True, add_special_tokens=False)["input_ids"])
+    needed = query_pieces + tokenizer.num_special_tokens_to_add(pair=True) + 1
     if tokens and max_length < needed:
         raise ValueError(f"max_length={max_length} is too short for the query {query!r}: with the special tokens it "
                          f"needs at least {needed} word pieces to keep one of the text's (the query is never cut)")

@@ -268,8 +268,8 @@ attribute combinations that never occur in training ({examples}, ...).
 
 {table}
 
-One run per optimizer (seed {args.seed}): gaps of a few 1e-4 are within the seed-to-seed spread, which this report
-does not measure (rerun with other `--seed` values for that). The validation scenes of the training curves use
+One run per optimizer (seed {args.seed}): this report does not measure the seed-to-seed spread, so a small gap
+in the last column need not hold for another seed (rerun with other `--seed` values to see it). The validation scenes of the training curves use
 attribute combinations seen in training; the held-out scenes of this table do not.
 Top-K recall: fraction of target-mask tokens (target >= 0.5) among the K={args.top_k} most relevant tokens.
 Spearman: per scene, averaged; most target values are tied zeros, which caps it below 1: on these held-out

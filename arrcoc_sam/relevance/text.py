@@ -285,8 +285,8 @@ class TextRelevanceModel(PreTrainedModel):
 def text_relevance_loss(logits: torch.Tensor, labels: torch.Tensor, text_mask: torch.Tensor,
                         config: TextRelevanceConfig, per_example: bool = False) -> torch.Tensor:
     """:meth:`TextRelevanceModel.loss`: a scalar over the batch's tokens with a target; with ``per_example``, each
-    sample's own loss ``[B]`` (its tokens' mean, plus the ranking term over its own pairs; 0 for a sample without
-    targets), what ESAM's data selection ranks."""
+    sample's share of it times B, ``[B]``: its tokens' and pairs' sums over the batch's token and pair counts, so
+    that their mean is the batch loss (what ESAM's data selection ranks, and trains on for the chosen samples)."""
     cfg = config
     valid = text_mask & (labels != -100)
     targets = torch.where(valid, labels.to(logits.dtype), torch.zeros_like(logits))
@@ -297,7 +297,8 @@ def text_relevance_loss(logits: torch.Tensor, labels: torch.Tensor, text_mask: t
         p_t = p * targets + (1.0 - p) * (1.0 - targets)
         weight = weight * (1.0 - p_t).pow(cfg.focal_gamma)
     mask = valid.to(logits.dtype)
-    loss = _total(weight * bce * mask, per_example) / _total(mask, per_example).clamp_min(1.0)
+    samples = logits.shape[0] if per_example else 1
+    loss = _total(weight * bce * mask, per_example) * samples / mask.sum().clamp_min(1.0)
     if cfg.ranking_weight > 0:
         loss = loss + cfg.ranking_weight * pairwise_ranking_loss(logits, targets, valid, per_example)
     return loss
@@ -308,12 +309,13 @@ def pairwise_ranking_loss(scores: torch.Tensor, targets: torch.Tensor, valid: to
     """Mean of ``softplus(-(s_i - s_j))`` over pairs ``(i, j)`` of one sample with ``y_i > y_j``, both valid.
 
     ``scores, targets, valid: [B, N]``; returns 0 when no such pair exists; with ``per_example``, each sample's
-    mean over its own pairs, ``[B]``.
+    share of it times B, ``[B]`` (its pairs' sum over the batch's pair count: their mean is the batch value).
     """
     pairs = (targets.unsqueeze(2) > targets.unsqueeze(1)) & valid.unsqueeze(2) & valid.unsqueeze(1)
     margins = scores.unsqueeze(2) - scores.unsqueeze(1)
-    count = _total(pairs, per_example)
-    return _total(F.softplus(-margins) * pairs.to(scores.dtype), per_example) / count.clamp_min(1).to(scores.dtype)
+    samples = scores.shape[0] if per_example else 1
+    count = pairs.sum().clamp_min(1).to(scores.dtype)
+    return _total(F.softplus(-margins) * pairs.to(scores.dtype), per_example) * samples / count
 
 
 def _total(values: torch.Tensor, per_example: bool) -> torch.Tensor:

@@ -25,7 +25,7 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -424,7 +424,7 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, training_arg
         from arrcoc_sam.relevance.text_metrics import TextRelevanceMetrics
 
         model, tokenizer = _text_model_and_tokenizer(model_args)
-        positions = getattr(model.config.encoder_config, "max_position_embeddings", None)
+        positions = _usable_positions(model.config.encoder_config)
         if positions is not None and data_args.max_length > positions:
             raise ValueError(f"--max_length {data_args.max_length} exceeds the {positions} positions of the backbone "
                              f"({model.config.encoder_config.model_type}); pass --max_length <= {positions}")
@@ -492,9 +492,23 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, training_
     return train_and_evaluate(*build_run(model_args, data_args, training_args), model_args)
 
 
-def per_example_loss_fn(model):
-    """``fn(outputs, batch) -> [B]``: the relevance model's own loss per sample, which ESAM's data selection ranks
-    and trains on (its default, cross-entropy on integer labels, does not apply to relevance targets)."""
+# backbones whose position ids start after the padding index (RoBERTa's create_position_ids_from_input_ids)
+_POSITIONS_AFTER_PADDING = ("roberta", "xlm-roberta", "camembert", "data2vec-text", "xmod", "roberta-prelayernorm",
+                            "mpnet")
+
+
+def _usable_positions(encoder_config) -> int | None:
+    """How many tokens the backbone's position embeddings take (None if it has none)."""
+    positions = getattr(encoder_config, "max_position_embeddings", None)
+    if positions is not None and encoder_config.model_type in _POSITIONS_AFTER_PADDING:
+        positions -= (encoder_config.pad_token_id or 0) + 1
+    return positions
+
+
+def per_example_loss_fn(model: Any) -> Callable[[Any, Any], Any]:
+    """``fn(outputs, batch) -> [B]``: the relevance model's own loss split over its samples (their mean is the batch
+    loss), which ESAM's data selection ranks and trains on (its default, cross-entropy on integer labels, does not
+    apply to relevance targets)."""
     from arrcoc_sam.relevance.text import TextRelevanceConfig, text_relevance_loss
     from arrcoc_sam.relevance.vision import relevance_loss
 
@@ -511,13 +525,13 @@ def per_example_loss_fn(model):
     return vision_losses
 
 
-def checkpoint_to_resume(training_args) -> str | None:
+def checkpoint_to_resume(training_args: Any) -> str | None:
     """The checkpoint folder ``--resume_from_checkpoint`` names: a ``checkpoint-N`` folder, or ``true`` for the last
     one in ``--output_dir``; None without the flag. ValueError naming the flag where there is no such folder."""
     from transformers.trainer_utils import get_last_checkpoint
 
     value = training_args.resume_from_checkpoint
-    if value is None or value is False or (isinstance(value, str) and not value.strip()):
+    if value is None or value is False or (isinstance(value, str) and value.strip().lower() in ("", "false")):
         return None
     if value is True or (isinstance(value, str) and value.strip().lower() == "true"):
         output_dir = training_args.output_dir

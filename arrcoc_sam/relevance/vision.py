@@ -234,8 +234,8 @@ def pairwise_ranking_loss(relevance: torch.Tensor, targets: torch.Tensor, num_pa
     """Logistic pairwise ranking loss over fixed token pairs (i, i + offset mod N), per sample.
 
     For each pair with |t_i - t_j| > margin: softplus(-scale * sign(t_i - t_j) * (r_i - r_j)), averaged over
-    the valid pairs of the batch (0 when there are none); with ``per_example``, over each sample's own valid
-    pairs, ``[B]``. Offsets 1 + k*N // num_pairs (k < num_pairs) mix neighbouring and distant tokens; the loss
+    the valid pairs of the batch (0 when there are none); with ``per_example``, each sample's share of that times
+    B, ``[B]`` (its pairs' sum over the batch's valid pairs: their mean is the batch value). Offsets 1 + k*N // num_pairs (k < num_pairs) mix neighbouring and distant tokens; the loss
     is deterministic. Cost O(B * N * num_pairs).
     """
     n = relevance.shape[1]
@@ -247,7 +247,7 @@ def pairwise_ranking_loss(relevance: torch.Tensor, targets: torch.Tensor, num_pa
     valid = (target_gap.abs() > margin).to(relevance.dtype)
     losses = F.softplus(-scale * torch.sign(target_gap) * score_gap) * valid
     if per_example:
-        return losses.sum(dim=(1, 2)) / valid.sum(dim=(1, 2)).clamp_min(1.0)
+        return losses.sum(dim=(1, 2)) * relevance.shape[0] / valid.sum().clamp_min(1.0)
     return losses.sum() / valid.sum().clamp_min(1.0)
 
 
@@ -255,8 +255,9 @@ def relevance_loss(relevance: torch.Tensor, labels: torch.Tensor, config: ArrCoc
                    per_example: bool = False) -> torch.Tensor:
     """MSE(relevance, labels) + config.ranking_weight * pairwise ranking loss. Both [B, N] (labels may be [B, G, G]).
 
-    A scalar over the batch; with ``per_example``, each sample's own loss ``[B]`` (what ESAM's data selection
-    ranks; the batch loss is their mean when the ranking term is off)."""
+    A scalar over the batch; with ``per_example``, ``[B]`` values whose mean is the batch loss: each sample's MSE
+    plus its share of the ranking term times B (what ESAM's data selection ranks, and trains on for the chosen
+    samples)."""
     targets = labels.reshape(relevance.shape[0], -1).to(relevance.dtype)
     if targets.shape != relevance.shape:
         raise ValueError(f"labels must hold {relevance.shape[1]} values per sample, got shape {tuple(labels.shape)}")

@@ -1,7 +1,9 @@
 """Evaluation metrics for relevance maps: MSE, per-sample Spearman, top-K recall of the target mask, NDCG@K.
 
-All take predictions and targets shaped [B, N] (numpy or torch) and average per sample; `make_compute_metrics`
-wraps them as a `Trainer` `compute_metrics` callable. The rank statistics come from
+All take predictions and targets shaped [B, N] (numpy or torch) and average per sample (leaving out samples
+whose statistic is undefined: a constant map, an empty mask); a NaN prediction anywhere makes every metric NaN
+(a diverged model, not a sample to leave out). `make_compute_metrics` wraps them as a `Trainer`
+`compute_metrics` callable. The rank statistics come from
 `arrcoc_sam.relevance.rank_metrics`.
 """
 
@@ -31,6 +33,11 @@ def _pair(predictions: ArrayLike, targets: ArrayLike) -> tuple[torch.Tensor, tor
     return pred, target
 
 
+def _per_sample_mean(values: torch.Tensor, predictions: torch.Tensor) -> float:
+    """The mean of per-sample ``values`` over the samples where they are defined; NaN if a prediction is NaN."""
+    return float("nan") if bool(predictions.isnan().any()) else _nanmean(values)
+
+
 def _nanmean(values: torch.Tensor) -> float:
     return float(values.nanmean()) if (~values.isnan()).any() else float("nan")
 
@@ -44,7 +51,8 @@ def relevance_mse(predictions: ArrayLike, targets: ArrayLike) -> float:
 def spearman_per_sample(predictions: ArrayLike, targets: ArrayLike) -> float:
     """Spearman rank correlation (average ranks for ties) of each sample, averaged over samples whose
     predictions and targets both vary (NaN when none does)."""
-    return _nanmean(rank_metrics.spearman(*_pair(predictions, targets)))
+    pred, target = _pair(predictions, targets)
+    return _per_sample_mean(rank_metrics.spearman(pred, target), pred)
 
 
 def top_k_recall(predictions: ArrayLike, targets: ArrayLike, k: int = 200, threshold: float = 0.5) -> float:
@@ -58,7 +66,7 @@ def top_k_recall(predictions: ArrayLike, targets: ArrayLike, k: int = 200, thres
     top = rank_metrics.top_k_indices(pred, min(k, pred.shape[1]))
     hits = mask.gather(1, top).sum(dim=1).double()
     sizes = mask.sum(dim=1).double()
-    return _nanmean(torch.where(sizes > 0, hits / sizes.clamp_min(1), torch.full_like(sizes, float("nan"))))
+    return _per_sample_mean(torch.where(sizes > 0, hits / sizes.clamp_min(1), torch.full_like(sizes, float("nan"))), pred)
 
 
 def ndcg_at_k(predictions: ArrayLike, targets: ArrayLike, k: int = 200) -> float:
@@ -67,7 +75,7 @@ def ndcg_at_k(predictions: ArrayLike, targets: ArrayLike, k: int = 200) -> float
     pred, target = _pair(predictions, targets)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    return _nanmean(rank_metrics.ndcg_at_k(pred, target, min(k, pred.shape[1])))
+    return _per_sample_mean(rank_metrics.ndcg_at_k(pred, target, min(k, pred.shape[1])), pred)
 
 
 def relevance_metrics(predictions: ArrayLike, targets: ArrayLike, k: int = 200, threshold: float = 0.5) -> dict:
