@@ -344,3 +344,39 @@ def test_grayscale_palette_and_alpha_images_load_as_three_channel_rgb(tmp_path, 
     expected = np.asarray(Image.open(tmp_path / "a.png").convert("RGB")).transpose(2, 0, 1)
     assert pixels.shape == (3, 4, 4) and pixels.dtype == np.uint8
     np.testing.assert_array_equal(pixels, expected)
+
+
+def _image_row(name: str) -> dict:
+    return {"query": "red circle", "image": name, "relevance": [0.0, 1.0, 0.5, 0.25]}
+
+
+def test_sixteen_bit_images_scale_to_eight_bits_and_exif_orientation_is_applied(tmp_path):
+    """A 16-bit PNG loaded as all 255 (convert('RGB') clips); a JPEG's EXIF rotation was ignored, so labels drawn on
+    the image as shown landed on rotated cells."""
+    from PIL import Image
+
+    values = np.arange(64, dtype=np.uint16).reshape(8, 8) * 4
+    Image.fromarray((values * 257).astype(np.uint16)).save(tmp_path / "deep.png")
+    wide = np.zeros((4, 8, 3), dtype=np.uint8)
+    wide[:, :4] = 255  # stored 4 high x 8 wide, left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to show
+    Image.fromarray(wide).save(tmp_path / "turned.png", exif=exif)
+    data = load_relevance_files({"train": write_jsonl(tmp_path / "v.jsonl", [_image_row("deep.png")])}, kind="vision",
+                                query_embedder="hash")["train"]
+    np.testing.assert_array_equal(data[0]["pixel_values"][0], values)
+    turned = read_relevance_file(write_jsonl(tmp_path / "t.jsonl", [_image_row("turned.png")]), "vision")[0]
+    assert turned["pixel_values"].shape == (3, 8, 4)  # shown 8 high x 4 wide, the white half on top
+    assert (turned["pixel_values"][:, :4] == 255).all() and (turned["pixel_values"][:, 4:] == 0).all()
+
+
+@pytest.mark.parametrize("query", ["\u200b", " \u00ad "])
+def test_a_query_with_nothing_to_embed_is_refused_naming_the_file_instead_of_a_nan_embedding(tmp_path, query):
+    """MiniLM deletes these characters, and the mean over no word piece was an all-NaN embedding (every metric NaN)."""
+    from arrcoc_sam.relevance.scenes import HashQueryEmbedder
+
+    path = write_jsonl(tmp_path / "v.jsonl", [vision_row(), {**vision_row(), "query": query}])
+    with pytest.raises(ValueError, match=r"v\.jsonl: query number 2 .* has no word to embed"):
+        load_relevance_files({"train": path}, kind="vision", query_embedder="minilm")
+    with pytest.raises(ValueError, match="query number 1 .* has no word to embed"):
+        HashQueryEmbedder()([" "])

@@ -193,3 +193,11 @@ def test_objects_lie_wholly_inside_the_image():
     smallest = np.pi * (SIZES["large"][0] * 32) ** 2
     areas = [_object_mask(SceneObject("red", "circle", "large"), rng, 32).sum() for _ in range(200)]
     assert min(areas) >= 0.9 * smallest, min(areas)
+
+
+def test_float_pixels_on_a_0_to_255_scale_are_refused_instead_of_clamped_to_white():
+    row = {"pixel_values": np.full((3, 8, 8), 200.0, dtype=np.float32), "query_embedding": np.zeros(4, dtype=np.float32),
+           "labels": np.zeros(4, dtype=np.float32)}
+    with pytest.raises(ValueError, match="float pixel_values must lie in \\[0, 1\\], got a maximum of 200"):
+        SceneCollator()([row])
+    assert SceneCollator()([{**row, "pixel_values": row["pixel_values"] / 255}])["pixel_values"].max() <= 1

@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModel
@@ -124,6 +125,21 @@ def test_relevance_losses_per_example_split_the_batch_loss_and_rank_a_single_sam
                                               per_example=True)[0],
                           text_relevance_loss(logits[1:2], targets[1:2].float(), mask[1:2], text_config))
     assert not torch.allclose(each, each.mean())  # samples with more labelled tokens carry more of it
+
+
+def test_images_smaller_than_the_grid_of_their_relevance_maps_fail_before_training_naming_the_file(tmp_path, capsys):
+    """8 x 8 images with 1024-token maps (G = 32) died at the first forward inside texture_array, without the file."""
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "small.png")
+    rows = [{"query": "red circle", "image": "small.png", "relevance": [0.0] * 1024}] * 2
+    (tmp_path / "small.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model_kind", "vision", "--data_source", "files", "--train_file", str(tmp_path / "small.jsonl"),
+              "--query_embedder", "hash", "--max_steps", "1", *COMMON, "--output_dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert f"--train_file {tmp_path / 'small.jsonl'}: images of 8 x 8 pixels are smaller than the 32 x 32 grid" in \
+        capsys.readouterr().err
 
 
 def test_vision_entry_trains_on_token_feature_files(tmp_path):

@@ -194,15 +194,31 @@ def _text_row(check: _RowChecker) -> dict[str, Any]:
 
 
 def _load_image(check: _RowChecker, base: Path) -> np.ndarray:
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     path = base / check.string("image")
     try:
         with Image.open(path) as image:
-            pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
+            image = ImageOps.exif_transpose(image)  # as a viewer shows it, where its labels were drawn
+            pixels = _rgb8(image)
     except (OSError, ValueError) as err:
         raise check.fail("image", f"cannot read image {str(path)!r} ({err})") from err
     return pixels.transpose(2, 0, 1)
+
+
+def _rgb8(image) -> np.ndarray:
+    """``[H, W, 3]`` uint8 of a PIL image. Alpha is dropped (transparent pixels keep their stored colour).
+    16-bit images are scaled to 8 bits (``convert("RGB")`` would clip them at 255, a white image); other
+    integer or float modes of unknown range are refused (ValueError)."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image, dtype=np.int64)
+        if values.min() < 0 or values.max() > 65535:
+            raise ValueError(f"mode {image.mode} pixels span {values.min()}..{values.max()}, outside 16-bit 0..65535")
+        gray = np.round(values / 257.0).astype(np.uint8) if image.mode != "I" or values.max() > 255 else values.astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=-1)
+    if image.mode == "F":
+        raise ValueError("mode F (32-bit float) images have no fixed range: save 8- or 16-bit images")
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
 def _vision_row(check: _RowChecker, base: Path, sizes: dict[str, Any]) -> dict[str, Any]:
@@ -285,7 +301,10 @@ def load_relevance_files(
     for split, examples in read.items():
         if kind == "vision" and "query_embedding" not in examples[0]:
             embedder = embedder or _resolve_embedder(query_embedder)
-            embeddings = np.asarray(embedder([example["query"] for example in examples]), dtype=np.float32)
+            try:
+                embeddings = np.asarray(embedder([example["query"] for example in examples]), dtype=np.float32)
+            except ValueError as error:  # a query with nothing to embed
+                raise ValueError(f"{files[split]}: {error}") from error
             for example, embedding in zip(examples, embeddings):
                 example["query_embedding"] = embedding
         dataset = Dataset.from_list(examples)

@@ -96,16 +96,23 @@ def _position_channels(grid_size: int, batch: int, like: torch.Tensor) -> torch.
 def texture_array(images: torch.Tensor, grid_size: int = 32, normalize: bool = True) -> torch.Tensor:
     """The 13-channel texture array of sRGB images.
 
+    Cells pool pixels with ``adaptive_avg_pool2d``: an exact area mean when H and W are multiples of G; otherwise
+    neighbouring cells' windows overlap by up to a pixel, so a boundary pixel counts in both (labels computed by
+    exact area fractions then differ slightly at cell borders). float16/bfloat16 images are computed in float32
+    (bfloat16 alone is off by up to 0.26 standard units after normalisation) and returned in their own dtype.
+
     Args:
-        images: [B, 3, H, W] float in [0, 1], H and W >= grid_size.
+        images: [B, 3, H, W] float in [0, 1] (values outside are clamped), H and W >= grid_size.
         grid_size: G, cells per side (G*G tokens).
         normalize: standardise each channel per sample (`normalize_per_sample`).
     Returns:
-        [B, 13, G, G], channels ordered as `TEXTURE_CHANNELS`.
+        [B, 13, G, G], channels ordered as `TEXTURE_CHANNELS`, in the images' dtype.
     """
     _check_images(images)
     if grid_size < 1 or min(images.shape[-2:]) < grid_size:
         raise ValueError(f"grid_size must be in [1, min(H, W)={min(images.shape[-2:])}], got {grid_size}")
+    if images.dtype in (torch.float16, torch.bfloat16):
+        return texture_array(images.float(), grid_size, normalize).to(images.dtype)
     rgb = images.clamp(0.0, 1.0)
     lab = rgb_to_lab(rgb)
     luma = torch.tensor(_LUMA_709, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)

@@ -449,6 +449,11 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, training_arg
         source = "the scenes" if scenes else f"--train_file {data_args.train_file}"
         # a start model's grid does not bind: token features carry their own N, and the weights do not depend on G
         grid = _data_grid_size(len(first["labels"]), chosen if binding else None, set_by, source)
+        image_size = tuple(first["pixel_values"].shape[-2:]) if "pixel_values" in first else None
+        if image_size is not None and min(image_size) < grid:
+            height, width = image_size
+            raise ValueError(f"{source}: images of {height} x {width} pixels are smaller than the {grid} x {grid} grid "
+                             f"of their relevance maps (N={grid * grid}): give images of at least {grid} pixels a side")
         if chosen is not None and grid != chosen:
             warnings.warn(f"{set_by} does not fit {source} (N={grid * grid} tokens per sample): the model takes "
                           f"grid_size={grid} from the data", stacklevel=2)
