@@ -384,10 +384,10 @@ def test_optimizer_none_is_stock_training_and_refuses_nothing(tmp_path, override
 
 def test_optimizer_none_says_which_given_knobs_it_ignores(tmp_path):
     """A SAM recipe run as its own baseline (--optimizer none) kept --rho and --sam_args silently."""
-    with pytest.warns(UserWarning, match="--optimizer none runs stock training: ignoring alpha, rho"):
+    with pytest.warns(UserWarning, match="--optimizer none runs stock training: ignoring --rho, sam_args alpha"):
         args = SAMTrainingArguments(**trainer_kwargs(str(tmp_path), optimizer="none", rho=0.1, sam_args="alpha=0.5"))
     assert not args.sam_settings().enabled
-    with pytest.warns(UserWarning, match="ignoring sam_scope, sam_statistics"):
+    with pytest.warns(UserWarning, match="ignoring --sam_scope, --sam_statistics"):
         SAMTrainingArguments(**trainer_kwargs(str(tmp_path), optimizer="none", sam_scope="per_device",
                                               sam_statistics=False)).sam_settings()
     with warnings.catch_warnings():

@@ -267,7 +267,7 @@ def test_usable_positions_leave_out_robertas_padding_offset_and_resume_false_mea
 @pytest.mark.parametrize(("flags", "message"), [
     (["--resume_from_checkpoint", "nowhere"], "--resume_from_checkpoint nowhere: no such checkpoint folder"),
     (["--resume_from_checkpoint", "true"], "--resume_from_checkpoint true: no checkpoint-N folder in --output_dir"),
-    (["--max_length", "3"], "max_length=3 is too short for the query 'person'"),
+    (["--max_length", "3"], "--max_length 3: max_length=3 is too short for the query 'person'"),
     (["--max_length", "600"], "--max_length 600 exceeds the 512 positions of the backbone (bert)"),
 ])
 def test_text_run_settings_that_cannot_work_are_usage_errors_before_training(tmp_path, capsys, flags, message):

@@ -140,8 +140,9 @@ class SAMSettings:
         """ValueError naming the knobs (``sam_args`` keys, ``--rho``, ``--sam_eta``, ``--sam_interval``) the method
         does not take, at parse time instead of when the Trainer builds its optimizer."""
         if not self.enabled:
-            given = sorted(self.extra) + [key for key, _, value in self._flag_knobs() if value is not None]
-            given += ["sam_scope"] * (self.scope != "global") + ["sam_statistics"] * (not self.statistics)
+            given = [f"--{flag}" for _, flag, value in self._flag_knobs() if value is not None]
+            given += ["--sam_scope"] * (self.scope != "global") + ["--sam_statistics"] * (not self.statistics)
+            given += [f"sam_args {key}" for key in sorted(self.extra)]
             if given:  # e.g. a SAM recipe run as its baseline with --optimizer none: allowed, but said
                 warnings.warn(f"--optimizer none runs stock training: ignoring {', '.join(given)}", stacklevel=2)
             return

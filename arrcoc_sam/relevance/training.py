@@ -343,12 +343,17 @@ def build_text_data(data_args: DataArguments, tokenizer) -> dict[str, Any]:
             continue
         limit = data_args.max_train_samples if split == "train" else data_args.max_eval_samples
         dataset = _truncate(dataset, limit)
-        splits[split] = dataset.map(
-            encode_token_relevance_batch,
-            batched=True,
-            fn_kwargs={"tokenizer": tokenizer, "max_length": data_args.max_length},
-            remove_columns=dataset.column_names,
-        )
+        try:
+            splits[split] = dataset.map(
+                encode_token_relevance_batch,
+                batched=True,
+                fn_kwargs={"tokenizer": tokenizer, "max_length": data_args.max_length},
+                remove_columns=dataset.column_names,
+            )
+        except ValueError as error:
+            if str(error).startswith("max_length="):  # too short for a query
+                raise ValueError(f"--max_length {data_args.max_length}: {error}") from error
+            raise
     return splits
 
 
