@@ -51,6 +51,32 @@ def _synchronizer(device: Any) -> Callable[[], None]:
     return torch.cuda.synchronize
 
 
+def run_facts(device: Any = None) -> dict[str, Any]:
+    """What a reader needs to place a figure: the commit (and whether the tree had uncommitted changes), the
+    date, the CPU thread count and the device's name."""
+    import datetime
+    import subprocess
+
+    import torch
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                                  cwd=Path(__file__).parent).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    on_cuda = device is not None and getattr(device, "type", str(device)) == "cuda"
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "uncommitted_changes": None if status is None else bool(status),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu_threads": torch.get_num_threads(),
+        "device_name": torch.cuda.get_device_name(device) if on_cuda else "cpu",
+    }
+
+
 def write_report(out: str | Path, report: Any) -> Path:
     """Write ``report`` to ``out`` as indented JSON, creating its folder; returns the path."""
     path = Path(out)

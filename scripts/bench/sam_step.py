@@ -3,6 +3,8 @@
 (a) one SAM step ÷ (2 forward+backward + 1 base step)                 target ≤ 1.05
     (also without the pass-2 statistics, ``track_stats=False``, for comparison)
 (b) perturb+restore, foreach path ÷ a per-parameter-loop implementation   target ≤ 0.5 (small-tensor model)
+    against two loops: the common one (davda54-style: ``p.data.add_(p.grad * scale)`` with a 0-dim tensor scale)
+    and a lean one (``no_grad``, one host sync for the norm, ``add_(grad, alpha=step)``), the stricter reference
     (also perturb+restore with the pass-2 statistics, with the reductions per tensor, over flattened chunks of
     every tensor, and as the device does by default: the figures behind ``perturbation._flatten_limit``)
 (c) extra peak memory of a SAM step over a base step, in trainable-parameter bytes   target ≤ 1.0,
@@ -27,7 +29,7 @@ import statistics
 import time
 
 import torch
-from _report import write_report  # scripts/bench is on sys.path
+from _report import run_facts, write_report  # scripts/bench is on sys.path
 from torch.distributed._tools.mem_tracker import MemTracker
 from transformers import BertConfig, BertForTokenClassification
 
@@ -93,11 +95,29 @@ def loop_restore(params: list[torch.Tensor], backup: list[torch.Tensor]) -> None
         p.data.copy_(b)
 
 
+@torch.no_grad()
+def lean_loop_perturb(params: list[torch.Tensor], rho: float) -> list[torch.Tensor]:
+    """The same math with the least per-tensor work a loop needs: one host sync for the global norm (as the
+    foreach path has), then a clone and an ``add_`` with a Python scalar per tensor."""
+    step = rho / float(torch.stack([p.grad.norm(2) for p in params]).norm(2))
+    backup = [p.clone() for p in params]
+    for p in params:
+        p.add_(p.grad, alpha=step)
+    return backup
+
+
+@torch.no_grad()
+def lean_loop_restore(params: list[torch.Tensor], backup: list[torch.Tensor]) -> None:
+    for p, b in zip(params, backup):
+        p.copy_(b)
+
+
 def time_rounds(fns: dict[str, callable], repeats: int, device: torch.device) -> dict[str, list[float]]:
-    """Seconds of each function in each of ``repeats`` interleaved rounds."""
+    """Seconds of each function in each of ``repeats`` interleaved rounds, every other round in reverse order
+    (so a function's place in the round, e.g. just after another's allocations, favours none of them)."""
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    for round_index in range(repeats):
+        for name, fn in (reversed(fns.items()) if round_index % 2 else fns.items()):
             sync(device)
             start = time.perf_counter()
             fn()
@@ -192,6 +212,9 @@ def bench_model(name: str, device: torch.device, batch_size: int, seq_len: int, 
     def loop_perturb_restore():
         loop_restore(params, loop_perturb(params, 0.05))
 
+    def lean_loop_perturb_restore():
+        lean_loop_restore(params, lean_loop_perturb(params, 0.05))
+
     for _ in range(2):
         baseline_step()
         sam_step()
@@ -208,6 +231,7 @@ def bench_model(name: str, device: torch.device, batch_size: int, seq_len: int, 
         "stats_per_tensor": with_flatten_limit(0),
         "stats_flat": with_flatten_limit(math.inf),
         "loop": loop_perturb_restore,
+        "lean_loop": lean_loop_perturb_restore,
     }
     # perturb+restore takes ~1 ms on the small model: as many rounds as fit in ~5 s, for a stable median
     round_seconds = medians(time_rounds({"loop": loop_perturb_restore}, 3, device))["loop"] * len(pr_fns)
@@ -251,6 +275,9 @@ def bench_model(name: str, device: torch.device, batch_size: int, seq_len: int, 
         "perturb_restore_foreach_s": pr_times["foreach"],
         "perturb_restore_loop_s": pr_times["loop"],
         "ratio_foreach_over_loop": paired_ratio(pr_rounds, "foreach", "loop"),
+        "perturb_restore_lean_loop_s": pr_times["lean_loop"],
+        "ratio_foreach_over_lean_loop": paired_ratio(pr_rounds, "foreach", "lean_loop"),
+        "step_rounds": repeats,
         "ratio_foreach_over_loop_of_medians": pr_times["foreach"] / pr_times["loop"],
         "perturb_restore_foreach_with_stats_s": pr_times["foreach_stats"],
         "flatten_limit_by_default": perturbation._flatten_limit(device),
@@ -279,24 +306,30 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--profile-ops", action="store_true",
                         help="also print torch.profiler's per-op table of perturb + restore (with statistics)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads (1: no oversubscription on shared cores; the JSON records it)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     results = [bench_model(name, device, args.batch_size, args.seq_len, args.repeats, args.profile_ops)
                for name in args.models]
     header = (f"{'model':<12}{'tensors':>8}{'params':>11}{'SAM/(2fb+step)':>16}{'no stats':>10}{'foreach/loop':>14}"
+              f"{'/lean loop':>11}"
               f"{'peak+ (×P)':>12}{'kept+ (×P)':>12}{'p+r+stats ms: default / per-tensor / flat':>44}")
     print(header)
     for r in results:
         print(
             f"{r['model']:<12}{r['num_param_tensors']:>8}{r['num_params']:>11,}{r['ratio_sam_over_baseline']:>16.3f}"
             f"{r['ratio_sam_without_statistics_over_baseline']:>10.3f}"
-            f"{r['ratio_foreach_over_loop']:>14.3f}{r['extra_peak_memory_in_param_bytes']:>12.3f}"
+            f"{r['ratio_foreach_over_loop']:>14.3f}{r['ratio_foreach_over_lean_loop']:>11.3f}"
+            f"{r['extra_peak_memory_in_param_bytes']:>12.3f}"
             f"{r['extra_kept_memory_in_param_bytes']:>12.3f}"
             f"{r['perturb_restore_foreach_with_stats_s'] * 1e3:>28.2f} / "
             f"{r['perturb_restore_with_stats_per_tensor_reductions_s'] * 1e3:.2f} / "
             f"{r['perturb_restore_with_stats_flat_reductions_s'] * 1e3:.2f}"
         )
-    print(f"wrote {write_report(args.out, {'torch': torch.__version__, 'results': results})}")
+    report = {"torch": torch.__version__, "settings": vars(args), "run": run_facts(device), "results": results}
+    print(f"wrote {write_report(args.out, report)}")
 
 
 if __name__ == "__main__":
