@@ -116,6 +116,28 @@ def test_accelerate_save_state_round_trips_the_variant_state(tmp_path):
         assert torch.equal(loaded["buffers"]["direction"][index], tensor)
 
 
+def test_load_state_before_the_helper_is_built_is_refused_instead_of_dropping_the_variant_state(tmp_path):
+    """prepare -> load_state -> AcceleratedSAM lost LookSAM's counter and direction silently (torch ignores the
+    entry no wrapper is there to read), and the checkpoint's rho passed for the run's own per-group setting."""
+    batches = make_batches(3)
+    accelerator = Accelerator(cpu=True)
+    model = make_mlp()
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM))
+    sam = AcceleratedSAM(accelerator, model, optimizer, method="looksam", rho=RHO, interval=3, alpha=0.5)
+    for batch in batches:
+        sam.backward(mse, batch)
+        optimizer.step()
+        optimizer.zero_grad()
+    accelerator.save_state(str(tmp_path / "ckpt"))
+
+    accelerator = Accelerator(cpu=True)
+    model = make_mlp()
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM))
+    accelerator.load_state(str(tmp_path / "ckpt"))
+    with pytest.raises(ValueError, match="accelerator.load_state ran before AcceleratedSAM was built"):
+        AcceleratedSAM(accelerator, model, optimizer, method="looksam", rho=0.4, interval=3, alpha=0.5)
+
+
 def failing_mse(fail_on_call: int, error: type[BaseException] = RuntimeError):
     """``mse`` that raises ``error("boom")`` on its ``fail_on_call``-th call (1-based), after the forward pass."""
     calls = [0]

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from arrcoc_sam.curvature._data import shifts_labels
 from arrcoc_sam.integrations._settings import SAMSettings, check_launched_processes_join, check_run_compatible
 from arrcoc_sam.integrations._window import ExampleLosses, SAMWindow, shallow_copy, uses_static_graph
+from arrcoc_sam.sam.optimizer import was_wrapped
 from arrcoc_sam.sam.sharding import check_model_supported, is_sharded
 from arrcoc_sam.sam.variants.esam import per_example_loss
 
@@ -110,6 +111,7 @@ class AcceleratedSAM:
         self.accelerator = accelerator
         self.model = model
         base = getattr(optimizer, "optimizer", optimizer)
+        _check_not_loaded_before(base)
         # the loop loads the base optimizer (accelerator.load_state), whose load hooks the wrapper owns: as in
         # SAMTrainer, the settings this run was started with win over a checkpoint's, with a warning
         self.sam_optimizer = settings.build(base).keep_settings_on_load()
@@ -193,3 +195,18 @@ def _check_prepared(accelerator: Any, model: nn.Module, optimizer: torch.optim.O
             "the optimizer updates none of the model's parameters: build it over model.parameters() of the model "
             "passed to AcceleratedSAM (after accelerator.prepare, pass the prepared pair)"
         )
+
+
+def _check_not_loaded_before(base: torch.optim.Optimizer) -> None:
+    """Refuse a base optimizer into which a sharpness-aware checkpoint was loaded before any wrapper held it (every
+    group carries ρ, adaptive and η, and no wrapper wrote them): ``accelerator.load_state`` ran before the helper
+    was built, so torch dropped the method's own state (step counters, LookSAM's direction, Friendly-SAM's
+    average) and the checkpoint's ρ would pass for this run's own per-group setting."""
+    if was_wrapped(base):
+        return
+    if base.param_groups and all({"rho", "adaptive", "eta"} <= group.keys() for group in base.param_groups):
+        raise ValueError(
+            "the optimizer already holds a sharpness-aware checkpoint's settings (rho, adaptive, eta in every param "
+            "group) although no AcceleratedSAM wrapped it: accelerator.load_state ran before AcceleratedSAM was "
+            "built, so the method's own state in that checkpoint was dropped; build AcceleratedSAM(...) first, then "
+            "call accelerator.load_state(...)")

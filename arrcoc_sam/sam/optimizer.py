@@ -951,6 +951,11 @@ def _undo_earlier_wrapper(base: Optimizer) -> None:
                 group.pop(key, None)
 
 
+def was_wrapped(base: Optimizer) -> bool:
+    """Whether a SAM wrapper has held ``base`` (it leaves a record on the instance, see :class:`_Wrapping`)."""
+    return base.__dict__.get(_WRAPPING_ATTR) is not None
+
+
 def snapshot_wrapping(base: Optimizer) -> Callable[[], None]:
     """A function that puts ``base`` back as it is now: its groups' entries, the wrapper record and the hooks of
     the wrapper that holds it. For a new wrapper that is refused (during or after its construction): the
