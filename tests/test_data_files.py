@@ -365,6 +365,9 @@ def test_sixteen_bit_images_scale_to_eight_bits_and_exif_orientation_is_applied(
     data = load_relevance_files({"train": write_jsonl(tmp_path / "v.jsonl", [_image_row("deep.png")])}, kind="vision",
                                 query_embedder="hash")["train"]
     np.testing.assert_array_equal(data[0]["pixel_values"][0], values)
+    Image.fromarray((values * 257).astype(np.int32)).save(tmp_path / "deep_i.tif")  # mode I: also 16-bit, scaled
+    deep_i = read_relevance_file(write_jsonl(tmp_path / "i.jsonl", [_image_row("deep_i.tif")]), "vision")[0]
+    np.testing.assert_array_equal(deep_i["pixel_values"][0], values)
     turned = read_relevance_file(write_jsonl(tmp_path / "t.jsonl", [_image_row("turned.png")]), "vision")[0]
     assert turned["pixel_values"].shape == (3, 8, 4)  # shown 8 high x 4 wide, the white half on top
     assert (turned["pixel_values"][:, :4] == 255).all() and (turned["pixel_values"][:, 4:] == 0).all()

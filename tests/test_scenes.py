@@ -201,3 +201,5 @@ def test_float_pixels_on_a_0_to_255_scale_are_refused_instead_of_clamped_to_whit
     with pytest.raises(ValueError, match="float pixel_values must lie in \\[0, 1\\], got a maximum of 200"):
         SceneCollator()([row])
     assert SceneCollator()([{**row, "pixel_values": row["pixel_values"] / 255}])["pixel_values"].max() <= 1
+    overshoot = np.full((3, 8, 8), 1.05, dtype=np.float32)  # a resize's overshoot above 1 is the model's to clamp
+    assert SceneCollator()([{**row, "pixel_values": overshoot}])["pixel_values"].max() == pytest.approx(1.05)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 import types
@@ -136,6 +137,14 @@ def test_load_state_before_the_helper_is_built_is_refused_instead_of_dropping_th
     accelerator.load_state(str(tmp_path / "ckpt"))
     with pytest.raises(ValueError, match="accelerator.load_state ran before AcceleratedSAM was built"):
         AcceleratedSAM(accelerator, model, optimizer, method="looksam", rho=0.4, interval=3, alpha=0.5)
+    # a fresh optimizer whose every group carries the user's own rho/adaptive/eta is not a loaded checkpoint
+    accelerator = Accelerator(cpu=True)
+    model = make_mlp()
+    groups = [{"params": [p], "rho": rho, "adaptive": False, "eta": 0.01}
+              for p, rho in zip(model.parameters(), itertools.cycle([RHO, 0.0]))]
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(groups, lr=LR, momentum=MOMENTUM))
+    sam = AcceleratedSAM(accelerator, model, optimizer, method="sam")
+    assert [group["rho"] for group in sam.sam_optimizer.param_groups][:2] == [RHO, 0.0]
 
 
 def failing_mse(fail_on_call: int, error: type[BaseException] = RuntimeError):

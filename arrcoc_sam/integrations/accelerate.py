@@ -198,13 +198,14 @@ def _check_prepared(accelerator: Any, model: nn.Module, optimizer: torch.optim.O
 
 
 def _check_not_loaded_before(base: torch.optim.Optimizer) -> None:
-    """Refuse a base optimizer into which a sharpness-aware checkpoint was loaded before any wrapper held it (every
-    group carries ρ, adaptive and η, and no wrapper wrote them): ``accelerator.load_state`` ran before the helper
+    """Refuse a base optimizer into which a sharpness-aware checkpoint was loaded before any wrapper held it (it holds
+    state, every group carries ρ, adaptive and η, and no wrapper wrote them): ``accelerator.load_state`` ran before the helper
     was built, so torch dropped the method's own state (step counters, LookSAM's direction, Friendly-SAM's
     average) and the checkpoint's ρ would pass for this run's own per-group setting."""
     if was_wrapped(base):
         return
-    if base.param_groups and all({"rho", "adaptive", "eta"} <= group.keys() for group in base.param_groups):
+    loaded = bool(base.state)  # a fresh optimizer whose groups carry the user's own ρ/adaptive/η holds no state yet
+    if loaded and base.param_groups and all({"rho", "adaptive", "eta"} <= group.keys() for group in base.param_groups):
         raise ValueError(
             "the optimizer already holds a sharpness-aware checkpoint's settings (rho, adaptive, eta in every param "
             "group) although no AcceleratedSAM wrapped it: accelerator.load_state ran before AcceleratedSAM was "

@@ -208,13 +208,14 @@ def _load_image(check: _RowChecker, base: Path) -> np.ndarray:
 
 def _rgb8(image) -> np.ndarray:
     """``[H, W, 3]`` uint8 of a PIL image. Alpha is dropped (transparent pixels keep their stored colour).
-    16-bit images are scaled to 8 bits (``convert("RGB")`` would clip them at 255, a white image); other
-    integer or float modes of unknown range are refused (ValueError)."""
+    16-bit images (modes I;16*, and I, as which older Pillow opens 16-bit files) are scaled to 8 bits
+    (``convert("RGB")`` would clip them at 255, a white image), whatever their own maximum, so that one dataset's
+    images share one scale; values outside 0..65535 and float images (mode F) are refused (ValueError)."""
     if image.mode.startswith("I;16") or image.mode == "I":
         values = np.asarray(image, dtype=np.int64)
         if values.min() < 0 or values.max() > 65535:
             raise ValueError(f"mode {image.mode} pixels span {values.min()}..{values.max()}, outside 16-bit 0..65535")
-        gray = np.round(values / 257.0).astype(np.uint8) if image.mode != "I" or values.max() > 255 else values.astype(np.uint8)
+        gray = np.round(values / 257.0).astype(np.uint8)
         return np.repeat(gray[..., None], 3, axis=-1)
     if image.mode == "F":
         raise ValueError("mode F (32-bit float) images have no fixed range: save 8- or 16-bit images")

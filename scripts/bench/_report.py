@@ -67,7 +67,7 @@ def run_facts(device: Any = None) -> dict[str, Any]:
             return None
 
     on_cuda = device is not None and getattr(device, "type", str(device)) == "cuda"
-    status = git("status", "--porcelain", "--untracked-files=no")
+    status = git("status", "--porcelain")
     return {
         "commit": git("rev-parse", "HEAD"),
         "uncommitted_changes": None if status is None else bool(status),
