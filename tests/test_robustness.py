@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -331,3 +332,23 @@ def test_random_weight_draws_are_filter_normalised():
         rows = weight.reshape(weight.shape[0], -1) if weight.ndim >= 2 else weight.reshape(1, -1)
         delta = (draws[name] - weight).reshape(4, *rows.shape)
         torch.testing.assert_close(delta.norm(dim=-1), 0.3 * rows.norm(dim=-1).expand(4, -1), rtol=1e-10, atol=0)
+
+
+class PartlyDivergedRelevance(TinyRelevance):
+    """TinyRelevance whose first sample of every batch scores NaN (a diverged model, seen on some inputs)."""
+
+    def compute_relevance(self, token_features: torch.Tensor, query_embedding: torch.Tensor) -> torch.Tensor:
+        relevance = super().compute_relevance(token_features, query_embedding).clone()
+        relevance[0, 0] = math.nan
+        return relevance
+
+
+def test_samples_with_a_non_finite_clean_relevance_are_counted_said_and_left_out_of_every_statistic():
+    """Their top-K Jaccard (NaN sorts first, so the sets still overlap) entered the means as if they were healthy."""
+    with pytest.warns(UserWarning, match="1 of 4 samples have a non-finite clean relevance"):
+        report = RelevanceRobustness(levels=(0.1,), k=8, num_draws=2, perturbations=("feature_noise",)).evaluate(
+            _model(PartlyDivergedRelevance), _batch(4))
+    assert report["non_finite_samples"] == 1 and "non-finite clean relevance" in report["summary"][0]
+    levels = report["perturbations"]["feature_noise"]["levels"]["0.1"]
+    assert {metric: summary["n"] for metric, summary in levels.items()} == dict.fromkeys(levels, 3)
+    assert report["clean"]["task_metric"]["n"] == 3

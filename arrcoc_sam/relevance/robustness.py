@@ -217,7 +217,7 @@ class RelevanceRobustness:
         skipped: dict[str, str] = {}
         clean_task: list[Tensor] = []
         weight_draws: dict[float, dict[str, Tensor]] = {}
-        offset = 0
+        offset = non_finite = 0
         labelled = {batch.get("labels") is not None for batch in batches}
         if len(labelled) > 1:
             raise ValueError("some batches have 'labels' and others do not: give targets for all samples or none")
@@ -225,9 +225,12 @@ class RelevanceRobustness:
             features, query, images, target = self._unpack(model, batch)
             with torch.no_grad():
                 clean = model.compute_relevance(features, query)
+            undefined = (~torch.isfinite(clean)).any(dim=-1)  # [B]: no statistic of these samples means anything
+            non_finite += int(undefined.sum())
             k = min(self.k, clean.shape[-1])
             if target is not None:
-                clean_task.append(self._task(clean, target, k))
+                task = self._task(clean, target, k)
+                clean_task.append(task.masked_fill(undefined.to(task.device), math.nan))
             for name in self.perturbations:
                 reason = self._skip_reason(name, images, target, trainable)
                 if reason:
@@ -242,10 +245,10 @@ class RelevanceRobustness:
                     max_diff[name] = torch.maximum(max_diff.get(name, diff), diff)
                     per_metric = values.setdefault(name, {}).setdefault(level, {})
                     for metric, value in self._metrics(clean, perturbed, target, k).items():
-                        per_metric.setdefault(metric, []).append(value)
+                        per_metric.setdefault(metric, []).append(value.masked_fill(undefined.to(value.device), math.nan))
             offset += clean.shape[0]
         return {"values": values, "max_diff": max_diff, "skipped": skipped, "clean_task": clean_task,
-                "num_samples": offset}
+                "num_samples": offset, "non_finite_samples": non_finite}
 
     def _unpack(self, model: nn.Module, batch: Mapping[str, Tensor]):
         if "query_embedding" not in batch:
@@ -418,7 +421,13 @@ class RelevanceRobustness:
             rows.append(torch.cat(collected["clean_task"]))
         summaries = _summaries(torch.stack(rows), self.confidence, self.num_bootstrap, self.seed) if rows else []
         report: dict[str, Any] = {"config": self.config(), "num_samples": collected["num_samples"],
+                                  "non_finite_samples": collected["non_finite_samples"],
                                   "perturbations": {}, "skipped": collected["skipped"], "summary": []}
+        if collected["non_finite_samples"]:  # their statistics are NaN, which every mean below leaves out
+            sentence = (f"{collected['non_finite_samples']} of {collected['num_samples']} samples have a non-finite "
+                        "clean relevance (a diverged model?); their statistics are left out of every mean.")
+            warnings.warn(f"RelevanceRobustness: {sentence}", stacklevel=3)
+            report["summary"].append(sentence)
         per_sample: dict[str, Any] = {}
         for (name, level, metric), summary, row in zip(keys, summaries, rows, strict=True):
             if name == "clean":
