@@ -93,7 +93,7 @@ def test_refuses_microbatch_scope_for_methods_defined_on_the_window_gradient(met
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     with pytest.raises(ValueError, match=f"--optimizer {method} .* use sam_scope=global"):
         AcceleratedSAM(accelerator, model, optimizer, method=method, scope="microbatch")
-    with pytest.raises(ValueError, match=f"--optimizer {method} .*sam_scope=per_device leaves local to each rank"):
+    with pytest.raises(ValueError, match=f"--optimizer {method} \\(AcceleratedSAM's method=\\) .*sam_scope=per_device \\(AcceleratedSAM's scope=\\) leaves local to each rank"):
         AcceleratedSAM(accelerator, model, optimizer, method=method, scope="per_device")
     AcceleratedSAM(accelerator, model, optimizer, method=method, scope="global")
 

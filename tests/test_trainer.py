@@ -339,14 +339,14 @@ def test_batchnorm_running_stats_move_once_per_micro_batch(tmp_path):
         ({"optimizer": "esam", "sam_args": "swp=bogus"}, "--optimizer esam .*swp must be one of"),
         ({"optimizer": "gsam", "rho": 0.05, "sam_args": "rho_min=0.1"}, "--optimizer gsam .*rho_min must be in"),
         ({"optimizer": "gsam", "sam_scope": "microbatch", "gradient_accumulation_steps": 2},
-         "--optimizer gsam .*sam_scope=microbatch splits"),
+         "--optimizer gsam .*sam_scope=microbatch .*splits"),
         ({"optimizer": "msam", "optim": "sgd"}, r"--optimizer msam perturbs .* --optim sgd keeps none .* momentum=0.9"),
         # transformers builds its Adafactor without --optim_args: no beta1 can be given, so no advice to give one
         ({"optimizer": "msam", "optim": "adafactor", "optim_args": "beta1=0.9"},
          r"--optim adafactor keeps none as configured; add an Adam-family --optim"),
         ({"optimizer": "msam", "optim": "adagrad"}, "--optim adagrad keeps none"),
         # a rank-local clean gradient in the update or the kept state: the replicas would drift apart
-        ({"optimizer": "gsam", "sam_scope": "per_device"}, "--optimizer gsam .*sam_scope=per_device leaves local"),
+        ({"optimizer": "gsam", "sam_scope": "per_device"}, "--optimizer gsam .*sam_scope=per_device .*leaves local"),
         ({"optimizer": "looksam", "sam_scope": "per_device"}, "--optimizer looksam .*use sam_scope=global"),
         ({"optimizer": "fsam", "sam_scope": "per_device"}, "--optimizer fsam .*only"),
     ],

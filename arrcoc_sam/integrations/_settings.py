@@ -189,15 +189,16 @@ class SAMSettings:
     def _check_scope_supported(self, optimizer: Optimizer) -> None:
         if self.scope == "microbatch" and not getattr(optimizer, "supports_microbatch_scope", True):
             raise ValueError(
-                f"--optimizer {self.method} combines each step's clean and perturbed gradients (or keeps an average "
-                "of them) over the whole window, which sam_scope=microbatch splits into per-micro-batch ascents; "
-                "use sam_scope=global"
+                f"--optimizer {self.method} (AcceleratedSAM's method=) combines each step's clean and perturbed "
+                "gradients (or keeps an average of them) over the whole window, which sam_scope=microbatch "
+                "(AcceleratedSAM's scope=) splits into per-micro-batch ascents; use sam_scope=global"
             )
         if self.scope == "per_device" and not getattr(optimizer, "supports_per_device_scope", True):
             raise ValueError(
-                f"--optimizer {self.method} builds its update or its kept state from each step's clean gradient, "
-                "which sam_scope=per_device leaves local to each rank: the replicas would drift apart (or a "
-                "checkpoint would keep rank 0's state only); use sam_scope=global"
+                f"--optimizer {self.method} (AcceleratedSAM's method=) builds its update or its kept state from each "
+                "step's clean gradient, which sam_scope=per_device (AcceleratedSAM's scope=) leaves local to each "
+                "rank: the replicas would drift apart (or a checkpoint would keep rank 0's state only); use "
+                "sam_scope=global"
             )
 
 
