@@ -74,6 +74,14 @@ def test_gradient_norm_takes_exactly_one_all_reduce_per_step(fsdp_run, case):
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
+def test_a_nan_gradient_outside_the_ascent_skips_the_step_on_every_rank(fsdp_run):
+    """A rho = 0 group's NaN pass-2 gradient reached the weights: the sharded check covered perturbed tensors only."""
+    result = fsdp_run["nan_outside_the_ascent"]
+    assert result["poisoned_here"] and result["unchanged"] and result["finite"]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_restore_statistics_take_at_most_one_collective(fsdp_run):
     for counts in fsdp_run["sam"]["counts"]:
         assert counts["restore_all_reduce"] == 1

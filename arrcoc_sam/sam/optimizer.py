@@ -491,7 +491,7 @@ class SAM(Optimizer):
             grads = [p.grad for p in self._perturbed] if self.track_stats else []
             if grads and all(g is not None for g in grads):
                 norm = self._record_second_pass_stats(targets, backup, grads if layout is None else layout.local(grads))
-                rest = self._norm_of_gradients_besides(self._perturbed) if layout is None else None
+                rest = self._norm_of_gradients_besides(self._perturbed)
                 if rest is not None:
                     norm = torch.hypot(norm, rest.to(device=norm.device, dtype=norm.dtype))
                 self._update_check = norm
@@ -502,13 +502,23 @@ class SAM(Optimizer):
 
     def _norm_of_gradients_besides(self, skip: list[Tensor]) -> Tensor | None:
         """‖g‖ over the current gradients of every parameter not in ``skip`` (ρ = 0 groups, tensors the ascent left
-        alone), as a 0-dim tensor, no host sync; None if there are none. Sharded (DTensor) gradients are left out."""
+        alone), as a 0-dim tensor, no host sync; None if there are none. Sharded (DTensor) gradients count whole:
+        one ``all_reduce`` of the local pieces' sum (every rank holds gradients for the same tensors under FSDP2,
+        so every rank joins it)."""
         skipped = set(map(id, skip))
-        grads = [p.grad for group in self.param_groups for p in group["params"]
+        pairs = [(p, p.grad) for group in self.param_groups for p in group["params"]
                  if p.grad is not None and id(p) not in skipped]
-        if grads and is_sharded(grads):
-            grads = [g for g in grads if not is_sharded([g])]
-        return perturbation.squared_norm(grads).sqrt() if grads else None
+        if not pairs:
+            return None
+        params, grads = [p for p, _ in pairs], [g for _, g in pairs]
+        layout = ShardLayout.of(params, grads) if is_sharded(grads) else None
+        if layout is None:
+            return perturbation.squared_norm(grads).sqrt()
+        (local,) = layout.counted_only(layout.local(grads))
+        dtype = perturbation.sum_dtype(layout.local(grads))
+        partial = (perturbation.squared_norm(local).to(dtype).reshape(1) if local
+                   else torch.zeros(1, dtype=dtype, device=layout.local(grads)[0].device))
+        return layout.sum_over_ranks(partial)[0].sqrt()
 
     @torch.no_grad()
     def abort_perturbation(self) -> None:
@@ -641,7 +651,7 @@ class SAM(Optimizer):
         ~1.8e19, e.g. under a large GradScaler scale) does not count, except for sharded (FSDP2) parameters.
         :meth:`step` calls it and skips the base update when it says so; the pass-1 check in :meth:`perturb`
         cannot see a loss that is finite at w and blows up at w + ε. The norm covers every gradient present at the
-        restore (for sharded parameters, the perturbed ones).
+        restore (sharded ones whole, through one more all-reduce where gradients outside the ascent exist).
         """
         if norm is None:
             norm = self.take_update_norm()

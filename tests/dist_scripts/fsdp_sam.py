@@ -113,6 +113,31 @@ def sam_step(model: nn.Module, opt: SAM, batch) -> dict[str, int]:
     }
 
 
+def nan_outside_the_ascent(mesh) -> dict[str, object]:
+    """A NaN pass-2 gradient on one rank in a rho = 0 group (never perturbed): the update check must see it on every
+    rank, so both skip the step and keep their weights bitwise (it used to check the perturbed tensors only)."""
+    model = shard(make_model(0), mesh)
+    head = list(model[2].parameters())
+    body = [p for layer in model[:2] for p in layer.parameters()]
+    opt = SAM([{"params": body}, {"params": head, "rho": 0.0}], torch.optim.SGD, **HYPER)
+    batch = local_rows(global_batch(0), dist.get_rank(), dist.get_world_size())
+    backward(model, opt, batch)
+    before = full_params(model)
+    assert opt.perturb()
+    backward(model, opt, batch)
+    poisoned = False
+    for p in head:
+        local = p.grad._local_tensor
+        if local.numel() and not poisoned:  # the first rank-local piece there is
+            local.view(-1)[0] = float("nan")
+            poisoned = True
+    opt.restore()
+    opt.step()
+    after = full_params(model)
+    return {"poisoned_here": poisoned, "unchanged": all(torch.equal(a, b) for a, b in zip(before, after, strict=True)),
+            "finite": all(bool(torch.isfinite(a).all()) for a in after)}
+
+
 def full_params(model: nn.Module) -> list[torch.Tensor]:
     return [p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone() for p in model.parameters()]
 
@@ -267,6 +292,7 @@ def main() -> None:
             "mixed_precision": mixed_precision_check(flat_mesh),
             "checkpoint": checkpoint_resume(checkpoint_dir),
             "detection": detection(),
+            "nan_outside_the_ascent": nan_outside_the_ascent(flat_mesh),
         }
         if dist.get_rank() == 0:
             out.write_text(json.dumps(result))
