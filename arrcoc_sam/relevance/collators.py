@@ -28,7 +28,7 @@ def encode_token_relevance(
     instead, so it keeps its label (with a tokenizer that has no unknown token it loses it, as a cut word does). Needs a fast tokenizer (``word_ids``/``sequence_ids``).
 
     Raises:
-        ValueError: ``max_length`` leaves no room for one word piece of the text after the query and special
+        MaxLengthTooShort: (a ValueError) ``max_length`` leaves no room for one word piece of the text after the query and special
             tokens.
 
     Returns lists of length L: ``input_ids, attention_mask, token_type_ids`` (when the tokenizer makes them),
@@ -40,7 +40,7 @@ def encode_token_relevance(
     query_pieces = len(tokenizer(words, is_split_into_words=True, add_special_tokens=False)["input_ids"])
     needed = query_pieces + tokenizer.num_special_tokens_to_add(pair=True) + 1
     if tokens and max_length < needed:
-        raise ValueError(f"max_length={max_length} is too short for the query {query!r}: with the special tokens it "
+        raise MaxLengthTooShort(f"max_length={max_length} is too short for the query {query!r}: with the special tokens it "
                          f"needs at least {needed} word pieces to keep one of the text's (the query is never cut)")
     encoding = _encode(tokenizer, words, list(tokens), max_length)
     vanished = _vanished_words(encoding, len(tokens), max_length)
@@ -61,6 +61,10 @@ def encode_token_relevance(
             previous = word if seq == 1 else None
         out["labels"] = aligned
     return out
+
+
+class MaxLengthTooShort(ValueError):
+    """:func:`encode_token_relevance`'s ``max_length`` leaves no room for the text after a query."""
 
 
 def _encode(tokenizer, query_words: list[str], tokens: list[str], max_length: int):

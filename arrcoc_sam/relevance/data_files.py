@@ -153,8 +153,9 @@ class _RowChecker:
         raw = self.get(field)
         split = split_words and isinstance(raw, str) and not raw.strip().startswith("[")  # "1 0.5 0" (CSV)
         value = self._list(field, split_words)
-        if not split and _holds_text(value):  # np.asarray would read "0.5" as 0.5 without a word
-            raise self.fail(field, f"expected numbers, got text such as {_first_text(value)!r} (quoted numbers?)")
+        text = None if split else _first_text(value)
+        if text is not None:  # np.asarray would read "0.5" as 0.5 without a word
+            raise self.fail(field, f"expected numbers, got text such as {text!r} (quoted numbers?)")
         try:
             array = np.asarray(value, dtype=np.float64)
         except (TypeError, ValueError) as err:
@@ -334,7 +335,3 @@ def _first_text(value: Any) -> str | None:
             if found is not None:
                 return found
     return None
-
-
-def _holds_text(value: Any) -> bool:
-    return _first_text(value) is not None

@@ -315,7 +315,7 @@ def _file_splits(data_args: DataArguments) -> dict[str, str]:
 
 def build_text_data(data_args: DataArguments, tokenizer) -> dict[str, Any]:
     """Tokenised text splits (``train`` and, when available, ``validation`` / ``heldout``)."""
-    from arrcoc_sam.relevance.collators import encode_token_relevance_batch
+    from arrcoc_sam.relevance.collators import MaxLengthTooShort, encode_token_relevance_batch
 
     source = data_args.data_source or "wnut"
     if source == "wnut":
@@ -350,10 +350,8 @@ def build_text_data(data_args: DataArguments, tokenizer) -> dict[str, Any]:
                 fn_kwargs={"tokenizer": tokenizer, "max_length": data_args.max_length},
                 remove_columns=dataset.column_names,
             )
-        except ValueError as error:
-            if str(error).startswith("max_length="):  # too short for a query
-                raise ValueError(f"--max_length {data_args.max_length}: {error}") from error
-            raise
+        except MaxLengthTooShort as error:
+            raise ValueError(f"--max_length {data_args.max_length}: {error}") from error
     return splits
 
 

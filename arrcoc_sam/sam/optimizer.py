@@ -102,7 +102,7 @@ class SAM(Optimizer):
     pass-2 statistics are on (to skip a non-finite sharpness-aware gradient, :meth:`update_non_finite`).
 
     Sharded parameters (DTensors, e.g. FSDP2 ``fully_shard``) are perturbed and restored shard-locally; the
-    norm is that of the full gradient, from one fp32 all-reduce per step (:mod:`arrcoc_sam.sam.sharding`).
+    norm is that of the full gradient, from one all-reduce per ascent (:mod:`arrcoc_sam.sam.sharding`).
     FSDP1 parameters are refused.
     """
 
@@ -514,11 +514,8 @@ class SAM(Optimizer):
         layout = ShardLayout.of(params, grads) if is_sharded(grads) else None
         if layout is None:
             return perturbation.squared_norm(grads).sqrt()
-        (local,) = layout.counted_only(layout.local(grads))
-        dtype = perturbation.sum_dtype(layout.local(grads))
-        partial = (perturbation.squared_norm(local).to(dtype).reshape(1) if local
-                   else torch.zeros(1, dtype=dtype, device=layout.local(grads)[0].device))
-        return layout.sum_over_ranks(partial)[0].sqrt()
+        plain = [False] * len(params)  # ‖g‖: the ascent norm without ASAM's scaling
+        return layout.ascent_norm(layout.local(params), layout.local(grads), plain, [0.0] * len(params))
 
     @torch.no_grad()
     def abort_perturbation(self) -> None:
