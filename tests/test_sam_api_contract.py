@@ -546,3 +546,158 @@ def test_a_refused_wrapper_leaves_no_settings_on_the_instance_even_after_constru
     bad["param_groups"][0]["rho"] = -1.0
     with pytest.raises(ValueError, match="loaded param group 0: rho must be"):  # the first wrapper's hooks
         base.load_state_dict(bad)
+
+
+def _embedding_model(sparse: bool) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.ModuleDict({"embed": nn.Embedding(10, 4, sparse=sparse), "head": nn.Linear(4, 1)})
+
+
+def _embedding_loss(model: nn.Module) -> torch.Tensor:
+    tokens = torch.tensor([[1, 2, 2], [3, 1, 4]])
+    return model["head"](model["embed"](tokens).mean(dim=1)).square().mean()
+
+
+@pytest.mark.parametrize("head_rho", [0.05, 0.0])
+def test_a_sparse_gradient_in_a_rho_zero_group_steps_as_the_bare_optimizer_does_with_sam_on_the_rest(head_rho):
+    """A sparse embedding put in a ρ = 0 group (what the sparse refusal suggests) made the pass-2 update check die
+    on ``reshape`` of its sparse gradient; with ρ = 0 everywhere it died too. Its step must equal plain SGD's on the
+    gradient at w + ε (at w where nothing is perturbed), and the rest SAM's."""
+    model, reference = _embedding_model(sparse=True), _embedding_model(sparse=False)
+    opt = SAM([{"params": model["embed"].parameters(), "rho": 0.0}, {"params": model["head"].parameters(),
+               "rho": head_rho}], torch.optim.SGD, lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = _embedding_loss(model)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert model["embed"].weight.grad.is_sparse and opt.skipped_steps == 0
+    head = list(reference["head"].parameters())
+    grads = torch.autograd.grad(_embedding_loss(reference), head)
+    eps = reference_epsilon(head, grads, head_rho, False, 0.0) if head_rho else [torch.zeros_like(p) for p in head]
+    with torch.no_grad():
+        for p, e in zip(head, eps):
+            p.add_(e.view_as(p))
+    grads_at_eps = torch.autograd.grad(_embedding_loss(reference), list(reference.parameters()))
+    with torch.no_grad():
+        for p, e in zip(head, eps):
+            p.sub_(e.view_as(p))
+        for p, g in zip(reference.parameters(), grads_at_eps):
+            p.sub_(0.1 * g)
+    for ours, theirs in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+def test_a_nan_in_a_sparse_or_complex_rho_zero_gradient_skips_the_step_with_the_weights_unchanged():
+    """The update check read a complex NaN gradient through a cast to float that raised instead of skipping."""
+    model = _embedding_model(sparse=True)
+    weight = nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    opt = SAM([{"params": [model["embed"].weight, weight], "rho": 0.0},
+               {"params": model["head"].parameters()}], torch.optim.SGD, lr=0.1)
+    before = [p.detach().clone() for p in (model["embed"].weight, weight, *model["head"].parameters())]
+
+    def closure(poison: str):
+        def run():
+            opt.zero_grad()
+            loss = _embedding_loss(model) + (weight.abs() ** 2).sum()
+            loss.backward()
+            if poison == "complex":
+                weight.grad[0] = complex(math.nan, 0.0)
+            elif poison == "sparse":
+                model["embed"].weight.grad = model["embed"].weight.grad * math.inf
+            return loss
+        return run
+
+    for poison in ("complex", "sparse"):
+        opt.step(closure(poison))
+        after = (model["embed"].weight, weight, *model["head"].parameters())
+        assert all(torch.equal(a, b) for a, b in zip(after, before)), poison
+    opt.step(closure("none"))
+    assert not torch.equal(weight, before[1]) and not torch.equal(model["embed"].weight, before[0])
+
+
+@pytest.mark.parametrize("how", ["base.add_param_group", "param_groups.append"])
+def test_a_group_added_to_the_base_optimizer_directly_gets_the_wrappers_defaults(how):
+    """A group added behind the wrapper's back made the next perturb() die with a bare KeyError('rho'); it now
+    gets what SAM.add_param_group gives (the wrapper's ρ/adaptive/η), and the ascent norm covers it."""
+    model = make_mlp()
+    base = torch.optim.SGD([model[0].weight, model[0].bias], lr=0.1)
+    opt = SAM(base.param_groups[0]["params"], base, rho=0.07)
+    rest = {"params": [model[2].weight, model[2].bias]}
+    if how == "base.add_param_group":
+        base.add_param_group(rest)
+    else:
+        rest.update({key: value for key, value in base.defaults.items() if key not in rest})
+        opt.param_groups.append(rest)
+    batch = make_batches(1)[0]
+    params = list(model.parameters())
+    grads = torch.autograd.grad(mse(model, batch), params)
+    expected = reference_epsilon(params, grads, 0.07, False, 0.0)
+    clean = [p.detach().clone() for p in params]
+    _closure(model, opt, batch)()
+    assert opt.perturb()
+    assert {key: opt.param_groups[1][key] for key in ("rho", "adaptive", "eta")} == {
+        "rho": 0.07, "adaptive": False, "eta": 0.01}
+    for p, c, e in zip(params, clean, expected):
+        torch.testing.assert_close(p - c, e.view_as(p), rtol=1e-10, atol=1e-12)
+    opt.restore()
+    assert all(torch.equal(p, c) for p, c in zip(params, clean))
+
+
+def test_a_bad_setting_in_a_group_added_to_the_base_directly_is_named():
+    model = make_mlp()
+    base = torch.optim.SGD([model[0].weight], lr=0.1)
+    opt = SAM([model[0].weight], base, rho=0.05)
+    base.add_param_group({"params": [model[2].weight], "eta": -1.0})
+    _closure(model, opt, make_batches(1)[0])()
+    with pytest.raises(ValueError, match=r"param group 1 \(added to the base optimizer directly\): eta"):
+        opt.perturb()
+    assert not opt.is_perturbed
+
+
+def test_skipped_updates_counts_the_base_steps_left_out_and_skipped_steps_the_ascents():
+    """A step skipped for a NaN at w + ε was counted nowhere; a zero-norm ascent still steps the base."""
+    model = make_mlp()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    batch = make_batches(1)[0]
+
+    def closure(poison_pass: int | None, zero: bool = False):
+        calls = []
+
+        def run():
+            opt.zero_grad()
+            loss = mse(model, batch) * (0.0 if zero else 1.0)
+            loss.backward()
+            calls.append(None)
+            if len(calls) == poison_pass:
+                model[2].bias.grad[0] = math.nan
+            return loss
+        return run
+
+    counts = []
+    for poison_pass, zero in ((2, False), (1, False), (None, True), (None, False)):
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.step(closure(poison_pass, zero))
+        moved = not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+        counts.append((opt.skipped_steps, opt.skipped_updates, moved))
+    # NaN at w + ε: update skipped; NaN at w: ascent and update skipped; zero loss: ascent skipped, the base
+    # step runs (SGD on a zero gradient leaves the weights); then a normal step
+    assert counts == [(0, 1, False), (1, 2, False), (2, 2, False), (2, 2, True)]
+
+
+def test_loading_a_checkpoint_with_other_settings_says_which_ones_replace_the_optimizers(caplog):
+    """The checkpoint's ρ/adaptive win on load (documented); it used to happen without a word."""
+    model = make_mlp()
+    saved = SAM(model.parameters(), torch.optim.SGD, rho=1.0, adaptive=True, lr=0.1)
+    _closure(model, saved, make_batches(1)[0])()
+    saved.step()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    with caplog.at_level("INFO", logger="arrcoc_sam.sam.optimizer"):
+        opt.load_state_dict(opt.state_dict())
+        assert "replace this optimizer's" not in caplog.text
+        opt.load_state_dict(saved.state_dict())
+    assert (opt.param_groups[0]["rho"], opt.param_groups[0]["adaptive"]) == (1.0, True)
+    assert "group 0 rho: 0.05 -> 1.0" in caplog.text and "group 0 adaptive: False -> True" in caplog.text

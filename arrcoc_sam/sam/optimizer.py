@@ -208,6 +208,7 @@ class SAM(Optimizer):
         self._zero_grad_profile_name = f"Optimizer.zero_grad#{type(self).__name__}.zero_grad"
 
         self.skipped_steps = 0
+        self.skipped_updates = 0  # base steps step() left out for non-finite gradients (not the GradScaler's skips)
         self.stats: dict[str, Tensor] = {}
         self.track_stats = True
         self._perturbed: list[Tensor] = []
@@ -405,6 +406,8 @@ class SAM(Optimizer):
         self._update_check = None
         for index, group in enumerate(self.param_groups):  # a ρ schedule may set them in place: checked here
             if not _plainly_valid(group):
+                if any(key not in group for key in self._group_keys):
+                    self._adopt_group(group, index)
                 SAM._check_group(self, group, f"param group {index}: ")
         for key in ("grad_norm", "rho", "grad_norm_perturbed", "grad_cosine"):  # the previous ascent's
             self.stats.pop(key, None)
@@ -513,7 +516,7 @@ class SAM(Optimizer):
         params, grads = [p for p, _ in pairs], [g for _, g in pairs]
         layout = ShardLayout.of(params, grads) if is_sharded(grads) else None
         if layout is None:
-            return perturbation.squared_norm(grads).sqrt()
+            return perturbation.squared_norm(list(map(_dense_real, grads))).sqrt()
         plain = [False] * len(params)  # ‖g‖: the ascent norm without ASAM's scaling
         return layout.ascent_norm(layout.local(params), layout.local(grads), plain, [0.0] * len(params))
 
@@ -614,6 +617,7 @@ class SAM(Optimizer):
         if closure is None:
             if self._skip_next_step or self.update_non_finite():
                 self._skip_next_step = False
+                self.skipped_updates += 1
                 return None
             self.base_optimizer.step()
             return None
@@ -658,7 +662,7 @@ class SAM(Optimizer):
         if math.isfinite(value):
             return False
         params = [p for group in self.param_groups for p in group["params"]]
-        grads = [p.grad for p in params if p.grad is not None]
+        grads = [_dense_real(p.grad) for p in params if p.grad is not None]
         if math.isinf(value) and grads and not is_sharded(params) and math.isfinite(perturbation.largest_magnitude(grads)):
             return False
         logger.warning("SAM: non-finite gradients at w + ε (‖g_SAM‖ = %s); skipping the optimizer step", value)
@@ -789,10 +793,16 @@ class SAM(Optimizer):
         own state loads."""
         own, self._settings_before_load = self._settings_before_load, []
         extra, self._extra_before_load = self._extra_before_load, None
+        replaced = []
         for index, (group, settings) in enumerate(zip(self.param_groups, own)):
             for key, value in settings.items():
                 group.setdefault(key, value)
             self._check_group(group, f"loaded param group {index}: ")
+            replaced.extend(f"group {index} {key}: {value!r} -> {group[key]!r}" for key, value in settings.items()
+                            if not _equal(group[key], value))
+        if replaced:
+            logger.info("the checkpoint's sharpness-aware settings replace this optimizer's (%s); "
+                        "keep_settings_on_load() keeps the optimizer's own", ", ".join(replaced))
         if extra is not None:
             self._load_extra_state(extra)
 
@@ -804,6 +814,16 @@ class SAM(Optimizer):
         self._check_group(param_group, "new param group: ")
         self.base_optimizer.add_param_group(param_group)
         _Wrapping.of(self.base_optimizer).before.append(before)
+
+    def _adopt_group(self, group: dict[str, Any], index: int) -> None:
+        """Give a group added behind the wrapper's back (``base.add_param_group``, ``param_groups.append``) the
+        settings :meth:`add_param_group` would have given it: this wrapper's defaults where it has none."""
+        record = _Wrapping.of(self.base_optimizer)
+        if len(record.before) == index:  # appended after the others: its own entries, for a later wrapper's undo
+            record.before.append(_owned_entries(group))
+        for key in _SAM_GROUP_KEYS:
+            group.setdefault(key, self.defaults[key])
+        self._check_group(group, f"param group {index} (added to the base optimizer directly): ")
 
     def _check_group(self, group: dict[str, Any], where: str) -> None:
         """Raise ValueError naming ``where`` and the setting if a group's SAM settings are invalid; otherwise
@@ -857,7 +877,7 @@ class SAM(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = {"_own_call": False, "_extra_before_load": None, "_settings_before_load": [], "_update_check": None,
-                 **state}  # older pickles
+                 "skipped_updates": 0, **state}  # older pickles
         before = state.pop("_base_before_wrapping", None)
         self.__dict__.update(state)
         self._plans = perturbation.AscentPlans()
@@ -992,9 +1012,20 @@ def snapshot_wrapping(base: Optimizer) -> Callable[[], None]:
 def _plainly_valid(group: dict[str, Any]) -> bool:
     """The common case of a group's SAM settings, checked in a few comparisons: float ρ and η in [0, inf), a bool
     adaptive (anything else goes through the full check, which names what is wrong)."""
-    rho, eta, adaptive = group["rho"], group["eta"], group["adaptive"]
+    rho, eta, adaptive = group.get("rho"), group.get("eta"), group.get("adaptive")
     return (type(rho) is float and 0.0 <= rho < math.inf and type(eta) is float and 0.0 <= eta < math.inf
             and (adaptive is True or adaptive is False))
+
+
+def _dense_real(grad: Tensor) -> Tensor:
+    """The elements of a gradient as a dense real tensor with its L2 norm and finiteness: the stored values of a
+    sparse one (coalesced, so duplicates add up first), a complex one viewed as (real, imaginary) pairs. Only ρ = 0
+    groups hold such gradients; the update check reads them."""
+    if grad.layout == torch.sparse_coo:
+        grad = grad.coalesce().values()
+    elif grad.layout != torch.strided:
+        grad = grad.values()
+    return torch.view_as_real(grad) if grad.is_complex() else grad
 
 
 def _tensor_of(param: Any) -> Any:
