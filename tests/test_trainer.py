@@ -891,3 +891,73 @@ def test_a_window_with_a_non_finite_loss_takes_no_step(tmp_path, scope, bad_call
     assert [h["sam/skipped_steps"] for h in logs] == skipped
     # the Trainer's own grad_norm shows the overflow, as the stock Trainer's does (gradients are not dropped here)
     assert not math.isfinite(logs[0]["grad_norm"]) and math.isfinite(logs[1]["grad_norm"])
+
+
+class _MeanSquaredModule(nn.Module):
+    """A plain module whose loss is a batch mean the Trainer divides by the accumulation count itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.hidden, self.out = nn.Linear(4, 8), nn.Linear(8, 1)
+
+    def forward(self, x, labels=None):
+        prediction = self.out(torch.tanh(self.hidden(x))).squeeze(-1)
+        return {"loss": None if labels is None else ((prediction - labels) ** 2).mean(), "logits": prediction}
+
+
+class _Rows(torch.utils.data.IterableDataset):
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __iter__(self):
+        return iter(self.rows)
+
+
+def test_a_micro_batch_carried_past_the_end_of_an_iterable_dataset_is_replayed_with_its_own_normalisation(tmp_path):
+    """With an IterableDataset and max_steps, the stock loop carries the unfinished last window of the data (one
+    micro-batch, divided by its own accumulation count 1) into the next pass's first window (two micro-batches,
+    divided by 2). The replay at w + ε divided the carried one by 2: weights 0.12 (relative to the distance
+    trained) from SAM on the stock window loss."""
+    generator = torch.Generator().manual_seed(3)
+    rows = [{"x": torch.randn(4, generator=generator, dtype=torch.float64),
+             "labels": torch.randn((), generator=generator, dtype=torch.float64)} for _ in range(10)]
+    b1, b2, b3, b4, b5 = ({key: torch.stack([row[key] for row in rows[i:i + 2]]) for key in rows[0]}
+                          for i in range(0, 10, 2))
+
+    def mse(model, batch):
+        return ((model(batch["x"])["logits"] - batch["labels"]) ** 2).mean()
+
+    stock_windows = [[(b1, 2), (b2, 2)], [(b3, 2), (b4, 2)], [(b5, 1), (b1, 2), (b2, 2)], [(b3, 2), (b4, 2)]]
+
+    def reference(rho):
+        model = _MeanSquaredModule().double()
+        params = list(model.parameters())
+        for window in stock_windows:
+            def loss():
+                return sum(mse(model, batch) / count for batch, count in window)
+            grads = torch.autograd.grad(loss(), params)
+            norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+            eps = [rho * g / norm for g in grads]
+            with torch.no_grad():
+                for p, e in zip(params, eps):
+                    p.add_(e)
+            grads = torch.autograd.grad(loss(), params)
+            with torch.no_grad():
+                for p, e, g in zip(params, eps, grads):
+                    p.sub_(e).sub_(0.1 * g)
+        return flat_params(model)
+
+    def train(rho):
+        model = _MeanSquaredModule().double()
+        args = SAMTrainingArguments(**trainer_kwargs(str(tmp_path / f"rho{rho}"), learning_rate=0.1, rho=rho,
+                                                     per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                                                     max_steps=4, logging_steps=10))
+        SAMTrainer(model=model, args=args, train_dataset=_Rows(rows)).train()
+        return flat_params(model)
+
+    start = flat_params(_MeanSquaredModule().double())
+    # the window definition above is the stock loop's: SGD on it equals a run without ascent
+    assert torch.allclose(train(0.0), reference(0.0), rtol=0, atol=1e-12)
+    expected = reference(0.05)
+    assert float((train(0.05) - expected).norm() / (expected - start).norm()) < 1e-12

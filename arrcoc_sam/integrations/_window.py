@@ -186,6 +186,10 @@ class SAMWindow:
         self._open = False
         self._ascend = False
         self._batches: list[Any] = []
+        # each stored micro-batch's own run_pass and forward: the loop's normalisation of that pass (a micro-batch
+        # carried over from an unfinished window, e.g. at the end of an IterableDataset, has its own)
+        self._replays: list[RunPass] = []
+        self._forwards: list[Callable[[nn.Module, Any], Tensor]] = []
         self._clean: Tensor | None = None
         self._perturbed_sum: Tensor | None = None  # microbatch scope: Σ pass-2 losses (clean ones where skipped)
         self._any_ascent = False
@@ -242,6 +246,9 @@ class SAMWindow:
             else:
                 if self._ascend:
                     self._batches.append(batch)
+                    self._replays.append(run_pass)
+                    if example_losses is not None:
+                        self._forwards.append(example_losses.forward)
                 # every pass-1 micro-batch, also under Accelerate's sync_each_batch: ε from this rank's own window
                 # (per_device), or from gradients this window averages by hand (a pruned pass 1 under DDP)
                 local = self._ascend and (self.scope == "per_device" or self._average_by_hand)
@@ -261,7 +268,7 @@ class SAMWindow:
                         _average_across_processes(self._first_pass_tensors)
                     optimizer.after_first_pass()
                     if self._ascend:
-                        self._ascend_and_replay(model, optimizer, run_pass, example_losses)
+                        self._ascend_and_replay(model, optimizer, example_losses)
         except BaseException:
             optimizer.abort_window()  # clean weights (msam perturbs before pass 1); the step is not counted
             self._close()
@@ -282,9 +289,7 @@ class SAMWindow:
         self.metrics = SAMMetrics()
 
     # -- global / per_device: one ascent from the window gradient, then replay the window -------------
-    def _ascend_and_replay(
-        self, model: nn.Module, optimizer: Optimizer, run_pass: RunPass, example_losses: ExampleLosses | None
-    ) -> None:
+    def _ascend_and_replay(self, model: nn.Module, optimizer: Optimizer, example_losses: ExampleLosses | None) -> None:
         skipped_before = getattr(optimizer, "skipped_steps", 0)
         perturbed = None
         if hasattr(optimizer, "gradient_units"):  # Friendly-SAM compares g with an average of past windows' g
@@ -303,10 +308,10 @@ class SAMWindow:
                 perturbed = self._selective_replay(model, optimizer, example_losses)
             elif ok or must_join:
                 model.zero_grad(set_to_none=True)
-                for index, batch in enumerate(self._batches):
+                for index, (batch, replay) in enumerate(zip(self._batches, self._replays, strict=True)):
                     inner = index < len(self._batches) - 1
                     with self._no_sync(model) if inner else contextlib.nullcontext():
-                        loss = run_pass(batch)
+                        loss = replay(batch)
                     perturbed = loss if perturbed is None else perturbed + loss
             optimizer.restore()
         self.metrics.add_skipped(getattr(optimizer, "skipped_steps", 0) - skipped_before)
@@ -395,11 +400,11 @@ class SAMWindow:
         with torch.no_grad():
             # each forward replays the random draws of its pass 1 (dropout masks): the rise ℓ(w + ε) − ℓ(w) then
             # compares the same sub-network, not two dropout samples (whose noise swamps it at p = 0.1)
-            for batch, random_state in zip(self._batches, self._random_states, strict=True):
+            for batch, random_state, forward in zip(self._batches, self._random_states, self._forwards, strict=True):
                 with random_state.replayed(), _ExampleCapture(
                     inner, example_losses.per_example, batch, keep_graph=False
                 ) as capture:
-                    loss = example_losses.forward(inner, batch)
+                    loss = forward(inner, batch)
                 perturbed_examples.append(capture.losses())
                 perturbed = loss if perturbed is None else perturbed + loss
         at_least = fewest_examples_per_batch(inner)  # BatchNorm cannot normalise a lone example
@@ -565,6 +570,8 @@ class SAMWindow:
     def _close(self) -> None:
         self._open = False
         self._batches = []
+        self._replays = []
+        self._forwards = []
         self._clean = self._perturbed_sum = None
         self._any_ascent = False
         self._pending_stats = []

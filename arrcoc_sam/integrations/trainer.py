@@ -3,8 +3,8 @@
 Only ``training_step``, ``create_optimizer`` and ``log`` change. Micro-batches of an accumulation window
 run the stock ``training_step`` unchanged (pass 1, the logged loss); on the last one
 (``accelerator.sync_gradients``) the optimizer takes its ascent from the accumulated gradient, every
-micro-batch of the window is replayed at w + ε with the same ``num_items_in_batch`` (``no_sync`` on all
-but the last), and the clean weights are copied back in ``finally``. The Trainer's own clip → optimizer
+micro-batch of the window is replayed at w + ε with its own pass-1 ``num_items_in_batch`` and accumulation
+count (``no_sync`` on all but the last), and the clean weights are copied back in ``finally``. The Trainer's own clip → optimizer
 step (with its GradScaler) → scheduler path then runs once, on the sharpness-aware gradient. Because both
 passes go through the stock ``training_step``, every loss normalisation the Trainer applies (including
 transformers issue 47688's scaling by GA steps / world size) applies to both passes alike.
@@ -199,14 +199,21 @@ class _SAMTrainerMethods:
         if window is None or window.accelerator is not self.accelerator or window.scope != settings.scope:
             window = self._sam_window = SAMWindow(self.accelerator, settings.scope, loop_steps_base=False)
 
+        # A replay at w + ε normalises each micro-batch as its pass 1 did: with its own num_items_in_batch and
+        # accumulation count (the stock loop carries an unfinished window, e.g. at the end of an IterableDataset,
+        # into the next one, whose count and tokens differ)
+        steps = getattr(self, "current_gradient_accumulation_steps", None)
+
         def run_pass(batch: Any) -> torch.Tensor:
-            return _STOCK_TRAINING_STEP(self, model, shallow_copy(batch), num_items_in_batch)
+            with _accumulation_steps(self, steps):
+                return _STOCK_TRAINING_STEP(self, model, shallow_copy(batch), num_items_in_batch)
 
         def forward(module: nn.Module, batch: Any) -> torch.Tensor:
-            inputs_ = self._prepare_inputs(shallow_copy(batch))
-            with self.compute_loss_context_manager():
-                loss = self.compute_loss(module, inputs_, num_items_in_batch=num_items_in_batch)
-            return _in_training_step_units(self, loss, num_items_in_batch)
+            with _accumulation_steps(self, steps):
+                inputs_ = self._prepare_inputs(shallow_copy(batch))
+                with self.compute_loss_context_manager():
+                    loss = self.compute_loss(module, inputs_, num_items_in_batch=num_items_in_batch)
+                return _in_training_step_units(self, loss, num_items_in_batch)
 
         optimizer = _sam_optimizer(self.optimizer)
         own = self.__dict__.get("_sam_per_example_loss_fn")
@@ -284,6 +291,20 @@ def _require_windows(trainer: Trainer, optimizer: torch.optim.Optimizer) -> None
         stepped_after[0], at_step[0] = windows, trainer.state.global_step
 
     optimizer.register_step_pre_hook(check)
+
+
+@contextlib.contextmanager
+def _accumulation_steps(trainer: Trainer, steps: int | None) -> Iterator[None]:
+    """``trainer.current_gradient_accumulation_steps`` set to ``steps`` (unchanged for None), put back after."""
+    if steps is None:
+        yield
+        return
+    current = trainer.current_gradient_accumulation_steps
+    trainer.current_gradient_accumulation_steps = steps
+    try:
+        yield
+    finally:
+        trainer.current_gradient_accumulation_steps = current
 
 
 def _custom_loss(trainer: Trainer) -> bool:
