@@ -933,16 +933,17 @@ def test_a_micro_batch_carried_past_the_end_of_an_iterable_dataset_is_replayed_w
     def reference(rho):
         model = _MeanSquaredModule().double()
         params = list(model.parameters())
+        def loss(window):
+            return sum(mse(model, batch) / count for batch, count in window)
+
         for window in stock_windows:
-            def loss():
-                return sum(mse(model, batch) / count for batch, count in window)
-            grads = torch.autograd.grad(loss(), params)
+            grads = torch.autograd.grad(loss(window), params)
             norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
             eps = [rho * g / norm for g in grads]
             with torch.no_grad():
                 for p, e in zip(params, eps):
                     p.add_(e)
-            grads = torch.autograd.grad(loss(), params)
+            grads = torch.autograd.grad(loss(window), params)
             with torch.no_grad():
                 for p, e, g in zip(params, eps, grads):
                     p.sub_(e).sub_(0.1 * g)

@@ -920,6 +920,7 @@ def test_friendly_sam_commits_the_average_after_a_finite_zero_norm_ascent():  # 
     g = torch.tensor([1.0, 2.0, 2.0])
     w.grad = g.clone()
     assert opt.perturb() is False
+    opt.restore()  # every loop restores after perturb(), ascent or not: the average is committed there
     torch.testing.assert_close(opt.buffers["ema"][w], 0.5 * g)
     w.grad = g.clone()
     assert opt.perturb() is True  # d = −m ≠ 0 now
@@ -1153,3 +1154,134 @@ def test_a_checkpoint_of_another_method_is_refused_before_anything_loads():
     with pytest.raises(ValueError, match=r"holds buffers \['direction'\]"):
         fsam.load_state_dict(saved)
     assert fsam.param_groups[0]["lr"] == 0.5 and not fsam.state and fsam._extra_before_load is None
+
+
+# -- audit 24: BatchNorm statistics, failed windows, ⌈γB⌉, NumPy knobs, momentum-less bases -----------------
+def bn_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
+
+
+def bn_batches(n):
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(16, 4, generator=gen) * 3 + 2, torch.randn(16, 1, generator=gen)) for _ in range(n)]
+
+
+def test_msam_under_hold_running_stats_lets_batchnorm_follow_its_one_pass_per_step():
+    """msam's only pass runs between perturb() and restore(); restore() copied the pre-step statistics back, so
+    they never moved (num_batches_tracked 1 after 5 steps, from the plain first step)."""
+    runs = {}
+    for hold in (False, True):
+        model = bn_mlp()
+        opt = sgd_variant(MomentumSAM, model, rho=RHO).hold_running_stats(model if hold else None)
+        for batch in bn_batches(5):
+            opt.step(sam_closure(model, opt, batch))
+        runs[hold] = model
+    assert int(runs[True][1].num_batches_tracked) == 5
+    assert bitwise_equal(runs[True], runs[False])  # weights and running statistics: one pass per step either way
+
+
+def test_esam_tensor_swp_with_a_zero_norm_draw_under_hold_running_stats_moves_batchnorm_once_per_step():
+    """The only perturbed tensor has a zero gradient, so every ascent norm over the draw is 0 and pass 2 runs at w:
+    the step is the base optimizer's, its statistics one forward's (they moved twice per step)."""
+    model, twin = bn_mlp(), bn_mlp()
+    extra = nn.Parameter(torch.zeros(8))  # a LoRA-B-like tensor at init: in the forward, zero gradient
+
+    def closure_of(net, opt, batch, zero):
+        def closure():
+            opt.zero_grad()
+            hidden = net[2](net[1](net[0](batch[0])))
+            loss = ((net[3](hidden + 0 * zero) - batch[1]) ** 2).mean()
+            loss.backward()
+            return loss
+        return closure
+
+    groups = [{"params": list(model.parameters()), "rho": 0.0}, {"params": [extra], "rho": RHO}]
+    opt = ESAM(groups, torch.optim.SGD, lr=LR, momentum=MOMENTUM, beta=0.5, gamma=1.0).hold_running_stats(model)
+    twin_extra = nn.Parameter(torch.zeros(8))
+    base = torch.optim.SGD([*twin.parameters(), twin_extra], lr=LR, momentum=MOMENTUM)
+    for batch in bn_batches(4):
+        assert opt.swp_tensors() == [extra]
+        opt.step(closure_of(model, opt, batch, extra))
+        closure_of(twin, base, batch, twin_extra)()
+        base.step()
+    assert int(model[1].num_batches_tracked) == 4
+    assert bitwise_equal(model, twin)
+
+
+def fsam_after(batches):
+    model = make_mlp()
+    opt = sgd_variant(FriendlySAM, model, rho=RHO, sigma=1.0)
+    for batch in batches:
+        opt.step(sam_closure(model, opt, batch))
+    return model, opt
+
+
+def test_fsam_step_whose_second_pass_raises_keeps_its_average_and_the_retry_equals_a_run_without_failure():
+    """perturb() folded g_t into the stored average before pass 2, which a raising pass 2 did not undo: the retried
+    step folded g_t in twice (max|m − m_twin| 3e-2 after the retry and one step more)."""
+    batches = make_batches(4)
+    model, opt = fsam_after(batches[:2])
+    ema = {p: m.clone() for p, m in opt.buffers["ema"].items()}
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.step(failing_closure(model, opt, batches[2], fail_on_call=2))  # pass 2 at w + ε raises
+    assert all(torch.equal(ema[p], m) for p, m in opt.buffers["ema"].items())
+    for batch in batches[2:]:
+        opt.step(sam_closure(model, opt, batch))
+    twin, twin_opt = fsam_after(batches)
+    assert bitwise_equal(model, twin)
+    assert all(torch.equal(m, twin_opt.buffers["ema"][q])
+               for m, q in zip(opt.buffers["ema"].values(), twin_opt.buffers["ema"], strict=True))
+
+
+@pytest.mark.parametrize("gamma, batch_size, chosen", [(0.14, 50, 7), (0.07, 100, 7), (0.28, 25, 7), (1 / 3, 30, 10),
+                                                       (0.5, 10, 5), (0.5, 11, 6)])
+def test_esam_selects_exactly_ceil_gamma_times_batch_examples(gamma, batch_size, chosen):
+    """⌈γB⌉ was taken of the float product: 0.14·50 = 7.000000000000001 chose 8."""
+    opt = ESAM(make_mlp().parameters(), torch.optim.SGD, lr=LR, gamma=gamma)
+    rise = torch.arange(batch_size, dtype=torch.float64)
+    assert opt.select_examples(torch.zeros(batch_size), rise).numel() == chosen
+
+
+def test_numpy_scalar_knobs_are_taken_and_stored_as_python_numbers():
+    """NumPy integers and floats were refused with messages their values contradicted ("interval must be an integer
+    >= 1, got np.int64(2)"), while SAMSettings took them (and ρ, η take NumPy numbers everywhere)."""
+    np = pytest.importorskip("numpy")
+    from arrcoc_sam.integrations._settings import SAMSettings
+
+    params = list(make_mlp().parameters())
+    built = [
+        (PeriodicSAM, {"interval": np.int64(2)}, {"interval": (int, 2)}),
+        (LookSAM, {"interval": np.int32(3), "alpha": np.float32(0.5)}, {"interval": (int, 3), "alpha": (float, 0.5)}),
+        (ESAM, {"beta": np.float32(0.5), "gamma": np.float64(0.25)}, {"beta": (float, 0.5), "gamma": (float, 0.25)}),
+        (GSAM, {"alpha": np.float32(0.25)}, {"alpha": (float, 0.25)}),
+        (FriendlySAM, {"sigma": np.int64(1), "ema_decay": np.float32(0.5)}, {"sigma": (float, 1.0), "ema_decay": (float, 0.5)}),
+    ]
+    for cls, kwargs, stored in built:
+        opt = cls(params, torch.optim.SGD, lr=0.1, momentum=0.9, **kwargs)
+        for name, (kind, value) in stored.items():
+            assert type(getattr(opt, name)) is kind and getattr(opt, name) == value, (cls.__name__, name)
+    settings = SAMSettings(method="periodic", interval=np.int64(2), extra={"rho_scaling": "sqrt"})
+    assert settings.build(torch.optim.SGD(params, lr=0.1)).interval == 2
+    assert SAMSettings(method="esam", extra={"gamma": np.float32(0.5)}).build(torch.optim.SGD(params, lr=0.1)).gamma == 0.5
+    for cls, kwargs, match in [(PeriodicSAM, {"interval": np.float64(2.0)}, "interval must be an integer >= 1"),
+                               (ESAM, {"gamma": np.float32(1.5)}, r"gamma must be a number in \(0, 1\]"),
+                               (LookSAM, {"alpha": np.float64("nan")}, "alpha must be a finite number >= 0")]:
+        with pytest.raises(ValueError, match=match):
+            cls(params, torch.optim.SGD, lr=0.1, **kwargs)
+
+
+@pytest.mark.parametrize("base", [torch.optim.Adagrad, torch.optim.Rprop, torch.optim.ASGD, torch.optim.Adafactor],
+                         ids=lambda base: base.__name__)
+def test_msam_refuses_a_base_optimizer_that_keeps_no_momentum_at_construction(base):
+    """Adagrad, Rprop and ASGD were accepted and raised TypeError at step 0 or 1, after a full step was applied."""
+    with pytest.raises(ValueError, match=f"param group 0: msam .* {base.__name__} keeps none"):
+        MomentumSAM(make_mlp().parameters(), base, lr=0.01)
+    instance = base(make_mlp().parameters(), lr=0.01)
+    with pytest.raises(ValueError, match=f"{base.__name__} keeps none"):
+        MomentumSAM(instance.param_groups[0]["params"], instance)
+    assert "rho" not in instance.param_groups[0]  # a refused wrapper leaves the instance as it was
+    model = make_mlp()
+    opt = MomentumSAM(model.parameters(), base, lr=0.01, rho=0.0)  # nothing to perturb: the base optimizer alone
+    for batch in make_batches(2):
+        opt.step(sam_closure(model, opt, batch))

@@ -161,18 +161,31 @@ def failing_mse(fail_on_call: int, error: type[BaseException] = RuntimeError):
     return loss
 
 
+def stored_buffers(optimizer):
+    """Copies of a variant's persistent buffers (LookSAM's direction, Friendly-SAM's average), in parameter order."""
+    return {name: [t.clone() for t in by_param.values()] for name, by_param in optimizer.buffers.items()}
+
+
+def same_buffers(a, b) -> bool:
+    return a.keys() == b.keys() and all(
+        len(a[name]) == len(b[name]) and all(map(torch.equal, a[name], b[name])) for name in a)
+
+
 @pytest.mark.parametrize("name, fail_on_call, error", [
     ("looksam", 3, RuntimeError), ("msam", 1, RuntimeError), ("looksam", 3, KeyboardInterrupt),
+    ("fsam", 3, RuntimeError), ("gsam", 3, RuntimeError),
 ])
 def test_accelerate_window_that_raises_leaves_clean_weights_and_counts_nothing(name, fail_on_call, error):
-    """looksam: the replay's first micro-batch raises on an ascent step (also a Ctrl-C there); msam: pass 1 (run at
-    w + ε) raises. Afterwards the retried window trains exactly as in a run where nothing failed."""
+    """looksam, fsam, gsam: the replay's first micro-batch raises on an ascent step (looksam also on a Ctrl-C there);
+    msam: pass 1 (run at w + ε) raises. The stored state is as before the window, and the retried window trains
+    exactly as in a run where nothing failed (fsam's average kept the failed window's gradient: max|w − w_twin|
+    2.5e-4 after the retry and one window more)."""
     accelerator, model, optimizer, sam = prepared(name)
-    batches = make_batches(3)
+    batches = make_batches(4)
     train_in_halves(accelerator, model, optimizer, sam, batches[:2])
     opt = sam.sam_optimizer
     clean = [p.detach().clone() for p in model.parameters()]
-    stored = {p: d.clone() for p, d in opt.buffers.get("direction", {}).items()}
+    stored = stored_buffers(opt)
     steps = opt.optimizer_steps
     x, y = batches[2]
     loss_fn = failing_mse(fail_on_call, error)
@@ -184,15 +197,17 @@ def test_accelerate_window_that_raises_leaves_clean_weights_and_counts_nothing(n
                 optimizer.zero_grad()
     assert not opt.is_perturbed
     assert all(torch.equal(p, c) for p, c in zip(model.parameters(), clean, strict=True))
-    assert all(torch.equal(stored[p], d) for p, d in opt.buffers.get("direction", {}).items())
+    assert same_buffers(stored_buffers(opt), stored)
     assert opt.optimizer_steps == steps + 1  # the 2nd batch's step, counted when the failed window began
     optimizer.zero_grad()
     accelerator.step = 0  # Accelerate counted the failed micro-batch: realign its accumulation windows
-    train_in_halves(accelerator, model, optimizer, sam, batches[2:])  # the loop goes on; the failed window
+    train_in_halves(accelerator, model, optimizer, sam, batches[2:3])  # the loop goes on; the failed window
     assert opt.optimizer_steps == steps + 1  # counted nothing, so the retry is step 2 again
+    train_in_halves(accelerator, model, optimizer, sam, batches[3:])
     twin_accelerator, twin, twin_optimizer, twin_sam = prepared(name)
     train_in_halves(twin_accelerator, twin, twin_optimizer, twin_sam, batches)
     assert max_abs_diff(model, twin) == 0  # nothing of the failed window (its micro-batches, its losses) remains
+    assert same_buffers(stored_buffers(opt), stored_buffers(twin_sam.sam_optimizer))
 
 
 def causal_lm():
@@ -699,3 +714,21 @@ def test_esam_window_whose_drawn_tensors_have_no_gradient_logs_no_ascent_figures
         ascended_windows += ascended
         replays_at_w += len(perturbed_forwards) == 2 and not ascended
     assert 0 < ascended_windows < 12 and replays_at_w > 0
+
+
+@pytest.mark.parametrize("kwargs, named", [
+    ({"method": "looksam", "interval": 0}, r"sam_interval must be >= 1, got 0 \(AcceleratedSAM's interval=\)"),
+    ({"method": "periodic", "interval": 2.5}, r"got 2.5 \(float\) \(AcceleratedSAM's interval=\)"),
+    ({"method": "asam", "eta": -1.0}, r"sam_eta must be a finite number >= 0, got -1.0 \(AcceleratedSAM's eta=\)"),
+    ({"method": "esam", "statistics": 1}, r"sam_statistics must be True or False, got 1 \(AcceleratedSAM's statistics=\)"),
+    ({"method": "esam", "scope": "node"}, r"sam_scope must be one of .*; got 'node' \(AcceleratedSAM's scope=\)"),
+    ({"method": "sam", "interval": 2}, r"does not take interval .*sam_eta \(AcceleratedSAM's keyword arguments\)"),
+])
+def test_accelerated_sam_errors_name_its_own_keyword_arguments(kwargs, named):
+    """The refusals named only the Trainer's flags (sam_interval, sam_eta, sam_statistics), not the keyword argument
+    the caller of AcceleratedSAM passed."""
+    accelerator = Accelerator(cpu=True)
+    model = make_mlp()
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM))
+    with pytest.raises(ValueError, match=named):
+        AcceleratedSAM(accelerator, model, optimizer, **kwargs)

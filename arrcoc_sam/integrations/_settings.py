@@ -84,6 +84,17 @@ def _without_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return seen
 
 
+# SAMSettings' fields as the command line names them -> as AcceleratedSAM's keyword arguments do, where they differ.
+_ACCELERATED_NAMES = {"optimizer": "method", "sam_scope": "scope", "sam_eta": "eta", "sam_interval": "interval",
+                      "sam_statistics": "statistics"}
+
+
+def _accelerated_name(flag: str) -> str:
+    """`` (AcceleratedSAM's NAME=)`` for a flag that AcceleratedSAM calls otherwise, for the end of a message."""
+    name = _ACCELERATED_NAMES.get(flag)
+    return f" (AcceleratedSAM's {name}=)" if name else ""
+
+
 @dataclass(frozen=True)
 class SAMSettings:
     """Which sharpness-aware method to run, with which knobs, over which gradient.
@@ -109,23 +120,29 @@ class SAMSettings:
     statistics: bool = True
 
     def __post_init__(self) -> None:
+        # Each message names the command-line flag and, where it is called otherwise, AcceleratedSAM's argument.
         for name, value in (("rho", self.rho), ("sam_eta", self.eta)):
             if value is not None and not is_real(value):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r} ({type(value).__name__})")
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r} ({type(value).__name__})"
+                                 + _accelerated_name(name))
         if self.interval is not None and (isinstance(self.interval, bool) or not isinstance(self.interval, numbers.Integral)):
-            raise ValueError(f"sam_interval must be an integer >= 1, got {self.interval!r} ({type(self.interval).__name__})")
+            raise ValueError(f"sam_interval must be an integer >= 1, got {self.interval!r} "
+                             f"({type(self.interval).__name__}){_accelerated_name('sam_interval')}")
         if not isinstance(self.statistics, bool):
-            raise ValueError(f"sam_statistics must be True or False, got {self.statistics!r}")
+            raise ValueError(f"sam_statistics must be True or False, got {self.statistics!r}"
+                             + _accelerated_name("sam_statistics"))
         methods = available_methods()
         if self.method not in methods:
-            raise ValueError(f"optimizer must be one of {', '.join(methods)}; got {self.method!r}")
+            raise ValueError(f"optimizer must be one of {', '.join(methods)}; got {self.method!r}"
+                             + _accelerated_name("optimizer"))
         if self.scope not in SCOPES:
-            raise ValueError(f"sam_scope must be one of {', '.join(SCOPES)}; got {self.scope!r}")
+            raise ValueError(f"sam_scope must be one of {', '.join(SCOPES)}; got {self.scope!r}"
+                             + _accelerated_name("sam_scope"))
         for name, value in (("rho", self.rho), ("sam_eta", self.eta)):
             if value is not None and not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}" + _accelerated_name(name))
         if self.interval is not None and self.interval < 1:
-            raise ValueError(f"sam_interval must be >= 1, got {self.interval!r}")
+            raise ValueError(f"sam_interval must be >= 1, got {self.interval!r}" + _accelerated_name("sam_interval"))
         self._check_knobs_taken()
         for key, flag, value in self._flag_knobs():
             if value is not None and key in self.extra:
@@ -155,7 +172,7 @@ class SAMSettings:
         if unknown:
             raise ValueError(
                 f"--optimizer {self.method} does not take {', '.join(unknown)} (it takes {', '.join(sorted(accepted))}); "
-                "drop the others from sam_args / sam_interval / sam_eta"
+                "drop the others from sam_args / sam_interval / sam_eta (AcceleratedSAM's keyword arguments)"
             )
 
     @property

@@ -313,7 +313,9 @@ class SAM(Optimizer):
         normalisation layers and :meth:`restore` (or :meth:`abort_perturbation`) copies them back, so the
         second pass at w + ε leaves them as the clean pass left them. ``step(closure)`` and
         ``first_step``/``second_step`` need this on BatchNorm models; a loop that wraps pass 2 in
-        :func:`~arrcoc_sam.sam.preserve_running_stats` does not. ``None`` stops it. Returns ``self``.
+        :func:`~arrcoc_sam.sam.preserve_running_stats` does not. msam has no clean pass: its one pass per step
+        runs at w + ε, and the statistics follow that pass (it keeps no snapshot). ``None`` stops it. Returns
+        ``self``.
         """
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"hold_running_stats takes an nn.Module or None, got {type(model).__name__}")
@@ -486,6 +488,7 @@ class SAM(Optimizer):
         Sharded (DTensor) parameters are restored shard by shard, locally.
         """
         if not self._perturbed:  # no ascent (or ESAM's tensor SWP with a zero norm over S): check what pass 2 left
+            self._put_back_running_stats()  # where a pass 2 ran at w all the same (first_step, ESAM's tensor SWP)
             if self.track_stats and not self._skip_next_step:  # a non-finite ascent already skips the step
                 self._update_check = self._norm_of_gradients_besides([])
             return
@@ -524,9 +527,12 @@ class SAM(Optimizer):
     def abort_perturbation(self) -> None:
         """The error path of :meth:`restore`: the clean weights back bitwise, the backup freed, and nothing
         computed from the (possibly partial) pass-2 gradients — no statistics, and no variant updates its
-        stored state (LookSAM's direction, GSAM's combination). A no-op when nothing is perturbed."""
+        stored state (LookSAM's direction, GSAM's combination). Where nothing is perturbed, only the running
+        statistics a pass 2 at w was to leave alone come back (:meth:`hold_running_stats`)."""
         if self._perturbed:
             self._copy_back_clean_weights()
+        else:
+            self._put_back_running_stats()
 
     def abort_window(self) -> None:
         """The error path of a whole accumulation window (the integrations call it when a pass raises):
@@ -593,9 +599,7 @@ class SAM(Optimizer):
 
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore the clean weights and take the base step with the current (perturbed-point) gradients."""
-        if not self._perturbed:  # first_step skipped its ascent
-            self._put_back_running_stats()
-        self.restore()
+        self.restore()  # also puts the running statistics back where first_step skipped its ascent
         self.step()
         if zero_grad:
             self.zero_grad()

@@ -19,6 +19,7 @@ import contextlib
 import functools
 import logging
 import math
+import numbers
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -27,7 +28,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from arrcoc_sam.sam import perturbation
-from arrcoc_sam.sam.optimizer import SAM, snapshot_wrapping
+from arrcoc_sam.sam.optimizer import SAM, is_real, snapshot_wrapping
 from arrcoc_sam.sam.sharding import is_sharded
 
 __all__ = ["VariantSAM", "grads_replaced", "gradients_only_for", "uses_reentrant_checkpointing"]
@@ -97,26 +98,27 @@ def uses_reentrant_checkpointing(roots: Iterable[Any]) -> bool:
     return False
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def check_fraction(value: Any, name: str, *, allow_zero: bool = False) -> None:
-    """Raise ValueError unless ``value`` is a number in (0, 1] (or [0, 1] with ``allow_zero``)."""
-    if not _is_number(value) or not ((value >= 0 if allow_zero else value > 0) and value <= 1):
+def check_fraction(value: Any, name: str, *, allow_zero: bool = False) -> float:
+    """``value`` as a ``float``; ValueError unless it is a real number (Python or NumPy) in (0, 1] (or [0, 1] with
+    ``allow_zero``)."""
+    if not is_real(value) or not ((value >= 0 if allow_zero else value > 0) and value <= 1):
         interval = "[0, 1]" if allow_zero else "(0, 1]"
         raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+    return float(value)
 
 
-def check_nonnegative(value: Any, name: str) -> None:
-    """Raise ValueError unless ``value`` is a finite number >= 0."""
-    if not _is_number(value) or not 0 <= value < math.inf:
+def check_nonnegative(value: Any, name: str) -> float:
+    """``value`` as a ``float``; ValueError unless it is a finite real number (Python or NumPy) >= 0."""
+    if not is_real(value) or not 0 <= value < math.inf:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
 
 
-def check_interval(interval: Any) -> None:
-    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+def check_interval(interval: Any) -> int:
+    """``interval`` as an ``int``; ValueError unless it is an integer (Python or NumPy, not a bool) >= 1."""
+    if isinstance(interval, bool) or not isinstance(interval, numbers.Integral) or interval < 1:
         raise ValueError(f"interval must be an integer >= 1, got {interval!r}")
+    return int(interval)
 
 
 class VariantSAM(SAM):

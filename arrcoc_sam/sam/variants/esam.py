@@ -7,6 +7,7 @@ import logging
 import math
 import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -191,8 +192,8 @@ class ESAM(VariantSAM):
         eta: float = 0.01,
         **base_kwargs: Any,
     ) -> None:
-        check_fraction(beta, "beta")
-        check_fraction(gamma, "gamma")
+        beta = check_fraction(beta, "beta")
+        gamma = check_fraction(gamma, "gamma")
         try:
             seed = operator.index(seed)
         except TypeError:
@@ -200,8 +201,8 @@ class ESAM(VariantSAM):
         if swp not in SWP_UNITS:
             raise ValueError(f"swp must be one of {SWP_UNITS}, got {swp!r}")
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, eta=eta, **base_kwargs)
-        self.beta = float(beta)
-        self.gamma = float(gamma)
+        self.beta = beta
+        self.gamma = gamma
         self.seed = int(seed)
         self.swp = swp
         self._selection_provided = False
@@ -261,7 +262,8 @@ class ESAM(VariantSAM):
 
     def select_examples(self, loss_clean: Tensor, loss_perturbed: Tensor, at_least: int = 1) -> Tensor:
         """SDS: indices (``[max(⌈γB⌉, at_least)]``, at most B; int64) of the examples with the largest
-        ``loss_perturbed − loss_clean``.
+        ``loss_perturbed − loss_clean``. ⌈γB⌉ is exact for γ as written (the shortest decimal of the float):
+        γ = 0.14, B = 50 keeps 7, where the float product 7.000000000000001 would round up to 8.
 
         Args:
             loss_clean, loss_perturbed: per-example losses ``[B]`` at w and at w + ε̂.
@@ -273,7 +275,7 @@ class ESAM(VariantSAM):
                 f"select_examples needs two per-example loss vectors [B] of one shape, got "
                 f"{tuple(loss_clean.shape)} and {tuple(loss_perturbed.shape)}"
             )
-        keep = min(max(1, at_least, math.ceil(self.gamma * loss_clean.numel())), loss_clean.numel())
+        keep = min(max(1, at_least, math.ceil(Fraction(repr(self.gamma)) * loss_clean.numel())), loss_clean.numel())
         rise = loss_perturbed.detach() - loss_clean.detach()
         return torch.topk(-rise if self._maximizes() else rise, keep, sorted=False).indices
 
@@ -290,7 +292,8 @@ class ESAM(VariantSAM):
     def perturb(self) -> bool:
         """SAM's ascent with ρ/β; coordinate SWP then puts back the coordinates outside this step's masks,
         tensor SWP ascends on :meth:`swp_tensors` only. Tensor SWP returns True unless the norm is non-finite
-        (pass 2 then runs at w after a zero norm, see the class docstring)."""
+        (pass 2 then runs at w after a zero norm, see the class docstring, and :meth:`restore` puts back the
+        running statistics of :meth:`hold_running_stats`'s model as after an ascent)."""
         if self.gamma < 1 and not self._selection_provided and not self._warned_no_sds:
             self._warned_no_sds = True
             logger.warning(
@@ -310,7 +313,10 @@ class ESAM(VariantSAM):
             for group, rho in zip(self.param_groups, radii, strict=True):
                 group["rho"] = rho
         if self.swp == "tensor":  # pass 1 may have left the others without gradient: pass 2 must run
-            return ok or (self.first_pass_tensors() is not None and not self._skip_next_step)
+            if ok or self.first_pass_tensors() is None or self._skip_next_step:
+                return ok
+            self._snapshot_running_stats()  # pass 2 runs at w: restore() puts the statistics back all the same
+            return True
         if ok:
             self._mask_perturbation()
         return ok

@@ -26,11 +26,12 @@ class FriendlySAM(VariantSAM):
         ε_t = ρ d_t / ‖d_t‖                  (ASAM's metric with ``adaptive=True``)
         update with ∇L(w_t + ε_t)            (pass 2), as SAM
 
-    Norms are global over the perturbed tensors. m is committed only when the ascent is finite, so one
-    overflowing step does not poison it; a step whose *pass 2* then turns out non-finite (skipped by the update
-    check) keeps the finite g_t it already folded in, as the gradient of the weights it was taken at. This is the paper's formula; the authors' released code differs: it
-    starts m at g_0 and removes the previous average (d_t = g_t − σ m_{t−1}), which for σ = 1 differs only by a
-    start-up bias decaying like λ^t.
+    Norms are global over the perturbed tensors. m is committed at :meth:`restore`, and only when the ascent is
+    finite, so one overflowing step does not poison it; a step whose *pass 2* then turns out non-finite (skipped by
+    the update check) keeps the finite g_t, as the gradient of the weights it was taken at, and one whose pass 2
+    raises (:meth:`abort_perturbation`) does not, so a retried step folds g_t in once. This is the paper's
+    formula; the authors' released code differs: it starts m at g_0 and removes the previous average
+    (d_t = g_t − σ m_{t−1}), which for σ = 1 differs only by a start-up bias decaying like λ^t.
 
     g and m must be in the same units: :attr:`gradient_units` is what ``.grad`` holds per unit of the window's
     mean gradient, and g is divided by it. SAMTrainer and AcceleratedSAM set it each window (a GradScaler's
@@ -40,7 +41,7 @@ class FriendlySAM(VariantSAM):
     the units of ``.grad`` (times ``gradient_units``), as every method reports it.
 
     Cost: two forward+backward passes per step. Memory: one persistent gradient-sized buffer (m, saved in
-    the checkpoint) plus one transient one (d) beside SAM's backup.
+    the checkpoint) plus one transient one beside SAM's backup (d, then the new m until :meth:`restore`).
 
     Args:
         sigma: σ ≥ 0, how much of the EMA to remove (the paper's experiments use 1). σ = 0 is SAM.
@@ -66,8 +67,8 @@ class FriendlySAM(VariantSAM):
         eta: float = 0.01,
         **base_kwargs: Any,
     ) -> None:
-        check_nonnegative(sigma, "sigma")
-        check_fraction(ema_decay, "ema_decay", allow_zero=True)
+        sigma = check_nonnegative(sigma, "sigma")
+        ema_decay = check_fraction(ema_decay, "ema_decay", allow_zero=True)
         if ema_decay == 1:
             raise ValueError("ema_decay must be < 1 (λ = 1 never lets a gradient into the average), got 1")
         if ema_decay == 0 and sigma >= 1:
@@ -76,14 +77,17 @@ class FriendlySAM(VariantSAM):
                 f"(1 − sigma)·g: zero or against the gradient; use sigma < 1 or ema_decay > 0"
             )
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, eta=eta, **base_kwargs)
-        self.sigma = float(sigma)
-        self.ema_decay = float(ema_decay)
+        self.sigma = sigma
+        self.ema_decay = ema_decay
         #: ``.grad`` per unit of the window's mean gradient at the next ascent (see the class docstring)
         self.gradient_units = 1.0
+        self._pending_ema: dict[Tensor, Tensor] = {}  # m after this step, from perturb() until restore()
 
     @torch.no_grad()
     def perturb(self) -> bool:
-        """Ascent along d = (1 − σ(1 − λ)) g − σλ m_{t−1}; then m ← λ m + (1 − λ) g unless g was non-finite."""
+        """Ascent along d = (1 − σ(1 − λ)) g − σλ m_{t−1}; λ m + (1 − λ) g, unless g was non-finite, becomes m at
+        :meth:`restore` (a step whose pass 2 raises keeps the old m)."""
+        self._pending_ema = {}
         params, grads, _ = self._ascent_candidates()
         if not params:
             return False
@@ -104,11 +108,30 @@ class FriendlySAM(VariantSAM):
         if units != 1.0 and "grad_norm" in self.stats:  # ‖d‖ in the units of .grad, as every method reports it
             self.stats["grad_norm"] = self.stats["grad_norm"] * units
         if ok or not self._skip_next_step:
-            for group_prev, group_grads in perturbation.group_by_device_and_dtype(previous, list(grads)):
+            updated = direction  # d has served the ascent; its memory takes the new m, m itself stays as it is
+            perturbation.copy_(updated, previous)
+            for group_new, group_grads in perturbation.group_by_device_and_dtype(updated, list(grads)):
                 if units == 1.0:
-                    torch._foreach_lerp_(group_prev, group_grads, 1.0 - lam)
+                    torch._foreach_lerp_(group_new, group_grads, 1.0 - lam)
                 else:  # m ← λ m + (1 − λ) g/u
-                    torch._foreach_mul_(group_prev, lam)
-                    torch._foreach_add_(group_prev, group_grads, alpha=(1.0 - lam) / units)
-            self.buffers["ema"] = {**ema, **dict(zip(params, previous, strict=True))}
+                    torch._foreach_mul_(group_new, lam)
+                    torch._foreach_add_(group_new, group_grads, alpha=(1.0 - lam) / units)
+            self._pending_ema = dict(zip(params, updated, strict=True))
         return ok
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """SAM's; then the average :meth:`perturb` computed becomes m (the step's pass 2 has run)."""
+        pending, self._pending_ema = self._pending_ema, {}
+        super().restore()
+        if pending:
+            self.buffers["ema"] = {**self.buffers["ema"], **pending}
+
+    @torch.no_grad()
+    def abort_perturbation(self) -> None:
+        """SAM's error path; the average :meth:`perturb` computed is dropped, so a retried step folds g in once."""
+        self._pending_ema = {}
+        super().abort_perturbation()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__({"_pending_ema": {}, **state})  # pickles from before the average was held back

@@ -90,10 +90,10 @@ class GSAM(VariantSAM):
         eta: float = 0.01,
         **base_kwargs: Any,
     ) -> None:
-        check_nonnegative(alpha, "alpha")
+        alpha = check_nonnegative(alpha, "alpha")
         self._schedule_defaults = {"rho_min": rho_min, "lr_min": lr_min, "lr_max": lr_max}
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, eta=eta, **base_kwargs)
-        self.alpha = float(alpha)
+        self.alpha = alpha
 
     def _check_group(self, group: dict[str, Any], where: str) -> None:
         """SAM's checks plus the schedule's: 0 ≤ rho_min ≤ rho and finite 0 ≤ lr_min ≤ lr_max (``lr_max`` None:

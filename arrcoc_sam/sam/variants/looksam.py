@@ -62,11 +62,11 @@ class LookSAM(VariantSAM):
         eta: float = 0.01,
         **base_kwargs: Any,
     ) -> None:
-        check_interval(interval)
-        check_nonnegative(alpha, "alpha")
+        interval = check_interval(interval)
+        alpha = check_nonnegative(alpha, "alpha")
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, eta=eta, **base_kwargs)
         self.interval = interval
-        self.alpha = float(alpha)
+        self.alpha = alpha
 
     @property
     def needs_window_hooks(self) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -14,6 +15,8 @@ __all__ = ["MomentumSAM"]
 
 # Where torch's optimizers keep the running mean of the gradients (SGD with momentum; Adam, AdamW, NAdam, …).
 _MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
+# torch optimizers that keep no such mean, whatever their settings.
+_WITHOUT_MOMENTUM = (torch.optim.Adagrad, torch.optim.Adafactor, torch.optim.ASGD, torch.optim.Rprop)
 
 
 class MomentumSAM(VariantSAM):
@@ -61,8 +64,15 @@ class MomentumSAM(VariantSAM):
         self.track_stats = False
 
     def _check_group(self, group: dict[str, Any], where: str) -> None:
-        """SAM's checks, and a momentum to perturb along for ρ > 0 (a new group's own, else the base default)."""
+        """SAM's checks, and a momentum to perturb along for ρ > 0 (a new group's own, else the base default): not
+        one of torch's optimizers that keep none (Adagrad, Adafactor, ASGD, Rprop)."""
         super()._check_group(group, where)
+        if group["rho"] > 0 and isinstance(self.base_optimizer, _WITHOUT_MOMENTUM):
+            raise ValueError(
+                f"{where}msam takes its perturbation from the base optimizer's momentum, but "
+                f"{type(self.base_optimizer).__name__} keeps none; use SGD with momentum > 0 or an Adam-family "
+                "optimizer (whose first moment msam uses)"
+            )
         momentum = group.get("momentum", self.base_optimizer.defaults.get("momentum"))
         if group["rho"] > 0 and "beta1" in group and group["beta1"] is None:
             raise ValueError(
@@ -97,6 +107,10 @@ class MomentumSAM(VariantSAM):
     def after_first_pass(self) -> None:
         super().after_first_pass()
         self.restore()
+
+    def _snapshot_running_stats(self) -> None:
+        """Nothing to keep: msam's one pass per step runs at w + ε, and it is the pass the running statistics of
+        :meth:`hold_running_stats`'s model follow (copying them back at :meth:`restore` would freeze them)."""
 
     def _missing_momentum(self, state: dict[str, Any]) -> TypeError:
         return TypeError(

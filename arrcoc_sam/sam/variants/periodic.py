@@ -43,7 +43,7 @@ class PeriodicSAM(VariantSAM):
         eta: float = 0.01,
         **base_kwargs: Any,
     ) -> None:
-        check_interval(interval)
+        interval = check_interval(interval)
         if rho_scaling not in _RHO_SCALINGS:
             raise ValueError(f"rho_scaling must be one of {', '.join(_RHO_SCALINGS)}, got {rho_scaling!r}")
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, eta=eta, **base_kwargs)
