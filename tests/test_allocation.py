@@ -96,6 +96,26 @@ def test_extreme_exponents_neither_overflow_nor_produce_nan():
         assert budgets.sum().item() == 60 and budgets.max().item() == 50  # one dominant token takes the cap
 
 
+@pytest.mark.parametrize(("options", "precision", "indices", "budgets"), [
+    # s = r·p = [.5, .4, .3, .2], Σ = 1.4: 10 + 140·s/1.4 = 10 + 100·s
+    ({"min_tokens": 10, "max_tokens": 100, "total_budget": 180}, [5.0, 2.0, 1.0, 0.5], [0, 1, 2, 3], [60, 50, 40, 30]),
+    # s = r/p = [.02, .1, .3, .8], Σ = 1.22: 10 + 122·s/1.22 = 10 + 100·s
+    ({"min_tokens": 10, "max_tokens": 100, "total_budget": 162, "favor": "uncertain"}, [5.0, 2.0, 1.0, 0.5],
+     [3, 2, 1, 0], [90, 40, 20, 12]),
+    # s = r² = [.01, .04, .09, .16], Σ = .3: 300·s = [10, 40, 90, 160] caps the last at 100; 200 over Σ = .14 gives
+    # [14.3, 57.1, 128.6], capping the third; 100 over Σ = .05 gives [20, 80]
+    ({"min_tokens": 0, "max_tokens": 100, "total_budget": 300, "alpha": 2.0, "beta": 0.0}, [1.0] * 4,
+     [3, 2, 1, 0], [100, 100, 80, 20]),
+], ids=["precise", "uncertain", "alpha_and_water_filling"])
+def test_precision_aware_budgets_are_min_plus_spare_shared_in_proportion_to_the_score(options, precision, indices,
+                                                                                   budgets):
+    """Each kept token gets min_tokens plus a share of the spare budget ∝ s = relevance^α · precision^(±β), the
+    shares above max_tokens − min_tokens capped and their excess shared again in the same proportions."""
+    relevance = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    got_indices, got_budgets = PrecisionAwareAllocator(k=4, **options)(relevance, torch.tensor([precision]))
+    assert got_indices.tolist() == [indices] and got_budgets.tolist() == [budgets]
+
+
 def test_plain_mode_follows_the_arrcoc_formula_then_the_budget():
     relevance = torch.tensor([[1.0, 0.5, 0.0, 0.25]])
     indices, budgets = RelevanceAllocator(64, 400, 10_000, k=3)(relevance)

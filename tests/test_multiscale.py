@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +13,7 @@ from arrcoc_sam.relevance.multiscale import (
     MultiScaleRelevanceConfig,
     MultiScaleRelevanceModel,
     coarse_to_fine_top_k,
+    rademacher_probe,
 )
 from arrcoc_sam.relevance.texture import grid_to_tokens, normalize_per_sample, tokens_to_grid
 
@@ -153,21 +156,30 @@ def test_a_bfloat16_model_returns_bfloat16_relevance_from_float32_features(fusio
     assert out.combined_relevance.dtype == out.weights.dtype == torch.bfloat16
 
 
-def test_curvature_fusion_estimates_each_samples_input_hessian_frobenius_norm():
-    model, batch = _model(fusion="curvature", num_levels=2, curvature_probes=48), _batch(batch_size=2)
-    out = model(pixel_values=batch["pixel_values"], query_embedding=batch["query_embedding"])
-    fine = normalize_per_sample(model.token_features(batch["pixel_values"], None))
+def test_curvature_fusion_is_the_hutchinson_estimate_of_each_samples_input_hessian_frobenius_norm():
+    """sharpness[b, s] = sqrt(mean_i ||H z_i||^2) * sqrt(N_s) with z_i = rademacher_probe(i) and H the exact Hessian
+    of sample b's mean relevance in its scale-s features: E ||H z||^2 = ||H||_F^2 for Rademacher z. The probes are
+    a fixed hash, so the estimate is deterministic and is replayed here to float64 rounding."""
+    model = _model(fusion="curvature", num_levels=2, curvature_probes=3).double()
+    batch = _batch(batch_size=2)
+    pixels, query = batch["pixel_values"].double(), batch["query_embedding"].double()
+    out = model(pixel_values=pixels, query_embedding=query)
+    fine = normalize_per_sample(model.token_features(pixels, None))
     for level in range(2):
         features = grid_to_tokens(F.avg_pool2d(tokens_to_grid(fine), 2**level)).detach()
+        probes = [rademacher_probe(features.shape[1:], i, dtype=torch.float64).reshape(-1) for i in range(3)]
+        assert all(set(z.tolist()) == {-1.0, 1.0} for z in probes)
         for b in range(2):
             def mean_relevance(x, b=b):
-                return model.scorer(x.unsqueeze(0), batch["query_embedding"][b:b + 1]).relevance.mean()
+                return model.scorer(x.unsqueeze(0), query[b:b + 1]).relevance.mean()
 
-            hessian = torch.autograd.functional.hessian(mean_relevance, features[b])
-            exact = hessian.reshape(features[b].numel(), -1).norm() * features.shape[1] ** 0.5
-            assert float(out.sharpness[b, level]) == pytest.approx(float(exact), rel=0.2)
-    inverse = 1 / out.sharpness
-    torch.testing.assert_close(out.weights, inverse / inverse.sum(1, keepdim=True))
+            hessian = torch.autograd.functional.hessian(mean_relevance, features[b], vectorize=True)
+            hessian = hessian.reshape(features[b].numel(), -1)
+            mean_square = sum(float((hessian @ z).square().sum()) for z in probes) / 3
+            expected = math.sqrt(mean_square) * math.sqrt(features.shape[1])
+            assert float(out.sharpness[b, level]) == pytest.approx(expected, rel=1e-9, abs=0)
+    inverse = 1 / (out.sharpness + model.config.sharpness_eps)
+    torch.testing.assert_close(out.weights, inverse / inverse.sum(1, keepdim=True), rtol=1e-12, atol=0)
 
 
 def _fused_reference(model: MultiScaleRelevanceModel, features: torch.Tensor, query: torch.Tensor,

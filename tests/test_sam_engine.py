@@ -841,3 +841,33 @@ def test_the_remembered_grouping_follows_every_change_of_tensors_dtypes_and_sett
     assert opt._plans._key is not None and opt._plans._plans is not None
     twin = copy.deepcopy(opt)  # the remembered grouping is not part of the optimizer's state
     assert twin._plans._key is None
+
+
+def test_one_group_takes_an_in_place_change_of_eta_adaptive_maximize_or_rho_at_the_next_perturb():
+    """With one param group (the usual case) the remembered grouping is keyed on that group's dict and settings:
+    each setting edited in place between steps must give ε = ±ρ T²g/‖Tg‖ with the new value."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(4, 3, dtype=torch.float64)), nn.Parameter(torch.randn(5, dtype=torch.float64))]
+    grads = [torch.linspace(-1, 1, 12, dtype=torch.float64).view(4, 3), torch.linspace(2, -0.5, 5, dtype=torch.float64)]
+    opt = SAM(params, torch.optim.SGD, lr=0.1, rho=0.1, adaptive=True, eta=0.01)
+    group = opt.param_groups[0]
+
+    def check(sign=1.0):
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        clean = [p.detach().clone() for p in params]
+        got = [moved - c for moved, c in zip(_perturbed_weights(opt, params), clean)]
+        expected = reference_epsilon(params, grads, group["rho"], group["adaptive"], group["eta"])
+        for e, r, p in zip(got, expected, params):
+            torch.testing.assert_close(e, sign * r.view_as(p), rtol=0, atol=1e-12)
+
+    check()
+    check()  # the remembered grouping
+    group["eta"] = 0.5
+    check()
+    group["adaptive"] = False  # plain SAM: T = 1
+    check()
+    group["rho"] = 0.3
+    check()
+    group["maximize"] = True  # the base optimizer maximises: the ascent is on −loss
+    check(sign=-1.0)

@@ -46,12 +46,12 @@ def test_average_precision_without_ties_is_mean_precision_at_each_positive():
 
 def test_f1_precision_recall_count_only_tokens_with_a_target():
     scores = np.array([[0.9, 0.2, 0.7, 0.99], [0.6, 0.1, 0.4, 0.3]])
-    labels = np.array([[1, 0, 0, -100], [1, 1, 0, -100]])
+    labels = np.array([[1, 0, 0, -100], [0, 1, 0, -100]])
     metrics = token_relevance_metrics(scores, labels)
-    # predicted positive: (0,0) tp, (0,2) fp, (1,0) tp; positives: (0,0), (1,0), (1,1)
-    assert metrics["precision"] == pytest.approx(2 / 3)
-    assert metrics["recall"] == pytest.approx(2 / 3)
-    assert metrics["f1"] == pytest.approx(2 / 3)
+    # predicted positive: (0,0) tp, (0,2) fp, (1,0) fp ((0,3) has no target); positives: (0,0), (1,1)
+    assert metrics["precision"] == pytest.approx(1 / 3)  # tp / predicted
+    assert metrics["recall"] == pytest.approx(1 / 2)  # tp / positives
+    assert metrics["f1"] == pytest.approx(2 / 5)  # harmonic mean 2PR / (P + R), not (P + R) / 2 = 5 / 12
 
 
 def test_no_predicted_positive_gives_zero_precision_and_f1():

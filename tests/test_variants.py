@@ -882,6 +882,7 @@ def test_gsam_follows_a_learning_rate_no_scheduler_records_a_peak_for():
     gsam.step(sam_closure(model, gsam, batch))
     for loss in (1.0, 2.0, 3.0):
         plateau.step(loss)  # no improvement after the first: the lr falls to 0.01, then 0.001
+    gsam.step(sam_closure(model, gsam, batch))  # an ascent at the lowered lr keeps the peak it has seen
     group = gsam.param_groups[0]
     assert group["lr"] == pytest.approx(0.001) and GSAM.lr_max_of(group) == pytest.approx(0.1)
     assert GSAM.scheduled_rho(group) == pytest.approx(0.001)
@@ -899,6 +900,18 @@ def test_esam_selects_ceil_gamma_b_examples_with_the_largest_rise():  # kills V6
     opt = ESAM([nn.Parameter(torch.ones(2))], torch.optim.SGD, lr=0.1, gamma=0.5)
     chosen = opt.select_examples(torch.zeros(5), torch.tensor([0.1, 0.5, 0.2, 0.9, 0.3]))
     assert sorted(chosen.tolist()) == [1, 3, 4]  # ceil(0.5 * 5) = 3
+
+
+def test_gsam_rho_t_is_rho_when_lr_min_equals_lr_max():
+    """The class docstring's degenerate schedule: an lr range of zero width keeps ρ_t = ρ (not rho_min), whether
+    lr_max is given or is the group's peak learning rate, and the ascent then moves the weights by ρ."""
+    for lr_max in (0.1, None):
+        w = nn.Parameter(torch.ones(2))
+        opt = GSAM([w], torch.optim.SGD, lr=0.1, rho=0.1, rho_min=0.02, lr_min=0.1, lr_max=lr_max)
+        assert GSAM.scheduled_rho(opt.param_groups[0]) == 0.1
+        w.grad, clean = torch.tensor([3.0, 4.0]), w.detach().clone()
+        with opt.perturbed():
+            torch.testing.assert_close(w.detach() - clean, torch.tensor([0.06, 0.08]))  # ρ g/‖g‖, ‖g‖ = 5
 
 
 def test_gsam_scheduled_rho_is_held_within_rho_min_and_rho_outside_the_lr_range():  # kills V9
