@@ -136,6 +136,20 @@ def test_variants_without_sharded_math_refuse_fsdp2_parameters_at_construction(f
         assert "does not support sharded" in message and "use sam, asam or periodic" in message, method
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", ["2x1", "1x2"])
+def test_fsdp_by_tensor_parallel_layouts_take_the_norm_of_the_full_gradient(fsdp_run, shape):
+    """FSDP2's _StridedShard over a tensor-parallel weight was counted on one FSDP coordinate only (ε 1.3× too
+    large under FSDP × TP); a tensor on the FSDP slice of the mesh (a second mesh) and a Replicate gradient of a
+    Shard weight (TP's embedding) were refused. ε, ‖g‖, ‖g_SAM‖ and restore against the full tensors."""
+    record = fsdp_run[f"tensor_parallel_{shape}"]
+    assert record["error"] is None, record["error"]
+    assert record["eps_max_error"] <= 1e-15
+    assert record["grad_norm_rel_error"] <= 1e-6 and record["grad_norm_perturbed_rel_error"] <= 1e-6
+    assert record["restored_bitwise"]
+
+
 # -- single process -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("scope", ["per_device", "microbatch"])
 def test_non_global_scope_is_refused_under_fsdp2_naming_global(scope):

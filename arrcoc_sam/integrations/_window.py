@@ -176,10 +176,19 @@ class SAMWindow:
             non-finite gradients (in its ascent or its sharpness-aware gradient) drops them (without a GradScaler)
             for that step to change nothing; False where the step goes through the sharpness-aware optimizer
             (SAMTrainer), which the window asks to skip it.
+        no_sync: ``no_sync(model)``, the context that holds back a pass's gradient reduction (default:
+            ``accelerator.no_sync``; SAMTrainer passes the Trainer's own for models sharded at load time).
     """
 
-    def __init__(self, accelerator: Any, scope: str, loop_steps_base: bool = True) -> None:
+    def __init__(
+        self,
+        accelerator: Any,
+        scope: str,
+        loop_steps_base: bool = True,
+        no_sync: Callable[[nn.Module], contextlib.AbstractContextManager] | None = None,
+    ) -> None:
         self.accelerator = accelerator
+        self._hold_reduction = no_sync
         self.scope = scope
         self.loop_steps_base = loop_steps_base
         self.metrics = SAMMetrics()
@@ -481,6 +490,8 @@ class SAMWindow:
 
     # -- helpers ---------------------------------------------------------------------------------------
     def _no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        if self._hold_reduction is not None:
+            return self._hold_reduction(model)
         return self.accelerator.no_sync(model)
 
     def _grad_scale(self) -> float:

@@ -49,6 +49,7 @@ from arrcoc_sam.integrations._settings import (
     parse_sam_args,
 )
 from arrcoc_sam.integrations._window import ExampleLosses, SAMWindow, shallow_copy
+from arrcoc_sam.sam.sharding import is_sharded
 from arrcoc_sam.sam.variants.esam import label_counts, per_example_loss
 
 __all__ = [
@@ -197,7 +198,8 @@ class _SAMTrainerMethods:
             return _STOCK_TRAINING_STEP(self, model, inputs, num_items_in_batch)
         window = self.__dict__.get("_sam_window")
         if window is None or window.accelerator is not self.accelerator or window.scope != settings.scope:
-            window = self._sam_window = SAMWindow(self.accelerator, settings.scope, loop_steps_base=False)
+            window = self._sam_window = SAMWindow(self.accelerator, settings.scope, loop_steps_base=False,
+                                                  no_sync=functools.partial(_held_reduction, self))
 
         # A replay at w + ε normalises each micro-batch as its pass 1 did: with its own num_items_in_batch and
         # accumulation count (the stock loop carries an unfinished window, e.g. at the end of an IterableDataset,
@@ -307,6 +309,19 @@ def _accumulation_steps(trainer: Trainer, steps: int | None) -> Iterator[None]:
         trainer.current_gradient_accumulation_steps = current
 
 
+def _held_reduction(trainer: Trainer, model: nn.Module) -> contextlib.AbstractContextManager:
+    """What holds back a replayed micro-batch's gradient reduction, as the stock loop holds an inner one's: the
+    Trainer's own deferral for a model transformers sharded with FSDP at load time (Accelerate's ``no_sync`` does
+    nothing there), else ``accelerator.no_sync``."""
+    defer = getattr(trainer, "_defer_fsdp_gradient_reduction", None)
+    if defer is not None and getattr(trainer, "is_distributed_loading_by_transformers", False):
+        from transformers.distributed.fsdp import is_fsdp_managed_module
+
+        if is_fsdp_managed_module(trainer.model):
+            return defer()
+    return trainer.accelerator.no_sync(model)
+
+
 def _custom_loss(trainer: Trainer) -> bool:
     return trainer.compute_loss_func is not None or type(trainer).compute_loss is not Trainer.compute_loss
 
@@ -373,6 +388,8 @@ def _run_settings(trainer: Trainer) -> SAMSettings:
         zero_stage = trainer.accelerator.state.deepspeed_plugin.zero_stage
     if getattr(trainer, "is_fsdp_enabled", False):
         fsdp_version = getattr(trainer.accelerator.state.fsdp_plugin, "fsdp_version", 1)
+    elif getattr(trainer, "is_distributed_loading_by_transformers", False) and is_sharded(trainer.model.parameters()):
+        fsdp_version = 2  # sharded at load time (from_pretrained(distributed_config=...)): FSDP2 / tensor parallel
     check_run_compatible(
         settings,
         gradient_accumulation_steps=trainer.args.gradient_accumulation_steps,

@@ -34,7 +34,7 @@ from torch.utils.hooks import RemovableHandle
 
 from arrcoc_sam.sam import perturbation
 from arrcoc_sam.sam.norm_stats import running_stat_buffers
-from arrcoc_sam.sam.sharding import ShardLayout, is_sharded
+from arrcoc_sam.sam.sharding import ShardLayout, align_gradients, is_sharded
 
 __all__ = ["SAM", "ASAM"]
 
@@ -416,9 +416,11 @@ class SAM(Optimizer):
         params, grads, settings = self._ascent_directions()
         if not params:
             return False
-        groups = self._plans.groups(params, grads, settings, admit=lambda: ShardLayout.of(params, grads) is None)
+        groups = self._plans.groups(params, grads, settings, admit=lambda: not is_sharded(params))
         layout = None
         if groups is None:  # not remembered (the plans check dtypes themselves): sharded, or without storage
+            if align_gradients(p for group in self.param_groups for p in group["params"]):
+                params, grads, settings = self._ascent_directions()  # the gradients laid out as their tensors
             perturbation.check_real({g.dtype for g in grads})
             layout = ShardLayout.of(params, grads)
         if layout is None:
@@ -494,6 +496,8 @@ class SAM(Optimizer):
             return
         targets, backup, layout = self._targets, self._backup, self._layout
         try:  # perturb() dropped the previous step's figures, so a step without them reports none
+            if layout is not None and self.track_stats:
+                align_gradients(self._perturbed)
             grads = [p.grad for p in self._perturbed] if self.track_stats else []
             if grads and all(g is not None for g in grads):
                 norm = self._record_second_pass_stats(targets, backup, grads if layout is None else layout.local(grads))
@@ -517,7 +521,11 @@ class SAM(Optimizer):
         if not pairs:
             return None
         params, grads = [p for p, _ in pairs], [g for _, g in pairs]
-        layout = ShardLayout.of(params, grads) if is_sharded(grads) else None
+        layout = None
+        if is_sharded(grads):
+            if align_gradients(params):
+                grads = [p.grad for p in params]
+            layout = ShardLayout.of(params, grads)
         if layout is None:
             return perturbation.squared_norm(list(map(_dense_real, grads))).sqrt()
         plain = [False] * len(params)  # ‖g‖: the ascent norm without ASAM's scaling

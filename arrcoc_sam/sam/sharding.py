@@ -9,8 +9,16 @@ tensors there are.
 
 Counting rule: a rank's local piece is added to a global sum iff it is a distinct part of the full tensor,
 i.e. the rank's mesh coordinate is 0 on every mesh dimension the tensor is *not* sharded on (``Replicate``
-placements, HSDP's replica dimension). Plain (non-DTensor) tensors next to DTensors are treated as
-replicated over the mesh: counted once, on the rank at mesh coordinate 0.
+placements, HSDP's replica dimension; ``Shard`` and FSDP2's ``_StridedShard`` over a tensor-parallel shard both
+shard). Plain (non-DTensor) tensors next to DTensors are treated as replicated over the mesh: counted once, on
+the rank at mesh coordinate 0.
+
+Several meshes (FSDP × tensor parallelism: the tensor-parallel weights on the 2-D mesh, the others on its FSDP
+slice) must be slices of one mesh over all ranks: a slice's copies along the other dimensions then hold the
+same pieces, and the copy that holds global rank 0 counts them; the sums run over all ranks (plain tensors
+count on global rank 0). A gradient laid out otherwise than its parameter (tensor parallelism's embedding:
+``Replicate`` gradient, ``Shard`` weight) is redistributed to the parameter's layout first
+(:func:`align_gradients`).
 
 FSDP1 (``FullyShardedDataParallel``) is refused, with ``use_orig_params`` True or False: its parameters
 are slices of each rank's flat shard that do not record the process group they are sharded over. Use FSDP2
@@ -33,7 +41,7 @@ from torch import Tensor, nn
 
 from arrcoc_sam.sam import perturbation
 
-__all__ = ["ShardLayout", "check_fsdp_run", "check_model_supported", "is_sharded"]
+__all__ = ["ShardLayout", "align_gradients", "check_fsdp_run", "check_model_supported", "is_sharded"]
 
 _FSDP1_HINT = (
     "FSDP1 (FullyShardedDataParallel) is not supported by SAM: its parameters are flat shards that do not "
@@ -75,6 +83,25 @@ def is_sharded(params: Iterable[Tensor]) -> bool:
     params = list(params)
     types = _types(params)
     return _has_dtensor(types) or _has_fsdp1(params, types)
+
+
+def align_gradients(params: Iterable[Tensor]) -> bool:
+    """Give every DTensor parameter's gradient the parameter's placements where they differ and the gradient is
+    reduced (no ``Partial``): ``p.grad`` is replaced by its redistribution (``Replicate`` → ``Shard`` is a local
+    slice; ``Shard`` → ``Replicate`` an all-gather, which every rank makes alike). The values are the same
+    tensor's; SAM reads local pieces, which must line up with the parameter's. Returns whether any gradient was
+    replaced (False without DTensors)."""
+    dtensor = _dtensor_type()
+    if dtensor is None:
+        return False
+    replaced = False
+    for p in params:
+        grad = p.grad
+        if (isinstance(p, dtensor) and isinstance(grad, dtensor) and grad.placements != p.placements
+                and grad.device_mesh == p.device_mesh and not any(pl.is_partial() for pl in grad.placements)):
+            p.grad = grad.redistribute(p.device_mesh, p.placements)
+            replaced = True
+    return replaced
 
 
 def check_model_supported(model: nn.Module) -> None:
@@ -135,9 +162,10 @@ class ShardLayout:
         """The layout of ``params`` (with their ``grads``), or None when none of them is a DTensor.
 
         Raises:
-            ValueError: an FSDP1 parameter; DTensors on different device meshes; a gradient whose
-                placements differ from its parameter's, or that is ``Partial`` (not yet reduced).
-            NotImplementedError: a multi-dimensional mesh that spans only part of the world.
+            ValueError: an FSDP1 parameter; a gradient whose placements differ from its parameter's (see
+                :func:`align_gradients`), or that is ``Partial`` (not yet reduced).
+            NotImplementedError: several device meshes none of which spans all ranks, or a multi-dimensional
+                mesh that spans only part of the world.
         """
         types = _types(params)
         if _has_fsdp1(params, types):
@@ -145,19 +173,29 @@ class ShardLayout:
         if not _has_dtensor(types):
             return None
         dtensor = _dtensor_type()
-        mesh = next(p.device_mesh for p in params if isinstance(p, dtensor))
-        coordinate = mesh.get_coordinate()
-        at_origin = all(c == 0 for c in coordinate)
+        meshes = []  # distinct by equality (a slice taken twice is two equal objects)
+        for p in params:
+            if isinstance(p, dtensor) and all(p.device_mesh is not m and p.device_mesh != m for m in meshes):
+                meshes.append(p.device_mesh)
+        mesh = meshes[0]
+        if len(meshes) > 1:
+            world = torch.distributed.get_world_size()
+            if all(m.size() != world for m in meshes):
+                raise NotImplementedError(
+                    f"SAM on DTensors over several device meshes ({', '.join(map(str, meshes))}) needs them to be "
+                    f"slices of one mesh over all {world} ranks"
+                )
+            # the copy of each slice that holds global rank 0 counts its pieces; plain tensors count on rank 0
+            holds_origin = [bool((m.mesh == 0).any()) for m in meshes]
+            at_origin = torch.distributed.get_rank() == 0
+        else:
+            at_origin = all(c == 0 for c in mesh.get_coordinate())
+        coordinates = [m.get_coordinate() for m in meshes]
         counted = []
         for index, (p, g) in enumerate(zip(params, grads, strict=True)):
             if not isinstance(p, dtensor):
                 counted.append(at_origin)
                 continue
-            if p.device_mesh != mesh:
-                raise ValueError(
-                    f"SAM needs every sharded parameter on one device mesh; tensor {index} is on "
-                    f"{p.device_mesh}, the first on {mesh}"
-                )
             if not isinstance(g, dtensor) or g.placements != p.placements:
                 placements = g.placements if isinstance(g, dtensor) else "a plain tensor"
                 raise ValueError(
@@ -168,11 +206,15 @@ class ShardLayout:
                 raise ValueError(
                     f"sharded tensor {index} has Partial placements {p.placements}: reduce it first"
                 )
+            which = 0 if len(meshes) == 1 else next(
+                i for i, m in enumerate(meshes) if p.device_mesh is m or p.device_mesh == m)
             counted.append(
-                all(pl.is_shard() or c == 0 for pl, c in zip(p.placements, coordinate, strict=True))
+                (len(meshes) == 1 or holds_origin[which])
+                and all(not pl.is_replicate() or c == 0 for pl, c in zip(p.placements, coordinates[which], strict=True))
             )
         device = grads[0]._local_tensor.device if isinstance(grads[0], dtensor) else grads[0].device
-        return cls(counted, device, *_mesh_group(mesh), collective_device=mesh_device(mesh.device_type))
+        group = _mesh_group(mesh) if len(meshes) == 1 else (None, torch.distributed.get_world_size())
+        return cls(counted, device, *group, collective_device=mesh_device(mesh.device_type))
 
     def local(self, tensors: Sequence[Tensor]) -> list[Tensor]:
         """This rank's local tensors: a DTensor's local shard (the live storage, not a copy), others as they are."""

@@ -6,7 +6,8 @@ Usage (under torchrun, 2 processes): ``fsdp_sam.py OUT.json``. One launch measur
   batch (parameter and statistic differences, collectives inside ``perturb()`` and ``restore()``);
 * a bf16-compute / fp32-shard ``MixedPrecisionPolicy`` step (ε measured on the fp32 shards);
 * a DCP checkpoint after 5 steps, resumed into fresh objects (with and without the optimizer state);
-* what ``is_sharded``, ``check_model_supported`` and ``SAM.perturb`` say about FSDP2, FSDP1 and plain parameters.
+* what ``is_sharded``, ``check_model_supported`` and ``SAM.perturb`` say about FSDP2, FSDP1 and plain parameters;
+* ε, the statistics and restore over FSDP × tensor-parallel layouts on ('fsdp', 'tp') meshes of shape 2×1 and 1×2.
 
 The model is a small transformer: two ``nn.TransformerEncoderLayer`` (width 16) and a width-1 linear head,
 whose weight ``[1, 16]`` shards unevenly (rank 1 holds an empty shard). GELU, not ReLU: with a kink, a
@@ -136,6 +137,62 @@ def nan_outside_the_ascent(mesh) -> dict[str, object]:
     after = full_params(model)
     return {"poisoned_here": poisoned, "unchanged": all(torch.equal(a, b) for a, b in zip(before, after, strict=True)),
             "finite": all(bool(torch.isfinite(a).all()) for a in after)}
+
+
+def tensor_parallel_layouts(shape: tuple[int, int]) -> dict[str, object]:
+    """SAM over DTensors laid out as FSDP × tensor parallelism lays them out, on a ``shape`` ('fsdp', 'tp') mesh
+    over the 2 ranks, against ε = ρ g/‖g‖ of the full tensors: a tensor-parallel weight whose FSDP placement is
+    ``_StridedShard`` (not a ``Shard``: counted on one FSDP coordinate only, ‖g‖ too small), a tensor on the
+    'fsdp' slice (a second mesh: refused), a ``Replicate`` gradient of a ``Shard`` weight (tensor parallelism's
+    embedding: refused), a replicated weight and a plain tensor beside them."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    mesh = init_device_mesh("cpu", shape, mesh_dim_names=("fsdp", "tp"))
+    generator = torch.Generator().manual_seed(7)
+    fulls = [torch.randn(6, 4, generator=generator, dtype=torch.float64) for _ in range(5)]
+    grads = [torch.randn(6, 4, generator=generator, dtype=torch.float64) for _ in range(5)]
+    layouts = [  # (mesh, parameter placements, gradient placements); None: a plain tensor
+        (mesh, [_StridedShard(0, split_factor=shape[1]), Shard(0)], None),
+        (mesh, [Shard(0), Shard(1)], None),
+        (mesh["fsdp"], [Shard(0)], None),
+        (mesh, [Replicate(), Shard(0)], [Replicate(), Replicate()]),
+        (None, None, None),
+    ]
+    params = []
+    for full, grad, (on, placements, grad_placements) in zip(fulls, grads, layouts, strict=True):
+        if on is None:
+            param = nn.Parameter(full.clone())
+            param.grad = grad.clone()
+        else:
+            # copies: a local piece may be the very tensor handed in (Replicate, a one-rank mesh)
+            param = nn.Parameter(distribute_tensor(full.clone(), on, placements))
+            param.grad = distribute_tensor(grad.clone(), on, grad_placements or placements)
+        params.append(param)
+    opt = SAM(params, torch.optim.SGD, lr=0.1, rho=0.05)
+    norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+    expected = [w + 0.05 * g / norm for w, g in zip(fulls, grads, strict=True)]
+    try:
+        opt.perturb()
+    except Exception as error:  # noqa: BLE001 - the old code refuses these layouts; the test reads the message
+        return {"error": f"{type(error).__name__}: {error}"}
+    perturbed = [full_tensor(p) for p in params]
+    opt.restore()
+    restored = [full_tensor(p) for p in params]
+    return {
+        "error": None,
+        "eps_max_error": max_diff(perturbed, expected),
+        "grad_norm_rel_error": abs(float(opt.stats["grad_norm"]) - float(norm)) / float(norm),
+        "grad_norm_perturbed_rel_error": abs(float(opt.stats["grad_norm_perturbed"]) - float(norm)) / float(norm),
+        "restored_bitwise": all(torch.equal(a, b) for a, b in zip(restored, fulls, strict=True)),
+    }
+
+
+def full_tensor(param: torch.Tensor) -> torch.Tensor:
+    """A copy of the whole of ``param`` (gathered where it is a DTensor), detached: ``full_tensor()`` of a
+    replicated piece is that piece itself."""
+    param = param.detach()
+    return (param.full_tensor() if hasattr(param, "full_tensor") else param).clone()
 
 
 def full_params(model: nn.Module) -> list[torch.Tensor]:
@@ -293,6 +350,8 @@ def main() -> None:
             "checkpoint": checkpoint_resume(checkpoint_dir),
             "detection": detection(),
             "nan_outside_the_ascent": nan_outside_the_ascent(flat_mesh),
+            "tensor_parallel_2x1": tensor_parallel_layouts((world, 1)),
+            "tensor_parallel_1x2": tensor_parallel_layouts((1, world)),
         }
         if dist.get_rank() == 0:
             out.write_text(json.dumps(result))
