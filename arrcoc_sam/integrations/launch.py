@@ -26,11 +26,14 @@ from collections.abc import Iterator
 
 from transformers.hf_argparser import string_to_bool
 
-from arrcoc_sam.integrations._settings import check_knob_values
+from arrcoc_sam.integrations._settings import SAMSettings, check_knob_values
 from arrcoc_sam.integrations.trainer import SAMArguments, patched_trainer
 
 __all__ = ["flags_given", "main", "split_argv"]
 
+# SAMSettings field -> the flag that sets it
+_SETTING_FLAGS = {"method": "optimizer", "rho": "rho", "eta": "sam_eta", "scope": "sam_scope",
+                  "interval": "sam_interval", "extra": "sam_args", "statistics": "sam_statistics"}
 _USAGE = "python -m arrcoc_sam.launch SCRIPT.py [--optimizer NAME] [--rho R] [--sam_* ...] [SCRIPT ARGS...]"
 
 
@@ -98,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     given = flags_given(argv)
     try:
-        with patched_trainer(settings, explicit=bool(given)), _refusing_flags_taken_from(given), owned_process_group():
+        with patched_trainer(settings, explicit=bool(given)), _refusing_flags_taken_from(given, settings), \
+                owned_process_group():
             runpy.run_path(script, run_name="__main__")
     except SystemExit as exit_:
         if exit_.code is None or isinstance(exit_.code, int):
@@ -111,11 +115,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 @contextlib.contextmanager
-def _refusing_flags_taken_from(given: list[str]) -> Iterator[None]:
+def _refusing_flags_taken_from(given: list[str], settings: SAMSettings) -> Iterator[None]:
     """While the script runs, an argument parser of its own that defines one of the launcher's ``given`` flags
     stops with a usage error naming it: the launcher took that flag off the command line, so the script would
-    silently get its default. Parsers of SAM arguments (``SAMTrainingArguments``) are left to the Trainer's check,
-    which refuses a launcher setting they disagree with."""
+    silently get its default. A parser of SAM arguments (``SAMTrainingArguments``) reading the command line stops
+    with a usage error too, once it has parsed SAM settings other than the launcher's ``settings`` (the
+    Trainer would refuse them at train(), after the model and data are built)."""
     original = argparse.ArgumentParser.parse_known_args
     taken = [f"--{name}" for name in given]
 
@@ -129,13 +134,34 @@ def _refusing_flags_taken_from(given: list[str]) -> Iterator[None]:
                          f"itself, but python -m arrcoc_sam.launch took {'them' if len(clashes) > 1 else 'it'} as its "
                          "SAM settings, so the script would only see its default; rename the script's flag, or run "
                          "the script without the launcher")
-        return original(parser, args, namespace, *rest, **kwargs)
+        parsed = original(parser, args, namespace, *rest, **kwargs)
+        if given and reads_command_line and parses_sam_arguments:
+            _refuse_other_sam_settings(parser, parsed[0], given, settings)
+        return parsed
 
     argparse.ArgumentParser.parse_known_args = parse_known_args  # type: ignore[method-assign]
     try:
         yield
     finally:
         argparse.ArgumentParser.parse_known_args = original  # type: ignore[method-assign]
+
+
+def _refuse_other_sam_settings(parser: argparse.ArgumentParser, namespace: argparse.Namespace, given: list[str],
+                               settings: SAMSettings) -> None:
+    """``parser.error`` naming the SAM settings a script's parser read into ``namespace`` that differ from the
+    launcher's ``settings`` (its flags ``given``); settings the script's own checks refuse are left to them."""
+    values = {spec.name: getattr(namespace, spec.name, spec.default) for spec in dataclasses.fields(SAMArguments)}
+    try:
+        parsed = SAMArguments(**values).sam_settings()
+    except ValueError:
+        return
+    differ = [(flag, getattr(parsed, name), getattr(settings, name)) for name, flag in _SETTING_FLAGS.items()
+              if getattr(parsed, name) != getattr(settings, name)]
+    if differ:
+        parser.error(f"the script parses SAMTrainingArguments and reads {', '.join(f'{f}={a!r}' for f, a, _ in differ)} "
+                     f"where python -m arrcoc_sam.launch has {', '.join(f'{f}={b!r}' for f, _, b in differ)} from "
+                     f"{', '.join(f'--{name}' for name in given)}, which it took off the command line, so the script "
+                     "never saw them: run a script that parses the SAM flags itself directly, without the launcher")
 
 
 def _process_group_initialized() -> bool:

@@ -20,6 +20,7 @@ to each token's features, summed over its channels (see its docstring).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -206,8 +207,9 @@ class PrecisionAwareAllocation:
     """The knowledge file's rule: top-K of relevance − penalty · relu(p̂ − target_precision), equal budgets.
 
     p̂ is the precision divided by its per-sample maximum (relevance / its maximum when no precision is
-    given), so ``target_precision`` is a fraction of the sample's sharpest token. Every kept token gets
-    ``clamp(total_budget // k, min_tokens, max_tokens)`` tokens.
+    given), so ``target_precision`` is a fraction of the sample's sharpest token, in [0, 1] (1 penalises no
+    token); ``penalty`` is a finite number >= 0. Every kept token gets ``clamp(total_budget // k, min_tokens,
+    max_tokens)`` tokens.
     """
 
     target_precision: float = 1.0
@@ -219,6 +221,11 @@ class PrecisionAwareAllocation:
 
     def __post_init__(self) -> None:
         self.total_budget = _check_limits(self.min_tokens, self.max_tokens, self.k, self.total_budget)
+        if not (math.isfinite(self.target_precision) and 0 <= self.target_precision <= 1):
+            raise ValueError(f"target_precision must be a fraction in [0, 1] of the sample's sharpest token "
+                             f"(1 penalises no token), got {self.target_precision}")
+        if not math.isfinite(self.penalty):
+            raise ValueError(f"penalty must be a finite number, got {self.penalty}")
         if self.penalty < 0:
             raise ValueError(f"penalty must be >= 0, got {self.penalty}")
 

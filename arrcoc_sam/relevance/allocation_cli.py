@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from arrcoc_sam.relevance.allocation import (
 )
 from arrcoc_sam.relevance.robustness_cli import (
     add_data_arguments,
+    check_k_fits,
+    check_output_dir,
     load_checked,
     non_negative_float,
     non_negative_int,
@@ -39,6 +42,15 @@ def at_least_two_probes(text: str) -> int:
     value = int(text)
     if value < 2:
         raise argparse.ArgumentTypeError(f"must be >= 2 (the precision's standard error needs two probes), got {value}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type of ``--target-precision``: a number in [0, 1] (a fraction of the sample's sharpest token)."""
+    value = float(text)
+    if not (math.isfinite(value) and 0 <= value <= 1):
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1] (a fraction of the sample's sharpest token's "
+                                         f"precision; 1 penalises no token), got {text}")
     return value
 
 
@@ -59,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--favor", choices=("precise", "uncertain"), default="precise")
     group.add_argument("--alpha", type=non_negative_float, default=1.0, help="relevance exponent")
     group.add_argument("--beta", type=non_negative_float, default=1.0, help="precision exponent")
-    group.add_argument("--target-precision", type=float, default=1.0, help="topk mode")
+    group.add_argument("--target-precision", type=fraction, default=1.0,
+                       help="topk mode: penalise tokens above this fraction (in [0, 1]) of the sample's highest "
+                            "precision (1: no penalty)")
     group.add_argument("--penalty", type=non_negative_float, default=0.1, help="topk mode")
     group.add_argument("--precision-method", choices=("ggn", "hutchinson", "hutchinson_cv"), default="ggn")
     group.add_argument("--num-probes", type=at_least_two_probes, default=16)
@@ -114,16 +128,14 @@ def _plot(path: Path, panels: list[dict[str, torch.Tensor]], queries: list[str],
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_output_dir(parser, "--out", args.out)
     try:
         allocator = _allocator(args)
     except ValueError as err:  # limits that do not fit together, e.g. --min-tokens above --max-tokens
         parser.error(f"--min-tokens/--max-tokens/--total-budget/--k: {err}")
     models, batches, queries = load_checked(parser, args, [args.model])
+    check_k_fits(parser, args.k, models)
     model = models[args.model]
-    tokens = model.config.grid_size ** 2
-    if args.k > tokens:
-        parser.error(f"--k {args.k} exceeds the {tokens} tokens of --model {args.model} (grid_size "
-                     f"{model.config.grid_size})")
     probe_seed = args.seed if args.probe_seed is None else args.probe_seed
     samples, panels, relative_stderr = [], [], []
     for batch in batches:
@@ -132,13 +144,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             if features is None:
                 features = model.token_features(pixel_values=batch["pixel_values"], token_features=None)
             relevance = model.compute_relevance(features, batch["query_embedding"])
+        undefined = (~torch.isfinite(relevance)).any(dim=1).nonzero().flatten().tolist()
+        if undefined:
+            parser.error(f"--model {args.model}: its relevance holds inf/NaN on sample {len(samples) + undefined[0]} "
+                         f"({len(undefined)} of the batch's {relevance.shape[0]}): a diverged checkpoint? Nothing "
+                         "can be allocated from it")
         precision, stderr = token_precision(model, {**batch, "token_features": features}, method=args.precision_method,
                                             num_probes=args.num_probes, seed=probe_seed, return_stderr=True,
                                             sample_offset=len(samples))
         relative_stderr.append((stderr / precision.abs().clamp_min(1e-30)).median(dim=1).values)
         if args.precision_method != "ggn":  # Hessian estimates can dip below zero; the allocator checks >= 0
             precision = precision.clamp_min(0)  # in every mode (plain and topk show it, and ignore it)
-        indices, budgets = allocator(relevance, precision)
+        try:
+            indices, budgets = allocator(relevance, precision)
+        except ValueError as err:  # scores the allocator refuses: a non-finite precision, relevance above 1 (plain)
+            parser.error(f"--model {args.model}: {err}")
         for i in range(relevance.shape[0]):
             index = len(samples)
             samples.append({"index": index, "query": queries[index], "selected_indices": indices[i].tolist(),

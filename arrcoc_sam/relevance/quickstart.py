@@ -21,7 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from arrcoc_sam.relevance.robustness_cli import non_negative_float, non_negative_int, positive_int
+from arrcoc_sam.relevance.robustness_cli import (
+    check_output_dir,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+)
 from arrcoc_sam.relevance.training import set_offline
 
 METRICS = (("mse", "MSE", "lower"), ("spearman", "Spearman", "higher"), ("top_k_recall", "top-K recall", "higher"),
@@ -45,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=positive_int, default=200, help="K of top-K recall / NDCG and of token selection")
     parser.add_argument("--embedder", default="minilm", choices=("minilm", "hash"),
                         help="query embeddings: MiniLM input embeddings (D=384) or hashed words (D=32)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--robustness-scenes", type=non_negative_int, default=64,
                         help="held-out scenes in the robustness section (0 skips it)")
     parser.add_argument("--robustness-draws", type=positive_int, default=8, help="perturbation draws per scene and level")
@@ -65,7 +70,8 @@ def grid_side(image_size: int) -> int:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The quickstart's options: ``--tiny`` swaps in `TINY_DEFAULTS` under the flags given explicitly; a bad
-    combination (an image the grid does not divide, K above the grid's tokens) ends in ``parser.error``."""
+    combination (an image the grid does not divide, K above the grid's tokens) or an ``--output-dir`` that cannot
+    be a folder ends in ``parser.error``."""
     parser = _parser()
     argv = list(argv) if argv is not None else None
     if parser.parse_known_args(argv)[0].tiny:
@@ -78,6 +84,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.top_k > grid * grid:
         parser.error(f"--top-k {args.top_k} exceeds the {grid * grid} tokens of a {grid} x {grid} grid "
                      f"(--image-size {args.image_size})")
+    check_output_dir(parser, "--output-dir", args.output_dir)
     return args
 
 

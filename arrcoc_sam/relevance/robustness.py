@@ -182,9 +182,13 @@ class RelevanceRobustness:
         """Run every perturbation at every level on ``data``; return the JSON-ready report.
 
         The report: ``config``; ``num_samples``; ``clean`` (the task metric without perturbation, when
-        targets exist); ``perturbations[name]`` with ``description``, ``max_abs_diff`` (over all levels,
-        samples and draws), ``perfectly_robust`` (that maximum is <= ``rounding_atol``) and ``levels[str(level)][metric]``
-        = {mean, std, ci_low, ci_high, n}; ``skipped[name]`` = reason; ``summary``, a list of sentences.
+        targets exist); ``non_finite_samples`` (samples whose clean relevance holds inf/NaN: a diverged model;
+        left out of every statistic); ``perturbations[name]`` with ``description``, ``max_abs_diff`` (over all
+        levels, samples and draws with a finite difference; None when there is none), ``non_finite_perturbed``
+        (samples with a finite clean relevance that turned inf/NaN under the perturbation; left out of the
+        statistics of those levels), ``perfectly_robust`` (that maximum is <= ``rounding_atol`` and no sample
+        turned non-finite) and ``levels[str(level)][metric]`` = {mean, std, ci_low, ci_high, n}, ``n`` counting
+        the samples behind the mean; ``skipped[name]`` = reason; ``summary``, a list of sentences.
         Weight perturbations act on the trainable parameters only: on a frozen model they are skipped, with
         one ``UserWarning`` per call naming them.
         Every module's train/eval flag is restored on exit (a frozen submodule kept in eval mode stays so);
@@ -214,6 +218,7 @@ class RelevanceRobustness:
         trainable = {f"model.{n}": p.detach() for n, p in model.named_parameters() if p.requires_grad}
         values: dict[str, dict[float, dict[str, list[Tensor]]]] = {}
         max_diff: dict[str, Tensor] = {}
+        non_finite_perturbed: dict[str, Tensor] = {}
         skipped: dict[str, str] = {}
         clean_task: list[Tensor] = []
         weight_draws: dict[float, dict[str, Tensor]] = {}
@@ -236,19 +241,26 @@ class RelevanceRobustness:
                 if reason:
                     skipped[name] = reason
                     continue
+                turned = torch.zeros_like(undefined)  # [B]: finite clean relevance, non-finite under this perturbation
                 for level in self.levels:
                     if name == "weight_random" and level not in weight_draws:
                         weight_draws[level] = self._random_weights(trainable, level)
                     perturbed = self._perturbed(name, level, call, trainable, weight_draws.get(level),
                                                 features, query, images, target, offset)
-                    diff = (perturbed.double() - clean.double()).abs().amax()
+                    # per sample, over draws and tokens; a sample with a non-finite clean relevance has none
+                    diff = (perturbed.double() - clean.double()).abs().amax(dim=(0, 2))
+                    finite = torch.isfinite(diff)
+                    turned |= ~finite.to(turned.device) & ~undefined
+                    left_out = undefined | ~finite.to(undefined.device)
+                    diff = diff.masked_fill(~finite, -math.inf).amax()  # -inf: no finite difference in this batch
                     max_diff[name] = torch.maximum(max_diff.get(name, diff), diff)
                     per_metric = values.setdefault(name, {}).setdefault(level, {})
                     for metric, value in self._metrics(clean, perturbed, target, k).items():
-                        per_metric.setdefault(metric, []).append(value.masked_fill(undefined.to(value.device), math.nan))
+                        per_metric.setdefault(metric, []).append(value.masked_fill(left_out.to(value.device), math.nan))
+                non_finite_perturbed[name] = non_finite_perturbed.get(name, 0) + turned.sum()
             offset += clean.shape[0]
-        return {"values": values, "max_diff": max_diff, "skipped": skipped, "clean_task": clean_task,
-                "num_samples": offset, "non_finite_samples": non_finite}
+        return {"values": values, "max_diff": max_diff, "non_finite_perturbed": non_finite_perturbed, "skipped": skipped,
+                "clean_task": clean_task, "num_samples": offset, "non_finite_samples": non_finite}
 
     def _unpack(self, model: nn.Module, batch: Mapping[str, Tensor]):
         if "query_embedding" not in batch:
@@ -433,7 +445,8 @@ class RelevanceRobustness:
             if name == "clean":
                 report["clean"] = {"task_metric": summary}
                 continue
-            entry = report["perturbations"].setdefault(name, self._entry(name, float(collected["max_diff"][name])))
+            entry = report["perturbations"].setdefault(name, self._entry(
+                name, float(collected["max_diff"][name]), int(collected["non_finite_perturbed"][name])))
             entry["levels"].setdefault(f"{level:g}", {})[metric] = summary
             if self.per_sample:
                 per_sample.setdefault(name, {}).setdefault(f"{level:g}", {})[metric] = [
@@ -446,9 +459,13 @@ class RelevanceRobustness:
             report["per_sample"] = per_sample
         return report
 
-    def _entry(self, name: str, max_diff: float) -> dict[str, Any]:
-        return {"description": _DESCRIPTIONS[name], "max_abs_diff": max_diff,
-                "perfectly_robust": max_diff <= self.rounding_atol, "levels": {}}
+    def _entry(self, name: str, max_diff: float, non_finite_perturbed: int) -> dict[str, Any]:
+        """``max_diff`` is -inf when no sample had a finite difference (reported as None)."""
+        finite = math.isfinite(max_diff)
+        return {"description": _DESCRIPTIONS[name], "max_abs_diff": max_diff if finite else None,
+                "non_finite_perturbed": non_finite_perturbed,
+                "perfectly_robust": finite and max_diff <= self.rounding_atol and not non_finite_perturbed,
+                "levels": {}}
 
     def _sentence(self, name: str, entry: dict[str, Any]) -> str:
         if entry["perfectly_robust"]:
@@ -456,7 +473,13 @@ class RelevanceRobustness:
                     f"{entry['max_abs_diff']:.3g} <= rounding tolerance {self.rounding_atol:g}, over every level, "
                     "sample and draw).")
         top = max(entry["levels"], key=float)
-        text = f"{name}: max |r - r~| = {entry['max_abs_diff']:.3g}"
+        if entry["max_abs_diff"] is None:
+            text = f"{name}: max |r - r~| undefined (no sample has a finite clean and perturbed relevance)"
+        else:
+            text = f"{name}: max |r - r~| = {entry['max_abs_diff']:.3g}"
+        if entry["non_finite_perturbed"]:
+            text += (f"; {entry['non_finite_perturbed']} sample(s) with a finite clean relevance turned non-finite "
+                     "under it (left out of max |r - r~| and of the statistics of the levels where it did)")
         spearman = entry["levels"][top].get("spearman", {}).get("mean")
         if spearman is not None:
             text += f"; mean Spearman {spearman:.3f} at level {top}"

@@ -9,8 +9,9 @@ Every model sees the same batches. ``--data scenes`` generates the seeded query 
 model, with the bootstrap CI as error bars. This module also holds the data and model loading that
 ``arrcoc-sam allocate`` shares.
 
-Bad flag values exit with status 2 and the flag named (argparse's usage error), and every model is checked
-against the data (query dimension D, tokens per sample N = grid_size²) before anything is evaluated.
+Bad flag values exit with status 2 and the flag named (argparse's usage error): an ``--out`` that cannot be a
+folder right after parsing, and, before anything is evaluated, every model against the data (query dimension
+D, tokens per sample N = grid_size²) and ``--k`` against N.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from arrcoc_sam.relevance.robustness import METRICS, PERTURBATIONS, RelevanceRobustness
+from arrcoc_sam.relevance.training import check_output_folder
 
 PLOT_METRICS = ("mean_abs_diff", "spearman", "topk_jaccard")
 
@@ -55,6 +57,15 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def check_output_dir(parser: argparse.ArgumentParser, flag: str, path: str | os.PathLike) -> None:
+    """``parser.error`` naming ``flag`` unless ``path`` is a folder or can be created as one (`check_output_folder`:
+    nothing is left behind); call it right after parsing, before any expensive work."""
+    try:
+        check_output_folder(path, flag)
+    except ValueError as err:
+        parser.error(str(err))
+
+
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """The data flags shared by `evaluate-robustness` and `allocate`."""
     group = parser.add_argument_group("data")
@@ -63,7 +74,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num-samples", type=positive_int, default=64, help="samples to evaluate (the first ones)")
     group.add_argument("--batch-size", type=positive_int, default=16)
     group.add_argument("--image-size", type=positive_int, default=64, help="scenes: image side in pixels")
-    group.add_argument("--seed", type=int, default=0, help="scene seed (and noise seed)")
+    group.add_argument("--seed", type=non_negative_int, default=0, help="scene seed (and noise seed)")
     group.add_argument("--query-embedder", default="auto", choices=("auto", "minilm", "hash"),
                        help="'auto': minilm when the model's query_dim is 384, else hash")
 
@@ -120,6 +131,9 @@ def load_batches(args: argparse.Namespace, model: torch.nn.Module) -> tuple[list
     """The evaluation batches and each sample's query text, from ``--data`` and the model's config (scenes are
     generated on its grid, queries embedded for its query_dim)."""
     config = model.config
+    if args.data == "scenes" and args.image_size % config.grid_size:
+        raise ValueError(f"--image-size {args.image_size}: scenes for a model with grid_size {config.grid_size} "
+                         f"need a side that is a multiple of {config.grid_size} pixels")
     embedder = _embedder(args.query_embedder, config.query_dim)
     if args.data == "scenes":
         from arrcoc_sam.relevance.scenes import make_scene_dataset
@@ -229,9 +243,19 @@ def load_checked(
     return models, batches, queries
 
 
+def check_k_fits(parser: argparse.ArgumentParser, k: int, models: Mapping[str, torch.nn.Module]) -> None:
+    """``parser.error`` when ``--k`` exceeds the N = grid_size² tokens of a model (keyed by its path): a top-K
+    set of all N tokens is the same for any scores, so every top-K figure would read as perfect."""
+    for path, model in models.items():
+        grid = model.config.grid_size
+        if k > grid * grid:
+            parser.error(f"--k {k} exceeds the {grid * grid} tokens of --model {path} (grid_size {grid})")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_output_dir(parser, "--out", args.out)
     names = args.name or [Path(m).name or str(m) for m in args.model]
     if len(names) != len(args.model) or len(set(names)) != len(names):
         parser.error(f"--name needs one distinct label per --model, got {names} for {len(args.model)} models")
@@ -242,6 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:  # the flags' types leave only --levels to check against the perturbations
         parser.error(f"--levels: {err}")
     loaded, batches, _ = load_checked(parser, args, args.model)
+    check_k_fits(parser, args.k, loaded)
     models = {name: loaded[path] for name, path in zip(names, args.model, strict=True)}
     reports = {name: evaluator.evaluate(model, batches) for name, model in models.items()}
     out = Path(args.out)

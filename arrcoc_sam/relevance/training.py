@@ -18,6 +18,7 @@ set, and model/tokenizer paths must be local directories.
 from __future__ import annotations
 
 import ast
+import contextlib
 import copy
 import inspect
 import json
@@ -25,8 +26,8 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +120,7 @@ class DataArguments:
             raise ValueError("--data_source files needs --train_file (and optionally --validation_file, --heldout_file)")
         if self.query_embedder not in QUERY_EMBEDDERS:
             raise ValueError(f"--query_embedder must be one of {QUERY_EMBEDDERS}, got {self.query_embedder!r}")
-        minimum = {"top_k": 1, "max_length": 1, "num_train_scenes": 1, "num_validation_scenes": 1,
+        minimum = {"split_seed": 0, "top_k": 1, "max_length": 1, "num_train_scenes": 1, "num_validation_scenes": 1,
                    "num_heldout_scenes": 1, "scene_image_size": 1, "wnut_validation_tweets": 0,
                    "wnut_heldout_tweets": 0, "wnut_negatives_per_tweet": 0, "max_train_samples": 1,
                    "max_eval_samples": 1}
@@ -199,6 +200,28 @@ def _local_model_dir(path: str | Path, argument: str) -> str:
     return str(path)
 
 
+def check_output_folder(path: str | os.PathLike, flag: str) -> None:
+    """ValueError naming ``flag`` and ``path`` unless ``path`` is a writable folder or can be created as one.
+
+    A missing folder is created to find out and removed again (with the parents it needed), so a run that
+    fails later leaves nothing behind; processes probing the same folder at once do not fail each other.
+    """
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{flag} {path}: exists and is not a folder; give a folder for the output")
+    created = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{flag} {path}: cannot create the output folder ({err.strerror or err})") from err
+    writable = os.access(out, os.W_OK | os.X_OK) or not out.exists()  # gone: another process probed and removed it
+    for folder in created:
+        with contextlib.suppress(OSError):  # not empty: another process is writing there
+            folder.rmdir()
+    if not writable:
+        raise ValueError(f"{flag} {path}: the output folder is not writable")
+
+
 def _text_model_and_tokenizer(model_args: ModelArguments):
     from transformers import AutoTokenizer, BertConfig
 
@@ -252,21 +275,27 @@ def apply_lora(model, model_args: ModelArguments):
         raise ValueError(f"--lora_target_modules {model_args.lora_target_modules}: {error}") from error
 
 
+def _vision_classes(model_kind: str):
+    """``(config class, model class)`` of a ``vision`` or ``multiscale`` relevance model."""
+    if model_kind == "vision":
+        from arrcoc_sam.relevance.vision import ArrCocRelevanceConfig, ArrCocRelevanceModel
+
+        return ArrCocRelevanceConfig, ArrCocRelevanceModel
+    from arrcoc_sam.relevance.multiscale import MultiScaleRelevanceConfig, MultiScaleRelevanceModel
+
+    return MultiScaleRelevanceConfig, MultiScaleRelevanceModel
+
+
 def _vision_model(model_args: ModelArguments, query_dim: int, grid_size: int | None = None):
     """A fresh model for ``query_dim`` (and ``grid_size`` when given; a config override wins over both), or the
     saved start model with the overrides applied."""
-    if model_args.model_kind == "vision":
-        from arrcoc_sam.relevance.vision import ArrCocRelevanceConfig as Config
-        from arrcoc_sam.relevance.vision import ArrCocRelevanceModel as Model
-    else:
-        from arrcoc_sam.relevance.multiscale import MultiScaleRelevanceConfig as Config
-        from arrcoc_sam.relevance.multiscale import MultiScaleRelevanceModel as Model
-    overrides = check_overrides(parse_overrides(model_args.config_overrides), Config)
+    config_class, model_class = _vision_classes(model_args.model_kind)
+    overrides = check_overrides(parse_overrides(model_args.config_overrides), config_class)
     grid = {} if grid_size is None else {"grid_size": grid_size}
     if model_args.model_name_or_path:
-        return Model.from_pretrained(_local_model_dir(model_args.model_name_or_path, "model_name_or_path"),
-                                     **{**grid, **overrides})
-    return Model(Config(**{"query_dim": query_dim, **grid, **overrides}))
+        return model_class.from_pretrained(_local_model_dir(model_args.model_name_or_path, "model_name_or_path"),
+                                           **{**grid, **overrides})
+    return model_class(config_class(**{"query_dim": query_dim, **grid, **overrides}))
 
 
 def _chosen_grid_size(model_args: ModelArguments) -> tuple[int | None, str, bool]:
@@ -419,8 +448,15 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, training_arg
 
     set_seed(training_args.seed)
     checkpoint_to_resume(training_args)  # fail before loading any data
+    if training_args.output_dir is not None:  # before training: the Trainer only writes there at its first save
+        check_output_folder(training_args.output_dir, "--output_dir")
     if model_args.model_name_or_path:
         _local_model_dir(model_args.model_name_or_path, "model_name_or_path")
+    if data_args.data_source == "files":
+        for split, path in _file_splits(data_args).items():
+            if not Path(path).is_file():
+                raise ValueError(f"--{split}_file {path}: "
+                                 f"{'a folder, not a data file' if Path(path).is_dir() else 'no such file'}")
     tokenizer = None
     if model_args.model_kind == "text":
         from arrcoc_sam.relevance.collators import TextRelevanceCollator
@@ -440,14 +476,16 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, training_arg
         from arrcoc_sam.relevance.scenes import SceneCollator
         from arrcoc_sam.relevance.vision_metrics import make_compute_metrics
 
+        check_overrides(parse_overrides(model_args.config_overrides), _vision_classes(model_args.model_kind)[0])
         chosen, set_by, binding = _chosen_grid_size(model_args)
         scenes = (data_args.data_source or "scenes") == "scenes"
         try:
             splits = build_vision_data(data_args, grid_size=chosen)
-        except ValueError as error:  # scenes generated on the chosen grid: say where that grid came from
-            if not scenes or chosen is None:
+        except ValueError as error:  # scenes generated on the chosen (or default) grid: name the flags
+            if not scenes:
                 raise
-            raise ValueError(f"{set_by}: {error}") from error
+            grid = f"{set_by}: " if chosen is not None else ""
+            raise ValueError(f"{grid}--scene_image_size {data_args.scene_image_size}: {error}") from error
         first = splits["train"][0]
         source = "the scenes" if scenes else f"--train_file {data_args.train_file}"
         # a start model's grid does not bind: token features carry their own N, and the weights do not depend on G
@@ -567,9 +605,9 @@ def train_and_evaluate(trainer, splits, tokenizer, model_args: ModelArguments) -
     return results
 
 
-def recipe_to_argv(path: str | Path) -> list[str]:
-    """Flags of a YAML/JSON recipe (a mapping flag -> value) as command-line arguments; ValueError for a file
-    that is not valid YAML/JSON or not a mapping."""
+def recipe_to_argv(path: str | Path, leave_out: Collection[str] = ()) -> list[str]:
+    """Flags of a YAML/JSON recipe (a mapping flag -> value) as command-line arguments, except those named in
+    ``leave_out``; ValueError for a file that is not valid YAML/JSON or not a mapping."""
     path = Path(path)
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".json":
@@ -585,7 +623,7 @@ def recipe_to_argv(path: str | Path) -> list[str]:
         raise ValueError(f"{path}: a recipe must be a mapping of flag names to values, got {type(recipe).__name__}")
     argv: list[str] = []
     for key, value in recipe.items():
-        if value is None:  # YAML `null`: keep the flag's default
+        if value is None or key in leave_out:  # YAML `null` keeps the flag's default
             continue
         values = value if isinstance(value, list) else [value]
         argv += [f"--{key}", *(json.dumps(v) if isinstance(v, (dict, bool)) else str(v) for v in values)]
@@ -616,17 +654,34 @@ def _parser():
     )
 
 
+def _last_value(argv: Sequence[str], flag: str) -> str | None:
+    """The value the last ``flag value`` or ``flag=value`` in ``argv`` gives (what argparse keeps), else None."""
+    value = None
+    for index, item in enumerate(argv):
+        if item == flag and index + 1 < len(argv):
+            value = argv[index + 1]
+        elif item.startswith(f"{flag}="):
+            value = item.partition("=")[2]
+    return value
+
+
 def parse_args(argv: Sequence[str] | None = None):
     """``(ModelArguments, DataArguments, SAMTrainingArguments)`` from the command line (and a recipe file).
 
     A bad flag value or an unreadable recipe exits with status 2 and the reason on stderr
-    (``argparse``'s ``parser.error``).
+    (``argparse``'s ``parser.error``). ``--optimizer none`` on the command line after a recipe (its baseline run)
+    leaves the recipe's SAM settings (``rho``, ``sam_*``) out, so only the ones given on the command line are
+    reported as ignored.
     """
+    from arrcoc_sam.integrations.trainer import SAMArguments
+
     parser = _parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and Path(argv[0]).suffix.lower() in (".yaml", ".yml", ".json") and not argv[0].startswith("-"):
+        stock = _last_value(argv[1:], "--optimizer") == "none"
+        sam_settings = {spec.name for spec in fields(SAMArguments)} - {"optimizer"}
         try:
-            argv = recipe_to_argv(argv[0]) + argv[1:]
+            argv = recipe_to_argv(argv[0], leave_out=sam_settings if stock else ()) + argv[1:]
         except (OSError, ValueError) as err:  # a missing file, invalid YAML/JSON, not a mapping
             parser.error(f"recipe {argv[0]}: {err}")
     try:
