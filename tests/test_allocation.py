@@ -352,6 +352,17 @@ def test_knowledge_file_rule_measures_precision_relative_to_the_samples_sharpest
     assert indices.tolist() == [[2]]  # adjusted [-0.05, 0.01, 0.13, 0.05]; unscaled relevance (< 0.5) pays nothing
 
 
+def test_knowledge_file_rule_divides_each_samples_precision_by_its_own_maximum():
+    """Sample 1 is sample 0 with a 10x precision: p̂ = [1, .2, .1, .1] for both, so the penalty 1·relu(p̂ − .5) =
+    [.5, 0, 0, 0] turns both choices to token 1. Divided by the batch maximum, sample 0's p̂ fell below the target
+    and it kept token 0."""
+    relevance = torch.tensor([[0.90, 0.85, 0.10, 0.05]] * 2)
+    precision = torch.tensor([[1.0, 0.2, 0.1, 0.1], [10.0, 2.0, 1.0, 1.0]])
+    indices, budgets = PrecisionAwareAllocation(target_precision=0.5, penalty=1.0, k=1, total_budget=100)(relevance,
+                                                                                                          precision)
+    assert indices.tolist() == [[1], [1]] and budgets.tolist() == [[100], [100]]
+
+
 def test_plain_mode_refuses_relevance_above_one():
     with pytest.raises(ValueError, match=r"relevance must lie in \[0, 1\] for the plain mode, got a maximum of 1.5"):
         RelevanceAllocator(1, 10, 20, k=2)(torch.tensor([[0.2, 1.5, 0.3]]))

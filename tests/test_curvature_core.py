@@ -599,3 +599,16 @@ def test_top_eigenvalues_takes_max_matvecs_caps_the_products_and_validates_it_by
         top_eigenvalues(model, _loss, _data(), k=2, method=method, max_matvecs=1)
     with pytest.raises(ValueError, match=r"max_matvecs must be an integer, got 10.5 \(float\)"):
         top_eigenvalues(model, _loss, _data(), method=method, max_matvecs=10.5)
+
+
+@pytest.mark.parametrize("num_probes", [4, 5, 6, 7])
+def test_hutchpp_keeps_at_least_two_residual_probes_down_to_its_documented_minimum_of_four(num_probes):
+    """'At least 4: sketch, its trace, two residual probes': a sketch one row larger left 0 or 1 residual probes
+    at 4 and 5 (no standard error). A rank-1 operator fits any sketch: exact value, stderr ~0 from >= 2 probes."""
+    generator = torch.Generator().manual_seed(0)
+    factor = torch.randn(20, 1, dtype=torch.float64, generator=generator)
+    op = _CountingMatrix(factor @ factor.T)
+    estimate = hutchpp_trace(op, num_probes=num_probes, generator=generator)
+    assert op.calls == estimate.num_matvecs == num_probes
+    assert abs(estimate.value - float(factor.square().sum())) < 1e-10
+    assert math.isfinite(estimate.stderr) and estimate.stderr < 1e-10

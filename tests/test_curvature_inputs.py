@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -115,3 +118,62 @@ def test_non_integer_counts_are_refused_naming_the_argument_and_value(value):
     for name, call in cases.items():
         with pytest.raises(ValueError, match=rf"{name} must be an integer, {shown}"):
             call()
+
+
+def _classification_hessian(model: nn.Linear, x: torch.Tensor, y: torch.Tensor, temperature: float = 1.0):
+    """Reference: ∇² of the mean cross-entropy of ``(x @ Wᵀ + b) / temperature`` over every labelled row of one big
+    batch, w.r.t. the flat (W, b), by ``torch.autograd.functional.hessian`` (no batching or weighting code)."""
+    out, inp = model.weight.shape
+
+    def loss(flat):
+        weight, bias = flat[: out * inp].view(out, inp), flat[out * inp:]
+        return F.cross_entropy((x @ weight.T + bias) / temperature, y)
+
+    flat = torch.cat([model.weight.detach().reshape(-1), model.bias.detach()])
+    return torch.autograd.functional.hessian(loss, flat)
+
+
+def _classifier_and_rows(rows: int):
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(rows, 3, generator=generator, dtype=torch.float64)
+    return nn.Linear(3, 4).double(), x, torch.randint(0, 4, (rows,), generator=generator)
+
+
+def test_examples_weighting_counts_a_dict_batch_by_its_labels_not_its_first_tensor():
+    """'examples' reads the leading dimension of ``labels`` when a dict batch has them; the first tensor here is a
+    shared [1] temperature, so the 6- and 2-example batches would weigh 1:1 instead of 3:1."""
+    model, x, y = _classifier_and_rows(8)
+    temperature = torch.tensor([2.0], dtype=torch.float64)
+    batches = [{"temperature": temperature, "x": x[:6], "labels": y[:6]},
+               {"temperature": temperature, "x": x[6:], "labels": y[6:]}]
+
+    def loss(m, batch):
+        return F.cross_entropy(m(batch["x"]) / batch["temperature"], batch["labels"])
+
+    expected = _classification_hessian(model, x, y, temperature=2.0)
+    torch.testing.assert_close(exact_hessian(model, loss, batches, weighting="examples"), expected, atol=1e-12, rtol=0)
+
+
+def test_a_batch_without_labelled_tokens_weighs_zero_and_is_never_evaluated():
+    """Its mean loss over no labelled token is 0/0 = NaN; evaluated and weighted by 0 it still made L(w), hence
+    every sharpness, NaN (0 · NaN). The curvature and the first-order SAM sharpness ρ‖g‖ + ... are those of the
+    labelled batch alone, the latter by hand: L(w + ρ g/‖g‖) − L(w)."""
+    model, x, y = _classifier_and_rows(8)
+    unlabelled = torch.full((3,), -100)
+    batches = [{"x": x[:5], "labels": y[:5]}, {"x": x[5:], "labels": unlabelled}]
+
+    def loss(m, batch):
+        return F.cross_entropy(m(batch["x"]), batch["labels"])  # mean over the labels that are not -100
+
+    assert torch.isnan(loss(model, batches[1]))
+    expected = _classification_hessian(model, x[:5], y[:5])
+    for weighting in ("auto", "tokens"):
+        torch.testing.assert_close(exact_hessian(model, loss, batches, weighting=weighting), expected, atol=1e-12, rtol=0)
+    assert math.isfinite(hessian_trace(model, loss, batches, num_probes=4).value)
+    rho, clean = 0.05, loss(model, batches[0])
+    gradient = torch.autograd.grad(clean, [model.weight, model.bias])
+    step = [rho * g / torch.sqrt(sum(h.square().sum() for h in gradient)) for g in gradient]
+    with torch.no_grad():
+        ascended = F.cross_entropy(x[:5] @ (model.weight + step[0]).T + model.bias + step[1], y[:5])
+    assert sam_sharpness(model, loss, batches, rho=rho) == pytest.approx(float(ascended - clean.detach()), rel=1e-10)

@@ -344,3 +344,17 @@ def test_eta_must_be_finite_and_non_negative_in_every_sharpness_measure(eta):
         adaptive_sharpness(model, _quadratic_loss, BATCH, eta=eta)
     with pytest.raises(ValueError, match=message):
         average_sharpness(model, _quadratic_loss, BATCH, adaptive=True, eta=eta)
+
+
+def test_adaptive_average_sharpness_of_a_quadratic_is_half_sigma_squared_trace_of_tat():
+    """δ ~ N(0, σ²T²) with T = |w| + η, so on L = ½(w − c)ᵀA(w − c) every antithetic pair gives ½δᵀAδ and the
+    expectation is ½σ² Σ_i A_ii (|w_i| + η)² (σ|w| + η, the scale without its parentheses, gave ~115x that)."""
+    model = Quadratic(SPECTRUM)
+    with torch.no_grad():
+        model.weight.add_(torch.linspace(0.3, -0.2, len(SPECTRUM), dtype=torch.float64))
+    sigma, eta = 0.05, 0.5
+    scale = model.weight.detach().abs() + eta
+    expected = 0.5 * sigma**2 * float((model.matrix.diagonal() * scale.square()).sum())
+    estimate = average_sharpness(model, _quadratic_loss, BATCH, sigma=sigma, num_samples=200, adaptive=True, eta=eta)
+    assert abs(estimate.value - expected) <= 3 * estimate.stderr
+    assert estimate.stderr < 0.1 * expected  # the band is narrow enough to tell the scale apart

@@ -352,3 +352,44 @@ def test_samples_with_a_non_finite_clean_relevance_are_counted_said_and_left_out
     levels = report["perturbations"]["feature_noise"]["levels"]["0.1"]
     assert {metric: summary["n"] for metric, summary in levels.items()} == dict.fromkeys(levels, 3)
     assert report["clean"]["task_metric"]["n"] == 3
+
+
+def test_input_noise_adds_level_times_each_samples_own_noise_to_the_images_without_clipping():
+    """x̃ = x + ρ·ε in pixel units, not clipped to [0, 1] (module docstring); reference features by the test's own
+    pooling and each sample's noise from its (seed, "input_noise", index) generator."""
+    from arrcoc_sam.relevance.seeding import sample_generator
+
+    model, batch, level, draws = _model(dtype=torch.float64), _double(_batch(2)), 0.5, 2
+    report = RelevanceRobustness(levels=(level,), k=8, num_draws=draws, perturbations=("input_noise",),
+                                 metrics=("mean_abs_diff",), per_sample=True).evaluate(model, batch)
+    expected = []
+    with torch.no_grad():
+        for i in range(2):
+            images, query = batch["pixel_values"][i], batch["query_embedding"][i]
+            noise = torch.randn((draws, *images.shape), generator=sample_generator(0, "input_noise", i)).double()
+            noisy = images + level * noise
+            assert noisy.min() < 0 and noisy.max() > 1  # clipping would change these images
+            clean = model.compute_relevance(_pooled_features(images[None]), query[None])
+            perturbed = model.compute_relevance(_pooled_features(noisy), query.expand(draws, -1))
+            expected.append(float((perturbed - clean).abs().mean()))
+    assert report["per_sample"]["input_noise"]["0.5"]["mean_abs_diff"] == pytest.approx(expected, rel=1e-9, abs=0)
+
+
+def test_relative_feature_noise_uses_each_channels_population_std_over_the_samples_tokens():
+    """σ_f = ρ · the channel's std over the N tokens with ddof 0, the std the per-sample standardisation divides by
+    (so ρ is absolute on the standardised features); ddof 1 made the noise √(N/(N − 1)) ≈ 1.4 % louder."""
+    from arrcoc_sam.relevance.seeding import sample_generator
+
+    model, batch, level, draws = _model(dtype=torch.float64), _feature_batch(), 0.3, 2
+    report = RelevanceRobustness(levels=(level,), k=8, num_draws=draws, perturbations=("feature_noise",),
+                                 metrics=("mean_abs_diff",), per_sample=True).evaluate(model, batch)
+    expected = []
+    with torch.no_grad():
+        for i in range(3):
+            features, query = batch["token_features"][i], batch["query_embedding"][i]
+            std = (features - features.mean(dim=0)).square().mean(dim=0).sqrt()  # [C], over the tokens
+            noise = torch.randn((draws, *features.shape), generator=sample_generator(0, "feature_noise", i)).double()
+            clean = model.compute_relevance(features[None], query[None])
+            perturbed = model.compute_relevance(features + level * std * noise, query.expand(draws, -1))
+            expected.append(float((perturbed - clean).abs().mean()))
+    assert report["per_sample"]["feature_noise"]["0.3"]["mean_abs_diff"] == pytest.approx(expected, rel=1e-9, abs=0)

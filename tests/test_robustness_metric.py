@@ -49,3 +49,14 @@ def test_ndcg_drop_is_the_clean_maps_ndcg_minus_the_perturbed_maps(metric):
     perturbed = (0.1 + 0.3 / math.log2(3)) / (0.9 + 0.7 / math.log2(3))  # top-2 of the reversed map: tokens 0, 2
     assert result["ndcg"] == pytest.approx(perturbed)
     assert result["ndcg_drop"] == pytest.approx(1.0 - perturbed) and result["ndcg_drop"] > 0
+
+
+def test_a_k_above_the_number_of_tokens_is_clamped_to_it(metric):
+    """The default k=200 on 4-token maps: every token is in both top-K sets (Jaccard 1) and NDCG@K is NDCG@4;
+    unclamped, the rank metrics refused k > N."""
+    clean, reversed_map = [[0.1, 0.7, 0.3, 0.9]], [[0.9, 0.3, 0.7, 0.1]]
+    result = metric.compute(predictions=reversed_map, references=clean, targets=clean)
+    ranked = 0.1 + 0.3 / math.log2(3) + 0.7 / 2 + 0.9 / math.log2(5)  # gains of tokens 0, 2, 1, 3 in that order
+    ideal = 0.9 + 0.7 / math.log2(3) + 0.3 / 2 + 0.1 / math.log2(5)
+    assert result["topk_jaccard"] == 1.0
+    assert result["ndcg"] == pytest.approx(ranked / ideal, rel=1e-12)

@@ -66,6 +66,16 @@ def test_trainer_compute_metrics_reads_logits_and_ignores_padding():
     assert metrics == {"f1": 1.0, "precision": 1.0, "recall": 1.0, "average_precision": 1.0}
 
 
+@pytest.mark.parametrize(("threshold", "precision", "recall"), [(0.5, 2 / 3, 1.0), (0.8, 1.0, 1 / 2)])
+def test_trainer_compute_metrics_thresholds_the_sigmoid_of_the_logits_not_the_logits(threshold, precision, recall):
+    """sigmoid([0.3, -0.3, 1, 2]) = [.574, .426, .731, .881]: at 0.5 tokens 0, 2, 3 are predicted (raw logits: 2, 3),
+    at 0.8 token 3 alone (raw logits: 2, 3). Targets: tokens 0 and 3."""
+    logits = np.array([[0.3, -0.3, 1.0, 2.0]])
+    metrics = TextRelevanceMetrics(threshold)(EvalPrediction(predictions=logits, label_ids=np.array([[1, 0, 0, 1]])))
+    assert metrics["precision"] == pytest.approx(precision) and metrics["recall"] == pytest.approx(recall)
+    assert metrics["f1"] == pytest.approx(2 * precision * recall / (precision + recall))
+
+
 def test_metrics_reject_mismatched_shapes_and_bad_threshold():
     with pytest.raises(ValueError, match="same shape"):
         token_relevance_metrics(np.zeros(3), np.zeros(4))

@@ -56,6 +56,24 @@ def test_rgb_to_lab_matches_reference_values(rgb, lab):
     torch.testing.assert_close(got, torch.tensor(lab, dtype=torch.float64), atol=2e-3, rtol=0)
 
 
+@pytest.mark.parametrize(("rgb", "lab_l", "lab_a"), [
+    ((1.0, 0.0, 0.0), 53.2408, 80.0925),  # sRGB red (reference values as above)
+    ((0.02, 0.02, 0.02), 24389 / 27 * 0.02 / 12.92, 0.0),  # dark grey: linear sRGB segment, L* = κ·Y (CIE)
+])
+def test_a_solid_colours_pixel_channels_are_its_rgb_l_star_a_star_zero_gradients_and_saliency_and_its_luma(
+        rgb, lab_l, lab_a):
+    """Every cell of a uniform image, channel by channel in `TEXTURE_CHANNELS` order: L* and a* (not a*, b*), flat
+    Sobel, saliency 0 up to its borders (the blur replicates the edge) and Rec. 709 luma 0.2126 R + 0.7152 G + 0.0722 B."""
+    images = torch.tensor(rgb, dtype=torch.float64).view(1, 3, 1, 1).expand(1, 3, 8, 8).contiguous()
+    cells = texture_array(images, 4, normalize=False)[0].flatten(1)  # [13, 16]
+    expected = {"red": rgb[0], "green": rgb[1], "blue": rgb[2], "lab_l": lab_l, "lab_a": lab_a, "sobel_gx": 0.0,
+                "sobel_gy": 0.0, "sobel_magnitude": 0.0, "saliency": 0.0,
+                "luminance": 0.2126 * rgb[0] + 0.7152 * rgb[1] + 0.0722 * rgb[2]}
+    for name, value in expected.items():
+        got = cells[TEXTURE_CHANNELS.index(name)]
+        torch.testing.assert_close(got, torch.full_like(got, value), atol=2e-3, rtol=0, msg=name)
+
+
 def test_sobel_of_a_horizontal_ramp_is_eight_times_its_slope_in_x_and_zero_in_y():
     slope = 0.1
     ramp = (slope * torch.arange(6.0)).expand(1, 1, 5, 6)
@@ -287,8 +305,8 @@ def test_pairs_whose_target_gap_equals_the_margin_are_ignored():
 
 def test_a_fresh_model_starts_its_participatory_sigmoid_at_the_configured_scale_and_bias():
     model = _model(participatory_init_scale=7.0, participatory_init_bias=-1.5)
-    assert float(model.scorer.participatory.log_scale) == pytest.approx(math.log(7.0))
-    assert float(model.scorer.participatory.bias) == pytest.approx(-1.5)
+    assert float(model.scorer.participatory.log_scale.detach()) == pytest.approx(math.log(7.0))
+    assert float(model.scorer.participatory.bias.detach()) == pytest.approx(-1.5)
 
 
 def test_top_k_is_clamped_to_the_number_of_tokens():

@@ -5,9 +5,9 @@ deviation of the per-probe values divided by √n: the estimators are means of i
 number of operator products used.
 
 * Hutchinson trace (Hutchinson 1990): z ~ Rademacher, tr(A) = E[zᵀ A z]; variance 2 Σ_{i≠j} A_ij².
-* Hutch++ (Meyer, Musco, Musco & Woodruff 2021): with m products, m/3 go to a sketch Q = orth(A S), m/3
-  to the exact trace of Qᵀ A Q, the rest to Hutchinson on (I − QQᵀ) A (I − QQᵀ). Unbiased; exact when
-  rank(A) ≤ m/3. Its standard error is that of the deflated Hutchinson part *given* the sketch: the
+* Hutch++ (Meyer, Musco, Musco & Woodruff 2021): with m products, k = ⌊(m − 2)/3⌋ (at least 1) go to a sketch
+  Q = orth(A S), k to the exact trace of Qᵀ A Q, and the m − 2k left (at least 2) to Hutchinson on
+  (I − QQᵀ) A (I − QQᵀ). Unbiased; exact when rank(A) ≤ k. Its standard error is that of the deflated Hutchinson part *given* the sketch: the
   randomness of the sketch itself (which part of the spectrum was deflated) is not in it, so over repeated
   runs it under-covers the spread of the estimate (most with few probes and a slowly decaying spectrum);
   use Hutchinson where a calibrated error bar matters more than a small one.
