@@ -257,6 +257,28 @@ def test_a_loss_function_that_pops_from_its_batch_trains_as_one_that_does_not():
     assert torch.equal(flat(model), flat(plain))
 
 
+def test_esam_selection_with_a_loss_function_that_pops_from_its_batch_trains_as_one_that_does_not():
+    """ESAM's data selection runs loss_fn twice more per micro-batch at w + ε (the scoring forward and the chosen
+    examples' one) and reads each example's target from the batch after loss_fn has run: a loss_fn that pops the
+    target must get its own copy there too."""
+    def popping_mse(model, batch):
+        target = batch.pop("y")
+        return nn.functional.mse_loss(model(batch["x"]), target)
+
+    def run(loss_fn):
+        accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+        model = tiny_mlp()
+        loader = DataLoader(regression_data(16), batch_size=4)
+        model, optimizer, loader = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR), loader)
+        sam = AcceleratedSAM(accelerator, model, optimizer, method="esam", rho=0.1, beta=1.0, gamma=0.5,
+                             per_example_loss_fn=lambda outputs, batch: ((outputs - batch["y"]) ** 2).mean(dim=1))
+        _train_epoch(accelerator, model, optimizer, loader, sam, loss_fn)
+        return flat(model)
+
+    assert torch.equal(run(popping_mse), run(mse))
+    assert not torch.equal(run(mse), flat(tiny_mlp()))
+
+
 def test_metrics_of_a_window_the_end_of_the_data_closes_early_average_its_own_micro_batches():
     """Windows of 3, 3 and 1 micro-batches (7 per epoch, accumulation 3): at a vanishing radius the perturbed
     loss of each window is the mean clean loss of its micro-batches."""
@@ -284,14 +306,16 @@ def test_metrics_of_a_window_the_end_of_the_data_closes_early_average_its_own_mi
         assert logged == pytest.approx(expected, rel=1e-5)
 
 
-def test_esam_selection_regroups_the_chosen_examples_of_a_window_into_full_sub_batches():
-    """ESAM (γ = 0.5) with accumulation 2 on a BatchNorm model: the 4 chosen of each window's 8 examples run as
-    one sub-batch of 4 (never a lone example, which BatchNorm cannot normalise in training mode), one forward
-    with gradient per window after pass 1's two."""
+@pytest.mark.parametrize("accumulation, chosen_runs", [(2, [4]), (3, [3, 3])])
+def test_esam_selection_regroups_the_chosen_examples_of_a_window_into_full_sub_batches(accumulation, chosen_runs):
+    """ESAM (γ = 0.5) on a BatchNorm model, micro-batches of 4: the ⌈γB⌉ chosen of each window run in as few
+    sub-batches of at most one micro-batch (4) as hold them, of balanced sizes: 4 of 8 as one sub-batch of 4,
+    6 of 12 as ⌈6/4⌉ = 2 sub-batches of 3 (never a lone example, which BatchNorm cannot normalise in training
+    mode, and never more than a micro-batch's examples at once), after pass 1's forwards."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 1))
-    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
-    loader = DataLoader(regression_data(64), batch_size=4)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
+    loader = DataLoader(regression_data(16 * accumulation), batch_size=4)
     model, optimizer, loader = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR), loader)
     sam = AcceleratedSAM(accelerator, model, optimizer, method="esam", rho=0.1, gamma=0.5,
                          per_example_loss_fn=lambda outputs, batch: ((outputs - batch["y"]) ** 2).mean(dim=1))
@@ -300,8 +324,8 @@ def test_esam_selection_regroups_the_chosen_examples_of_a_window_into_full_sub_b
         (args[0].shape[0], torch.is_grad_enabled())) if module.training else None)
     _train_epoch(accelerator, model, optimizer, loader, sam)
     hook.remove()
-    windows = len(loader) // 2
-    assert sizes == [(4, True), (4, True), (4, False), (4, False), (4, True)] * windows
+    window = [(4, True)] * accumulation + [(4, False)] * accumulation + [(size, True) for size in chosen_runs]
+    assert sizes == window * (len(loader) // accumulation)
     assert torch.isfinite(flat(model)).all()
 
 

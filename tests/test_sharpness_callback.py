@@ -147,6 +147,17 @@ def test_adaptive_probe_is_asam_sharpness_at_adaptive_rho_with_eta_zero():
     assert adaptive != pytest.approx(sam_sharpness(model, None, batches, rho=0.5), rel=1e-3)
 
 
+def test_the_trace_probe_draws_its_probe_vectors_from_the_callbacks_seed():
+    """Hutchinson's estimate depends on its Rademacher draws: the logged trace must be the one of the seed the
+    callback was given (so two runs with one seed log the same figure), not of a fixed default."""
+    model, batches = tiny_bert(), _held_out()
+    logged = SharpnessCallback(probes="trace", eval_batches=batches, num_probes=4, seed=3).measure(model)
+    seeded = hessian_trace(model, None, batches, num_probes=4, seed=3)
+    assert logged[PROBE_KEYS["trace"]] == pytest.approx(seeded.value, rel=1e-9)
+    assert logged[TRACE_STDERR_KEY] == pytest.approx(seeded.stderr, rel=1e-9)
+    assert seeded.value != pytest.approx(hessian_trace(model, None, batches, num_probes=4, seed=0).value, rel=1e-6)
+
+
 def test_eval_batches_that_are_plain_tensors_stay_separate_batches():
     """The probes read a list of tensors as one batch ([x, y] from a DataLoader), so the callback hands them its
     list of batches as an iterator."""

@@ -341,6 +341,7 @@ def test_batchnorm_running_stats_move_once_per_micro_batch(tmp_path):
         ({"optimizer": "gsam", "sam_scope": "microbatch", "gradient_accumulation_steps": 2},
          "--optimizer gsam .*sam_scope=microbatch .*splits"),
         ({"optimizer": "msam", "optim": "sgd"}, r"--optimizer msam perturbs .* --optim sgd keeps none .* momentum=0.9"),
+        ({"optimizer": "msam", "optim": "sgd", "optim_args": "momentum=0"}, "--optim sgd keeps none as configured"),
         # transformers builds its Adafactor without --optim_args: no beta1 can be given, so no advice to give one
         ({"optimizer": "msam", "optim": "adafactor", "optim_args": "beta1=0.9"},
          r"--optim adafactor keeps none as configured; add an Adam-family --optim"),

@@ -211,7 +211,18 @@ def test_trainer_esam_ranks_with_the_given_per_example_loss_and_logs_in_the_unit
     assert abs(log["sam/sharpness"]) < 1e-4 * log["loss"]  # ρ ≈ 0: the replay's loss in the units of the logged one
 
 
-def test_trainer_esam_warns_once_that_selection_cannot_follow_a_custom_compute_loss(tmp_path, caplog):
+class _OwnComputeLoss(SAMTrainer):
+    """A Trainer whose loss is customised by overriding compute_loss (not through compute_loss_func)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        loss = torch.nn.functional.cross_entropy(outputs.logits, labels)
+        return (loss, outputs) if return_outputs else loss
+
+
+@pytest.mark.parametrize("customised", ["compute_loss_func", "compute_loss_override"])
+def test_trainer_esam_warns_once_that_selection_cannot_follow_a_custom_compute_loss(tmp_path, caplog, customised):
     model, rows = _sequence_classifier()
     args = SAMTrainingArguments(**trainer_kwargs(str(tmp_path), optimizer="esam", rho=RHO, sam_args="gamma=0.5",
                                                  per_device_train_batch_size=4, max_steps=2))
@@ -219,9 +230,28 @@ def test_trainer_esam_warns_once_that_selection_cannot_follow_a_custom_compute_l
     def custom_loss(outputs, labels, num_items_in_batch=None):
         return torch.nn.functional.cross_entropy(outputs.logits, labels)
 
+    if customised == "compute_loss_func":
+        trainer = SAMTrainer(model=model, args=args, train_dataset=rows, compute_loss_func=custom_loss)
+    else:
+        trainer = _OwnComputeLoss(model=model, args=args, train_dataset=rows)
     with caplog.at_level("WARNING"):
-        SAMTrainer(model=model, args=args, train_dataset=rows, compute_loss_func=custom_loss).train()
+        trainer.train()
     assert caplog.text.count("not on the customised compute_loss") == 1
+
+
+def test_trainer_esam_perturbed_loss_at_a_vanishing_radius_is_the_logged_loss_over_uneven_token_counts(tmp_path):
+    """GPT-2 takes num_items_in_batch (its loss: the window's token sum over the window's label count), and the two
+    micro-batches of each window hold different numbers of labels. At ρ ≈ 0 the replay's loss is pass 1's, so
+    sam/loss_perturbed must be the stock logged loss and sam/sharpness ≈ 0 (a micro-batch token mean is not)."""
+    model, rows = _uneven_causal_lm()
+    args = SAMTrainingArguments(**trainer_kwargs(str(tmp_path), optimizer="esam", rho=1e-6, sam_args="beta=1.0,gamma=0.5",
+                                                 per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                                                 max_steps=1, learning_rate=0.0))
+    trainer = SAMTrainer(model=model, args=args, train_dataset=rows)
+    trainer.train()
+    log = next(h for h in trainer.state.log_history if "loss" in h)
+    assert log["sam/loss_perturbed"] == pytest.approx(log["loss"], rel=1e-4)
+    assert abs(log["sam/sharpness"]) < 1e-4 * log["loss"]
 
 
 def test_trainer_esam_prunes_pass_one_of_a_lora_model_without_changing_its_update(tmp_path, monkeypatch):
