@@ -701,3 +701,44 @@ def test_loading_a_checkpoint_with_other_settings_says_which_ones_replace_the_op
         opt.load_state_dict(saved.state_dict())
     assert (opt.param_groups[0]["rho"], opt.param_groups[0]["adaptive"]) == (1.0, True)
     assert "group 0 rho: 0.05 -> 1.0" in caplog.text and "group 0 adaptive: False -> True" in caplog.text
+
+
+@pytest.mark.parametrize("method, knobs", [
+    ("sam", {}), ("gsam", {}), ("fsam", {}), ("looksam", {"interval": 2}), ("periodic", {"interval": 2}),
+    ("msam", {}), ("esam", {"gamma": 1.0}),
+])
+def test_every_method_takes_a_group_added_to_the_base_directly_with_the_wrappers_defaults(method, knobs):
+    """The defaults were filled in SAM.perturb only; fsam, gsam, looksam and esam read ρ before it and died with
+    KeyError('rho')."""
+    model = make_mlp()
+    base = torch.optim.SGD([model[0].weight, model[0].bias], lr=0.1, momentum=0.9)
+    opt = build_sam_optimizer(method, base.param_groups[0]["params"], base, rho=0.07, **knobs)
+    base.add_param_group({"params": [model[2].weight, model[2].bias]})
+    batch = make_batches(1)[0]
+    before = model[2].weight.detach().clone()
+    for _ in range(3):
+        opt.step(_closure(model, opt, batch))
+    assert opt.param_groups[1]["rho"] == opt.param_groups[0]["rho"] and opt.param_groups[1]["eta"] == 0.01
+    assert not torch.equal(model[2].weight, before)
+
+
+def test_periodic_scales_the_explicit_rho_of_a_group_added_to_the_base_directly():
+    model = make_mlp()
+    base = torch.optim.SGD([model[0].weight], lr=0.1)
+    opt = build_sam_optimizer("periodic", [model[0].weight], base, rho=0.05, interval=4, rho_scaling="sqrt")
+    base.add_param_group({"params": [model[2].weight], "rho": 0.1})
+    _closure(model, opt, make_batches(1)[0])()
+    opt.before_first_pass()
+    assert opt.param_groups[1]["rho"] == pytest.approx(0.2)  # 0.1 · 4^½, as add_param_group scales it
+
+
+def test_a_group_added_directly_and_then_one_through_the_wrapper_keep_the_undo_record_in_step():
+    """A later wrapper of the instance puts back each group's own entries from the record, in group order; the
+    wrapper's add_param_group recorded its group at the place of the one added directly before it."""
+    model = make_mlp()
+    base = torch.optim.SGD([model[0].weight], lr=0.1)
+    opt = SAM([model[0].weight], base, rho=0.05)
+    base.add_param_group({"params": [model[0].bias]})
+    opt.add_param_group({"params": [model[2].weight], "rho": 0.3})
+    again = SAM([model[0].weight, model[0].bias, model[2].weight], base, rho=0.02)
+    assert [group["rho"] for group in again.param_groups] == [0.02, 0.02, 0.3]

@@ -1371,3 +1371,31 @@ def test_msam_refuses_a_base_optimizer_that_keeps_no_momentum_at_construction(ba
     opt = MomentumSAM(model.parameters(), base, lr=0.01, rho=0.0)  # nothing to perturb: the base optimizer alone
     for batch in make_batches(2):
         opt.step(sam_closure(model, opt, batch))
+
+
+def test_a_refused_second_friendly_sam_perturb_keeps_the_first_ones_average():
+    """The pending average was cleared before SAM refused the second perturb(), so restore() committed nothing."""
+    def average(misuse: bool):
+        model = make_mlp()
+        opt = FriendlySAM(model.parameters(), torch.optim.SGD, lr=LR, rho=0.05)
+        x, y = make_batches(1)[0]
+        ((model(x) - y) ** 2).mean().backward()
+        opt.perturb()
+        if misuse:
+            with pytest.raises(RuntimeError, match="perturb\\(\\) called twice"):
+                opt.perturb()
+        opt.restore()
+        return list(opt.buffers["ema"].values())
+
+    plain, misused = average(False), average(True)
+    assert len(plain) == len(misused) > 0 and all(map(torch.equal, plain, misused))
+
+
+def test_esam_takes_a_numpy_gamma_as_written_for_ceil_gamma_times_batch():
+    """np.float32(0.14) is 0.14000000059604645 in binary: stored as such, ⌈γ·50⌉ chose 8 examples, not 7."""
+    np = pytest.importorskip("numpy")
+    opt = ESAM(make_mlp().parameters(), torch.optim.SGD, lr=LR, gamma=np.float32(0.14))
+    assert opt.gamma == 0.14
+    assert opt.select_examples(torch.zeros(50), torch.arange(50.0)).numel() == 7
+    opt.gamma = np.float32(0.28)  # set after construction: read as written too
+    assert opt.select_examples(torch.zeros(25), torch.arange(25.0)).numel() == 7

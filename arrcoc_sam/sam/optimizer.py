@@ -46,6 +46,7 @@ _WRAPPING_ATTR = "_arrcoc_sam_wrapping"
 # In a state dict: the method's own state beyond the base optimizer's (a variant's step counter and buffers).
 EXTRA_STATE_KEY = "sam_variant"
 _IS_SPARSE = operator.attrgetter("is_sparse")
+_DTYPE = operator.attrgetter("dtype")
 _GRAD = operator.attrgetter("grad")
 _LOW_PRECISION = frozenset((torch.float16, torch.bfloat16))
 
@@ -338,6 +339,7 @@ class SAM(Optimizer):
         """
         self._skip_next_step = False
         self._update_check = None
+        self._check_groups()
 
     def after_first_pass(self) -> None:
         """Called after the last micro-batch backward of a window, before :meth:`perturb`."""
@@ -406,11 +408,7 @@ class SAM(Optimizer):
             raise RuntimeError("perturb() called twice without restore(): the weights are already at w + ε")
         self._skip_next_step = False
         self._update_check = None
-        for index, group in enumerate(self.param_groups):  # a ρ schedule may set them in place: checked here
-            if not _plainly_valid(group):
-                if any(key not in group for key in self._group_keys):
-                    self._adopt_group(group, index)
-                SAM._check_group(self, group, f"param group {index}: ")
+        self._check_groups()
         for key in ("grad_norm", "rho", "grad_norm_perturbed", "grad_cosine"):  # the previous ascent's
             self.stats.pop(key, None)
         params, grads, settings = self._ascent_directions()
@@ -527,7 +525,9 @@ class SAM(Optimizer):
                 grads = [p.grad for p in params]
             layout = ShardLayout.of(params, grads)
         if layout is None:
-            return perturbation.squared_norm(list(map(_dense_real, grads))).sqrt()
+            if any(map(_IS_SPARSE, grads)) or any(dtype.is_complex for dtype in set(map(_DTYPE, grads))):
+                grads = list(map(_dense_real, grads))  # (only then: a Python call per gradient)
+            return perturbation.squared_norm(grads).sqrt()
         plain = [False] * len(params)  # ‖g‖: the ascent norm without ASAM's scaling
         return layout.ascent_norm(layout.local(params), layout.local(grads), plain, [0.0] * len(params))
 
@@ -819,6 +819,7 @@ class SAM(Optimizer):
             self._load_extra_state(extra)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self._check_groups()  # groups added to the base directly first, so the undo record stays in step
         _check_no_duplicates(_listed(param_group)["params"])
         before = _owned_entries(param_group)
         for key in _SAM_GROUP_KEYS:
@@ -826,6 +827,16 @@ class SAM(Optimizer):
         self._check_group(param_group, "new param group: ")
         self.base_optimizer.add_param_group(param_group)
         _Wrapping.of(self.base_optimizer).before.append(before)
+
+    def _check_groups(self) -> None:
+        """Every group's settings checked where they are not plainly valid (a ρ schedule may set them in place); a
+        group added to the base optimizer directly first gets this wrapper's defaults (:meth:`_adopt_group`). Runs
+        where a window or an ascent starts, before anything reads the settings."""
+        for index, group in enumerate(self.param_groups):
+            if not _plainly_valid(group):
+                if any(key not in group for key in self._group_keys):
+                    self._adopt_group(group, index)
+                SAM._check_group(self, group, f"param group {index}: ")
 
     def _adopt_group(self, group: dict[str, Any], index: int) -> None:
         """Give a group added behind the wrapper's back (``base.add_param_group``, ``param_groups.append``) the
@@ -1031,12 +1042,10 @@ def _plainly_valid(group: dict[str, Any]) -> bool:
 
 def _dense_real(grad: Tensor) -> Tensor:
     """The elements of a gradient as a dense real tensor with its L2 norm and finiteness: the stored values of a
-    sparse one (coalesced, so duplicates add up first), a complex one viewed as (real, imaginary) pairs. Only ρ = 0
+    sparse (COO) one (coalesced, so duplicates add up first), a complex one viewed as (real, imaginary) pairs. Only ρ = 0
     groups hold such gradients; the update check reads them."""
-    if grad.layout == torch.sparse_coo:
+    if grad.is_sparse:
         grad = grad.coalesce().values()
-    elif grad.layout != torch.strided:
-        grad = grad.values()
     return torch.view_as_real(grad) if grad.is_complex() else grad
 
 

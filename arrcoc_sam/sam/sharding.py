@@ -130,9 +130,9 @@ def check_fsdp_run(scope: str, fsdp_version: int | None) -> None:
         raise ValueError(f"fsdp_version={fsdp_version!r}: " + _FSDP1_HINT)
     if scope != "global":
         raise ValueError(
-            f"sam_scope={scope!r} has no meaning under FSDP: gradients are reduce-scattered, so no rank holds "
-            "its own full (per-device or per-micro-batch) gradient. Use sam_scope=global, which takes the "
-            "ascent from the full, synchronised gradient"
+            f"sam_scope={scope!r} has no meaning under FSDP (or on a model sharded at load time): gradients are "
+            "reduced as they are sharded, so no rank holds its own full (per-device or per-micro-batch) gradient. "
+            "Use sam_scope=global, which takes the ascent from the full, synchronised gradient"
         )
 
 

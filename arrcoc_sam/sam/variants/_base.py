@@ -98,20 +98,26 @@ def uses_reentrant_checkpointing(roots: Iterable[Any]) -> bool:
     return False
 
 
+def _as_written(value: Any) -> float:
+    """A real number as a Python float; a NumPy scalar through its shortest decimal, so ``np.float32(0.14)``
+    gives 0.14 (its own binary value is 0.14000000059604645)."""
+    return float(value) if type(value) in (int, float) else float(str(value))
+
+
 def check_fraction(value: Any, name: str, *, allow_zero: bool = False) -> float:
     """``value`` as a ``float``; ValueError unless it is a real number (Python or NumPy) in (0, 1] (or [0, 1] with
     ``allow_zero``)."""
     if not is_real(value) or not ((value >= 0 if allow_zero else value > 0) and value <= 1):
         interval = "[0, 1]" if allow_zero else "(0, 1]"
         raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
-    return float(value)
+    return _as_written(value)
 
 
 def check_nonnegative(value: Any, name: str) -> float:
     """``value`` as a ``float``; ValueError unless it is a finite real number (Python or NumPy) >= 0."""
     if not is_real(value) or not 0 <= value < math.inf:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
+    return _as_written(value)
 
 
 def check_interval(interval: Any) -> int:
@@ -259,6 +265,7 @@ class VariantSAM(SAM):
     @torch.no_grad()
     def perturb(self) -> bool:
         """SAM's ascent; with ``stashes_clean_gradient`` also keeps a copy of the clean gradient g (transient)."""
+        self._check_groups()
         stash = perturbation.clone_all(self._ascent_candidates()[1]) if self.stashes_clean_gradient else []
         ok = super().perturb()
         self._clean_grads = stash if ok else []

@@ -275,7 +275,7 @@ class ESAM(VariantSAM):
                 f"select_examples needs two per-example loss vectors [B] of one shape, got "
                 f"{tuple(loss_clean.shape)} and {tuple(loss_perturbed.shape)}"
             )
-        keep = min(max(1, at_least, math.ceil(Fraction(repr(self.gamma)) * loss_clean.numel())), loss_clean.numel())
+        keep = min(max(1, at_least, math.ceil(Fraction(str(self.gamma)) * loss_clean.numel())), loss_clean.numel())
         rise = loss_perturbed.detach() - loss_clean.detach()
         return torch.topk(-rise if self._maximizes() else rise, keep, sorted=False).indices
 
@@ -294,6 +294,7 @@ class ESAM(VariantSAM):
         tensor SWP ascends on :meth:`swp_tensors` only. Tensor SWP returns True unless the norm is non-finite
         (pass 2 then runs at w after a zero norm, see the class docstring, and :meth:`restore` puts back the
         running statistics of :meth:`hold_running_stats`'s model as after an ascent)."""
+        self._check_groups()
         if self.gamma < 1 and not self._selection_provided and not self._warned_no_sds:
             self._warned_no_sds = True
             logger.warning(

@@ -87,7 +87,9 @@ class FriendlySAM(VariantSAM):
     def perturb(self) -> bool:
         """Ascent along d = (1 − σ(1 − λ)) g − σλ m_{t−1}; λ m + (1 − λ) g, unless g was non-finite, becomes m at
         :meth:`restore` (a step whose pass 2 raises keeps the old m)."""
-        self._pending_ema = {}
+        self._check_groups()
+        if not self.is_perturbed:  # (a second perturb() is refused below and keeps the first one's average)
+            self._pending_ema = {}
         params, grads, _ = self._ascent_candidates()
         if not params:
             return False

@@ -141,6 +141,7 @@ class GSAM(VariantSAM):
     @torch.no_grad()
     def perturb(self) -> bool:
         """SAM's ascent with ρ_t in place of each group's ρ; stashes a copy of the clean gradient."""
+        self._check_groups()
         radii = [group["rho"] for group in self.param_groups]
         try:
             for group in self.param_groups:

@@ -60,6 +60,13 @@ class PeriodicSAM(VariantSAM):
             param_group["rho"] = param_group["rho"] * self._rho_factor
         super().add_param_group(param_group)
 
+    def _adopt_group(self, group: dict[str, Any], index: int) -> None:
+        """As SAM's, for a group added to the base optimizer directly; its explicit ``rho`` is scaled by k^s."""
+        if "rho" in group:
+            check_rho(group["rho"], f"param group {index} (added to the base optimizer directly): ")
+            group["rho"] = group["rho"] * self._rho_factor
+        super()._adopt_group(group, index)
+
     @property
     def needs_window_hooks(self) -> bool:
         return self.interval > 1
