@@ -64,6 +64,8 @@ def test_bad_launcher_flags_exit_2_with_the_reason(capsys):
     assert "optimizer must be one of none, " in capsys.readouterr().err
     assert main(["missing_script.py", "--optimizer", "sam"]) == 2
     assert "training script 'missing_script.py' not found" in capsys.readouterr().err
+    assert main([str(SCRIPT.parent), "--optimizer", "sam"]) == 2  # a folder: said so, not "not found"
+    assert f"training script {str(SCRIPT.parent)!r} is a folder, not a Python file" in capsys.readouterr().err
     assert main([str(SCRIPT), "--optimizer", "esam", "--sam_args", "gamma=1.5"]) == 2  # refused before the script runs
     assert "--optimizer esam (gamma=1.5, sam_scope=global): gamma must be a number in (0, 1]" in capsys.readouterr().err
 

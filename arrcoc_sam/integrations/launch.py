@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"arrcoc_sam.launch: error: {error}", file=sys.stderr)
         return 2
     if not os.path.isfile(script):
-        print(f"arrcoc_sam.launch: error: training script {script!r} not found", file=sys.stderr)
+        problem = "is a folder, not a Python file" if os.path.isdir(script) else "not found"
+        print(f"arrcoc_sam.launch: error: training script {script!r} {problem}", file=sys.stderr)
         return 2
     saved_argv, saved_path = sys.argv[:], sys.path[:]
     sys.argv = [script, *script_argv]
