@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from arrcoc_sam.sam import perturbation
-from arrcoc_sam.sam.norm_stats import preserve_running_stats
+from arrcoc_sam.sam.norm_stats import fewest_examples_per_batch, preserve_running_stats
 from arrcoc_sam.sam.optimizer import ASAM, SAM
+from arrcoc_sam.sam.random_state import RandomState
 
 
 def make_mlp(seed: int = 0, dtype=torch.float64) -> nn.Module:
@@ -871,3 +872,113 @@ def test_one_group_takes_an_in_place_change_of_eta_adaptive_maximize_or_rho_at_t
     check()
     group["maximize"] = True  # the base optimizer maximises: the ascent is on −loss
     check(sign=-1.0)
+
+
+# -- boundaries and transients that the formula references above do not reach -------------------------
+
+
+def test_float16_weights_round_w_plus_epsilon_once_across_a_half_ulp_tie():
+    """ε = ρ g/‖g‖ = ρ for g = e₀; with ρ = 2⁻¹¹ + 2⁻²³ (exact in float32) the float16 weight 1.0 must become
+    round₁₆(1 + 2⁻¹¹ + 2⁻²³) = 1 + 2⁻¹⁰. Rounding ε to float16 first (2⁻¹¹) and then w + ε (a tie, to even)
+    would leave 1.0."""
+    rho = 2.0**-11 + 2.0**-23
+    weight = nn.Parameter(torch.ones(2, dtype=torch.float16))
+    opt = SAM([weight], torch.optim.SGD, rho=rho, lr=0.1)
+    weight.grad = torch.tensor([1.0, 0.0], dtype=torch.float16)
+    with pytest.warns(UserWarning, match="float16/bfloat16"):
+        assert opt.perturb()
+    exact = torch.tensor([1.0 + rho, 1.0], dtype=torch.float64)  # w + ε in float64, rounded once below
+    assert torch.equal(weight.detach(), exact.to(torch.float16))
+    assert weight[0].item() == 1.0 + 2.0**-10
+    opt.restore()
+    assert torch.equal(weight.detach(), torch.ones(2, dtype=torch.float16))
+
+
+def test_cpu_reductions_flatten_tensors_of_at_most_cpu_flatten_numel_elements():
+    """The documented split: on CPU a tensor of exactly CPU_FLATTEN_NUMEL elements is small, one more is large."""
+    limit = perturbation.CPU_FLATTEN_NUMEL
+    split = perturbation.SizeSplit.of([torch.zeros(limit), torch.zeros(limit + 1), torch.zeros(3)])
+    assert split.small == [True, False, True] and split.large == [False, True, False]
+    assert split.small_chunks == [(0, 2)]  # the two small tensors form one flattened chunk
+    assert perturbation.SizeSplit.of([torch.zeros(limit), torch.zeros(limit)]).small is None  # all small
+
+
+def test_chunk_ranges_fill_each_chunk_up_to_exactly_the_limit():
+    """[start, stop) ranges hold at most ``limit`` elements, a chunk reaching the limit exactly included; a
+    tensor larger than the limit forms its own range (hand-derived partitions)."""
+    ranges = perturbation._chunk_ranges
+    assert ranges([2, 2, 2, 2, 3], limit=4) == [(0, 2), (2, 4), (4, 5)]
+    assert ranges([1, 3, 4, 9, 1], limit=4) == [(0, 2), (2, 3), (3, 4), (4, 5)]
+    assert ranges([4, 4], limit=8) == [(0, 2)]
+    assert ranges([], limit=8) == []
+
+
+def test_cosine_of_parallel_vectors_never_exceeds_one():
+    """cos(c·g, g) = sign(c) exactly; rounding of the dot product and norms (float32, 1000 elements) must not
+    push the statistic outside [−1, 1]."""
+    g = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    for c, expected in ((3.0, 1.0), (-3.0, -1.0), (0.1, 1.0), (7.3, 1.0)):
+        cos, grad_norm = perturbation.cosine([g * c], [g])
+        assert -1.0 <= cos.item() <= 1.0
+        assert math.isclose(cos.item(), expected, abs_tol=1e-6)
+        assert math.isclose(grad_norm.item(), math.sqrt(sum(v * v for v in g.double().tolist())), rel_tol=1e-6)
+
+
+def _skipping_optimizer():
+    weight = nn.Parameter(torch.tensor([1.0, 2.0]))
+    opt = SAM([weight], torch.optim.SGD, rho=0.1, lr=1.0)
+    weight.grad = torch.tensor([math.inf, 1.0])
+    assert not opt.perturb() and opt.next_step_skipped  # a non-finite ascent: the next step is skipped
+    return weight, opt
+
+
+def test_before_first_pass_clears_a_skip_left_by_a_non_finite_ascent():
+    """A GradScaler skipped that step, so the skip must not carry into the next window."""
+    weight, opt = _skipping_optimizer()
+    opt.before_first_pass()
+    assert not opt.next_step_skipped
+    weight.grad = torch.tensor([0.5, -1.0])
+    opt.step()  # plain SGD at lr 1: w − g
+    assert weight.detach().tolist() == [0.5, 3.0]
+
+
+def test_a_finite_ascent_clears_a_skip_left_by_a_non_finite_one():
+    weight, opt = _skipping_optimizer()
+    weight.grad = torch.tensor([3.0, 4.0])
+    assert opt.perturb() and not opt.next_step_skipped
+    torch.testing.assert_close(weight.detach(), torch.tensor([1.0 + 0.1 * 0.6, 2.0 + 0.1 * 0.8]))
+    opt.restore()
+    assert weight.detach().tolist() == [1.0, 2.0]
+
+
+def test_a_copy_of_the_optimizer_does_not_carry_the_pending_update_check():
+    """The check describes the original's gradients; a deep copy (or pickle) starts without one."""
+    weight = nn.Parameter(torch.tensor([1.0, 2.0]))
+    opt = SAM([weight], torch.optim.SGD, rho=0.1, lr=1.0)
+    weight.grad = torch.tensor([3.0, 4.0])
+    assert opt.perturb()
+    weight.grad = torch.tensor([6.0, 8.0])  # pass 2
+    opt.restore()
+    clone = copy.deepcopy(opt)
+    assert clone.take_update_norm() is None
+    assert opt.take_update_norm().item() == 10.0  # ‖(6, 8)‖
+
+
+def test_random_state_replays_the_cpu_draws_and_then_leaves_the_generator_as_before():
+    """Independent reference: the draws of a freshly seeded generator."""
+    torch.manual_seed(123)
+    first, second = torch.rand(5), torch.rand(5)
+    torch.manual_seed(123)
+    state = RandomState.capture(torch.device("cpu"))
+    assert torch.equal(torch.rand(5), first)
+    with state.replayed():
+        assert torch.equal(torch.rand(5), first)
+    assert torch.equal(torch.rand(5), second)
+
+
+def test_only_a_batchnorm_layer_in_training_mode_needs_two_examples_per_batch():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    assert fewest_examples_per_batch(model) == 2
+    model.eval()  # normalises with the running statistics: one example is fine
+    assert fewest_examples_per_batch(model) == 1
+    assert fewest_examples_per_batch(nn.Linear(3, 4)) == 1 and fewest_examples_per_batch(None) == 1
