@@ -173,23 +173,31 @@ class ShardLayout:
         if not _has_dtensor(types):
             return None
         dtensor = _dtensor_type()
-        meshes = []  # distinct by equality (a slice taken twice is two equal objects)
+        meshes: list = []  # distinct by equality (a slice taken twice is two equal objects)
+        slot: dict[int, int] = {}  # id of a parameter's mesh -> its index in meshes
         for p in params:
-            if isinstance(p, dtensor) and all(p.device_mesh is not m and p.device_mesh != m for m in meshes):
-                meshes.append(p.device_mesh)
+            if isinstance(p, dtensor) and id(p.device_mesh) not in slot:
+                index = next((i for i, m in enumerate(meshes) if p.device_mesh == m), len(meshes))
+                if index == len(meshes):
+                    meshes.append(p.device_mesh)
+                slot[id(p.device_mesh)] = index
         mesh = meshes[0]
-        if len(meshes) > 1:
+        if len(meshes) == 1:  # sums over the mesh's own group
+            counts_here = [True]
+            at_origin = all(c == 0 for c in mesh.get_coordinate())
+            group = _mesh_group(mesh)
+        else:
             world = torch.distributed.get_world_size()
             if all(m.size() != world for m in meshes):
                 raise NotImplementedError(
                     f"SAM on DTensors over several device meshes ({', '.join(map(str, meshes))}) needs them to be "
                     f"slices of one mesh over all {world} ranks"
                 )
-            # the copy of each slice that holds global rank 0 counts its pieces; plain tensors count on rank 0
-            holds_origin = [bool((m.mesh == 0).any()) for m in meshes]
+            # sums over all ranks: the copy of each slice that holds global rank 0 counts its pieces; plain
+            # tensors count on rank 0
+            counts_here = [bool((m.mesh == 0).any()) for m in meshes]
             at_origin = torch.distributed.get_rank() == 0
-        else:
-            at_origin = all(c == 0 for c in mesh.get_coordinate())
+            group = (None, world)
         coordinates = [m.get_coordinate() for m in meshes]
         counted = []
         for index, (p, g) in enumerate(zip(params, grads, strict=True)):
@@ -206,14 +214,10 @@ class ShardLayout:
                 raise ValueError(
                     f"sharded tensor {index} has Partial placements {p.placements}: reduce it first"
                 )
-            which = 0 if len(meshes) == 1 else next(
-                i for i, m in enumerate(meshes) if p.device_mesh is m or p.device_mesh == m)
-            counted.append(
-                (len(meshes) == 1 or holds_origin[which])
-                and all(not pl.is_replicate() or c == 0 for pl, c in zip(p.placements, coordinates[which], strict=True))
-            )
+            which = slot[id(p.device_mesh)]
+            counted.append(counts_here[which] and all(
+                not pl.is_replicate() or c == 0 for pl, c in zip(p.placements, coordinates[which], strict=True)))
         device = grads[0]._local_tensor.device if isinstance(grads[0], dtensor) else grads[0].device
-        group = _mesh_group(mesh) if len(meshes) == 1 else (None, torch.distributed.get_world_size())
         return cls(counted, device, *group, collective_device=mesh_device(mesh.device_type))
 
     def local(self, tensors: Sequence[Tensor]) -> list[Tensor]:
