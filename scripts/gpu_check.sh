@@ -3,8 +3,8 @@
 # the engine, variants and robustness benchmarks on CUDA, and the FSDP2 Trainer check. Uses the machine's own
 # python3 (with torch); wheels for missing pure-Python packages may be carried in .whl/. Each step has its own
 # time limit so one slow step cannot eat the others. Results go to $OUT (or bench_results/gpu): gpu_check.log
-# and one JSON per benchmark (9 files with every step on). FSDP=0, ROBUSTNESS=0, TOKEN_PRECISION=0,
-# STEP_PROFILE=0, SAM_STEP_GPU_BOUND=0 and VARIANTS_GPU_BOUND=0 leave out those steps. On an H200 (2026-11-28),
+# and one JSON per benchmark (10 files with every step on). FSDP=0, ROBUSTNESS=0, TOKEN_PRECISION=0,
+# STEP_PROFILE=0, SAM_STEP_FUSED=0, SAM_STEP_GPU_BOUND=0 and VARIANTS_GPU_BOUND=0 leave out those steps. On an H200 (2026-11-28),
 # FSDP=0 ROBUSTNESS=0 TOKEN_PRECISION=0 took 185 s before the GPU-bound SAM-step step was added; the FSDP2 check
 # adds about two minutes.
 set -uo pipefail
@@ -36,6 +36,9 @@ step 150 cuda-tests "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py te
     tests/test_multi_tensor.py tests/test_variants.py
 step 100 bench-sam-step "$PY" scripts/bench/sam_step.py --device cuda --repeats 50 --profile-ops \
     --out "$OUT_DIR/sam_step.json"
+# fused AdamW (transformers' default) checks the update on the device: (a) without the update check's host sync
+[ "${SAM_STEP_FUSED:-1}" = 1 ] && step 70 bench-sam-step-fused "$PY" scripts/bench/sam_step.py --device cuda \
+    --repeats 30 --fused --out "$OUT_DIR/sam_step_fused.json"
 # the default batch leaves MiniLM host-bound on an H200 (a step's host time exceeds its kernels'); this one makes
 # the kernels dominate, as in training at a realistic batch
 [ "${SAM_STEP_GPU_BOUND:-1}" = 1 ] && step 100 bench-sam-step-gpu-bound "$PY" scripts/bench/sam_step.py --device cuda \

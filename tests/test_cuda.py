@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -116,6 +117,37 @@ def test_cuda_step_makes_no_host_sync_beyond_the_ascents_and_the_update_check(tr
         torch.cuda.set_sync_debug_mode(0)
     syncs = [w for w in record if "synchroniz" in str(w.message)]
     assert len(syncs) == expected, [str(w.message) for w in syncs]
+
+
+def test_cuda_fused_adamw_checks_the_update_on_the_device_without_a_host_sync():
+    """With torch's fused AdamW the step's non-finite check is its ``found_inf`` flag: a SAM step syncs once (the
+    ascent, which also reads the previous steps' skip count) and a NaN step leaves weights and moments as they were."""
+    model = make_model().cuda()
+    opt = SAM(model.parameters(), torch.optim.AdamW, lr=1e-3, fused=True)
+    batch = batches(1, "cuda")[0]
+    closure_step(model, opt, batch)  # leaves a skip flag for the next ascent to read
+    loss_fn(model, batch).backward()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            opt.perturb()
+            opt.restore()
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in record if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
+    before = copy.deepcopy(model.state_dict())
+    moments = copy.deepcopy(opt.base_optimizer.state_dict()["state"])
+    opt.zero_grad()
+    loss_fn(model, batch).backward()
+    model[0].weight.grad[0, 0] = float("nan")
+    opt.step()
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+    after = opt.base_optimizer.state_dict()["state"]
+    assert all(torch.equal(moments[i][k], after[i][k]) for i in moments for k in moments[i])
+    assert opt.skipped_updates == 1
 
 
 @pytest.mark.parametrize("chunk", ["default", 3000])

@@ -49,6 +49,7 @@ from arrcoc_sam.integrations._settings import (
     parse_sam_args,
 )
 from arrcoc_sam.integrations._window import ExampleLosses, SAMWindow, shallow_copy
+from arrcoc_sam.sam.optimizer import SAM
 from arrcoc_sam.sam.sharding import is_sharded
 from arrcoc_sam.sam.variants.esam import label_counts, per_example_loss
 
@@ -232,10 +233,14 @@ class _SAMTrainerMethods:
         return loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the ``sam/*`` averages of the logging window to the training log (all ranks call this together)."""
+        """Add the ``sam/*`` averages of the logging window to the training log (all ranks call this together), and
+        count (with a warning) the steps a fused base optimizer skipped on the device since the last look."""
         window = self.__dict__.get("_sam_window")
         if window is not None and "loss" in logs:
             logs = {**logs, **window.metrics.read(self.accelerator)}
+            optimizer = _sam_inside(self.optimizer)
+            if isinstance(optimizer, SAM):
+                optimizer.skipped_updates  # noqa: B018 (reading it counts, and warns of, steps skipped on the device)
         _STOCK_LOG(self, logs, start_time)
 
 

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from arrcoc_sam.sam import perturbation
+from arrcoc_sam.sam import device_check, perturbation
 from arrcoc_sam.sam.norm_stats import running_stat_buffers
 from arrcoc_sam.sam.sharding import ShardLayout, align_gradients, is_sharded
 
@@ -100,7 +100,8 @@ class SAM(Optimizer):
 
     The hot path costs two foreach passes over the perturbed tensors (norm, apply) plus one copy each way,
     and one host synchronisation per ascent (to decide whether it is finite), and one more per step when the
-    pass-2 statistics are on (to skip a non-finite sharpness-aware gradient, :meth:`update_non_finite`).
+    pass-2 statistics are on (to skip a non-finite sharpness-aware gradient, :meth:`update_non_finite`), except
+    with torch's fused Adam/AdamW as the base, whose step makes that check on the device (every step, no sync).
 
     Sharded parameters (DTensors, e.g. FSDP2 ``fully_shard``) are perturbed and restored shard-locally; the
     norm is that of the full gradient, from one all-reduce per ascent (:mod:`arrcoc_sam.sam.sharding`).
@@ -209,7 +210,8 @@ class SAM(Optimizer):
         self._zero_grad_profile_name = f"Optimizer.zero_grad#{type(self).__name__}.zero_grad"
 
         self.skipped_steps = 0
-        self.skipped_updates = 0  # base steps step() left out for non-finite gradients (not the GradScaler's skips)
+        self._skipped_updates = 0  # base steps step() left out for non-finite gradients, as the host knows them
+        self._device_skips = device_check.SkipCounter()  # fused steps skipped on the device, not yet read
         self.stats: dict[str, Tensor] = {}
         self.track_stats = True
         self._perturbed: list[Tensor] = []
@@ -435,7 +437,8 @@ class SAM(Optimizer):
         # The copies are dispatched before the host waits for the norm, so on an accelerator the host queues
         # them while the device still finishes the backward pass; a skipped ascent drops them unused.
         backups = [perturbation.clone_all(group.params) for group in groups]
-        norm_value = float(norm)  # the ascent's one host sync
+        norm_value, device_skips = self._device_skips.read_with(norm)  # the ascent's one host sync
+        self._count_device_skips(device_skips)
         if layout is None and (math.isinf(norm_value) or norm_value == 0.0):
             norm_value = self._norm_out_of_float32_range(groups, norm_value, norm.device)
         if not math.isfinite(norm_value) or norm_value == 0.0:
@@ -614,7 +617,8 @@ class SAM(Optimizer):
 
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
         """Without a closure: the base optimizer's step, skipped after a non-finite ascent and when the
-        sharpness-aware gradient holds inf/NaN (:meth:`update_non_finite`).
+        sharpness-aware gradient holds inf/NaN (:meth:`update_non_finite`; with a fused Adam/AdamW base, any
+        current gradient, checked on the device: :meth:`_step_with_device_check`).
 
         With a closure (zero_grad + forward + backward, returning the loss): a full SAM step — the closure
         at w, the ascent, the closure at w + ε, restore, base step. Returns the loss at the clean weights.
@@ -627,9 +631,11 @@ class SAM(Optimizer):
         """
         self._check_not_perturbed("step()")
         if closure is None:
+            if not self._skip_next_step and self._step_with_device_check():
+                return None
             if self._skip_next_step or self.update_non_finite():
                 self._skip_next_step = False
-                self.skipped_updates += 1
+                self._skipped_updates += 1
                 return None
             self.base_optimizer.step()
             return None
@@ -646,6 +652,46 @@ class SAM(Optimizer):
                     closure()
         self.step()
         return loss
+
+    def _step_with_device_check(self) -> bool:
+        """The base step with the update check made on the device (:mod:`~arrcoc_sam.sam.device_check`), where the
+        base optimizer is torch's fused Adam/AdamW and every current gradient a plain dense tensor: no host sync, and
+        every step checked, with or without an ascent or ``track_stats``. Returns False (nothing done) otherwise."""
+        if not device_check.skips_on_device(self.base_optimizer):
+            return False
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not grads or not device_check.checkable_on_device(grads):
+            return False
+        try:
+            found = device_check.non_finite_flag(grads)
+        except RuntimeError:  # a gradient whose elements share memory (expanded by hand): the host check reads it
+            return False
+        self._update_check = None  # superseded: the flag covers every gradient the step reads
+        device_check.step_with_flag(self.base_optimizer, found)
+        self._device_skips.add(found)
+        return True
+
+    def _count_device_skips(self, count: int) -> None:
+        """Add ``count`` steps skipped on the device to :attr:`skipped_updates`, with a warning where it is not 0."""
+        if count:
+            self._skipped_updates += count
+            logger.warning(
+                "SAM: %d optimizer step(s) skipped on the device for inf/NaN gradients (%s's fused step; %d "
+                "skipped so far)", count, type(self.base_optimizer).__name__, self._skipped_updates,
+            )
+
+    @property
+    def skipped_updates(self) -> int:
+        """Base steps :meth:`step` left out for non-finite gradients (not a GradScaler's own skips). Reading it
+        also counts, with a warning, the steps a fused base optimizer skipped on the device since the last ascent
+        (one host sync)."""
+        self._count_device_skips(self._device_skips.read())
+        return self._skipped_updates
+
+    @skipped_updates.setter
+    def skipped_updates(self, value: int) -> None:
+        self._count_device_skips(self._device_skips.read())
+        self._skipped_updates = value
 
     def take_update_norm(self) -> Tensor | None:
         """‖g_SAM‖ (a 0-dim tensor) that the last :meth:`restore` recorded for the update check, handed over once
@@ -858,11 +904,13 @@ class SAM(Optimizer):
 
     # -- hooks: registered on the base optimizer, whose step and state_dict are the ones that run -------
     def register_step_pre_hook(self, hook: Callable[..., Any]) -> RemovableHandle:
-        """``hook(sam, args, kwargs)`` before every base-optimizer step (once per SAM step; not on skipped steps)."""
+        """``hook(sam, args, kwargs)`` before every base-optimizer step (once per SAM step; not on steps skipped on the
+        host, but on those a fused Adam/AdamW base skips on the device, whose step runs and changes nothing)."""
         return self._register_on_base("register_step_pre_hook", hook)
 
     def register_step_post_hook(self, hook: Callable[..., Any]) -> RemovableHandle:
-        """``hook(sam, args, kwargs)`` after every base-optimizer step (once per SAM step; not on skipped steps)."""
+        """``hook(sam, args, kwargs)`` after every base-optimizer step (once per SAM step; not on steps skipped on the
+        host, but on those a fused Adam/AdamW base skips on the device, whose step runs and changes nothing)."""
         return self._register_on_base("register_step_post_hook", hook)
 
     def register_state_dict_pre_hook(self, hook: Callable[..., Any], prepend: bool = False) -> RemovableHandle:
@@ -893,6 +941,7 @@ class SAM(Optimizer):
         for key in ("_plans", "step", "_opt_called"):  # _plans: a cache keyed on identities, rebuilt on demand
             state.pop(key, None)
         state["_update_check"] = None  # transient: the last restore's gradient check
+        state["_skipped_updates"], state["_device_skips"] = self.skipped_updates, device_check.SkipCounter()
         # the base optimizer pickles its groups and state only: carry what this wrapper changed on it
         record = self.base_optimizer.__dict__.get(_WRAPPING_ATTR)
         state["_base_before_wrapping"] = record.before if record is not None else None
@@ -900,7 +949,8 @@ class SAM(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = {"_own_call": False, "_extra_before_load": None, "_settings_before_load": [], "_update_check": None,
-                 "skipped_updates": 0, **state}  # older pickles
+                 "_skipped_updates": state.pop("skipped_updates", 0), "_device_skips": device_check.SkipCounter(),
+                 **state}  # older pickles
         before = state.pop("_base_before_wrapping", None)
         self.__dict__.update(state)
         self._plans = perturbation.AscentPlans()

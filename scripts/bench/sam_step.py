@@ -1,7 +1,9 @@
 """Benchmark the SAM engine side by side with its baselines, in one process.
 
 (a) one SAM step ÷ (2 forward+backward + 1 base step)                 target ≤ 1.05
-    (also without the pass-2 statistics, ``track_stats=False``, for comparison)
+    (also without the pass-2 statistics, ``track_stats=False``, for comparison). The base is AdamW with
+    ``foreach=True``; ``--fused`` makes it torch's fused AdamW (transformers' default), whose step checks the
+    update on the device: no host sync for it, and also without the statistics
 (b) perturb+restore, foreach path ÷ a per-parameter-loop implementation   target ≤ 0.5 (small-tensor model)
     against two loops: the common one (davda54-style: ``p.data.add_(p.grad * scale)`` with a 0-dim tensor scale)
     and a lean one (``no_grad``, one host sync for the norm, ``add_(grad, alpha=step)``), the stricter reference
@@ -149,7 +151,7 @@ def op_table(fn, device: torch.device, rows: int = 15) -> str:
 
 
 def bench_model(name: str, device: torch.device, batch_size: int, seq_len: int, repeats: int,
-                profile_ops: bool = False) -> dict:
+                profile_ops: bool = False, fused: bool = False) -> dict:
     config = MODELS[name]()
     config._attn_implementation = "eager"
     torch.manual_seed(0)
@@ -157,7 +159,7 @@ def bench_model(name: str, device: torch.device, batch_size: int, seq_len: int, 
     params = [p for p in model.parameters() if p.requires_grad]
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     batch = make_batch(config, batch_size, seq_len, device)
-    base = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+    base = torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if fused else {"foreach": True}))
     sam = SAM(params, base, rho=0.05)
 
     before_forward = [lambda: None]  # MemTracker needs its per-module stats reset between forwards
@@ -265,6 +267,7 @@ def bench_model(name: str, device: torch.device, batch_size: int, seq_len: int, 
         "num_param_tensors": len(params),
         "num_params": sum(p.numel() for p in params),
         "batch": [batch_size, seq_len],
+        "base_optimizer": "AdamW(fused=True)" if fused else "AdamW(foreach=True)",
         "perturb_restore_repeats": pr_repeats,
         "sam_step_s": step_times["sam"],
         "baseline_2fb_plus_step_s": step_times["baseline"],
@@ -306,12 +309,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--profile-ops", action="store_true",
                         help="also print torch.profiler's per-op table of perturb + restore (with statistics)")
+    parser.add_argument("--fused", action="store_true",
+                        help="fused AdamW as the base on both sides (its step checks the update on the device)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (1: no oversubscription on shared cores; the JSON records it)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    results = [bench_model(name, device, args.batch_size, args.seq_len, args.repeats, args.profile_ops)
+    results = [bench_model(name, device, args.batch_size, args.seq_len, args.repeats, args.profile_ops, args.fused)
                for name in args.models]
     header = (f"{'model':<12}{'tensors':>8}{'params':>11}{'SAM/(2fb+step)':>16}{'no stats':>10}{'foreach/loop':>14}"
               f"{'/lean loop':>11}"
