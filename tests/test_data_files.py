@@ -64,6 +64,9 @@ def test_csv_accepts_whitespace_separated_tokens_and_labels(tmp_path):
         ({"query": "x", "tokens": [], "labels": []}, "tokens", "non-empty list"),
         ({"query": "x", "tokens": ["a"], "labels": ["yes"]}, "labels", "expected numbers"),
         ({"query": "x", "tokens": ["a", "b"], "labels": ["1", "0.5"]}, "labels", "got text such as '1'"),
+        ({"query": "x", "tokens": ["a", " "], "labels": [0, 1]}, "tokens", "item 1 is ' ', expected a non-empty string"),
+        ({"query": "x", "tokens": ["a", "b"], "labels": [[0], [1]]}, "labels",
+         r"one label per token \(2\), got shape \(2, 1\)"),
     ],
 )
 def test_a_malformed_text_row_names_file_row_and_field(tmp_path, bad_row, field, message):
@@ -77,6 +80,25 @@ def test_csv_row_numbers_count_data_rows_after_the_header(tmp_path):
     path = write_csv(tmp_path / "bad.csv", [TEXT_ROWS[0], {**TEXT_ROWS[1], "labels": [0, 7]}])
     with pytest.raises(DataFileError, match=r"bad\.csv: row 2: field 'labels'"):
         read_relevance_file(path, "text")
+
+
+@pytest.mark.parametrize("name", ["bad.json", "bad.parquet"])
+def test_json_array_items_and_parquet_rows_are_numbered_from_one(tmp_path, name):
+    rows = [TEXT_ROWS[0], TEXT_ROWS[1], {**TEXT_ROWS[1], "labels": [0, 7]}]
+    path = tmp_path / name
+    if name.endswith(".json"):
+        path.write_text(json.dumps(rows), encoding="utf-8")
+    else:
+        write_parquet(path, rows)
+    with pytest.raises(DataFileError, match=rf"{name}: row 3: field 'labels'") as info:
+        read_relevance_file(path, "text")
+    assert info.value.row == 3
+
+
+def test_blank_and_whitespace_only_jsonl_lines_are_skipped_and_not_counted_as_rows(tmp_path):
+    path = tmp_path / "gaps.jsonl"
+    path.write_bytes(("\r\n".join([json.dumps(TEXT_ROWS[0]), "", " \t", json.dumps(TEXT_ROWS[1])]) + "\r\n").encode())
+    assert [row["query"] for row in read_relevance_file(path, "text")] == ["person", "location"]
 
 
 def test_invalid_json_line_names_the_line(tmp_path):
@@ -385,3 +407,21 @@ def test_a_query_with_nothing_to_embed_is_refused_naming_the_file_instead_of_a_n
         load_relevance_files({"train": path}, kind="vision", query_embedder="minilm")
     with pytest.raises(ValueError, match="query number 1 .* has no word to embed"):
         HashQueryEmbedder()([" "])
+
+
+def test_images_of_another_height_than_the_first_rows_are_refused_naming_both_sizes(tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "square.png")
+    Image.fromarray(np.zeros((6, 8, 3), dtype=np.uint8)).save(tmp_path / "short.png")  # 6 high, 8 wide
+    path = write_jsonl(tmp_path / "v.jsonl", [_image_row("square.png"), _image_row("short.png")])
+    with pytest.raises(DataFileError, match=r"v\.jsonl: row 2: field 'image': image size is \(6, 8\), but earlier "
+                                            r"rows have \(8, 8\)"):
+        read_relevance_file(path, "vision")
+
+
+@pytest.mark.parametrize("name", ["DATA.JSONL", "Data.Csv", "DATA.PARQUET"])
+def test_the_format_follows_the_extension_in_any_letter_case(tmp_path, name):
+    writer = {".jsonl": write_jsonl, ".csv": write_csv, ".parquet": write_parquet}[name[name.rindex("."):].lower()]
+    examples = read_relevance_file(writer(tmp_path / name, TEXT_ROWS), kind="text")
+    assert [row["tokens"] for row in examples] == [row["tokens"] for row in TEXT_ROWS]

@@ -348,3 +348,13 @@ def test_pyramid_level_l_is_the_scorer_on_the_grid_pooled_by_two_to_the_l_for_al
             relevance = model.scorer(grid_to_tokens(pooled), query).relevance.view(2, 1, side, side)
             expected = F.interpolate(relevance, size=(32, 32), mode="bilinear", align_corners=False).flatten(1)
             torch.testing.assert_close(out.per_scale[:, level], expected, atol=1e-6, rtol=0)
+
+
+def test_learned_fusion_weights_are_the_softmax_of_the_scale_logits_and_sum_to_one():
+    model = _model(fusion="learned")
+    with torch.no_grad():
+        model.scale_logits.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    out = model(**_batch())
+    expected = torch.softmax(torch.tensor([0.5, -1.0, 2.0]), dim=0).expand(3, -1)
+    torch.testing.assert_close(out.weights, expected)
+    torch.testing.assert_close(out.combined_relevance, (expected.unsqueeze(-1) * out.per_scale).sum(1))

@@ -111,3 +111,53 @@ def test_quickstart_options_that_cannot_run_are_usage_errors(flags, message, cap
     with pytest.raises(SystemExit) as exit_info:
         parse_args(flags)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_table_names_the_better_run_by_each_metrics_own_direction():
+    """MSE and loss: lower is better; Spearman, top-K recall and NDCG: higher is better."""
+    from arrcoc_sam.relevance.quickstart import _table
+
+    keys = ("mse", "spearman", "top_k_recall", "ndcg", "loss")
+    results = {"untrained": dict.fromkeys((f"heldout_{k}" for k in keys), 0.5),
+               "adamw": {f"heldout_{k}": 0.2 for k in keys}, "sam": {f"heldout_{k}": 0.3 for k in keys}}
+    rows = {line.split(" (")[0].lstrip("| "): line for line in _table(results).splitlines()[2:]}
+    assert rows["MSE"].endswith("| AdamW (0.1000) |") and rows["loss"].endswith("| AdamW (0.1000) |")
+    for label in ("Spearman", "top-K recall", "NDCG@K"):
+        assert rows[label].endswith("| SAM (0.1000) |"), rows[label]
+    assert rows["MSE"] == "| MSE (lower is better) | 0.5000 | 0.2000 | 0.3000 | AdamW (0.1000) |"
+
+
+def test_both_runs_start_alike_the_baseline_has_no_rho_and_each_section_reads_its_own_scenes(tmp_path, monkeypatch):
+    """Same seed, same initial weights (equal untrained figures); AdamW runs without a rho; the held-out table reads
+    the held-out scenes (6, not the 4 validation ones) and the robustness section the first --robustness-scenes."""
+    from arrcoc_sam.integrations import trainer as trainer_module
+    from arrcoc_sam.relevance import quickstart, robustness
+
+    settings, heldout_sizes, robustness_sizes, untrained = [], [], [], []
+    arguments_class, evaluate, train_one = (trainer_module.SAMTrainingArguments, trainer_module.SAMTrainer.evaluate,
+                                            quickstart._train_one)
+
+    def training_arguments(**kwargs):
+        settings.append((kwargs["optimizer"], kwargs["rho"]))
+        return arguments_class(**kwargs)
+
+    def recording_evaluate(self, *args, **kwargs):
+        if kwargs.get("metric_key_prefix") == "heldout":
+            heldout_sizes.append(len(kwargs["eval_dataset"]))
+        return evaluate(self, *args, **kwargs)
+
+    def recording_train_one(*args):
+        result = train_one(*args)
+        untrained.append({key: result[2][key] for key in ("heldout_mse", "heldout_spearman", "heldout_loss")})
+        return result
+
+    monkeypatch.setattr(trainer_module, "SAMTrainingArguments", training_arguments)
+    monkeypatch.setattr(trainer_module.SAMTrainer, "evaluate", recording_evaluate)
+    monkeypatch.setattr(quickstart, "_train_one", recording_train_one)
+    monkeypatch.setattr(robustness, "robustness_report_section", lambda models, batches, **options: robustness_sizes.append(
+        sum(len(batch["labels"]) for batch in batches)) or "")
+    assert cli_main(["quickstart", "--tiny", "--steps", "2", "--validation-scenes", "4", "--heldout-scenes", "6",
+                     "--robustness-scenes", "3", "--output-dir", str(tmp_path)]) == 0
+    assert settings == [("none", None), ("sam", 0.05)]
+    assert heldout_sizes == [6, 6, 6, 6] and robustness_sizes == [3, 3]
+    assert untrained[0] == untrained[1]

@@ -221,3 +221,21 @@ def test_top_k_ties_go_to_the_lower_token_index_in_every_top_k_metric(k):
     assert rank_metrics.topk_jaccard(a[None].expand(3, 4, 9), b[None].expand(3, 4, 9), k).tolist() == [jaccard] * 3
     recall = [sum(t[i] for i in top) / sum(t) for top, t in zip(chosen[0], targets.tolist(), strict=True)]
     assert top_k_recall(a, targets, k) == pytest.approx(sum(recall) / len(recall), abs=1e-12)
+
+
+def test_a_resample_drawing_both_infinities_has_no_mean_and_is_left_out_like_a_loop_over_resamples():
+    """inf + (-inf) is NaN: such resamples drop out of the quantiles instead of counting as -inf (or +inf)."""
+    values = torch.tensor([math.inf, -math.inf] + [float(i) for i in range(1, 11)], dtype=torch.float64)
+    low, high = rank_metrics.bootstrap_ci(values, confidence=0.1, num_resamples=2000, seed=0)
+    index = torch.randint(12, (2000, 12), generator=torch.Generator().manual_seed(0))
+    means = torch.stack([values[row].nanmean() for row in index])
+    assert 0.3 < float(means.isnan().double().mean()) < 0.5  # about 41 % draw both
+    expected = torch.nanquantile(means, torch.tensor([0.45, 0.55], dtype=torch.float64))
+    assert math.isfinite(low) and math.isfinite(high)
+    torch.testing.assert_close(torch.stack([low, high]), expected, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("confidence", [0.0, 1.0])
+def test_bootstrap_confidence_must_lie_strictly_between_zero_and_one(confidence):
+    with pytest.raises(ValueError, match=rf"confidence must be in \(0, 1\), got {confidence}"):
+        rank_metrics.bootstrap_ci(torch.rand(5), confidence=confidence)

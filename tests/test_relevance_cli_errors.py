@@ -282,3 +282,26 @@ def test_evaluate_robustness_refuses_a_k_above_the_models_tokens_before_evaluati
     err = _usage_error(["evaluate-robustness", "--model", model, *SCENES, "--k", "1000", "--out", str(tmp_path / "o")],
                        capsys)
     assert f"--k 1000 exceeds the 64 tokens of --model {model} (grid_size 8)" in err
+
+
+def test_the_console_entry_restores_the_callers_program_name_even_after_a_usage_error(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["the-caller"])
+    with pytest.raises(SystemExit):
+        cli_main(["quickstart", "--steps", "0"])
+    assert "usage: arrcoc-sam quickstart" in capsys.readouterr().err
+    assert sys.argv == ["the-caller"]
+
+
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_the_console_entry_prints_its_commands_for_either_help_flag(flag, capsys):
+    assert cli_main([flag]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: arrcoc-sam COMMAND [ARGS...]") and "evaluate-robustness" in out
+
+
+def test_an_unknown_command_is_a_usage_error_on_stderr(capsys):
+    assert cli_main(["evaluate"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("arrcoc-sam: unknown command 'evaluate'\n\nusage: arrcoc-sam")

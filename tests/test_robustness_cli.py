@@ -102,6 +102,7 @@ def _usage_error(argv, capsys) -> str:
     (["--num-draws", "-1"], "argument --num-draws: must be >= 1, got -1"),
     (["--levels", "0.1", "-0.2"], "argument --levels: must be a finite number >= 0, got -0.2"),
     (["--levels", "1.5"], "--levels: token_dropout levels are fractions in [0, 1], got 1.5"),
+    (["--levels", "0.1", "inf"], "argument --levels: must be a finite number >= 0, got inf"),
     (["--num-samples", "0"], "argument --num-samples: must be >= 1, got 0"),
     (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
     (["--query-embedder", "clip"], "argument --query-embedder: invalid choice: 'clip'"),
@@ -207,3 +208,155 @@ def test_a_text_relevance_model_is_a_usage_error_naming_its_kind(tmp_path, capsy
                "this command takes vision relevance models: model_type 'arrcoc_relevance' or " \
                "'arrcoc_multiscale_relevance'" in err, err
         assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("query_dim", [384, 16])
+def test_auto_embeds_queries_with_minilm_for_384_dimensions_else_hashed_to_the_models_dimension(query_dim,
+                                                                                               monkeypatch):
+    """The data for a model: its scenes' queries embedded for its query_dim, uint8 pixels scaled to [0, 1], the
+    first --num-samples rows in batches of --batch-size. (A stand-in for MiniLM: only the choice is tested here.)"""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from arrcoc_sam.relevance import scenes
+    from arrcoc_sam.relevance.robustness_cli import build_parser, load_batches
+    from arrcoc_sam.relevance.scenes import HashQueryEmbedder, make_scene_dataset
+
+    class MiniLMQueryEmbedder:
+        dim = 384
+
+        def __call__(self, queries):
+            return np.stack([np.full(384, len(query), dtype=np.float32) for query in queries])
+
+    monkeypatch.setattr(scenes, "MiniLMQueryEmbedder", MiniLMQueryEmbedder)
+    args = build_parser().parse_args(["--model", "m", "--out", "o", *DATA])
+    model = SimpleNamespace(config=SimpleNamespace(grid_size=8, query_dim=query_dim))
+    batches, queries = load_batches(args, model)
+    assert [len(batch["labels"]) for batch in batches] == [2, 1] and len(queries) == 3
+    embedder = MiniLMQueryEmbedder() if query_dim == 384 else HashQueryEmbedder(dim=query_dim)
+    embeddings = torch.cat([batch["query_embedding"] for batch in batches])
+    np.testing.assert_allclose(embeddings.numpy(), embedder(queries), rtol=1e-6, atol=1e-7)
+    rows = make_scene_dataset(1, 1, 3, image_size=32, grid_size=8, seed=0, embedder=embedder)["heldout"]
+    pixels = torch.cat([batch["pixel_values"] for batch in batches])
+    torch.testing.assert_close(pixels, torch.as_tensor(np.stack(rows["pixel_values"])).float() / 255)
+
+
+def test_num_samples_takes_the_first_rows_of_a_data_file(tmp_path):
+    from types import SimpleNamespace
+
+    from arrcoc_sam.relevance.robustness_cli import build_parser, load_batches
+
+    rows = [{"query": f"q{i}", "token_features": [[float(i)] * 13] * 4, "relevance": [0.0, 1.0, 0.5, 0.25],
+             "query_embedding": [float(i), 1.0]} for i in range(5)]
+    path = tmp_path / "v.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    args = build_parser().parse_args(["--model", "m", "--out", "o", "--data", str(path), "--num-samples", "3",
+                                      "--batch-size", "2"])
+    batches, queries = load_batches(args, SimpleNamespace(config=SimpleNamespace(grid_size=2, query_dim=2)))
+    assert queries == ["q0", "q1", "q2"]
+    assert [batch["token_features"][:, 0, 0].tolist() for batch in batches] == [[0.0, 1.0], [2.0]]
+
+
+def test_models_whose_folder_names_clash_need_distinct_names(tmp_path, capsys):
+    """Two runs' `model` folders would share one label, and the second report would replace the first."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    models = [_checkpoint(tmp_path / "a" / "model", 0), _checkpoint(tmp_path / "b" / "model", 1)]
+    err = _usage_error(["evaluate-robustness", "--model", *models, *DATA, "--out", str(tmp_path / "o")], capsys)
+    assert "--name needs one distinct label per --model, got ['model', 'model'] for 2 models" in err
+
+
+@pytest.mark.parametrize(("flags", "batched"), [([], True), (["--looped"], False)])
+def test_the_robustness_flags_reach_the_evaluator(tmp_path, monkeypatch, flags, batched):
+    """--seed seeds the perturbation draws as well as the scenes; --looped picks the reference path."""
+    from arrcoc_sam.relevance import robustness_cli
+
+    class Stop(Exception):
+        pass
+
+    received = {}
+
+    def evaluator(**kwargs):
+        received.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(robustness_cli, "RelevanceRobustness", evaluator)
+    with pytest.raises(Stop):
+        cli_main(["evaluate-robustness", "--model", "m", "--out", str(tmp_path / "o"), "--seed", "3", "--k", "7",
+                  "--num-draws", "5", "--levels", "0.1", "0.3", "--perturbations", "input_noise",
+                  "--metrics", "spearman", *flags])
+    assert received == {"levels": [0.1, 0.3], "k": 7, "num_draws": 5, "perturbations": ["input_noise"],
+                        "metrics": ["spearman"], "batched": batched, "seed": 3}
+
+
+@pytest.mark.parametrize(("flags", "allocator", "expected"), [
+    (["--mode", "precision", "--alpha", "0.5", "--beta", "2"], "PrecisionAwareAllocator",
+     ((8, 40, 300, 12), {"favor": "uncertain", "alpha": 0.5, "beta": 2.0})),
+    (["--mode", "plain"], "RelevanceAllocator", ((8, 40, 300, 12), {})),
+    (["--mode", "topk", "--target-precision", "0", "--penalty", "0.3"], "PrecisionAwareAllocation",
+     ((0.0, 0.3, 12, 8, 40, 300), {})),
+])
+def test_the_allocation_flags_reach_the_chosen_allocator(tmp_path, monkeypatch, flags, allocator, expected):
+    """Each flag lands in its own parameter; a target precision of 0 (penalise every token above zero) is valid."""
+    from arrcoc_sam.relevance import allocation_cli
+
+    class Stop(Exception):
+        pass
+
+    received = []
+
+    def build(*args, **kwargs):
+        received.append((args, kwargs))
+        raise Stop
+
+    monkeypatch.setattr(allocation_cli, allocator, build)
+    with pytest.raises(Stop):
+        cli_main(["allocate", "--model", "m", "--out", str(tmp_path / "o"), "--k", "12", "--min-tokens", "8",
+                  "--max-tokens", "40", "--total-budget", "300", "--favor", "uncertain", *flags])
+    assert received == [expected]
+
+
+def test_allocate_threads_the_probe_seed_and_sample_index_and_reports_each_sample_with_its_query(tmp_path,
+                                                                                                monkeypatch):
+    """Over batches of 2: each batch's probes start at its first sample's index and use --probe-seed; the report
+    keeps every sample's own query, its own token total and the budget that was used (the default one here)."""
+    from arrcoc_sam.relevance import allocation_cli
+    from arrcoc_sam.relevance.scenes import make_scene_dataset
+
+    calls = []
+    original = allocation_cli.token_precision
+
+    def token_precision(*args, **kwargs):
+        calls.append((kwargs["seed"], kwargs["sample_offset"]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(allocation_cli, "token_precision", token_precision)
+    out = tmp_path / "alloc"
+    assert cli_main(["allocate", "--model", _checkpoint(tmp_path / "model", 0), *DATA, "--k", "12", "--min-tokens",
+                     "8", "--max-tokens", "40", "--num-probes", "2", "--probe-seed", "5", "--plot-samples", "0",
+                     "--out", str(out)]) == 0
+    assert calls == [(5, 0), (5, 2)]
+    document = json.loads((out / "allocation.json").read_text())
+    assert document["settings"]["probe_seed"] == 5 and document["settings"]["total_budget"] == 12 * (8 + 40) // 2
+    queries = list(make_scene_dataset(1, 1, 3, image_size=32, grid_size=8, seed=0, embedder="hash")["heldout"]["query"])
+    assert [sample["query"] for sample in document["samples"]] == queries
+    assert [sample["index"] for sample in document["samples"]] == [0, 1, 2]
+    assert all(sample["total_tokens"] == sum(sample["token_budgets"]) for sample in document["samples"])
+
+
+def test_a_sample_whose_relevance_is_not_finite_is_named_by_its_index_in_the_data(tmp_path, capsys, monkeypatch):
+    """Sample 2 is the first of the second batch: the message must say 2, not its place in the batch."""
+    from arrcoc_sam.relevance.vision import ArrCocRelevanceModel
+
+    original = ArrCocRelevanceModel.compute_relevance
+
+    def compute_relevance(self, features, query):  # the last batch (one sample: data index 2) diverges
+        relevance = original(self, features, query)
+        return relevance.fill_(float("nan")) if relevance.shape[0] == 1 else relevance
+
+    monkeypatch.setattr(ArrCocRelevanceModel, "compute_relevance", compute_relevance)
+    model = _checkpoint(tmp_path / "model", 0)
+    err = _usage_error(["allocate", "--model", model, *DATA, "--k", "12", "--num-probes", "2",
+                        "--out", str(tmp_path / "o")], capsys)
+    assert f"--model {model}: its relevance holds inf/NaN on sample 2 (1 of the batch's 1)" in err

@@ -203,3 +203,27 @@ def test_float_pixels_on_a_0_to_255_scale_are_refused_instead_of_clamped_to_whit
     assert SceneCollator()([{**row, "pixel_values": row["pixel_values"] / 255}])["pixel_values"].max() <= 1
     overshoot = np.full((3, 8, 8), 1.05, dtype=np.float32)  # a resize's overshoot above 1 is the model's to clamp
     assert SceneCollator()([{**row, "pixel_values": overshoot}])["pixel_values"].max() == pytest.approx(1.05)
+
+
+def test_about_a_third_of_distractors_are_drawn_freely_and_some_share_nothing_with_the_query(scenes):
+    """A third of the distractors ignore the query's attributes (slot 2); of those, about half share none of them
+    (16 of 28 objects for a colour-shape query), so about 0.19 of all distractors share nothing; never 0."""
+    nothing = total = 0
+    for query, objects, n in zip(scenes["train"]["query"], scenes["train"]["objects"], scenes["train"]["num_targets"],
+                                 strict=True):
+        words = set(str(query).split()) - {"objects"}
+        for description in list(objects)[:len(objects) - int(n)]:
+            nothing += not words & set(description.split())
+            total += 1
+    assert 0.08 < nothing / total < 0.35, nothing / total
+
+
+def test_pixels_above_white_clip_to_255_instead_of_wrapping_around(monkeypatch):
+    """A white object plus its colour and pixel noise crosses 1.0 on about half its pixels; uint8 must clip them."""
+    from arrcoc_sam.relevance import scenes as scene_module
+
+    monkeypatch.setitem(scene_module.COLOURS, "red", (1.0, 1.0, 1.0))
+    row = scene_module.render_scene(np.random.default_rng(0), scene_module.Query("colour_shape", "red", "circle"),
+                                    32, 32, heldout=True)  # one cell per pixel: the labels are the target mask
+    on_target = row["pixel_values"][:, row["labels"].reshape(32, 32) == 1]
+    assert on_target.size > 100 and on_target.min() >= 220 and (on_target == 255).mean() > 0.2

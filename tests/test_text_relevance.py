@@ -296,3 +296,19 @@ def test_truncation_never_cuts_a_long_query(tokenizer):
     encoded = encode_token_relevance(tokenizer, query, ["word"] * 8, [1] * 8, max_length=16)
     assert len(encoded["input_ids"]) == 16 and sum(encoded["query_mask"]) == 8  # all 8 query pieces kept
     assert sum(encoded["text_mask"]) == 16 - 8 - 3
+
+
+def test_the_shortest_max_length_keeps_exactly_one_text_piece_and_one_less_is_refused(tokenizer):
+    """``[CLS] person [SEP]`` + one text piece + ``[SEP]`` = 5: the documented minimum, accepted; 4 is refused."""
+    from arrcoc_sam.relevance.collators import MaxLengthTooShort
+
+    encoded = encode_token_relevance(tokenizer, "person", ["Obama", "spoke"], [1, 0], max_length=5)
+    assert tokenizer.convert_ids_to_tokens(encoded["input_ids"]) == ["[CLS]", "person", "[SEP]", "obama", "[SEP]"]
+    assert encoded["labels"] == [-100.0, -100.0, -100.0, 1.0, -100.0]
+    with pytest.raises(MaxLengthTooShort, match="max_length=4 is too short .* needs at least 5 word pieces"):
+        encode_token_relevance(tokenizer, "person", ["Obama"], [1], max_length=4)
+
+
+def test_labels_of_another_count_than_the_words_are_refused_not_silently_dropped(tokenizer):
+    with pytest.raises(ValueError, match="one entry per token: 3 labels for 2 tokens"):
+        encode_token_relevance(tokenizer, "person", ["Barack", "Obama"], [1, 1, 0])

@@ -520,3 +520,135 @@ def test_vision_setup_errors_name_the_flag_they_come_from(tmp_path, capsys, flag
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message.format(tmp=tmp_path) in err, err
     assert not (tmp_path / "out").exists()  # the probe of a new output folder leaves nothing behind
+
+
+def test_config_overrides_keep_nested_brackets_and_equals_signs_inside_a_value():
+    from arrcoc_sam.relevance.training import parse_overrides
+
+    assert parse_overrides("a=[[1, 2], [3]],b=2") == {"a": [[1, 2], [3]], "b": 2}
+    assert parse_overrides("name='x=y',k=(1, (2, 3))") == {"name": "x=y", "k": (1, (2, 3))}
+
+
+def test_generic_pretrained_config_fields_are_accepted_as_overrides():
+    """Fields a config has only through PretrainedConfig's to_dict (here output_attentions) are not typos."""
+    from arrcoc_sam.relevance.training import ModelArguments, _vision_model, check_overrides
+    from arrcoc_sam.relevance.vision import ArrCocRelevanceConfig
+
+    assert check_overrides({"output_attentions": True}, ArrCocRelevanceConfig) == {"output_attentions": True}
+    model = _vision_model(ModelArguments(model_kind="vision", config_overrides="output_attentions=True"), query_dim=8,
+                          grid_size=4)
+    assert model.config.output_attentions is True
+
+
+def test_a_start_model_saved_with_its_tokenizer_is_trained_with_that_tokenizer(tmp_path):
+    from transformers import AutoTokenizer, BertConfig
+
+    from arrcoc_sam.relevance.text import TextRelevanceModel, minilm_path
+    from arrcoc_sam.relevance.training import _TINY_BERT, ModelArguments, _text_model_and_tokenizer
+
+    TextRelevanceModel.from_backbone(BertConfig(**_TINY_BERT)).save_pretrained(tmp_path / "start")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    assert tokenizer.model_max_length != 77
+    tokenizer.model_max_length = 77  # a mark that only the start model's own tokenizer carries
+    tokenizer.save_pretrained(tmp_path / "start")
+    _, loaded = _text_model_and_tokenizer(ModelArguments(model_kind="text", model_name_or_path=str(tmp_path / "start")))
+    assert loaded.model_max_length == 77
+
+
+def test_the_data_flags_reach_the_wnut_and_scene_builders(monkeypatch):
+    from datasets import Dataset, DatasetDict
+
+    from arrcoc_sam.relevance import scenes, wnut
+    from arrcoc_sam.relevance.training import DataArguments, build_text_data, build_vision_data
+
+    received = {}
+
+    def load_wnut16_relevance(**kwargs):
+        received["wnut"] = kwargs
+        return DatasetDict({"train": Dataset.from_list([])})
+
+    def make_scene_dataset(**kwargs):
+        received["scenes"] = kwargs
+        return DatasetDict({"train": Dataset.from_list([])})
+
+    monkeypatch.setattr(wnut, "load_wnut16_relevance", load_wnut16_relevance)
+    monkeypatch.setattr(scenes, "make_scene_dataset", make_scene_dataset)
+    data_args = DataArguments(split_seed=7, wnut_validation_tweets=5, wnut_heldout_tweets=9, wnut_negatives_per_tweet=2,
+                              num_train_scenes=11, num_validation_scenes=3, num_heldout_scenes=4, scene_image_size=48,
+                              query_embedder="hash")
+    assert build_text_data(data_args, tokenizer=None) == {}
+    build_vision_data(data_args, grid_size=6)
+    assert received == {
+        "wnut": {"seed": 7, "validation_tweets": 5, "heldout_tweets": 9, "negatives_per_tweet": 2},
+        "scenes": {"num_train": 11, "num_validation": 3, "num_heldout": 4, "image_size": 48, "seed": 7,
+                   "embedder": "hash", "grid_size": 6},
+    }
+
+
+def test_the_probe_batch_is_the_whole_split_when_it_is_smaller_than_the_eval_batch_size():
+    from types import SimpleNamespace
+
+    from arrcoc_sam.relevance.training import ModelArguments, _add_sharpness_callback
+
+    added = []
+    trainer = SimpleNamespace(args=SimpleNamespace(per_device_eval_batch_size=8), add_callback=added.append)
+    splits = {"train": [{"x": 0}] * 20, "validation": [{"x": 10}, {"x": 11}, {"x": 12}]}
+    _add_sharpness_callback(trainer, ModelArguments(sharpness_every=1, sharpness_probes="trace"), splits, list)
+    assert added[0].eval_batches == [[{"x": 10}, {"x": 11}, {"x": 12}]]
+
+
+def test_the_model_of_a_run_is_initialised_from_seed_whatever_the_callers_random_state(tmp_path):
+    from arrcoc_sam.relevance.training import build_run
+
+    weights = []
+    for caller_seed in (1, 2):
+        torch.manual_seed(caller_seed)
+        argv = ["--model_kind", "vision", "--data_source", "scenes", "--num_train_scenes", "2", "--num_validation_scenes",
+                "1", "--num_heldout_scenes", "1", "--scene_image_size", "32", "--query_embedder", "hash", "--seed", "5",
+                "--output_dir", str(tmp_path / "out"), *COMMON]
+        trainer, _, _ = build_run(*parse_args(argv))
+        weights.append({name: value.clone() for name, value in trainer.model.state_dict().items()})
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
+def test_top_k_sets_the_k_of_the_vision_evaluation_metrics(tmp_path):
+    from transformers import EvalPrediction
+
+    from arrcoc_sam.relevance.training import build_run
+    from arrcoc_sam.relevance.vision_metrics import relevance_metrics
+
+    (tmp_path / "v.jsonl").write_text(_feature_rows(16, 8), encoding="utf-8")
+    argv = ["--model_kind", "vision", "--data_source", "files", "--train_file", str(tmp_path / "v.jsonl"),
+            "--config_overrides", "grid_size=4,top_k_tokens=4", "--top_k", "3", "--output_dir", str(tmp_path / "out"),
+            *COMMON]
+    trainer, _, _ = build_run(*parse_args(argv))
+    generator = np.random.default_rng(0)
+    predictions, targets = generator.random((4, 16)), (generator.random((4, 16)) > 0.6).astype(np.float32)
+    metrics = trainer.compute_metrics(EvalPrediction(predictions=predictions, label_ids=targets))
+    assert metrics == relevance_metrics(predictions, targets, 3, 0.5)
+    assert metrics != relevance_metrics(predictions, targets, 16, 0.5)
+
+
+def test_a_recipe_list_becomes_one_flag_with_several_values(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model_kind: vision\nlabel_names: [labels, extra]\noutput_dir: x\n", encoding="utf-8")
+    assert recipe_to_argv(recipe) == ["--model_kind", "vision", "--label_names", "labels", "extra", "--output_dir", "x"]
+    assert parse_args([str(recipe)])[2].label_names == ["labels", "extra"]
+
+
+def test_the_last_optimizer_flag_decides_whether_a_recipes_sam_settings_are_left_out():
+    """argparse keeps the last of repeated flags, in either spelling; the recipe reading must agree with it."""
+    from arrcoc_sam.relevance.training import _last_value
+
+    assert _last_value(["--optimizer", "sam", "--optimizer", "none"], "--optimizer") == "none"
+    assert _last_value(["--optimizer=none", "--optimizer", "sam"], "--optimizer") == "sam"
+    assert _last_value(["--optimizer", "none", "--optimizer=sam"], "--optimizer") == "sam"
+    assert _last_value(["--rho", "0.1", "--optimizer"], "--optimizer") is None
+
+
+def test_a_yml_recipe_is_read_like_a_yaml_one(tmp_path):
+    recipe = tmp_path / "r.yml"
+    recipe.write_text("model_kind: vision\nmax_steps: 9\noutput_dir: x\n", encoding="utf-8")
+    model_args, _, training_args = parse_args([str(recipe)])
+    assert model_args.model_kind == "vision" and training_args.max_steps == 9

@@ -101,3 +101,35 @@ def test_tweet_text_keys_ignore_case_so_case_variants_of_a_tweet_share_a_split()
                            groups=[tweet_text_key(t) for t in (upper, lower, Tweet(("a",), ("O",)), Tweet(("b",), ("O",)))])
     owner = {i: name for name, ids in splits.items() for i in ids}
     assert owner[0] == owner[1]
+
+
+def test_a_file_without_a_final_separator_line_keeps_its_last_tweet(tmp_path):
+    import hashlib
+
+    from arrcoc_sam.relevance.wnut import Tweet
+
+    path = tmp_path / "ner.txt"
+    path.write_bytes(b"Go\tO\nLakers\tB-sportsteam\n\t\nhi\tO\nParis\tB-geo-loc")  # separator only between tweets
+    tweets = read_wnut16(path, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+    assert tweets == [Tweet(("Go", "Lakers"), ("O", "B-sportsteam")), Tweet(("hi", "Paris"), ("O", "B-geo-loc"))]
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_shuffled_tweets_are_dealt_to_heldout_first_then_validation(seed):
+    """The documented order: the seed's shuffle of the tweets (each its own group), the first ``heldout_tweets`` to
+    held-out, the next ``validation_tweets`` to validation, the rest to train."""
+    import random
+
+    order = list(range(50))
+    random.Random(seed).shuffle(order)
+    splits = wnut16_splits(50, seed=seed, validation_tweets=7, heldout_tweets=10)
+    assert splits == {"train": sorted(order[17:]), "validation": sorted(order[10:17]), "heldout": sorted(order[:10])}
+
+
+def test_absent_entity_types_are_drawn_at_random_per_tweet_not_taken_in_a_fixed_order(tweets):
+    """With one negative per tweet, 60 tweets draw it from their 8-9 absent types: a fixed choice (the first absent
+    type) would name one or two types in all; a uniform draw names nearly all ten."""
+    ids = list(range(60))
+    negatives = [e["entity_type"] for e in relevance_examples(tweets, ids, negatives_per_tweet=1, seed=0)
+                 if not any(e["labels"])]
+    assert len(negatives) == 60 and len(set(negatives)) >= 6
