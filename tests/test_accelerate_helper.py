@@ -173,6 +173,8 @@ def _recording_no_sync(accelerator):
     # per pass, whether the backward runs under no_sync (True) or all-reduces (False); GA 2, two windows
     ("sam", "global", [True, False, True, False] * 2),
     ("sam", "per_device", [True, True, True, False] * 2),
+    # microbatch: each micro-batch's pass 1 is its own (no_sync); only the last pass 2 syncs the window's sum
+    ("sam", "microbatch", [True, True, True, False] * 2),
     # periodic ascends in the first window only: the second one is stock accumulation, which syncs its last pass
     ("periodic", "per_device", [True, True, True, False, True, False]),
 ])
@@ -200,8 +202,9 @@ def test_only_the_backward_that_completes_each_pass_all_reduces(method, scope, e
 def test_metrics_are_pooled_over_ranks_and_skipped_ascents_averaged():
     from arrcoc_sam.integrations._window import SAMMetrics
 
+    # both ranks saw the same figures: the sum over ranks is twice this one's (a mean would be this one's)
     two_ranks = SimpleNamespace(num_processes=2, device=torch.device("cpu"),
-                                reduce=lambda packed, reduction: packed * 2)  # both ranks saw the same figures
+                                reduce=lambda packed, reduction: {"sum": packed * 2, "mean": packed}[reduction])
     metrics = SAMMetrics()
     for value in (1.0, 3.0):
         metrics.add("sharpness", torch.tensor(value))
@@ -430,11 +433,12 @@ def test_accelerate_load_state_keeps_the_helpers_own_settings(tmp_path, caplog, 
     ("sam", {}), ("asam", {}), ("periodic", {"interval": 2}), ("looksam", {"interval": 2}),
     ("esam", {"beta": 0.5, "gamma": 0.5, "seed": 3,
               "per_example_loss_fn": lambda outputs, batch: (outputs - batch["y"]).square().mean(dim=1)}),
-    ("gsam", {}), ("fsam", {}), ("msam", {}),
+    ("gsam", {}), ("fsam", {}), ("msam", {}), ("sam", {"scope": "microbatch"}),
 ])
 def test_every_method_reports_the_same_metrics_and_weights_under_a_grad_scaler(method, knobs):
     """Each window's metrics are free of the GradScaler's scale, also for the short last window (7 micro-batches
-    of 4 in windows of 3: m/k = 1/3 in the last). Friendly-SAM's ascent norm was divided by the scale twice."""
+    of 4 in windows of 3: m/k = 1/3 in the last) and in the microbatch scope. Friendly-SAM's ascent norm was
+    divided by the scale twice."""
 
     def run(scaler):
         accelerator = Accelerator(cpu=True, gradient_accumulation_steps=3)
@@ -608,3 +612,150 @@ def test_non_finite_gradients_on_one_of_two_processes_skip_the_step_on_both(run_
     assert len(results) == 20
     for result in results:
         assert result["finite"] and result["replicas_equal"] and result["trained"], result
+
+
+def test_an_esam_window_whose_drawn_tensors_have_no_gradient_records_no_ascent():
+    """ESAM's tensor SWP asks for pass 2 even where the tensors it drew have a zero gradient (nothing to ascend
+    along): pass 2 runs at w, so the window made no ascent and records no figures, as SAM's zero-norm windows
+    do not; counting it would log a loss_perturbed equal to the clean loss and a sharpness of 0 for it. The loss
+    here has a value (y²) and a graph but a zero gradient for every weight."""
+    accelerator = Accelerator(cpu=True)
+    model = tiny_mlp()
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR))
+    sam = AcceleratedSAM(accelerator, model, optimizer, method="esam", rho=0.1, beta=0.5, gamma=1.0)
+    before = flat(model)
+
+    def flat_loss(module, batch):
+        return (module(batch["x"]) * 0).sum() + batch["y"].square().mean()
+
+    for batch in batches(regression_data(8), 4):
+        with accelerator.accumulate(model):
+            assert float(sam.backward(flat_loss, batch)) == pytest.approx(float(batch["y"].square().mean()))
+            optimizer.step()
+            optimizer.zero_grad()
+    assert torch.equal(flat(model), before)
+    assert set(sam.metrics()) == {"sam/skipped_steps"}
+
+
+class _BranchAtOne(nn.Module):
+    """``w·x + gate·x`` while ``w <= 1``, ``w·x`` beyond: at w = 1 the ascent (along +∇w) leaves the branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
+        self.gate = nn.Parameter(torch.tensor([2.0], dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w * x + self.gate * x if float(self.w.detach()) <= 1.0 else self.w * x
+
+
+def test_a_weight_that_pass_two_does_not_reach_gets_no_gradient_and_no_step():
+    """The sharpness-aware gradient is ∇L(w + ε) alone: a weight pass 1 reached but pass 2 does not (a branch left at
+    w + ε) has none, and the base optimizer skips it (weight decay included), as a closure step that clears .grad
+    before pass 2 does. A zero .grad instead would let weight decay move it. Hand-computed at ρ = 0.1, x = 1,
+    L = out²: ∇L(w) = (6, 6), ε = ρ(1, 1)/√2, ∇_w L(w + ε) = 2(1 + ε_w)."""
+    accelerator = Accelerator(cpu=True)
+    model = _BranchAtOne()
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR, weight_decay=0.5))
+    sam = AcceleratedSAM(accelerator, model, optimizer, method="sam", rho=0.1)
+    with accelerator.accumulate(model):
+        assert float(sam.backward(lambda module, x: module(x).square().mean(), torch.ones(1, dtype=torch.float64))) == 9
+        assert model.gate.grad is None
+        optimizer.step()
+        optimizer.zero_grad()
+    eps = 0.1 / math.sqrt(2)
+    assert float(model.w.detach()) == pytest.approx(1 - LR * (2 * (1 + eps) + 0.5 * 1), rel=1e-12)
+    assert float(model.gate.detach()) == 2.0
+
+
+def test_microbatch_scope_keeps_the_window_gradient_of_a_weight_a_skipping_micro_batch_does_not_reach():
+    """A micro-batch that skips its ascent adds its pass-1 gradient to the window's sum; a weight its pass does not
+    reach (here the bias) must keep the sum of the earlier micro-batches. Window of two: the first's SAM gradient
+    ½∇L₁(w + ρ ĝ₁) (Accelerate divides each loss by 2), the second reaches the weight only, with a zero gradient."""
+    accelerator, model, optimizer, sam = _microbatch_sam()
+    reference = nn.Linear(3, 1)
+    reference.load_state_dict(accelerator.unwrap_model(model).state_dict())
+    x, y = torch.randn(4, 3), torch.randn(4, 1)
+
+    def loss_fn(module, batch):
+        x, y, reaches_bias = batch
+        return ((module(x) - y) ** 2).mean() if reaches_bias else 0 * module.weight.sum() + 1.0
+
+    for batch in ((x, y, True), (x, y, False)):
+        with accelerator.accumulate(model):
+            sam.backward(loss_fn, batch)
+            if accelerator.sync_gradients:
+                window = [model.weight.grad, model.bias.grad]
+                window = [None if g is None else g.clone() for g in window]
+            optimizer.step()
+            optimizer.zero_grad()
+    params = list(reference.parameters())
+    g = torch.autograd.grad(((reference(x) - y) ** 2).mean(), params)
+    norm = torch.sqrt(sum((gi ** 2).sum() for gi in g))
+    with torch.no_grad():
+        for p, gi in zip(params, g, strict=True):
+            p.add_(0.05 * gi / norm)
+    expected = [0.5 * gi for gi in torch.autograd.grad(((reference(x) - y) ** 2).mean(), params)]
+    assert window[1] is not None, "the bias lost the first micro-batch's gradient"
+    for got, want in zip(window, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert sam.metrics()["sam/skipped_steps"] == 1
+
+
+def test_microbatch_scope_window_without_any_ascent_records_no_figures():
+    """A window none of whose micro-batches ascended (zero gradients) made no sharpness-aware step: it records no
+    loss_perturbed and no sharpness (counting it would log its clean loss and a sharpness of 0), as a global-scope
+    window without an ascent does not; its two skipped ascents are counted."""
+    accelerator, model, optimizer, sam = _microbatch_sam()
+    x, y = torch.randn(4, 3), torch.randn(4, 1)
+    for _ in range(2):
+        with accelerator.accumulate(model):
+            sam.backward(_weighted_mse, (x, y, 0.0))
+            optimizer.step()
+            optimizer.zero_grad()
+    assert sam.metrics() == {"sam/skipped_steps": 2.0}
+
+
+def test_a_batch_encoding_reaches_the_loss_function_as_one_in_both_passes():
+    """A tokenizer's BatchEncoding (a UserDict) stays a BatchEncoding through the copy each pass gets, so a loss
+    function may read its fields as attributes; the step is SAM's on that batch."""
+    from transformers import BatchEncoding
+
+    accelerator = Accelerator(cpu=True)
+    model = tiny_mlp()
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR))
+    sam = AcceleratedSAM(accelerator, model, optimizer, method="sam", rho=0.1)
+    seen = []
+
+    def loss_fn(module, batch):
+        seen.append(type(batch))
+        return mse(module, {"x": batch.x, "y": batch.y})
+
+    rows = batches(regression_data(4), 4)
+    with accelerator.accumulate(model):
+        sam.backward(loss_fn, BatchEncoding(rows[0]))
+        optimizer.step()
+        optimizer.zero_grad()
+    assert seen == [BatchEncoding, BatchEncoding]
+    assert torch.allclose(flat(model), flat(reference_sam(tiny_mlp(), rows, 0.1)), atol=1e-6)
+
+
+def test_microbatch_scope_reports_the_mean_of_every_micro_batchs_ascent_figures():
+    """Each micro-batch ascends from its own gradient, so the window's sam/grad_norm is the mean over its micro-batches
+    of ‖½∇L_m(w)‖ (Accelerate divides each loss by the 2 steps), not the last micro-batch's alone."""
+    accelerator, model, optimizer, sam = _microbatch_sam()
+    reference = nn.Linear(3, 1)
+    reference.load_state_dict(accelerator.unwrap_model(model).state_dict())
+    generator = torch.Generator().manual_seed(5)
+    micro = [(torch.randn(4, 3, generator=generator), torch.randn(4, 1, generator=generator), 1.0) for _ in range(2)]
+    micro[1] = (micro[1][0] * 3, micro[1][1], 1.0)  # a larger gradient than the first's
+    for batch in micro:
+        with accelerator.accumulate(model):
+            sam.backward(_weighted_mse, batch)
+            optimizer.step()
+            optimizer.zero_grad()
+    norms = []
+    for x, y, _ in micro:
+        grads = torch.autograd.grad(((reference(x) - y) ** 2).mean() / 2, list(reference.parameters()))
+        norms.append(float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads))))
+    assert sam.metrics()["sam/grad_norm"] == pytest.approx(sum(norms) / 2, rel=1e-5)

@@ -207,6 +207,21 @@ def test_launcher_returns_the_script_exit_status_and_restores_argv_and_path(tmp_
     assert ("failed: no data" in capsys.readouterr().err) == (status == 1)
 
 
+def test_a_launcher_flag_is_held_against_sam_training_arguments_a_script_builds_in_code(tmp_path):
+    """A script that builds SAMTrainingArguments(optimizer='asam', rho=0.7) in code has no parser to stop at parse
+    time: `--optimizer sam`, taken off its command line, is refused where its SAMTrainer is built, before it trains
+    (without a SAM flag the same script keeps its own settings, test above); argv, sys.path and Trainer come back."""
+    (tmp_path / "sibling.py").write_text("NAME = 'sibling'\n")
+    script = tmp_path / "exits.py"
+    script.write_text(_EXITING_SCRIPT)
+    argv, path = sys.argv[:], sys.path[:]
+    refused = r"builds SAMTrainingArguments \(asam, rho=0\.7\) while arrcoc_sam\.launch took its own SAM flags \(sam,"
+    with pytest.raises(ValueError, match=refused):
+        main(["--optimizer", "sam", str(script), str(tmp_path), "0"])
+    assert not (tmp_path / "seen.json").exists()
+    assert (sys.argv, sys.path) == (argv, path) and Trainer.training_step is _STOCK_TRAINING_STEP
+
+
 def test_launcher_help_prints_usage_and_exits_0(capsys):
     assert main(["--help"]) == 0
     assert "python -m arrcoc_sam.launch SCRIPT.py" in capsys.readouterr().out
@@ -280,3 +295,20 @@ def test_a_script_flag_the_launcher_took_stops_the_script_naming_it(tmp_path, ca
         "(own,) = HfArgumentParser(Own).parse_args_into_dataclasses(args=['--rho', '0.3'])"))
     assert main([str(explicit), "--rho", "0.05", str(seen)]) == 0
     assert json.loads(seen.read_text()) == {"rho": 0.3, "optimizer": "script-default"}
+
+
+def test_a_module_next_to_the_script_wins_over_one_of_the_same_name_elsewhere(tmp_path, monkeypatch):
+    """As under ``python SCRIPT.py``, the script's folder comes first on sys.path: its own ``helpers.py`` is the
+    one imported, not a ``helpers`` module found further along the path."""
+    elsewhere, own = tmp_path / "elsewhere", tmp_path / "project"
+    for folder in (elsewhere, own):
+        folder.mkdir()
+        (folder / "launch_probe_helpers.py").write_text(f"WHERE = {folder.name!r}\n")
+    monkeypatch.syspath_prepend(str(elsewhere))
+    monkeypatch.delitem(sys.modules, "launch_probe_helpers", raising=False)
+    script = own / "train.py"
+    script.write_text("import pathlib, sys, launch_probe_helpers\n"
+                      "pathlib.Path(sys.argv[1]).write_text(launch_probe_helpers.WHERE)\n")
+    assert main([str(script), str(tmp_path / "where.txt")]) == 0
+    assert (tmp_path / "where.txt").read_text() == "project"
+    sys.modules.pop("launch_probe_helpers", None)

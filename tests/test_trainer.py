@@ -262,17 +262,19 @@ def test_registered_method_is_driven_only_through_hooks_in_order(tmp_path, monke
     assert built["optimizer"].calls == ascent + plain
 
 
-def test_microbatch_scope_is_refused_only_for_methods_that_say_so(monkeypatch):
-    """An optimizer built by a registered method that does not declare ``supports_microbatch_scope`` is accepted."""
+@pytest.mark.parametrize(("scope", "refusing"), [("microbatch", "looksam"), ("per_device", "gsam")])
+def test_a_scope_is_refused_only_for_methods_that_say_so(monkeypatch, scope, refusing):
+    """An optimizer built by a registered method that does not declare ``supports_microbatch_scope`` /
+    ``supports_per_device_scope`` is accepted."""
     from types import SimpleNamespace
 
     from arrcoc_sam.integrations._settings import SAMSettings
 
     monkeypatch.setitem(registry._BUILDERS, "undeclared", lambda params, base, **knobs: SimpleNamespace())
     base = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=LR)
-    assert SAMSettings(method="undeclared", scope="microbatch").build(base) is not None
-    with pytest.raises(ValueError, match="--optimizer looksam .* use sam_scope=global"):
-        SAMSettings(method="looksam", scope="microbatch").build(base)
+    assert SAMSettings(method="undeclared", scope=scope).build(base) is not None
+    with pytest.raises(ValueError, match=f"--optimizer {refusing} .*sam_scope={scope}.* use sam_scope=global"):
+        SAMSettings(method=refusing, scope=scope).build(base)
 
 
 class _BatchNormNet(nn.Module):
@@ -448,6 +450,71 @@ def test_sam_args_values_are_python_literals_or_else_strings():
 
     assert parse_sam_args(" alpha = 0.7,k=5,flag=True,items=[1],name=x,path=a/b,words=two words") == {
         "alpha": 0.7, "k": 5, "flag": True, "items": [1], "name": "x", "path": "a/b", "words": "two words"}
+
+
+def test_a_scope_refused_after_the_method_is_built_leaves_the_base_optimizer_as_it_was():
+    """gsam refuses sam_scope=per_device only once built around the base optimizer: the instance must go on as if
+    it had never been wrapped (its groups without gsam's entries, free to be wrapped by another method)."""
+    from arrcoc_sam.integrations._settings import SAMSettings
+
+    base = torch.optim.SGD([nn.Parameter(torch.ones(2))], lr=0.1, momentum=0.9)
+    before = [dict(group) for group in base.param_groups]
+    with pytest.raises(ValueError, match="sam_scope=per_device"):
+        SAMSettings(method="gsam", scope="per_device").build(base)
+    assert [dict(group) for group in base.param_groups] == before
+    assert SAMSettings(method="sam", rho=0.1).build(base).param_groups[0]["rho"] == 0.1
+
+
+@pytest.mark.parametrize("optim", ["lomo", "galore_adamw_layerwise"])
+def test_an_update_inside_backward_is_refused_with_plain_training_arguments_too(tmp_path, optim):
+    """Plain TrainingArguments (the launcher's) hold --optim as an enum by the time SAMTrainer checks the run."""
+    args = TrainingArguments(**trainer_kwargs(str(tmp_path), optim=optim))
+    with pytest.raises(ValueError, match=f"--optim {optim} updates the weights inside backward"):
+        SAMTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset(8))
+
+
+@pytest.mark.parametrize("fsdp", ["", [], False])
+def test_an_empty_fsdp_option_is_no_fsdp_and_keeps_the_per_device_scope(tmp_path, fsdp):
+    args = SAMTrainingArguments(**trainer_kwargs(str(tmp_path), fsdp=fsdp, sam_scope="per_device"))
+    assert args.sam_settings().scope == "per_device"
+
+
+def test_a_registered_method_that_needs_another_base_optimizer_than_sgd_parses(monkeypatch):
+    """The parse-time knob check builds built-in methods around an SGD stand-in; a method a user registered may
+    need the run's own --optim, so it is left to the Trainer's build."""
+    from types import SimpleNamespace
+
+    from arrcoc_sam.integrations._settings import SAMSettings, check_knob_values
+
+    def adam_only(params, base, **knobs):
+        if not isinstance(base, torch.optim.Adam):
+            raise ValueError(f"adam_only wraps Adam, got {type(base).__name__}")
+        return SimpleNamespace()
+
+    monkeypatch.setitem(registry._BUILDERS, "adam_only", adam_only)
+    check_knob_values(SAMSettings(method="adam_only"))
+    base = torch.optim.Adam([nn.Parameter(torch.zeros(1))])
+    assert SAMSettings(method="adam_only").build(base) is not None
+
+
+@pytest.mark.parametrize("knobs", [{"not a name": 1}, '{"rho-min": 0.1}', {1: 0.1}])
+def test_sam_args_keys_given_as_a_mapping_must_be_knob_names(knobs):
+    from arrcoc_sam.integrations._settings import parse_sam_args
+
+    with pytest.raises(ValueError, match="sam_args keys must be knob names"):
+        parse_sam_args(knobs)
+
+
+@pytest.mark.parametrize(("settings", "match"), [
+    ({"rho": math.inf}, "rho must be a finite number >= 0, got inf"),
+    ({"method": "asam", "eta": math.inf}, "sam_eta must be a finite number >= 0, got inf"),
+    ({"method": "periodic", "interval": True}, "sam_interval must be an integer >= 1, got True"),
+])
+def test_settings_refuse_an_infinite_radius_or_a_boolean_interval_naming_the_flag(settings, match):
+    from arrcoc_sam.integrations._settings import SAMSettings
+
+    with pytest.raises(ValueError, match=match):
+        SAMSettings(**settings)
 
 
 @pytest.mark.parametrize("text", ["alpha=0.1,k=5,alpha=0.2", '{"alpha": 0.1, "alpha": 0.2}'])
@@ -963,3 +1030,73 @@ def test_a_micro_batch_carried_past_the_end_of_an_iterable_dataset_is_replayed_w
     assert torch.allclose(train(0.0), reference(0.0), rtol=0, atol=1e-12)
     expected = reference(0.05)
     assert float((train(0.05) - expected).norm() / (expected - start).norm()) < 1e-12
+
+
+def test_esam_perturbed_loss_of_a_carried_micro_batch_keeps_its_own_normalisation(tmp_path):
+    """ESAM's forwards at w + ε replay each micro-batch with its own pass-1 normalisation: at a vanishing radius
+    sam/loss_perturbed is the logged loss of every step, also in the window that carries the unfinished last window
+    of the data (one micro-batch divided by 1, then two divided by 2)."""
+    generator = torch.Generator().manual_seed(3)
+    rows = [{"x": torch.randn(4, generator=generator, dtype=torch.float64),
+             "labels": torch.randn((), generator=generator, dtype=torch.float64)} for _ in range(10)]
+    args = SAMTrainingArguments(**trainer_kwargs(str(tmp_path), learning_rate=0.1, optimizer="esam", rho=1e-9,
+                                                 sam_args="gamma=0.5", per_device_train_batch_size=2,
+                                                 gradient_accumulation_steps=2, max_steps=4))
+    trainer = SAMTrainer(model=_MeanSquaredModule().double(), args=args, train_dataset=_Rows(rows),
+                         per_example_loss_fn=lambda outputs, batch: (outputs["logits"] - batch["labels"]) ** 2)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "sam/loss_perturbed" in entry]
+    assert [entry["sam/loss_perturbed"] for entry in logs] == pytest.approx([entry["loss"] for entry in logs], rel=1e-6)
+    assert len(logs) == 4
+
+
+def test_a_replay_puts_the_trainers_accumulation_count_back_even_when_its_pass_raises():
+    """A carried micro-batch's replay runs with its own accumulation count (test above) and must leave the
+    Trainer's count as it found it, also when the pass raises (the error propagates out of train(), and a caller
+    that catches it holds a Trainer whose count is the window's, not the carried micro-batch's)."""
+    from types import SimpleNamespace
+
+    from arrcoc_sam.integrations.trainer import _accumulation_steps
+
+    trainer = SimpleNamespace(current_gradient_accumulation_steps=2)
+    with pytest.raises(RuntimeError, match="the pass failed"), _accumulation_steps(trainer, 1):
+        assert trainer.current_gradient_accumulation_steps == 1
+        raise RuntimeError("the pass failed")
+    assert trainer.current_gradient_accumulation_steps == 2
+    with _accumulation_steps(trainer, None):  # no count of its own: the Trainer's stands
+        assert trainer.current_gradient_accumulation_steps == 2
+
+
+def test_a_window_serves_the_accelerator_a_hyperparameter_trial_rebuilt(tmp_path):
+    """A hyper-parameter search rebuilds the Trainer's accelerator for each trial (create_accelerator_and_postprocess):
+    the next train()'s window must read the new one (its GradScaler, backward and process count), not the first's."""
+    trainer = _train(tmp_path, max_steps=1, per_device_train_batch_size=4)
+    first = trainer.accelerator
+    trainer.create_accelerator_and_postprocess()
+    assert trainer.accelerator is not first
+    trainer.train()
+    assert trainer._sam_window.accelerator is trainer.accelerator
+
+
+def test_a_static_graph_flag_without_a_launch_is_no_static_graph_for_plain_training_arguments(tmp_path):
+    """--ddp_static_graph means nothing in one process (no DDP wrapper): plain TrainingArguments with it and
+    accumulation train, as SAMTrainingArguments do, instead of being refused as a static DDP graph."""
+    trainer = _train(tmp_path, args_cls=TrainingArguments, ddp_static_graph=True, gradient_accumulation_steps=2,
+                     max_steps=1, per_device_train_batch_size=2)
+    assert trainer.state.global_step == 1
+
+
+def test_figures_an_earlier_train_left_unread_do_not_enter_the_next_trains_log(tmp_path):
+    """train() #1 ends before its window's figures were logged (logging_steps beyond max_steps); train() #2 logs its
+    own window only: at a vanishing radius its perturbed loss is its own logged loss, not a mean with #1's."""
+    args = SAMTrainingArguments(**trainer_kwargs(str(tmp_path / "out"), learning_rate=0.5, max_steps=1,
+                                                 per_device_train_batch_size=4, logging_steps=10, rho=1e-9))
+    trainer = SAMTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset(8), compute_loss_func=token_sum_loss)
+    trainer.train()
+    assert not any("sam/loss_perturbed" in entry for entry in trainer.state.log_history)
+    trainer.args.logging_steps = 1
+    grab = _Logs()
+    trainer.add_callback(grab)
+    trainer.train()
+    log = next(entry for entry in grab.logs if "sam/loss_perturbed" in entry)
+    assert log["sam/loss_perturbed"] == pytest.approx(log["loss"], rel=1e-4)

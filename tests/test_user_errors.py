@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -47,6 +48,27 @@ def test_processes_that_would_each_train_their_own_copy_are_refused(monkeypatch,
     else:
         check_processes_train_together(args)
 
+
+
+def test_every_sam_trainer_checks_that_its_launched_processes_train_together(monkeypatch, tmp_path):
+    """The check above runs for each SAMTrainer, plain TrainingArguments included (SAMTrainingArguments do not run
+    it): a 2-process torchrun without --use_cpu is refused before anything trains (its 2-process launch is
+    test_torchrun_without_cpu_flag_on_a_cpu_machine_is_refused)."""
+    from transformers import TrainingArguments
+
+    import arrcoc_sam.integrations.trainer as trainer_module
+    from arrcoc_sam import SAMTrainer
+
+    checked = []
+
+    def check(args):
+        checked.append(args)
+        check_processes_train_together(args)
+
+    monkeypatch.setattr(trainer_module, "check_processes_train_together", check)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    SAMTrainer(model=torch.nn.Linear(2, 2), args=args)
+    assert checked == [args]
 
 _LAUNCHED = {
     "trainer": (
@@ -256,3 +278,48 @@ def test_arrcoc_sam_without_a_command_is_a_usage_error(capsys):
     captured = capsys.readouterr()
     assert captured.err.startswith("usage: arrcoc-sam COMMAND") and "error: give a COMMAND" in captured.err
     assert cli_main(["--help"]) == 0 and capsys.readouterr().out.startswith("usage: arrcoc-sam COMMAND")
+
+
+def test_a_backward_outside_the_window_that_left_nan_gradients_is_refused():
+    """A gradient left in .grad by a backward outside the window (here one that overflowed to NaN) is refused like a
+    finite one: NaN is not 'all zero'."""
+    from accelerate import Accelerator
+
+    from arrcoc_sam.integrations.accelerate import AcceleratedSAM
+
+    sys.path.insert(0, str(REPO / "tests" / "dist_scripts"))
+    from accelerate_common import LR, batches, mse, regression_data, tiny_mlp
+
+    accelerator = Accelerator(cpu=True)
+    model = tiny_mlp()
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR))
+    sam = AcceleratedSAM(accelerator, model, optimizer, method="sam", rho=0.1)
+    first = next(model.parameters())
+    first.grad = torch.zeros_like(first)
+    first.grad[0] = math.nan
+    with pytest.raises(RuntimeError, match="window opened with gradients already in .grad"):
+        sam.backward(mse, batches(regression_data(4), 4)[0])
+
+
+def test_only_sam_settings_the_launcher_was_given_are_held_against_a_script_that_parses_its_own(tmp_path, capsys):
+    """A script whose SAM arguments default to asam runs as it says when the launcher got no SAM flag; a launcher
+    --sam_args the script never saw (it parses none) is a usage error, like any other SAM flag it took."""
+    from arrcoc_sam.integrations.launch import main as launch
+
+    script = tmp_path / "own_default.py"
+    script.write_text(_PARSES_SAM_ARGUMENTS.replace(
+        "(args,) = HfArgumentParser((SAMTrainingArguments,))",
+        "import dataclasses\n"
+        "@dataclasses.dataclass\n"
+        "class Args(SAMTrainingArguments):\n"
+        "    optimizer: str = 'asam'\n"
+        "(args,) = HfArgumentParser((Args,))"))
+    common = ["--output_dir", str(tmp_path), "--use_cpu", "true", "--report_to", "none"]
+    assert launch([str(script), *common]) == 0
+    assert (tmp_path / "parsed").read_text() == "asam"
+    (tmp_path / "parsed").unlink()
+    plain = tmp_path / "own.py"
+    plain.write_text(_PARSES_SAM_ARGUMENTS)
+    assert launch(["--sam_args", "rho=0.1", str(plain), *common]) == 2
+    assert "reads sam_args={} where python -m arrcoc_sam.launch has sam_args={'rho': 0.1}" in capsys.readouterr().err
+    assert not (tmp_path / "parsed").exists()
