@@ -98,34 +98,10 @@ def test_cuda_bf16_autocast_perturbs_fp32_master_weights_and_restores_bitwise():
         assert torch.equal(value, before[key]), key
 
 
-@pytest.mark.parametrize(("track_stats", "expected"), [(True, 2), (False, 1)])
-def test_cuda_step_makes_no_host_sync_beyond_the_ascents_and_the_update_check(track_stats, expected):
-    """One sync decides the ascent; with the pass-2 statistics a second one checks the sharpness-aware gradient."""
-    model = make_model().cuda()
-    opt = SAM(model.parameters(), torch.optim.AdamW, lr=1e-3, foreach=True)
-    opt.track_stats = track_stats
+def host_syncs_in_one_step(model: nn.Module, opt: SAM) -> int:
+    """The host syncs of perturb + restore + step after one full step (whose leftovers the ascent reads)."""
     batch = batches(1, "cuda")[0]
     closure_step(model, opt, batch)
-    loss_fn(model, batch).backward()
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with pytest.warns(UserWarning) as record:
-            opt.perturb()
-            opt.restore()
-            opt.step()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    syncs = [w for w in record if "synchroniz" in str(w.message)]
-    assert len(syncs) == expected, [str(w.message) for w in syncs]
-
-
-def test_cuda_fused_adamw_checks_the_update_on_the_device_without_a_host_sync():
-    """With torch's fused AdamW the step's non-finite check is its ``found_inf`` flag: a SAM step syncs once (the
-    ascent, which also reads the previous steps' skip count) and a NaN step leaves weights and moments as they were."""
-    model = make_model().cuda()
-    opt = SAM(model.parameters(), torch.optim.AdamW, lr=1e-3, fused=True)
-    batch = batches(1, "cuda")[0]
-    closure_step(model, opt, batch)  # leaves a skip flag for the next ascent to read
     loss_fn(model, batch).backward()
     torch.cuda.set_sync_debug_mode("warn")
     try:
@@ -136,8 +112,25 @@ def test_cuda_fused_adamw_checks_the_update_on_the_device_without_a_host_sync():
             opt.step()
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    syncs = [w for w in record if "synchroniz" in str(w.message)]
-    assert len(syncs) == 1, [str(w.message) for w in syncs]
+    return sum("synchroniz" in str(w.message) for w in record)
+
+
+@pytest.mark.parametrize(("track_stats", "expected"), [(True, 2), (False, 1)])
+def test_cuda_step_makes_no_host_sync_beyond_the_ascents_and_the_update_check(track_stats, expected):
+    """One sync decides the ascent; with the pass-2 statistics a second one checks the sharpness-aware gradient."""
+    model = make_model().cuda()
+    opt = SAM(model.parameters(), torch.optim.AdamW, lr=1e-3, foreach=True)
+    opt.track_stats = track_stats
+    assert host_syncs_in_one_step(model, opt) == expected
+
+
+def test_cuda_fused_adamw_checks_the_update_on_the_device_without_a_host_sync():
+    """With torch's fused AdamW the step's non-finite check is its ``found_inf`` flag: a SAM step syncs once (the
+    ascent, which also reads the previous steps' skip count) and a NaN step leaves weights and moments as they were."""
+    model = make_model().cuda()
+    opt = SAM(model.parameters(), torch.optim.AdamW, lr=1e-3, fused=True)
+    assert host_syncs_in_one_step(model, opt) == 1
+    batch = batches(1, "cuda")[0]
     before = copy.deepcopy(model.state_dict())
     moments = copy.deepcopy(opt.base_optimizer.state_dict()["state"])
     opt.zero_grad()
