@@ -242,3 +242,85 @@ def test_step_hooks_run_on_a_step_skipped_on_the_device(caplog):
     opt.register_step_post_hook(lambda sam, args, kwargs: calls.append(sam))
     _sam_steps(model, opt, make_batches(3), poison={1})
     assert calls == [opt] * 3 and opt.skipped_updates == 1
+
+
+# -- mutation round 26 (engine core): each test below failed on a surviving mutant ------------------------------
+def test_a_skip_left_by_a_non_finite_ascent_holds_with_a_fused_base_whose_update_is_finite():
+    """Pass 1 met an inf (no ascent, the step is to be skipped); pass 2 at w is finite. The device check must not
+    take over and step: the step is left out, and the next one runs."""
+    model, reference = make_mlp(), make_mlp()
+    opt = SAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=0.01, fused=True)
+    batch = make_batches(1)[0]
+    mse(model, batch).backward()
+    model[0].weight.grad[0, 0] = math.inf
+    with opt.perturbed() as ok:
+        assert not ok
+        opt.zero_grad()
+        mse(model, batch).backward()
+    opt.step()
+    assert bitwise_equal(model, reference) and opt.skipped_updates == 1
+    assert len(opt.base_optimizer.state) == 0  # the base step never ran
+    _sam_steps(model, opt, [batch], poison=set())
+    assert not bitwise_equal(model, reference) and opt.skipped_updates == 1
+
+
+def test_skips_on_the_host_and_on_the_device_add_up_and_the_counter_can_be_reset():
+    model = make_mlp()
+    opt = SAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=0.01, fused=True)
+    batches = make_batches(4)
+    _sam_steps(model, opt, batches[:1], poison={0})  # on the device
+    assert opt.skipped_updates == 1
+    opt.zero_grad()
+    mse(model, batches[1]).backward()
+    model[0].weight.grad[0, 0] = math.inf  # a non-finite ascent: skipped on the host
+    assert not opt.perturb()
+    opt.step()
+    _sam_steps(model, opt, batches[2:3], poison={0})  # on the device, not read yet
+    assert opt.skipped_updates == 3
+    _sam_steps(model, opt, batches[3:4], poison={0})
+    opt.skipped_updates = 0  # the pending device skip is counted before the reset, not after it
+    assert opt.skipped_updates == 0
+
+
+def test_a_base_with_one_unfused_group_is_checked_on_the_host():
+    model, reference = make_mlp(), make_mlp()
+
+    def make(m):
+        return SAM([{"params": [m[0].weight, m[0].bias]}, {"params": [m[2].weight, m[2].bias], "fused": False}],
+                   torch.optim.AdamW, rho=0.05, lr=0.01, fused=True)
+
+    opt = make(model)
+    assert not skips_on_device(opt.base_optimizer)
+    batches = make_batches(3)
+    _sam_steps(model, opt, batches, poison={1})
+    _reference_without(reference, make, batches, skipped={1})
+    assert bitwise_equal(model, reference) and opt.skipped_updates == 1
+
+
+def test_the_flag_handed_to_the_fused_step_does_not_outlive_it():
+    """A skipped step's found_inf must not stay on the base optimizer, where its next step taken directly (a loop
+    that steps the base itself) would read it and skip a finite update too."""
+    model = make_mlp()
+    opt = SAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=0.01, fused=True)
+    batch = make_batches(1)[0]
+    _sam_steps(model, opt, [batch], poison={0})
+    assert not hasattr(opt.base_optimizer, "found_inf")
+    before = copy.deepcopy(model)
+    opt.zero_grad()
+    mse(model, batch).backward()
+    opt.base_optimizer.step()
+    assert not bitwise_equal(model, before)
+
+
+def test_a_fused_step_takes_over_the_update_check_left_by_the_restore():
+    """The device flag covers every gradient the step reads: the host's ‖g_SAM‖ from the restore is dropped, so none
+    is pending after the step (take_update_norm() hands out only one taken since the last step)."""
+    model = make_mlp()
+    opt = SAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=0.01, fused=True)
+    batch = make_batches(1)[0]
+    mse(model, batch).backward()
+    with opt.perturbed():
+        opt.zero_grad()
+        mse(model, batch).backward()
+    opt.step()
+    assert opt.take_update_norm() is None

@@ -193,3 +193,60 @@ def test_esam_masks_follow_parameter_order_across_dtype_runs_and_keep_unmasked_c
         torch.testing.assert_close(p.detach()[m].double(), expected[m], rtol=1e-6, atol=1e-7)
     opt.restore()
     assert all(torch.equal(p.detach(), w) for p, w in zip(params, clean, strict=True))
+
+
+# -- mutation round 26 (engine core): each test below failed on a surviving mutant ------------------------------
+def test_public_ascent_functions_pair_each_gradient_with_its_tensor_across_interleaved_dtypes():
+    """ascent_norm/apply_ascent_ split interleaved float32/float64 lists by dtype; each tensor keeps its own
+    gradient (the cached plans of SAM.perturb re-slice gradients themselves, so only these public functions show it)."""
+    gen = torch.Generator().manual_seed(3)
+    dtypes = [torch.float32, torch.float64, torch.float32, torch.float64]
+    params = [torch.randn(5, generator=gen, dtype=torch.float64).to(d) for d in dtypes]
+    grads = [torch.randn(5, generator=gen, dtype=torch.float64).to(d) for d in dtypes]
+    adaptive, eta = [True, False, False, True], [0.1, 0.0, 0.0, 0.2]
+    scaled = [g.double() * ((p.double().abs() + e) if a else 1.0) for p, g, a, e in zip(params, grads, adaptive, eta)]
+    expected = torch.sqrt(sum((s * s).sum() for s in scaled))
+    norm = perturbation.ascent_norm(params, grads, adaptive, eta)
+    assert norm.dtype == torch.float64 and norm.item() == pytest.approx(expected.item(), rel=1e-6)
+    clean = [p.clone() for p in params]
+    steps = [0.5, 0.25, 0.125, 1.0]
+    perturbation.apply_ascent_(params, grads, steps, adaptive, eta)
+    for p, c, g, s, a, e in zip(params, clean, grads, steps, adaptive, eta):
+        t = (c.double().abs() + e) if a else torch.ones_like(c, dtype=torch.float64)
+        torch.testing.assert_close(p.double() - c.double(), s * t * t * g.double(), rtol=1e-5, atol=1e-6)
+
+
+def test_lists_torch_cannot_group_are_split_by_dtype_in_python(monkeypatch):
+    """Lists torch's grouping refuses go through the Python grouping: split by the first list's (device, dtype),
+    the order kept, the other lists following along whatever their dtypes."""
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("not groupable here")
+
+    monkeypatch.setattr(perturbation, "_group_tensors_by_device_and_dtype", refuse)
+    a = [torch.zeros(2), torch.zeros(2, dtype=torch.float64), torch.ones(2)]
+    b = [torch.zeros(2, dtype=torch.float64), torch.zeros(2), torch.ones(2, dtype=torch.float64)]
+    groups = perturbation.group_by_device_and_dtype(a, b)
+    found = sorted(([str(t.dtype) for t in ga], [id(t) for t in gb]) for ga, gb in groups)
+    assert found == [(["torch.float32", "torch.float32"], [id(b[0]), id(b[2])]), (["torch.float64"], [id(b[1])])]
+
+
+def test_the_sum_of_squares_of_a_float32_group_then_a_float64_group_is_float64():
+    """The accumulation dtype is the widest over every group, not the first group's."""
+    gen = torch.Generator().manual_seed(5)
+    small = [torch.randn(6, generator=gen)]
+    wide = [(1.0 + 1e-12 * torch.arange(6, dtype=torch.float64))]
+    settings = [{"rho": 0.1, "adaptive": False, "eta": 0.0}, {"rho": 0.2, "adaptive": False, "eta": 0.0}]
+    groups = perturbation.ascent_groups(small + wide, small + wide, settings)  # one group per setting, in order
+    assert [g.params[0].dtype for g in groups] == [torch.float32, torch.float64]
+    total = perturbation.groups_sum_of_squares(groups)
+    expected = (small[0].double() ** 2).sum() + (wide[0] ** 2).sum()
+    assert total.dtype == torch.float64 and total.item() == pytest.approx(expected.item(), rel=1e-14)
+
+
+def test_the_float64_recomputed_norm_forms_asam_scaling_in_float64():
+    """T = |w| + η is formed in float64 for float32 weights: w = 1, η = 1.5·2⁻²⁴ is not a float32 sum."""
+    eta = 1.5 * 2.0**-24
+    weight, grad = torch.ones(3), torch.full((3,), 2.0)
+    group = perturbation.ascent_groups([weight], [grad], [{"rho": 0.1, "adaptive": True, "eta": eta}])
+    assert perturbation.norm_in_float64(group) == pytest.approx(2.0 * (1.0 + eta) * 3**0.5, rel=1e-15)

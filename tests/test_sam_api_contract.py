@@ -742,3 +742,323 @@ def test_a_group_added_directly_and_then_one_through_the_wrapper_keep_the_undo_r
     opt.add_param_group({"params": [model[2].weight], "rho": 0.3})
     again = SAM([model[0].weight, model[0].bias, model[2].weight], base, rho=0.02)
     assert [group["rho"] for group in again.param_groups] == [0.02, 0.02, 0.3]
+
+
+# -- mutation round 26 (engine core): each test below failed on a surviving mutant ------------------------------
+@pytest.mark.parametrize("eta", [math.inf, math.nan])
+def test_a_non_finite_eta_is_refused_at_construction_and_when_set_in_place(eta):
+    model = make_mlp()
+    with pytest.raises(ValueError, match=r"eta must be a finite number >= 0"):
+        SAM(model.parameters(), torch.optim.SGD, eta=eta, lr=0.1)
+    opt = SAM(model.parameters(), torch.optim.SGD, adaptive=True, lr=0.1)
+    mse(model, make_batches(1)[0]).backward()
+    opt.param_groups[0]["eta"] = eta
+    with pytest.raises(ValueError, match=r"param group 0: eta must be a finite number >= 0"):
+        opt.perturb()
+
+
+def test_base_kwargs_beside_an_optimizer_instance_are_refused():
+    model = make_mlp()
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match=r"base_kwargs \['lr'\] were given with an optimizer instance"):
+        SAM(model.parameters(), base, lr=0.5)
+    assert base.param_groups[0]["lr"] == 0.1 and "rho" not in base.param_groups[0]
+
+
+def test_params_naming_a_tensor_of_the_instance_twice_are_refused():
+    weight = nn.Parameter(torch.ones(2))
+    base = torch.optim.SGD([weight], lr=0.1)
+    with pytest.raises(ValueError, match="holds 1 tensors that differ from the 2 tensors"):
+        SAM([weight, weight], base)
+
+
+def test_per_group_numpy_settings_are_stored_as_python_numbers_and_load_with_weights_only(tmp_path):
+    """The constructor's own arguments are converted anyway; a group dict's are converted by the group check."""
+    model = make_mlp()
+    opt = SAM([{"params": model.parameters(), "rho": np.float32(0.25), "eta": np.float64(0.5),
+                "adaptive": np.bool_(True)}], torch.optim.SGD, lr=0.1)
+    group = opt.param_groups[0]
+    assert (type(group["rho"]), type(group["eta"]), type(group["adaptive"])) == (float, float, bool)
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    loaded = torch.load(tmp_path / "opt.pt", weights_only=True)
+    assert loaded["param_groups"][0]["rho"] == 0.25 and loaded["param_groups"][0]["adaptive"] is True
+
+
+def test_a_sparse_gradient_in_a_perturbed_group_is_refused_by_name():
+    torch.manual_seed(0)
+    embed = nn.Embedding(10, 4, sparse=True)
+    opt = SAM(embed.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    embed(torch.tensor([1, 2])).sum().backward()
+    before = embed.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="SAM does not support sparse gradients"):
+        opt.perturb()
+    assert torch.equal(embed.weight, before) and not opt.is_perturbed
+
+
+def test_a_group_added_through_the_wrapper_takes_the_next_wrappers_defaults():
+    """add_param_group records the group's own entries, so a later wrapper of the instance puts them back instead
+    of keeping the earlier wrapper's default ρ."""
+    model = make_mlp()
+    base = torch.optim.SGD([model[0].weight], lr=0.1)
+    first = SAM([model[0].weight], base, rho=0.1)
+    first.add_param_group({"params": [model[2].weight]})
+    assert [g["rho"] for g in base.param_groups] == [0.1, 0.1]
+    second = SAM([model[0].weight, model[2].weight], base, rho=0.3)
+    assert [g["rho"] for g in second.param_groups] == [0.3, 0.3]
+
+
+def test_a_wrapper_refused_before_it_touches_the_instance_leaves_its_hooks_as_they_were():
+    """The refused wrapper put the earlier wrapper's load hooks back a second time: each load then ran the
+    wrapper's checks twice, and the second run dropped a variant's own state (taken out by the first)."""
+    model = make_mlp()
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    looksam = build_sam_optimizer("looksam", model.parameters(), base, rho=0.05)
+    hooks = [len(base._optimizer_load_state_dict_pre_hooks), len(base._optimizer_load_state_dict_post_hooks),
+             len(base._optimizer_state_dict_post_hooks)]
+    looksam.optimizer_steps = 3
+    saved = base.state_dict()
+    with pytest.raises(ValueError, match="rho must be a finite number"):
+        SAM(model.parameters(), base, rho=-1.0)
+    assert [len(base._optimizer_load_state_dict_pre_hooks), len(base._optimizer_load_state_dict_post_hooks),
+            len(base._optimizer_state_dict_post_hooks)] == hooks
+    looksam.optimizer_steps = 0
+    base.load_state_dict(saved)
+    assert looksam.optimizer_steps == 3
+
+
+def test_putting_back_a_snapshot_removes_the_hooks_of_the_wrapper_built_since():
+    from arrcoc_sam.sam.optimizer import snapshot_wrapping
+
+    model = make_mlp()
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    first = SAM(model.parameters(), base, rho=0.2)
+    restore = snapshot_wrapping(base)
+    later = build_sam_optimizer("looksam", model.parameters(), base, rho=0.5)  # kept alive: its hooks could act
+    restore()
+    assert later.param_groups[0]["rho"] == 0.2  # the groups are the instance's, as they were
+    assert "sam_variant" not in base.state_dict()  # looksam's state hook is gone
+    assert first.state_dict()["param_groups"][0]["rho"] == 0.2
+
+
+def test_an_earlier_variant_wrappers_user_set_keys_come_back_for_the_next_wrapper():
+    """A group key of a variant (GSAM's rho_min) that the user set on the instance belongs to the user: a later
+    wrapper puts it back as it was, it does not drop it."""
+    model = make_mlp()
+    base = torch.optim.SGD([{"params": list(model.parameters()), "rho_min": 0.01}], lr=0.1)
+    gsam = build_sam_optimizer("gsam", model.parameters(), base, rho=0.2, rho_min=0.1)
+    assert gsam.param_groups[0]["rho_min"] == 0.01
+    SAM(model.parameters(), base, rho=0.05)
+    assert base.param_groups[0]["rho_min"] == 0.01
+
+
+def test_a_step_skipped_for_a_non_finite_ascent_leaves_no_update_check_behind():
+    """The skip already covers the step: the restore takes no ‖g‖ for it, so none is pending after that step."""
+    model = make_mlp()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    batch = make_batches(1)[0]
+    mse(model, batch).backward()
+    model[0].weight.grad[0, 0] = math.inf
+    assert not opt.perturb() and opt.next_step_skipped
+    opt.zero_grad()
+    mse(model, batch).backward()  # pass 2, at w: finite
+    opt.restore()
+    opt.step()
+    assert opt.skipped_updates == 1 and opt.take_update_norm() is None
+
+
+def test_abort_after_a_skipped_two_call_ascent_puts_the_running_stats_back():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 1))
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1).hold_running_stats(model)
+    x = torch.randn(16, 4)
+    model(x).sum().backward()
+    for p in model.parameters():
+        p.grad.zero_()  # a zero norm: no ascent
+    before = [b.clone() for b in model[1].buffers()]
+    assert not opt.first_step()
+    model(x + 3.0)  # pass 2 moves the running statistics, then the loop fails
+    opt.abort_perturbation()
+    assert all(torch.equal(a, b) for a, b in zip(model[1].buffers(), before, strict=True))
+
+
+def test_a_closure_that_does_not_zero_ignores_a_stale_gradient_of_another_batch():
+    """step(closure) zeroes first: a gradient left from an earlier batch must not bend the ascent direction."""
+    model, reference = make_mlp(), make_mlp()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    stale, batch = make_batches(2)
+
+    def closure():
+        loss = mse(model, batch)
+        loss.backward()
+        return loss
+
+    mse(model, stale).backward()
+    opt.step(closure)
+    reference_sam_step(reference, ref_opt, batch, rho=0.05)
+    assert max_abs_diff(model, reference) < 1e-12
+
+
+def test_step_with_a_closure_returns_the_loss_at_the_clean_weights():
+    model = make_mlp()
+    batch = make_batches(1)[0]
+    clean = mse(model, batch).item()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1)
+    loss = opt.step(_closure(model, opt, batch))
+    assert loss.item() == clean
+
+
+def test_zero_grad_passes_set_to_none_to_the_base_optimizer():
+    model = make_mlp()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    mse(model, make_batches(1)[0]).backward()
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_train_and_eval_reach_the_base_optimizers_own_modes():
+    class Moded(torch.optim.SGD):
+        mode = None
+
+        def train(self):
+            self.mode = "train"
+
+        def eval(self):
+            self.mode = "eval"
+
+    model = make_mlp()
+    opt = SAM(model.parameters(), Moded, lr=0.1)
+    opt.eval()
+    assert opt.base_optimizer.mode == "eval"
+    opt.train()
+    assert opt.base_optimizer.mode == "train"
+
+
+def test_loading_a_checkpoint_drops_the_update_check_of_the_run_before():
+    model = make_mlp()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    saved = opt.state_dict()
+    mse(model, make_batches(1)[0]).backward()
+    with opt.perturbed():
+        model[0].weight.grad[0, 0] = math.nan
+    opt.load_state_dict(saved)
+    assert opt.take_update_norm() is None
+
+
+def test_a_load_the_base_refuses_leaves_the_wrappers_hooks_on_the_base_acting():
+    """The wrapper's hooks stand down only while its own load_state_dict runs, also when that load raises."""
+    model = make_mlp()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    base = opt.base_optimizer
+    wrong = opt.state_dict()
+    wrong["param_groups"] = wrong["param_groups"] * 2
+    with pytest.raises(ValueError, match="different number of parameter groups"):
+        opt.load_state_dict(wrong)
+    bad = opt.state_dict()
+    bad["param_groups"][0]["rho"] = -1.0
+    with pytest.raises(ValueError, match="loaded param group 0: rho must be"):
+        base.load_state_dict(bad)
+
+
+@pytest.mark.parametrize("name", ["MySAM", "none", ""])
+def test_a_method_name_that_is_not_lower_case_or_is_none_cannot_be_registered(name):
+    from arrcoc_sam.sam.registry import available_methods, register_method
+
+    with pytest.raises(ValueError, match="method name must be a non-empty lower-case string other than 'none'"):
+        register_method(name, SAM)
+    assert name not in available_methods()[1:]
+
+
+def test_none_is_listed_first_and_the_methods_after_it_in_order():
+    from arrcoc_sam.sam.registry import available_methods
+
+    names = available_methods()
+    assert names[0] == "none" and list(names[1:]) == sorted(names[1:]) and {"asam", "sam"} <= set(names)
+
+
+def test_a_provider_that_fails_on_a_missing_dependency_raises_and_a_missing_provider_is_skipped(monkeypatch, tmp_path):
+    from arrcoc_sam.sam import registry
+
+    (tmp_path / "arrcoc_broken_provider.py").write_text("import arrcoc_no_such_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_PROVIDERS", ("arrcoc_no_such_provider",))
+    monkeypatch.setattr(registry, "_providers_loaded", False)
+    assert "sam" in registry.available_methods()  # a provider that is not installed is left out
+    monkeypatch.setattr(registry, "_PROVIDERS", ("arrcoc_broken_provider",))
+    monkeypatch.setattr(registry, "_providers_loaded", False)
+    with pytest.raises(ModuleNotFoundError, match="arrcoc_no_such_dependency"):
+        registry.available_methods()
+
+
+def test_a_builder_from_a_module_that_only_starts_like_the_package_is_not_builtin(monkeypatch):
+    from arrcoc_sam.sam import registry
+
+    def builder(params, base_optimizer, **knobs):
+        return SAM(params, base_optimizer, **knobs)
+
+    builder.__module__ = "arrcoc_sam_plugins.methods"
+    monkeypatch.setitem(registry._BUILDERS, "plugin_sam", builder)
+    assert not registry.is_builtin_method("plugin_sam") and registry.is_builtin_method("sam")
+
+
+class _StateHooklessSGD(torch.optim.SGD):
+    """A base optimizer whose state_dict skips torch's state-dict hooks (as some third-party optimizers do)."""
+
+    def state_dict(self):
+        hooks = self._optimizer_state_dict_post_hooks
+        self._optimizer_state_dict_post_hooks = {}
+        try:
+            return super().state_dict()
+        finally:
+            self._optimizer_state_dict_post_hooks = hooks
+
+
+def test_a_variants_own_state_is_saved_also_with_a_base_that_skips_the_state_dict_hooks():
+    model = make_mlp()
+    opt = build_sam_optimizer("looksam", model.parameters(), _StateHooklessSGD, rho=0.05, lr=0.1)
+    opt.optimizer_steps = 4
+    assert "sam_variant" not in opt.base_optimizer.state_dict()
+    assert opt.state_dict()["sam_variant"]["optimizer_steps"] == 4
+
+
+def test_a_copy_of_a_wrapper_hands_its_instance_back_to_the_next_wrapper_as_the_user_built_it():
+    """The copy carries the record of what the wrapper changed on the instance, so a later wrapper of the copy's
+    instance starts from the user's groups (no ρ), not from the first wrapper's ρ."""
+    model = make_mlp()
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    clone = copy.deepcopy(SAM(model.parameters(), base, rho=0.1))
+    params = [p for group in clone.param_groups for p in group["params"]]
+    assert SAM(params, clone.base_optimizer, rho=0.3).param_groups[0]["rho"] == 0.3
+
+
+def test_float16_asam_forms_its_scaling_in_float32_so_w_plus_epsilon_is_the_rounded_exact_value():
+    """T = |w| + η is not a float16 number for η = 0.05; formed in float16, it moved about half of these 64 weights
+    (ε of a few units, ρ = 20) by an ulp against float64's formula rounded once."""
+    gen = torch.Generator().manual_seed(0)
+    clean = (torch.rand(64, generator=gen, dtype=torch.float64) * 2 + 0.5).half()
+    grad = torch.randn(64, generator=gen, dtype=torch.float64).half()
+    weight = nn.Parameter(clean.clone())
+    opt = SAM([weight], torch.optim.SGD, rho=20.0, adaptive=True, eta=0.05, lr=0.1)
+    weight.grad = grad
+    with pytest.warns(UserWarning, match="float16/bfloat16"):
+        assert opt.perturb()
+    t = clean.double().abs() + 0.05
+    exact = clean.double() + 20.0 * t * t * grad.double() / (t * grad.double()).norm()
+    assert torch.equal(weight.detach(), exact.half())
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+def test_bfloat16_weights_with_subnormal_gradients_take_the_float64_ascent(adaptive):
+    """‖g‖ ≈ 1.4e-40 (bfloat16 reaches below float32's normal range): ρ/‖g‖ ≈ 3.5e39 exceeds float32, so ε is formed
+    in float64 for bfloat16 weights too, and lands finite and exact up to one rounding."""
+    weight = nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.bfloat16))
+    grad = torch.tensor([1e-40, -1e-40], dtype=torch.bfloat16)
+    opt = SAM([weight], torch.optim.SGD, rho=0.5, adaptive=adaptive, eta=0.01, lr=0.1)
+    weight.grad = grad
+    clean = weight.detach().clone()
+    with pytest.warns(UserWarning, match="float16/bfloat16"):
+        assert opt.perturb()
+    expected = clean.double() + reference_epsilon([clean.double()], [grad.double()], 0.5, adaptive, 0.01)[0]
+    assert torch.equal(weight.detach(), expected.to(torch.bfloat16))

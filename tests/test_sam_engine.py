@@ -982,3 +982,101 @@ def test_only_a_batchnorm_layer_in_training_mode_needs_two_examples_per_batch():
     model.eval()  # normalises with the running statistics: one example is fine
     assert fewest_examples_per_batch(model) == 1
     assert fewest_examples_per_batch(nn.Linear(3, 4)) == 1 and fewest_examples_per_batch(None) == 1
+
+
+# -- mutation round 26 (engine core): each test below failed on a surviving mutant ------------------------------
+def test_random_state_leaves_the_generator_where_it_was_before_the_block_not_where_the_replay_ended():
+    torch.manual_seed(7)
+    draws = [torch.rand(3) for _ in range(4)]
+    torch.manual_seed(7)
+    state = RandomState.capture(torch.device("cpu"))
+    torch.rand(3), torch.rand(3), torch.rand(3)  # three draws past the captured state
+    with state.replayed():
+        assert torch.equal(torch.rand(3), draws[0])
+    assert torch.equal(torch.rand(3), draws[3])
+
+
+def test_instance_norm_running_stats_are_kept_too():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 3, 1), nn.InstanceNorm1d(3, track_running_stats=True))
+    model(torch.randn(4, 2, 5))
+    before = [b.clone() for b in model[1].buffers()]
+    assert len(before) == 3
+    with preserve_running_stats(model):
+        model(torch.randn(4, 2, 5) + 3.0)
+    assert all(torch.equal(a, b) for a, b in zip(model[1].buffers(), before, strict=True))
+
+
+def _three_weights_in_two_groups(rho_a: float, rho_b: float):
+    gen = torch.Generator().manual_seed(4)
+    weights = [nn.Parameter(torch.randn(3, generator=gen, dtype=torch.float64)) for _ in range(3)]
+    opt = SAM([{"params": weights[:2], "rho": rho_a}, {"params": weights[2:], "rho": rho_b}], torch.optim.SGD, lr=0.1)
+    for w in weights:
+        w.grad = torch.randn(3, generator=gen, dtype=torch.float64)
+    return opt, weights
+
+
+def _assert_epsilon_uses(opt, weights, radii) -> None:
+    """ε_i = ρ_i g_i / ‖g‖ (one global norm), then a bitwise restore."""
+    clean = [w.detach().clone() for w in weights]
+    norm = torch.sqrt(sum((w.grad**2).sum() for w in weights))
+    assert opt.perturb()
+    for w, c, rho in zip(weights, clean, radii, strict=True):
+        torch.testing.assert_close(w.detach() - c, rho * w.grad / norm, rtol=1e-12, atol=1e-15)
+    opt.restore()
+
+
+def test_a_rho_set_in_place_on_one_of_several_groups_applies_at_the_next_perturb():
+    opt, weights = _three_weights_in_two_groups(0.1, 0.2)
+    _assert_epsilon_uses(opt, weights, [0.1, 0.1, 0.2])
+    opt.param_groups[1]["rho"] = 0.5
+    _assert_epsilon_uses(opt, weights, [0.1, 0.1, 0.5])
+
+
+def test_a_tensor_moved_to_the_next_group_takes_that_groups_rho_at_the_next_perturb():
+    """The tensors keep their order ([w0, w1, w2]) and each group its dict; only the split between them changes."""
+    opt, weights = _three_weights_in_two_groups(0.1, 0.2)
+    _assert_epsilon_uses(opt, weights, [0.1, 0.1, 0.2])
+    first, second = opt.param_groups
+    first["params"], second["params"] = weights[:1], weights[1:]
+    _assert_epsilon_uses(opt, weights, [0.1, 0.2, 0.2])
+
+
+def test_a_failure_while_restore_takes_its_statistics_still_puts_the_clean_weights_back(monkeypatch):
+    model = make_mlp()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1)
+    batch = make_batches(1)[0]
+    clean = copy.deepcopy(model)
+    mse(model, batch).backward()
+    assert opt.perturb()
+    opt.zero_grad()
+    mse(model, batch).backward()
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(perturbation, "cosine", fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.restore()
+    assert bitwise_equal(model, clean) and not opt.is_perturbed
+
+
+def test_half_precision_tensors_beside_float32_ones_still_warn():
+    low, full = nn.Parameter(torch.ones(4, dtype=torch.float16)), nn.Parameter(torch.ones(4))
+    opt = SAM([full, low], torch.optim.SGD, lr=0.1)
+    full.grad, low.grad = torch.ones(4), torch.ones(4, dtype=torch.float16)
+    with pytest.warns(UserWarning, match="float16/bfloat16"):
+        assert opt.perturb()
+    opt.restore()
+
+
+def test_the_update_norm_joins_the_perturbed_and_the_other_gradients_as_one_l2_norm():
+    """‖g_SAM‖ over (3, 4) in the ascent and (12,) in a ρ = 0 group: √(25 + 144) = 13."""
+    moved, fixed = nn.Parameter(torch.zeros(2, dtype=torch.float64)), nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    opt = SAM([{"params": [moved]}, {"params": [fixed], "rho": 0.0}], torch.optim.SGD, lr=0.1)
+    moved.grad, fixed.grad = torch.tensor([1.0, 1.0], dtype=torch.float64), torch.tensor([5.0], dtype=torch.float64)
+    assert opt.perturb()
+    moved.grad, fixed.grad = torch.tensor([3.0, 4.0], dtype=torch.float64), torch.tensor([12.0], dtype=torch.float64)
+    opt.restore()
+    assert opt.take_update_norm().item() == 13.0
+
