@@ -612,3 +612,150 @@ def test_hutchpp_keeps_at_least_two_residual_probes_down_to_its_documented_minim
     assert op.calls == estimate.num_matvecs == num_probes
     assert abs(estimate.value - float(factor.square().sum())) < 1e-10
     assert math.isfinite(estimate.stderr) and estimate.stderr < 1e-10
+
+
+def test_hutchinson_trace_and_control_variate_report_exactly_the_products_they_spend():
+    """hutchinson_trace: num_probes products; control_variate_diagonal: num_probes GGN factors plus num_probes
+    products of H and of G (3·num_probes), as documented."""
+    a = torch.randn(6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    op = _CountingMatrix(a + a.T)
+    estimate = hutchinson_trace(op, num_probes=9)
+    assert op.calls == estimate.num_matvecs == 9
+
+    class CountingGGN(_ExactFactorGGN):
+        calls = 0
+
+        def matvec(self, vector):
+            self.calls += 1
+            return super().matvec(vector)
+
+        def sample_factor(self, generator):
+            self.calls += 1
+            return super().sample_factor(generator)
+
+    hessian = _CountingMatrix(a @ a.T + 6 * torch.eye(6, dtype=torch.float64))
+    ggn = CountingGGN(a @ a.T + torch.eye(6, dtype=torch.float64))
+    both = control_variate_diagonal(hessian, ggn, 7, torch.Generator().manual_seed(1))
+    assert hessian.calls + ggn.calls == both.num_matvecs == 21
+
+
+def test_hutchpp_is_the_documented_deflated_estimator_replayed_from_the_same_rademacher_draws():
+    """value = tr(QᵀAQ) + mean_j zⱼᵀ(I − QQᵀ)A(I − QQᵀ)zⱼ with Q = orth(A S); stderr = the ddof-1 std of those
+    residual samples over √n. A one-sided deflation zᵀA(I − QQᵀ)z has the same mean but other samples."""
+    a = torch.randn(12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    matrix = a + a.T
+    estimate = hutchpp_trace(MatrixOperator(matrix), num_probes=11, generator=torch.Generator().manual_seed(5))
+    generator = torch.Generator().manual_seed(5)
+    sketch = torch.randint(0, 2, (3, 12), generator=generator).to(torch.float64).mul_(2).sub_(1)  # (11 − 2) // 3 = 3
+    q = torch.linalg.qr(matrix @ sketch.T).Q
+    residual = torch.randint(0, 2, (5, 12), generator=generator).to(torch.float64).mul_(2).sub_(1)  # 11 − 2·3
+    deflated = residual - residual @ q @ q.T
+    samples = ((deflated @ matrix) * deflated).sum(1)
+    assert estimate.value == pytest.approx(float(torch.trace(q.T @ matrix @ q) + samples.mean()), rel=1e-12)
+    assert estimate.stderr == pytest.approx(float(samples.std(unbiased=True) / math.sqrt(5)), rel=1e-12)
+
+
+def test_lanczos_stops_after_one_product_when_the_first_ritz_pair_already_meets_the_tolerance():
+    """Spectrum 1 ± 1e-9: the first Rayleigh quotient has residual ~1e-9 ≤ tol·|θ| = 1e-6 (not a breakdown: β
+    is far above rounding), so one product settles k = 1."""
+    spread = torch.linspace(-1e-9, 1e-9, 10, dtype=torch.float64)
+    result = lanczos(MatrixOperator(_rotated_spectrum((1 + spread).tolist())), k=1, tol=1e-6)
+    assert result.converged and result.num_matvecs == 1
+    assert abs(float(result.values[0]) - 1.0) < 2e-9
+
+
+def test_power_iteration_spends_exactly_max_matvecs_and_reports_the_returned_vectors_own_residual():
+    """No pair can converge at tol=1e-12 in 9 products: k = 2 spends all 9 (the first pair 9 − 1, the last the one
+    left); for k = 1 the residual is ‖A v − λ v‖ of the vector returned (λ its Rayleigh quotient), not of a
+    later iterate."""
+    matrix = _rotated_spectrum([3.0, 2.9, 2.8, 1.0, 0.5])
+    op = _CountingMatrix(matrix)
+    result = power_iteration(op, k=2, tol=1e-12, max_matvecs=9)
+    assert op.calls == result.num_matvecs == 9 and not result.converged
+    result = power_iteration(MatrixOperator(matrix), k=1, tol=1e-12, max_matvecs=9)
+    vector, value = result.vectors[0], float(result.values[0])
+    assert result.num_matvecs == 9 and not result.converged
+    assert float(vector @ matrix @ vector) == pytest.approx(value, rel=1e-12)
+    assert float((matrix @ vector - value * vector).norm()) == pytest.approx(float(result.residuals[0]), rel=1e-9)
+
+
+def test_power_iteration_on_a_positive_definite_spectrum_keeps_the_unshifted_convergence_rate():
+    """λ₂/λ₁ = 0.1 and no negative eigenvalue: the residual falls ~10x per product, so tol=1e-8 takes about
+    nine products. A shift to A + ρ̂I (only for ±λ mixing) would slow the ratio to 11/20 (> 30 products)."""
+    result = power_iteration(MatrixOperator(_rotated_spectrum([10.0, 1.0, 0.5, 0.2, 0.1])), k=1, tol=1e-8)
+    assert result.converged and result.num_matvecs <= 15
+    assert abs(float(result.values[0]) - 10.0) < 1e-9
+
+
+def test_lanczos_default_product_cap_is_four_times_max_iter():
+    """A four-fold top eigenvalue, k = 3, max_iter = 3: run 1 sees one copy of 5, and each further copy costs a
+    run of its own, 10 products in all; the documented default cap 4·max_iter = 12 lets it settle."""
+    result = lanczos(MatrixOperator(_rotated_spectrum([5.0] * 4 + [2.0] * 2 + [0.0] * 6)), k=3, tol=1e-8, max_iter=3)
+    assert result.converged and 9 < result.num_matvecs <= 12
+    torch.testing.assert_close(result.values, torch.full((3,), 5.0, dtype=torch.float64), rtol=1e-10, atol=0)
+
+
+def test_lanczos_verification_stops_early_only_when_its_whole_ritz_interval_lies_below_the_kth_value():
+    """A two-fold top 2.93 above 2.72 (k = 2): run 1 locks 2.93 and 2.72; the verification run's Ritz value μ
+    climbs towards the second 2.93 with a wide residual r. Stopping once μ − r < 2.72 (instead of μ + r)
+    would settle on [2.93, 2.72]; eigvalsh says [2.93, 2.93]."""
+    spectrum = [2.93, 2.93, -1.95, -0.85, 0.7, 2.72, -1.31, 1.41, 1.13, -1.98, -2.13, -0.12, 2.42]
+    matrix = _rotated_spectrum(spectrum)
+    result = lanczos(MatrixOperator(matrix), k=2, tol=1e-6)
+    assert result.converged
+    torch.testing.assert_close(result.values, torch.linalg.eigvalsh(matrix).flip(0)[:2], rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_top_eigenvalues_draws_its_start_vectors_from_the_generator_of_its_seed(reference, method):
+    model, _ = reference
+    result = top_eigenvalues(model, _loss, _data(), k=2, method=method, tol=1e-3, seed=5)
+    op = curvature_operator(model, _loss, _data())
+    solver = lanczos if method == "lanczos" else power_iteration
+    with probe_context(model, op.params):
+        direct = solver(op, 2, 1e-3, None, torch.Generator().manual_seed(5))
+        other = solver(op, 2, 1e-3, None, torch.Generator().manual_seed(0))
+    assert torch.equal(result.vectors, direct.vectors) and result.num_matvecs == direct.num_matvecs
+    assert not torch.equal(other.vectors, direct.vectors)
+
+
+def test_lanczos_settles_when_the_verification_value_equals_the_kth_within_the_tolerance():
+    """A four-fold 5 and k = 2: the top two are locked after two runs; the next verification run's μ is another
+    5, equal to θ_k within the tolerance, which settles the top k (no further copy locked, no further run):
+    7 products in all, so a cap of 7 still converges."""
+    matrix = _rotated_spectrum([5.0] * 4 + [2.0, 1.0, 0.5, 0.0])
+    result = lanczos(MatrixOperator(matrix), k=2, tol=1e-8, max_matvecs=7)
+    assert result.converged and result.num_matvecs == 7
+    torch.testing.assert_close(result.values, torch.full((2,), 5.0, dtype=torch.float64), rtol=1e-10, atol=0)
+
+
+def test_hutchpp_caps_its_sketch_at_the_operator_size_and_is_then_exact():
+    """P = 3 and 14 probes: the sketch is min(4, P) = 3 rows, Q spans everything (value = tr A), and the products
+    spent are still exactly 14 (3 + 3 + 8 residual probes)."""
+    a = torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    op = _CountingMatrix(a + a.T)
+    estimate = hutchpp_trace(op, num_probes=14)
+    assert op.calls == estimate.num_matvecs == 14
+    assert estimate.value == pytest.approx(float(torch.trace(a + a.T)), abs=1e-12)
+
+
+def test_control_variate_refuses_a_hessian_and_ggn_of_different_sizes_by_name():
+    with pytest.raises(ValueError, match="hessian and ggn act on different sizes: 6 vs 5"):
+        control_variate_diagonal(MatrixOperator(torch.eye(6, dtype=torch.float64)),
+                                 _ExactFactorGGN(torch.eye(5, dtype=torch.float64)), 4)
+
+
+def test_power_iteration_is_converged_only_when_every_pair_met_its_residual_test():
+    """λ₂/λ₁ = 0.999 keeps the first pair unconverged within 15 products; the deflated second pair (ratio ~0.01)
+    converges at once. The result is not converged."""
+    result = power_iteration(MatrixOperator(_rotated_spectrum([1.0, 0.999, 0.01, 0.005])), k=2, tol=1e-10, max_iter=15)
+    assert not result.converged
+    assert sorted(result.residuals.tolist())[0] <= 1e-10 < sorted(result.residuals.tolist())[1]
+
+
+def test_lanczos_ends_when_a_run_fills_max_iter_with_its_pairs_unconverged():
+    """A run that fills its max_iter basis unconverged ends the solve with converged=False: the rest of a large
+    max_matvecs is not spent on fresh runs that forget that Krylov space."""
+    spectrum = torch.linspace(1.0, 0.9, 30, dtype=torch.float64).tolist()
+    result = lanczos(MatrixOperator(_rotated_spectrum(spectrum)), k=1, tol=1e-12, max_iter=3, max_matvecs=100)
+    assert not result.converged and result.num_matvecs == 3

@@ -177,3 +177,65 @@ def test_a_batch_without_labelled_tokens_weighs_zero_and_is_never_evaluated():
     with torch.no_grad():
         ascended = F.cross_entropy(x[:5] @ (model.weight + step[0]).T + model.bias + step[1], y[:5])
     assert sam_sharpness(model, loss, batches, rho=rho) == pytest.approx(float(ascended - clean.detach()), rel=1e-10)
+
+
+def test_batches_without_any_labelled_token_are_refused_by_name_not_divided_by_zero():
+    model = nn.Linear(3, 2).double()
+    batch = {"x": torch.randn(2, 3, dtype=torch.float64), "labels": torch.full((2,), -100)}
+    with pytest.raises(ValueError, match=r"batch weights sum to 0.0 with weighting='tokens'"):
+        curvature_operator(model, lambda m, b: m(b["x"]).sum(), [batch, batch], weighting="tokens")
+
+
+def test_an_empty_list_of_batches_is_refused_as_holding_no_batches():
+    model = nn.Linear(3, 2).double()
+    with pytest.raises(ValueError, match="data holds no batches"):
+        curvature_operator(model, lambda m, b: m(b[0]).sum(), [])
+
+
+def test_examples_weighting_counts_the_leading_dimension_not_the_elements_of_padded_batches():
+    """Batches padded to their own length ([2, 5] and [4, 3] token ids) hold 2 and 4 examples: weights 1/3, 2/3."""
+    from arrcoc_sam.curvature._data import batch_weights
+
+    batches = [{"input_ids": torch.zeros(2, 5, dtype=torch.long)}, {"input_ids": torch.zeros(4, 3, dtype=torch.long)}]
+    assert batch_weights(batches, "examples") == pytest.approx([1 / 3, 2 / 3], rel=1e-15)
+
+
+def test_default_outputs_pass_the_labels_to_a_forward_that_takes_kwargs():
+    """A forward(input_ids, **kwargs) may build decoder inputs from the labels, as its loss does."""
+    from arrcoc_sam.curvature._data import default_outputs
+
+    seen = {}
+
+    class Model(nn.Module):
+        def forward(self, input_ids, **kwargs):
+            seen.update(kwargs)
+            return {"logits": input_ids.double()}
+
+    batch = {"input_ids": torch.ones(2, 3), "labels": torch.tensor([0, 1])}
+    outputs, targets = default_outputs(Model(), batch)
+    assert set(seen) == {"labels"} and torch.equal(seen["labels"], batch["labels"]) and targets is batch["labels"]
+
+
+def test_probing_inputs_restores_the_grads_of_the_model_parameters_that_loss_fn_cleared():
+    """probe_context restores the .grad of every parameter of the model, not only of the probed tensors."""
+    model, x, y = _linear_mse()
+    grads = [torch.full_like(p, 3.0) for p in model.parameters()]
+    for p, g in zip(model.parameters(), grads, strict=True):
+        p.grad = g
+    features = x.clone().requires_grad_(True)
+
+    def loss_fn(m, batch):
+        m.zero_grad(set_to_none=True)  # user code touching the model's grads inside the probe
+        return F.mse_loss(m(features), y)
+
+    hessian_trace(model, loss_fn, (x, y), num_probes=2, params=[features])
+    assert all(p.grad is g for p, g in zip(model.parameters(), grads, strict=True))
+
+
+def test_probes_restore_each_submodules_own_train_flag():
+    """A root in train mode with one submodule frozen in eval mode (e.g. a frozen dropout or norm) is left so."""
+    model = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.1), nn.Linear(3, 3)).double().train()
+    model[1].eval()
+    x, y = _linear_mse()[1:]
+    hessian_trace(model, lambda m, b: F.mse_loss(m(b[0]), b[1]), (x, y), num_probes=2)
+    assert [m.training for m in model.modules()] == [True, True, False, True]

@@ -358,3 +358,72 @@ def test_adaptive_average_sharpness_of_a_quadratic_is_half_sigma_squared_trace_o
     estimate = average_sharpness(model, _quadratic_loss, BATCH, sigma=sigma, num_samples=200, adaptive=True, eta=eta)
     assert abs(estimate.value - expected) <= 3 * estimate.stderr
     assert estimate.stderr < 0.1 * expected  # the band is narrow enough to tell the scale apart
+
+
+def test_adaptive_sharpness_of_all_zero_weights_is_nan_when_the_loss_at_w_is_nan():
+    """η = 0 and every weight 0: the only feasible ε is 0, and L(w + 0) − L(w) is NaN when L(w) is (not 0.0)."""
+    model = nn.Linear(2, 1, bias=False).double()
+    nn.init.zeros_(model.weight)
+    x = torch.ones(3, 2, dtype=torch.float64)
+    value = adaptive_sharpness(model, lambda m, b: m(b).sum() + math.nan, x)
+    assert math.isnan(value)
+
+
+def test_multistep_sam_sharpness_is_nan_when_only_the_last_iterates_loss_is_nan():
+    """Loss calls: L(w) with ∇L, L(ε₁) with ∇L, then L(ε₂). A NaN at ε₂ alone must not be dropped by the max
+    (Python's max(finite, nan) keeps the finite value)."""
+    model = Quadratic(SPECTRUM)
+    with torch.no_grad():
+        model.weight.add_(0.1)
+    calls = []
+
+    def loss_fn(m, batch):
+        calls.append(None)
+        return m.loss() * (math.nan if len(calls) == 3 else 1.0)
+
+    assert math.isnan(sam_sharpness(model, loss_fn, BATCH, rho=0.05, steps=2)) and len(calls) == 3
+
+
+def test_average_sharpness_is_the_mean_and_ddof_1_stderr_of_antithetic_pairs_replayed_from_its_seed():
+    """Off the minimum (∇L ≠ 0), each antithetic pair of a quadratic gives exactly ½δᵀAδ, δ = σ·randn from a
+    generator seeded with ``seed``: value = their mean, stderr = their ddof-1 std over √n."""
+    model = Quadratic(SPECTRUM)
+    with torch.no_grad():
+        model.weight.add_(torch.linspace(0.3, -0.2, len(SPECTRUM), dtype=torch.float64))
+    sigma, num_samples, seed = 0.1, 5, 7
+    estimate = average_sharpness(model, _quadratic_loss, BATCH, sigma=sigma, num_samples=num_samples, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    steps = sigma * torch.stack([torch.randn(len(SPECTRUM), dtype=torch.float64, generator=generator) for _ in range(num_samples)])
+    gaps = 0.5 * ((steps @ model.matrix) * steps).sum(1)
+    assert estimate.value == pytest.approx(float(gaps.mean()), rel=1e-9)
+    assert estimate.stderr == pytest.approx(float(gaps.std(unbiased=True) / math.sqrt(num_samples)), rel=1e-6)
+    assert estimate.num_matvecs == 2 * num_samples
+
+
+@pytest.mark.parametrize("name", ["rho", "sigma"])
+def test_an_infinite_radius_or_noise_scale_is_refused_by_name(name):
+    model = Quadratic(SPECTRUM)
+    with pytest.raises(ValueError, match=rf"{name} must be > 0 and finite, got inf"):
+        if name == "rho":
+            sam_sharpness(model, _quadratic_loss, BATCH, rho=math.inf)
+        else:
+            average_sharpness(model, _quadratic_loss, BATCH, sigma=math.inf)
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_sam_sharpness_at_a_zero_gradient_steps_along_the_random_direction_of_its_seed(seed):
+    """∇L = 0 at the minimum: one step goes along d = randn(P) from a generator seeded with ``seed``, so the
+    value is ½ρ² dᵀAd / dᵀd for that d."""
+    model = Quadratic(SPECTRUM)
+    rho = 0.1
+    direction = torch.randn(len(SPECTRUM), dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    expected = 0.5 * rho**2 * float(direction @ model.matrix @ direction / direction.square().sum())
+    assert sam_sharpness(model, _quadratic_loss, BATCH, rho=rho, seed=seed) == pytest.approx(expected, rel=1e-9)
+
+
+def test_pac_bayes_default_grid_has_41_sigmas_up_to_one():
+    """With trace 0 and loss 0 the bound only falls as σ grows: the default grid's best σ is its top, 1.0, and
+    the union bound counts its 41 values: √((‖w − w₀‖²/2 + ln(2√n·41/δ)) / 2n)."""
+    result = pac_bayes_bound(trace=0.0, loss=0.0, distance_sq=1.0, num_examples=100)
+    assert result.sigma == pytest.approx(1.0, rel=1e-12)
+    assert result.bound == pytest.approx(math.sqrt((0.5 + math.log(2 * 10 * 41 / 0.05)) / 200), rel=1e-12)

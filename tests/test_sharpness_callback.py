@@ -208,3 +208,58 @@ def test_callback_logs_on_rank_zero_in_a_two_process_gloo_run_without_hanging(ru
     assert all(math.isfinite(entry[key]) for entry in logged for key in PROBE_KEYS.values())
     assert not any(SECONDS_KEY in entry for entry in ranks[1]["log_history"])
     assert ranks[0]["weights"] == ranks[1]["weights"]  # the probe on rank 0 did not desynchronise the replicas
+
+
+def test_eval_batches_are_checked_when_training_begins_on_the_world_process_zero_only():
+    """Only rank 0 probes, so only rank 0 runs the check forwards (the other ranks would spend them for nothing)."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    unlabeled = [{key: value for key, value in batch.items() if key != "labels"} for batch in _held_out()]
+    callback = SharpnessCallback(probes="trace", eval_batches=unlabeled, trainer=_LogRecorder())
+    args = SimpleNamespace(fsdp="", deepspeed=None)
+    callback.on_train_begin(args, TrainerState(is_world_process_zero=False), TrainerControl(), model=tiny_bert())
+    with pytest.raises(ValueError, match=r"eval_batches\[0\] gives no loss"):
+        callback.on_train_begin(args, TrainerState(is_world_process_zero=True), TrainerControl(), model=tiny_bert())
+
+
+def test_the_top_eigenvalue_probe_starts_lanczos_from_the_callbacks_seed():
+    model, batches = tiny_bert(), _held_out()
+    logged = SharpnessCallback(probes="top_eigenvalue", eval_batches=batches, seed=3).measure(model)
+    seeded = top_eigenvalues(model, None, batches, tol=1e-3, max_iter=64, seed=3)
+    default = top_eigenvalues(model, None, batches, tol=1e-3, max_iter=64, seed=0)
+    assert logged[PROBE_KEYS["top_eigenvalue"]] == float(seeded.values[0]) != float(default.values[0])
+
+
+def test_the_check_forwards_run_in_eval_mode_and_leave_the_mode_and_the_rng_as_found():
+    model = tiny_bert().train()
+    seen = []
+    model.register_forward_hook(lambda module, args, output: seen.append(module.training))
+    callback = SharpnessCallback(probes="trace", eval_batches=_held_out(), trainer=_LogRecorder())
+    rng = torch.get_rng_state()
+    callback.check_batches(model)
+    assert seen == [False, False] and model.training and torch.equal(torch.get_rng_state(), rng)
+
+
+def test_probe_seconds_is_the_duration_of_the_probes_not_a_clock_reading():
+    import time
+
+    callback = SharpnessCallback(probes="sam_sharpness", eval_batches=_held_out())
+    model = tiny_bert()
+    before = time.perf_counter()
+    seconds = callback.measure(model)[SECONDS_KEY]
+    assert 0.0 <= seconds <= time.perf_counter() - before
+
+
+def test_the_top_eigenvalue_probe_also_reads_plain_tensor_eval_batches_as_separate_batches():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    batches = [torch.randn(5, 3), torch.randn(2, 3)]
+
+    def loss_fn(module, x):
+        return module(x).pow(2).mean()
+
+    metrics = SharpnessCallback(probes="top_eigenvalue", eval_batches=batches, loss_fn=loss_fn).measure(model)
+    separate = top_eigenvalues(model, loss_fn, iter(batches), tol=1e-3, max_iter=64)
+    assert metrics[PROBE_KEYS["top_eigenvalue"]] == float(separate.values[0])
