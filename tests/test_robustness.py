@@ -354,14 +354,20 @@ def test_samples_with_a_non_finite_clean_relevance_are_counted_said_and_left_out
     assert report["clean"]["task_metric"]["n"] == 3
 
 
+def _per_sample_mean_abs_diff(model, batch, perturbation: str, level: float, draws: int) -> list[float]:
+    """Each sample's mean |r − r̃| that RelevanceRobustness reports for one perturbation at one level."""
+    report = RelevanceRobustness(levels=(level,), k=8, num_draws=draws, perturbations=(perturbation,),
+                                 metrics=("mean_abs_diff",), per_sample=True).evaluate(model, batch)
+    return report["per_sample"][perturbation][str(level)]["mean_abs_diff"]
+
+
 def test_input_noise_adds_level_times_each_samples_own_noise_to_the_images_without_clipping():
     """x̃ = x + ρ·ε in pixel units, not clipped to [0, 1] (module docstring); reference features by the test's own
     pooling and each sample's noise from its (seed, "input_noise", index) generator."""
     from arrcoc_sam.relevance.seeding import sample_generator
 
     model, batch, level, draws = _model(dtype=torch.float64), _double(_batch(2)), 0.5, 2
-    report = RelevanceRobustness(levels=(level,), k=8, num_draws=draws, perturbations=("input_noise",),
-                                 metrics=("mean_abs_diff",), per_sample=True).evaluate(model, batch)
+    reported = _per_sample_mean_abs_diff(model, batch, "input_noise", level, draws)
     expected = []
     with torch.no_grad():
         for i in range(2):
@@ -372,7 +378,7 @@ def test_input_noise_adds_level_times_each_samples_own_noise_to_the_images_witho
             clean = model.compute_relevance(_pooled_features(images[None]), query[None])
             perturbed = model.compute_relevance(_pooled_features(noisy), query.expand(draws, -1))
             expected.append(float((perturbed - clean).abs().mean()))
-    assert report["per_sample"]["input_noise"]["0.5"]["mean_abs_diff"] == pytest.approx(expected, rel=1e-9, abs=0)
+    assert reported == pytest.approx(expected, rel=1e-9, abs=0)
 
 
 def test_relative_feature_noise_uses_each_channels_population_std_over_the_samples_tokens():
@@ -381,8 +387,7 @@ def test_relative_feature_noise_uses_each_channels_population_std_over_the_sampl
     from arrcoc_sam.relevance.seeding import sample_generator
 
     model, batch, level, draws = _model(dtype=torch.float64), _feature_batch(), 0.3, 2
-    report = RelevanceRobustness(levels=(level,), k=8, num_draws=draws, perturbations=("feature_noise",),
-                                 metrics=("mean_abs_diff",), per_sample=True).evaluate(model, batch)
+    reported = _per_sample_mean_abs_diff(model, batch, "feature_noise", level, draws)
     expected = []
     with torch.no_grad():
         for i in range(3):
@@ -392,4 +397,4 @@ def test_relative_feature_noise_uses_each_channels_population_std_over_the_sampl
             clean = model.compute_relevance(features[None], query[None])
             perturbed = model.compute_relevance(features + level * std * noise, query.expand(draws, -1))
             expected.append(float((perturbed - clean).abs().mean()))
-    assert report["per_sample"]["feature_noise"]["0.3"]["mean_abs_diff"] == pytest.approx(expected, rel=1e-9, abs=0)
+    assert reported == pytest.approx(expected, rel=1e-9, abs=0)
